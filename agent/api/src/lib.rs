@@ -1,0 +1,283 @@
+//! The agent's local API: HTTP/1.1 + JSON over a unix socket (mode 0600, root only).
+//!
+//! The request and response types live here so that the CNI binary, `myelinctl` and the agent
+//! share one definition, and so that the CNI binary stays small: this crate only needs serde.
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | `POST` | `/v1/ipam` | [`AllocateRequest`] | `201` [`Allocation`] |
+//! | `DELETE` | `/v1/ipam?containerId=&ifname=` | | [`ReleaseResponse`] |
+//! | `PUT` | `/v1/endpoints` | [`EndpointRequest`] | [`Endpoint`] (live before the answer) |
+//! | `GET` | `/v1/endpoints[?containerId=&ifname=]` | | `[`[`Endpoint`]`]` |
+//! | `DELETE` | `/v1/endpoints?containerId=&ifname=` | | [`DeleteResponse`] |
+//! | `POST` | `/v1/gc` | [`GcRequest`] | [`GcResponse`] |
+//! | `GET` | `/v1/status` | | [`Status`] |
+//!
+//! Every error is an [`ApiError`] body with a matching HTTP status.
+
+mod client;
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+pub use client::{Client, ClientError};
+
+/// Where the agent listens unless told otherwise (`--socket`, conflist `agentSocket`).
+pub const DEFAULT_SOCKET: &str = "/run/myelin/agent.sock";
+
+/// One CNI attachment: the runtime's key for everything ADD creates.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentId {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl AttachmentId {
+    pub fn new(container_id: impl Into<String>, ifname: impl Into<String>) -> Self {
+        Self {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+        }
+    }
+
+    /// The query string that names this attachment (`containerId=...&ifname=...`).
+    pub fn to_query(&self) -> String {
+        format!(
+            "containerId={}&ifname={}",
+            client::percent_encode(&self.container_id),
+            client::percent_encode(&self.ifname)
+        )
+    }
+}
+
+impl std::fmt::Display for AttachmentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.container_id, self.ifname)
+    }
+}
+
+/// The Kubernetes pod an attachment belongs to (from CNI_ARGS `K8S_POD_NAMESPACE`/`K8S_POD_NAME`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// `POST /v1/ipam`: reserve an address for an attachment that has none yet.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocateRequest {
+    #[serde(flatten)]
+    pub attachment: AttachmentId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// The address handed to a pod, with what the pod needs to route.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocation {
+    pub ip: Ipv4Addr,
+    /// The node-side address every pod routes through; never handed to a pod.
+    pub gateway: Ipv4Addr,
+    /// The node's pod CIDR, e.g. `10.244.1.0/24`.
+    pub pod_cidr: String,
+}
+
+/// `DELETE /v1/ipam`: the address released, if the attachment had one.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseResponse {
+    pub released: Option<Ipv4Addr>,
+}
+
+/// `PUT /v1/endpoints`: the interface the plugin created for an allocated address. The agent
+/// writes the maps and attaches the programs before it answers.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointRequest {
+    #[serde(flatten)]
+    pub attachment: AttachmentId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    /// CNI_NETNS as the runtime passed it.
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The pod-side interface's MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub host_mac: String,
+}
+
+/// Packet counters of one endpoint, seen from the pod: `tx` is what it sent, `rx` what was
+/// delivered to it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+/// A live endpoint, as the agent knows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// Small number that keys the endpoint's counters and policy entries in the BPF maps.
+    pub id: u32,
+    #[serde(flatten)]
+    pub attachment: AttachmentId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub host_mac: String,
+    /// Security identity (labels of the pod and its namespace).
+    pub identity: u32,
+    #[serde(default)]
+    pub counters: EndpointCounters,
+}
+
+/// `DELETE /v1/endpoints`: what was released. Deleting what does not exist is not an error.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteResponse {
+    /// Whether an endpoint existed and was removed.
+    pub endpoint: bool,
+    pub released: Option<Ipv4Addr>,
+}
+
+/// `POST /v1/gc`: everything not listed is released (CNI GC's `cni.dev/valid-attachments`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GcRequest {
+    pub valid: Vec<AttachmentId>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GcResponse {
+    pub removed: Vec<AttachmentId>,
+}
+
+/// `GET /v1/status`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub node_name: String,
+    pub pod_cidr: String,
+    pub gateway: Ipv4Addr,
+    pub endpoints: usize,
+    /// Addresses still free in the pod CIDR.
+    pub free_addresses: u64,
+    /// Whether the first full sync of every cluster-state source is in the maps.
+    pub ready: bool,
+    /// How programs are attached: `tcx` or `tc` (clsact).
+    pub attach_mode: String,
+    pub version: String,
+}
+
+/// What went wrong, in a form the plugin can map to a CNI error code.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum ErrorKind {
+    InvalidRequest,
+    Forbidden,
+    NotFound,
+    AlreadyExists,
+    PoolExhausted,
+    NotReady,
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status the agent answers with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidRequest => 400,
+            Self::Forbidden => 403,
+            Self::NotFound => 404,
+            Self::AlreadyExists => 409,
+            Self::PoolExhausted => 507,
+            Self::NotReady => 503,
+            Self::Internal => 500,
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[serde(rename_all = "camelCase")]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attachment_query_escapes_reserved_characters() {
+        let id = AttachmentId::new("abc-1_2.3", "eth&0=x%");
+        assert_eq!(id.to_query(), "containerId=abc-1_2.3&ifname=eth%260%3Dx%25");
+    }
+
+    #[test]
+    fn endpoint_request_is_flat_camel_case_json() {
+        let req = EndpointRequest {
+            attachment: AttachmentId::new("c1", "eth0"),
+            pod: Some(PodRef {
+                namespace: "default".into(),
+                name: "web".into(),
+            }),
+            netns: "/run/netns/p".into(),
+            ip: Ipv4Addr::new(10, 244, 0, 2),
+            mac: "02:00:00:00:00:01".into(),
+            host_ifname: "lxc0123".into(),
+            host_ifindex: 7,
+            host_mac: "02:00:00:00:00:02".into(),
+        };
+        let json = serde_json::to_value(&req).unwrap();
+        assert_eq!(json["containerId"], "c1");
+        assert_eq!(json["hostIfindex"], 7);
+        assert_eq!(json["pod"]["namespace"], "default");
+        let back: EndpointRequest = serde_json::from_value(json).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn error_kinds_map_to_distinct_http_statuses() {
+        let kinds = [
+            ErrorKind::InvalidRequest,
+            ErrorKind::Forbidden,
+            ErrorKind::NotFound,
+            ErrorKind::AlreadyExists,
+            ErrorKind::PoolExhausted,
+            ErrorKind::NotReady,
+            ErrorKind::Internal,
+        ];
+        let mut statuses: Vec<u16> = kinds.iter().map(|k| k.http_status()).collect();
+        statuses.sort_unstable();
+        statuses.dedup();
+        assert_eq!(statuses.len(), kinds.len());
+    }
+}

@@ -1,0 +1,63 @@
+//! Connection tracking: replies to allowed connections are allowed, and a flow is checked
+//! against policy once, on its first packet.
+//!
+//! Entries are keyed by the flow's original direction; a packet is a reply when its reversed
+//! tuple has an entry. ICMP echo uses the identifier as source port and 0 as destination port,
+//! and only an echo *reply* is ever looked up reversed, so an echo request is never taken for a
+//! reply. Each entry remembers the policy revision it was checked under: after a policy change
+//! the next packet re-checks the flow, so established connections that the new policy no longer
+//! allows are cut, and the others go on.
+
+use crate::user_pod;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Network byte order (ICMP echo: the identifier).
+    pub sport: u16,
+    /// Network byte order (ICMP echo: 0).
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) after which the entry is dead.
+    pub expires_ns: u64,
+    /// Policy revision the flow was last allowed under (see `DatapathConfig`).
+    pub revision: u32,
+    /// `CT_F_*` bits.
+    pub flags: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A packet in the reply direction was seen.
+pub const CT_F_SEEN_REPLY: u32 = 1;
+/// TCP: a FIN or RST was seen; the entry expires soon.
+pub const CT_F_CLOSING: u32 = 2;
+/// The flow entered the pod from the node's stack (e.g. after a Service DNAT): its replies go
+/// back through the stack, so that the reverse translation happens.
+pub const CT_F_FROM_STACK: u32 = 4;
+
+/// Lifetimes, refreshed by every packet.
+pub mod timeout {
+    const SECOND: u64 = 1_000_000_000;
+    /// TCP after the reply direction was seen.
+    pub const TCP_ESTABLISHED: u64 = 6 * 3600 * SECOND;
+    /// TCP before any reply (a SYN that may never be answered).
+    pub const TCP_OPENING: u64 = 60 * SECOND;
+    /// TCP after FIN or RST.
+    pub const TCP_CLOSING: u64 = 10 * SECOND;
+    pub const UDP: u64 = 60 * SECOND;
+    pub const OTHER: u64 = 30 * SECOND;
+}
+
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
+
+user_pod!(CtKey, CtEntry);

@@ -1,0 +1,45 @@
+//! Names of the datapath's maps. The object declares each map under this name (so it is also
+//! the kernel's map name, at most 15 bytes) and the agent pins it at `<bpffs>/myelin/<name>`,
+//! where `bpftool map dump pinned` finds it and where it survives agent restarts.
+
+pub const ENDPOINTS: &str = "endpoints";
+pub const ENDPOINTS_BY_IF: &str = "endpoints_by_if";
+pub const COUNTERS: &str = "counters";
+pub const DROPS: &str = "drops";
+pub const IPCACHE: &str = "ipcache";
+pub const POLICY: &str = "policy";
+pub const CONNTRACK: &str = "conntrack";
+pub const CONFIG: &str = "config";
+pub const EVENTS: &str = "events";
+
+/// Every map the agent pins.
+pub const PINNED: [&str; 9] = [
+    ENDPOINTS,
+    ENDPOINTS_BY_IF,
+    COUNTERS,
+    DROPS,
+    IPCACHE,
+    POLICY,
+    CONNTRACK,
+    CONFIG,
+    EVENTS,
+];
+
+/// Default capacities (each has an agent flag).
+pub const DEFAULT_MAX_ENDPOINTS: u32 = 1024;
+pub const DEFAULT_MAX_IPCACHE: u32 = 65_536;
+pub const DEFAULT_MAX_POLICY: u32 = 65_536;
+pub const DEFAULT_MAX_CONNTRACK: u32 = 131_072;
+/// Ring buffer size in bytes (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+const _: () = {
+    let mut i = 0;
+    while i < PINNED.len() {
+        assert!(
+            PINNED[i].len() <= 15,
+            "kernel map names hold at most 15 bytes"
+        );
+        i += 1;
+    }
+};
