@@ -1,0 +1,73 @@
+//! Node-wide settings (`config`) and the `events` ring buffer.
+
+use aya_ebpf::{
+    btf_maps::{Array, RingBuf},
+    helpers::generated::bpf_ktime_get_ns,
+    macros::btf_map,
+};
+use myelin_common::{
+    config::{DatapathConfig, EVENTS_DROPS, EVENTS_VERDICTS},
+    event::{EVENT_ALLOWED, EVENT_DROP, FlowEvent},
+    maps::EVENTS_BYTES,
+};
+
+use crate::{packet::Flow, policy::Peers};
+
+#[btf_map(name = "config")]
+static CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+#[btf_map(name = "events")]
+static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// What an event says besides the flow.
+pub struct Verdict {
+    pub reason: u8,
+    pub direction: u8,
+    pub src_endpoint: u32,
+    pub dst_endpoint: u32,
+    pub peers: Peers,
+    pub ifindex: u32,
+}
+
+#[inline(always)]
+fn emit(kind: u8, flow: &Flow, v: &Verdict) {
+    let event = FlowEvent {
+        // SAFETY: plain helper call.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        kind,
+        reason: v.reason,
+        direction: v.direction,
+        protocol: flow.protocol,
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: u16::from_be(flow.sport),
+        dport: u16::from_be(flow.dport),
+        src_endpoint: v.src_endpoint,
+        dst_endpoint: v.dst_endpoint,
+        src_identity: v.peers.src.identity,
+        dst_identity: v.peers.dst.identity,
+        ifindex: v.ifindex,
+        _pad: 0,
+    };
+    // A full ring drops the event, never the packet.
+    let _ = EVENTS.output(&event, 0);
+}
+
+#[inline(always)]
+pub fn drop_event(config: &DatapathConfig, flow: &Flow, v: &Verdict) {
+    if config.events & EVENTS_DROPS != 0 {
+        emit(EVENT_DROP, flow, v);
+    }
+}
+
+#[inline(always)]
+pub fn allowed_event(config: &DatapathConfig, flow: &Flow, v: &Verdict) {
+    if config.events & EVENTS_VERDICTS != 0 {
+        emit(EVENT_ALLOWED, flow, v);
+    }
+}

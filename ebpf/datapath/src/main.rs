@@ -1,0 +1,323 @@
+//! Myelin's datapath: two TC programs on the host side of every pod's veth pair.
+//!
+//! - `from_container` (tc ingress of the host veth) sees every packet a pod sends. It checks the
+//!   source against the endpoint (anti-spoofing), runs conntrack and policy, and delivers
+//!   pod-to-pod traffic on this node straight into the destination pod with
+//!   `bpf_redirect_peer`: no bridge, no routing table. Everything else goes to the node's stack.
+//! - `to_container` (tc egress of the host veth) sees what the node's stack delivers to a pod,
+//!   and enforces that pod's ingress policy on it.
+//!
+//! Pod-to-pod traffic on one node never reaches the destination's `to_container` (the redirect
+//! skips it), so `from_container` checks both the sender's egress and the receiver's ingress
+//! policy. Every drop is counted under a [`DropReason`] and can be reported as an event.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod drop;
+#[cfg(target_arch = "bpf")]
+mod endpoint;
+#[cfg(target_arch = "bpf")]
+mod events;
+#[cfg(target_arch = "bpf")]
+mod ipcache;
+#[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
+mod policy;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
+        helpers::generated::bpf_redirect_peer,
+        macros::classifier,
+        programs::TcContext,
+    };
+    use myelin_common::{
+        Direction, DropReason, EndpointInfo, IpcacheEntry,
+        config::DatapathConfig,
+        conntrack::{CT_F_FROM_STACK, CtKey},
+        identity,
+    };
+
+    use crate::{
+        conntrack::{self, State},
+        drop::drop,
+        endpoint,
+        events::{self, Verdict},
+        packet::{self, ETH_P_ARP, ETH_P_IP, Flow},
+        policy::{self, Peers},
+    };
+
+    const PASS: i32 = TC_ACT_OK as i32;
+
+    fn unknown_peers() -> Peers {
+        let unknown = IpcacheEntry {
+            identity: identity::ANY,
+            cidr_identity: identity::ANY,
+        };
+        Peers {
+            src: unknown,
+            dst: unknown,
+        }
+    }
+
+    /// Counts a drop, reports it if drop events are on, and returns the TC verdict.
+    #[inline(always)]
+    fn drop_flow(
+        ctx: &TcContext,
+        config: &DatapathConfig,
+        reason: DropReason,
+        flow: &Flow,
+        verdict: &mut Verdict,
+    ) -> i32 {
+        verdict.reason = reason as u8;
+        events::drop_event(config, flow, verdict);
+        drop(ctx, reason)
+    }
+
+    /// Conntrack, then policy for new flows. `Ok(true)` when the packet is a reply that must go
+    /// back through the node's stack (its flow entered the pod from there).
+    #[inline(always)]
+    fn admit(
+        ctx: &TcContext,
+        config: &DatapathConfig,
+        flow: &Flow,
+        src: Option<&EndpointInfo>,
+        dst: Option<&EndpointInfo>,
+        verdict: &mut Verdict,
+        create_flags: u32,
+    ) -> Result<bool, i32> {
+        let (entry, key, is_reply) = match conntrack::lookup(flow) {
+            State::Related => return Ok(false),
+            State::New => {
+                return match policy::evaluate(
+                    flow.saddr,
+                    flow.daddr,
+                    flow.protocol,
+                    flow.dport,
+                    src,
+                    dst,
+                ) {
+                    Ok(peers) => {
+                        verdict.peers = peers;
+                        if conntrack::create(flow, config.policy_revision, create_flags, ctx.len())
+                            .is_err()
+                        {
+                            return Err(drop_flow(
+                                ctx,
+                                config,
+                                DropReason::ConntrackFull,
+                                flow,
+                                verdict,
+                            ));
+                        }
+                        events::allowed_event(config, flow, verdict);
+                        Ok(false)
+                    }
+                    Err((reason, peers)) => {
+                        verdict.peers = peers;
+                        verdict.direction = direction_of(reason);
+                        Err(drop_flow(ctx, config, reason, flow, verdict))
+                    }
+                };
+            }
+            State::Established(e, k) => (e, k, false),
+            State::Reply(e, k) => (e, k, true),
+        };
+        // SAFETY: `entry` comes from this run's lookup.
+        let (revision, flags) = unsafe { ((*entry).revision, (*entry).flags) };
+        if revision != config.policy_revision {
+            if let Err((reason, peers)) = recheck(&key) {
+                conntrack::remove(&key);
+                verdict.peers = peers;
+                verdict.direction = direction_of(reason);
+                return Err(drop_flow(ctx, config, reason, flow, verdict));
+            }
+            // SAFETY: as above.
+            unsafe { (*entry).revision = config.policy_revision };
+        }
+        // SAFETY: as above.
+        unsafe { conntrack::refresh(entry, flow.protocol, flow.tcp_flags, is_reply, ctx.len()) };
+        Ok(is_reply && flags & CT_F_FROM_STACK != 0)
+    }
+
+    /// Re-checks a tracked flow, in the direction it started, after a policy change.
+    #[inline(always)]
+    fn recheck(k: &CtKey) -> Result<Peers, (DropReason, Peers)> {
+        let src = endpoint::by_ip(k.saddr);
+        let dst = endpoint::by_ip(k.daddr);
+        policy::evaluate(k.saddr, k.daddr, k.protocol, k.dport, src, dst)
+    }
+
+    fn direction_of(reason: DropReason) -> u8 {
+        match reason {
+            DropReason::PolicyDeniedIngress => Direction::Ingress as u8,
+            _ => Direction::Egress as u8,
+        }
+    }
+
+    #[classifier]
+    pub fn from_container(ctx: TcContext) -> i32 {
+        match try_from_container(&ctx) {
+            Ok(action) | Err(action) => action,
+        }
+    }
+
+    fn try_from_container(ctx: &TcContext) -> Result<i32, i32> {
+        let ifindex = packet::ifindex(ctx);
+        let src = endpoint::by_ifindex(ifindex);
+        if let Some(s) = &src {
+            endpoint::account_tx(s.id, ctx.len());
+        }
+        let eth = packet::eth(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        // SAFETY: `eth` was bounds-checked by `packet::eth`.
+        let (eth_src, ether_type) = unsafe { ((*eth).src, (*eth).ether_type) };
+        match u16::from_be(ether_type) {
+            ETH_P_IP => {}
+            ETH_P_ARP => {
+                let src = src.ok_or_else(|| drop(ctx, DropReason::NoEndpoint))?;
+                let sender =
+                    packet::arp_sender_ip(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+                if eth_src != src.mac {
+                    return Err(drop(ctx, DropReason::SpoofedSourceMac));
+                }
+                if sender != src.ip {
+                    return Err(drop(ctx, DropReason::SpoofedSourceIp));
+                }
+                return Ok(PASS);
+            }
+            // IPv6 and the rest: the node's stack decides (Myelin is IPv4-only for now).
+            _ => return Ok(PASS),
+        }
+
+        let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        // SAFETY: bounds-checked by `packet::ipv4`.
+        let ttl = unsafe { (*ip).ttl };
+        let flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let config = events::config();
+        let dst = endpoint::by_ip(flow.daddr);
+        let mut verdict = Verdict {
+            reason: 0,
+            direction: Direction::Egress as u8,
+            src_endpoint: src.map_or(0, |s| s.id),
+            dst_endpoint: dst.map_or(0, |d| d.id),
+            peers: unknown_peers(),
+            ifindex,
+        };
+        let Some(src) = src else {
+            return Err(drop_flow(
+                ctx,
+                &config,
+                DropReason::NoEndpoint,
+                &flow,
+                &mut verdict,
+            ));
+        };
+        if eth_src != src.mac {
+            return Err(drop_flow(
+                ctx,
+                &config,
+                DropReason::SpoofedSourceMac,
+                &flow,
+                &mut verdict,
+            ));
+        }
+        if flow.saddr != src.ip {
+            return Err(drop_flow(
+                ctx,
+                &config,
+                DropReason::SpoofedSourceIp,
+                &flow,
+                &mut verdict,
+            ));
+        }
+
+        let via_stack = admit(ctx, &config, &flow, Some(src), dst, &mut verdict, 0)?;
+        let Some(dst) = dst else {
+            return Ok(PASS);
+        };
+        // Replies of flows that came through the stack go back through it (reverse NAT), and
+        // an expiring TTL goes to the stack, which answers with ICMP time exceeded.
+        if via_stack || ttl <= 1 {
+            return Ok(PASS);
+        }
+        // SAFETY: `eth` and `ip` are still within bounds: nothing resized the packet.
+        unsafe {
+            packet::decrement_ttl(ip);
+            (*eth).dst = dst.mac;
+            (*eth).src = dst.host_mac;
+        }
+        endpoint::account_rx(dst.id, ctx.len());
+        // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
+        let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
+        if ret == i64::from(TC_ACT_REDIRECT) {
+            Ok(TC_ACT_REDIRECT as i32)
+        } else {
+            // The peer vanished between lookup and redirect (pod being deleted): let the stack
+            // handle it like any unknown destination.
+            Ok(PASS)
+        }
+    }
+
+    #[classifier]
+    pub fn to_container(ctx: TcContext) -> i32 {
+        match try_to_container(&ctx) {
+            Ok(action) | Err(action) => action,
+        }
+    }
+
+    fn try_to_container(ctx: &TcContext) -> Result<i32, i32> {
+        let ifindex = packet::ifindex(ctx);
+        let dst = endpoint::by_ifindex(ifindex).ok_or_else(|| drop(ctx, DropReason::NoEndpoint))?;
+        endpoint::account_rx(dst.id, ctx.len());
+        let eth = packet::eth(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        // SAFETY: bounds-checked by `packet::eth`.
+        if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+            return Ok(PASS);
+        }
+        let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let config = events::config();
+        // A local pod's packet reaches another local pod through the stack only after a
+        // translation (a Service): its egress policy is checked here, against the real backend.
+        let src = endpoint::by_ip(flow.saddr);
+        let mut verdict = Verdict {
+            reason: 0,
+            direction: Direction::Ingress as u8,
+            src_endpoint: src.map_or(0, |s| s.id),
+            dst_endpoint: dst.id,
+            peers: unknown_peers(),
+            ifindex,
+        };
+        admit(
+            ctx,
+            &config,
+            &flow,
+            src,
+            Some(dst),
+            &mut verdict,
+            CT_F_FROM_STACK,
+        )?;
+        Ok(PASS)
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+/// The crate only has meaning for the BPF target; on the host it builds to an empty binary so
+/// that workspace-wide commands (`cargo clippy --workspace`) work.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,290 @@
+//! Header layouts, bounds-checked direct packet access, and the flow a packet belongs to.
+//!
+//! Direct access (`data`..`data_end`) instead of `bpf_skb_load_bytes` keeps the per-packet cost
+//! at a few instructions; the verifier rejects any access that is not checked against
+//! `data_end` first, which `ptr_at` does.
+
+use aya_ebpf::programs::TcContext;
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// Network byte order.
+    pub ether_type: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: u16,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+/// ARP for Ethernet/IPv4: everything up to the sender's protocol address.
+#[repr(C)]
+struct ArpSenderPrefix {
+    hw_type: u16,
+    proto_type: u16,
+    hw_len: u8,
+    proto_len: u8,
+    op: u16,
+    sender_mac: [u8; 6],
+    sender_ip: [u8; 4],
+}
+
+/// The first 8 bytes of an ICMP message.
+#[repr(C)]
+struct IcmpHdr {
+    icmp_type: u8,
+    code: u8,
+    check: u16,
+    /// Echo: identifier (network order).
+    id: u16,
+    seq: u16,
+}
+
+/// Source and destination port: the first 4 bytes of TCP, UDP and SCTP headers alike.
+#[repr(C)]
+struct Ports {
+    sport: u16,
+    dport: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<EthHdr>() == ETH_HLEN);
+const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == 20);
+const _: () = assert!(core::mem::size_of::<ArpSenderPrefix>() == 18);
+const _: () = assert!(core::mem::size_of::<IcmpHdr>() == 8);
+
+/// What conntrack needs to know about an ICMP message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Icmp {
+    /// Not ICMP.
+    None,
+    EchoRequest,
+    EchoReply,
+    /// An error about an earlier packet, whose tuple is `inner`.
+    Error,
+    Other,
+}
+
+/// A packet's flow: the conntrack and policy view of it.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Network byte order. ICMP echo: the identifier; 0 for other ICMP.
+    pub sport: u16,
+    /// Network byte order. 0 for ICMP and for non-first fragments.
+    pub dport: u16,
+    pub protocol: u8,
+    pub tcp_flags: u8,
+    pub icmp: Icmp,
+    /// For ICMP errors (`icmp == Icmp::Error`): the tuple of the packet the error is about,
+    /// as that packet was sent; all zero when it could not be read. Not an `Option`: a `None`
+    /// leaves undefined bytes that the verifier refuses to see copied.
+    pub inner: Tuple,
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct Tuple {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+}
+
+/// A pointer to a `T` at `offset`, if the whole `T` lies within the packet's linear data.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// The interface the program runs on: the host-side veth, at ingress and at egress.
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb` is the context pointer the kernel passed in; reading its fields is allowed.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+pub fn eth(ctx: &TcContext) -> Option<*mut EthHdr> {
+    ptr_at(ctx, 0)
+}
+
+#[inline(always)]
+pub fn ipv4(ctx: &TcContext) -> Option<*mut Ipv4Hdr> {
+    ipv4_at(ctx, ETH_HLEN)
+}
+
+#[inline(always)]
+fn ipv4_at(ctx: &TcContext, offset: usize) -> Option<*mut Ipv4Hdr> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, offset)?;
+    // SAFETY: bounds-checked just above.
+    let version_ihl = unsafe { (*ip).version_ihl };
+    if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
+        return None;
+    }
+    Some(ip)
+}
+
+/// Header length in bytes (20..=60), from a validated header.
+#[inline(always)]
+fn ihl(ip: *const Ipv4Hdr) -> usize {
+    // SAFETY: the caller validated the header.
+    usize::from(unsafe { (*ip).version_ihl } & 0x0f) * 4
+}
+
+#[inline(always)]
+pub fn arp_sender_ip(ctx: &TcContext) -> Option<[u8; 4]> {
+    let arp: *const ArpSenderPrefix = ptr_at(ctx, ETH_HLEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    unsafe {
+        if (*arp).hw_len != 6 || (*arp).proto_len != 4 {
+            return None;
+        }
+        Some((*arp).sender_ip)
+    }
+}
+
+/// The flow of the IPv4 packet whose header is `ip`. `None` if the transport header it
+/// announces is truncated.
+#[inline(always)]
+pub fn flow(ctx: &TcContext, ip: *const Ipv4Hdr) -> Option<Flow> {
+    // SAFETY: `ip` was validated by `ipv4`.
+    let (saddr, daddr, protocol, frag_off) =
+        unsafe { ((*ip).saddr, (*ip).daddr, (*ip).protocol, (*ip).frag_off) };
+    let mut flow = Flow {
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        protocol,
+        tcp_flags: 0,
+        icmp: Icmp::None,
+        inner: Tuple::default(),
+    };
+    // Later fragments carry no transport header: they match port-less rules only.
+    if u16::from_be(frag_off) & 0x1fff != 0 {
+        return Some(flow);
+    }
+    let l4 = ETH_HLEN + ihl(ip);
+    match protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let ports: *const Ports = ptr_at(ctx, l4)?;
+            // SAFETY: bounds-checked by `ptr_at`.
+            unsafe {
+                flow.sport = (*ports).sport;
+                flow.dport = (*ports).dport;
+            }
+            if protocol == IPPROTO_TCP {
+                // Flags are byte 13 of the TCP header.
+                let flags: *const u8 = ptr_at(ctx, l4 + 13)?;
+                // SAFETY: bounds-checked by `ptr_at`.
+                flow.tcp_flags = unsafe { *flags };
+            }
+        }
+        IPPROTO_ICMP => {
+            let icmp: *const IcmpHdr = ptr_at(ctx, l4)?;
+            // SAFETY: bounds-checked by `ptr_at`.
+            let (icmp_type, id) = unsafe { ((*icmp).icmp_type, (*icmp).id) };
+            flow.icmp = match icmp_type {
+                ICMP_ECHO_REQUEST => Icmp::EchoRequest,
+                ICMP_ECHO_REPLY => Icmp::EchoReply,
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM => Icmp::Error,
+                _ => Icmp::Other,
+            };
+            match flow.icmp {
+                Icmp::EchoRequest | Icmp::EchoReply => flow.sport = id,
+                Icmp::Error => flow.inner = inner_tuple(ctx, l4 + 8).unwrap_or_default(),
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    Some(flow)
+}
+
+/// The tuple of the packet quoted in an ICMP error (its IP header and first 8 bytes).
+#[inline(always)]
+fn inner_tuple(ctx: &TcContext, offset: usize) -> Option<Tuple> {
+    let ip = ipv4_at(ctx, offset)?;
+    // SAFETY: validated by `ipv4_at`.
+    let (saddr, daddr, protocol) = unsafe { ((*ip).saddr, (*ip).daddr, (*ip).protocol) };
+    let mut tuple = Tuple {
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        protocol,
+    };
+    let l4 = offset + ihl(ip);
+    match protocol {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let ports: *const Ports = ptr_at(ctx, l4)?;
+            // SAFETY: bounds-checked by `ptr_at`.
+            unsafe {
+                tuple.sport = (*ports).sport;
+                tuple.dport = (*ports).dport;
+            }
+        }
+        IPPROTO_ICMP => {
+            let icmp: *const IcmpHdr = ptr_at(ctx, l4)?;
+            // SAFETY: bounds-checked by `ptr_at`.
+            unsafe {
+                if (*icmp).icmp_type == ICMP_ECHO_REQUEST {
+                    tuple.sport = (*icmp).id;
+                }
+            }
+        }
+        _ => {}
+    }
+    Some(tuple)
+}
+
+/// Decrements the TTL and patches the header checksum incrementally (RFC 1624), as the kernel's
+/// `ip_decrease_ttl` does: the TTL is the high byte of its 16-bit word, so the sum moves by
+/// 0x0100 in network order.
+///
+/// # Safety
+/// `ip` must point to a bounds-checked, writable IPv4 header.
+#[inline(always)]
+pub unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
+    unsafe {
+        let mut check = u32::from((*ip).check);
+        check += u32::from(0x0100u16.to_be());
+        (*ip).check = (check + u32::from(check >= 0xffff)) as u16;
+        (*ip).ttl -= 1;
+    }
+}

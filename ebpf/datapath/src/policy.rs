@@ -1,0 +1,105 @@
+//! Policy decisions (see `myelin_common::policy` for the key layout).
+
+use aya_ebpf::{
+    btf_maps::{LpmTrie, lpm_trie::Key},
+    macros::btf_map,
+};
+use myelin_common::{
+    Direction, DropReason, EndpointInfo, IpcacheEntry, PolicyEntry, PolicyKey,
+    endpoint::{
+        ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
+    },
+    identity,
+    maps::DEFAULT_MAX_POLICY,
+    policy::{POLICY_F_ALLOW, PREFIX_FULL},
+};
+
+use crate::ipcache;
+
+#[btf_map(name = "policy")]
+static POLICY: LpmTrie<PolicyKey, PolicyEntry, { DEFAULT_MAX_POLICY as usize }> = LpmTrie::new();
+
+/// The identities of both ends of a flow, as the policy check saw them.
+#[derive(Clone, Copy)]
+pub struct Peers {
+    pub src: IpcacheEntry,
+    pub dst: IpcacheEntry,
+}
+
+/// Whether the policy of endpoint `endpoint_id` allows traffic with `peer` in `direction`.
+#[inline(always)]
+fn allows(
+    endpoint_id: u32,
+    direction: Direction,
+    peer: IpcacheEntry,
+    protocol: u8,
+    dport: u16,
+) -> bool {
+    let mut key = Key::new(
+        PREFIX_FULL,
+        PolicyKey {
+            endpoint_id,
+            identity: peer.identity,
+            direction: direction as u8,
+            protocol,
+            dport: dport.to_ne_bytes(),
+        },
+    );
+    let hit = |key: &Key<PolicyKey>| {
+        POLICY
+            .get(key)
+            .is_some_and(|e| e.flags & POLICY_F_ALLOW != 0)
+    };
+    if hit(&key) {
+        return true;
+    }
+    if peer.cidr_identity != peer.identity {
+        key.data.identity = peer.cidr_identity;
+        if hit(&key) {
+            return true;
+        }
+    }
+    key.data.identity = identity::ANY;
+    hit(&key)
+}
+
+/// Checks a new flow against the egress policy of its source endpoint and the ingress policy of
+/// its destination endpoint (either may be absent: not a local pod). `dport` is in network
+/// byte order.
+#[inline(always)]
+pub fn evaluate(
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    protocol: u8,
+    dport: u16,
+    src: Option<&EndpointInfo>,
+    dst: Option<&EndpointInfo>,
+) -> Result<Peers, (DropReason, Peers)> {
+    let peers = Peers {
+        src: ipcache::lookup(saddr),
+        dst: ipcache::lookup(daddr),
+    };
+    if let Some(s) = src
+        && s.flags & ENDPOINT_F_EGRESS_ISOLATED != 0
+    {
+        if s.flags & ENDPOINT_F_POLICY_INCOMPLETE != 0 {
+            return Err((DropReason::PolicyIncomplete, peers));
+        }
+        if !allows(s.id, Direction::Egress, peers.dst, protocol, dport) {
+            return Err((DropReason::PolicyDeniedEgress, peers));
+        }
+    }
+    // The node may always reach its own pods (kubelet probes).
+    if let Some(d) = dst
+        && d.flags & ENDPOINT_F_INGRESS_ISOLATED != 0
+        && peers.src.identity != identity::HOST
+    {
+        if d.flags & ENDPOINT_F_POLICY_INCOMPLETE != 0 {
+            return Err((DropReason::PolicyIncomplete, peers));
+        }
+        if !allows(d.id, Direction::Ingress, peers.src, protocol, dport) {
+            return Err((DropReason::PolicyDeniedIngress, peers));
+        }
+    }
+    Ok(peers)
+}
