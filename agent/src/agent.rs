@@ -1,0 +1,729 @@
+//! The agent's logic, free of I/O choices: IPAM, endpoints, the cluster index and identities,
+//! turned into the desired datapath state and handed to a [`DatapathOps`]. The API server and
+//! the sources call into it under one lock; unit tests drive it with the fake datapath.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    net::Ipv4Addr,
+};
+
+use myelin_api::{
+    AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, Endpoint, EndpointRequest,
+    ErrorKind, GcRequest, GcResponse, ReleaseResponse, Status,
+};
+use myelin_common::identity;
+use tracing::{info, warn};
+
+use crate::{
+    datapath::{DatapathError, DatapathOps, DesiredState, table::Diff},
+    desired::{self, Inputs, LocalEndpoint},
+    endpoint::{EndpointRecord, EndpointStore, EndpointStoreError},
+    index::{Change, ClusterIndex, Identities, IdentityLabels, Labels},
+    ipam::{Ipam, IpamError},
+    mac::Mac,
+};
+
+/// Looks up interfaces in the agent's network namespace (the node's).
+pub trait Interfaces: Send {
+    fn index_of(&self, ifname: &str) -> Option<u32>;
+}
+
+/// The real lookup: `if_nametoindex`.
+pub struct SystemInterfaces;
+
+impl Interfaces for SystemInterfaces {
+    fn index_of(&self, ifname: &str) -> Option<u32> {
+        nix::net::if_::if_nametoindex(ifname).ok()
+    }
+}
+
+pub struct Agent<D> {
+    node_name: String,
+    ipam: Ipam,
+    endpoints: EndpointStore,
+    /// Endpoints whose host interface vanished while the agent was down: kept (their address
+    /// stays reserved until DEL) but left out of the maps, since their ifindex may be reused.
+    vanished: HashSet<AttachmentId>,
+    index: ClusterIndex,
+    identities: Identities,
+    datapath: D,
+    interfaces: Box<dyn Interfaces>,
+    synced: bool,
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorKind::Internal, e.to_string())
+}
+
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::InvalidRequest, msg)
+}
+
+impl From<IpamError> for ApiError {
+    fn from(e: IpamError) -> Self {
+        let kind = match e {
+            IpamError::AlreadyAllocated { .. } => ErrorKind::AlreadyExists,
+            IpamError::Exhausted(_) => ErrorKind::PoolExhausted,
+            _ => ErrorKind::Internal,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+impl From<EndpointStoreError> for ApiError {
+    fn from(e: EndpointStoreError) -> Self {
+        let kind = match e {
+            EndpointStoreError::Full(_) => ErrorKind::PoolExhausted,
+            EndpointStoreError::Persist(_) => ErrorKind::Internal,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+impl From<DatapathError> for ApiError {
+    fn from(e: DatapathError) -> Self {
+        internal(e)
+    }
+}
+
+/// Linux interface names: 1 to 15 bytes, no '/', ':' or whitespace, not "." or "..".
+fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+impl<D: DatapathOps> Agent<D> {
+    pub fn new(
+        node_name: String,
+        ipam: Ipam,
+        endpoints: EndpointStore,
+        index: ClusterIndex,
+        datapath: D,
+        interfaces: Box<dyn Interfaces>,
+    ) -> Self {
+        Self {
+            node_name,
+            ipam,
+            endpoints,
+            vanished: HashSet::new(),
+            index,
+            identities: Identities::default(),
+            datapath,
+            interfaces,
+            synced: false,
+        }
+    }
+
+    pub fn datapath(&self) -> &D {
+        &self.datapath
+    }
+
+    pub fn index(&self) -> &ClusterIndex {
+        &self.index
+    }
+
+    pub fn identities(&self) -> &Identities {
+        &self.identities
+    }
+
+    /// Marks the cluster-state sources as fully listed: the agent is ready.
+    pub fn set_synced(&mut self) {
+        self.synced = true;
+    }
+
+    /// After a (re)start: re-attaches the programs of every endpoint whose interface still
+    /// exists, and makes the maps match (removing what an earlier agent left behind).
+    pub fn restore(&mut self) -> Result<(), DatapathError> {
+        let records: Vec<EndpointRecord> = self.endpoints.iter().cloned().collect();
+        for r in records {
+            if self.interfaces.index_of(&r.host_ifname) == Some(r.host_ifindex) {
+                self.datapath.attach(&r.host_ifname)?;
+            } else {
+                warn!(
+                    attachment = %r.attachment, ifname = r.host_ifname,
+                    "interface of endpoint vanished while the agent was down; \
+                     its address stays reserved until CNI DEL"
+                );
+                self.vanished.insert(r.attachment.clone());
+            }
+        }
+        self.recompute_identities();
+        let diff = self.sync_datapath()?;
+        info!(
+            endpoints = self.endpoints.len(),
+            written = diff.writes(),
+            "state restored"
+        );
+        Ok(())
+    }
+
+    /// Applies one change from a cluster-state source; returns what the maps changed.
+    pub fn apply_cluster_change(&mut self, change: Change) -> Result<Diff, DatapathError> {
+        if !self.index.apply(change) {
+            return Ok(Diff::default());
+        }
+        self.recompute_identities();
+        self.sync_datapath()
+    }
+
+    fn pod_identity_labels(&self, r: &EndpointRecord) -> IdentityLabels {
+        match &r.pod {
+            Some(p) => self.index.identity_labels_of_pod(&p.namespace, &p.name),
+            None => self.index.identity_labels("", &Labels::new()),
+        }
+    }
+
+    fn recompute_identities(&mut self) {
+        let mut sets: Vec<IdentityLabels> = self
+            .index
+            .pods()
+            .filter(|p| !p.host_network)
+            .map(|p| self.index.identity_labels(&p.namespace, &p.labels))
+            .collect();
+        sets.extend(self.endpoints.iter().map(|r| self.pod_identity_labels(r)));
+        self.identities = Identities::compute(&sets);
+    }
+
+    fn identity_of(&self, r: &EndpointRecord) -> u32 {
+        self.identities
+            .get(&self.pod_identity_labels(r))
+            .unwrap_or(identity::ANY)
+    }
+
+    pub fn desired_state(&self) -> DesiredState {
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|r| {
+                let labels = self.pod_identity_labels(r);
+                let ports = r
+                    .pod
+                    .as_ref()
+                    .and_then(|p| self.index.pod(&p.namespace, &p.name))
+                    .map(|p| p.ports.as_slice())
+                    .unwrap_or_default();
+                LocalEndpoint {
+                    record: r,
+                    identity: self.identities.get(&labels).unwrap_or(identity::ANY),
+                    labels,
+                    ports,
+                    live: !self.vanished.contains(&r.attachment),
+                }
+            })
+            .collect();
+        desired::compute(&Inputs {
+            node_name: &self.node_name,
+            gateway: self.ipam.gateway(),
+            endpoints,
+            index: &self.index,
+            identities: &self.identities,
+            policy_capacity: self.datapath.policy_capacity(),
+        })
+    }
+
+    fn sync_datapath(&mut self) -> Result<Diff, DatapathError> {
+        let desired = self.desired_state();
+        self.datapath.apply(&desired)
+    }
+
+    pub fn allocate(&mut self, req: &AllocateRequest) -> Result<Allocation, ApiError> {
+        let ip = self.ipam.allocate(&req.attachment)?;
+        info!(attachment = %req.attachment, %ip, "address allocated");
+        Ok(Allocation {
+            ip,
+            gateway: self.ipam.gateway(),
+            pod_cidr: self.ipam.cidr().to_string(),
+        })
+    }
+
+    /// Releases an address. Refused while an endpoint uses it: DELETE the endpoint instead.
+    pub fn release(&mut self, id: &AttachmentId) -> Result<ReleaseResponse, ApiError> {
+        if self.endpoints.get(id).is_some() {
+            return Err(invalid(format!(
+                "{id} has a live endpoint: delete the endpoint, which releases its address"
+            )));
+        }
+        Ok(ReleaseResponse {
+            released: self.ipam.release(id)?,
+        })
+    }
+
+    pub fn put_endpoint(&mut self, req: &EndpointRequest) -> Result<Endpoint, ApiError> {
+        let id = &req.attachment;
+        if self.endpoints.get(id).is_some() {
+            return Err(ApiError::new(
+                ErrorKind::AlreadyExists,
+                format!("{id} already has an endpoint"),
+            ));
+        }
+        match self.ipam.get(id) {
+            Some(ip) if ip == req.ip => {}
+            Some(ip) => {
+                return Err(invalid(format!("{id} was allocated {ip}, not {}", req.ip)));
+            }
+            None => return Err(invalid(format!("{id} has no allocated address"))),
+        }
+        let mac: Mac = req.mac.parse().map_err(|e| invalid(format!("mac: {e}")))?;
+        let host_mac: Mac = req
+            .host_mac
+            .parse()
+            .map_err(|e| invalid(format!("hostMac: {e}")))?;
+        if !valid_ifname(&req.host_ifname) {
+            return Err(invalid(format!(
+                "hostIfname {:?} is not a valid interface name",
+                req.host_ifname
+            )));
+        }
+        if let Some(other) = self
+            .endpoints
+            .iter()
+            .find(|r| r.host_ifname == req.host_ifname || r.host_ifindex == req.host_ifindex)
+        {
+            return Err(ApiError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "interface {} is already endpoint {}",
+                    req.host_ifname, other.attachment
+                ),
+            ));
+        }
+        match self.interfaces.index_of(&req.host_ifname) {
+            Some(index) if index == req.host_ifindex => {}
+            found => {
+                return Err(invalid(format!(
+                    "interface {} has ifindex {found:?} in the agent's network namespace, not {}",
+                    req.host_ifname, req.host_ifindex
+                )));
+            }
+        }
+
+        let record = EndpointRecord {
+            id: self.endpoints.free_id()?,
+            attachment: id.clone(),
+            pod: req.pod.clone(),
+            netns: req.netns.clone(),
+            ip: req.ip,
+            mac,
+            host_ifname: req.host_ifname.clone(),
+            host_ifindex: req.host_ifindex,
+            host_mac,
+        };
+        self.endpoints.insert(record.clone());
+        self.vanished.remove(id);
+        self.recompute_identities();
+        // Maps first, then the programs: the first packet must find its endpoint.
+        let result = self
+            .sync_datapath()
+            .map_err(ApiError::from)
+            .and_then(|_| Ok(self.datapath.attach(&record.host_ifname)?))
+            .and_then(|()| Ok(self.endpoints.save()?));
+        if let Err(e) = result {
+            self.rollback_endpoint(&record);
+            return Err(e);
+        }
+        info!(attachment = %id, ip = %record.ip, ifname = record.host_ifname, endpoint = record.id, "endpoint created");
+        Ok(self.to_api(&record))
+    }
+
+    fn rollback_endpoint(&mut self, record: &EndpointRecord) {
+        self.endpoints.remove(&record.attachment);
+        if let Err(e) = self.datapath.detach(&record.host_ifname) {
+            warn!(error = %e, "rollback: detaching programs failed");
+        }
+        self.recompute_identities();
+        if let Err(e) = self.sync_datapath() {
+            warn!(error = %e, "rollback: restoring the maps failed");
+        }
+    }
+
+    /// Removes an attachment's endpoint (programs, map entries) and releases its address.
+    /// Deleting what does not exist succeeds.
+    pub fn delete_endpoint(&mut self, id: &AttachmentId) -> Result<DeleteResponse, ApiError> {
+        let removed = self.endpoints.remove(id);
+        if let Some(r) = &removed {
+            self.vanished.remove(id);
+            self.recompute_identities();
+            let result = self
+                .sync_datapath()
+                .map_err(ApiError::from)
+                .and_then(|_| Ok(self.datapath.detach(&r.host_ifname)?))
+                .and_then(|()| Ok(self.endpoints.save()?));
+            if let Err(e) = result {
+                // Put it back so that a retried DEL finds it.
+                self.endpoints.insert(r.clone());
+                self.recompute_identities();
+                let _ = self.sync_datapath();
+                return Err(e);
+            }
+        }
+        let released = self.ipam.release(id)?;
+        if removed.is_some() || released.is_some() {
+            info!(attachment = %id, ?released, "endpoint deleted");
+        }
+        Ok(DeleteResponse {
+            endpoint: removed.is_some(),
+            released,
+        })
+    }
+
+    /// CNI GC: releases every endpoint and address whose attachment is not in `valid`.
+    pub fn gc(&mut self, req: &GcRequest) -> Result<GcResponse, ApiError> {
+        let valid: BTreeSet<&AttachmentId> = req.valid.iter().collect();
+        let mut doomed: BTreeSet<AttachmentId> = self
+            .endpoints
+            .iter()
+            .map(|r| r.attachment.clone())
+            .filter(|a| !valid.contains(a))
+            .collect();
+        doomed.extend(
+            self.ipam
+                .allocations()
+                .map(|(a, _)| a.clone())
+                .filter(|a| !valid.contains(a)),
+        );
+        let mut removed = Vec::new();
+        for id in doomed {
+            self.delete_endpoint(&id)?;
+            removed.push(id);
+        }
+        Ok(GcResponse { removed })
+    }
+
+    pub fn endpoints(&self, filter: Option<&AttachmentId>) -> Vec<Endpoint> {
+        self.endpoints
+            .iter()
+            .filter(|r| filter.is_none_or(|f| *f == r.attachment))
+            .map(|r| self.to_api(r))
+            .collect()
+    }
+
+    fn to_api(&self, r: &EndpointRecord) -> Endpoint {
+        let c = self.datapath.endpoint_counters(r.id);
+        Endpoint {
+            id: r.id,
+            attachment: r.attachment.clone(),
+            pod: r.pod.clone(),
+            netns: r.netns.clone(),
+            ip: r.ip,
+            mac: r.mac.to_string(),
+            host_ifname: r.host_ifname.clone(),
+            host_ifindex: r.host_ifindex,
+            host_mac: r.host_mac.to_string(),
+            identity: self.identity_of(r),
+            counters: myelin_api::EndpointCounters {
+                rx_packets: c.rx_packets,
+                rx_bytes: c.rx_bytes,
+                tx_packets: c.tx_packets,
+                tx_bytes: c.tx_bytes,
+            },
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            node_name: self.node_name.clone(),
+            pod_cidr: self.ipam.cidr().to_string(),
+            gateway: self.ipam.gateway(),
+            endpoints: self.endpoints.len(),
+            free_addresses: self.ipam.free(),
+            ready: self.synced,
+            attach_mode: self.datapath.mode().as_str().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.ipam.gateway()
+    }
+
+    /// Values for the metrics endpoint.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
+            ready: self.synced,
+            endpoints: self.endpoints.len(),
+            identities: self.identities.len(),
+            free_addresses: self.ipam.free(),
+            pods_indexed: self.index.pod_count(),
+            drops: self
+                .datapath
+                .drops()
+                .into_iter()
+                .map(|(r, p, b)| (r.name(), p, b))
+                .collect(),
+            maps: self.datapath.map_usage(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use myelin_api::PodRef;
+    use myelin_common::Ipv4Key;
+
+    use super::*;
+    use crate::{
+        datapath::fake::FakeDatapath,
+        index::{Object, PodInfo, builders},
+    };
+
+    /// Interfaces that "exist" in the test: name -> ifindex.
+    struct FakeInterfaces(HashMap<String, u32>);
+
+    impl Interfaces for FakeInterfaces {
+        fn index_of(&self, ifname: &str) -> Option<u32> {
+            self.0.get(ifname).copied()
+        }
+    }
+
+    fn agent_with(interfaces: &[(&str, u32)], cidr: &str) -> Agent<FakeDatapath> {
+        Agent::new(
+            "node-1".into(),
+            Ipam::in_memory(cidr.parse().unwrap()).unwrap(),
+            EndpointStore::in_memory(16),
+            ClusterIndex::default(),
+            FakeDatapath::new(16),
+            Box::new(FakeInterfaces(
+                interfaces
+                    .iter()
+                    .map(|(n, i)| (n.to_string(), *i))
+                    .collect(),
+            )),
+        )
+    }
+
+    fn agent() -> Agent<FakeDatapath> {
+        agent_with(&[("lxca", 10), ("lxcb", 11)], "10.244.0.0/24")
+    }
+
+    fn att(c: &str) -> AttachmentId {
+        AttachmentId::new(c, "eth0")
+    }
+
+    fn add(
+        agent: &mut Agent<FakeDatapath>,
+        c: &str,
+        ifname: &str,
+        ifindex: u32,
+    ) -> Result<Endpoint, ApiError> {
+        let alloc = agent.allocate(&AllocateRequest {
+            attachment: att(c),
+            pod: None,
+        })?;
+        agent.put_endpoint(&EndpointRequest {
+            attachment: att(c),
+            pod: Some(PodRef {
+                namespace: "default".into(),
+                name: c.into(),
+            }),
+            netns: format!("/run/netns/{c}"),
+            ip: alloc.ip,
+            mac: "02:00:00:00:00:01".into(),
+            host_ifname: ifname.into(),
+            host_ifindex: ifindex,
+            host_mac: "02:00:00:00:00:02".into(),
+        })
+    }
+
+    #[test]
+    fn endpoint_is_in_both_maps_and_attached_before_put_returns() {
+        let mut a = agent();
+        let ep = add(&mut a, "a", "lxca", 10).unwrap();
+        let dp = a.datapath();
+        assert!(dp.attached.contains("lxca"));
+        let by_ip = dp.endpoints.map().entries[&Ipv4Key {
+            addr: ep.ip.octets(),
+        }];
+        assert_eq!(by_ip.ifindex, 10);
+        assert_eq!(by_ip.id, ep.id);
+        assert_eq!(dp.endpoints_by_if.map().entries[&10], by_ip);
+        assert!(dp.counter_ids.contains(&ep.id));
+        assert_ne!(ep.identity, 0);
+    }
+
+    #[test]
+    fn delete_removes_everything_and_is_idempotent() {
+        let mut a = agent();
+        let free = a.status().free_addresses;
+        let ep = add(&mut a, "a", "lxca", 10).unwrap();
+        let del = a.delete_endpoint(&att("a")).unwrap();
+        assert!(del.endpoint);
+        assert_eq!(del.released, Some(ep.ip));
+        let dp = a.datapath();
+        assert!(dp.attached.is_empty());
+        assert!(dp.endpoints.map().entries.is_empty());
+        assert!(dp.endpoints_by_if.map().entries.is_empty());
+        assert!(dp.counter_ids.is_empty());
+        assert_eq!(a.status().free_addresses, free);
+        assert_eq!(
+            a.delete_endpoint(&att("a")).unwrap(),
+            DeleteResponse::default()
+        );
+    }
+
+    #[test]
+    fn endpoint_needs_a_matching_allocation_and_interface() {
+        let mut a = agent();
+        let alloc = a
+            .allocate(&AllocateRequest {
+                attachment: att("a"),
+                pod: None,
+            })
+            .unwrap();
+        let mut req = EndpointRequest {
+            attachment: att("a"),
+            pod: None,
+            netns: "/run/netns/a".into(),
+            ip: Ipv4Addr::new(10, 244, 0, 200),
+            mac: "02:00:00:00:00:01".into(),
+            host_ifname: "lxca".into(),
+            host_ifindex: 10,
+            host_mac: "02:00:00:00:00:02".into(),
+        };
+        assert_eq!(
+            a.put_endpoint(&req).unwrap_err().kind,
+            ErrorKind::InvalidRequest
+        );
+        req.ip = alloc.ip;
+        req.host_ifindex = 99;
+        assert_eq!(
+            a.put_endpoint(&req).unwrap_err().kind,
+            ErrorKind::InvalidRequest
+        );
+        req.host_ifindex = 10;
+        req.mac = "nope".into();
+        assert_eq!(
+            a.put_endpoint(&req).unwrap_err().kind,
+            ErrorKind::InvalidRequest
+        );
+        req.mac = "02:00:00:00:00:01".into();
+        a.put_endpoint(&req).unwrap();
+        assert_eq!(
+            a.put_endpoint(&req).unwrap_err().kind,
+            ErrorKind::AlreadyExists
+        );
+    }
+
+    #[test]
+    fn failed_attach_leaves_no_endpoint_and_no_map_entry() {
+        let mut a = agent();
+        a.datapath.fail_attach.insert("lxca".into());
+        let err = add(&mut a, "a", "lxca", 10).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Internal);
+        assert!(a.endpoints(None).is_empty());
+        assert!(a.datapath().endpoints.map().entries.is_empty());
+        assert!(a.datapath().counter_ids.is_empty());
+        // The address stays allocated until the plugin's rollback releases it.
+        assert!(a.release(&att("a")).unwrap().released.is_some());
+    }
+
+    #[test]
+    fn release_is_refused_while_an_endpoint_uses_the_address() {
+        let mut a = agent();
+        add(&mut a, "a", "lxca", 10).unwrap();
+        assert_eq!(
+            a.release(&att("a")).unwrap_err().kind,
+            ErrorKind::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn exhausted_pool_is_reported_as_such() {
+        let mut a = agent_with(&[("lxca", 10), ("lxcb", 11)], "10.0.0.0/30");
+        add(&mut a, "a", "lxca", 10).unwrap();
+        assert_eq!(
+            add(&mut a, "b", "lxcb", 11).unwrap_err().kind,
+            ErrorKind::PoolExhausted
+        );
+    }
+
+    #[test]
+    fn gc_releases_everything_not_listed() {
+        let mut a = agent();
+        add(&mut a, "a", "lxca", 10).unwrap();
+        add(&mut a, "b", "lxcb", 11).unwrap();
+        a.allocate(&AllocateRequest {
+            attachment: att("orphan"),
+            pod: None,
+        })
+        .unwrap();
+        let gc = a
+            .gc(&GcRequest {
+                valid: vec![att("a")],
+            })
+            .unwrap();
+        assert_eq!(gc.removed, vec![att("b"), att("orphan")]);
+        assert_eq!(a.endpoints(None).len(), 1);
+        assert!(a.datapath().attached.contains("lxca"));
+        assert!(!a.datapath().attached.contains("lxcb"));
+    }
+
+    #[test]
+    fn label_change_updates_the_endpoint_identity_in_the_maps() {
+        let mut a = agent();
+        let ep = add(&mut a, "a", "lxca", 10).unwrap();
+        let key = Ipv4Key {
+            addr: ep.ip.octets(),
+        };
+        let before = a.datapath().endpoints.map().entries[&key].identity;
+        let (pod, _) =
+            PodInfo::from_k8s(&builders::pod("default", "a", &[("app", "web")], None)).unwrap();
+        let diff = a
+            .apply_cluster_change(Change::Apply(Object::Pod(pod.clone())))
+            .unwrap();
+        assert_eq!(
+            diff.updated, 3,
+            "both endpoint maps and the ipcache carry the identity"
+        );
+        let after = a.datapath().endpoints.map().entries[&key].identity;
+        assert_ne!(before, after);
+        // The same event again changes nothing and writes nothing.
+        let writes = a.datapath().endpoints.map().writes;
+        assert!(
+            a.apply_cluster_change(Change::Apply(Object::Pod(pod)))
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(a.datapath().endpoints.map().writes, writes);
+    }
+
+    #[test]
+    fn restore_reattaches_live_endpoints_and_skips_vanished_ones() {
+        let mut store = EndpointStore::in_memory(16);
+        store.insert(crate::endpoint::record(1, "a", [10, 244, 0, 2]));
+        store.insert(crate::endpoint::record(2, "b", [10, 244, 0, 3]));
+        let mut ipam = Ipam::in_memory("10.244.0.0/24".parse().unwrap()).unwrap();
+        ipam.allocate(&att("a")).unwrap();
+        ipam.allocate(&att("b")).unwrap();
+        // Only "a"'s interface still exists, with the recorded ifindex.
+        let mut a = Agent::new(
+            "n".into(),
+            ipam,
+            store,
+            ClusterIndex::default(),
+            FakeDatapath::new(16),
+            Box::new(FakeInterfaces([("lxca".to_string(), 101)].into())),
+        );
+        a.restore().unwrap();
+        let dp = a.datapath();
+        assert_eq!(dp.attached, BTreeSet::from(["lxca".to_string()]));
+        assert_eq!(
+            dp.endpoints_by_if
+                .map()
+                .entries
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![101]
+        );
+        // The vanished endpoint keeps its address until DEL.
+        assert_eq!(a.status().endpoints, 2);
+        a.delete_endpoint(&att("b")).unwrap();
+        assert_eq!(a.status().endpoints, 1);
+    }
+}

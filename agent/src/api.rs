@@ -1,0 +1,221 @@
+//! The local API (see `myelin_api` for the table of routes): HTTP/1.1 + JSON on a unix socket
+//! with mode 0600, served only to root peers (checked with SO_PEERCRED on every connection,
+//! because a socket's mode alone does not stop a process that inherited an open descriptor).
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State, rejection::JsonRejection},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+};
+use hyper_util::{rt::TokioIo, service::TowerToHyperService};
+use myelin_api::{AllocateRequest, ApiError, AttachmentId, EndpointRequest, ErrorKind, GcRequest};
+use serde::Deserialize;
+use tokio::net::UnixListener;
+use tracing::{debug, warn};
+
+use crate::{agent::Agent, datapath::DatapathOps};
+
+pub type SharedAgent<D> = Arc<Mutex<Agent<D>>>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("listening on {path}: {source}")]
+pub struct ListenError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// An [`ApiError`] as an HTTP answer.
+struct ErrorResponse(ApiError);
+
+impl IntoResponse for ErrorResponse {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.kind.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<ApiError> for ErrorResponse {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<JsonRejection> for ErrorResponse {
+    fn from(e: JsonRejection) -> Self {
+        Self(ApiError::new(ErrorKind::InvalidRequest, e.body_text()))
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ErrorResponse>;
+
+/// `?containerId=..&ifname=..`; both optional so that GET /v1/endpoints lists everything.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AttachmentQuery {
+    container_id: Option<String>,
+    ifname: Option<String>,
+}
+
+impl AttachmentQuery {
+    fn optional(self) -> Result<Option<AttachmentId>, ErrorResponse> {
+        match (self.container_id, self.ifname) {
+            (None, None) => Ok(None),
+            (Some(c), Some(i)) => Ok(Some(AttachmentId::new(c, i))),
+            _ => Err(ErrorResponse(ApiError::new(
+                ErrorKind::InvalidRequest,
+                "give both containerId and ifname, or neither",
+            ))),
+        }
+    }
+
+    fn required(self) -> Result<AttachmentId, ErrorResponse> {
+        self.optional()?.ok_or_else(|| {
+            ErrorResponse(ApiError::new(
+                ErrorKind::InvalidRequest,
+                "containerId and ifname are required",
+            ))
+        })
+    }
+}
+
+fn lock<D>(agent: &SharedAgent<D>) -> std::sync::MutexGuard<'_, Agent<D>> {
+    // A panic while holding the lock leaves consistent state (every operation rolls back on
+    // error before returning), so a poisoned lock is still usable.
+    agent
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn router<D: DatapathOps + 'static>(agent: SharedAgent<D>) -> Router {
+    Router::new()
+        .route("/v1/ipam", post(allocate::<D>).delete(release::<D>))
+        .route(
+            "/v1/endpoints",
+            put(put_endpoint::<D>)
+                .get(list_endpoints::<D>)
+                .delete(delete_endpoint::<D>),
+        )
+        .route("/v1/gc", post(gc::<D>))
+        .route("/v1/status", get(status::<D>))
+        .fallback(|| async {
+            ErrorResponse(ApiError::new(ErrorKind::NotFound, "no such API route"))
+        })
+        .with_state(agent)
+}
+
+async fn allocate<D: DatapathOps>(
+    State(agent): State<SharedAgent<D>>,
+    body: Result<Json<AllocateRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<myelin_api::Allocation>), ErrorResponse> {
+    let Json(req) = body?;
+    let allocation = lock(&agent).allocate(&req)?;
+    Ok((StatusCode::CREATED, Json(allocation)))
+}
+
+async fn release<D: DatapathOps>(
+    State(agent): State<SharedAgent<D>>,
+    Query(q): Query<AttachmentQuery>,
+) -> ApiResult<myelin_api::ReleaseResponse> {
+    let id = q.required()?;
+    Ok(Json(lock(&agent).release(&id)?))
+}
+
+async fn put_endpoint<D: DatapathOps>(
+    State(agent): State<SharedAgent<D>>,
+    body: Result<Json<EndpointRequest>, JsonRejection>,
+) -> ApiResult<myelin_api::Endpoint> {
+    let Json(req) = body?;
+    Ok(Json(lock(&agent).put_endpoint(&req)?))
+}
+
+async fn list_endpoints<D: DatapathOps>(
+    State(agent): State<SharedAgent<D>>,
+    Query(q): Query<AttachmentQuery>,
+) -> ApiResult<Vec<myelin_api::Endpoint>> {
+    let filter = q.optional()?;
+    Ok(Json(lock(&agent).endpoints(filter.as_ref())))
+}
+
+async fn delete_endpoint<D: DatapathOps>(
+    State(agent): State<SharedAgent<D>>,
+    Query(q): Query<AttachmentQuery>,
+) -> ApiResult<myelin_api::DeleteResponse> {
+    let id = q.required()?;
+    Ok(Json(lock(&agent).delete_endpoint(&id)?))
+}
+
+async fn gc<D: DatapathOps>(
+    State(agent): State<SharedAgent<D>>,
+    body: Result<Json<GcRequest>, JsonRejection>,
+) -> ApiResult<myelin_api::GcResponse> {
+    let Json(req) = body?;
+    Ok(Json(lock(&agent).gc(&req)?))
+}
+
+async fn status<D: DatapathOps>(State(agent): State<SharedAgent<D>>) -> Json<myelin_api::Status> {
+    Json(lock(&agent).status())
+}
+
+/// Binds the socket: removes a stale one, creates the directory (0700) and restricts the socket
+/// to its owner (0600).
+pub fn bind(path: &Path) -> Result<UnixListener, ListenError> {
+    let err = |source| ListenError {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(err)?;
+    }
+    match fs::remove_file(path) {
+        Ok(()) => debug!(path = %path.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves `app` to root peers and a 403 to everyone else, until the task is dropped.
+pub async fn serve(listener: UnixListener, app: Router) {
+    let forbidden = Router::new().fallback(|| async {
+        ErrorResponse(ApiError::new(
+            ErrorKind::Forbidden,
+            "the myelin agent API is for root only",
+        ))
+    });
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(error = %e, "accepting an API connection failed");
+                continue;
+            }
+        };
+        let peer_is_root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
+        let service = if peer_is_root {
+            app.clone()
+        } else {
+            warn!(peer = ?stream.peer_cred().ok(), "refused an API request from a non-root peer");
+            forbidden.clone()
+        };
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            if let Err(e) = conn.await {
+                debug!(error = %e, "API connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,153 @@
+//! `myelin-agent`'s flags. Every flag can also be set from the environment as
+//! `MYELIN_<FLAG>` (e.g. `MYELIN_NODE_NAME`), which is how the DaemonSet configures it.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Parser;
+use ipnet::Ipv4Net;
+
+use crate::{datapath::AttachMode, source::SourceSpec};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "myelin-agent",
+    version,
+    about = "Myelin node agent: IPAM, eBPF datapath and cluster state for the pods of one node"
+)]
+pub struct AgentConfig {
+    /// Name of this node (its Kubernetes Node object). Default: the host name.
+    #[arg(long, env = "MYELIN_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Where IPAM allocations and endpoints are persisted.
+    #[arg(long, env = "MYELIN_STATE_DIR", default_value = "/var/lib/myelin")]
+    pub state_dir: PathBuf,
+
+    /// A BPF filesystem (mounted there if it is not one); maps and links are pinned under
+    /// `<bpffs>/myelin/`.
+    #[arg(long, env = "MYELIN_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+
+    /// The local API socket (the CNI plugin's `agentSocket`).
+    #[arg(long, env = "MYELIN_SOCKET", default_value = myelin_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Cluster state: `kubernetes` (watch the API server) or `dir:<path>` (YAML files).
+    #[arg(long, env = "MYELIN_SOURCE", default_value = "kubernetes")]
+    pub source: SourceSpec,
+
+    /// Kubeconfig for `--source kubernetes`. Default: the in-cluster service account, or
+    /// $KUBECONFIG / ~/.kube/config.
+    #[arg(long, env = "MYELIN_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The node's pod CIDR. Directory source only (default: the Node object's spec.podCIDR);
+    /// with the Kubernetes source the Node object is authoritative.
+    #[arg(long, env = "MYELIN_POD_CIDR")]
+    pub pod_cidr: Option<Ipv4Net>,
+
+    /// Health (`/healthz`, `/readyz`) and Prometheus (`/metrics`) endpoint; `off` disables it.
+    #[arg(long, env = "MYELIN_METRICS_ADDR", default_value = "0.0.0.0:9962")]
+    pub metrics_addr: MetricsAddr,
+
+    /// Capacity of the endpoint maps: the most pods this node can run.
+    #[arg(long, env = "MYELIN_MAX_ENDPOINTS", default_value_t = myelin_common::maps::DEFAULT_MAX_ENDPOINTS)]
+    pub max_endpoints: u32,
+
+    /// Capacity of the ipcache: pod and node addresses of the whole cluster, plus policy CIDRs.
+    #[arg(long, env = "MYELIN_MAX_IPCACHE", default_value_t = myelin_common::maps::DEFAULT_MAX_IPCACHE)]
+    pub max_ipcache: u32,
+
+    /// Capacity of the policy map (entries: endpoint x peer identity x port block). A pod whose
+    /// entries do not fit has its new connections dropped (reason policy-incomplete).
+    #[arg(long, env = "MYELIN_MAX_POLICY_ENTRIES", default_value_t = myelin_common::maps::DEFAULT_MAX_POLICY)]
+    pub max_policy_entries: u32,
+
+    /// Capacity of the conntrack table (least recently used flows are evicted when full).
+    #[arg(long, env = "MYELIN_MAX_CONNTRACK", default_value_t = myelin_common::maps::DEFAULT_MAX_CONNTRACK)]
+    pub max_conntrack: u32,
+
+    /// How programs are attached to pod interfaces.
+    #[arg(long, env = "MYELIN_ATTACH_MODE", value_enum, default_value = "auto")]
+    pub attach_mode: AttachMode,
+
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
+    #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// `--metrics-addr`: an `address:port`, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|e| format!("{s:?} is not an address:port ({e}); use `off` to disable"))
+    }
+}
+
+impl AgentConfig {
+    pub fn limits(&self) -> crate::datapath::Limits {
+        crate::datapath::Limits {
+            endpoints: self.max_endpoints,
+            ipcache: self.max_ipcache,
+            policy: self.max_policy_entries,
+            conntrack: self.max_conntrack,
+        }
+    }
+
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".to_string())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_interface() {
+        let c = AgentConfig::try_parse_from(["myelin-agent"]).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/myelin"));
+        assert_eq!(c.bpffs, PathBuf::from("/sys/fs/bpf"));
+        assert_eq!(c.socket, PathBuf::from("/run/myelin/agent.sock"));
+        assert_eq!(c.source, SourceSpec::Kubernetes);
+        assert_eq!(c.metrics_addr.0, Some("0.0.0.0:9962".parse().unwrap()));
+        assert_eq!(c.attach_mode, AttachMode::Auto);
+        assert_eq!(c.kubeconfig, None);
+    }
+
+    #[test]
+    fn flags_parse_and_bad_values_are_rejected() {
+        let c = AgentConfig::try_parse_from([
+            "myelin-agent",
+            "--source",
+            "dir:/tmp/c",
+            "--pod-cidr",
+            "10.1.0.0/24",
+            "--metrics-addr",
+            "off",
+            "--kubeconfig",
+            "/etc/myelin/kubeconfig",
+        ])
+        .unwrap();
+        assert_eq!(c.kubeconfig, Some("/etc/myelin/kubeconfig".into()));
+        assert_eq!(c.source, SourceSpec::Dir("/tmp/c".into()));
+        assert_eq!(c.pod_cidr, Some("10.1.0.0/24".parse().unwrap()));
+        assert_eq!(c.metrics_addr.0, None);
+        assert!(AgentConfig::try_parse_from(["myelin-agent", "--pod-cidr", "10.1.0.0"]).is_err());
+        assert!(AgentConfig::try_parse_from(["myelin-agent", "--source", "etcd"]).is_err());
+    }
+}

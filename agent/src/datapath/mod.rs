@@ -1,0 +1,587 @@
+//! The kernel side as the agent drives it: loads the embedded object with its maps pinned under
+//! `<bpffs>/myelin/`, attaches the two TC programs to each endpoint's host-side veth, and owns
+//! the typed handles of every map.
+//!
+//! Attachments outlive the agent: tcx links are pinned under `<bpffs>/myelin/links/`, and
+//! clsact filters live in the interface's qdisc. A restarted agent loads fresh programs and swaps
+//! them into the existing attachments atomically (`bpf_link_update`, or a netlink replace), so
+//! pods keep their datapath while the agent is down or upgrading.
+
+pub mod counters;
+#[cfg(test)]
+pub mod fake;
+pub mod table;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    },
+    util::KernelVersion,
+};
+use myelin_common::{
+    EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
+    config::DatapathConfig,
+    conntrack::{CtEntry, CtKey},
+    maps,
+};
+use tracing::{debug, info, warn};
+
+pub use self::counters::Counters;
+use self::table::{Diff, KernelHash, KernelLpm, LpmKey, Reconciler, TableError};
+
+/// The datapath object built by build.rs (ebpf/datapath, bpfel-unknown-none, with BTF).
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/myelin-datapath"));
+
+const FROM_CONTAINER: &str = "from_container";
+const TO_CONTAINER: &str = "to_container";
+/// tc (clsact) mode: the filter priority and handle Myelin owns on each host veth.
+const TC_PRIORITY: u16 = 1;
+const TC_HANDLE: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("preparing the pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("parsing the embedded eBPF object: {0}")]
+    Object(#[source] aya_obj::ParseError),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching to {ifname} ({direction}): {source}")]
+    Attach {
+        ifname: String,
+        direction: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("detaching from {ifname}: {source}")]
+    Detach {
+        ifname: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Table(#[from] TableError),
+}
+
+/// How programs are attached to interfaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// tcx links (kernel >= 6.6) when available, tc clsact otherwise.
+    Auto,
+    /// tcx links, pinned under `<bpffs>/myelin/links/`.
+    Tcx,
+    /// Classic tc: a clsact qdisc with a direct-action filter.
+    Tc,
+}
+
+impl AttachMode {
+    fn resolve(self) -> AttachMode {
+        match self {
+            AttachMode::Auto => match KernelVersion::current() {
+                Ok(v) if v >= KernelVersion::new(6, 6, 0) => AttachMode::Tcx,
+                _ => AttachMode::Tc,
+            },
+            other => other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Tcx => "tcx",
+            AttachMode::Tc => "tc",
+        }
+    }
+}
+
+/// What the maps should hold, computed by the agent from its endpoints and the cluster index.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DesiredState {
+    pub endpoints: BTreeMap<Ipv4Key, EndpointInfo>,
+    pub endpoints_by_if: BTreeMap<u32, EndpointInfo>,
+    /// Endpoint ids that must have a counters entry.
+    pub counter_ids: BTreeSet<u32>,
+    pub ipcache: BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
+    pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
+}
+
+/// Capacities of the maps whose size depends on the cluster (each has an agent flag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub endpoints: u32,
+    pub ipcache: u32,
+    pub policy: u32,
+    pub conntrack: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            endpoints: maps::DEFAULT_MAX_ENDPOINTS,
+            ipcache: maps::DEFAULT_MAX_IPCACHE,
+            policy: maps::DEFAULT_MAX_POLICY,
+            conntrack: maps::DEFAULT_MAX_CONNTRACK,
+        }
+    }
+}
+
+/// The operations the agent needs from the kernel; [`Datapath`] is the real one, and
+/// `fake::FakeDatapath` the in-memory twin for unit tests of the agent's logic.
+pub trait DatapathOps: Send {
+    /// Attaches the programs to a host-side veth (idempotent; replaces older programs).
+    fn attach(&mut self, ifname: &str) -> Result<(), DatapathError>;
+    /// Detaches them (succeeds if nothing is attached or the interface is gone).
+    fn detach(&mut self, ifname: &str) -> Result<(), DatapathError>;
+    /// Makes the maps hold `desired`, writing only the difference. When anything policy
+    /// depends on changed, bumps the policy revision so tracked connections get re-checked.
+    fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError>;
+    /// Capacity of the policy map (the computation marks endpoints that do not fit).
+    fn policy_capacity(&self) -> usize;
+    /// Removes expired conntrack entries; returns how many.
+    fn gc_conntrack(&mut self) -> Result<usize, DatapathError>;
+    fn endpoint_counters(&self, id: u32) -> EndpointCounters;
+    /// Drops per reason: (reason, packets, bytes).
+    fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)>;
+    /// Fill of each map the agent writes: (name, entries, capacity).
+    fn map_usage(&self) -> Vec<(&'static str, usize, u32)>;
+    fn mode(&self) -> AttachMode;
+}
+
+pub type EndpointTable = Reconciler<Ipv4Key, EndpointInfo, KernelHash<Ipv4Key, EndpointInfo>>;
+pub type EndpointByIfTable = Reconciler<u32, EndpointInfo, KernelHash<u32, EndpointInfo>>;
+pub type IpcacheTable = Reconciler<LpmKey<Ipv4Key>, IpcacheEntry, KernelLpm<Ipv4Key, IpcacheEntry>>;
+pub type PolicyTable =
+    Reconciler<LpmKey<PolicyKey>, PolicyEntry, KernelLpm<PolicyKey, PolicyEntry>>;
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    mode: AttachMode,
+    pub endpoints: EndpointTable,
+    pub endpoints_by_if: EndpointByIfTable,
+    pub ipcache: IpcacheTable,
+    pub policy: PolicyTable,
+    pub counters: Counters,
+    conntrack: BpfHashMap<MapData, CtKey, CtEntry>,
+    config: Array<MapData, DatapathConfig>,
+    config_value: DatapathConfig,
+    events: Option<RingBuf<MapData>>,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing maps pinned by an earlier agent when their layout still
+    /// matches (a map whose layout changed with an upgrade is replaced; the reconciler refills it).
+    pub fn load(bpffs: &Path, mode: AttachMode, limits: Limits) -> Result<Self, DatapathError> {
+        let pin_dir = bpffs.join("myelin");
+        for dir in [pin_dir.clone(), pin_dir.join("links")] {
+            fs::create_dir_all(&dir)
+                .map_err(|source| DatapathError::PinDir { path: dir, source })?;
+        }
+        let sizes: BTreeMap<&'static str, u32> = [
+            (maps::ENDPOINTS, limits.endpoints),
+            (maps::ENDPOINTS_BY_IF, limits.endpoints),
+            (maps::COUNTERS, limits.endpoints),
+            (maps::IPCACHE, limits.ipcache),
+            (maps::POLICY, limits.policy),
+            (maps::CONNTRACK, limits.conntrack),
+        ]
+        .into_iter()
+        .collect();
+        drop_incompatible_pins(&pin_dir, &sizes)?;
+
+        let mut loader = EbpfLoader::new();
+        for name in maps::PINNED {
+            loader.map_pin_path(name, pin_dir.join(name));
+        }
+        for (name, size) in &sizes {
+            loader.map_max_entries(name, *size);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
+        for name in [FROM_CONTAINER, TO_CONTAINER] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    source,
+                })?;
+        }
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DatapathError::Missing(name));
+        let endpoints = Reconciler::new(KernelHash::new(maps::ENDPOINTS, take(maps::ENDPOINTS)?)?)?;
+        let endpoints_by_if = Reconciler::new(KernelHash::new(
+            maps::ENDPOINTS_BY_IF,
+            take(maps::ENDPOINTS_BY_IF)?,
+        )?)?;
+        let ipcache = Reconciler::new(KernelLpm::new(maps::IPCACHE, take(maps::IPCACHE)?)?)?;
+        let policy = Reconciler::new(KernelLpm::new(maps::POLICY, take(maps::POLICY)?)?)?;
+        let counters = Counters::new(take(maps::COUNTERS)?, take(maps::DROPS)?)?;
+        let aya_err = |map: &'static str| move |source| TableError::Map { map, source };
+        let conntrack =
+            BpfHashMap::try_from(take(maps::CONNTRACK)?).map_err(aya_err(maps::CONNTRACK))?;
+        let config = Array::try_from(take(maps::CONFIG)?).map_err(aya_err(maps::CONFIG))?;
+        // Keep the revision an earlier agent left: resetting it could make stale conntrack
+        // entries look current.
+        let config_value = config.get(&0, 0).map_err(aya_err(maps::CONFIG))?;
+        let events = Some(RingBuf::try_from(take(maps::EVENTS)?).map_err(aya_err(maps::EVENTS))?);
+        let mode = mode.resolve();
+        info!(pin_dir = %pin_dir.display(), mode = mode.as_str(), "datapath loaded");
+        Ok(Self {
+            ebpf,
+            pin_dir,
+            mode,
+            endpoints,
+            endpoints_by_if,
+            ipcache,
+            policy,
+            counters,
+            conntrack,
+            config,
+            config_value,
+            events,
+        })
+    }
+
+    /// Hands the events ring buffer to its reader (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Which events the datapath emits (`myelin_common::config::EVENTS_*`).
+    pub fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
+        self.write_config(DatapathConfig {
+            events: mask,
+            ..self.config_value
+        })
+    }
+
+    fn write_config(&mut self, value: DatapathConfig) -> Result<(), DatapathError> {
+        self.config
+            .set(0, value, 0)
+            .map_err(|source| TableError::Map {
+                map: maps::CONFIG,
+                source,
+            })?;
+        self.config_value = value;
+        Ok(())
+    }
+
+    /// The flows conntrack holds (for `myelinctl` and tests).
+    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
+        Ok(self
+            .conntrack
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| TableError::Map {
+                map: maps::CONNTRACK,
+                source,
+            })?)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn link_pin(&self, ifname: &str, direction: &str) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("{ifname}-{direction}"))
+    }
+
+    fn attach_programs(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        for (program, direction, attach_type) in [
+            (FROM_CONTAINER, "ingress", TcAttachType::Ingress),
+            (TO_CONTAINER, "egress", TcAttachType::Egress),
+        ] {
+            let result = match self.mode {
+                AttachMode::Tc => self.attach_tc(program, ifname, attach_type),
+                _ => self.attach_tcx(program, ifname, direction, attach_type),
+            };
+            result.map_err(|source| DatapathError::Attach {
+                ifname: ifname.to_string(),
+                direction,
+                source,
+            })?;
+        }
+        debug!(ifname, "programs attached");
+        Ok(())
+    }
+
+    fn attach_tcx(
+        &mut self,
+        program: &'static str,
+        ifname: &str,
+        direction: &str,
+        attach_type: TcAttachType,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let pin = self.link_pin(ifname, direction);
+        let prog = classifier(&mut self.ebpf, program)?;
+        match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                // The link exists (earlier agent): swap our program in. The pin keeps the link;
+                // dropping our handle only closes a file descriptor.
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
+                let id = prog.attach_to_link(link)?;
+                drop(prog.take_link(id)?);
+            }
+            Err(_) => {
+                let id = prog.attach_with_options(
+                    ifname,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )?;
+                let link = FdLink::try_from(prog.take_link(id)?)?;
+                link.pin(&pin)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_tc(
+        &mut self,
+        program: &'static str,
+        ifname: &str,
+        attach_type: TcAttachType,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        match tc::qdisc_add_clsact(ifname) {
+            Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let prog = classifier(&mut self.ebpf, program)?;
+        let existing = SchedClassifierLink::attached(
+            ifname,
+            attach_type,
+            TC_PRIORITY,
+            TcHandle::from(TC_HANDLE),
+            None,
+        )?;
+        let id = match prog.attach_to_link(existing) {
+            Ok(id) => id,
+            Err(_) => prog.attach_with_options(
+                ifname,
+                attach_type,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: TC_PRIORITY,
+                    handle: TcHandle::from(TC_HANDLE),
+                    ..Default::default()
+                }),
+            )?,
+        };
+        // A netlink link detaches when dropped; the filter must outlive this process.
+        std::mem::forget(prog.take_link(id)?);
+        Ok(())
+    }
+
+    fn detach_programs(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        for (direction, attach_type) in [
+            ("ingress", TcAttachType::Ingress),
+            ("egress", TcAttachType::Egress),
+        ] {
+            let pin = self.link_pin(ifname, direction);
+            match PinnedLink::from_pin(&pin) {
+                // Unpinning drops the last reference: the link detaches.
+                Ok(pinned) => drop(pinned.unpin().map_err(|e| DatapathError::Detach {
+                    ifname: ifname.to_string(),
+                    source: e.into(),
+                })?),
+                Err(_) => {
+                    let _ = fs::remove_file(&pin);
+                }
+            }
+            if self.mode == AttachMode::Tc
+                && let Ok(link) = SchedClassifierLink::attached(
+                    ifname,
+                    attach_type,
+                    TC_PRIORITY,
+                    TcHandle::from(TC_HANDLE),
+                    None,
+                )
+            {
+                // Dropping an netlink link removes the filter; errors mean it is already gone.
+                drop(link);
+            }
+        }
+        debug!(ifname, "programs detached");
+        Ok(())
+    }
+
+    /// Link pins whose interface is not in `keep` (leftovers of endpoints deleted while the
+    /// agent was down); removes them.
+    pub fn remove_stale_link_pins(&self, keep: &dyn Fn(&str) -> bool) -> usize {
+        let Ok(dir) = fs::read_dir(self.pin_dir.join("links")) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ifname = name.rsplit_once('-').map_or(name.as_str(), |(i, _)| i);
+            if !keep(ifname) && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+impl DatapathOps for Datapath {
+    fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.attach_programs(ifname)
+    }
+
+    fn detach(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.detach_programs(ifname)
+    }
+
+    fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError> {
+        // Counters, addresses and policy entries first, endpoints last: a program that finds
+        // an endpoint (and its isolation flags) must find what they refer to.
+        self.counters.sync_endpoints(&desired.counter_ids)?;
+        let diff = self.ipcache.apply(&desired.ipcache)?
+            + self.policy.apply(&desired.policy)?
+            + self.endpoints.apply(&desired.endpoints)?
+            + self.endpoints_by_if.apply(&desired.endpoints_by_if)?;
+        if !diff.is_empty() {
+            self.write_config(DatapathConfig {
+                policy_revision: self.config_value.policy_revision.wrapping_add(1),
+                ..self.config_value
+            })?;
+        }
+        Ok(diff)
+    }
+
+    fn policy_capacity(&self) -> usize {
+        use self::table::MapBackend as _;
+        self.policy.map().capacity() as usize
+    }
+
+    fn gc_conntrack(&mut self) -> Result<usize, DatapathError> {
+        let now = monotonic_ns();
+        let expired: Vec<CtKey> = self
+            .conntrack_entries()?
+            .into_iter()
+            .filter(|(_, e)| e.expires_ns < now)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &expired {
+            // Gone already (LRU eviction, or the datapath removed it) is fine.
+            let _ = self.conntrack.remove(k);
+        }
+        Ok(expired.len())
+    }
+
+    fn endpoint_counters(&self, id: u32) -> EndpointCounters {
+        self.counters.endpoint(id)
+    }
+
+    fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)> {
+        self.counters
+            .drops()
+            .into_iter()
+            .map(|(r, c)| (r, c.packets, c.bytes))
+            .collect()
+    }
+
+    fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
+        use self::table::MapBackend as _;
+        vec![
+            (
+                maps::IPCACHE,
+                self.ipcache.current().len(),
+                self.ipcache.map().capacity(),
+            ),
+            (
+                maps::POLICY,
+                self.policy.current().len(),
+                self.policy.map().capacity(),
+            ),
+            (
+                maps::ENDPOINTS,
+                self.endpoints.current().len(),
+                self.endpoints.map().capacity(),
+            ),
+            (
+                maps::ENDPOINTS_BY_IF,
+                self.endpoints_by_if.current().len(),
+                self.endpoints_by_if.map().capacity(),
+            ),
+        ]
+    }
+
+    fn mode(&self) -> AttachMode {
+        self.mode
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            program: name,
+            source,
+        })
+}
+
+/// Removes pinned maps whose key size, value size or capacity differ from what this agent's
+/// object declares, so that the loader creates them afresh instead of handing the programs a
+/// map of the wrong shape.
+fn drop_incompatible_pins(
+    pin_dir: &Path,
+    sizes: &BTreeMap<&'static str, u32>,
+) -> Result<(), DatapathError> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(DatapathError::Object)?;
+    for name in maps::PINNED {
+        let pin = pin_dir.join(name);
+        let Ok(existing) = MapData::from_pin(&pin) else {
+            continue;
+        };
+        let Some(declared) = object.maps.get(name) else {
+            continue;
+        };
+        let Ok(info) = existing.info() else { continue };
+        let max_entries = sizes.get(name).copied().unwrap_or(declared.max_entries());
+        if info.key_size() != declared.key_size()
+            || info.value_size() != declared.value_size()
+            || info.max_entries() != max_entries
+        {
+            warn!(
+                map = name,
+                "pinned map has another layout or capacity than this agent's; replacing it"
+            );
+            fs::remove_file(&pin).map_err(|source| DatapathError::PinDir { path: pin, source })?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,416 @@
+//! Key/value maps as the agent sees them, and the reconciler that keeps one equal to a desired
+//! content by writing only the difference.
+//!
+//! [`MapBackend`] has two implementations: the kernel map (aya) and [`FakeMap`], an in-memory
+//! twin that counts writes, so the reconciler's diffing is unit-tested without a kernel.
+
+use std::{collections::BTreeMap, fmt::Debug};
+
+use aya::{
+    Pod,
+    maps::{
+        HashMap as BpfHashMap, MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("map `{map}` is full ({capacity} entries): raise its capacity")]
+    Full { map: &'static str, capacity: u32 },
+    #[error("map `{map}`: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+impl TableError {
+    /// Wraps an aya error, recognising a full map (the kernel answers E2BIG).
+    pub fn from_aya(map: &'static str, capacity: u32, source: aya::maps::MapError) -> Self {
+        if let aya::maps::MapError::SyscallError(e) = &source
+            && e.io_error.raw_os_error() == Some(libc::E2BIG)
+        {
+            return Self::Full { map, capacity };
+        }
+        Self::Map { map, source }
+    }
+}
+
+/// A BPF map, or its fake.
+pub trait MapBackend<K, V> {
+    /// Name used in errors and metrics.
+    fn name(&self) -> &'static str;
+    fn capacity(&self) -> u32;
+    fn entries(&self) -> Result<Vec<(K, V)>, TableError>;
+    fn insert(&mut self, key: K, value: V) -> Result<(), TableError>;
+    fn remove(&mut self, key: &K) -> Result<(), TableError>;
+}
+
+/// A kernel hash map.
+pub struct KernelHash<K, V> {
+    name: &'static str,
+    capacity: u32,
+    map: BpfHashMap<MapData, K, V>,
+}
+
+impl<K: Pod, V: Pod> KernelHash<K, V> {
+    pub fn new(name: &'static str, map: aya::maps::Map) -> Result<Self, TableError> {
+        let map =
+            BpfHashMap::try_from(map).map_err(|source| TableError::Map { map: name, source })?;
+        let capacity = map_capacity(name, aya::maps::IterableMap::map(&map))?;
+        Ok(Self {
+            name,
+            capacity,
+            map,
+        })
+    }
+}
+
+fn map_capacity(name: &'static str, data: &MapData) -> Result<u32, TableError> {
+    data.info()
+        .map(|i| i.max_entries())
+        .map_err(|source| TableError::Map { map: name, source })
+}
+
+impl<K: Pod, V: Pod> MapBackend<K, V> for KernelHash<K, V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    fn entries(&self) -> Result<Vec<(K, V)>, TableError> {
+        self.map
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| TableError::Map {
+                map: self.name,
+                source,
+            })
+    }
+
+    fn insert(&mut self, key: K, value: V) -> Result<(), TableError> {
+        self.map
+            .insert(key, value, 0)
+            .map_err(|e| TableError::from_aya(self.name, self.capacity, e))
+    }
+
+    fn remove(&mut self, key: &K) -> Result<(), TableError> {
+        match self.map.remove(key) {
+            Ok(()) => Ok(()),
+            // Already gone is what we wanted.
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(TableError::Map {
+                map: self.name,
+                source,
+            }),
+        }
+    }
+}
+
+/// A key of an LPM trie: the prefix length in bits, then the data it applies to. Ordered (unlike
+/// aya's packed `Key`), so that desired contents can live in a `BTreeMap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LpmKey<K> {
+    pub prefix_len: u32,
+    pub data: K,
+}
+
+/// A kernel LPM trie.
+pub struct KernelLpm<K, V> {
+    name: &'static str,
+    capacity: u32,
+    map: LpmTrie<MapData, K, V>,
+}
+
+impl<K: Pod, V: Pod> KernelLpm<K, V> {
+    pub fn new(name: &'static str, map: aya::maps::Map) -> Result<Self, TableError> {
+        let map = LpmTrie::try_from(map).map_err(|source| TableError::Map { map: name, source })?;
+        let capacity = map_capacity(name, aya::maps::IterableMap::map(&map))?;
+        Ok(Self {
+            name,
+            capacity,
+            map,
+        })
+    }
+}
+
+impl<K: Pod, V: Pod> MapBackend<LpmKey<K>, V> for KernelLpm<K, V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    fn entries(&self) -> Result<Vec<(LpmKey<K>, V)>, TableError> {
+        self.map
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    (
+                        LpmKey {
+                            prefix_len: k.prefix_len(),
+                            data: k.data(),
+                        },
+                        v,
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|source| TableError::Map {
+                map: self.name,
+                source,
+            })
+    }
+
+    fn insert(&mut self, key: LpmKey<K>, value: V) -> Result<(), TableError> {
+        self.map
+            .insert(&Key::new(key.prefix_len, key.data), value, 0)
+            .map_err(|e| TableError::from_aya(self.name, self.capacity, e))
+    }
+
+    fn remove(&mut self, key: &LpmKey<K>) -> Result<(), TableError> {
+        match self.map.remove(&Key::new(key.prefix_len, key.data)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(TableError::Map {
+                map: self.name,
+                source,
+            }),
+        }
+    }
+}
+
+/// In-memory twin of a kernel map, counting writes.
+#[derive(Debug)]
+pub struct FakeMap<K, V> {
+    pub name: &'static str,
+    pub capacity: u32,
+    pub entries: BTreeMap<K, V>,
+    pub writes: usize,
+}
+
+impl<K, V> FakeMap<K, V> {
+    pub fn new(name: &'static str, capacity: u32) -> Self {
+        Self {
+            name,
+            capacity,
+            entries: BTreeMap::new(),
+            writes: 0,
+        }
+    }
+}
+
+impl<K: Ord + Clone, V: Clone> MapBackend<K, V> for FakeMap<K, V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    fn entries(&self) -> Result<Vec<(K, V)>, TableError> {
+        Ok(self
+            .entries
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn insert(&mut self, key: K, value: V) -> Result<(), TableError> {
+        if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity as usize {
+            return Err(TableError::Full {
+                map: self.name,
+                capacity: self.capacity,
+            });
+        }
+        self.writes += 1;
+        self.entries.insert(key, value);
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &K) -> Result<(), TableError> {
+        self.writes += 1;
+        self.entries.remove(key);
+        Ok(())
+    }
+}
+
+/// What one reconciliation changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Diff {
+    pub inserted: usize,
+    pub updated: usize,
+    pub removed: usize,
+}
+
+impl std::ops::Add for Diff {
+    type Output = Diff;
+
+    fn add(self, o: Diff) -> Diff {
+        Diff {
+            inserted: self.inserted + o.inserted,
+            updated: self.updated + o.updated,
+            removed: self.removed + o.removed,
+        }
+    }
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    pub fn writes(&self) -> usize {
+        self.inserted + self.updated + self.removed
+    }
+}
+
+/// Keeps a map equal to a desired content. It remembers what it last wrote, so a reconciliation
+/// costs a comparison in memory plus one syscall per entry that actually changed; on creation
+/// it reads the map once, which removes whatever an earlier agent left behind.
+pub struct Reconciler<K, V, M> {
+    map: M,
+    current: BTreeMap<K, V>,
+}
+
+impl<K, V, M> Reconciler<K, V, M>
+where
+    K: Ord + Clone + Debug,
+    V: PartialEq + Clone,
+    M: MapBackend<K, V>,
+{
+    pub fn new(map: M) -> Result<Self, TableError> {
+        let current = map.entries()?.into_iter().collect();
+        Ok(Self { map, current })
+    }
+
+    pub fn map(&self) -> &M {
+        &self.map
+    }
+
+    /// The content the map holds, as far as this reconciler wrote or read it.
+    pub fn current(&self) -> &BTreeMap<K, V> {
+        &self.current
+    }
+
+    /// Writes the difference between `desired` and the map. On error, what was written stays
+    /// recorded, so the next call retries only the rest. Removals go first so that a full map
+    /// makes room before inserts.
+    pub fn apply(&mut self, desired: &BTreeMap<K, V>) -> Result<Diff, TableError> {
+        let mut diff = Diff::default();
+        let stale: Vec<K> = self
+            .current
+            .keys()
+            .filter(|k| !desired.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in stale {
+            self.map.remove(&key)?;
+            self.current.remove(&key);
+            diff.removed += 1;
+        }
+        let mut first_error = None;
+        for (key, value) in desired {
+            let existing = self.current.get(key);
+            if existing == Some(value) {
+                continue;
+            }
+            let is_update = existing.is_some();
+            match self.map.insert(key.clone(), value.clone()) {
+                Ok(()) => {
+                    self.current.insert(key.clone(), value.clone());
+                    if is_update {
+                        diff.updated += 1;
+                    } else {
+                        diff.inserted += 1;
+                    }
+                }
+                // Keep going: one full map must not stop unrelated updates.
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(diff),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(pairs: &[(u32, u32)]) -> BTreeMap<u32, u32> {
+        pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn unchanged_state_writes_nothing() {
+        let mut r = Reconciler::new(FakeMap::new("t", 16)).unwrap();
+        let want = desired(&[(1, 10), (2, 20)]);
+        assert_eq!(r.apply(&want).unwrap().inserted, 2);
+        let writes = r.map().writes;
+        assert!(r.apply(&want).unwrap().is_empty());
+        assert_eq!(r.map().writes, writes);
+    }
+
+    #[test]
+    fn writes_only_the_difference() {
+        let mut r = Reconciler::new(FakeMap::new("t", 16)).unwrap();
+        r.apply(&desired(&[(1, 10), (2, 20), (3, 30)])).unwrap();
+        let diff = r.apply(&desired(&[(1, 10), (2, 21), (4, 40)])).unwrap();
+        assert_eq!(
+            diff,
+            Diff {
+                inserted: 1,
+                updated: 1,
+                removed: 1
+            }
+        );
+        assert_eq!(r.map().entries, desired(&[(1, 10), (2, 21), (4, 40)]));
+    }
+
+    #[test]
+    fn leftovers_of_an_earlier_agent_are_removed() {
+        let mut map = FakeMap::new("t", 16);
+        map.entries = desired(&[(7, 70), (8, 80)]);
+        let mut r = Reconciler::new(map).unwrap();
+        let diff = r.apply(&desired(&[(8, 80)])).unwrap();
+        assert_eq!(diff.removed, 1);
+        assert_eq!(
+            diff.inserted, 0,
+            "an entry that is already right is not rewritten"
+        );
+        assert_eq!(r.map().entries, desired(&[(8, 80)]));
+    }
+
+    #[test]
+    fn full_map_reports_and_keeps_what_fit() {
+        let mut r = Reconciler::new(FakeMap::new("t", 2)).unwrap();
+        let err = r.apply(&desired(&[(1, 1), (2, 2), (3, 3)])).unwrap_err();
+        assert!(matches!(err, TableError::Full { capacity: 2, .. }), "{err}");
+        assert_eq!(r.current().len(), 2);
+        // Once room is made, the next pass writes just the missing entry.
+        let diff = r.apply(&desired(&[(2, 2), (3, 3)])).unwrap();
+        assert_eq!((diff.removed, diff.inserted), (1, 1));
+    }
+}

@@ -1,0 +1,613 @@
+//! Cluster state as the agent needs it: a pure in-memory index of slim Node, Namespace and Pod
+//! records, fed by changes from either source (Kubernetes watches or a directory of YAML).
+//!
+//! Objects are converted on the way in and keep only what the datapath uses (labels, IPs, pod
+//! CIDR, container ports): at 20,000 pods the index is what dominates the agent's memory.
+
+pub mod identity;
+pub mod policy;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+
+pub use self::{
+    identity::{Identities, IdentityLabels},
+    policy::{PolicyError, PolicyInfo},
+};
+
+pub type Labels = BTreeMap<String, String>;
+
+/// The label Kubernetes puts on every namespace (1.21+); added here when a source omits it, so
+/// that `namespaceSelector` on it works the same from a directory as from a cluster.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ObjectError {
+    #[error("{kind} has no metadata.name")]
+    NoName { kind: &'static str },
+    #[error("{kind} {name} has no metadata.namespace")]
+    NoNamespace { kind: &'static str, name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Node,
+    Namespace,
+    Pod,
+    NetworkPolicy,
+}
+
+impl Kind {
+    /// Every kind the agent watches.
+    pub const ALL: [Kind; 4] = [Kind::Node, Kind::Namespace, Kind::Pod, Kind::NetworkPolicy];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Node => "Node",
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+}
+
+/// A container port, for named ports in policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    /// `status.podIP`, when assigned and IPv4.
+    pub ip: Option<Ipv4Addr>,
+    pub node: Option<String>,
+    pub host_network: bool,
+    pub ports: Vec<ContainerPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// `spec.podCIDR`, when set and a valid IPv4 CIDR.
+    pub pod_cidr: Option<Ipv4Net>,
+    /// InternalIP addresses.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub labels: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Node(NodeInfo),
+    Namespace(NamespaceInfo),
+    Pod(PodInfo),
+    NetworkPolicy(PolicyInfo),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Node(_) => Kind::Node,
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+        }
+    }
+}
+
+/// One change to the index.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// An object was added or modified.
+    Apply(Object),
+    /// An object was deleted. `namespace` is empty for cluster-scoped kinds.
+    Delete {
+        kind: Kind,
+        namespace: String,
+        name: String,
+    },
+    /// The full current list of one kind (initial list, relist after a watch expired, or a
+    /// directory rescan): everything of that kind not in the list is gone.
+    Replace { kind: Kind, objects: Vec<Object> },
+}
+
+/// Warnings about fields that were present but unusable; the object is still indexed.
+pub type Warnings = Vec<String>;
+
+impl NodeInfo {
+    pub fn from_k8s(node: &Node) -> Result<(Self, Warnings), ObjectError> {
+        let name = node
+            .metadata
+            .name
+            .clone()
+            .ok_or(ObjectError::NoName { kind: "Node" })?;
+        let mut warnings = Vec::new();
+        let pod_cidr = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_cidr.as_deref())
+            .and_then(|c| match c.parse::<Ipv4Net>() {
+                Ok(net) => Some(net.trunc()),
+                Err(_) => {
+                    warnings.push(format!(
+                        "Node {name}: spec.podCIDR {c:?} is not an IPv4 CIDR"
+                    ));
+                    None
+                }
+            });
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+            .collect();
+        Ok((
+            Self {
+                name,
+                pod_cidr,
+                addresses,
+            },
+            warnings,
+        ))
+    }
+}
+
+impl NamespaceInfo {
+    pub fn from_k8s(ns: &Namespace) -> Result<Self, ObjectError> {
+        let name = ns
+            .metadata
+            .name
+            .clone()
+            .ok_or(ObjectError::NoName { kind: "Namespace" })?;
+        let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+        labels
+            .entry(NAMESPACE_NAME_LABEL.to_string())
+            .or_insert_with(|| name.clone());
+        Ok(Self { name, labels })
+    }
+}
+
+impl PodInfo {
+    pub fn from_k8s(pod: &Pod) -> Result<(Self, Warnings), ObjectError> {
+        let name = pod
+            .metadata
+            .name
+            .clone()
+            .ok_or(ObjectError::NoName { kind: "Pod" })?;
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .ok_or_else(|| ObjectError::NoNamespace {
+                kind: "Pod",
+                name: name.clone(),
+            })?;
+        let mut warnings = Vec::new();
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => Some(v4),
+                Ok(IpAddr::V6(_)) => None,
+                Err(_) => {
+                    warnings.push(format!(
+                        "Pod {namespace}/{name}: status.podIP {ip:?} is not an IP address"
+                    ));
+                    None
+                }
+            });
+        let spec = pod.spec.as_ref();
+        let ports = spec
+            .map(|s| s.containers.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|c| c.ports.as_deref().unwrap_or_default())
+            .filter_map(|p| {
+                let port = u16::try_from(p.container_port).ok().filter(|p| *p > 0);
+                if port.is_none() {
+                    warnings.push(format!(
+                        "Pod {namespace}/{name}: containerPort {} is out of range",
+                        p.container_port
+                    ));
+                }
+                Some(ContainerPort {
+                    name: p.name.clone(),
+                    port: port?,
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_string()),
+                })
+            })
+            .collect();
+        Ok((
+            Self {
+                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                ip,
+                node: spec.and_then(|s| s.node_name.clone()),
+                host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+                ports,
+                namespace,
+                name,
+            },
+            warnings,
+        ))
+    }
+}
+
+/// The index itself. Every mutation reports whether anything changed, so that callers only
+/// recompute the desired datapath state when it can differ.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterIndex {
+    nodes: BTreeMap<String, NodeInfo>,
+    namespaces: BTreeMap<String, NamespaceInfo>,
+    pods: BTreeMap<(String, String), PodInfo>,
+    policies: BTreeMap<(String, String), PolicyInfo>,
+}
+
+impl ClusterIndex {
+    pub fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::Apply(object) => self.upsert(object),
+            Change::Delete {
+                kind,
+                namespace,
+                name,
+            } => match kind {
+                Kind::Node => self.nodes.remove(&name).is_some(),
+                Kind::Namespace => self.namespaces.remove(&name).is_some(),
+                Kind::Pod => self.pods.remove(&(namespace, name)).is_some(),
+                Kind::NetworkPolicy => self.policies.remove(&(namespace, name)).is_some(),
+            },
+            Change::Replace { kind, objects } => {
+                let of_kind = objects.into_iter().filter(|o| o.kind() == kind);
+                match kind {
+                    Kind::Node => replace_all(
+                        &mut self.nodes,
+                        of_kind.filter_map(|o| match o {
+                            Object::Node(n) => Some((n.name.clone(), n)),
+                            _ => None,
+                        }),
+                    ),
+                    Kind::Namespace => replace_all(
+                        &mut self.namespaces,
+                        of_kind.filter_map(|o| match o {
+                            Object::Namespace(n) => Some((n.name.clone(), n)),
+                            _ => None,
+                        }),
+                    ),
+                    Kind::Pod => replace_all(
+                        &mut self.pods,
+                        of_kind.filter_map(|o| match o {
+                            Object::Pod(p) => Some(((p.namespace.clone(), p.name.clone()), p)),
+                            _ => None,
+                        }),
+                    ),
+                    Kind::NetworkPolicy => replace_all(
+                        &mut self.policies,
+                        of_kind.filter_map(|o| match o {
+                            Object::NetworkPolicy(p) => {
+                                Some(((p.namespace.clone(), p.name.clone()), p))
+                            }
+                            _ => None,
+                        }),
+                    ),
+                }
+            }
+        }
+    }
+
+    fn upsert(&mut self, object: Object) -> bool {
+        match object {
+            Object::Node(n) => replace(&mut self.nodes, n.name.clone(), n),
+            Object::Namespace(n) => replace(&mut self.namespaces, n.name.clone(), n),
+            Object::Pod(p) => replace(&mut self.pods, (p.namespace.clone(), p.name.clone()), p),
+            Object::NetworkPolicy(p) => {
+                replace(&mut self.policies, (p.namespace.clone(), p.name.clone()), p)
+            }
+        }
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.nodes.get(name)
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.values()
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &PodInfo> {
+        self.pods.values()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &PolicyInfo> {
+        self.policies.values()
+    }
+
+    pub fn namespaces(&self) -> impl Iterator<Item = &NamespaceInfo> {
+        self.namespaces.values()
+    }
+
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+
+    pub fn namespace_count(&self) -> usize {
+        self.namespaces.len()
+    }
+
+    /// A namespace's labels; a namespace the index has not seen still has its name label.
+    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+        match self.namespaces.get(namespace) {
+            Some(ns) => ns.labels.clone(),
+            None => Labels::from([(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string())]),
+        }
+    }
+
+    /// What a pod's identity is made of.
+    pub fn identity_labels(&self, namespace: &str, pod_labels: &Labels) -> IdentityLabels {
+        IdentityLabels {
+            namespace: namespace.to_string(),
+            pod_labels: pod_labels.clone(),
+            namespace_labels: self.namespace_labels(namespace),
+        }
+    }
+
+    /// The identity labels of a pod by name: from its object when the index has it, else (the
+    /// CNI ADD came before the watch event) its namespace with no pod labels yet.
+    pub fn identity_labels_of_pod(&self, namespace: &str, name: &str) -> IdentityLabels {
+        match self.pod(namespace, name) {
+            Some(p) => self.identity_labels(namespace, &p.labels),
+            None => self.identity_labels(namespace, &Labels::new()),
+        }
+    }
+}
+
+fn replace_all<K: Ord, V: PartialEq>(
+    map: &mut BTreeMap<K, V>,
+    entries: impl Iterator<Item = (K, V)>,
+) -> bool {
+    let new: BTreeMap<K, V> = entries.collect();
+    let changed = *map != new;
+    *map = new;
+    changed
+}
+
+fn replace<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, key: K, value: V) -> bool {
+    match map.get(&key) {
+        Some(existing) if *existing == value => false,
+        _ => {
+            map.insert(key, value);
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod builders {
+    //! Object builders for tests: real Kubernetes objects, no mocks.
+    use k8s_openapi::{
+        api::core::v1::{
+            Container, ContainerPort as K8sPort, Namespace, Node, NodeAddress, NodeSpec,
+            NodeStatus, Pod, PodSpec, PodStatus,
+        },
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+
+    pub fn labels(pairs: &[(&str, &str)]) -> super::Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    pub fn pod(ns: &str, name: &str, pod_labels: &[(&str, &str)], ip: Option<&str>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                labels: Some(labels(pod_labels)),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "c".into(),
+                    ports: Some(vec![K8sPort {
+                        name: Some("http".into()),
+                        container_port: 8080,
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }],
+                node_name: Some("node-1".into()),
+                ..Default::default()
+            }),
+            status: ip.map(|ip| PodStatus {
+                pod_ip: Some(ip.into()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub fn namespace(name: &str, ns_labels: &[(&str, &str)]) -> Namespace {
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(labels(ns_labels)),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    pub fn node(name: &str, pod_cidr: Option<&str>, internal_ip: &str) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidr: pod_cidr.map(Into::into),
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(vec![NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: internal_ip.into(),
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{builders::*, *};
+
+    fn apply_pod(index: &mut ClusterIndex, pod: &Pod) -> bool {
+        let (info, _) = PodInfo::from_k8s(pod).unwrap();
+        index.apply(Change::Apply(Object::Pod(info)))
+    }
+
+    #[test]
+    fn pod_fields_are_extracted() {
+        let (p, warnings) =
+            PodInfo::from_k8s(&pod("default", "web", &[("app", "web")], Some("10.0.0.5"))).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(p.ip, Some(Ipv4Addr::new(10, 0, 0, 5)));
+        assert_eq!(p.labels, labels(&[("app", "web")]));
+        assert_eq!(p.node.as_deref(), Some("node-1"));
+        assert_eq!(
+            p.ports,
+            vec![ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: "TCP".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn pod_without_ip_is_indexed_without_one() {
+        let (p, warnings) = PodInfo::from_k8s(&pod("default", "web", &[], None)).unwrap();
+        assert_eq!(p.ip, None);
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn malformed_pod_ip_is_a_warning_not_an_error() {
+        let (p, warnings) =
+            PodInfo::from_k8s(&pod("default", "web", &[], Some("10.0.0.300"))).unwrap();
+        assert_eq!(p.ip, None);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+    }
+
+    #[test]
+    fn pod_without_name_or_namespace_is_rejected() {
+        let mut p = pod("default", "web", &[], None);
+        p.metadata.namespace = None;
+        assert!(matches!(
+            PodInfo::from_k8s(&p),
+            Err(ObjectError::NoNamespace { .. })
+        ));
+        p.metadata.name = None;
+        assert_eq!(
+            PodInfo::from_k8s(&p).unwrap_err(),
+            ObjectError::NoName { kind: "Pod" }
+        );
+    }
+
+    #[test]
+    fn node_with_malformed_pod_cidr_keeps_the_rest() {
+        let (n, warnings) =
+            NodeInfo::from_k8s(&node("n1", Some("10.0.0.0/99"), "192.168.0.1")).unwrap();
+        assert_eq!(n.pod_cidr, None);
+        assert_eq!(n.addresses, vec![Ipv4Addr::new(192, 168, 0, 1)]);
+        assert_eq!(warnings.len(), 1);
+        let (n, _) = NodeInfo::from_k8s(&node("n1", None, "192.168.0.1")).unwrap();
+        assert_eq!(n.pod_cidr, None);
+    }
+
+    #[test]
+    fn namespaces_always_carry_their_name_label() {
+        let ns = NamespaceInfo::from_k8s(&namespace("team-a", &[("env", "prod")])).unwrap();
+        assert_eq!(ns.labels[NAMESPACE_NAME_LABEL], "team-a");
+        let index = ClusterIndex::default();
+        assert_eq!(
+            index.namespace_labels("unseen")[NAMESPACE_NAME_LABEL],
+            "unseen"
+        );
+    }
+
+    #[test]
+    fn reapplying_an_unchanged_object_is_not_a_change() {
+        let mut index = ClusterIndex::default();
+        let p = pod("default", "web", &[("app", "web")], Some("10.0.0.5"));
+        assert!(apply_pod(&mut index, &p));
+        assert!(!apply_pod(&mut index, &p));
+        let relabelled = pod("default", "web", &[("app", "api")], Some("10.0.0.5"));
+        assert!(apply_pod(&mut index, &relabelled));
+    }
+
+    #[test]
+    fn replace_drops_objects_missing_from_the_list() {
+        let mut index = ClusterIndex::default();
+        apply_pod(&mut index, &pod("default", "a", &[], None));
+        apply_pod(&mut index, &pod("default", "b", &[], None));
+        let (b, _) = PodInfo::from_k8s(&pod("default", "b", &[], None)).unwrap();
+        assert!(index.apply(Change::Replace {
+            kind: Kind::Pod,
+            objects: vec![Object::Pod(b.clone())],
+        }));
+        assert!(index.pod("default", "a").is_none());
+        assert!(index.pod("default", "b").is_some());
+        assert!(!index.apply(Change::Replace {
+            kind: Kind::Pod,
+            objects: vec![Object::Pod(b)],
+        }));
+    }
+
+    #[test]
+    fn pod_seen_before_its_object_gets_labels_once_the_object_arrives() {
+        let mut index = ClusterIndex::default();
+        let early = index.identity_labels_of_pod("default", "web");
+        assert!(early.pod_labels.is_empty());
+        apply_pod(&mut index, &pod("default", "web", &[("app", "web")], None));
+        let late = index.identity_labels_of_pod("default", "web");
+        assert_eq!(late.pod_labels, labels(&[("app", "web")]));
+        assert_ne!(early, late);
+    }
+
+    #[test]
+    fn namespace_label_change_changes_pod_identity_labels() {
+        let mut index = ClusterIndex::default();
+        apply_pod(&mut index, &pod("team", "web", &[("app", "web")], None));
+        let before = index.identity_labels_of_pod("team", "web");
+        let ns = NamespaceInfo::from_k8s(&namespace("team", &[("env", "prod")])).unwrap();
+        assert!(index.apply(Change::Apply(Object::Namespace(ns))));
+        let after = index.identity_labels_of_pod("team", "web");
+        assert_eq!(after.namespace_labels["env"], "prod");
+        assert_ne!(before, after);
+    }
+}

@@ -1,0 +1,18 @@
+//! Myelin's node agent as a library: the binaries (`myelin-agent`, `myelinctl`) are thin
+//! wrappers, and tests call the logic directly.
+
+pub mod agent;
+pub mod api;
+pub mod bpffs;
+pub mod config;
+pub mod daemon;
+pub mod datapath;
+pub mod desired;
+pub mod endpoint;
+pub mod index;
+pub mod ipam;
+pub mod mac;
+pub mod metrics;
+pub mod netconf;
+pub mod persist;
+pub mod source;

@@ -1,0 +1,227 @@
+//! `/healthz`, `/readyz` and Prometheus `/metrics` on `--metrics-addr`.
+//!
+//! Counters the agent increments itself (watch events, reconcile durations) live in
+//! [`Metrics`]; values that already exist elsewhere (endpoint count, drop counters in the BPF
+//! map, map fill) are read at scrape time through a snapshot function, so they are never stale
+//! and never double-booked.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tracing::{info, warn};
+
+/// Values read at scrape time.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub ready: bool,
+    pub endpoints: usize,
+    pub identities: usize,
+    pub free_addresses: u64,
+    pub pods_indexed: usize,
+    /// (reason, packets, bytes)
+    pub drops: Vec<(&'static str, u64, u64)>,
+    /// (map, entries, capacity)
+    pub maps: Vec<(&'static str, usize, u32)>,
+}
+
+pub type SnapshotFn = Box<dyn Fn() -> Snapshot + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+/// What the agent counts itself.
+#[derive(Clone)]
+pub struct Metrics {
+    pub watch_events: Family<KindLabel, Counter>,
+    pub reconcile_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            watch_events: Family::default(),
+            // 50 µs .. ~1.6 s
+            reconcile_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+        }
+    }
+}
+
+struct SnapshotCollector(SnapshotFn);
+
+impl std::fmt::Debug for SnapshotCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SnapshotCollector")
+    }
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = (self.0)();
+        for (name, help, value) in [
+            (
+                "myelin_ready",
+                "1 once the first sync of every source is in the maps",
+                i64::from(s.ready),
+            ),
+            (
+                "myelin_endpoints",
+                "Local endpoints (pod interfaces)",
+                s.endpoints as i64,
+            ),
+            (
+                "myelin_identities",
+                "Distinct security identities in the index",
+                s.identities as i64,
+            ),
+            (
+                "myelin_ipam_free_addresses",
+                "Addresses still free in the pod CIDR",
+                s.free_addresses as i64,
+            ),
+            (
+                "myelin_index_pods",
+                "Pods in the cluster index",
+                s.pods_indexed as i64,
+            ),
+        ] {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let mut packets = encoder.encode_descriptor(
+            "myelin_drops",
+            "Packets dropped by the datapath, by reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, p, _) in &s.drops {
+            ConstCounter::new(*p).encode(packets.encode_family(&[("reason", *reason)])?)?;
+        }
+        let mut bytes = encoder.encode_descriptor(
+            "myelin_dropped_bytes",
+            "Bytes dropped by the datapath, by reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, _, b) in &s.drops {
+            ConstCounter::new(*b).encode(bytes.encode_family(&[("reason", *reason)])?)?;
+        }
+        for (name, help, pick) in [
+            ("myelin_map_entries", "Entries in each BPF map", 0usize),
+            (
+                "myelin_map_capacity",
+                "Capacity (max_entries) of each BPF map",
+                1,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (map, entries, capacity) in &s.maps {
+                let v = if pick == 0 {
+                    *entries as i64
+                } else {
+                    i64::from(*capacity)
+                };
+                ConstGauge::new(v).encode(family.encode_family(&[("map", *map)])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Exporter {
+    registry: Registry,
+    ready: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Serves health and metrics until the task is dropped.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    snapshot: SnapshotFn,
+) -> std::io::Result<()> {
+    let mut registry = Registry::default();
+    registry.register(
+        "myelin_watch_events",
+        "Cluster-state events received, by kind",
+        metrics.watch_events.clone(),
+    );
+    registry.register(
+        "myelin_reconcile_duration_seconds",
+        "Time to bring the BPF maps in line with a change",
+        metrics.reconcile_seconds.clone(),
+    );
+    let snapshot = Arc::new(snapshot);
+    let for_ready = Arc::clone(&snapshot);
+    registry.register_collector(Box::new(SnapshotCollector(Box::new(move || snapshot()))));
+    let exporter = Arc::new(Mutex::new(Exporter {
+        registry,
+        ready: Box::new(move || for_ready().ready),
+    }));
+
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(scrape))
+        .with_state(exporter);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, "serving /healthz, /readyz and /metrics");
+    axum::serve(listener, app).await
+}
+
+async fn readyz(State(e): State<Arc<Mutex<Exporter>>>) -> impl IntoResponse {
+    let ready = e.lock().map(|e| (e.ready)()).unwrap_or(false);
+    if ready {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: cluster state not synced yet\n",
+        )
+    }
+}
+
+async fn scrape(State(e): State<Arc<Mutex<Exporter>>>) -> impl IntoResponse {
+    let mut body = String::new();
+    let result = match e.lock() {
+        Ok(e) => prometheus_client::encoding::text::encode(&mut body, &e.registry),
+        Err(_) => Err(std::fmt::Error),
+    };
+    match result {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(_) => {
+            warn!("encoding metrics failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [("content-type", "text/plain")],
+                String::new(),
+            )
+        }
+    }
+}
