@@ -1,0 +1,212 @@
+//! The cluster state fed to the agent's directory source: Kubernetes objects in their own
+//! schema, written as YAML files into the node's cluster dir.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde_json::{Value, json};
+
+use crate::{Error, Result};
+
+/// A directory the agent watches (`--source dir:<path>`).
+#[derive(Debug, Clone)]
+pub struct ClusterDir {
+    path: PathBuf,
+}
+
+impl ClusterDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `<stem>.yaml` holding `objects` as a multi-document YAML file.
+    pub fn write(&self, stem: &str, objects: &[Value]) -> Result<()> {
+        let mut docs = Vec::with_capacity(objects.len());
+        for object in objects {
+            docs.push(serde_yaml::to_string(object).map_err(|source| Error::Yaml {
+                context: format!("encoding {stem}.yaml"),
+                source,
+            })?);
+        }
+        self.write_yaml(stem, &docs.join("---\n"))
+    }
+
+    /// Writes `<stem>.yaml` as given. Through a temp file and a rename, so that the watching
+    /// agent never reads half a file.
+    pub fn write_yaml(&self, stem: &str, yaml: &str) -> Result<()> {
+        let target = self.path.join(format!("{stem}.yaml"));
+        let partial = self.path.join(format!(".{stem}.yaml.partial"));
+        fs::write(&partial, yaml).map_err(Error::io(format!("writing {}", partial.display())))?;
+        fs::rename(&partial, &target)
+            .map_err(Error::io(format!("renaming to {}", target.display())))
+    }
+}
+
+pub fn node_object(name: &str, pod_cidr: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": name },
+        "spec": { "podCIDR": pod_cidr, "podCIDRs": [pod_cidr] },
+    })
+}
+
+pub fn namespace_object(name: &str, labels: &[(&str, &str)]) -> Value {
+    let mut labels = label_map(labels);
+    // Kubernetes sets this on every namespace; namespace selectors commonly use it.
+    labels.insert("kubernetes.io/metadata.name".into(), name.into());
+    json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": { "name": name, "labels": labels },
+    })
+}
+
+/// A Pod scheduled on `node` with one container exposing `tcp_ports`.
+pub fn pod_object(
+    node: &str,
+    namespace: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    tcp_ports: &[u16],
+) -> Value {
+    let ports: Vec<Value> = tcp_ports
+        .iter()
+        .map(|p| json!({ "containerPort": p, "protocol": "TCP" }))
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name, "namespace": namespace, "labels": label_map(labels) },
+        "spec": {
+            "nodeName": node,
+            "containers": [{ "name": "app", "image": "busybox", "ports": ports }],
+        },
+    })
+}
+
+fn label_map(labels: &[(&str, &str)]) -> serde_json::Map<String, Value> {
+    labels
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), Value::from(*v)))
+        .collect()
+}
+
+/// What the harness needs to know about a cluster described in YAML (the demo's embedded one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSummary {
+    pub node_name: String,
+    pub pod_cidr: String,
+    pub pods: Vec<PodSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSummary {
+    pub namespace: String,
+    pub name: String,
+    pub tcp_ports: Vec<u16>,
+}
+
+/// Reads the one Node and every Pod from a multi-document YAML text.
+pub fn summarize(yaml: &str) -> Result<ClusterSummary> {
+    let invalid = Error::Cluster;
+    let mut node = None;
+    let mut pods = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let object: Value = serde::Deserialize::deserialize(doc).map_err(|source| Error::Yaml {
+            context: "parsing cluster YAML".into(),
+            source,
+        })?;
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        match object["kind"].as_str() {
+            Some("Node") => {
+                let cidr = object["spec"]["podCIDR"]
+                    .as_str()
+                    .ok_or_else(|| invalid(format!("Node {name} has no spec.podCIDR")))?;
+                if node.replace((name.to_string(), cidr.to_string())).is_some() {
+                    return Err(invalid("more than one Node".into()));
+                }
+            }
+            Some("Pod") => {
+                let namespace = object["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_string();
+                let tcp_ports = object["spec"]["containers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+                    .filter(|p| p["protocol"].as_str().unwrap_or("TCP") == "TCP")
+                    .filter_map(|p| p["containerPort"].as_u64())
+                    .filter_map(|p| u16::try_from(p).ok())
+                    .collect();
+                pods.push(PodSummary {
+                    namespace,
+                    name: name.to_string(),
+                    tcp_ports,
+                });
+            }
+            _ => {}
+        }
+    }
+    let (node_name, pod_cidr) = node.ok_or_else(|| invalid("no Node".into()))?;
+    Ok(ClusterSummary {
+        node_name,
+        pod_cidr,
+        pods,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_objects_read_back_as_the_same_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = ClusterDir::new(dir.path());
+        cluster
+            .write(
+                "cluster",
+                &[
+                    node_object("n1", "10.244.7.0/24"),
+                    namespace_object("demo", &[("team", "a")]),
+                    pod_object("n1", "demo", "web", &[("app", "web")], &[80, 8080]),
+                ],
+            )
+            .unwrap();
+        let text = fs::read_to_string(dir.path().join("cluster.yaml")).unwrap();
+        let summary = summarize(&text).unwrap();
+        assert_eq!(
+            summary,
+            ClusterSummary {
+                node_name: "n1".into(),
+                pod_cidr: "10.244.7.0/24".into(),
+                pods: vec![PodSummary {
+                    namespace: "demo".into(),
+                    name: "web".into(),
+                    tcp_ports: vec![80, 8080],
+                }],
+            }
+        );
+        // Only the final file is left, never the partial one.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["cluster.yaml"]);
+    }
+
+    #[test]
+    fn a_cluster_without_node_is_rejected() {
+        let yaml = serde_yaml::to_string(&namespace_object("x", &[])).unwrap();
+        assert!(summarize(&yaml).is_err());
+    }
+}

@@ -1,0 +1,404 @@
+//! A simulated node: a network namespace running the real `myelin-agent`, with its own state
+//! dir, socket, bpffs and cluster dir under a temp dir.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, OpenOptions},
+    net::Ipv4Addr,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::atomic::{AtomicU8, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use myelin_api::{AttachmentId, Client, Endpoint, Status};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use tempfile::TempDir;
+
+use crate::{
+    Error, Result,
+    bins::Binaries,
+    cluster::{self, ClusterDir},
+    netns::Netns,
+    process::{self, wait_with_deadline},
+    run::RunPrefix,
+    sweep,
+    traffic::Host,
+};
+
+/// How long the agent may take from start to `ready`.
+pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stopping agent may take to exit on SIGTERM before it is killed.
+const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to start a [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Kubernetes node name (`--node-name`); also part of the namespace name.
+    pub name: String,
+    pub pod_cidr: String,
+    /// Written to the cluster dir as `cluster.yaml`; holds the Node object. Without it the
+    /// harness writes a Node object of its own.
+    pub cluster_yaml: Option<String>,
+    pub binaries: Option<Binaries>,
+    /// Print the agent's log when the node is dropped. On for tests (libtest shows it only
+    /// for failing ones), off for the demo.
+    pub echo_agent_log_on_drop: bool,
+}
+
+impl NodeSpec {
+    /// A node with a pod CIDR of its own, `10.244.<n>.0/24`. Nodes are separate namespaces, so
+    /// overlapping CIDRs would work too; distinct ones keep logs unambiguous.
+    pub fn new(name: impl Into<String>) -> Self {
+        static NEXT: AtomicU8 = AtomicU8::new(1);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        Self {
+            name: name.into(),
+            pod_cidr: format!("10.244.{n}.0/24"),
+            cluster_yaml: None,
+            binaries: None,
+            echo_agent_log_on_drop: true,
+        }
+    }
+
+    pub fn pod_cidr(mut self, cidr: impl Into<String>) -> Self {
+        self.pod_cidr = cidr.into();
+        self
+    }
+
+    /// A node named and addressed as the Node object in `yaml`, which is fed to the agent.
+    pub fn from_cluster_yaml(yaml: &str) -> Result<Self> {
+        let summary = cluster::summarize(yaml)?;
+        let mut spec = Self::new(summary.node_name).pod_cidr(summary.pod_cidr);
+        spec.cluster_yaml = Some(yaml.to_string());
+        Ok(spec)
+    }
+}
+
+pub struct Node {
+    name: String,
+    pod_cidr: String,
+    run: RunPrefix,
+    binaries: Binaries,
+    netns: Netns,
+    dir: TempDir,
+    agent: Option<Child>,
+    status_at_start: Option<Status>,
+    echo_agent_log_on_drop: bool,
+}
+
+impl Node {
+    /// Creates the namespace and dirs, starts the agent inside the namespace and waits until it
+    /// reports `ready`.
+    pub fn start(run: &RunPrefix, spec: NodeSpec) -> Result<Self> {
+        let binaries = match spec.binaries {
+            Some(b) => b,
+            None => Binaries::from_env()?,
+        };
+        // Fail on a missing binary before creating anything.
+        binaries.agent()?;
+        binaries.plugin()?;
+        let scoped = run.name(&spec.name);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{scoped}-"))
+            .tempdir()
+            .map_err(Error::io("creating the node's temp dir"))?;
+        let netns = Netns::create(&scoped)?;
+        let mut node = Self {
+            name: spec.name,
+            pod_cidr: spec.pod_cidr,
+            run: run.clone(),
+            binaries,
+            netns,
+            dir,
+            agent: None,
+            status_at_start: None,
+            echo_agent_log_on_drop: spec.echo_agent_log_on_drop,
+        };
+        for sub in ["state", "bpffs", "cluster"] {
+            let path = node.dir.path().join(sub);
+            fs::create_dir(&path).map_err(Error::io(format!("creating {}", path.display())))?;
+        }
+        match spec.cluster_yaml {
+            Some(yaml) => node.cluster().write_yaml("cluster", &yaml)?,
+            None => node
+                .cluster()
+                .write("node", &[cluster::node_object(&node.name, &node.pod_cidr)])?,
+        }
+        node.start_agent()?;
+        Ok(node)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    pub fn pod_cidr(&self) -> &str {
+        &self.pod_cidr
+    }
+
+    pub(crate) fn run_prefix(&self) -> &RunPrefix {
+        &self.run
+    }
+
+    pub(crate) fn binaries(&self) -> &Binaries {
+        &self.binaries
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.path().join("bpffs")
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    pub fn cluster(&self) -> ClusterDir {
+        ClusterDir::new(self.dir.path().join("cluster"))
+    }
+
+    pub fn agent_log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.agent_log_path()).unwrap_or_default()
+    }
+
+    /// A client for the agent's socket; the timeout is generous for a loaded machine yet keeps
+    /// a wedged agent from hanging a test.
+    pub fn client(&self) -> Client {
+        Client::new(self.socket()).with_timeout(Duration::from_secs(10))
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        self.client()
+            .status()
+            .map_err(Error::api(format!("GET /v1/status on {}", self.name)))
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        self.client()
+            .endpoints()
+            .map_err(Error::api(format!("GET /v1/endpoints on {}", self.name)))
+    }
+
+    /// Starts the agent (again) with this node's dirs and waits until it is ready.
+    pub fn start_agent(&mut self) -> Result<()> {
+        if self.agent.is_some() {
+            return Err(self.agent_error("start_agent called while the agent runs".into()));
+        }
+        let log_path = self.agent_log_path();
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(Error::io(format!("opening {}", log_path.display())))?;
+        let log_err = log
+            .try_clone()
+            .map_err(Error::io("duplicating the log file handle"))?;
+        let dir = self.dir.path();
+        let mut cmd = self.netns.command(self.binaries.agent()?)?;
+        cmd.arg("--node-name")
+            .arg(&self.name)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--bpffs")
+            .arg(dir.join("bpffs"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--source")
+            .arg(format!("dir:{}", dir.join("cluster").display()))
+            .arg("--pod-cidr")
+            .arg(&self.pod_cidr)
+            .arg("--metrics-addr")
+            .arg("127.0.0.1:9962")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // The log is a file read by people: no colour escapes.
+            .env("NO_COLOR", "1")
+            // Ctrl-C in a terminal reaches only the harness, which then stops the agent in
+            // order instead of both dying at once.
+            .process_group(0);
+        // The agent reads MYELIN_<FLAG> from the environment: only our flags may configure it.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("MYELIN_") {
+                cmd.env_remove(key);
+            }
+        }
+        let command = process::describe(&cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|source| Error::Spawn { command, source })?;
+        self.agent = Some(child);
+        self.wait_until_ready()
+    }
+
+    fn wait_until_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        let client = Client::new(self.socket()).with_timeout(Duration::from_secs(2));
+        loop {
+            if let Some(agent) = self.agent.as_mut()
+                && let Ok(Some(status)) = agent.try_wait()
+            {
+                self.agent = None;
+                return Err(self.agent_error(format!("exited ({status}) before it was ready")));
+            }
+            let last = match client.status() {
+                Ok(status) if status.ready => {
+                    self.status_at_start = Some(status);
+                    return Ok(());
+                }
+                Ok(status) => format!("answers but is not ready: {status:?}"),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(self.agent_error(format!(
+                    "not ready within {AGENT_READY_TIMEOUT:?} (last: {last})"
+                )));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent the way a DaemonSet rollout does: SIGTERM, then SIGKILL after a grace
+    /// period. Pods must keep working meanwhile.
+    pub fn stop_agent(&mut self) -> Result<()> {
+        let Some(mut agent) = self.agent.take() else {
+            return Ok(());
+        };
+        // ESRCH: it already exited; wait below reaps it.
+        let _ = kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + AGENT_STOP_TIMEOUT;
+        let exited = wait_with_deadline(&mut agent, deadline)
+            .map_err(Error::io("waiting for the agent to exit"))?;
+        if exited.is_none() {
+            let _ = agent.kill();
+            agent.wait().map_err(Error::io("reaping the agent"))?;
+            return Err(self.agent_error(format!(
+                "did not exit within {AGENT_STOP_TIMEOUT:?} of SIGTERM; killed"
+            )));
+        }
+        Ok(())
+    }
+
+    fn agent_error(&self, reason: String) -> Error {
+        Error::Agent {
+            node: self.name.clone(),
+            reason,
+            log: self.agent_log(),
+        }
+    }
+
+    /// The gateway address the agent put on the node (`myelin_host`); pods route through it.
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.status_at_start
+            .as_ref()
+            .map_or(Ipv4Addr::UNSPECIFIED, |s| s.gateway)
+    }
+
+    /// Where the agent pins a map.
+    pub fn pinned_map(&self, name: &str) -> PathBuf {
+        self.bpffs().join("myelin").join(name)
+    }
+
+    /// `bpftool -j map dump pinned <bpffs>/myelin/<name>`.
+    pub fn dump_map(&self, name: &str) -> Result<Vec<serde_json::Value>> {
+        let out = self.bpftool_dump(name, true)?;
+        serde_json::from_slice(&out).map_err(Error::json(format!("parsing the dump of {name}")))
+    }
+
+    /// `bpftool map dump pinned <bpffs>/myelin/<name>` as bpftool prints it.
+    pub fn dump_map_text(&self, name: &str) -> Result<String> {
+        Ok(String::from_utf8_lossy(&self.bpftool_dump(name, false)?).into_owned())
+    }
+
+    fn bpftool_dump(&self, name: &str, json: bool) -> Result<Vec<u8>> {
+        let mut cmd = std::process::Command::new("bpftool");
+        if json {
+            cmd.arg("-j");
+        }
+        cmd.args(["map", "dump", "pinned"])
+            .arg(self.pinned_map(name));
+        Ok(process::run_ok(cmd, Duration::from_secs(10))?.stdout)
+    }
+
+    /// Everything pods leave on a node, to compare before and after an operation.
+    pub fn footprint(&self) -> Result<Footprint> {
+        let map_keys = |name: &str| -> Result<BTreeSet<String>> {
+            Ok(self
+                .dump_map(name)?
+                .iter()
+                .map(|entry| entry["key"].to_string())
+                .collect())
+        };
+        Ok(Footprint {
+            links: self.netns.link_names()?.into_iter().collect(),
+            endpoints: self
+                .endpoints()?
+                .into_iter()
+                .map(|e| (e.attachment, e.ip))
+                .collect(),
+            free_addresses: self.status()?.free_addresses,
+            endpoints_map: map_keys("endpoints")?,
+            endpoints_by_if_map: map_keys("endpoints_by_if")?,
+        })
+    }
+}
+
+impl Host for Node {
+    fn label(&self) -> String {
+        format!("node {} ({})", self.name, self.gateway())
+    }
+    fn netns(&self) -> &Netns {
+        &self.netns
+    }
+    fn ip(&self) -> Ipv4Addr {
+        self.gateway()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_agent() {
+            eprintln!("cleanup of node {}: {e}", self.name);
+        }
+        if self.echo_agent_log_on_drop || thread::panicking() {
+            eprintln!(
+                "--- agent log of node {} ({}) ---\n{}--- end of agent log ---",
+                self.name,
+                self.agent_log_path().display(),
+                self.agent_log()
+            );
+        }
+        // The bpffs the agent mounted; the namespace and dir go when the fields drop.
+        if let Err(e) = sweep::unmount_all_under(self.dir.path()) {
+            eprintln!("cleanup of node {}: {e}", self.name);
+        }
+    }
+}
+
+/// What pods leave behind on a node: links in its namespace, the agent's endpoints and free
+/// addresses, and the entries of the pinned endpoint maps (keys as bpftool prints them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Footprint {
+    pub links: BTreeSet<String>,
+    pub endpoints: BTreeMap<AttachmentId, Ipv4Addr>,
+    pub free_addresses: u64,
+    pub endpoints_map: BTreeSet<String>,
+    pub endpoints_by_if_map: BTreeSet<String>,
+}

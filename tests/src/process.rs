@@ -1,0 +1,162 @@
+//! Running helper programs (ip, bpftool, ctr, the CNI plugin) with a deadline, so that a hung
+//! child fails a test instead of hanging the whole run.
+
+use std::{
+    io::{Read, Write},
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{Error, Result};
+
+/// What a finished child left behind.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// From spawn to exit.
+    pub elapsed: Duration,
+}
+
+impl Output {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// `program arg1 arg2 ...`, for messages.
+pub fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs `cmd` with `stdin` as its standard input, capturing stdout and stderr; kills it when
+/// it runs longer than `timeout`. A non-zero exit is not an error here (see [`run_ok`]).
+pub fn run(mut cmd: Command, stdin: &[u8], timeout: Duration) -> Result<Output> {
+    let command = describe(&cmd);
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+
+    // Feed stdin and drain both pipes on their own threads: a child that blocks writing a full
+    // pipe, or that never reads its input, must not block us.
+    let feeder = child.stdin.take().map(|mut pipe| {
+        let data = stdin.to_vec();
+        // A child that exits without reading its input closes the pipe: not our failure.
+        thread::spawn(move || drop(pipe.write_all(&data)))
+    });
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+
+    let status = wait_with_deadline(&mut child, started + timeout)
+        .map_err(Error::io(format!("waiting for `{command}`")))?;
+    let elapsed = started.elapsed();
+    let Some(status) = status else {
+        // Kill errors mean it exited in the meantime; either way it is reaped below.
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(Error::Timeout { command, timeout });
+    };
+    if let Some(feeder) = feeder {
+        let _ = feeder.join();
+    }
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+        elapsed,
+    })
+}
+
+/// Like [`run`] with no input, but a non-zero exit is an error carrying the child's stderr.
+pub fn run_ok(cmd: Command, timeout: Duration) -> Result<Output> {
+    let command = describe(&cmd);
+    let output = run(cmd, &[], timeout)?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(Error::CommandFailed {
+            command,
+            status: output.status.to_string(),
+            stderr: output.stderr_text().trim().to_string(),
+        })
+    }
+}
+
+/// Polls until the child exits or the deadline passes (`Ok(None)`). Polling keeps this free of
+/// signal handling; 5 ms granularity is far below anything the tests measure.
+pub fn wait_with_deadline(
+    child: &mut Child,
+    deadline: Instant,
+) -> std::io::Result<Option<ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            // A read error ends the capture; what was read so far is still useful.
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captures_output_and_feeds_stdin() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "cat; echo err >&2; exit 3"]);
+        let out = run(cmd, b"hello", Duration::from_secs(10)).unwrap();
+        assert_eq!(out.stdout, b"hello");
+        assert_eq!(out.stderr, b"err\n");
+        assert_eq!(out.status.code(), Some(3));
+    }
+
+    #[test]
+    fn kills_children_that_overrun_their_deadline() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let started = Instant::now();
+        let err = run(cmd, b"", Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn run_ok_reports_the_failing_command_and_its_stderr() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo broken >&2; exit 1"]);
+        let err = run_ok(cmd, Duration::from_secs(10)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("sh -c") && msg.contains("broken"), "{msg}");
+    }
+}

@@ -1,0 +1,317 @@
+//! Real traffic between namespaces: ping, TCP echo and UDP echo, each bounded in time.
+//!
+//! Servers and clients are std sockets on threads that entered the right namespace
+//! ([`Netns::run`]); only ping is a child process.
+
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{Error, Result, netns::Netns, process};
+
+/// How long one exchange may take. Everything here crosses veths on one machine, where a round
+/// trip takes well under a millisecond; the margin is for a loaded 2-core machine.
+pub const TRAFFIC_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Something that can send and receive: a pod, a node, a bare namespace.
+pub trait Host {
+    /// For messages: `frontend (10.244.0.2)`.
+    fn label(&self) -> String;
+    fn netns(&self) -> &Netns;
+    fn ip(&self) -> Ipv4Addr;
+}
+
+/// A namespace and one of its addresses, for namespaces that are neither pod nor node.
+pub struct NetnsHost<'a> {
+    pub netns: &'a Netns,
+    pub ip: Ipv4Addr,
+}
+
+impl Host for NetnsHost<'_> {
+    fn label(&self) -> String {
+        format!("{} ({})", self.netns.name(), self.ip)
+    }
+    fn netns(&self) -> &Netns {
+        self.netns
+    }
+    fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+}
+
+/// One ICMP echo (`ping -c1 -W1`) from `from` to `to`; returns the round trip ping reports.
+pub fn ping(from: &dyn Host, to: &dyn Host) -> Result<Duration> {
+    let mut cmd = from.netns().command("ping")?;
+    cmd.args(["-n", "-c1", "-W1", &to.ip().to_string()]);
+    let out = process::run(cmd, &[], Duration::from_secs(5))?;
+    let text = out.stdout_text();
+    if !out.status.success() {
+        return Err(Error::Traffic {
+            what: format!(
+                "ping from {} to {} failed: {}{}",
+                from.label(),
+                to.label(),
+                text.trim(),
+                out.stderr_text().trim()
+            ),
+        });
+    }
+    Ok(parse_ping_time(&text).unwrap_or(out.elapsed))
+}
+
+/// `... time=0.045 ms` from ping's reply line.
+fn parse_ping_time(output: &str) -> Option<Duration> {
+    let after = output.split("time=").nth(1)?;
+    let ms: f64 = after.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_secs_f64(ms / 1000.0))
+}
+
+/// A TCP server in `to` (port 0: any free port) accepts one connection from `from`, which
+/// sends a line and expects it back. Returns the time from connect to the echoed line.
+pub fn tcp_echo(from: &dyn Host, to: &dyn Host, port: u16) -> Result<Duration> {
+    exchange(from, to, port, "TCP", serve_tcp_once, tcp_client)
+}
+
+/// A UDP server in `to` echoes datagrams; the client in `from` sends one and resends until the
+/// echo arrives or [`TRAFFIC_TIMEOUT`] passes. Returns the round trip of the answered datagram.
+pub fn udp_echo(from: &dyn Host, to: &dyn Host, port: u16) -> Result<Duration> {
+    exchange(from, to, port, "UDP", serve_udp, udp_client)
+}
+
+type Server = fn(u16, mpsc::Sender<io::Result<u16>>, &AtomicBool) -> io::Result<()>;
+type Client = fn(SocketAddr, &[u8]) -> io::Result<Duration>;
+
+/// Starts `server` inside `to`, waits until it listens, runs `client` inside `from`, then
+/// stops the server and reports whichever side failed.
+fn exchange(
+    from: &dyn Host,
+    to: &dyn Host,
+    port: u16,
+    protocol: &str,
+    server: Server,
+    client: Client,
+) -> Result<Duration> {
+    let failed = |stage: &str, detail: String| Error::Traffic {
+        what: format!(
+            "{protocol} from {} to {} port {port}: {stage}: {detail}",
+            from.label(),
+            to.label()
+        ),
+    };
+    let stop = AtomicBool::new(false);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server_netns = to.netns();
+    thread::scope(|scope| {
+        let stop = &stop;
+        let serving = scope.spawn(move || server_netns.run(move || server(port, ready_tx, stop)));
+        let bound = match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(bound)) => bound,
+            Ok(Err(e)) => return Err(failed("server could not listen", e.to_string())),
+            // The server thread ended before listening (or hangs): its own result says why.
+            Err(_) => {
+                stop.store(true, Ordering::Relaxed);
+                let why = match join(serving) {
+                    Err(e) => format!("{e:?}"),
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(())) => "it ended without listening".to_string(),
+                };
+                return Err(failed("server did not start", why));
+            }
+        };
+        let message = token();
+        let addr = SocketAddr::from((to.ip(), bound));
+        let client_result = from.netns().run(|| client(addr, &message));
+        stop.store(true, Ordering::Relaxed);
+        let server_result = join(serving);
+        let rtt = client_result?.map_err(|e| failed("client", e.to_string()))?;
+        server_result?.map_err(|e| failed("server", e.to_string()))?;
+        Ok(rtt)
+    })
+}
+
+fn join<T>(handle: thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// A line no earlier exchange sent, so that a stale answer cannot pass for this one.
+fn token() -> Vec<u8> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!(
+        "myelin-echo {} {}\n",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+    .into_bytes()
+}
+
+/// Gives up when the client is done (`stop`) or after twice the traffic timeout.
+fn serve_tcp_once(
+    port: u16,
+    ready: mpsc::Sender<io::Result<u16>>,
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(|l| l.local_addr().map(|a| (l, a.port())))
+    {
+        Ok((listener, bound)) => {
+            // The receiver only goes away when the caller gave up already.
+            let _ = ready.send(Ok(bound));
+            listener
+        }
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+            return Err(e);
+        }
+    };
+    let deadline = Instant::now() + 2 * TRAFFIC_TIMEOUT;
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no connection arrived",
+                    ));
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(TRAFFIC_TIMEOUT))?;
+    let mut line = Vec::new();
+    BufReader::new(&stream).read_until(b'\n', &mut line)?;
+    stream.write_all(&line)
+}
+
+fn tcp_client(addr: SocketAddr, message: &[u8]) -> io::Result<Duration> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, TRAFFIC_TIMEOUT)?;
+    stream.set_read_timeout(Some(TRAFFIC_TIMEOUT))?;
+    stream.set_write_timeout(Some(TRAFFIC_TIMEOUT))?;
+    stream.write_all(message)?;
+    let mut echoed = Vec::new();
+    BufReader::new(&stream).read_until(b'\n', &mut echoed)?;
+    let rtt = started.elapsed();
+    check_echo(message, &echoed)?;
+    Ok(rtt)
+}
+
+/// Echoes every datagram until `stop`.
+fn serve_udp(port: u16, ready: mpsc::Sender<io::Result<u16>>, stop: &AtomicBool) -> io::Result<()> {
+    let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+        .and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(10)))
+                .map(|()| s)
+        })
+        .and_then(|s| s.local_addr().map(|a| (s, a.port())))
+    {
+        Ok((socket, bound)) => {
+            let _ = ready.send(Ok(bound));
+            socket
+        }
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+            return Err(e);
+        }
+    };
+    let deadline = Instant::now() + 2 * TRAFFIC_TIMEOUT;
+    let mut buf = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        match socket.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                socket.send_to(&buf[..n], peer)?;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn udp_client(addr: SocketAddr, message: &[u8]) -> io::Result<Duration> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.connect(addr)?;
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let deadline = Instant::now() + TRAFFIC_TIMEOUT;
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        let sent = Instant::now();
+        socket.send(message)?;
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let rtt = sent.elapsed();
+                check_echo(message, &buf[..n])?;
+                return Ok(rtt);
+            }
+            // No answer yet: UDP may lose a datagram; send again.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("no echo within {TRAFFIC_TIMEOUT:?}"),
+    ))
+}
+
+fn check_echo(sent: &[u8], echoed: &[u8]) -> io::Result<()> {
+    if sent == echoed {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "echo mismatch: sent {:?}, got {:?}",
+                String::from_utf8_lossy(sent),
+                String::from_utf8_lossy(echoed)
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_round_trip_of_a_ping_reply() {
+        let out = "PING 10.0.0.2 (10.0.0.2) 56(84) bytes of data.\n\
+                   64 bytes from 10.0.0.2: icmp_seq=1 ttl=64 time=0.045 ms\n";
+        assert_eq!(parse_ping_time(out), Some(Duration::from_micros(45)));
+        assert_eq!(parse_ping_time("1 packets transmitted, 0 received"), None);
+    }
+
+    #[test]
+    fn tokens_are_distinct_lines() {
+        let (a, b) = (token(), token());
+        assert_ne!(a, b);
+        assert!(a.ends_with(b"\n") && a.iter().filter(|&&c| c == b'\n').count() == 1);
+    }
+
+    #[test]
+    fn echo_mismatch_is_an_error() {
+        assert!(check_echo(b"a\n", b"a\n").is_ok());
+        assert!(check_echo(b"a\n", b"b\n").is_err());
+    }
+}

@@ -1,0 +1,221 @@
+//! Real traffic through Myelin's datapath between pods of one node and between pods and their
+//! node; the per-endpoint counters; cleanup after DEL; and an agent restart under live pods.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use myelin_api::EndpointCounters;
+use myelin_tests::{
+    Node, NodeSpec, Pod, Result,
+    cluster::{namespace_object, pod_object},
+    root_test,
+    traffic::{Host, ping, tcp_echo, udp_echo},
+};
+
+/// Three pods as a cluster would have them: objects in the cluster dir first (the agent learns
+/// their labels), then ADD for each.
+fn three_pods(node: &Node) -> Result<Vec<Pod>> {
+    let pods = [
+        ("frontend", "web", 80),
+        ("backend", "api", 8080),
+        ("db", "data", 5432),
+    ];
+    let mut objects = vec![namespace_object("shop", &[("team", "shop")])];
+    for (name, tier, port) in pods {
+        objects.push(pod_object(
+            node.name(),
+            "shop",
+            name,
+            &[("app", name), ("tier", tier)],
+            &[port],
+        ));
+    }
+    node.cluster().write("shop", &objects)?;
+    pods.iter()
+        .map(|(name, ..)| node.add_pod("shop", name))
+        .collect()
+}
+
+/// Every ordered pair of distinct pods.
+fn pairs(pods: &[Pod]) -> impl Iterator<Item = (&Pod, &Pod)> {
+    pods.iter().flat_map(move |a| {
+        pods.iter()
+            .filter(move |b| b.ip() != a.ip())
+            .map(move |b| (a, b))
+    })
+}
+
+#[test]
+fn pods_on_one_node_reach_each_other_with_ping_tcp_and_udp() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let node = Node::start(&run, NodeSpec::new("node"))?;
+    let pods = three_pods(&node)?;
+    let ips: BTreeSet<_> = pods.iter().map(|p| p.ip()).collect();
+    assert_eq!(ips.len(), pods.len(), "pods share an address");
+    for (from, to) in pairs(&pods) {
+        ping(from, to)?;
+        tcp_echo(from, to, 0)?;
+        udp_echo(from, to, 0)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn node_and_pods_reach_each_other() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let node = Node::start(&run, NodeSpec::new("node"))?;
+    let pods = three_pods(&node)?;
+    for pod in &pods {
+        ping(pod, &node)?;
+        tcp_echo(pod, &node, 0)?;
+        udp_echo(pod, &node, 0)?;
+        ping(&node, pod)?;
+        tcp_echo(&node, pod, 0)?;
+        udp_echo(&node, pod, 0)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn endpoint_counters_count_what_pods_send_and_receive() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let node = Node::start(&run, NodeSpec::new("node"))?;
+    let sender = node.add_pod("default", "sender")?;
+    let receiver = node.add_pod("default", "receiver")?;
+    let bystander = node.add_pod("default", "bystander")?;
+
+    let before = counters(&node)?;
+    for pod in [&sender, &receiver, &bystander] {
+        assert!(
+            before.contains_key(&pod.ip()),
+            "no endpoint for {}",
+            pod.label()
+        );
+    }
+    const PINGS: u64 = 10;
+    for _ in 0..PINGS {
+        ping(&sender, &receiver)?;
+    }
+    tcp_echo(&sender, &receiver, 0)?;
+    udp_echo(&sender, &receiver, 0)?;
+    let after = counters(&node)?;
+
+    // Counters that went backwards show up as 0 and fail the checks below.
+    let delta = |pod: &Pod| {
+        let b = before.get(&pod.ip()).copied().unwrap_or_default();
+        let a = after.get(&pod.ip()).copied().unwrap_or_default();
+        (
+            a.tx_packets.saturating_sub(b.tx_packets),
+            a.tx_bytes.saturating_sub(b.tx_bytes),
+            a.rx_packets.saturating_sub(b.rx_packets),
+            a.rx_bytes.saturating_sub(b.rx_bytes),
+        )
+    };
+    let (tx_packets, tx_bytes, _, _) = delta(&sender);
+    let (_, _, rx_packets, rx_bytes) = delta(&receiver);
+    // The echo requests, the TCP handshake, data and teardown, at least one UDP datagram.
+    let least = PINGS + 4;
+    assert!(
+        tx_packets >= least && tx_bytes > 0,
+        "sender tx: {:?}",
+        delta(&sender)
+    );
+    assert!(
+        rx_packets >= least && rx_bytes > 0,
+        "receiver rx: {:?}",
+        delta(&receiver)
+    );
+    // Replies went the other way.
+    assert!(
+        delta(&receiver).0 >= PINGS,
+        "receiver tx: {:?}",
+        delta(&receiver)
+    );
+    assert!(delta(&sender).2 >= PINGS, "sender rx: {:?}", delta(&sender));
+    // Counters are per endpoint: a pod that took no part saw none of it. Its own IPv6
+    // housekeeping (router and multicast listener messages) may count a few packets.
+    let (by_tx, _, by_rx, _) = delta(&bystander);
+    assert!(
+        by_tx < PINGS / 2 && by_rx < PINGS / 2,
+        "bystander counted the others' traffic: {:?}",
+        delta(&bystander)
+    );
+    Ok(())
+}
+
+fn counters(node: &Node) -> Result<BTreeMap<std::net::Ipv4Addr, EndpointCounters>> {
+    Ok(node
+        .endpoints()?
+        .into_iter()
+        .map(|e| (e.ip, e.counters))
+        .collect())
+}
+
+#[test]
+fn deleting_every_pod_leaves_the_node_as_it_started() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let node = Node::start(&run, NodeSpec::new("node"))?;
+    let before = node.footprint()?;
+    let pods = three_pods(&node)?;
+    let during = node.footprint()?;
+    assert_eq!(during.endpoints.len(), before.endpoints.len() + 3);
+    assert_eq!(during.endpoints_map.len(), before.endpoints_map.len() + 3);
+    assert_eq!(during.free_addresses, before.free_addresses - 3);
+    for (from, to) in pairs(&pods) {
+        ping(from, to)?;
+    }
+    for pod in pods {
+        node.delete_pod(pod)?;
+    }
+    assert_eq!(node.footprint()?, before);
+    Ok(())
+}
+
+#[test]
+fn pods_keep_connectivity_while_the_agent_restarts() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut node = Node::start(&run, NodeSpec::new("node"))?;
+    let a = node.add_pod("default", "a")?;
+    let b = node.add_pod("default", "b")?;
+    let talk = |node: &Node| -> Result<()> {
+        for (from, to) in [(&a, &b), (&b, &a)] {
+            ping(from, to)?;
+            tcp_echo(from, to, 0)?;
+        }
+        ping(&a, node)?;
+        ping(node, &b)?;
+        Ok(())
+    };
+    talk(&node)?;
+    let endpoints_before = node.footprint()?.endpoints;
+
+    node.stop_agent()?;
+    talk(&node)?;
+
+    node.start_agent()?;
+    talk(&node)?;
+    assert_eq!(
+        node.footprint()?.endpoints,
+        endpoints_before,
+        "endpoints did not survive the restart"
+    );
+
+    let c = node.add_pod("default", "c")?;
+    assert!(
+        c.ip() != a.ip() && c.ip() != b.ip(),
+        "the agent handed out {} again after its restart",
+        c.ip()
+    );
+    ping(&c, &a)?;
+    tcp_echo(&a, &c, 0)?;
+    Ok(())
+}

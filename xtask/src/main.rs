@@ -1,0 +1,133 @@
+//! `cargo xtask <command>`: sets up a machine, builds, runs every test tier, runs the demo.
+//!
+//! It orchestrates and does not hide the build: each step is a plain command (`apt-get`,
+//! `rustup`, `cargo ...`) printed as `==> step` with its output streamed and its time.
+
+mod exec;
+mod report;
+mod setup;
+
+use std::{
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use myelin_tests::{Binaries, progress::step};
+
+use crate::report::{Report, TestCounts};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Myelin's automation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing (apt packages, the eBPF nightly, bpf-linker, clippy, rustfmt).
+    /// Idempotent: takes seconds when everything is there. Needs root on Linux.
+    Setup,
+    /// Build the workspace binaries: myelin, myelin-agent (with its eBPF object), myelinctl.
+    Build {
+        /// Build with the release profile (into target/release).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, format check, clippy, build, then every test tier in one `cargo test`.
+    Test,
+    /// Setup, build, then the demo: three pods on one node, connectivity and eBPF counters.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let outcome = match Cli::parse().command {
+        Command::Setup => setup::setup().map(|()| ExitCode::SUCCESS),
+        Command::Build { release } => build(release).map(|()| ExitCode::SUCCESS),
+        Command::Test => test(),
+        Command::Demo => demo(),
+    };
+    outcome.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut args = vec!["build"];
+    if release {
+        args.push("--release");
+    }
+    let title = format!("cargo {}", args.join(" "));
+    step(&title, || exec::run(exec::cargo(&args)))?;
+    let profile = if release { "release" } else { "debug" };
+    println!(
+        "    binaries in {}",
+        exec::target_dir()?.join(profile).display()
+    );
+    Ok(())
+}
+
+fn test() -> Result<ExitCode> {
+    let mut report = Report::default();
+    let mut counts = TestCounts::default();
+    // Without the tools nothing else can run, and without binaries no root test can.
+    if report.step("setup", setup::setup) {
+        // Format and lint findings fail the run but do not stop the tests.
+        report.step("cargo fmt --all --check", || {
+            exec::run(exec::cargo(&["fmt", "--all", "--check"]))
+        });
+        report.step(
+            "cargo clippy --workspace --all-targets -- -D warnings",
+            || {
+                exec::run(exec::cargo(&[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))
+            },
+        );
+        if report.step("cargo build", || exec::run(exec::cargo(&["build"]))) {
+            let bin_dir = exec::target_dir()?.join("debug");
+            report.step("cargo test --workspace --no-fail-fast", || {
+                let mut tests = exec::cargo(&["test", "--workspace", "--no-fail-fast"]);
+                tests.env(myelin_tests::BIN_DIR_ENV, &bin_dir);
+                exec::run_counting_tests(tests, &mut counts)
+            });
+        }
+    }
+    report.print_summary(&counts);
+    Ok(if report.all_passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Set by the Ctrl-C handler; the demo checks it between steps and then cleans up.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn demo() -> Result<ExitCode> {
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))
+        .context("installing the Ctrl-C handler")?;
+    setup::setup()?;
+    build(false)?;
+    let binaries = Binaries::new(exec::target_dir()?.join("debug"));
+    match myelin_tests::demo::run(binaries, &INTERRUPTED) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(myelin_tests::Error::Interrupted) => {
+            eprintln!("interrupted; everything the demo created has been removed");
+            Ok(ExitCode::from(130))
+        }
+        Err(e) => bail!("demo failed: {e:?}"),
+    }
+}

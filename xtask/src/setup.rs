@@ -1,0 +1,194 @@
+//! `cargo xtask setup`: brings a fresh Debian 12 machine to what the build and the tests need,
+//! installing only what is missing, and saying what it does.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use myelin_tests::progress::step;
+
+use crate::exec;
+
+/// Debian packages the build (llvm-22-dev for bpf-linker) and the root tests need.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "bpftool",
+    "iproute2",
+    "iputils-ping",
+    "iptables",
+    "iperf3",
+    "sockperf",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "busybox-static",
+];
+
+/// The nightly that builds the eBPF crate. Pinned: its LLVM (22) must match bpf-linker's, and a
+/// nightly on LLVM 23 writes bitcode bpf-linker cannot read.
+const EBPF_NIGHTLY: &str = "nightly-2026-05-20";
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// bpf-linker links against this LLVM; its build looks for llvm-config on PATH.
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+pub fn setup() -> Result<()> {
+    if std::env::consts::OS != "linux" {
+        bail!(
+            "Myelin builds and tests on Linux only (this is {})",
+            std::env::consts::OS
+        );
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "setup needs root: it installs Debian packages, and the tests create network \
+             namespaces and load BPF programs"
+        );
+    }
+    step("apt packages", apt_packages)?;
+    step(
+        &format!("rust toolchain {EBPF_NIGHTLY} with rust-src"),
+        ebpf_nightly,
+    )?;
+    step("clippy and rustfmt for stable", stable_components)?;
+    step(&format!("bpf-linker {BPF_LINKER_VERSION}"), bpf_linker)
+}
+
+fn apt_packages() -> Result<()> {
+    let missing = missing_packages()?;
+    if missing.is_empty() {
+        println!("    all {} present", APT_PACKAGES.len());
+        return Ok(());
+    }
+    println!("    missing: {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    exec::run(apt(&["update"]))?;
+    let mut install = apt(&["install", "-y", "--no-install-recommends"]);
+    install.args(&missing);
+    exec::run(install)?;
+    let still = missing_packages()?;
+    if !still.is_empty() {
+        bail!("still missing after apt-get install: {}", still.join(" "));
+    }
+    Ok(())
+}
+
+/// Packages dpkg does not report as installed.
+fn missing_packages() -> Result<Vec<&'static str>> {
+    // dpkg-query exits non-zero when it does not know a package; stdout still lists the rest.
+    let out = Command::new("dpkg-query")
+        .arg("-W")
+        .arg("-f=${Package} ${db:Status-Status}\\n")
+        .args(APT_PACKAGES)
+        .output()
+        .context("running dpkg-query")?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    Ok(APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            !listed
+                .lines()
+                .any(|line| line.split_whitespace().eq([*pkg, "installed"]))
+        })
+        .collect())
+}
+
+fn ebpf_nightly() -> Result<()> {
+    let toolchains = stdout(Command::new("rustup").args(["toolchain", "list"]))?;
+    let has_toolchain = toolchains.lines().any(|l| l.starts_with(EBPF_NIGHTLY));
+    let has_src = has_toolchain
+        && stdout(Command::new("rustup").args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            EBPF_NIGHTLY,
+        ]))?
+        .lines()
+        .any(|l| l.starts_with("rust-src"));
+    if has_src {
+        println!("    present");
+        return Ok(());
+    }
+    let mut install = Command::new("rustup");
+    install.args([
+        "toolchain",
+        "install",
+        EBPF_NIGHTLY,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]);
+    exec::run(install)
+}
+
+fn stable_components() -> Result<()> {
+    let installed = stdout(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "stable",
+    ]))?;
+    let missing: Vec<&str> = ["clippy", "rustfmt"]
+        .into_iter()
+        .filter(|c| !installed.lines().any(|l| l.starts_with(&format!("{c}-"))))
+        .collect();
+    if missing.is_empty() {
+        println!("    present");
+        return Ok(());
+    }
+    let mut add = Command::new("rustup");
+    add.args(["component", "add", "--toolchain", "stable"])
+        .args(&missing);
+    exec::run(add)
+}
+
+fn bpf_linker() -> Result<()> {
+    let wanted = format!("bpf-linker {BPF_LINKER_VERSION}");
+    let found = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if found.as_deref() == Some(wanted.as_str()) {
+        println!("    present");
+        return Ok(());
+    }
+    println!(
+        "    found {}; installing (about 2 minutes on 2 cores)",
+        found.as_deref().unwrap_or("none")
+    );
+    let path = std::env::var("PATH").unwrap_or_default();
+    let mut install = exec::cargo(&[
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ]);
+    install.env("PATH", format!("{LLVM_BIN}:{path}"));
+    exec::run(install)
+}
+
+fn stdout(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", myelin_tests::describe(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}): {}",
+            myelin_tests::describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
