@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeSet, HashSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use myelin_api::{
@@ -46,6 +47,9 @@ pub struct Agent<D> {
     vanished: HashSet<AttachmentId>,
     index: ClusterIndex,
     identities: Identities,
+    /// What `identities` was computed from: the index's label-set generation and the label
+    /// sets of the local endpoints.
+    identity_inputs: Option<(u64, Vec<Arc<IdentityLabels>>)>,
     datapath: D,
     interfaces: Box<dyn Interfaces>,
     synced: bool,
@@ -112,6 +116,7 @@ impl<D: DatapathOps> Agent<D> {
             vanished: HashSet::new(),
             index,
             identities: Identities::default(),
+            identity_inputs: None,
             datapath,
             interfaces,
             synced: false,
@@ -130,13 +135,19 @@ impl<D: DatapathOps> Agent<D> {
         &self.identities
     }
 
-    /// Marks the cluster-state sources as fully listed: the agent is ready.
-    pub fn set_synced(&mut self) {
+    /// Marks the cluster-state sources as fully listed: the agent is ready, and the maps are
+    /// brought fully in line with the cluster state (see [`Self::restore`]).
+    pub fn set_synced(&mut self) -> Result<Diff, DatapathError> {
         self.synced = true;
+        self.recompute_identities();
+        self.sync_datapath()
     }
 
     /// After a (re)start: re-attaches the programs of every endpoint whose interface still
-    /// exists, and makes the maps match (removing what an earlier agent left behind).
+    /// exists and writes the endpoints' entries. Until the cluster state is synced, the
+    /// identities, isolation flags, ipcache and policy entries an earlier agent left in the
+    /// pinned maps stay as they are: an agent restarted while the API server is down must not
+    /// forget the policies it enforced.
     pub fn restore(&mut self) -> Result<(), DatapathError> {
         let records: Vec<EndpointRecord> = self.endpoints.iter().cloned().collect();
         for r in records {
@@ -170,25 +181,43 @@ impl<D: DatapathOps> Agent<D> {
         self.sync_datapath()
     }
 
-    fn pod_identity_labels(&self, r: &EndpointRecord) -> IdentityLabels {
+    fn pod_identity_labels(&self, r: &EndpointRecord) -> Arc<IdentityLabels> {
         match &r.pod {
             Some(p) => self.index.identity_labels_of_pod(&p.namespace, &p.name),
-            None => self.index.identity_labels("", &Labels::new()),
+            None => Arc::new(self.index.identity_labels("", &Labels::new())),
         }
     }
 
+    /// Renumbers identities when the set of label sets changed: a label change that moves a
+    /// pod to an existing set, the common case, costs nothing here.
     fn recompute_identities(&mut self) {
-        let mut sets: Vec<IdentityLabels> = self
-            .index
-            .pods()
-            .filter(|p| !p.host_network)
-            .map(|p| self.index.identity_labels(&p.namespace, &p.labels))
+        let mut endpoint_sets: Vec<Arc<IdentityLabels>> = self
+            .endpoints
+            .iter()
+            .map(|r| self.pod_identity_labels(r))
             .collect();
-        sets.extend(self.endpoints.iter().map(|r| self.pod_identity_labels(r)));
-        self.identities = Identities::compute(&sets);
+        endpoint_sets.sort();
+        endpoint_sets.dedup();
+        let inputs = (self.index.label_sets_generation(), endpoint_sets);
+        if self.identity_inputs.as_ref() == Some(&inputs) {
+            return;
+        }
+        let sets = self
+            .index
+            .label_sets()
+            .cloned()
+            .chain(inputs.1.iter().cloned());
+        self.identities = Identities::compute(sets);
+        self.identity_inputs = Some(inputs);
     }
 
     fn identity_of(&self, r: &EndpointRecord) -> u32 {
+        // Before the first sync the maps hold the last agent's identities; report those.
+        if !self.synced
+            && let Some(current) = self.datapath.endpoint(r.ip)
+        {
+            return current.identity;
+        }
         self.identities
             .get(&self.pod_identity_labels(r))
             .unwrap_or(identity::ANY)
@@ -226,7 +255,24 @@ impl<D: DatapathOps> Agent<D> {
     }
 
     fn sync_datapath(&mut self) -> Result<Diff, DatapathError> {
-        let desired = self.desired_state();
+        let mut desired = self.desired_state();
+        if !self.synced {
+            // Keep what the maps say about endpoints the kernel already knows; new endpoints
+            // get what the (partial) cluster state says.
+            desired.keep_policy_state = true;
+            for info in desired
+                .endpoints
+                .values_mut()
+                .chain(desired.endpoints_by_if.values_mut())
+            {
+                if let Some(current) = self.datapath.endpoint(Ipv4Addr::from(info.ip))
+                    && current.ifindex == info.ifindex
+                {
+                    info.identity = current.identity;
+                    info.flags = current.flags;
+                }
+            }
+        }
         self.datapath.apply(&desired)
     }
 
@@ -464,11 +510,11 @@ mod tests {
     use std::collections::HashMap;
 
     use myelin_api::PodRef;
-    use myelin_common::Ipv4Key;
+    use myelin_common::{Ipv4Key, endpoint::ENDPOINT_F_INGRESS_ISOLATED};
 
     use super::*;
     use crate::{
-        datapath::fake::FakeDatapath,
+        datapath::{fake::FakeDatapath, table::LpmKey},
         index::{Object, PodInfo, builders},
     };
 
@@ -481,7 +527,14 @@ mod tests {
         }
     }
 
+    /// A synced agent (cluster state known), as in normal operation.
     fn agent_with(interfaces: &[(&str, u32)], cidr: &str) -> Agent<FakeDatapath> {
+        let mut agent = unsynced_agent_with(interfaces, cidr);
+        agent.set_synced().unwrap();
+        agent
+    }
+
+    fn unsynced_agent_with(interfaces: &[(&str, u32)], cidr: &str) -> Agent<FakeDatapath> {
         Agent::new(
             "node-1".into(),
             Ipam::in_memory(cidr.parse().unwrap()).unwrap(),
@@ -690,6 +743,77 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(a.datapath().endpoints.map().writes, writes);
+    }
+
+    #[test]
+    fn before_the_first_sync_the_maps_keep_their_policy_state() {
+        let mut a = unsynced_agent_with(&[("lxca", 10), ("lxcb", 11)], "10.244.0.0/24");
+        // What an earlier agent left: an isolated endpoint with some identity, and policy.
+        let ep = add(&mut a, "a", "lxca", 10).unwrap();
+        let key = Ipv4Key {
+            addr: ep.ip.octets(),
+        };
+        let mut left = a.datapath().endpoints.current()[&key];
+        left.identity = 4242;
+        left.flags = ENDPOINT_F_INGRESS_ISOLATED;
+        let mut restarted = unsynced_agent_with(&[("lxca", 10), ("lxcb", 11)], "10.244.0.0/24");
+        restarted
+            .datapath
+            .endpoints
+            .apply(&[(key, left)].into())
+            .unwrap();
+        let policy_key = LpmKey {
+            prefix_len: 72,
+            data: myelin_common::PolicyKey {
+                endpoint_id: ep.id,
+                identity: 7,
+                direction: 0,
+                protocol: 0,
+                dport: [0; 2],
+            },
+        };
+        let allow = myelin_common::PolicyEntry { flags: 1 };
+        restarted
+            .datapath
+            .policy
+            .apply(&[(policy_key, allow)].into())
+            .unwrap();
+        restarted.endpoints.insert(crate::endpoint::EndpointRecord {
+            id: ep.id,
+            attachment: att("a"),
+            pod: ep.pod.clone(),
+            netns: ep.netns.clone(),
+            ip: ep.ip,
+            mac: ep.mac.parse().unwrap(),
+            host_ifname: ep.host_ifname.clone(),
+            host_ifindex: ep.host_ifindex,
+            host_mac: ep.host_mac.parse().unwrap(),
+        });
+        restarted.ipam.allocate(&att("a")).unwrap();
+
+        restarted.restore().unwrap();
+        let dp = restarted.datapath();
+        assert_eq!(dp.endpoints.current()[&key].identity, 4242, "identity kept");
+        assert_eq!(
+            dp.endpoints.current()[&key].flags,
+            ENDPOINT_F_INGRESS_ISOLATED
+        );
+        assert_eq!(dp.policy.current().len(), 1, "policy entries kept");
+        assert_eq!(
+            restarted.endpoints(None)[0].identity,
+            4242,
+            "the API reports the kept one"
+        );
+
+        restarted.set_synced().unwrap();
+        let dp = restarted.datapath();
+        assert_ne!(dp.endpoints.current()[&key].identity, 4242);
+        assert_eq!(
+            dp.endpoints.current()[&key].flags,
+            0,
+            "no policy selects it"
+        );
+        assert!(dp.policy.current().is_empty());
     }
 
     #[test]

@@ -154,7 +154,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
     agent.restore().context("restoring endpoints")?;
     if synced {
-        agent.set_synced();
+        agent
+            .set_synced()
+            .context("writing the maps for the synced cluster state")?;
     }
     let agent = Arc::new(Mutex::new(agent));
 
@@ -194,10 +196,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                     drop(agent);
                     report_cidr_mismatch(pod_cidr, listed, &mut reported_cidr);
                 }
-                Some(SourceEvent::Synced) => {
-                    api_lock(&agent).set_synced();
-                    info!("cluster state synced");
-                }
+                Some(SourceEvent::Synced) => match api_lock(&agent).set_synced() {
+                    Ok(diff) => info!(written = diff.writes(), "cluster state synced"),
+                    Err(e) => error!("writing the maps for the synced cluster state failed: {e}"),
+                },
+
                 // The source has logged it and retries; the agent goes on with its last state.
                 Some(SourceEvent::Unavailable) => {}
                 None => {

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
@@ -34,7 +35,7 @@ use crate::{
 /// A local endpoint with what the computation needs to know about its pod.
 pub struct LocalEndpoint<'a> {
     pub record: &'a EndpointRecord,
-    pub labels: IdentityLabels,
+    pub labels: Arc<IdentityLabels>,
     pub identity: u32,
     /// The pod's container ports (named ports of ingress rules resolve against them).
     pub ports: &'a [ContainerPort],
@@ -173,9 +174,8 @@ fn ipcache(
     hosts.insert(inputs.gateway, identity::HOST);
     for pod in inputs.index.pods().filter(|p| !p.host_network) {
         if let Some(ip) = pod.ip
-            && let Some(id) = inputs
-                .identities
-                .get(&inputs.index.identity_labels(&pod.namespace, &pod.labels))
+            && let Some(labels) = inputs.index.pod_identity_labels(&pod.namespace, &pod.name)
+            && let Some(id) = inputs.identities.get(labels)
         {
             hosts.entry(ip).or_insert(id);
         }
@@ -313,9 +313,10 @@ struct PortsByIdentity(BTreeMap<u32, Vec<ContainerPort>>);
 impl PortsByIdentity {
     fn build(inputs: &Inputs<'_>) -> Self {
         let mut map: BTreeMap<u32, Vec<ContainerPort>> = BTreeMap::new();
-        for pod in inputs.index.pods().filter(|p| !p.host_network) {
-            let labels = inputs.index.identity_labels(&pod.namespace, &pod.labels);
-            if let Some(id) = inputs.identities.get(&labels) {
+        for pod in inputs.index.pods() {
+            if let Some(labels) = inputs.index.pod_identity_labels(&pod.namespace, &pod.name)
+                && let Some(id) = inputs.identities.get(labels)
+            {
                 map.entry(id).or_default().extend(pod.ports.iter().cloned());
             }
         }

@@ -61,8 +61,11 @@ impl DatapathOps for FakeDatapath {
 
     fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError> {
         self.counter_ids = desired.counter_ids.clone();
-        let diff = self.ipcache.apply(&desired.ipcache)?
-            + self.policy.apply(&desired.policy)?
+        let mut diff = Diff::default();
+        if !desired.keep_policy_state {
+            diff = self.ipcache.apply(&desired.ipcache)? + self.policy.apply(&desired.policy)?;
+        }
+        let diff = diff
             + self.endpoints.apply(&desired.endpoints)?
             + self.endpoints_by_if.apply(&desired.endpoints_by_if)?;
         if !diff.is_empty() {
@@ -81,6 +84,13 @@ impl DatapathOps for FakeDatapath {
 
     fn endpoint_counters(&self, _id: u32) -> EndpointCounters {
         EndpointCounters::default()
+    }
+
+    fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo> {
+        self.endpoints
+            .current()
+            .get(&Ipv4Key { addr: ip.octets() })
+            .copied()
     }
 
     fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)> {

@@ -45,6 +45,25 @@ pub static OBJECT: &[u8] =
 
 const FROM_CONTAINER: &str = "from_container";
 const TO_CONTAINER: &str = "to_container";
+
+/// The datapath's programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// tc ingress of the host veth: what the pod sends.
+    FromContainer,
+    /// tc egress of the host veth: what the node delivers to the pod.
+    ToContainer,
+}
+
+impl Program {
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::FromContainer => FROM_CONTAINER,
+            Program::ToContainer => TO_CONTAINER,
+        }
+    }
+}
+
 /// tc (clsact) mode: the filter priority and handle Myelin owns on each host veth.
 const TC_PRIORITY: u16 = 1;
 const TC_HANDLE: u32 = 1;
@@ -126,6 +145,8 @@ pub struct DesiredState {
     pub counter_ids: BTreeSet<u32>,
     pub ipcache: BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
     pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
+    /// Leave the ipcache and policy maps as they are (the cluster state is not known yet).
+    pub keep_policy_state: bool,
 }
 
 /// Capacities of the maps whose size depends on the cluster (each has an agent flag).
@@ -163,6 +184,8 @@ pub trait DatapathOps: Send {
     /// Removes expired conntrack entries; returns how many.
     fn gc_conntrack(&mut self) -> Result<usize, DatapathError>;
     fn endpoint_counters(&self, id: u32) -> EndpointCounters;
+    /// The endpoint entry the maps hold for an address.
+    fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo>;
     /// Drops per reason: (reason, packets, bytes).
     fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)>;
     /// Fill of each map the agent writes: (name, entries, capacity).
@@ -285,6 +308,37 @@ impl Datapath {
             })?;
         self.config_value = value;
         Ok(())
+    }
+
+    /// Runs one packet through a program without sending it anywhere (`BPF_PROG_TEST_RUN`),
+    /// as if it arrived on interface `ifindex` of the current network namespace. Returns the
+    /// TC verdict and the packet as the program left it. Used by the datapath tests.
+    pub fn test_run(
+        &mut self,
+        program: Program,
+        packet: &[u8],
+        ifindex: u32,
+    ) -> Result<(i32, Vec<u8>), DatapathError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        // `struct __sk_buff` (uapi): only a few fields may be set; ifindex is at offset 40.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; packet.len() + 256];
+        let name = program.name();
+        let prog = classifier(&mut self.ebpf, name)?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .map_err(|source| DatapathError::Program {
+                program: name,
+                source,
+            })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
     }
 
     /// The flows conntrack holds (for `myelinctl` and tests).
@@ -458,8 +512,11 @@ impl DatapathOps for Datapath {
         // Counters, addresses and policy entries first, endpoints last: a program that finds
         // an endpoint (and its isolation flags) must find what they refer to.
         self.counters.sync_endpoints(&desired.counter_ids)?;
-        let diff = self.ipcache.apply(&desired.ipcache)?
-            + self.policy.apply(&desired.policy)?
+        let mut diff = Diff::default();
+        if !desired.keep_policy_state {
+            diff = self.ipcache.apply(&desired.ipcache)? + self.policy.apply(&desired.policy)?;
+        }
+        let diff = diff
             + self.endpoints.apply(&desired.endpoints)?
             + self.endpoints_by_if.apply(&desired.endpoints_by_if)?;
         if !diff.is_empty() {
@@ -493,6 +550,13 @@ impl DatapathOps for Datapath {
 
     fn endpoint_counters(&self, id: u32) -> EndpointCounters {
         self.counters.endpoint(id)
+    }
+
+    fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo> {
+        self.endpoints
+            .current()
+            .get(&Ipv4Key { addr: ip.octets() })
+            .copied()
     }
 
     fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)> {

@@ -109,19 +109,15 @@ impl Cluster {
     }
 
     fn compute_with_capacity(&self, capacity: usize) -> DesiredState {
-        let sets: Vec<_> = self
-            .index
-            .pods()
-            .map(|p| self.index.identity_labels(&p.namespace, &p.labels))
-            .collect();
-        let identities = Identities::compute(&sets);
+        let identities = Identities::compute(self.index.label_sets().cloned());
         let endpoints = self
             .records
             .iter()
             .map(|r| {
                 let pod = r.pod.as_ref().unwrap();
                 let info = self.index.pod(&pod.namespace, &pod.name).unwrap();
-                let labels = self.index.identity_labels(&pod.namespace, &info.labels);
+                let labels = self.index.identity_labels_of_pod(&pod.namespace, &pod.name);
+
                 LocalEndpoint {
                     record: r,
                     identity: identities.get(&labels).unwrap(),

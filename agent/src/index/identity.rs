@@ -5,9 +5,12 @@
 //! collisions are resolved by probing in the order of the canonical forms, which every agent
 //! sees alike. Numbers below [`FIRST_POD_IDENTITY`] are reserved (see `myelin_common::identity`).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Labels;
 
@@ -18,7 +21,7 @@ pub use myelin_common::identity::{ANY, FIRST_POD as FIRST_POD_IDENTITY, HOST, RE
 pub const LAST_POD_IDENTITY: u32 = (1 << 24) - 1;
 
 /// What an identity stands for.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct IdentityLabels {
     pub namespace: String,
     pub pod_labels: Labels,
@@ -54,15 +57,15 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 /// The numbering of a set of label sets.
 #[derive(Debug, Default, Clone)]
 pub struct Identities {
-    by_labels: BTreeMap<IdentityLabels, u32>,
-    by_id: BTreeMap<u32, IdentityLabels>,
+    by_labels: HashMap<Arc<IdentityLabels>, u32>,
+    by_id: BTreeMap<u32, Arc<IdentityLabels>>,
 }
 
 impl Identities {
     /// Numbers every label set in `sets` (duplicates allowed).
-    pub fn compute<'a>(sets: impl IntoIterator<Item = &'a IdentityLabels>) -> Self {
+    pub fn compute(sets: impl IntoIterator<Item = Arc<IdentityLabels>>) -> Self {
         const SPAN: u64 = (LAST_POD_IDENTITY - FIRST_POD_IDENTITY + 1) as u64;
-        let mut ordered: Vec<(u32, String, &IdentityLabels)> = sets
+        let mut ordered: Vec<(u32, String, Arc<IdentityLabels>)> = sets
             .into_iter()
             .map(|l| {
                 let canonical = l.canonical();
@@ -83,8 +86,8 @@ impl Identities {
                     id + 1
                 };
             }
-            out.by_labels.insert(labels.clone(), id);
-            out.by_id.insert(id, labels.clone());
+            out.by_labels.insert(Arc::clone(&labels), id);
+            out.by_id.insert(id, labels);
         }
         out
     }
@@ -94,7 +97,7 @@ impl Identities {
     }
 
     pub fn labels(&self, id: u32) -> Option<&IdentityLabels> {
-        self.by_id.get(&id)
+        self.by_id.get(&id).map(|l| &**l)
     }
 
     pub fn len(&self) -> usize {
@@ -106,7 +109,7 @@ impl Identities {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u32, &IdentityLabels)> {
-        self.by_id.iter().map(|(id, l)| (*id, l))
+        self.by_id.iter().map(|(id, l)| (*id, &**l))
     }
 }
 
@@ -129,8 +132,8 @@ mod tests {
     fn same_labels_same_identity_regardless_of_order_and_duplicates() {
         let a = labels("default", &[("app", "web"), ("tier", "front")]);
         let b = labels("default", &[("app", "db")]);
-        let one = Identities::compute([&a, &b, &a]);
-        let two = Identities::compute([&b, &a]);
+        let one = Identities::compute([&a, &b, &a].map(|l| Arc::new(l.clone())));
+        let two = Identities::compute([&b, &a].map(|l| Arc::new(l.clone())));
         assert_eq!(one.len(), 2);
         assert_eq!(one.get(&a), two.get(&a));
         assert_eq!(one.get(&b), two.get(&b));
@@ -143,7 +146,7 @@ mod tests {
         let b = labels("ns2", &[("app", "web")]);
         let mut c = a.clone();
         c.namespace_labels.insert("team".into(), "x".into());
-        let ids = Identities::compute([&a, &b, &c]);
+        let ids = Identities::compute([&a, &b, &c].map(|l| Arc::new(l.clone())));
         assert_eq!(ids.len(), 3);
     }
 
@@ -152,7 +155,7 @@ mod tests {
         let sets: Vec<_> = (0..500)
             .map(|i| labels("ns", &[("i", &i.to_string())]))
             .collect();
-        let ids = Identities::compute(&sets);
+        let ids = Identities::compute(sets.iter().cloned().map(Arc::new));
         assert_eq!(ids.len(), 500);
         for (id, l) in ids.iter() {
             assert!((FIRST_POD_IDENTITY..=LAST_POD_IDENTITY).contains(&id));
@@ -164,11 +167,12 @@ mod tests {
     fn numbering_is_stable_for_a_given_label_set() {
         // Agents on different nodes must agree: the number depends only on the labels.
         let a = labels("default", &[("app", "web")]);
-        let alone = Identities::compute([&a]).get(&a);
+        let alone = Identities::compute([Arc::new(a.clone())]).get(&a);
         let crowd: Vec<_> = (0..100)
             .map(|i| labels("x", &[("i", &i.to_string())]))
             .collect();
-        let with_others = Identities::compute(crowd.iter().chain([&a])).get(&a);
+        let with_others =
+            Identities::compute(crowd.iter().chain([&a]).cloned().map(Arc::new)).get(&a);
         assert_eq!(alone, with_others);
     }
 }

@@ -8,8 +8,9 @@ pub mod identity;
 pub mod policy;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
@@ -32,6 +33,8 @@ pub enum ObjectError {
     NoName { kind: &'static str },
     #[error("{kind} {name} has no metadata.namespace")]
     NoNamespace { kind: &'static str, name: String },
+    #[error(transparent)]
+    InvalidPolicy(#[from] PolicyError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -259,10 +262,123 @@ pub struct ClusterIndex {
     namespaces: BTreeMap<String, NamespaceInfo>,
     pods: BTreeMap<(String, String), PodInfo>,
     policies: BTreeMap<(String, String), PolicyInfo>,
+    label_sets: LabelSets,
+}
+
+/// The identity labels of every (non host-network) pod, kept up to date as pods and namespaces
+/// change, and interned: pods with the same labels share one allocation. This is what makes a
+/// change cost proportional to what it touches rather than to the cluster's size.
+#[derive(Debug, Default, Clone)]
+struct LabelSets {
+    by_pod: HashMap<(String, String), Arc<IdentityLabels>>,
+    /// Each distinct set with the number of pods that have it.
+    counts: HashMap<Arc<IdentityLabels>, usize>,
+    /// Bumped whenever a set appears or disappears (identities must then be renumbered).
+    generation: u64,
+}
+
+impl LabelSets {
+    fn set(&mut self, pod: (String, String), labels: Option<IdentityLabels>) {
+        if let Some(old) = self.by_pod.remove(&pod) {
+            self.release(&old);
+        }
+        let Some(labels) = labels else { return };
+        let shared = match self.counts.get_key_value(&labels) {
+            Some((existing, _)) => Arc::clone(existing),
+            None => {
+                self.generation += 1;
+                Arc::new(labels)
+            }
+        };
+        *self.counts.entry(Arc::clone(&shared)).or_default() += 1;
+        self.by_pod.insert(pod, shared);
+    }
+
+    fn release(&mut self, labels: &Arc<IdentityLabels>) {
+        if let Some(n) = self.counts.get_mut(labels) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(labels);
+                self.generation += 1;
+            }
+        }
+    }
 }
 
 impl ClusterIndex {
     pub fn apply(&mut self, change: Change) -> bool {
+        let touched = match &change {
+            Change::Apply(Object::Pod(p)) => Touched::Pod(p.namespace.clone(), p.name.clone()),
+            Change::Delete {
+                kind: Kind::Pod,
+                namespace,
+                name,
+            } => Touched::Pod(namespace.clone(), name.clone()),
+            Change::Apply(Object::Namespace(n)) => Touched::Namespace(n.name.clone()),
+            Change::Delete {
+                kind: Kind::Namespace,
+                name,
+                ..
+            } => Touched::Namespace(name.clone()),
+            Change::Replace {
+                kind: Kind::Pod | Kind::Namespace,
+                ..
+            } => Touched::All,
+            _ => Touched::Nothing,
+        };
+        let changed = self.apply_objects(change);
+        if changed {
+            self.refresh_label_sets(touched);
+        }
+        changed
+    }
+
+    fn refresh_label_sets(&mut self, touched: Touched) {
+        let pods: Vec<(String, String)> = match touched {
+            Touched::Nothing => return,
+            Touched::Pod(ns, name) => vec![(ns, name)],
+            Touched::Namespace(ns) => self
+                .pods
+                .range((ns.clone(), String::new())..)
+                .take_while(|((n, _), _)| *n == ns)
+                .map(|(k, _)| k.clone())
+                .collect(),
+            Touched::All => {
+                self.label_sets = LabelSets {
+                    generation: self.label_sets.generation + 1,
+                    ..LabelSets::default()
+                };
+                self.pods.keys().cloned().collect()
+            }
+        };
+        for key in pods {
+            let labels = self
+                .pods
+                .get(&key)
+                .filter(|p| !p.host_network)
+                .map(|p| self.identity_labels(&p.namespace, &p.labels));
+            self.label_sets.set(key, labels);
+        }
+    }
+
+    /// The interned identity labels of a pod in the index (`None` for host-network pods).
+    pub fn pod_identity_labels(&self, namespace: &str, name: &str) -> Option<&Arc<IdentityLabels>> {
+        self.label_sets
+            .by_pod
+            .get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Every distinct label set of the index's pods.
+    pub fn label_sets(&self) -> impl Iterator<Item = &Arc<IdentityLabels>> {
+        self.label_sets.counts.keys()
+    }
+
+    /// Changes whenever a label set appears or disappears.
+    pub fn label_sets_generation(&self) -> u64 {
+        self.label_sets.generation
+    }
+
+    fn apply_objects(&mut self, change: Change) -> bool {
         match change {
             Change::Apply(object) => self.upsert(object),
             Change::Delete {
@@ -375,12 +491,20 @@ impl ClusterIndex {
 
     /// The identity labels of a pod by name: from its object when the index has it, else (the
     /// CNI ADD came before the watch event) its namespace with no pod labels yet.
-    pub fn identity_labels_of_pod(&self, namespace: &str, name: &str) -> IdentityLabels {
-        match self.pod(namespace, name) {
-            Some(p) => self.identity_labels(namespace, &p.labels),
-            None => self.identity_labels(namespace, &Labels::new()),
+    pub fn identity_labels_of_pod(&self, namespace: &str, name: &str) -> Arc<IdentityLabels> {
+        match self.pod_identity_labels(namespace, name) {
+            Some(l) => Arc::clone(l),
+            None => Arc::new(self.identity_labels(namespace, &Labels::new())),
         }
     }
+}
+
+/// Which pods' identity labels a change can affect.
+enum Touched {
+    Nothing,
+    Pod(String, String),
+    Namespace(String),
+    All,
 }
 
 fn replace_all<K: Ord, V: PartialEq>(
@@ -597,6 +721,47 @@ mod tests {
         let late = index.identity_labels_of_pod("default", "web");
         assert_eq!(late.pod_labels, labels(&[("app", "web")]));
         assert_ne!(early, late);
+    }
+
+    #[test]
+    fn label_sets_are_shared_counted_and_follow_namespace_changes() {
+        let mut index = ClusterIndex::default();
+        apply_pod(&mut index, &pod("team", "a", &[("app", "web")], None));
+        apply_pod(&mut index, &pod("team", "b", &[("app", "web")], None));
+        apply_pod(&mut index, &pod("other", "c", &[("app", "web")], None));
+        assert_eq!(index.label_sets().count(), 2);
+        let a = index.pod_identity_labels("team", "a").unwrap();
+        let b = index.pod_identity_labels("team", "b").unwrap();
+        assert!(Arc::ptr_eq(a, b), "equal label sets share one allocation");
+
+        let generation = index.label_sets_generation();
+        apply_pod(
+            &mut index,
+            &pod("team", "b", &[("app", "web")], Some("10.0.0.9")),
+        );
+        assert_eq!(
+            index.label_sets_generation(),
+            generation,
+            "no new set: same numbering"
+        );
+
+        let ns = NamespaceInfo::from_k8s(&namespace("team", &[("env", "prod")])).unwrap();
+        index.apply(Change::Apply(Object::Namespace(ns)));
+        assert_eq!(
+            index.label_sets().count(),
+            2,
+            "team's set moved, other's stayed"
+        );
+        let moved = index.pod_identity_labels("team", "a").unwrap();
+        assert_eq!(moved.namespace_labels["env"], "prod");
+        assert_ne!(index.label_sets_generation(), generation);
+
+        index.apply(Change::Delete {
+            kind: Kind::Pod,
+            namespace: "other".into(),
+            name: "c".into(),
+        });
+        assert_eq!(index.label_sets().count(), 1);
     }
 
     #[test]

@@ -238,42 +238,44 @@ impl PolicyInfo {
             }
             None => (true, !egress_rules.is_empty()),
         };
-        let rules = |raw: &[(
-            Option<&Vec<NetworkPolicyPeer>>,
-            Option<&Vec<NetworkPolicyPort>>,
-        )],
-                     what: &str|
-         -> Result<Vec<Rule>, String> {
-            raw.iter()
-                .enumerate()
-                .map(|(i, (peers, ports))| {
-                    Rule::parse(*peers, *ports).map_err(|e| format!("spec.{what}[{i}]: {e}"))
-                })
-                .collect()
-        };
-        let ingress: Vec<_> = ingress_rules
+        let ingress = ingress_rules
             .iter()
-            .map(|r| (r.from.as_ref(), r.ports.as_ref()))
-            .collect();
-        let egress: Vec<_> = egress_rules
+            .map(|r| (r.from.as_ref(), r.ports.as_ref()));
+        let egress = egress_rules
             .iter()
-            .map(|r| (r.to.as_ref(), r.ports.as_ref()))
-            .collect();
+            .map(|r| (r.to.as_ref(), r.ports.as_ref()));
         Ok(Self {
             namespace,
             name,
             pod_selector,
             ingress: isolates_ingress
-                .then(|| rules(&ingress, "ingress"))
+                .then(|| Rule::parse_all(ingress, "ingress"))
                 .transpose()?,
             egress: isolates_egress
-                .then(|| rules(&egress, "egress"))
+                .then(|| Rule::parse_all(egress, "egress"))
                 .transpose()?,
         })
     }
 }
 
 impl Rule {
+    /// Parses the rules of one direction (`what` names it in errors).
+    fn parse_all<'a>(
+        raw: impl Iterator<
+            Item = (
+                Option<&'a Vec<NetworkPolicyPeer>>,
+                Option<&'a Vec<NetworkPolicyPort>>,
+            ),
+        >,
+        what: &str,
+    ) -> Result<Vec<Rule>, String> {
+        raw.enumerate()
+            .map(|(i, (peers, ports))| {
+                Rule::parse(peers, ports).map_err(|e| format!("spec.{what}[{i}]: {e}"))
+            })
+            .collect()
+    }
+
     fn parse(
         peers: Option<&Vec<NetworkPolicyPeer>>,
         ports: Option<&Vec<NetworkPolicyPort>>,

@@ -15,7 +15,10 @@ use std::{
 };
 
 use futures::{StreamExt as _, stream::BoxStream};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
 use kube::{
     Api, Client, Resource,
     config::{KubeConfigOptions, Kubeconfig},
@@ -26,7 +29,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::SourceEvent;
-use crate::index::{Change, Kind, NamespaceInfo, NodeInfo, Object, ObjectError, PodInfo, Warnings};
+use crate::index::{
+    Change, Kind, NamespaceInfo, NodeInfo, Object, ObjectError, PodInfo, PolicyInfo, Warnings,
+};
 
 /// Objects per list page. A page is parsed into full Kubernetes objects before they are
 /// slimmed; with kube's default (500 pods, about 5 MB parsed) the allocator kept some 30 MB
@@ -129,6 +134,15 @@ fn watches(client: &Client) -> Vec<KindWatch> {
         watch(Kind::Pod, Api::<Pod>::all(client.clone()), |pod| {
             PodInfo::from_k8s(pod).map(|(p, w)| (Object::Pod(p), w))
         }),
+        watch(
+            Kind::NetworkPolicy,
+            Api::<NetworkPolicy>::all(client.clone()),
+            |np| {
+                PolicyInfo::from_k8s(np)
+                    .map(|p| (Object::NetworkPolicy(p), Warnings::new()))
+                    .map_err(ObjectError::from)
+            },
+        ),
     ]
 }
 
@@ -188,29 +202,35 @@ impl KindEvent {
             Ok(watcher::Event::Init) => Some(Self::Init),
             Ok(watcher::Event::InitApply(object)) => converted(&object).map(Self::InitApply),
             Ok(watcher::Event::InitDone) => Some(Self::InitDone),
-            Ok(watcher::Event::Apply(object)) => converted(&object).map(Self::Apply),
-            Ok(watcher::Event::Delete(object)) => {
-                let meta = object.meta();
-                match &meta.name {
-                    Some(name) => Some(Self::Delete {
-                        namespace: meta.namespace.clone().unwrap_or_default(),
-                        name: name.clone(),
-                    }),
-                    None => {
-                        warn!(
-                            kind = kind.as_str(),
-                            "skipping a deletion without metadata.name"
-                        );
-                        None
-                    }
-                }
-            }
+            // An object that became invalid is dropped from the index, not kept at its last
+            // valid version: an invalid policy is rejected, never half-enforced.
+            Ok(watcher::Event::Apply(object)) => converted(&object)
+                .map(Self::Apply)
+                .or_else(|| Self::delete_of(kind, &object)),
+            Ok(watcher::Event::Delete(object)) => Self::delete_of(kind, &object),
             Err(e) => {
                 warn!(
                     kind = kind.as_str(),
                     "watching the API server failed (retrying with backoff): {e}"
                 );
                 Some(Self::Failed)
+            }
+        }
+    }
+
+    fn delete_of<K: Resource>(kind: Kind, object: &K) -> Option<Self> {
+        let meta = object.meta();
+        match &meta.name {
+            Some(name) => Some(Self::Delete {
+                namespace: meta.namespace.clone().unwrap_or_default(),
+                name: name.clone(),
+            }),
+            None => {
+                warn!(
+                    kind = kind.as_str(),
+                    "skipping a deletion without metadata.name"
+                );
+                None
             }
         }
     }

@@ -1,0 +1,617 @@
+//! Datapath tier: the real programs, loaded into the kernel with their maps, run on crafted
+//! packets with `BPF_PROG_TEST_RUN`, and their verdicts, rewritten packets, counters and events
+//! are checked. This is how cases that real traffic cannot produce here are covered (SCTP: the
+//! kernel has no SCTP support; forged ICMP errors; a pod reusing an ICMP id).
+//!
+//! Needs root. Each test runs on a thread with a network namespace of its own (`unshare`), so
+//! nothing touches the machine's namespace and nothing outlives the test; the maps live in a
+//! private bpffs mounted in a temporary directory. `MYELIN_SKIP_ROOT_TESTS=1` skips them on
+//! machines without root (CI never sets it).
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, process::Command};
+
+use myelin_agent::{
+    bpffs,
+    datapath::{AttachMode, Datapath, DatapathOps, DesiredState, Limits, Program, table::LpmKey},
+    desired::port_blocks,
+};
+use myelin_common::{
+    Direction, DropReason, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
+    config::EVENTS_DROPS,
+    endpoint::{
+        ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
+    },
+    event::{EVENT_DROP, FlowEvent},
+    identity,
+    policy::{POLICY_F_ALLOW, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
+};
+use nix::{
+    mount::{MntFlags, umount2},
+    sched::{CloneFlags, unshare},
+};
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const SCTP: u8 = 132;
+const ICMP: u8 = 1;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn root_tests_enabled() -> bool {
+    if std::env::var_os("MYELIN_SKIP_ROOT_TESTS").is_some_and(|v| v == "1") {
+        eprintln!("MYELIN_SKIP_ROOT_TESTS=1: skipping a datapath test that needs root");
+        return false;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "datapath tests load BPF programs and need root (set MYELIN_SKIP_ROOT_TESTS=1 to skip)"
+    );
+    true
+}
+
+/// A private bpffs in a temporary directory, unmounted on drop.
+struct PrivateBpffs {
+    dir: tempfile::TempDir,
+}
+
+impl PrivateBpffs {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        bpffs::ensure_mounted(dir.path()).expect("mount bpffs");
+        Self { dir }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        let _ = umount2(self.dir.path(), MntFlags::MNT_DETACH);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Pod {
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    host_mac: [u8; 6],
+    ifindex: u32,
+    id: u32,
+    identity: u32,
+}
+
+impl Pod {
+    fn info(&self, flags: u32) -> EndpointInfo {
+        EndpointInfo {
+            ifindex: self.ifindex,
+            id: self.id,
+            identity: self.identity,
+            flags,
+            ip: self.ip.octets(),
+            mac: self.mac,
+            host_mac: self.host_mac,
+        }
+    }
+}
+
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+
+/// Two pods on "host veths" of a throwaway namespace, and the loaded datapath.
+struct Fixture {
+    dp: Datapath,
+    a: Pod,
+    b: Pod,
+    flags: BTreeMap<u32, u32>,
+    policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
+    _bpffs: PrivateBpffs,
+}
+
+/// Runs `body` on a thread inside a fresh network namespace, with the datapath loaded.
+fn with_datapath(body: impl FnOnce(&mut Fixture) + Send + 'static) {
+    if !root_tests_enabled() {
+        return;
+    }
+    std::thread::spawn(move || {
+        unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        for (host, peer) in [("lxca", "eth-a"), ("lxcb", "eth-b")] {
+            let status = Command::new("ip")
+                .args(["link", "add", host, "type", "veth", "peer", "name", peer])
+                .status()
+                .expect("ip link add");
+            assert!(status.success());
+        }
+        let index = |name: &str| nix::net::if_::if_nametoindex(name).expect("ifindex");
+        let bpffs = PrivateBpffs::new();
+        let dp = Datapath::load(&bpffs.path(), AttachMode::Tcx, Limits::default()).expect("load");
+        let pod = |n: u8, ifname: &str, identity: u32| Pod {
+            ip: Ipv4Addr::new(10, 0, 0, n),
+            mac: [2, 0, 0, 0, 0, n],
+            host_mac: [2, 0, 0, 0, 1, n],
+            ifindex: index(ifname),
+            id: u32::from(n),
+            identity,
+        };
+        let mut f = Fixture {
+            dp,
+            a: pod(2, "lxca", 300),
+            b: pod(3, "lxcb", 301),
+            flags: BTreeMap::new(),
+            policy: BTreeMap::new(),
+            _bpffs: bpffs,
+        };
+        f.sync();
+        body(&mut f);
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+}
+
+impl Fixture {
+    fn sync(&mut self) {
+        let mut desired = DesiredState::default();
+        for p in [self.a, self.b] {
+            let info = p.info(self.flags.get(&p.id).copied().unwrap_or(0));
+            desired.endpoints.insert(
+                Ipv4Key {
+                    addr: p.ip.octets(),
+                },
+                info,
+            );
+            desired.endpoints_by_if.insert(p.ifindex, info);
+            desired.counter_ids.insert(p.id);
+            desired.ipcache.insert(
+                LpmKey {
+                    prefix_len: 32,
+                    data: Ipv4Key {
+                        addr: p.ip.octets(),
+                    },
+                },
+                IpcacheEntry {
+                    identity: p.identity,
+                    cidr_identity: p.identity,
+                },
+            );
+        }
+        desired.ipcache.insert(
+            LpmKey {
+                prefix_len: 32,
+                data: Ipv4Key {
+                    addr: GATEWAY.octets(),
+                },
+            },
+            IpcacheEntry {
+                identity: identity::HOST,
+                cidr_identity: identity::HOST,
+            },
+        );
+        desired.policy = self.policy.clone();
+        self.dp.apply(&desired).expect("apply");
+    }
+
+    fn isolate(&mut self, pod: Pod, flags: u32) {
+        *self.flags.entry(pod.id).or_default() |= flags;
+        self.sync();
+    }
+
+    /// Allows `pod` to talk with `peer` (an identity) on `protocol`/`port` in `direction`;
+    /// port 0 with protocol 0 means everything.
+    fn allow(&mut self, pod: Pod, direction: Direction, peer: u32, protocol: u8, port: u16) {
+        let prefix_len = if protocol == 0 {
+            PREFIX_ANY_PROTOCOL
+        } else {
+            PREFIX_FULL
+        };
+        self.policy.insert(
+            LpmKey {
+                prefix_len,
+                data: PolicyKey {
+                    endpoint_id: pod.id,
+                    identity: peer,
+                    direction: direction as u8,
+                    protocol,
+                    dport: port.to_be_bytes(),
+                },
+            },
+            PolicyEntry {
+                flags: POLICY_F_ALLOW,
+            },
+        );
+        self.sync();
+    }
+
+    fn send(&mut self, from: Pod, packet: &[u8]) -> (i32, Vec<u8>) {
+        self.dp
+            .test_run(Program::FromContainer, packet, from.ifindex)
+            .expect("test run")
+    }
+
+    fn deliver(&mut self, to: Pod, packet: &[u8]) -> i32 {
+        self.dp
+            .test_run(Program::ToContainer, packet, to.ifindex)
+            .expect("test run")
+            .0
+    }
+
+    fn drops(&self, reason: DropReason) -> u64 {
+        self.dp
+            .drops()
+            .into_iter()
+            .find(|(r, _, _)| *r == reason)
+            .map_or(0, |(_, p, _)| p)
+    }
+}
+
+// ---- packet crafting -------------------------------------------------------------------
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Ethernet + IPv4 (valid checksum, TTL 64) around `l4`.
+fn frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&dst_mac);
+    p.extend_from_slice(&src_mac);
+    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, proto, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    p.extend_from_slice(&ip);
+    p.extend_from_slice(l4);
+    p
+}
+
+fn ports(sport: u16, dport: u16, len: usize) -> Vec<u8> {
+    let mut l4 = vec![0u8; len];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    l4
+}
+
+fn tcp(from: Pod, to: Pod, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut l4 = ports(sport, dport, 20);
+    l4[12] = 0x50;
+    l4[13] = flags;
+    frame(from.mac, from.host_mac, from.ip, to.ip, TCP, &l4)
+}
+
+fn udp(from: Pod, to: Pod, sport: u16, dport: u16) -> Vec<u8> {
+    let mut l4 = ports(sport, dport, 12);
+    l4[4..6].copy_from_slice(&12u16.to_be_bytes());
+    frame(from.mac, from.host_mac, from.ip, to.ip, UDP, &l4)
+}
+
+fn sctp(from: Pod, to: Pod, sport: u16, dport: u16) -> Vec<u8> {
+    frame(
+        from.mac,
+        from.host_mac,
+        from.ip,
+        to.ip,
+        SCTP,
+        &ports(sport, dport, 16),
+    )
+}
+
+fn icmp_echo(from: Pod, to: Pod, icmp_type: u8, id: u16) -> Vec<u8> {
+    let mut l4 = vec![icmp_type, 0, 0, 0, 0, 0, 0, 1];
+    l4[4..6].copy_from_slice(&id.to_be_bytes());
+    frame(from.mac, from.host_mac, from.ip, to.ip, ICMP, &l4)
+}
+
+/// An ICMP "port unreachable" from `from` to `to` quoting `quoted` (a frame; its IP header and
+/// first 8 bytes of payload are quoted).
+fn icmp_unreachable(from: Pod, to: Pod, quoted: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    l4.extend_from_slice(&quoted[14..14 + 28]);
+    frame(from.mac, from.host_mac, from.ip, to.ip, ICMP, &l4)
+}
+
+// ---- tests -----------------------------------------------------------------------------
+
+#[test]
+fn same_node_traffic_is_redirected_into_the_peer_with_rewritten_headers() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        let (verdict, out) = f.send(a, &tcp(a, b, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out[0..6], &b.mac, "destination MAC is the peer pod's");
+        assert_eq!(&out[6..12], &b.host_mac, "source MAC is the peer's gateway");
+        assert_eq!(out[14 + 8], 63, "TTL decremented");
+        assert_eq!(checksum(&out[14..34]), 0, "IP checksum still valid");
+        let ca = f.dp.endpoint_counters(a.id);
+        let cb = f.dp.endpoint_counters(b.id);
+        assert_eq!((ca.tx_packets, cb.rx_packets), (1, 1));
+    });
+}
+
+#[test]
+fn traffic_to_other_destinations_goes_to_the_stack() {
+    with_datapath(|f| {
+        let a = f.a;
+        let outside = Pod {
+            ip: Ipv4Addr::new(192, 168, 7, 7),
+            ..f.b
+        };
+        let (verdict, _) = f.send(a, &udp(a, outside, 5000, 53));
+        assert_eq!(verdict, TC_ACT_OK);
+    });
+}
+
+#[test]
+fn a_pod_forging_its_source_address_or_mac_is_dropped() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        let forged_ip = Pod {
+            ip: Ipv4Addr::new(10, 0, 0, 99),
+            ..a
+        };
+        assert_eq!(f.send(a, &tcp(forged_ip, b, 1, 80, SYN)).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::SpoofedSourceIp), 1);
+        let forged_mac = Pod {
+            mac: [2, 9, 9, 9, 9, 9],
+            ..a
+        };
+        assert_eq!(f.send(a, &tcp(forged_mac, b, 1, 80, SYN)).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::SpoofedSourceMac), 1);
+        // b's own address sent from a's interface is spoofing too.
+        let as_b = Pod {
+            mac: a.mac,
+            host_mac: a.host_mac,
+            ..b
+        };
+        assert_eq!(f.send(a, &tcp(as_b, a, 1, 80, SYN)).0, TC_ACT_SHOT);
+    });
+}
+
+#[test]
+fn truncated_headers_are_dropped_as_malformed() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        let mut p = tcp(a, b, 1, 80, SYN);
+        p.truncate(14 + 20 + 2);
+        assert_eq!(f.send(a, &p).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::Malformed), 1);
+    });
+}
+
+#[test]
+fn sctp_is_allowed_only_on_the_allowed_port_and_never_by_a_tcp_rule() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.isolate(b, ENDPOINT_F_INGRESS_ISOLATED);
+        f.allow(b, Direction::Ingress, a.identity, SCTP, 80);
+        f.allow(b, Direction::Ingress, a.identity, TCP, 81);
+        assert_eq!(f.send(a, &sctp(a, b, 5000, 80)).0, TC_ACT_REDIRECT);
+        assert_eq!(
+            f.send(a, &sctp(a, b, 5001, 81)).0,
+            TC_ACT_SHOT,
+            "SCTP 81: only TCP 81 allowed"
+        );
+        assert_eq!(
+            f.send(a, &tcp(a, b, 5002, 80, SYN)).0,
+            TC_ACT_SHOT,
+            "TCP 80: only SCTP 80 allowed"
+        );
+        assert_eq!(f.send(a, &tcp(a, b, 5003, 81, SYN)).0, TC_ACT_REDIRECT);
+        assert_eq!(f.drops(DropReason::PolicyDeniedIngress), 2);
+    });
+}
+
+#[test]
+fn sctp_port_ranges_match_by_prefix() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.isolate(b, ENDPOINT_F_INGRESS_ISOLATED);
+        for (base, bits) in port_blocks(3000, 3999) {
+            f.policy.insert(
+                LpmKey {
+                    prefix_len: 80 + bits,
+                    data: PolicyKey {
+                        endpoint_id: b.id,
+                        identity: a.identity,
+                        direction: Direction::Ingress as u8,
+                        protocol: SCTP,
+                        dport: base.to_be_bytes(),
+                    },
+                },
+                PolicyEntry {
+                    flags: POLICY_F_ALLOW,
+                },
+            );
+        }
+        f.sync();
+        for (port, expected) in [
+            (2999, TC_ACT_SHOT),
+            (3000, TC_ACT_REDIRECT),
+            (3500, TC_ACT_REDIRECT),
+            (3999, TC_ACT_REDIRECT),
+            (4000, TC_ACT_SHOT),
+        ] {
+            assert_eq!(
+                f.send(a, &sctp(a, b, 7000, port)).0,
+                expected,
+                "port {port}"
+            );
+        }
+    });
+}
+
+#[test]
+fn replies_to_allowed_connections_pass_through_conntrack() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        // b may start nothing, a may start anything.
+        f.isolate(b, ENDPOINT_F_EGRESS_ISOLATED);
+        assert_eq!(
+            f.send(b, &tcp(b, a, 80, 40000, SYN)).0,
+            TC_ACT_SHOT,
+            "b cannot open"
+        );
+        assert_eq!(f.send(a, &tcp(a, b, 40000, 80, SYN)).0, TC_ACT_REDIRECT);
+        assert_eq!(
+            f.send(b, &tcp(b, a, 80, 40000, SYN | ACK)).0,
+            TC_ACT_REDIRECT,
+            "the reply passes"
+        );
+        assert_eq!(
+            f.send(b, &tcp(b, a, 80, 40001, SYN | ACK)).0,
+            TC_ACT_SHOT,
+            "not a reply to anything"
+        );
+    });
+}
+
+#[test]
+fn an_icmp_echo_request_is_never_taken_for_a_reply() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.isolate(a, ENDPOINT_F_INGRESS_ISOLATED);
+        // a pings b with id 7: tracked.
+        assert_eq!(f.send(a, &icmp_echo(a, b, 8, 7)).0, TC_ACT_REDIRECT);
+        // b's echo reply with that id is a reply.
+        assert_eq!(f.send(b, &icmp_echo(b, a, 0, 7)).0, TC_ACT_REDIRECT);
+        // b's echo *request* with the same id is a new flow into isolated a.
+        assert_eq!(f.send(b, &icmp_echo(b, a, 8, 7)).0, TC_ACT_SHOT);
+        // A reply nobody asked for is new too.
+        assert_eq!(f.send(b, &icmp_echo(b, a, 0, 8)).0, TC_ACT_SHOT);
+    });
+}
+
+#[test]
+fn icmp_errors_about_an_allowed_flow_pass_and_others_do_not() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.isolate(a, ENDPOINT_F_INGRESS_ISOLATED);
+        let query = udp(a, b, 5353, 9999);
+        assert_eq!(f.send(a, &query).0, TC_ACT_REDIRECT);
+        assert_eq!(
+            f.send(b, &icmp_unreachable(b, a, &query)).0,
+            TC_ACT_REDIRECT,
+            "related"
+        );
+        let untracked = udp(a, b, 5354, 9999);
+        assert_eq!(
+            f.send(b, &icmp_unreachable(b, a, &untracked)).0,
+            TC_ACT_SHOT
+        );
+    });
+}
+
+#[test]
+fn a_policy_change_cuts_established_flows_it_no_longer_allows() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.isolate(b, ENDPOINT_F_INGRESS_ISOLATED);
+        f.allow(b, Direction::Ingress, a.identity, UDP, 53);
+        assert_eq!(f.send(a, &udp(a, b, 1000, 53)).0, TC_ACT_REDIRECT);
+        assert_eq!(
+            f.send(a, &udp(a, b, 1000, 53)).0,
+            TC_ACT_REDIRECT,
+            "established"
+        );
+        f.policy.clear();
+        f.sync();
+        assert_eq!(
+            f.send(a, &udp(a, b, 1000, 53)).0,
+            TC_ACT_SHOT,
+            "re-checked and cut"
+        );
+        let tracked = f.dp.conntrack_entries().unwrap();
+        assert!(tracked.is_empty(), "the flow was forgotten: {tracked:?}");
+    });
+}
+
+#[test]
+fn the_node_reaches_isolated_pods_and_other_sources_need_a_rule() {
+    with_datapath(|f| {
+        let b = f.b;
+        f.isolate(b, ENDPOINT_F_INGRESS_ISOLATED);
+        let node = Pod { ip: GATEWAY, ..f.a };
+        assert_eq!(
+            f.deliver(b, &tcp(node, b, 50000, 8080, SYN)),
+            TC_ACT_OK,
+            "kubelet probe"
+        );
+        let world = Pod {
+            ip: Ipv4Addr::new(203, 0, 113, 5),
+            ..f.a
+        };
+        assert_eq!(f.deliver(b, &tcp(world, b, 50000, 8080, SYN)), TC_ACT_SHOT);
+        f.allow(b, Direction::Ingress, identity::WORLD, TCP, 8080);
+        assert_eq!(f.deliver(b, &tcp(world, b, 50001, 8080, SYN)), TC_ACT_OK);
+    });
+}
+
+#[test]
+fn a_pod_whose_policy_did_not_fit_drops_new_connections() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.isolate(
+            b,
+            ENDPOINT_F_INGRESS_ISOLATED | ENDPOINT_F_POLICY_INCOMPLETE,
+        );
+        f.allow(b, Direction::Ingress, identity::ANY, 0, 0);
+        assert_eq!(f.send(a, &tcp(a, b, 1, 80, SYN)).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::PolicyIncomplete), 1);
+    });
+}
+
+#[test]
+fn packets_on_an_interface_without_endpoint_are_dropped() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        let stray = nix::net::if_::if_nametoindex("eth-a").expect("ifindex");
+        let verdict =
+            f.dp.test_run(Program::FromContainer, &tcp(a, b, 1, 80, SYN), stray)
+                .unwrap()
+                .0;
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::NoEndpoint), 1);
+    });
+}
+
+#[test]
+fn drops_are_reported_on_the_ring_buffer_with_the_flow() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        let mut ring = f.dp.take_events().expect("ring buffer");
+        f.dp.set_event_mask(EVENTS_DROPS).unwrap();
+        f.isolate(b, ENDPOINT_F_INGRESS_ISOLATED);
+        assert_eq!(f.send(a, &tcp(a, b, 41000, 443, SYN)).0, TC_ACT_SHOT);
+        let item = ring.next().expect("an event");
+        assert_eq!(item.len(), std::mem::size_of::<FlowEvent>());
+        // SAFETY: the ring holds FlowEvent records written by the datapath.
+        let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        assert_eq!(e.kind, EVENT_DROP);
+        assert_eq!(e.reason, DropReason::PolicyDeniedIngress as u8);
+        assert_eq!((e.saddr, e.daddr), (a.ip.octets(), b.ip.octets()));
+        assert_eq!((e.sport, e.dport, e.protocol), (41000, 443, TCP));
+        assert_eq!((e.src_endpoint, e.dst_endpoint), (a.id, b.id));
+        assert_eq!((e.src_identity, e.dst_identity), (a.identity, b.identity));
+        drop(item);
+        assert!(ring.next().is_none(), "one drop, one event");
+    });
+}
