@@ -9,10 +9,17 @@ use std::{
 };
 
 use myelin_api::{
-    AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, Endpoint, EndpointRequest,
-    ErrorKind, GcRequest, GcResponse, ReleaseResponse, Status,
+    AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, DropCount, Endpoint,
+    EndpointRequest, ErrorKind, GcRequest, GcResponse, PodRef, PolicyStatus, PolicySummary,
+    ReleaseResponse, Status, TrackedFlow,
 };
-use myelin_common::identity;
+use myelin_common::{
+    config::{EVENTS_DROPS, EVENTS_VERDICTS},
+    conntrack::CT_F_SEEN_REPLY,
+    endpoint::ENDPOINT_F_POLICY_INCOMPLETE,
+    identity,
+};
+
 use tracing::{info, warn};
 
 use crate::{
@@ -172,9 +179,17 @@ impl<D: DatapathOps> Agent<D> {
         Ok(())
     }
 
-    /// Applies one change from a cluster-state source; returns what the maps changed.
-    pub fn apply_cluster_change(&mut self, change: Change) -> Result<Diff, DatapathError> {
-        if !self.index.apply(change) {
+    /// Applies a batch of changes from a cluster-state source, then brings the maps in line
+    /// once; returns what the maps changed.
+    pub fn apply_cluster_changes(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+    ) -> Result<Diff, DatapathError> {
+        let mut changed = false;
+        for change in changes {
+            changed |= self.index.apply(change);
+        }
+        if !changed {
             return Ok(Diff::default());
         }
         self.recompute_identities();
@@ -486,6 +501,100 @@ impl<D: DatapathOps> Agent<D> {
         self.ipam.gateway()
     }
 
+    /// The policies in force, with the local pods each selects.
+    pub fn policies(&self) -> PolicyStatus {
+        let pods: Vec<(PodRef, Arc<IdentityLabels>, u32)> = self
+            .endpoints
+            .iter()
+            .filter_map(|r| {
+                let pod = r.pod.clone()?;
+                let flags = self.datapath.endpoint(r.ip).map_or(0, |e| e.flags);
+                Some((pod, self.pod_identity_labels(r), flags))
+            })
+            .collect();
+        let usage = self.datapath.map_usage();
+        let (entries, capacity) = usage
+            .iter()
+            .find(|(name, _, _)| *name == myelin_common::maps::POLICY)
+            .map_or((0, 0), |(_, e, c)| (*e, *c as usize));
+        PolicyStatus {
+            policies: self
+                .index
+                .policies()
+                .map(|p| PolicySummary {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    ingress: p.ingress.is_some(),
+                    egress: p.egress.is_some(),
+                    selects: pods
+                        .iter()
+                        .filter(|(_, labels, _)| p.selects(labels))
+                        .map(|(pod, _, _)| pod.clone())
+                        .collect(),
+                })
+                .collect(),
+            entries,
+            capacity,
+            incomplete: pods
+                .iter()
+                .filter(|(_, _, flags)| flags & ENDPOINT_F_POLICY_INCOMPLETE != 0)
+                .map(|(pod, _, _)| pod.clone())
+                .collect(),
+        }
+    }
+
+    pub fn drops(&self) -> Vec<DropCount> {
+        self.datapath
+            .drops()
+            .into_iter()
+            .map(|(reason, packets, bytes)| DropCount {
+                reason: reason.name().to_string(),
+                packets,
+                bytes,
+            })
+            .collect()
+    }
+
+    pub fn conntrack(&self) -> Result<Vec<TrackedFlow>, ApiError> {
+        let now = crate::datapath::monotonic_ns();
+        Ok(self
+            .datapath
+            .conntrack()?
+            .into_iter()
+            .filter(|(_, e)| e.expires_ns > now)
+            .map(|(k, e)| {
+                let protocol = crate::events::protocol_name(k.protocol);
+                let endpoint = |addr: [u8; 4], port: u16| {
+                    crate::events::endpoint(Ipv4Addr::from(addr), u16::from_be(port), k.protocol)
+                };
+                TrackedFlow {
+                    protocol,
+                    src: endpoint(k.saddr, k.sport),
+                    dst: endpoint(k.daddr, k.dport),
+                    packets: e.packets,
+                    bytes: e.bytes,
+                    expires_in: (e.expires_ns - now) / 1_000_000_000,
+                    seen_reply: e.flags & CT_F_SEEN_REPLY != 0,
+                }
+            })
+            .collect())
+    }
+
+    /// Turns datapath events on (while someone watches) or off.
+    pub fn set_events(&mut self, on: bool) -> Result<(), DatapathError> {
+        let mask = if on {
+            EVENTS_DROPS | EVENTS_VERDICTS
+        } else {
+            0
+        };
+        self.datapath.set_event_mask(mask)
+    }
+
+    /// Removes expired conntrack entries.
+    pub fn gc_conntrack(&mut self) -> Result<usize, DatapathError> {
+        self.datapath.gc_conntrack()
+    }
+
     /// Values for the metrics endpoint.
     pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
         crate::metrics::Snapshot {
@@ -509,7 +618,6 @@ impl<D: DatapathOps> Agent<D> {
 mod tests {
     use std::collections::HashMap;
 
-    use myelin_api::PodRef;
     use myelin_common::{Ipv4Key, endpoint::ENDPOINT_F_INGRESS_ISOLATED};
 
     use super::*;
@@ -727,7 +835,7 @@ mod tests {
         let (pod, _) =
             PodInfo::from_k8s(&builders::pod("default", "a", &[("app", "web")], None)).unwrap();
         let diff = a
-            .apply_cluster_change(Change::Apply(Object::Pod(pod.clone())))
+            .apply_cluster_changes([Change::Apply(Object::Pod(pod.clone()))])
             .unwrap();
         assert_eq!(
             diff.updated, 3,
@@ -738,7 +846,7 @@ mod tests {
         // The same event again changes nothing and writes nothing.
         let writes = a.datapath().endpoints.map().writes;
         assert!(
-            a.apply_cluster_change(Change::Apply(Object::Pod(pod)))
+            a.apply_cluster_changes([Change::Apply(Object::Pod(pod))])
                 .unwrap()
                 .is_empty()
         );

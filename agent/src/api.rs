@@ -11,7 +11,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Query, State, rejection::JsonRejection},
+    extract::{FromRef, Query, State, rejection::JsonRejection},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post, put},
@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tokio::net::UnixListener;
 use tracing::{debug, warn};
 
-use crate::{agent::Agent, datapath::DatapathOps};
+use crate::{agent::Agent, datapath::DatapathOps, events::EventSender};
 
 pub type SharedAgent<D> = Arc<Mutex<Agent<D>>>;
 
@@ -97,7 +97,28 @@ fn lock<D>(agent: &SharedAgent<D>) -> std::sync::MutexGuard<'_, Agent<D>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-pub fn router<D: DatapathOps + 'static>(agent: SharedAgent<D>) -> Router {
+/// What the API handlers share.
+pub struct ApiState<D> {
+    pub agent: SharedAgent<D>,
+    pub events: EventSender,
+}
+
+impl<D> Clone for ApiState<D> {
+    fn clone(&self) -> Self {
+        Self {
+            agent: Arc::clone(&self.agent),
+            events: self.events.clone(),
+        }
+    }
+}
+
+impl<D> FromRef<ApiState<D>> for SharedAgent<D> {
+    fn from_ref(state: &ApiState<D>) -> Self {
+        Arc::clone(&state.agent)
+    }
+}
+
+pub fn router<D: DatapathOps + 'static>(state: ApiState<D>) -> Router {
     Router::new()
         .route("/v1/ipam", post(allocate::<D>).delete(release::<D>))
         .route(
@@ -108,10 +129,14 @@ pub fn router<D: DatapathOps + 'static>(agent: SharedAgent<D>) -> Router {
         )
         .route("/v1/gc", post(gc::<D>))
         .route("/v1/status", get(status::<D>))
+        .route("/v1/policies", get(policies::<D>))
+        .route("/v1/drops", get(drops::<D>))
+        .route("/v1/conntrack", get(conntrack::<D>))
+        .route("/v1/events", get(events::<D>))
         .fallback(|| async {
             ErrorResponse(ApiError::new(ErrorKind::NotFound, "no such API route"))
         })
-        .with_state(agent)
+        .with_state(state)
 }
 
 async fn allocate<D: DatapathOps>(
@@ -165,6 +190,70 @@ async fn gc<D: DatapathOps>(
 
 async fn status<D: DatapathOps>(State(agent): State<SharedAgent<D>>) -> Json<myelin_api::Status> {
     Json(lock(&agent).status())
+}
+
+async fn policies<D: DatapathOps>(
+    State(agent): State<SharedAgent<D>>,
+) -> Json<myelin_api::PolicyStatus> {
+    Json(lock(&agent).policies())
+}
+
+async fn drops<D: DatapathOps>(
+    State(agent): State<SharedAgent<D>>,
+) -> Json<Vec<myelin_api::DropCount>> {
+    Json(lock(&agent).drops())
+}
+
+async fn conntrack<D: DatapathOps>(
+    State(agent): State<SharedAgent<D>>,
+) -> ApiResult<Vec<myelin_api::TrackedFlow>> {
+    Ok(Json(lock(&agent).conntrack()?))
+}
+
+/// Turns datapath events off again when the last stream closes.
+struct EventsGuard<D: DatapathOps> {
+    state: ApiState<D>,
+}
+
+impl<D: DatapathOps> Drop for EventsGuard<D> {
+    fn drop(&mut self) {
+        // This stream's receiver is still counted while the guard drops.
+        if self.state.events.receiver_count() <= 1
+            && let Err(e) = lock(&self.state.agent).set_events(false)
+        {
+            warn!(error = %e, "turning datapath events off failed");
+        }
+    }
+}
+
+/// Newline-delimited JSON events until the client goes away.
+async fn events<D: DatapathOps + 'static>(
+    State(state): State<ApiState<D>>,
+) -> Result<Response, ErrorResponse> {
+    let rx = state.events.subscribe();
+    lock(&state.agent)
+        .set_events(true)
+        .map_err(ApiError::from)?;
+    let guard = EventsGuard { state };
+    let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(event) => {
+                    let mut line = serde_json::to_vec(&event).unwrap_or_default();
+                    line.push(b'\n');
+                    return Some((Ok::<_, std::convert::Infallible>(line), (rx, guard)));
+                }
+                // A slow reader misses events rather than slowing the agent down.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok((
+        [("content-type", "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 /// Binds the socket: removes a stale one, creates the directory (0700) and restricts the socket

@@ -17,7 +17,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     agent::{Agent, SystemInterfaces},
@@ -25,6 +25,7 @@ use crate::{
     config::AgentConfig,
     datapath::Datapath,
     endpoint::EndpointStore,
+    events,
     index::{Change, ClusterIndex, Kind},
     ipam::Ipam,
     metrics::{self, KindLabel, Metrics},
@@ -35,6 +36,9 @@ use crate::{
         kubernetes::{self, KubernetesSource},
     },
 };
+
+/// How often expired conntrack entries are removed (the LRU map also evicts when full).
+const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How long to wait for a pod CIDR before saying so again.
 const CIDR_WAIT_REPORT: Duration = Duration::from_secs(10);
@@ -133,8 +137,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .await
         .context("setting up the node's network")?;
     bpffs::ensure_mounted(&config.bpffs)?;
-    let datapath = Datapath::load(&config.bpffs, config.attach_mode, config.limits())
+    let mut datapath = Datapath::load(&config.bpffs, config.attach_mode, config.limits())
         .context("loading the eBPF datapath")?;
+    let (events, _) = tokio::sync::broadcast::channel(events::STREAM_BUFFER);
+    if let Some(ring) = datapath.take_events() {
+        tokio::spawn(events::read(ring, events.clone()));
+    }
     let removed = datapath
         .remove_stale_link_pins(&|ifname| endpoints.iter().any(|r| r.host_ifname == ifname));
     if removed > 0 {
@@ -161,7 +169,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let agent = Arc::new(Mutex::new(agent));
 
     let listener = api::bind(&config.socket)?;
-    let api_task = tokio::spawn(api::serve(listener, api::router(Arc::clone(&agent))));
+    let api_task = tokio::spawn(api::serve(
+        listener,
+        api::router(api::ApiState {
+            agent: Arc::clone(&agent),
+            events,
+        }),
+    ));
     info!(socket = %config.socket.display(), "API listening");
 
     let metrics_task = config.metrics_addr.0.map(|addr| {
@@ -179,17 +193,23 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut reported_cidr = None;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut conntrack_gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
     loop {
         tokio::select! {
+            _ = conntrack_gc.tick() => match api_lock(&agent).gc_conntrack() {
+                Ok(0) => {}
+                Ok(n) => debug!(removed = n, "conntrack garbage collected"),
+                Err(e) => warn!("conntrack garbage collection failed: {e}"),
+            },
             event = rx.recv() => match event {
                 Some(SourceEvent::Changes(changes)) => {
                     let started = Instant::now();
                     let mut agent = api_lock(&agent);
-                    for change in changes {
-                        count_event(&metrics, &change);
-                        if let Err(e) = agent.apply_cluster_change(change) {
-                            error!("updating the datapath after a cluster change failed: {e}");
-                        }
+                    for change in &changes {
+                        count_event(&metrics, change);
+                    }
+                    if let Err(e) = agent.apply_cluster_changes(changes) {
+                        error!("updating the datapath after a cluster change failed: {e}");
                     }
                     metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
                     let listed = agent.index().node(&node_name).and_then(|n| n.pod_cidr);

@@ -69,12 +69,7 @@ pub fn compute(inputs: &Inputs<'_>) -> DesiredState {
     for ep in inputs.endpoints.iter().filter(|e| e.live) {
         let mut flags = 0;
         let mut entries = BTreeSet::new();
-        let ns = &ep.labels.namespace;
-        for policy in inputs
-            .index
-            .policies()
-            .filter(|p| &p.namespace == ns && p.pod_selector.matches(&ep.labels.pod_labels))
-        {
+        for policy in inputs.index.policies().filter(|p| p.selects(&ep.labels)) {
             let rules = [
                 (
                     Direction::Ingress,

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod desired;
 pub mod endpoint;
+pub mod events;
 pub mod index;
 pub mod ipam;
 pub mod mac;

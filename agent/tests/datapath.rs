@@ -539,7 +539,7 @@ fn a_policy_change_cuts_established_flows_it_no_longer_allows() {
             TC_ACT_SHOT,
             "re-checked and cut"
         );
-        let tracked = f.dp.conntrack_entries().unwrap();
+        let tracked = f.dp.conntrack().unwrap();
         assert!(tracked.is_empty(), "the flow was forgotten: {tracked:?}");
     });
 }

@@ -13,8 +13,9 @@ use std::{
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
-    AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, Endpoint, EndpointRequest,
-    GcRequest, GcResponse, ReleaseResponse, Status,
+    AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, DropCount, Endpoint,
+    EndpointRequest, FlowEvent, GcRequest, GcResponse, PolicyStatus, ReleaseResponse, Status,
+    TrackedFlow,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +118,67 @@ impl Client {
 
     pub fn status(&self) -> Result<Status, ClientError> {
         self.request::<(), _>("GET", "/v1/status", None)
+    }
+
+    pub fn policies(&self) -> Result<PolicyStatus, ClientError> {
+        self.request::<(), _>("GET", "/v1/policies", None)
+    }
+
+    pub fn drops(&self) -> Result<Vec<DropCount>, ClientError> {
+        self.request::<(), _>("GET", "/v1/drops", None)
+    }
+
+    pub fn conntrack(&self) -> Result<Vec<TrackedFlow>, ClientError> {
+        self.request::<(), _>("GET", "/v1/conntrack", None)
+    }
+
+    /// Streams datapath events to `on_event` until it returns false or the agent closes the
+    /// stream. The datapath reports events while at least one stream is open.
+    pub fn events(&self, mut on_event: impl FnMut(FlowEvent) -> bool) -> Result<(), ClientError> {
+        use std::io::BufRead as _;
+        let mut stream =
+            UnixStream::connect(&self.socket).map_err(|source| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        // HTTP/1.0: the agent streams the body and closes at the end, no chunking to undo.
+        stream
+            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: myelin-agent\r\n\r\n")
+            .map_err(ClientError::Io)?;
+        let mut reader = std::io::BufReader::new(stream);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).map_err(ClientError::Io)? == 0 {
+                return Err(ClientError::Protocol(
+                    "the agent closed the event stream".into(),
+                ));
+            }
+            if line.starts_with("HTTP/") && !line.contains(" 200 ") {
+                return Err(ClientError::Protocol(format!(
+                    "event stream refused: {}",
+                    line.trim()
+                )));
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).map_err(ClientError::Io)? == 0 {
+                return Ok(());
+            }
+            let trimmed = line.trim();
+            if trimmed.is_empty() {
+                continue;
+            }
+            let event = serde_json::from_str(trimmed)
+                .map_err(|e| ClientError::Protocol(format!("bad event {trimmed:?}: {e}")))?;
+            if !on_event(event) {
+                return Ok(());
+            }
+        }
     }
 
     fn request<B: Serialize, R: DeserializeOwned>(

@@ -12,6 +12,10 @@
 //! | `DELETE` | `/v1/endpoints?containerId=&ifname=` | | [`DeleteResponse`] |
 //! | `POST` | `/v1/gc` | [`GcRequest`] | [`GcResponse`] |
 //! | `GET` | `/v1/status` | | [`Status`] |
+//! | `GET` | `/v1/policies` | | [`PolicyStatus`] |
+//! | `GET` | `/v1/drops` | | `[`[`DropCount`]`]` |
+//! | `GET` | `/v1/conntrack` | | `[`[`TrackedFlow`]`]` |
+//! | `GET` | `/v1/events` | | newline-delimited [`FlowEvent`]s, streamed until closed |
 //!
 //! Every error is an [`ApiError`] body with a matching HTTP status.
 
@@ -185,7 +189,78 @@ pub struct Status {
     pub version: String,
 }
 
+/// A NetworkPolicy the agent enforces, and the local pods it selects.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySummary {
+    pub namespace: String,
+    pub name: String,
+    /// The policy isolates the pods it selects for ingress / egress.
+    pub ingress: bool,
+    pub egress: bool,
+    /// Local endpoints it selects.
+    pub selects: Vec<PodRef>,
+}
+
+/// `GET /v1/policies`: the policies in force on this node. Everything listed is in the maps.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    pub policies: Vec<PolicySummary>,
+    /// Entries in the policy map, and its capacity.
+    pub entries: usize,
+    pub capacity: usize,
+    /// Local pods whose entries did not fit: their new connections are dropped.
+    pub incomplete: Vec<PodRef>,
+}
+
+/// Packets dropped for one reason, since the datapath was loaded the first time.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DropCount {
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A connection conntrack knows, in the direction it was opened.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackedFlow {
+    pub protocol: String,
+    pub src: String,
+    pub dst: String,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Seconds until the entry expires unless a packet refreshes it.
+    pub expires_in: u64,
+    pub seen_reply: bool,
+}
+
+/// A datapath event: a dropped packet, or a new connection that policy allowed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowEvent {
+    /// `drop` or `allowed`.
+    pub kind: String,
+    /// Why it was dropped (drops only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `ingress` or `egress`, relative to the pod whose policy decided.
+    pub direction: String,
+    pub protocol: String,
+    /// `ip:port` (ICMP: `ip`).
+    pub src: String,
+    pub dst: String,
+    /// Local endpoint ids (0: not a local pod) and identities.
+    pub src_endpoint: u32,
+    pub dst_endpoint: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+}
+
 /// What went wrong, in a form the plugin can map to a CNI error code.
+
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase")]
 pub enum ErrorKind {

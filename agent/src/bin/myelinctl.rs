@@ -29,6 +29,18 @@ enum Command {
     Status,
     /// Local endpoints with their identity and packet counters.
     Endpoints,
+    /// NetworkPolicies in force and the local pods each selects.
+    Policies,
+    /// Packets dropped by the datapath, by reason.
+    Drops,
+    /// Connections conntrack is tracking.
+    Conntrack,
+    /// Stream drops and new allowed connections as they happen (Ctrl-C to stop).
+    Monitor {
+        /// Show only drops.
+        #[arg(long)]
+        drops: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,6 +99,88 @@ fn main() -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        Command::Policies => {
+            let p = client
+                .policies()
+                .context("asking the agent for its policies")?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+                return Ok(());
+            }
+            println!("{:<40} {:<8} {:<8} SELECTS", "POLICY", "INGRESS", "EGRESS");
+            for policy in &p.policies {
+                let selects: Vec<String> = policy.selects.iter().map(|s| s.name.clone()).collect();
+                println!(
+                    "{:<40} {:<8} {:<8} {}",
+                    format!("{}/{}", policy.namespace, policy.name),
+                    policy.ingress,
+                    policy.egress,
+                    selects.join(",")
+                );
+            }
+            println!("policy map: {} of {} entries", p.entries, p.capacity);
+            for pod in &p.incomplete {
+                println!(
+                    "INCOMPLETE: {}/{} (its entries did not fit; new connections are dropped)",
+                    pod.namespace, pod.name
+                );
+            }
+        }
+        Command::Drops => {
+            let drops = client
+                .drops()
+                .context("asking the agent for drop counters")?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&drops)?);
+                return Ok(());
+            }
+            println!("{:<24} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
+            for d in drops {
+                println!("{:<24} {:>12} {:>14}", d.reason, d.packets, d.bytes);
+            }
+        }
+        Command::Conntrack => {
+            let flows = client
+                .conntrack()
+                .context("asking the agent for conntrack")?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<6} {:<22} {:<22} {:>8} {:>10} {:>8} REPLIED",
+                "PROTO", "SOURCE", "DESTINATION", "PACKETS", "BYTES", "EXPIRES"
+            );
+            for f in flows {
+                println!(
+                    "{:<6} {:<22} {:<22} {:>8} {:>10} {:>7}s {}",
+                    f.protocol, f.src, f.dst, f.packets, f.bytes, f.expires_in, f.seen_reply
+                );
+            }
+        }
+        Command::Monitor { drops } => {
+            client
+                .events(|e| {
+                    if drops && e.kind != "drop" {
+                        return true;
+                    }
+                    if cli.json {
+                        println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                    } else {
+                        println!(
+                            "{:<7} {:<5} {:<22} -> {:<22} {:<8} {}",
+                            e.kind,
+                            e.protocol,
+                            e.src,
+                            e.dst,
+                            e.direction,
+                            e.reason.unwrap_or_default()
+                        );
+                    }
+                    true
+                })
+                .context("streaming events from the agent")?;
         }
     }
     Ok(())

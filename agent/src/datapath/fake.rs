@@ -19,6 +19,7 @@ pub struct FakeDatapath {
     pub policy: Reconciler<LpmKey<PolicyKey>, PolicyEntry, FakeMap<LpmKey<PolicyKey>, PolicyEntry>>,
     /// Bumped like the real datapath's policy revision.
     pub revision: u32,
+    pub event_mask: u32,
     pub counter_ids: BTreeSet<u32>,
     pub attached: BTreeSet<String>,
     /// Interface names whose attach fails (to test rollback).
@@ -34,6 +35,7 @@ impl FakeDatapath {
             ipcache: Reconciler::new(FakeMap::new("ipcache", 4096)).expect("fake map"),
             policy: Reconciler::new(FakeMap::new("policy", 4096)).expect("fake map"),
             revision: 0,
+            event_mask: 0,
             counter_ids: BTreeSet::new(),
             attached: BTreeSet::new(),
             fail_attach: BTreeSet::new(),
@@ -80,6 +82,23 @@ impl DatapathOps for FakeDatapath {
 
     fn gc_conntrack(&mut self) -> Result<usize, DatapathError> {
         Ok(0)
+    }
+
+    fn conntrack(
+        &self,
+    ) -> Result<
+        Vec<(
+            myelin_common::conntrack::CtKey,
+            myelin_common::conntrack::CtEntry,
+        )>,
+        DatapathError,
+    > {
+        Ok(Vec::new())
+    }
+
+    fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
+        self.event_mask = mask;
+        Ok(())
     }
 
     fn endpoint_counters(&self, _id: u32) -> EndpointCounters {

@@ -183,6 +183,10 @@ pub trait DatapathOps: Send {
     fn policy_capacity(&self) -> usize;
     /// Removes expired conntrack entries; returns how many.
     fn gc_conntrack(&mut self) -> Result<usize, DatapathError>;
+    /// Every tracked flow.
+    fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError>;
+    /// Which events the datapath emits (`myelin_common::config::EVENTS_*`).
+    fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError>;
     fn endpoint_counters(&self, id: u32) -> EndpointCounters;
     /// The endpoint entry the maps hold for an address.
     fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo>;
@@ -291,14 +295,6 @@ impl Datapath {
         self.events.take()
     }
 
-    /// Which events the datapath emits (`myelin_common::config::EVENTS_*`).
-    pub fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
-        self.write_config(DatapathConfig {
-            events: mask,
-            ..self.config_value
-        })
-    }
-
     fn write_config(&mut self, value: DatapathConfig) -> Result<(), DatapathError> {
         self.config
             .set(0, value, 0)
@@ -339,18 +335,6 @@ impl Datapath {
             })?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value as i32, out))
-    }
-
-    /// The flows conntrack holds (for `myelinctl` and tests).
-    pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
-        Ok(self
-            .conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|source| TableError::Map {
-                map: maps::CONNTRACK,
-                source,
-            })?)
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -533,10 +517,28 @@ impl DatapathOps for Datapath {
         self.policy.map().capacity() as usize
     }
 
+    fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
+        Ok(self
+            .conntrack
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| TableError::Map {
+                map: maps::CONNTRACK,
+                source,
+            })?)
+    }
+
+    fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
+        self.write_config(DatapathConfig {
+            events: mask,
+            ..self.config_value
+        })
+    }
+
     fn gc_conntrack(&mut self) -> Result<usize, DatapathError> {
         let now = monotonic_ns();
         let expired: Vec<CtKey> = self
-            .conntrack_entries()?
+            .conntrack()?
             .into_iter()
             .filter(|(_, e)| e.expires_ns < now)
             .map(|(k, _)| k)
@@ -599,7 +601,7 @@ impl DatapathOps for Datapath {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)

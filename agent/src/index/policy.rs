@@ -189,6 +189,12 @@ pub struct PolicyInfo {
 }
 
 impl PolicyInfo {
+    /// Whether the policy applies to a pod with these identity labels (same namespace, pod
+    /// selector matches).
+    pub fn selects(&self, pod: &super::IdentityLabels) -> bool {
+        self.namespace == pod.namespace && self.pod_selector.matches(&pod.pod_labels)
+    }
+
     pub fn from_k8s(np: &NetworkPolicy) -> Result<Self, PolicyError> {
         let name = np.metadata.name.clone().unwrap_or_default();
         let namespace = np.metadata.namespace.clone().unwrap_or_default();
