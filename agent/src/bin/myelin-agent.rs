@@ -7,7 +7,15 @@ use tracing_subscriber::EnvFilter;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = AgentConfig::parse();
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|e| {
+    // kube's client logs an error for every failed connection while the API server is away;
+    // the source already reports that once per retry, so keep kube quiet unless asked for.
+    let directives = if config.log_level.contains("kube") {
+        config.log_level.clone()
+    } else {
+        format!("{},kube_client::client::builder=off", config.log_level)
+    };
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+
         eprintln!(
             "invalid --log-level {:?} ({e}); using info",
             config.log_level
@@ -17,6 +25,9 @@ async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: log files and container logs stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+
         .init();
     match myelin_agent::daemon::run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
