@@ -49,6 +49,8 @@ pub struct NodeSpec {
     /// Print the agent's log when the node is dropped. On for tests (libtest shows it only
     /// for failing ones), off for the demo.
     pub echo_agent_log_on_drop: bool,
+    /// More agent flags, after the harness's own (e.g. `--attach-mode tc`).
+    pub agent_args: Vec<String>,
 }
 
 impl NodeSpec {
@@ -63,7 +65,14 @@ impl NodeSpec {
             cluster_yaml: None,
             binaries: None,
             echo_agent_log_on_drop: true,
+            agent_args: Vec::new(),
         }
+    }
+
+    /// Adds agent flags.
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
     pub fn pod_cidr(mut self, cidr: impl Into<String>) -> Self {
@@ -90,6 +99,7 @@ pub struct Node {
     agent: Option<Child>,
     status_at_start: Option<Status>,
     echo_agent_log_on_drop: bool,
+    agent_args: Vec<String>,
 }
 
 impl Node {
@@ -119,6 +129,7 @@ impl Node {
             agent: None,
             status_at_start: None,
             echo_agent_log_on_drop: spec.echo_agent_log_on_drop,
+            agent_args: spec.agent_args,
         };
         for sub in ["state", "bpffs", "cluster"] {
             let path = node.dir.path().join(sub);
@@ -226,6 +237,7 @@ impl Node {
             .arg(&self.pod_cidr)
             .arg("--metrics-addr")
             .arg("127.0.0.1:9962")
+            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

@@ -219,3 +219,56 @@ fn pods_keep_connectivity_while_the_agent_restarts() -> Result<()> {
     tcp_echo(&a, &c, 0)?;
     Ok(())
 }
+
+/// Kernels before 6.6 have no tcx: the agent attaches with a clsact qdisc and direct-action
+/// filters instead. Forced here with `--attach-mode tc`, on this kernel.
+#[test]
+fn clsact_attachment_carries_traffic_and_survives_a_restart() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut node = Node::start(
+        &run,
+        NodeSpec::new("node").agent_args(&["--attach-mode", "tc"]),
+    )?;
+    assert_eq!(node.status()?.attach_mode, "tc");
+    let a = node.add_pod("default", "a")?;
+    let b = node.add_pod("default", "b")?;
+    let host_veth = |pod: &Pod| {
+        pod.result()["interfaces"][0]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let filters = |node: &Node, pod: &Pod| -> Result<String> {
+        let out = node
+            .netns()
+            .command("tc")?
+            .args(["filter", "show", "dev", &host_veth(pod), "ingress"])
+            .output()
+            .map_err(myelin_tests::Error::io("running tc"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert!(
+        filters(&node, &a)?.contains("from_container"),
+        "no clsact filter on {}",
+        host_veth(&a)
+    );
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        ping(from, to)?;
+        tcp_echo(from, to, 0)?;
+    }
+    node.stop_agent()?;
+    ping(&a, &b)?;
+    node.start_agent()?;
+    ping(&a, &b)?;
+    let after = filters(&node, &a)?;
+    assert_eq!(
+        after.matches("direct-action").count(),
+        1,
+        "the restarted agent replaced the filter rather than adding one:\n{after}"
+    );
+    node.delete_pod(a)?;
+    node.delete_pod(b)?;
+    Ok(())
+}
