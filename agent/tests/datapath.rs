@@ -284,6 +284,16 @@ fn frame(
     p
 }
 
+/// Turns a frame into a fragment: IP id, more-fragments flag, offset in 8-byte units.
+fn set_fragment(p: &mut [u8], id: u16, more: bool, offset: u16) {
+    p[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
+    let flags = offset | if more { 0x2000 } else { 0 };
+    p[14 + 6..14 + 8].copy_from_slice(&flags.to_be_bytes());
+    p[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let sum = checksum(&p[14..34]);
+    p[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+}
+
 fn ports(sport: u16, dport: u16, len: usize) -> Vec<u8> {
     let mut l4 = vec![0u8; len];
     l4[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -541,6 +551,29 @@ fn a_policy_change_cuts_established_flows_it_no_longer_allows() {
         );
         let tracked = f.dp.conntrack().unwrap();
         assert!(tracked.is_empty(), "the flow was forgotten: {tracked:?}");
+    });
+}
+
+#[test]
+fn later_fragments_of_an_allowed_datagram_pass_and_stray_ones_do_not() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.isolate(b, ENDPOINT_F_INGRESS_ISOLATED);
+        f.allow(b, Direction::Ingress, a.identity, UDP, 53);
+        let mut first = udp(a, b, 5000, 53);
+        set_fragment(&mut first, 77, true, 0);
+        assert_eq!(f.send(a, &first).0, TC_ACT_REDIRECT);
+        // A later fragment has no UDP header: the ports come from the first one.
+        let mut later = frame(a.mac, a.host_mac, a.ip, b.ip, UDP, &[0xab; 16]);
+        set_fragment(&mut later, 77, false, 185);
+        assert_eq!(f.send(a, &later).0, TC_ACT_REDIRECT);
+        let mut stray = later.clone();
+        set_fragment(&mut stray, 78, false, 185);
+        assert_eq!(
+            f.send(a, &stray).0,
+            TC_ACT_SHOT,
+            "no first fragment: portless, denied"
+        );
     });
 }
 

@@ -22,6 +22,8 @@ mod endpoint;
 #[cfg(target_arch = "bpf")]
 mod events;
 #[cfg(target_arch = "bpf")]
+mod fragments;
+#[cfg(target_arch = "bpf")]
 mod ipcache;
 #[cfg(target_arch = "bpf")]
 mod packet;

@@ -6,6 +6,8 @@
 
 use aya_ebpf::programs::TcContext;
 
+use crate::fragments;
+
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -20,6 +22,10 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// IPv4 flags and fragment offset (host order): more fragments follow; offset mask.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
@@ -183,8 +189,15 @@ pub fn arp_sender_ip(ctx: &TcContext) -> Option<[u8; 4]> {
 #[inline(always)]
 pub fn flow(ctx: &TcContext, ip: *const Ipv4Hdr) -> Option<Flow> {
     // SAFETY: `ip` was validated by `ipv4`.
-    let (saddr, daddr, protocol, frag_off) =
-        unsafe { ((*ip).saddr, (*ip).daddr, (*ip).protocol, (*ip).frag_off) };
+    let (saddr, daddr, protocol, frag_off, id) = unsafe {
+        (
+            (*ip).saddr,
+            (*ip).daddr,
+            (*ip).protocol,
+            (*ip).frag_off,
+            (*ip).id,
+        )
+    };
     let mut flow = Flow {
         saddr,
         daddr,
@@ -195,8 +208,14 @@ pub fn flow(ctx: &TcContext, ip: *const Ipv4Hdr) -> Option<Flow> {
         icmp: Icmp::None,
         inner: Tuple::default(),
     };
-    // Later fragments carry no transport header: they match port-less rules only.
-    if u16::from_be(frag_off) & 0x1fff != 0 {
+    let frag_off = u16::from_be(frag_off);
+    // Later fragments carry no transport header: they take their datagram's ports from its
+    // first fragment, or match port-less rules only when that was not seen.
+    if frag_off & IP_OFFSET != 0 {
+        if let Some((sport, dport)) = fragments::ports(saddr, daddr, id, protocol) {
+            flow.sport = sport;
+            flow.dport = dport;
+        }
         return Some(flow);
     }
     let l4 = ETH_HLEN + ihl(ip);
@@ -213,6 +232,9 @@ pub fn flow(ctx: &TcContext, ip: *const Ipv4Hdr) -> Option<Flow> {
                 let flags: *const u8 = ptr_at(ctx, l4 + 13)?;
                 // SAFETY: bounds-checked by `ptr_at`.
                 flow.tcp_flags = unsafe { *flags };
+            }
+            if frag_off & IP_MF != 0 {
+                fragments::remember(saddr, daddr, id, protocol, flow.sport, flow.dport);
             }
         }
         IPPROTO_ICMP => {
