@@ -15,7 +15,6 @@ async fn main() -> std::process::ExitCode {
         format!("{},kube_client::client::builder=off", config.log_level)
     };
     let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
-
         eprintln!(
             "invalid --log-level {:?} ({e}); using info",
             config.log_level
@@ -27,7 +26,6 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         // Colours only on a terminal: log files and container logs stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-
         .init();
     match myelin_agent::daemon::run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
