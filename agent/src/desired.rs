@@ -54,17 +54,13 @@ pub struct Inputs<'a> {
 }
 
 pub fn compute(inputs: &Inputs<'_>) -> DesiredState {
-    let prefixes = PolicyPrefixes::collect(inputs.index);
+    let egress_ports = EgressNamedPorts::build(inputs);
+    let prefixes = PolicyPrefixes::collect(inputs.index, egress_ports.addresses());
     let mut desired = DesiredState {
         ipcache: ipcache(inputs, &prefixes),
         ..DesiredState::default()
     };
 
-    let egress_ports = if needs_egress_named_ports(inputs.index) {
-        PortsByIdentity::build(inputs)
-    } else {
-        PortsByIdentity::default()
-    };
     let mut per_endpoint: Vec<(u32, u32, BTreeSet<LpmKey<PolicyKey>>)> = Vec::new();
     for ep in inputs.endpoints.iter().filter(|e| e.live) {
         let mut flags = 0;
@@ -94,6 +90,7 @@ pub fn compute(inputs: &Inputs<'_>) -> DesiredState {
                         peers: &peers,
                         own_ports: ep.ports,
                         egress_ports: &egress_ports,
+                        prefixes: &prefixes,
                     };
                     ctx.entries(rule, &mut entries);
                 }
@@ -205,14 +202,15 @@ fn ipcache(
     out
 }
 
-/// Every prefix named by a policy's ipBlock (cidr and except), each with an identity.
+/// Every prefix named by a policy's ipBlock (cidr and except), plus the /32 of every pod that
+/// needs an identity of its own (see [`EgressNamedPorts`]), each with an identity.
 struct PolicyPrefixes {
     ids: BTreeMap<Ipv4Net, u32>,
 }
 
 impl PolicyPrefixes {
-    fn collect(index: &ClusterIndex) -> Self {
-        let mut nets = BTreeSet::new();
+    fn collect(index: &ClusterIndex, hosts: impl Iterator<Item = Ipv4Addr>) -> Self {
+        let mut nets: BTreeSet<Ipv4Net> = hosts.map(|ip| Ipv4Net::from(ip)).collect();
         for policy in index.policies() {
             for rule in policy.ingress.iter().chain(policy.egress.iter()).flatten() {
                 for peer in rule.peers.iter().flatten() {
@@ -236,6 +234,11 @@ impl PolicyPrefixes {
             ids.insert(net, id);
         }
         Self { ids }
+    }
+
+    /// The identity of an address that has a /32 of its own.
+    fn host(&self, ip: Ipv4Addr) -> Option<u32> {
+        self.ids.get(&Ipv4Net::from(ip)).copied()
     }
 
     /// The identity of the longest prefix containing `ip`.
@@ -292,30 +295,101 @@ fn peer_identities(
     out.into_iter().collect()
 }
 
-fn needs_egress_named_ports(index: &ClusterIndex) -> bool {
-    index
-        .policies()
-        .flat_map(|p| p.egress.iter().flatten())
-        .flat_map(|r| r.ports.iter().flatten())
-        .any(|s| matches!(s.port, PortMatch::Named(_)))
+/// Where the named ports of egress rules lead. A named port is a property of the destination
+/// pod, but policy entries are keyed by identity: when every pod of an identity gives a name the
+/// same numbers (the usual case), the entries are written for the identity; when pods sharing
+/// labels disagree, each of them gets a /32 policy prefix, hence an identity of its own (its
+/// ipcache `cidr_identity`), and the entries are written per pod.
+#[derive(Default)]
+struct EgressNamedPorts {
+    by_name: BTreeMap<(String, Protocol), BTreeMap<u32, NamedTargets>>,
 }
 
-/// Container ports of the pods of each identity: named ports of egress rules resolve against
-/// the destination pod.
-#[derive(Default)]
-struct PortsByIdentity(BTreeMap<u32, Vec<ContainerPort>>);
+enum NamedTargets {
+    /// Every pod of the identity: these ports.
+    Uniform(BTreeSet<u16>),
+    /// Per pod address.
+    PerPod(Vec<(Ipv4Addr, BTreeSet<u16>)>),
+}
 
-impl PortsByIdentity {
+impl EgressNamedPorts {
     fn build(inputs: &Inputs<'_>) -> Self {
-        let mut map: BTreeMap<u32, Vec<ContainerPort>> = BTreeMap::new();
-        for pod in inputs.index.pods() {
-            if let Some(labels) = inputs.index.pod_identity_labels(&pod.namespace, &pod.name)
-                && let Some(id) = inputs.identities.get(labels)
-            {
-                map.entry(id).or_default().extend(pod.ports.iter().cloned());
-            }
+        let in_use: BTreeSet<(String, Protocol)> = inputs
+            .index
+            .policies()
+            .flat_map(|p| p.egress.iter().flatten())
+            .flat_map(|r| r.ports.iter().flatten())
+            .filter_map(|s| match &s.port {
+                PortMatch::Named(name) => Some((name.clone(), s.protocol)),
+                _ => None,
+            })
+            .collect();
+        if in_use.is_empty() {
+            return Self::default();
         }
-        Self(map)
+        // Local pods' addresses come from CNI; the API's podIP may lag or be absent.
+        let local: BTreeMap<(&str, &str), Ipv4Addr> = inputs
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let pod = e.record.pod.as_ref()?;
+                Some(((pod.namespace.as_str(), pod.name.as_str()), e.record.ip))
+            })
+            .collect();
+        let mut by_name = BTreeMap::new();
+        for (name, protocol) in in_use {
+            let mut per_identity: BTreeMap<u32, Vec<(Option<Ipv4Addr>, BTreeSet<u16>)>> =
+                BTreeMap::new();
+            for pod in inputs.index.pods() {
+                let Some(id) = inputs
+                    .index
+                    .pod_identity_labels(&pod.namespace, &pod.name)
+                    .and_then(|l| inputs.identities.get(l))
+                else {
+                    continue;
+                };
+                let ip = local
+                    .get(&(pod.namespace.as_str(), pod.name.as_str()))
+                    .copied()
+                    .or(pod.ip);
+                per_identity
+                    .entry(id)
+                    .or_default()
+                    .push((ip, named(&pod.ports, &name, protocol)));
+            }
+            let targets = per_identity
+                .into_iter()
+                .map(|(id, pods)| {
+                    let agree = pods.windows(2).all(|w| w[0].1 == w[1].1);
+                    let targets = if agree {
+                        NamedTargets::Uniform(
+                            pods.into_iter().next().map(|p| p.1).unwrap_or_default(),
+                        )
+                    } else {
+                        NamedTargets::PerPod(
+                            pods.into_iter()
+                                .filter_map(|(ip, ports)| Some((ip?, ports)))
+                                .collect(),
+                        )
+                    };
+                    (id, targets)
+                })
+                .collect();
+            by_name.insert((name, protocol), targets);
+        }
+        Self { by_name }
+    }
+
+    /// Pod addresses that need a /32 identity of their own.
+    fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.by_name
+            .values()
+            .flat_map(|targets| targets.values())
+            .flat_map(|t| match t {
+                NamedTargets::Uniform(_) => &[][..],
+                NamedTargets::PerPod(pods) => pods.as_slice(),
+            })
+            .map(|(ip, _)| *ip)
     }
 }
 
@@ -351,7 +425,8 @@ struct RuleContext<'a> {
     direction: Direction,
     peers: &'a [u32],
     own_ports: &'a [ContainerPort],
-    egress_ports: &'a PortsByIdentity,
+    egress_ports: &'a EgressNamedPorts,
+    prefixes: &'a PolicyPrefixes,
 }
 
 impl RuleContext<'_> {
@@ -398,21 +473,30 @@ impl RuleContext<'_> {
                     }
                 }
                 PortMatch::Named(name) => {
-                    let by_identity = &self.egress_ports.0;
-                    // A named port is a property of the destination pod: resolve it per
-                    // destination identity (for "any destination", per pod identity known).
-                    let targets: Vec<(u32, &Vec<ContainerPort>)> = if self.peers == [identity::ANY]
-                    {
-                        by_identity.iter().map(|(id, p)| (*id, p)).collect()
-                    } else {
-                        self.peers
-                            .iter()
-                            .filter_map(|id| by_identity.get(id).map(|p| (*id, p)))
-                            .collect()
+                    let Some(by_identity) =
+                        self.egress_ports.by_name.get(&(name.clone(), *protocol))
+                    else {
+                        continue;
                     };
-                    for (id, ports) in targets {
-                        for port in named(ports, name, *protocol) {
-                            out.insert(self.key(id, proto, port, PREFIX_FULL));
+                    let wanted =
+                        |id: &u32| self.peers == [identity::ANY] || self.peers.contains(id);
+                    for (id, targets) in by_identity.iter().filter(|(id, _)| wanted(id)) {
+                        match targets {
+                            NamedTargets::Uniform(ports) => {
+                                for port in ports {
+                                    out.insert(self.key(*id, proto, *port, PREFIX_FULL));
+                                }
+                            }
+                            NamedTargets::PerPod(pods) => {
+                                for (ip, ports) in pods {
+                                    let Some(host) = self.prefixes.host(*ip) else {
+                                        continue;
+                                    };
+                                    for port in ports {
+                                        out.insert(self.key(host, proto, *port, PREFIX_FULL));
+                                    }
+                                }
+                            }
                         }
                     }
                 }

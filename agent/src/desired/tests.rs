@@ -433,6 +433,53 @@ fn named_ports_resolve_against_the_destination_pod() {
 }
 
 #[test]
+fn egress_named_ports_resolve_per_pod_even_among_pods_sharing_labels() {
+    let mut c = Cluster::new();
+    c.namespace("a", &[]);
+    c.pod("a", "client", &[("app", "client")], "10.0.0.10", &[]);
+    // Same labels, hence one identity, but "http" means different numbers.
+    c.pod(
+        "a",
+        "s1",
+        &[("app", "server")],
+        "10.0.0.11",
+        &[("http", 80, "TCP")],
+    );
+    c.pod(
+        "a",
+        "s2",
+        &[("app", "server")],
+        "10.0.0.12",
+        &[("http", 81, "TCP")],
+    );
+    c.pod(
+        "a",
+        "s3",
+        &[("app", "other")],
+        "10.0.0.13",
+        &[("http", 82, "TCP")],
+    );
+    c.policy("kind: NetworkPolicy\nmetadata: {name: out, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress: [{ports: [{port: http}]}]");
+    let d = c.compute();
+    let m = Model(&d);
+    assert!(m.connects("10.0.0.10", "10.0.0.11", TCP, 80));
+    assert!(!m.connects("10.0.0.10", "10.0.0.11", TCP, 81));
+    assert!(m.connects("10.0.0.10", "10.0.0.12", TCP, 81));
+    assert!(!m.connects("10.0.0.10", "10.0.0.12", TCP, 80));
+    assert!(
+        m.connects("10.0.0.10", "10.0.0.13", TCP, 82),
+        "a uniform identity still works"
+    );
+    assert!(!m.connects("10.0.0.10", "10.0.0.13", TCP, 80));
+    // An ipBlock covering the per-pod addresses still selects them.
+    c.policy("kind: NetworkPolicy\nmetadata: {name: block, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: 10.0.0.8/29}}], ports: [{port: 9000}]}]");
+    let d = c.compute();
+    let m = Model(&d);
+    assert!(m.connects("10.0.0.10", "10.0.0.12", TCP, 9000));
+    assert!(m.connects("10.0.0.10", "10.0.0.12", TCP, 81));
+}
+
+#[test]
 fn ip_blocks_apply_to_pod_addresses_with_except() {
     let mut c = two_namespaces();
     c.policy("kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.16/28, except: [10.0.0.22/32]}}]}]");
