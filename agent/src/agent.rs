@@ -28,7 +28,6 @@ use crate::{
     endpoint::{EndpointRecord, EndpointStore, EndpointStoreError},
     index::{Change, ClusterIndex, Identities, IdentityLabels, Labels},
     ipam::{Ipam, IpamError},
-    mac::Mac,
 };
 
 /// Looks up interfaces in the agent's network namespace (the node's).
@@ -328,11 +327,6 @@ impl<D: DatapathOps> Agent<D> {
             }
             None => return Err(invalid(format!("{id} has no allocated address"))),
         }
-        let mac: Mac = req.mac.parse().map_err(|e| invalid(format!("mac: {e}")))?;
-        let host_mac: Mac = req
-            .host_mac
-            .parse()
-            .map_err(|e| invalid(format!("hostMac: {e}")))?;
         if !valid_ifname(&req.host_ifname) {
             return Err(invalid(format!(
                 "hostIfname {:?} is not a valid interface name",
@@ -368,10 +362,10 @@ impl<D: DatapathOps> Agent<D> {
             pod: req.pod.clone(),
             netns: req.netns.clone(),
             ip: req.ip,
-            mac,
+            mac: req.mac,
             host_ifname: req.host_ifname.clone(),
             host_ifindex: req.host_ifindex,
-            host_mac,
+            host_mac: req.host_mac,
         };
         self.endpoints.insert(record.clone());
         self.vanished.remove(id);
@@ -470,10 +464,10 @@ impl<D: DatapathOps> Agent<D> {
             pod: r.pod.clone(),
             netns: r.netns.clone(),
             ip: r.ip,
-            mac: r.mac.to_string(),
+            mac: r.mac,
             host_ifname: r.host_ifname.clone(),
             host_ifindex: r.host_ifindex,
-            host_mac: r.host_mac.to_string(),
+            host_mac: r.host_mac,
             identity: self.identity_of(r),
             counters: myelin_api::EndpointCounters {
                 rx_packets: c.rx_packets,
@@ -618,6 +612,7 @@ impl<D: DatapathOps> Agent<D> {
 mod tests {
     use std::collections::HashMap;
 
+    use myelin_api::Mac;
     use myelin_common::{Ipv4Key, endpoint::ENDPOINT_F_INGRESS_ISOLATED};
 
     use super::*;
@@ -684,10 +679,10 @@ mod tests {
             }),
             netns: format!("/run/netns/{c}"),
             ip: alloc.ip,
-            mac: "02:00:00:00:00:01".into(),
+            mac: Mac([2, 0, 0, 0, 0, 1]),
             host_ifname: ifname.into(),
             host_ifindex: ifindex,
-            host_mac: "02:00:00:00:00:02".into(),
+            host_mac: Mac([2, 0, 0, 0, 0, 2]),
         })
     }
 
@@ -741,10 +736,10 @@ mod tests {
             pod: None,
             netns: "/run/netns/a".into(),
             ip: Ipv4Addr::new(10, 244, 0, 200),
-            mac: "02:00:00:00:00:01".into(),
+            mac: Mac([2, 0, 0, 0, 0, 1]),
             host_ifname: "lxca".into(),
             host_ifindex: 10,
-            host_mac: "02:00:00:00:00:02".into(),
+            host_mac: Mac([2, 0, 0, 0, 0, 2]),
         };
         assert_eq!(
             a.put_endpoint(&req).unwrap_err().kind,
@@ -757,12 +752,6 @@ mod tests {
             ErrorKind::InvalidRequest
         );
         req.host_ifindex = 10;
-        req.mac = "nope".into();
-        assert_eq!(
-            a.put_endpoint(&req).unwrap_err().kind,
-            ErrorKind::InvalidRequest
-        );
-        req.mac = "02:00:00:00:00:01".into();
         a.put_endpoint(&req).unwrap();
         assert_eq!(
             a.put_endpoint(&req).unwrap_err().kind,
@@ -892,10 +881,10 @@ mod tests {
             pod: ep.pod.clone(),
             netns: ep.netns.clone(),
             ip: ep.ip,
-            mac: ep.mac.parse().unwrap(),
+            mac: ep.mac,
             host_ifname: ep.host_ifname.clone(),
             host_ifindex: ep.host_ifindex,
-            host_mac: ep.host_mac.parse().unwrap(),
+            host_mac: ep.host_mac,
         });
         restarted.ipam.allocate(&att("a")).unwrap();
 

@@ -3,13 +3,10 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
-use myelin_api::{AttachmentId, PodRef};
+use myelin_api::{AttachmentId, Mac, PodRef};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    mac::Mac,
-    persist::{self, PersistError},
-};
+use crate::persist::{self, PersistError};
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

@@ -12,7 +12,6 @@ pub mod endpoint;
 pub mod events;
 pub mod index;
 pub mod ipam;
-pub mod mac;
 pub mod metrics;
 pub mod netconf;
 pub mod persist;

@@ -22,7 +22,10 @@ pub enum NetconfError {
     Netlink(#[from] rtnetlink::Error),
     #[error("opening a netlink socket: {0}")]
     Socket(#[source] std::io::Error),
-    #[error("enabling IPv4 forwarding: {0}")]
+    #[error(
+        "IPv4 forwarding is off and cannot be turned on ({0}); enable it on the node \
+         (sysctl net.ipv4.ip_forward=1) or give the agent a writable /proc/sys"
+    )]
     Forwarding(#[source] std::io::Error),
 }
 
@@ -42,9 +45,21 @@ async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>
     }
 }
 
+/// Turns IPv4 forwarding on unless it is on already. In a container that is not privileged
+/// `/proc/sys` is read-only; Kubernetes nodes normally forward already (kubeadm requires it),
+/// and then there is nothing to write.
+fn enable_forwarding() -> Result<(), NetconfError> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    let current = std::fs::read_to_string(PATH).map_err(NetconfError::Forwarding)?;
+    if current.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(PATH, b"1").map_err(NetconfError::Forwarding)
+}
+
 /// Creates (or keeps) `myelin_host` with `gateway/32`, up, and turns on IPv4 forwarding.
 pub async fn setup_node(gateway: Ipv4Addr) -> Result<(), NetconfError> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(NetconfError::Forwarding)?;
+    enable_forwarding()?;
     let handle = connect()?;
     let link = match link_by_name(&handle, HOST_DEVICE).await? {
         Some(link) => link,

@@ -11,7 +11,7 @@ use crate::{
     env::{AttachmentEnv, CniEnv, Command},
     error::{CniError, ErrorCode, error_chain},
     log::Log,
-    netlink::{MacAddr, Netlink},
+    netlink::{Mac, Netlink},
     netns::{NetNs, NetNsError},
     result::{self, AddResult, ResultInterface, ResultIp, ResultRoute},
     version::{self, CniVersion},
@@ -263,10 +263,10 @@ fn add(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<String, 
             pod: attachment.pod.clone(),
             netns: pod_netns.path().display().to_string(),
             ip: allocation.ip,
-            mac: pair.pod.mac.to_string(),
+            mac: pair.pod.mac,
             host_ifname: pair.host.name.clone(),
             host_ifindex: pair.host.index,
-            host_mac: pair.host.mac.to_string(),
+            host_mac: pair.host.mac,
         })
         .map_err(|e| agent_failed("create the endpoint", &conf.agent_socket, &e))?;
     rollback.disarm();
@@ -372,7 +372,7 @@ fn check(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<(), Cn
             pod_netns.path().display()
         )),
         Some(pod) => {
-            let expected_mac = expected.mac.parse::<MacAddr>().ok();
+            let expected_mac = expected.mac.parse::<Mac>().ok();
             if pod.link.mac.is_none() || pod.link.mac != expected_mac {
                 differences.push(format!(
                     "{ifname} has MAC {}, prevResult says {:?}",

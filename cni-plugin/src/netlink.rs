@@ -6,10 +6,9 @@
 //! a [`crate::netns::NetNs::run`] thread for the pod side).
 
 use std::{
-    fmt, io,
+    io,
     net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd, AsRawFd},
-    str::FromStr,
 };
 
 use futures::TryStreamExt;
@@ -27,44 +26,14 @@ use crate::netns::NetNs;
 
 /// A 48-bit hardware address, printed as CNI results and the agent API expect
 /// (`aa:bb:cc:dd:ee:ff`, lower case).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")]
-pub struct ParseMacError(String);
-
-impl FromStr for MacAddr {
-    type Err = ParseMacError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseMacError(s.to_string());
-        let mut bytes = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in &mut bytes {
-            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(err)?;
-            *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
-        }
-        if parts.next().is_some() {
-            return Err(err());
-        }
-        Ok(Self(bytes))
-    }
-}
+pub use myelin_api::Mac;
 
 /// The state of one interface, as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
     pub index: u32,
     pub name: String,
-    pub mac: Option<MacAddr>,
+    pub mac: Option<Mac>,
     pub mtu: u32,
     /// Administratively up (`IFF_UP`).
     pub up: bool,
@@ -84,7 +53,7 @@ impl Link {
                 LinkAttribute::IfName(name) => link.name = name,
                 LinkAttribute::Mtu(mtu) => link.mtu = mtu,
                 LinkAttribute::Address(bytes) => {
-                    link.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok().map(MacAddr);
+                    link.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok().map(Mac);
                 }
                 _ => {}
             }
@@ -312,7 +281,7 @@ impl Netlink {
         &self,
         index: u32,
         ip: Ipv4Addr,
-        mac: MacAddr,
+        mac: Mac,
     ) -> Result<(), NetlinkError> {
         let request = self
             .handle
@@ -381,28 +350,6 @@ impl Netlink {
         match default_oif {
             Some(index) => Ok(self.link_by_index(index)?.map(|link| link.mtu)),
             None => Ok(None),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mac_addresses_print_and_parse() {
-        let mac = MacAddr([0x02, 0xab, 0x00, 0x10, 0xff, 0x7e]);
-        assert_eq!(mac.to_string(), "02:ab:00:10:ff:7e");
-        assert_eq!("02:ab:00:10:ff:7e".parse::<MacAddr>(), Ok(mac));
-        assert_eq!("02:AB:00:10:FF:7E".parse::<MacAddr>(), Ok(mac));
-        for bad in [
-            "",
-            "02:ab:00:10:ff",
-            "02:ab:00:10:ff:7e:01",
-            "2:ab:00:10:ff:7e",
-            "zz:ab:00:10:ff:7e",
-        ] {
-            assert!(bad.parse::<MacAddr>().is_err(), "{bad:?}");
         }
     }
 }

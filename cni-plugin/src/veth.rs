@@ -14,7 +14,7 @@ use myelin_api::AttachmentId;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    netlink::{Link, MacAddr, Netlink, NetlinkError, Route},
+    netlink::{Link, Mac, Netlink, NetlinkError, Route},
     netns::{NetNs, NetNsError},
 };
 
@@ -46,7 +46,7 @@ pub struct PodAddressing {
 pub struct VethEnd {
     pub name: String,
     pub index: u32,
-    pub mac: MacAddr,
+    pub mac: Mac,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +123,7 @@ pub fn configure_pod_side(
     pod_netns: &NetNs,
     pod: &VethEnd,
     addressing: PodAddressing,
-    host_mac: MacAddr,
+    host_mac: Mac,
 ) -> Result<(), VethError> {
     pod_netns.run(|| -> Result<(), VethError> {
         let nl = Netlink::open()?;
@@ -142,7 +142,7 @@ pub fn configure_host_side(
     node: &Netlink,
     host: &VethEnd,
     pod_ip: Ipv4Addr,
-    pod_mac: MacAddr,
+    pod_mac: Mac,
 ) -> Result<(), VethError> {
     node.set_up(host.index)?;
     node.add_link_route(host.index, Ipv4Net::from(pod_ip))?;

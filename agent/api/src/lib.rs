@@ -20,12 +20,14 @@
 //! Every error is an [`ApiError`] body with a matching HTTP status.
 
 mod client;
+mod mac;
 
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
 pub use client::{Client, ClientError};
+pub use mac::{Mac, ParseMacError};
 
 /// Where the agent listens unless told otherwise (`--socket`, conflist `agentSocket`).
 pub const DEFAULT_SOCKET: &str = "/run/myelin/agent.sock";
@@ -110,11 +112,11 @@ pub struct EndpointRequest {
     /// CNI_NETNS as the runtime passed it.
     pub netns: String,
     pub ip: Ipv4Addr,
-    /// The pod-side interface's MAC, `aa:bb:cc:dd:ee:ff`.
-    pub mac: String,
+    /// The pod-side interface's MAC.
+    pub mac: Mac,
     pub host_ifname: String,
     pub host_ifindex: u32,
-    pub host_mac: String,
+    pub host_mac: Mac,
 }
 
 /// Packet counters of one endpoint, seen from the pod: `tx` is what it sent, `rx` what was
@@ -140,10 +142,10 @@ pub struct Endpoint {
     pub pod: Option<PodRef>,
     pub netns: String,
     pub ip: Ipv4Addr,
-    pub mac: String,
+    pub mac: Mac,
     pub host_ifname: String,
     pub host_ifindex: u32,
-    pub host_mac: String,
+    pub host_mac: Mac,
     /// Security identity (labels of the pod and its namespace).
     pub identity: u32,
     #[serde(default)]
@@ -326,10 +328,10 @@ mod tests {
             }),
             netns: "/run/netns/p".into(),
             ip: Ipv4Addr::new(10, 244, 0, 2),
-            mac: "02:00:00:00:00:01".into(),
+            mac: Mac([2, 0, 0, 0, 0, 1]),
             host_ifname: "lxc0123".into(),
             host_ifindex: 7,
-            host_mac: "02:00:00:00:00:02".into(),
+            host_mac: Mac([2, 0, 0, 0, 0, 2]),
         };
         let json = serde_json::to_value(&req).unwrap();
         assert_eq!(json["containerId"], "c1");

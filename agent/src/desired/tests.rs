@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, ContainerPort as K8sPort, Pod};
-use myelin_api::{AttachmentId, PodRef};
+use myelin_api::{AttachmentId, Mac, PodRef};
 
 use super::*;
 use crate::{
@@ -13,7 +13,6 @@ use crate::{
     index::{
         Change, NamespaceInfo, Object, PodInfo, PolicyInfo, builders, policy::builders::policy,
     },
-    mac::Mac,
 };
 
 /// A single-node cluster where every pod is a local endpoint.

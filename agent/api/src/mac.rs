@@ -1,4 +1,5 @@
-//! Ethernet addresses as the API and the state files spell them (`aa:bb:cc:dd:ee:ff`).
+//! Ethernet addresses, spelled `aa:bb:cc:dd:ee:ff` on the wire and in state files. Shared by
+//! the plugin, which reads them from netlink, and the agent, which writes them into the maps.
 
 use std::{fmt, str::FromStr};
 
@@ -7,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Mac(pub [u8; 6]);
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not a MAC address (expected six hex bytes separated by ':')")]
 pub struct ParseMacError(String);
 
@@ -19,10 +20,7 @@ impl FromStr for Mac {
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for byte in &mut out {
-            let part = parts.next().ok_or_else(err)?;
-            if part.len() != 2 {
-                return Err(err());
-            }
+            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(err)?;
             *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
         }
         if parts.next().is_some() {
@@ -63,7 +61,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_and_prints_lowercase_colon_form() {
+    fn parses_either_case_and_prints_lowercase() {
         let m: Mac = "02:AB:cd:00:01:ff".parse().unwrap();
         assert_eq!(m.0, [0x02, 0xab, 0xcd, 0x00, 0x01, 0xff]);
         assert_eq!(m.to_string(), "02:ab:cd:00:01:ff");
@@ -77,8 +75,16 @@ mod tests {
             "02:ab:cd:00:01:ff:00",
             "2:ab:cd:00:01:ff",
             "zz:ab:cd:00:01:ff",
+            "02-ab-cd-00-01-ff",
         ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn travels_as_a_string() {
+        let m = Mac([2, 0, 0, 0, 0, 1]);
+        assert_eq!(serde_json::to_string(&m).unwrap(), "\"02:00:00:00:00:01\"");
+        assert!(serde_json::from_str::<Mac>("\"nope\"").is_err());
     }
 }
