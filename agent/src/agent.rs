@@ -371,16 +371,27 @@ impl<D: DatapathOps> Agent<D> {
         self.vanished.remove(id);
         self.recompute_identities();
         // Maps first, then the programs: the first packet must find its endpoint.
+        let started = std::time::Instant::now();
+        let mut maps_done = started;
         let result = self
             .sync_datapath()
             .map_err(ApiError::from)
-            .and_then(|_| Ok(self.datapath.attach(&record.host_ifname)?))
+            .and_then(|_| {
+                maps_done = std::time::Instant::now();
+                Ok(self.datapath.attach(&record.host_ifname)?)
+            })
             .and_then(|()| Ok(self.endpoints.save()?));
         if let Err(e) = result {
             self.rollback_endpoint(&record);
             return Err(e);
         }
-        info!(attachment = %id, ip = %record.ip, ifname = record.host_ifname, endpoint = record.id, "endpoint created");
+        info!(
+            attachment = %id, ip = %record.ip, ifname = record.host_ifname, endpoint = record.id,
+            maps_us = (maps_done - started).as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "endpoint created"
+        );
+
         Ok(self.to_api(&record))
     }
 

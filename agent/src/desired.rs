@@ -396,7 +396,7 @@ impl EgressNamedPorts {
 fn named(ports: &[ContainerPort], name: &str, protocol: Protocol) -> BTreeSet<u16> {
     ports
         .iter()
-        .filter(|p| p.name.as_deref() == Some(name) && p.protocol == protocol.as_k8s())
+        .filter(|p| p.name == name && p.protocol == protocol)
         .map(|p| p.port)
         .collect()
 }

@@ -309,6 +309,18 @@ fn add(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<String, 
 /// prevResult: the host veth's name derives from the attachment, and deleting it removes the
 /// pod end wherever it is.
 fn del(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<(), CniError> {
+    // The veth first: deleting the device takes its programs with it in one go, where
+    // detaching them from a live device would wait for an RCU grace period per program. It goes
+    // even when the agent is down: the runtime retries DEL, and a leftover veth would keep the
+    // pod's old address routed.
+    let host_name = veth::host_ifname(&attachment.id);
+    let veth = open_node_netlink().and_then(|node| {
+        veth::delete_host_side(&node, &host_name)
+            .map_err(|e| veth_failed("deleting the host's veth", e))
+    });
+    if let Ok(deleted) = &veth {
+        log.line(format_args!("veth {host_name} deleted: {deleted}"));
+    }
     let client = Client::new(&conf.agent_socket);
     let agent = client.delete_endpoint(&attachment.id);
     match &agent {
@@ -320,16 +332,6 @@ fn del(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<(), CniE
             "agent: deleting the endpoint failed: {}",
             error_chain(e)
         )),
-    }
-    // The veth goes even when the agent is down: the runtime retries DEL, and a leftover veth
-    // would keep the pod's old address routed.
-    let host_name = veth::host_ifname(&attachment.id);
-    let veth = open_node_netlink().and_then(|node| {
-        veth::delete_host_side(&node, &host_name)
-            .map_err(|e| veth_failed("deleting the host's veth", e))
-    });
-    if let Ok(deleted) = &veth {
-        log.line(format_args!("veth {host_name} deleted: {deleted}"));
     }
     agent.map_err(|e| agent_failed("delete the endpoint", &conf.agent_socket, &e))?;
     veth.map(|_| ())

@@ -134,8 +134,14 @@ fn add_check_del_round_trip() {
         put[0].host_ifindex,
         host["ifindex"].as_u64().expect("ifindex") as u32
     );
-    assert_eq!(put[0].host_mac, host["address"].as_str().expect("mac"));
-    assert_eq!(put[0].mac, eth0["address"].as_str().expect("mac"));
+    assert_eq!(
+        put[0].host_mac.to_string(),
+        host["address"].as_str().expect("mac")
+    );
+    assert_eq!(
+        put[0].mac.to_string(),
+        eth0["address"].as_str().expect("mac")
+    );
     assert_eq!(put[0].netns, sandbox);
     let pod_ref = put[0].pod.as_ref().expect("pod from CNI_ARGS");
     assert_eq!(

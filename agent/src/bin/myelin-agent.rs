@@ -4,9 +4,31 @@ use clap::Parser as _;
 use myelin_agent::config::AgentConfig;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // glibc gives every thread that allocates an arena of its own; with tokio's workers each
+    // arena keeps its share of the memory a large initial list left behind. Two arenas keep
+    // the agent's resident memory close to what it uses, at no measurable cost (it does little
+    // allocation once synced).
+    // SAFETY: called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("starting the async runtime failed: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run())
+}
+
+async fn run() -> std::process::ExitCode {
     let config = AgentConfig::parse();
+
     // kube's client logs an error for every failed connection while the API server is away;
     // the source already reports that once per retry, so keep kube quiet unless asked for.
     let directives = if config.log_level.contains("kube") {

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 
 pub use self::{
     identity::{Identities, IdentityLabels},
-    policy::{PolicyError, PolicyInfo},
+    policy::{PolicyError, PolicyInfo, Protocol},
 };
 
 pub type Labels = BTreeMap<String, String>;
@@ -59,12 +59,13 @@ impl Kind {
     }
 }
 
-/// A container port, for named ports in policies.
+/// A named container port: policies can name a port instead of giving its number, so these
+/// are the only container ports the agent keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerPort {
-    pub name: Option<String>,
+    pub name: String,
     pub port: u16,
-    pub protocol: String,
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +75,6 @@ pub struct PodInfo {
     pub labels: Labels,
     /// `status.podIP`, when assigned and IPv4.
     pub ip: Option<Ipv4Addr>,
-    pub node: Option<String>,
     pub host_network: bool,
     pub ports: Vec<ContainerPort>,
 }
@@ -225,25 +225,33 @@ impl PodInfo {
             .iter()
             .flat_map(|c| c.ports.as_deref().unwrap_or_default())
             .filter_map(|p| {
+                let port_name = p.name.clone()?;
                 let port = u16::try_from(p.container_port).ok().filter(|p| *p > 0);
-                if port.is_none() {
-                    warnings.push(format!(
-                        "Pod {namespace}/{name}: containerPort {} is out of range",
-                        p.container_port
-                    ));
+                let protocol = Protocol::parse(p.protocol.as_deref());
+                match (port, protocol) {
+                    (Some(port), Ok(protocol)) => Some(ContainerPort {
+                        name: port_name,
+                        port,
+                        protocol,
+                    }),
+                    (None, _) => {
+                        warnings.push(format!(
+                            "Pod {namespace}/{name}: containerPort {} is out of range",
+                            p.container_port
+                        ));
+                        None
+                    }
+                    (_, Err(e)) => {
+                        warnings.push(format!("Pod {namespace}/{name}: port {port_name:?}: {e}"));
+                        None
+                    }
                 }
-                Some(ContainerPort {
-                    name: p.name.clone(),
-                    port: port?,
-                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".to_string()),
-                })
             })
             .collect();
         Ok((
             Self {
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 ip,
-                node: spec.and_then(|s| s.node_name.clone()),
                 host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
                 ports,
                 namespace,
@@ -621,13 +629,12 @@ mod tests {
         assert!(warnings.is_empty());
         assert_eq!(p.ip, Some(Ipv4Addr::new(10, 0, 0, 5)));
         assert_eq!(p.labels, labels(&[("app", "web")]));
-        assert_eq!(p.node.as_deref(), Some("node-1"));
         assert_eq!(
             p.ports,
             vec![ContainerPort {
-                name: Some("http".into()),
+                name: "http".into(),
                 port: 8080,
-                protocol: "TCP".into()
+                protocol: Protocol::Tcp
             }]
         );
     }

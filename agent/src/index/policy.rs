@@ -40,16 +40,8 @@ impl Protocol {
         }
     }
 
-    /// As Kubernetes spells it in `containerPort.protocol`.
-    pub fn as_k8s(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        }
-    }
-
-    fn parse(s: Option<&str>) -> Result<Self, String> {
+    /// As a container port or a policy port spells it; absent means TCP.
+    pub fn parse(s: Option<&str>) -> Result<Self, String> {
         match s.unwrap_or("TCP") {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
