@@ -210,7 +210,7 @@ struct PolicyPrefixes {
 
 impl PolicyPrefixes {
     fn collect(index: &ClusterIndex, hosts: impl Iterator<Item = Ipv4Addr>) -> Self {
-        let mut nets: BTreeSet<Ipv4Net> = hosts.map(|ip| Ipv4Net::from(ip)).collect();
+        let mut nets: BTreeSet<Ipv4Net> = hosts.map(Ipv4Net::from).collect();
         for policy in index.policies() {
             for rule in policy.ingress.iter().chain(policy.egress.iter()).flatten() {
                 for peer in rule.peers.iter().flatten() {
@@ -305,6 +305,9 @@ struct EgressNamedPorts {
     by_name: BTreeMap<(String, Protocol), BTreeMap<u32, NamedTargets>>,
 }
 
+/// One pod's address (if known) and the numbers a port name has in it.
+type PodNamedPorts = (Option<Ipv4Addr>, BTreeSet<u16>);
+
 enum NamedTargets {
     /// Every pod of the identity: these ports.
     Uniform(BTreeSet<u16>),
@@ -338,8 +341,7 @@ impl EgressNamedPorts {
             .collect();
         let mut by_name = BTreeMap::new();
         for (name, protocol) in in_use {
-            let mut per_identity: BTreeMap<u32, Vec<(Option<Ipv4Addr>, BTreeSet<u16>)>> =
-                BTreeMap::new();
+            let mut per_identity: BTreeMap<u32, Vec<PodNamedPorts>> = BTreeMap::new();
             for pod in inputs.index.pods() {
                 let Some(id) = inputs
                     .index
