@@ -15,7 +15,7 @@ use myelin_api::{
 };
 use myelin_common::{
     config::{EVENTS_DROPS, EVENTS_VERDICTS},
-    conntrack::CT_F_SEEN_REPLY,
+    conntrack::{CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_SEEN_REPLY},
     endpoint::ENDPOINT_F_POLICY_INCOMPLETE,
     identity,
 };
@@ -576,10 +576,9 @@ impl<D: DatapathOps> Agent<D> {
                     protocol,
                     src: endpoint(k.saddr, k.sport),
                     dst: endpoint(k.daddr, k.dport),
-                    packets: e.packets,
-                    bytes: e.bytes,
                     expires_in: (e.expires_ns - now) / 1_000_000_000,
                     seen_reply: e.flags & CT_F_SEEN_REPLY != 0,
+                    denied: e.flags & (CT_F_DENIED_INGRESS | CT_F_DENIED_EGRESS) != 0,
                 }
             })
             .collect())

@@ -549,8 +549,41 @@ fn a_policy_change_cuts_established_flows_it_no_longer_allows() {
             TC_ACT_SHOT,
             "re-checked and cut"
         );
-        let tracked = f.dp.conntrack().unwrap();
-        assert!(tracked.is_empty(), "the flow was forgotten: {tracked:?}");
+        assert_eq!(f.drops(DropReason::PolicyDeniedIngress), 1);
+    });
+}
+
+/// Found by the benchmark: when a cut flow's entry was simply forgotten, the server's next
+/// packet (a retransmission) opened the flow again in the other direction, and the client's
+/// packets then passed as its replies.
+#[test]
+fn a_cut_flow_stays_cut_in_both_directions_until_policy_allows_it_again() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.isolate(b, ENDPOINT_F_INGRESS_ISOLATED);
+        f.allow(b, Direction::Ingress, a.identity, TCP, 7100);
+        assert_eq!(f.send(a, &tcp(a, b, 40000, 7100, SYN)).0, TC_ACT_REDIRECT);
+        assert_eq!(
+            f.send(b, &tcp(b, a, 7100, 40000, SYN | ACK)).0,
+            TC_ACT_REDIRECT
+        );
+        f.policy.clear();
+        f.sync();
+        // The server speaks first after the change: its packet is the flow's, and cut.
+        assert_eq!(f.send(b, &tcp(b, a, 7100, 40000, ACK)).0, TC_ACT_SHOT);
+        assert_eq!(f.send(a, &tcp(a, b, 40000, 7100, ACK)).0, TC_ACT_SHOT);
+        assert_eq!(f.send(b, &tcp(b, a, 7100, 40000, ACK)).0, TC_ACT_SHOT);
+        let flows = f.dp.conntrack().unwrap();
+        assert_eq!(flows.len(), 1, "no flow opened the other way: {flows:?}");
+        assert_eq!(
+            flows[0].0.saddr,
+            a.ip.octets(),
+            "the entry is still the client's"
+        );
+        // Allowed again: the same connection goes on.
+        f.allow(b, Direction::Ingress, a.identity, TCP, 7100);
+        assert_eq!(f.send(a, &tcp(a, b, 40000, 7100, ACK)).0, TC_ACT_REDIRECT);
+        assert_eq!(f.send(b, &tcp(b, a, 7100, 40000, ACK)).0, TC_ACT_REDIRECT);
     });
 }
 

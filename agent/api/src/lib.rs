@@ -232,11 +232,11 @@ pub struct TrackedFlow {
     pub protocol: String,
     pub src: String,
     pub dst: String,
-    pub packets: u64,
-    pub bytes: u64,
     /// Seconds until the entry expires unless a packet refreshes it.
     pub expires_in: u64,
     pub seen_reply: bool,
+    /// Cut by a policy change: its packets are dropped both ways.
+    pub denied: bool,
 }
 
 /// A datapath event: a dropped packet, or a new connection that policy allowed.

@@ -149,13 +149,13 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<6} {:<22} {:<22} {:>8} {:>10} {:>8} REPLIED",
-                "PROTO", "SOURCE", "DESTINATION", "PACKETS", "BYTES", "EXPIRES"
+                "{:<6} {:<22} {:<22} {:>8} {:<8} DENIED",
+                "PROTO", "SOURCE", "DESTINATION", "EXPIRES", "REPLIED"
             );
             for f in flows {
                 println!(
-                    "{:<6} {:<22} {:<22} {:>8} {:>10} {:>7}s {}",
-                    f.protocol, f.src, f.dst, f.packets, f.bytes, f.expires_in, f.seen_reply
+                    "{:<6} {:<22} {:<22} {:>7}s {:<8} {}",
+                    f.protocol, f.src, f.dst, f.expires_in, f.seen_reply, f.denied
                 );
             }
         }

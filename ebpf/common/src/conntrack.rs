@@ -6,7 +6,10 @@
 //! and only an echo *reply* is ever looked up reversed, so an echo request is never taken for a
 //! reply. Each entry remembers the policy revision it was checked under: after a policy change
 //! the next packet re-checks the flow, so established connections that the new policy no longer
-//! allows are cut, and the others go on.
+//! allows are cut, and the others go on. A cut flow keeps its entry, marked denied: its packets
+//! in either direction are dropped until it expires or a later policy allows it again.
+//! Forgetting it instead would let the peer's next packet (a retransmission) open the same flow
+//! in the other direction, and the cut side's packets would pass as its replies.
 
 use crate::user_pod;
 
@@ -20,9 +23,14 @@ pub struct CtKey {
     /// Network byte order (ICMP echo: 0).
     pub dport: u16,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    // Scalars, not a `[u8; 3]`: zeroing an array makes the BPF backend call memset.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
+/// Read on every packet of a flow, written rarely: the lifetime is extended at most once per
+/// [`timeout::REFRESH`] and the flags only when they change, so that the two CPUs a
+/// conversation runs on do not bounce the entry's cache line between them on every packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
@@ -32,8 +40,6 @@ pub struct CtEntry {
     pub revision: u32,
     /// `CT_F_*` bits.
     pub flags: u32,
-    pub packets: u64,
-    pub bytes: u64,
 }
 
 /// A packet in the reply direction was seen.
@@ -43,6 +49,11 @@ pub const CT_F_CLOSING: u32 = 2;
 /// The flow entered the pod from the node's stack (e.g. after a Service DNAT): its replies go
 /// back through the stack, so that the reverse translation happens.
 pub const CT_F_FROM_STACK: u32 = 4;
+/// Policy no longer allows the flow (cut by a policy change): its packets are dropped, both
+/// ways, as denied by the destination's ingress policy...
+pub const CT_F_DENIED_INGRESS: u32 = 8;
+/// ...or by the source's egress policy.
+pub const CT_F_DENIED_EGRESS: u32 = 16;
 
 /// Lifetimes, refreshed by every packet.
 pub mod timeout {
@@ -55,9 +66,11 @@ pub mod timeout {
     pub const TCP_CLOSING: u64 = 10 * SECOND;
     pub const UDP: u64 = 60 * SECOND;
     pub const OTHER: u64 = 30 * SECOND;
+    /// How stale a lifetime may get before a packet writes the new one.
+    pub const REFRESH: u64 = SECOND;
 }
 
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
 
 user_pod!(CtKey, CtEntry);

@@ -2,11 +2,14 @@
 
 use aya_ebpf::{btf_maps::LruHashMap, helpers::generated::bpf_ktime_get_ns, macros::btf_map};
 use myelin_common::{
-    conntrack::{CT_F_CLOSING, CT_F_SEEN_REPLY, CtEntry, CtKey, timeout},
+    conntrack::{
+        CT_F_CLOSING, CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_SEEN_REPLY, CtEntry, CtKey,
+        timeout,
+    },
     maps::DEFAULT_MAX_CONNTRACK,
 };
 
-use crate::packet::{Flow, IPPROTO_TCP, IPPROTO_UDP, Icmp, TCP_FIN, TCP_RST, Tuple};
+use crate::packet::{Flow, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Icmp, TCP_FIN, TCP_RST, Tuple};
 
 #[btf_map(name = "conntrack")]
 static CONNTRACK: LruHashMap<CtKey, CtEntry, { DEFAULT_MAX_CONNTRACK as usize }> =
@@ -32,22 +35,24 @@ fn key(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, protocol: u8) -> 
         sport,
         dport,
         protocol,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
+/// The clock entries' lifetimes are measured on; read once per packet.
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: plain helper call.
     unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
-fn live(k: &CtKey) -> Option<*mut CtEntry> {
+fn live(k: &CtKey, now: u64) -> Option<*mut CtEntry> {
     let e = CONNTRACK.get_ptr_mut(k)?;
     // SAFETY: pointer from a successful lookup; the program is the only writer of the fields it
     // reads here, and a concurrent rewrite at worst makes an entry look expired.
-    if unsafe { (*e).expires_ns } < now() {
+    if unsafe { (*e).expires_ns } < now {
         return None;
     }
     Some(e)
@@ -56,43 +61,52 @@ fn live(k: &CtKey) -> Option<*mut CtEntry> {
 /// Finds the flow's state. An echo request is only ever looked up forward, and an echo reply
 /// only reversed, so a request can never pass as a reply.
 #[inline(always)]
-pub fn lookup(flow: &Flow) -> State {
-    let fwd = key(
-        flow.saddr,
-        flow.daddr,
-        flow.sport,
-        flow.dport,
-        flow.protocol,
-    );
-    let rev = key(
-        flow.daddr,
-        flow.saddr,
-        flow.dport,
-        flow.sport,
-        flow.protocol,
-    );
+pub fn lookup(flow: &Flow, now: u64) -> State {
     match flow.icmp {
-        Icmp::EchoRequest => match live(&fwd) {
-            Some(e) => State::Established(e, fwd),
-            None => State::New,
-        },
+        Icmp::EchoRequest => {
+            let fwd = key(
+                flow.saddr,
+                flow.daddr,
+                flow.sport,
+                flow.dport,
+                flow.protocol,
+            );
+            match live(&fwd, now) {
+                Some(e) => State::Established(e, fwd),
+                None => State::New,
+            }
+        }
         Icmp::EchoReply => {
             // The request was tracked as (requester -> responder, id, 0).
             let request = key(flow.daddr, flow.saddr, flow.sport, 0, flow.protocol);
-            match live(&request) {
+            match live(&request, now) {
                 Some(e) => State::Reply(e, request),
                 None => State::New,
             }
         }
-        Icmp::Error if related(&flow.inner) => State::Related,
+        Icmp::Error if related(&flow.inner, now) => State::Related,
         Icmp::Error => State::New,
         _ => {
-            if let Some(e) = live(&fwd) {
-                State::Established(e, fwd)
-            } else if let Some(e) = live(&rev) {
-                State::Reply(e, rev)
-            } else {
-                State::New
+            let fwd = key(
+                flow.saddr,
+                flow.daddr,
+                flow.sport,
+                flow.dport,
+                flow.protocol,
+            );
+            if let Some(e) = live(&fwd, now) {
+                return State::Established(e, fwd);
+            }
+            let rev = key(
+                flow.daddr,
+                flow.saddr,
+                flow.dport,
+                flow.sport,
+                flow.protocol,
+            );
+            match live(&rev, now) {
+                Some(e) => State::Reply(e, rev),
+                None => State::New,
             }
         }
     }
@@ -100,13 +114,13 @@ pub fn lookup(flow: &Flow) -> State {
 
 /// Whether the packet an ICMP error quotes belongs to a tracked flow, in either direction.
 #[inline(always)]
-fn related(t: &Tuple) -> bool {
+fn related(t: &Tuple, now: u64) -> bool {
     let (sport, dport) = match t.protocol {
-        crate::packet::IPPROTO_ICMP => (t.sport, 0),
+        IPPROTO_ICMP => (t.sport, 0),
         _ => (t.sport, t.dport),
     };
-    live(&key(t.saddr, t.daddr, sport, dport, t.protocol)).is_some()
-        || live(&key(t.daddr, t.saddr, dport, sport, t.protocol)).is_some()
+    live(&key(t.saddr, t.daddr, sport, dport, t.protocol), now).is_some()
+        || live(&key(t.daddr, t.saddr, dport, sport, t.protocol), now).is_some()
 }
 
 #[inline(always)]
@@ -122,7 +136,7 @@ fn lifetime(protocol: u8, flags: u32) -> u64 {
 
 /// Starts tracking a flow allowed under `revision`. `Err` if the map refused the entry.
 #[inline(always)]
-pub fn create(flow: &Flow, revision: u32, flags: u32, len: u32) -> Result<(), ()> {
+pub fn create(flow: &Flow, revision: u32, flags: u32, now: u64) -> Result<(), ()> {
     let k = key(
         flow.saddr,
         flow.daddr,
@@ -131,38 +145,47 @@ pub fn create(flow: &Flow, revision: u32, flags: u32, len: u32) -> Result<(), ()
         flow.protocol,
     );
     let entry = CtEntry {
-        expires_ns: now() + lifetime(flow.protocol, flags),
+        expires_ns: now + lifetime(flow.protocol, flags),
         revision,
         flags,
-        packets: 1,
-        bytes: u64::from(len),
     };
     CONNTRACK.insert(k, entry, 0).map_err(|_| ())
 }
 
-/// Accounts a packet of a tracked flow and extends its life.
+/// Extends a tracked flow's life, writing only when something changes by more than
+/// [`timeout::REFRESH`] (see `CtEntry`).
 ///
 /// # Safety
 /// `e` must come from [`lookup`] during this program run.
 #[inline(always)]
-pub unsafe fn refresh(e: *mut CtEntry, protocol: u8, tcp_flags: u8, is_reply: bool, len: u32) {
+pub unsafe fn refresh(e: *mut CtEntry, protocol: u8, tcp_flags: u8, is_reply: bool, now: u64) {
     unsafe {
-        let mut flags = (*e).flags;
+        let old = (*e).flags;
+        let mut flags = old;
         if is_reply {
             flags |= CT_F_SEEN_REPLY;
         }
         if protocol == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             flags |= CT_F_CLOSING;
         }
-        (*e).flags = flags;
-        (*e).expires_ns = now() + lifetime(protocol, flags);
-        (*e).packets += 1;
-        (*e).bytes += u64::from(len);
+        let expires = now + lifetime(protocol, flags);
+        if flags != old {
+            (*e).flags = flags;
+            (*e).expires_ns = expires;
+        } else if expires > (*e).expires_ns + timeout::REFRESH {
+            (*e).expires_ns = expires;
+        }
     }
 }
 
-/// Forgets a flow that policy no longer allows.
+/// Marks a flow as cut by policy (or allowed again), under the current revision.
+///
+/// # Safety
+/// `e` must come from [`lookup`] during this program run.
 #[inline(always)]
-pub fn remove(k: &CtKey) {
-    let _ = CONNTRACK.remove(k);
+pub unsafe fn set_verdict(e: *mut CtEntry, revision: u32, denied: u32) {
+    unsafe {
+        (*e).flags = ((*e).flags & !(CT_F_DENIED_INGRESS | CT_F_DENIED_EGRESS)) | denied;
+        (*e).revision = revision;
+    }
 }

@@ -41,7 +41,7 @@ mod programs {
     use myelin_common::{
         Direction, DropReason, EndpointInfo, IpcacheEntry,
         config::DatapathConfig,
-        conntrack::{CT_F_FROM_STACK, CtKey},
+        conntrack::{CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CtKey},
         identity,
     };
 
@@ -93,7 +93,8 @@ mod programs {
         verdict: &mut Verdict,
         create_flags: u32,
     ) -> Result<bool, i32> {
-        let (entry, key, is_reply) = match conntrack::lookup(flow) {
+        let now = conntrack::now();
+        let (entry, key, is_reply) = match conntrack::lookup(flow, now) {
             State::Related => return Ok(false),
             State::New => {
                 return match policy::evaluate(
@@ -106,7 +107,7 @@ mod programs {
                 ) {
                     Ok(peers) => {
                         verdict.peers = peers;
-                        if conntrack::create(flow, config.policy_revision, create_flags, ctx.len())
+                        if conntrack::create(flow, config.policy_revision, create_flags, now)
                             .is_err()
                         {
                             return Err(drop_flow(
@@ -131,19 +132,31 @@ mod programs {
             State::Reply(e, k) => (e, k, true),
         };
         // SAFETY: `entry` comes from this run's lookup.
-        let (revision, flags) = unsafe { ((*entry).revision, (*entry).flags) };
+        let (revision, mut flags) = unsafe { ((*entry).revision, (*entry).flags) };
         if revision != config.policy_revision {
-            if let Err((reason, peers)) = recheck(&key) {
-                conntrack::remove(&key);
-                verdict.peers = peers;
-                verdict.direction = direction_of(reason);
-                return Err(drop_flow(ctx, config, reason, flow, verdict));
-            }
+            let denied = match recheck(&key) {
+                Ok(_) => 0,
+                Err((DropReason::PolicyDeniedIngress, _)) => CT_F_DENIED_INGRESS,
+                Err(_) => CT_F_DENIED_EGRESS,
+            };
             // SAFETY: as above.
-            unsafe { (*entry).revision = config.policy_revision };
+            unsafe { conntrack::set_verdict(entry, config.policy_revision, denied) };
+            flags = (flags & !(CT_F_DENIED_INGRESS | CT_F_DENIED_EGRESS)) | denied;
+        }
+        if flags & (CT_F_DENIED_INGRESS | CT_F_DENIED_EGRESS) != 0 {
+            let (reason, direction) = if flags & CT_F_DENIED_INGRESS != 0 {
+                (DropReason::PolicyDeniedIngress, Direction::Ingress)
+            } else {
+                (DropReason::PolicyDeniedEgress, Direction::Egress)
+            };
+            verdict.direction = direction as u8;
+            // SAFETY: as above. Packets of a cut flow keep its entry alive, so that the flow
+            // stays cut in both directions for as long as its ends keep trying.
+            unsafe { conntrack::refresh(entry, flow.protocol, flow.tcp_flags, false, now) };
+            return Err(drop_flow(ctx, config, reason, flow, verdict));
         }
         // SAFETY: as above.
-        unsafe { conntrack::refresh(entry, flow.protocol, flow.tcp_flags, is_reply, ctx.len()) };
+        unsafe { conntrack::refresh(entry, flow.protocol, flow.tcp_flags, is_reply, now) };
         Ok(is_reply && flags & CT_F_FROM_STACK != 0)
     }
 
@@ -250,8 +263,7 @@ mod programs {
         // SAFETY: `eth` and `ip` are still within bounds: nothing resized the packet.
         unsafe {
             packet::decrement_ttl(ip);
-            (*eth).dst = dst.mac;
-            (*eth).src = dst.host_mac;
+            packet::set_macs(eth, &dst.mac, &dst.host_mac);
         }
         endpoint::account_rx(dst.id, ctx.len());
         // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.

@@ -295,6 +295,24 @@ fn inner_tuple(ctx: &TcContext, offset: usize) -> Option<Tuple> {
     Some(tuple)
 }
 
+/// Sets the destination and source MAC with four plain stores: assigning `[u8; 6]` fields
+/// makes the BPF backend call a memmove subprogram on every packet.
+///
+/// # Safety
+/// `eth` must point to a bounds-checked, writable Ethernet header.
+#[inline(always)]
+pub unsafe fn set_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6]) {
+    let head = |m: &[u8; 6]| u32::from_ne_bytes([m[0], m[1], m[2], m[3]]);
+    let tail = |m: &[u8; 6]| u16::from_ne_bytes([m[4], m[5]]);
+    let p = eth.cast::<u8>();
+    unsafe {
+        p.cast::<u32>().write_unaligned(head(dst));
+        p.add(4).cast::<u16>().write_unaligned(tail(dst));
+        p.add(6).cast::<u32>().write_unaligned(head(src));
+        p.add(10).cast::<u16>().write_unaligned(tail(src));
+    }
+}
+
 /// Decrements the TTL and patches the header checksum incrementally (RFC 1624), as the kernel's
 /// `ip_decrease_ttl` does: the TTL is the high byte of its 16-bit word, so the sum moves by
 /// 0x0100 in network order.
