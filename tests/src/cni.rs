@@ -173,10 +173,12 @@ impl Node {
         })
     }
 
-    /// A pod network namespace named after this node and the pod; the container id is the
-    /// same unique string.
+    /// A pod network namespace named after this node and the pod (namespace and name: pods of
+    /// different namespaces may share a name); the container id is the same unique string.
     pub fn sandbox(&self, namespace: &str, name: &str) -> Result<PodSandbox> {
-        let scoped = self.run_prefix().name(&format!("{}-{name}", self.name()));
+        let scoped = self
+            .run_prefix()
+            .name(&format!("{}-{namespace}-{name}", self.name()));
         Ok(PodSandbox {
             netns: Netns::create(&scoped)?,
             container_id: scoped,

@@ -1,16 +1,22 @@
 //! `cargo xtask demo`: one node running myelin-agent with an embedded cluster, three pods
 //! created through the real `myelin` plugin, a connectivity matrix (ping and TCP between every
-//! ordered pair) and the eBPF per-endpoint counters before and after; then every pod is
-//! deleted and everything removed, also on failure or Ctrl-C (the guards do that).
+//! ordered pair) and the eBPF per-endpoint counters before and after; then an embedded
+//! NetworkPolicy, the matrix again with the verdicts it implies, the drop counters that prove
+//! the datapath denied the rest and an excerpt of the drop events; then every pod is deleted
+//! and everything removed, also on failure or Ctrl-C (the guards do that).
 
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
     time::Duration,
 };
 
-use myelin_api::EndpointCounters;
+use myelin_api::{DropCount, EndpointCounters, FlowEvent};
 
 use crate::{
     Error, Result,
@@ -18,6 +24,7 @@ use crate::{
     cluster::{self, ClusterSummary},
     cni::Pod,
     node::{Node, NodeSpec},
+    policy_lab::{policy_names, wait_for_policies},
     progress::step,
     run::RunPrefix,
     sweep::sweep_leftovers,
@@ -27,6 +34,48 @@ use crate::{
 /// The demo cluster: one Node (whose name and pod CIDR the demo node takes), a namespace and
 /// three labelled pods.
 pub const CLUSTER_YAML: &str = include_str!("demo/cluster.yaml");
+
+/// The NetworkPolicy the demo applies after the open matrix.
+pub const POLICY_YAML: &str = include_str!("demo/policy.yaml");
+
+/// How many drop events the demo shows.
+const EVENT_EXCERPT: usize = 8;
+
+/// What a check should do: whether ping and TCP pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Expected {
+    ping: bool,
+    tcp: bool,
+}
+
+impl Expected {
+    const CONNECTED: Expected = Expected {
+        ping: true,
+        tcp: true,
+    };
+}
+
+/// What [`POLICY_YAML`] implies, written out from its rules: backend takes only frontend, on
+/// TCP 8080 (a rule with ports: no ping); db takes only backend, anything (no ports: ping
+/// too); frontend is selected by no policy and takes everyone.
+fn expected_under_policy(from: &str, to: &str) -> Expected {
+    match (from, to) {
+        ("frontend", "backend") => Expected {
+            ping: false,
+            tcp: true,
+        },
+        (_, "backend") => Expected {
+            ping: false,
+            tcp: false,
+        },
+        ("backend", "db") => Expected::CONNECTED,
+        (_, "db") => Expected {
+            ping: false,
+            tcp: false,
+        },
+        _ => Expected::CONNECTED,
+    }
+}
 
 /// Runs the demo with the binaries in `binaries`; stops early with [`Error::Interrupted`] once
 /// `interrupted` is set (the caller's Ctrl-C handler).
@@ -101,25 +150,79 @@ impl Demo<'_> {
         for line in self.node.dump_map_text("counters")?.lines() {
             println!("    {line}");
         }
-        // A NetworkPolicy step belongs here: write the policy into the cluster dir, then run
-        // `connectivity` again and check it against the verdicts the policy implies.
-        let unexpected = matrix.unexpected(|_| true);
+        let mut unexpected: Vec<String> = matrix
+            .unexpected(|_| Expected::CONNECTED)
+            .iter()
+            .map(|c| format!("without policy: {} -> {}", c.from, c.to))
+            .collect();
+        let with_policy = self.policy_step(&pods)?;
+        unexpected.extend(
+            with_policy
+                .unexpected(|c| expected_under_policy(&c.from, &c.to))
+                .iter()
+                .map(|c| format!("with the policy: {} -> {}", c.from, c.to)),
+        );
         step("delete the pods (CNI DEL)", || self.delete_pods(pods))?;
+        let checks = 2 * (matrix.checks.len() + with_policy.checks.len());
         if unexpected.is_empty() {
-            println!("==> all {} checks passed", matrix.checks.len() * 2);
+            println!("==> all {checks} checks as expected");
             Ok(())
         } else {
             Err(Error::Demo(format!(
-                "{} of {} pairs did not connect: {}",
+                "{} pairs did not do what was expected: {}",
                 unexpected.len(),
-                matrix.checks.len(),
-                unexpected
-                    .iter()
-                    .map(|c| format!("{} -> {}", c.from, c.to))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                unexpected.join(", ")
             )))
         }
+    }
+
+    /// Applies [`POLICY_YAML`], shows the matrix under it, the drops that enforced it and an
+    /// excerpt of the drop events.
+    fn policy_step(&self, pods: &[DemoPod]) -> Result<Matrix> {
+        println!("==> NetworkPolicy (written into the cluster dir as policy.yaml)");
+        for line in POLICY_YAML.lines().filter(|l| !l.starts_with('#')) {
+            println!("    {line}");
+        }
+        let client = self.node.client();
+        // Opened before the policy is written: the datapath reports events only while a stream
+        // is open, and the wait for the policy below gives the agent time to open it.
+        let (tx, events) = mpsc::channel();
+        let stream = client.clone();
+        thread::spawn(move || stream.events(|e| e.kind != "drop" || tx.send(e).is_ok()));
+        step("apply it and wait until the agent enforces it", || {
+            self.node.cluster().write_yaml("policy", POLICY_YAML)?;
+            wait_for_policies(self.node, &policy_names(POLICY_YAML)?)
+        })?;
+        let status = client.policies().map_err(Error::api("GET /v1/policies"))?;
+        println!("    {:<32} {:<8} SELECTS", "POLICY", "INGRESS");
+        for p in &status.policies {
+            let selects: Vec<&str> = p.selects.iter().map(|s| s.name.as_str()).collect();
+            println!(
+                "    {:<32} {:<8} {}",
+                format!("{}/{}", p.namespace, p.name),
+                p.ingress,
+                selects.join(",")
+            );
+        }
+        let drops_before = client.drops().map_err(Error::api("GET /v1/drops"))?;
+        let matrix = step(
+            "connectivity under the policy: ping and TCP between every ordered pair",
+            || self.connectivity(pods),
+        )?;
+        print!(
+            "{}",
+            matrix.render_against(|c| expected_under_policy(&c.from, &c.to))
+        );
+        let drops_after = client.drops().map_err(Error::api("GET /v1/drops"))?;
+        println!("==> drops counted by the datapath during that matrix (GET /v1/drops)");
+        print!("{}", render_drops(&drops_before, &drops_after));
+        println!(
+            "==> drop events (as `myelinctl monitor --drops` shows them), the first {EVENT_EXCERPT}"
+        );
+        for e in events.try_iter().take(EVENT_EXCERPT) {
+            println!("    {}", monitor_line(&e));
+        }
+        Ok(matrix)
     }
 
     fn check_interrupted(&self) -> Result<()> {
@@ -192,8 +295,11 @@ struct Check {
 }
 
 impl Check {
-    fn connected(&self) -> bool {
-        self.ping.is_ok() && self.tcp.is_ok()
+    fn outcome(&self) -> Expected {
+        Expected {
+            ping: self.ping.is_ok(),
+            tcp: self.tcp.is_ok(),
+        }
     }
 }
 
@@ -203,16 +309,23 @@ struct Matrix {
 }
 
 impl Matrix {
-    /// Checks whose outcome differs from `expect_connected` (true: both ping and TCP pass).
-    fn unexpected(&self, expect_connected: impl Fn(&Check) -> bool) -> Vec<&Check> {
+    /// Checks whose ping or TCP outcome differs from `expect`.
+    fn unexpected(&self, expect: impl Fn(&Check) -> Expected) -> Vec<&Check> {
         self.checks
             .iter()
-            .filter(|c| c.connected() != expect_connected(c))
+            .filter(|c| c.outcome() != expect(c))
             .collect()
     }
 
-    /// Rows are senders, columns receivers; each cell is `ping tcp` round trips in ms.
+    /// Rows are senders, columns receivers; each cell is `ping tcp` round trips in ms. Every
+    /// failure is listed, with why.
     fn render(&self) -> String {
+        self.render_against(|_| Expected::CONNECTED)
+    }
+
+    /// Like [`Self::render`], but failures that `expect` predicts are marked `✗` without
+    /// comment, and only unexpected outcomes are listed (marked `!`).
+    fn render_against(&self, expect: impl Fn(&Check) -> Expected) -> String {
         const CELL: usize = 20;
         let mut out = format!("    {:<12}", "from \\ to");
         for name in &self.names {
@@ -228,30 +341,74 @@ impl Matrix {
                     .find(|c| &c.from == from && &c.to == to)
                     .map_or_else(
                         || "·".to_string(),
-                        |c| format!("{} {}", mark(&c.ping), mark(&c.tcp)),
+                        |c| {
+                            let e = expect(c);
+                            format!("{} {}", mark(&c.ping, e.ping), mark(&c.tcp, e.tcp))
+                        },
                     );
                 out.push_str(&format!("{cell:<CELL$}"));
             }
             out.push('\n');
         }
-        out.push_str("    cells: ping and TCP (connect + echo) round trip in ms\n");
-        for c in self.checks.iter().filter(|c| !c.connected()) {
-            for e in [&c.ping, &c.tcp]
+        out.push_str(
+            "    cells: ping and TCP (connect + echo) round trip in ms; ✗ denied; ! not as expected\n",
+        );
+        for c in &self.checks {
+            let e = expect(c);
+            let surprises = [("ping", &c.ping, e.ping), ("TCP", &c.tcp, e.tcp)]
                 .into_iter()
-                .filter_map(|r| r.as_ref().err())
-            {
-                out.push_str(&format!("    ✗ {} -> {}: {e}\n", c.from, c.to));
+                .filter(|(_, outcome, expected)| outcome.is_ok() != *expected);
+            for (what, outcome, _) in surprises {
+                let detail = match outcome {
+                    Ok(_) => "passed, expected to be denied".to_string(),
+                    Err(e) => e.clone(),
+                };
+                out.push_str(&format!("    ! {} -> {} {what}: {detail}\n", c.from, c.to));
             }
         }
         out
     }
 }
 
-fn mark(outcome: &std::result::Result<Duration, String>) -> String {
+/// `✓ 0.050` for a round trip, `✗` for a failure, with `!` when that was not `expected`.
+fn mark(outcome: &std::result::Result<Duration, String>, expected: bool) -> String {
+    let surprise = if outcome.is_ok() == expected { "" } else { "!" };
     match outcome {
-        Ok(rtt) => format!("✓ {:.3}", rtt.as_secs_f64() * 1000.0),
-        Err(_) => "✗".to_string(),
+        Ok(rtt) => format!("✓ {:.3}{surprise}", rtt.as_secs_f64() * 1000.0),
+        Err(_) => format!("✗{surprise}"),
     }
+}
+
+/// Reasons whose counters moved between `before` and `after`, with how much.
+fn render_drops(before: &[DropCount], after: &[DropCount]) -> String {
+    let mut out = format!("    {:<24} {:>8} {:>8}\n", "REASON", "PACKETS", "BYTES");
+    let mut any = false;
+    for a in after {
+        let b = before.iter().find(|b| b.reason == a.reason);
+        let packets = a.packets.saturating_sub(b.map_or(0, |b| b.packets));
+        let bytes = a.bytes.saturating_sub(b.map_or(0, |b| b.bytes));
+        if packets > 0 {
+            any = true;
+            out.push_str(&format!("    {:<24} {packets:>+8} {bytes:>+8}\n", a.reason));
+        }
+    }
+    if !any {
+        out.push_str("    (none)\n");
+    }
+    out
+}
+
+/// One event as `myelinctl monitor` prints it.
+fn monitor_line(e: &FlowEvent) -> String {
+    format!(
+        "{:<7} {:<5} {:<22} -> {:<22} {:<8} {}",
+        e.kind,
+        e.protocol,
+        e.src,
+        e.dst,
+        e.direction,
+        e.reason.as_deref().unwrap_or_default()
+    )
 }
 
 fn render_counters(
@@ -328,15 +485,75 @@ mod tests {
         };
         let text = matrix.render();
         assert!(text.contains("✓ 0.050 ✓ 0.250"), "{text}");
-        assert!(text.contains("✗ ✗"), "{text}");
-        assert!(text.contains("✗ b -> a: timed out"), "{text}");
-        let unexpected = matrix.unexpected(|_| true);
+        assert!(text.contains("✗! ✗!"), "{text}");
+        assert!(text.contains("! b -> a ping: timed out"), "{text}");
+        let unexpected = matrix.unexpected(|_| Expected::CONNECTED);
         assert_eq!(unexpected.len(), 1);
         assert_eq!(
             (unexpected[0].from.as_str(), unexpected[0].to.as_str()),
             ("b", "a")
         );
-        // A policy that denies b -> a makes the same matrix all expected.
-        assert!(matrix.unexpected(|c| c.from == "a").is_empty());
+        // A policy that denies b -> a makes the same matrix all expected, and says nothing
+        // more about the denial than its mark.
+        let denies_b_to_a = |c: &Check| Expected {
+            ping: c.from == "a",
+            tcp: c.from == "a",
+        };
+        assert!(matrix.unexpected(denies_b_to_a).is_empty());
+        let text = matrix.render_against(denies_b_to_a);
+        assert!(
+            text.contains("✗ ✗") && !text.contains("✗!") && !text.contains("! b -> a"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_embedded_policy_names_two_policies_of_the_demo_namespace() {
+        let names: Vec<String> = policy_names(POLICY_YAML).unwrap().into_iter().collect();
+        assert_eq!(
+            names,
+            vec!["demo/backend-from-frontend", "demo/db-from-backend"]
+        );
+    }
+
+    #[test]
+    fn under_the_policy_only_the_frontend_reaches_the_backend_and_only_by_tcp() {
+        let pods = ["frontend", "backend", "db"];
+        let mut table = Vec::new();
+        for from in pods {
+            for to in pods.iter().filter(|to| **to != from) {
+                let e = expected_under_policy(from, to);
+                table.push(format!("{from}->{to}:{}{}", e.ping as u8, e.tcp as u8));
+            }
+        }
+        assert_eq!(
+            table.join(" "),
+            "frontend->backend:01 frontend->db:00 backend->frontend:11 backend->db:11 \
+             db->frontend:11 db->backend:00"
+        );
+    }
+
+    #[test]
+    fn drops_show_only_reasons_that_moved() {
+        let count = |reason: &str, packets, bytes| DropCount {
+            reason: reason.into(),
+            packets,
+            bytes,
+        };
+        let before = [
+            count("policy-denied-ingress", 2, 120),
+            count("malformed", 1, 60),
+        ];
+        let after = [
+            count("policy-denied-ingress", 7, 420),
+            count("malformed", 1, 60),
+        ];
+        let text = render_drops(&before, &after);
+        assert!(
+            text.contains("policy-denied-ingress") && text.contains("+5"),
+            "{text}"
+        );
+        assert!(!text.contains("malformed"), "{text}");
+        assert!(render_drops(&after, &after).contains("(none)"));
     }
 }

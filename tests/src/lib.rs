@@ -29,6 +29,8 @@ mod error;
 mod netns;
 mod node;
 mod oci;
+pub mod policy_lab;
+pub mod probe;
 mod process;
 pub mod progress;
 mod run;

@@ -48,8 +48,15 @@ impl Host for NetnsHost<'_> {
 
 /// One ICMP echo (`ping -c1 -W1`) from `from` to `to`; returns the round trip ping reports.
 pub fn ping(from: &dyn Host, to: &dyn Host) -> Result<Duration> {
+    ping_within(from, to, Duration::from_secs(1))
+}
+
+/// One ICMP echo from `from` to `to` that waits at most `timeout` for the reply.
+pub fn ping_within(from: &dyn Host, to: &dyn Host, timeout: Duration) -> Result<Duration> {
     let mut cmd = from.netns().command("ping")?;
-    cmd.args(["-n", "-c1", "-W1", &to.ip().to_string()]);
+    // iputils takes fractions of a second for -W.
+    let wait = format!("-W{:.3}", timeout.as_secs_f64());
+    cmd.args(["-n", "-c1", &wait, &to.ip().to_string()]);
     let out = process::run(cmd, &[], Duration::from_secs(5))?;
     let text = out.stdout_text();
     if !out.status.success() {
@@ -143,7 +150,7 @@ fn join<T>(handle: thread::ScopedJoinHandle<'_, T>) -> T {
 }
 
 /// A line no earlier exchange sent, so that a stale answer cannot pass for this one.
-fn token() -> Vec<u8> {
+pub(crate) fn token() -> Vec<u8> {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     format!(
         "myelin-echo {} {}\n",
@@ -197,10 +204,23 @@ fn serve_tcp_once(
 }
 
 fn tcp_client(addr: SocketAddr, message: &[u8]) -> io::Result<Duration> {
+    tcp_round_trip(addr, message, TRAFFIC_TIMEOUT)
+}
+
+/// Connects to `addr`, sends `message` (one line) and expects it echoed, all within `timeout`.
+pub(crate) fn tcp_round_trip(
+    addr: SocketAddr,
+    message: &[u8],
+    timeout: Duration,
+) -> io::Result<Duration> {
     let started = Instant::now();
-    let mut stream = TcpStream::connect_timeout(&addr, TRAFFIC_TIMEOUT)?;
-    stream.set_read_timeout(Some(TRAFFIC_TIMEOUT))?;
-    stream.set_write_timeout(Some(TRAFFIC_TIMEOUT))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    // What the connect left of the budget; never zero, which would mean "no timeout".
+    let rest = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(1));
+    stream.set_read_timeout(Some(rest))?;
+    stream.set_write_timeout(Some(rest))?;
     stream.write_all(message)?;
     let mut echoed = Vec::new();
     BufReader::new(&stream).read_until(b'\n', &mut echoed)?;
@@ -246,10 +266,19 @@ fn serve_udp(port: u16, ready: mpsc::Sender<io::Result<u16>>, stop: &AtomicBool)
 }
 
 fn udp_client(addr: SocketAddr, message: &[u8]) -> io::Result<Duration> {
+    udp_round_trip(addr, message, TRAFFIC_TIMEOUT)
+}
+
+/// Sends `message` to `addr` and resends until its echo arrives or `timeout` passes.
+pub(crate) fn udp_round_trip(
+    addr: SocketAddr,
+    message: &[u8],
+    timeout: Duration,
+) -> io::Result<Duration> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     socket.connect(addr)?;
-    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let deadline = Instant::now() + TRAFFIC_TIMEOUT;
+    socket.set_read_timeout(Some(Duration::from_millis(200).min(timeout)))?;
+    let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 1500];
     while Instant::now() < deadline {
         let sent = Instant::now();
@@ -271,7 +300,7 @@ fn udp_client(addr: SocketAddr, message: &[u8]) -> io::Result<Duration> {
     }
     Err(io::Error::new(
         io::ErrorKind::TimedOut,
-        format!("no echo within {TRAFFIC_TIMEOUT:?}"),
+        format!("no echo within {timeout:?}"),
     ))
 }
 
