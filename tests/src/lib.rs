@@ -21,6 +21,7 @@
 
 pub mod apiserver;
 mod bins;
+pub mod chart;
 pub mod cluster;
 mod cni;
 pub mod containerd;
@@ -28,7 +29,7 @@ pub mod demo;
 mod error;
 mod netns;
 mod node;
-mod oci;
+pub mod oci;
 pub mod policy_lab;
 pub mod probe;
 mod process;

@@ -4,6 +4,8 @@
 //! `rustup`, `cargo ...`) printed as `==> step` with its output streamed and its time.
 
 mod exec;
+mod image;
+mod manifests;
 mod report;
 mod setup;
 
@@ -31,7 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what is missing (apt packages, the eBPF nightly, bpf-linker, clippy, rustfmt).
+    /// Install what is missing (apt packages, the eBPF nightly, bpf-linker, clippy, rustfmt,
+    /// the chart's Python tools in target/python-tools).
     /// Idempotent: takes seconds when everything is there. Needs root on Linux.
     Setup,
     /// Build the workspace binaries: myelin, myelin-agent (with its eBPF object), myelinctl.
@@ -44,6 +47,15 @@ enum Command {
     Test,
     /// Setup, build, then the demo: three pods on one node, connectivity and eBPF counters.
     Demo,
+    /// Render manifests/install.yaml from the Helm chart (manifests/helm/myelin) with Helm.
+    Manifests,
+    /// Build the release binaries and write Myelin's container image as an OCI image layout
+    /// tarball (load it with `ctr images import`).
+    Image {
+        /// Where to write the tarball. Default: target/image/myelin.tar.
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +64,8 @@ fn main() -> ExitCode {
         Command::Build { release } => build(release).map(|()| ExitCode::SUCCESS),
         Command::Test => test(),
         Command::Demo => demo(),
+        Command::Manifests => manifests::manifests().map(|()| ExitCode::SUCCESS),
+        Command::Image { output } => image::image(output).map(|()| ExitCode::SUCCESS),
     };
     outcome.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");

@@ -1,10 +1,10 @@
 //! `cargo xtask setup`: brings a fresh Debian 12 machine to what the build and the tests need,
 //! installing only what is missing, and saying what it does.
 
-use std::process::Command;
+use std::{fs, process::Command};
 
 use anyhow::{Context, Result, bail};
-use myelin_tests::progress::step;
+use myelin_tests::{chart, progress::step};
 
 use crate::exec;
 
@@ -21,6 +21,9 @@ const APT_PACKAGES: &[&str] = &[
     "runc",
     "containernetworking-plugins",
     "busybox-static",
+    // The venv of the chart's Python tools (Debian's python3 needs python3-venv for it).
+    "python3",
+    "python3-venv",
 ];
 
 /// The nightly that builds the eBPF crate. Pinned: its LLVM (22) must match bpf-linker's, and a
@@ -50,7 +53,11 @@ pub fn setup() -> Result<()> {
         ebpf_nightly,
     )?;
     step("clippy and rustfmt for stable", stable_components)?;
-    step(&format!("bpf-linker {BPF_LINKER_VERSION}"), bpf_linker)
+    step(&format!("bpf-linker {BPF_LINKER_VERSION}"), bpf_linker)?;
+    step(
+        "Python tools for the chart (helm-sdkpy, kubernetes-validate)",
+        chart_tools,
+    )
 }
 
 fn apt_packages() -> Result<()> {
@@ -191,4 +198,40 @@ fn stdout(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A venv in the target dir with exactly the pinned requirements, so that Debian's Python is
+/// left alone. Recreated whenever the requirements file changes; a copy of it in the venv
+/// records what was installed.
+fn chart_tools() -> Result<()> {
+    let venv = chart::tools_venv(&exec::target_dir()?);
+    let requirements_path = chart::workspace_root().join(chart::TOOLS_REQUIREMENTS);
+    let requirements = fs::read_to_string(&requirements_path)
+        .with_context(|| format!("reading {}", requirements_path.display()))?;
+    let installed_record = venv.join("requirements.installed");
+    let python = venv.join("bin/python");
+    if python.is_file() && fs::read_to_string(&installed_record).ok() == Some(requirements.clone())
+    {
+        println!("    present in {}", venv.display());
+        return Ok(());
+    }
+    let mut create = Command::new("python3");
+    create.args(["-m", "venv", "--clear"]).arg(&venv);
+    exec::run(create)?;
+    // helm-sdkpy says it needs Python 3.12; it works on Debian 12's 3.11.
+    let mut install = Command::new(&python);
+    install
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--ignore-requires-python",
+            "-r",
+        ])
+        .arg(&requirements_path);
+    exec::run(install)?;
+    fs::write(&installed_record, &requirements)
+        .with_context(|| format!("writing {}", installed_record.display()))
 }
