@@ -20,6 +20,7 @@
 //! ```
 
 pub mod apiserver;
+pub mod bench;
 mod bins;
 pub mod chart;
 pub mod cluster;

@@ -3,6 +3,7 @@
 //! It orchestrates and does not hide the build: each step is a plain command (`apt-get`,
 //! `rustup`, `cargo ...`) printed as `==> step` with its output streamed and its time.
 
+mod bench;
 mod exec;
 mod image;
 mod manifests;
@@ -47,6 +48,19 @@ enum Command {
     Test,
     /// Setup, build, then the demo: three pods on one node, connectivity and eBPF counters.
     Demo,
+    /// Setup, release build, then every benchmark scenario: Myelin against a bare veth pair and
+    /// the reference bridge and ptp plugins, CNI latency, agent footprint, policy scale.
+    /// Writes target/bench/report.json and report.md.
+    Bench {
+        /// Fewer repetitions and shorter runs (about 3.5 minutes of measuring on two cores, plus
+        /// the release build when it is not current): what CI affords.
+        #[arg(long)]
+        quick: bool,
+        /// Run only these scenarios (comma-separated ids: same_node, cni, agent, policy,
+        /// kubernetes, cross_node); the report lists the others as not run.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
     /// Render manifests/install.yaml from the Helm chart (manifests/helm/myelin) with Helm.
     Manifests,
     /// Build the release binaries and write Myelin's container image as an OCI image layout
@@ -64,6 +78,7 @@ fn main() -> ExitCode {
         Command::Build { release } => build(release).map(|()| ExitCode::SUCCESS),
         Command::Test => test(),
         Command::Demo => demo(),
+        Command::Bench { quick, only } => bench::bench(quick, &only),
         Command::Manifests => manifests::manifests().map(|()| ExitCode::SUCCESS),
         Command::Image { output } => image::image(output).map(|()| ExitCode::SUCCESS),
     };

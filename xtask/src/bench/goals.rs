@@ -1,0 +1,211 @@
+//! The goals the issues set, checked against what this run measured. A goal whose scenario
+//! failed or did not measure it is reported as not measured, never as passed.
+
+use myelin_tests::bench::stats::{Summary, percentile};
+
+use super::{
+    agent, cni,
+    report::{BenchReport, Status},
+    same_node,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    FallShort,
+    NotMeasured(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Goal {
+    pub name: &'static str,
+    pub target: String,
+    pub measured: String,
+    pub verdict: Verdict,
+}
+
+pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
+    let ratio_to_bare = |metric: &str, floor: f64, name: &'static str| {
+        let measured = metric_of(report, same_node::ID, metric).and_then(|m| {
+            Summary::of(&m.ratio_samples(same_node::MYELIN, same_node::BARE)).map(|s| s.median)
+        });
+        goal(
+            name,
+            format!(">= {floor:.2} x bare veth (median of pairwise ratios)"),
+            measured.map(|v| (v >= floor, format!("{v:.3} x"))),
+            scenario_state(report, same_node::ID),
+        )
+    };
+    let add_p50 = metric_of(report, cni::ID, cni::ADD_P50)
+        .and_then(|m| Summary::of(&m.ratio_samples(cni::MYELIN, cni::BRIDGE)).map(|s| s.median));
+    let add_del_p99 = metric_of(report, cni::ID, cni::ADD_DEL)
+        .and_then(|m| percentile(m.samples(cni::MYELIN), 0.99));
+    let memory = report
+        .scenario(agent::ID)
+        .and_then(|s| s.figure(&agent::rss_figure(agent::GOAL_REMOTE_PODS)))
+        .map(|f| f.value);
+    vec![
+        ratio_to_bare(
+            same_node::RR_1,
+            0.97,
+            "Same-node request/response (1 flow): Myelin / bare veth",
+        ),
+        ratio_to_bare(
+            same_node::RR_8,
+            0.97,
+            "Same-node request/response (8 flows): Myelin / bare veth",
+        ),
+        ratio_to_bare(
+            same_node::STREAM,
+            0.95,
+            "Same-node stream: Myelin / bare veth",
+        ),
+        goal(
+            "CNI ADD p50: Myelin / bridge+host-local",
+            "<= 1.00 (median of per-repetition p50 ratios)".into(),
+            add_p50.map(|v| (v <= 1.0, format!("{v:.3} x"))),
+            scenario_state(report, cni::ID),
+        ),
+        goal(
+            "CNI ADD+DEL p99 (Myelin, per pod)",
+            "< 50 ms on two cores".into(),
+            add_del_p99.map(|v| (v < 50.0, format!("{v:.1} ms"))),
+            scenario_state(report, cni::ID),
+        ),
+        goal(
+            "Agent memory with 20,000 remote pods",
+            "<= 64 MiB resident (VmRSS once synced)".into(),
+            memory.map(|v| (v <= 64.0, format!("{v:.1} MiB"))),
+            scenario_state(report, agent::ID),
+        ),
+    ]
+}
+
+fn metric_of<'a>(
+    report: &'a BenchReport,
+    scenario: &str,
+    metric: &str,
+) -> Option<&'a super::report::Metric> {
+    report.scenario(scenario)?.metric(metric)
+}
+
+/// Why a scenario has no figure for a goal, if it has none.
+fn scenario_state(report: &BenchReport, id: &str) -> String {
+    match report.scenario(id).map(|s| &s.status) {
+        None => "scenario not run".into(),
+        Some(Status::Failed(_)) => "scenario failed".into(),
+        Some(Status::Placeholder(_)) => "placeholder".into(),
+        Some(Status::Skipped) => "scenario not run".into(),
+        Some(Status::Measured) => "no samples".into(),
+    }
+}
+
+fn goal(
+    name: &'static str,
+    target: String,
+    measured: Option<(bool, String)>,
+    missing: String,
+) -> Goal {
+    match measured {
+        Some((met, text)) => Goal {
+            name,
+            target,
+            measured: text,
+            verdict: if met {
+                Verdict::Pass
+            } else {
+                Verdict::FallShort
+            },
+        },
+        None => Goal {
+            name,
+            target,
+            measured: "–".into(),
+            verdict: Verdict::NotMeasured(missing),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::bench::report::{Machine, Metric, Mode, ScenarioReport, Shape};
+
+    fn report_with(scenarios: Vec<ScenarioReport>) -> BenchReport {
+        BenchReport {
+            mode: Mode::Quick,
+            date: String::new(),
+            commit: String::new(),
+            machine: Machine::default(),
+            settings: Vec::new(),
+            duration: Duration::ZERO,
+            scenarios,
+        }
+    }
+
+    #[test]
+    fn ratios_decide_pass_and_fall_short_and_missing_scenarios_are_not_measured() {
+        let mut same = ScenarioReport::new(same_node::ID, "same node");
+        let mut rr = Metric::new(same_node::RR_1, "rr", "round trips/s", Shape::Repeated);
+        let mut stream = Metric::new(same_node::STREAM, "stream", "Gbit/s", Shape::Repeated);
+        for (bare, myelin) in [(100.0, 99.0), (100.0, 98.0), (100.0, 90.0)] {
+            rr.push(same_node::BARE, bare);
+            rr.push(same_node::MYELIN, myelin);
+            stream.push(same_node::BARE, bare);
+            stream.push(same_node::MYELIN, myelin - 10.0);
+        }
+        same.metrics.push(rr);
+        same.metrics.push(stream);
+        let mut failed = ScenarioReport::new(cni::ID, "cni");
+        failed.status = Status::Failed("boom".into());
+        let goals = evaluate(&report_with(vec![same, failed]));
+        let verdict = |prefix: &str| {
+            goals
+                .iter()
+                .find(|g| g.name.starts_with(prefix))
+                .map(|g| g.verdict.clone())
+                .unwrap()
+        };
+        // RR ratios 0.99, 0.98, 0.90: median 0.98 passes 0.97.
+        assert_eq!(
+            verdict("Same-node request/response (1 flow)"),
+            Verdict::Pass
+        );
+        assert_eq!(verdict("Same-node stream"), Verdict::FallShort);
+        assert_eq!(
+            verdict("Same-node request/response (8 flows)"),
+            Verdict::NotMeasured("no samples".into())
+        );
+        assert_eq!(
+            verdict("CNI ADD p50"),
+            Verdict::NotMeasured("scenario failed".into())
+        );
+        assert_eq!(
+            verdict("Agent memory"),
+            Verdict::NotMeasured("scenario not run".into())
+        );
+    }
+
+    #[test]
+    fn latency_and_memory_goals_use_their_figures() {
+        let mut cni_s = ScenarioReport::new(cni::ID, "cni");
+        let mut add_del = Metric::new(cni::ADD_DEL, "add+del", "ms", Shape::Distribution);
+        for v in 1..=100 {
+            add_del.push(cni::MYELIN, f64::from(v) / 2.0);
+        }
+        let mut p50 = Metric::new(cni::ADD_P50, "p50", "ms", Shape::Repeated);
+        p50.push(cni::MYELIN, 20.0);
+        p50.push(cni::BRIDGE, 25.0);
+        cni_s.metrics.extend([add_del, p50]);
+        let mut agent_s = ScenarioReport::new(agent::ID, "agent");
+        agent_s.add_figure(&agent::rss_figure(agent::GOAL_REMOTE_PODS), 70.0, "MiB");
+        let goals = evaluate(&report_with(vec![cni_s, agent_s]));
+        let find = |prefix: &str| goals.iter().find(|g| g.name.starts_with(prefix)).unwrap();
+        assert_eq!(find("CNI ADD+DEL p99").verdict, Verdict::Pass);
+        assert_eq!(find("CNI ADD+DEL p99").measured, "49.5 ms");
+        assert_eq!(find("CNI ADD p50").verdict, Verdict::Pass);
+        assert_eq!(find("Agent memory").verdict, Verdict::FallShort);
+    }
+}
