@@ -143,12 +143,23 @@ impl Demo<'_> {
         let after = self.counters()?;
         println!("==> eBPF per-endpoint counters (GET /v1/endpoints), before -> after");
         print!("{}", render_counters(&pods, &before, &after));
-        println!(
-            "==> bpftool map dump pinned {}",
-            self.node.pinned_map("counters").display()
-        );
-        for line in self.node.dump_map_text("counters")?.lines() {
-            println!("    {line}");
+        // The same counters straight from the kernel: the per-CPU slot of the first pod's
+        // endpoint id (the map is an array indexed by endpoint id).
+        if let Some(first) = self.node.endpoints()?.into_iter().min_by_key(|e| e.id) {
+            let key = first.id.to_ne_bytes();
+            println!(
+                "==> bpftool map lookup pinned {} key {} {} {} {}   ({}'s endpoint id {})",
+                self.node.pinned_map("counters").display(),
+                key[0],
+                key[1],
+                key[2],
+                key[3],
+                first.pod.as_ref().map_or("?", |p| p.name.as_str()),
+                first.id
+            );
+            for line in self.node.lookup_map_text("counters", &key)?.lines() {
+                println!("    {line}");
+            }
         }
         let mut unexpected: Vec<String> = matrix
             .unexpected(|_| Expected::CONNECTED)

@@ -339,6 +339,17 @@ impl Node {
         Ok(String::from_utf8_lossy(&self.bpftool_dump(name, false)?).into_owned())
     }
 
+    /// `bpftool map lookup pinned <map> key <bytes>`, as bpftool prints it.
+    pub fn lookup_map_text(&self, name: &str, key: &[u8]) -> Result<String> {
+        let mut cmd = std::process::Command::new("bpftool");
+        cmd.args(["map", "lookup", "pinned"])
+            .arg(self.pinned_map(name))
+            .arg("key")
+            .args(key.iter().map(u8::to_string));
+        let out = process::run_ok(cmd, Duration::from_secs(10))?.stdout;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
     fn bpftool_dump(&self, name: &str, json: bool) -> Result<Vec<u8>> {
         let mut cmd = std::process::Command::new("bpftool");
         if json {

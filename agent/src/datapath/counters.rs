@@ -1,12 +1,13 @@
-//! Per-CPU counters: per endpoint (`counters`) and per drop reason (`drops`).
+//! Per-CPU counters: per endpoint (`counters`, indexed by endpoint id) and per drop reason
+//! (`drops`, indexed by reason).
 //!
-//! The datapath only increments entries that exist, so the agent owns their lifetime: it creates
-//! a zeroed entry with each endpoint and removes it with the endpoint.
+//! An endpoint's slot is zeroed when its id is given out and when it is taken back, so that a
+//! reused id starts from zero.
 
 use std::collections::BTreeSet;
 
 use aya::{
-    maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{MapData, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
 use myelin_common::{DropReason, EndpointCounters, drop::DropCounter, maps};
@@ -14,9 +15,12 @@ use myelin_common::{DropReason, EndpointCounters, drop::DropCounter, maps};
 use super::table::TableError;
 
 pub struct Counters {
-    endpoints: PerCpuHashMap<MapData, u32, EndpointCounters>,
+    endpoints: PerCpuArray<MapData, EndpointCounters>,
     drops: PerCpuArray<MapData, DropCounter>,
     nr_cpus: usize,
+    /// Ids whose slots hold live counts; `None` until the first sync, which zeroes every other
+    /// slot (an earlier agent may have died between giving an id out and taking it back).
+    live: Option<BTreeSet<u32>>,
 }
 
 fn aya_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> TableError {
@@ -30,40 +34,46 @@ impl Counters {
             source: aya::maps::MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
         })?;
         Ok(Self {
-            endpoints: PerCpuHashMap::try_from(endpoints).map_err(aya_err(maps::COUNTERS))?,
+            endpoints: PerCpuArray::try_from(endpoints).map_err(aya_err(maps::COUNTERS))?,
             drops: PerCpuArray::try_from(drops).map_err(aya_err(maps::DROPS))?,
             nr_cpus,
+            live: None,
         })
     }
 
-    /// Makes the counter entries exactly the given endpoint ids: new ids start at zero, ids that
-    /// are no longer endpoints are removed, existing ones keep counting.
+    fn zero(&mut self, id: u32) -> Result<(), TableError> {
+        let zero = PerCpuValues::try_from(vec![EndpointCounters::default(); self.nr_cpus])
+            .map_err(|io_error| {
+                aya_err(maps::COUNTERS)(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "PerCpuValues",
+                    io_error,
+                }))
+            })?;
+        self.endpoints
+            .set(id, zero, 0)
+            .map_err(aya_err(maps::COUNTERS))
+    }
+
+    /// Makes the live slots exactly the given endpoint ids: new ids start at zero, ids that are
+    /// no longer endpoints are zeroed, existing ones keep counting.
     pub fn sync_endpoints(&mut self, ids: &BTreeSet<u32>) -> Result<(), TableError> {
-        let existing: BTreeSet<u32> = self
-            .endpoints
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(aya_err(maps::COUNTERS))?;
-        for stale in existing.difference(ids) {
-            match self.endpoints.remove(stale) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(aya_err(maps::COUNTERS)(e)),
-            }
+        let (stale, fresh): (Vec<u32>, Vec<u32>) = match &self.live {
+            Some(live) => (
+                live.difference(ids).copied().collect(),
+                ids.difference(live).copied().collect(),
+            ),
+            // First sync: keep the slots of endpoints that survived a restart.
+            None => (
+                (1..self.endpoints.len())
+                    .filter(|id| !ids.contains(id))
+                    .collect(),
+                vec![],
+            ),
+        };
+        for id in stale.into_iter().chain(fresh) {
+            self.zero(id)?;
         }
-        for id in ids.difference(&existing) {
-            let zero = PerCpuValues::try_from(vec![EndpointCounters::default(); self.nr_cpus])
-                .map_err(|io_error| {
-                    aya_err(maps::COUNTERS)(aya::maps::MapError::SyscallError(
-                        aya::sys::SyscallError {
-                            call: "PerCpuValues",
-                            io_error,
-                        },
-                    ))
-                })?;
-            self.endpoints
-                .insert(id, zero, 0)
-                .map_err(aya_err(maps::COUNTERS))?;
-        }
+        self.live = Some(ids.clone());
         Ok(())
     }
 

@@ -230,7 +230,8 @@ impl Datapath {
         let sizes: BTreeMap<&'static str, u32> = [
             (maps::ENDPOINTS, limits.endpoints),
             (maps::ENDPOINTS_BY_IF, limits.endpoints),
-            (maps::COUNTERS, limits.endpoints),
+            // Indexed by endpoint id, from 1.
+            (maps::COUNTERS, limits.endpoints + 1),
             (maps::IPCACHE, limits.ipcache),
             (maps::POLICY, limits.policy),
             (maps::CONNTRACK, limits.conntrack),

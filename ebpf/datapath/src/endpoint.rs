@@ -1,7 +1,7 @@
 //! Endpoint lookups and per-endpoint counters.
 
 use aya_ebpf::{
-    btf_maps::{HashMap, PerCpuHashMap},
+    btf_maps::{HashMap, PerCpuArray},
     macros::btf_map,
 };
 use myelin_common::{EndpointCounters, EndpointInfo, Ipv4Key, maps::DEFAULT_MAX_ENDPOINTS};
@@ -16,10 +16,12 @@ static ENDPOINTS: HashMap<Ipv4Key, EndpointInfo, MAX> = HashMap::new();
 #[btf_map(name = "endpoints_by_if")]
 static ENDPOINTS_BY_IF: HashMap<u32, EndpointInfo, MAX> = HashMap::new();
 
-/// Counters by endpoint id. The agent creates the entry with the endpoint and removes it with
-/// the endpoint; the datapath only updates existing entries, so a stale id never creates one.
+/// Counters indexed by endpoint id (ids start at 1). An array rather than a hash: the verifier
+/// turns an array lookup into a bounds check and an offset, where a hash lookup hashes the key
+/// and walks a bucket, twice per packet. The agent zeroes an id's slot when it gives the id out
+/// and when it takes it back.
 #[btf_map(name = "counters")]
-static COUNTERS: PerCpuHashMap<u32, EndpointCounters, MAX> = PerCpuHashMap::new();
+static COUNTERS: PerCpuArray<EndpointCounters, { MAX + 1 }> = PerCpuArray::new();
 
 // Lookups hand out references into the map rather than copies: an `Option<EndpointInfo>`
 // copy leaves undefined padding in registers on the `None` path, which the verifier rejects.
