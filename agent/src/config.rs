@@ -67,8 +67,9 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_MAX_CONNTRACK", default_value_t = myelin_common::maps::DEFAULT_MAX_CONNTRACK)]
     pub max_conntrack: u32,
 
-    /// How programs are attached to pod interfaces.
-    #[arg(long, env = "MYELIN_ATTACH_MODE", value_enum, default_value = "auto")]
+    /// How programs are attached to pod interfaces (see `AttachMode` for why tc is the
+    /// default).
+    #[arg(long, env = "MYELIN_ATTACH_MODE", value_enum, default_value = "tc")]
     pub attach_mode: AttachMode,
 
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
@@ -125,7 +126,7 @@ mod tests {
         assert_eq!(c.socket, PathBuf::from("/run/myelin/agent.sock"));
         assert_eq!(c.source, SourceSpec::Kubernetes);
         assert_eq!(c.metrics_addr.0, Some("0.0.0.0:9962".parse().unwrap()));
-        assert_eq!(c.attach_mode, AttachMode::Auto);
+        assert_eq!(c.attach_mode, AttachMode::Tc);
         assert_eq!(c.kubeconfig, None);
     }
 

@@ -220,39 +220,45 @@ fn pods_keep_connectivity_while_the_agent_restarts() -> Result<()> {
     Ok(())
 }
 
-/// Kernels before 6.6 have no tcx: the agent attaches with a clsact qdisc and direct-action
-/// filters instead. Forced here with `--attach-mode tc`, on this kernel.
+/// The default attaches with a clsact qdisc (every other test here runs that way); tcx links,
+/// pinned so that they outlive the agent, are the alternative on Linux 6.6+.
 #[test]
-fn clsact_attachment_carries_traffic_and_survives_a_restart() -> Result<()> {
+fn tcx_links_carry_traffic_survive_a_restart_and_go_with_the_pod() -> Result<()> {
     let Some(run) = root_test()? else {
         return Ok(());
     };
     let mut node = Node::start(
         &run,
-        NodeSpec::new("node").agent_args(&["--attach-mode", "tc"]),
+        NodeSpec::new("node").agent_args(&["--attach-mode", "tcx"]),
     )?;
-    assert_eq!(node.status()?.attach_mode, "tc");
+    assert_eq!(node.status()?.attach_mode, "tcx");
     let a = node.add_pod("default", "a")?;
     let b = node.add_pod("default", "b")?;
+    let pins = |node: &Node| -> Result<BTreeSet<String>> {
+        let dir = node.bpffs().join("myelin/links");
+        Ok(std::fs::read_dir(&dir)
+            .map_err(myelin_tests::Error::io(format!(
+                "listing {}",
+                dir.display()
+            )))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect())
+    };
     let host_veth = |pod: &Pod| {
         pod.result()["interfaces"][0]["name"]
             .as_str()
             .unwrap_or_default()
             .to_string()
     };
-    let filters = |node: &Node, pod: &Pod| -> Result<String> {
-        let out = node
-            .netns()
-            .command("tc")?
-            .args(["filter", "show", "dev", &host_veth(pod), "ingress"])
-            .output()
-            .map_err(myelin_tests::Error::io("running tc"))?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    assert!(
-        filters(&node, &a)?.contains("from_container"),
-        "no clsact filter on {}",
-        host_veth(&a)
+    let expected: BTreeSet<String> = [&a, &b]
+        .iter()
+        .flat_map(|p| ["ingress", "egress"].map(|d| format!("{}-{d}", host_veth(p))))
+        .collect();
+    assert_eq!(
+        pins(&node)?,
+        expected,
+        "one pinned link per pod and direction"
     );
     for (from, to) in [(&a, &b), (&b, &a)] {
         ping(from, to)?;
@@ -262,13 +268,14 @@ fn clsact_attachment_carries_traffic_and_survives_a_restart() -> Result<()> {
     ping(&a, &b)?;
     node.start_agent()?;
     ping(&a, &b)?;
-    let after = filters(&node, &a)?;
+    tcp_echo(&b, &a, 0)?;
     assert_eq!(
-        after.matches("direct-action").count(),
-        1,
-        "the restarted agent replaced the filter rather than adding one:\n{after}"
+        pins(&node)?,
+        expected,
+        "the restarted agent swapped its programs in place"
     );
     node.delete_pod(a)?;
     node.delete_pod(b)?;
+    assert!(pins(&node)?.is_empty(), "DEL left link pins behind");
     Ok(())
 }

@@ -30,6 +30,9 @@ pub const TITLE: &str = "2. CNI ADD/DEL latency and pod churn";
 
 pub const MYELIN: &str = "myelin";
 pub const BRIDGE: &str = "bridge+host-local";
+/// Myelin with `--attach-mode tcx`: a tcx attach or detach waits for an RCU grace period under
+/// the RTNL lock, a clsact filter (the default) does not; the variant shows what that costs.
+pub const MYELIN_TCX: &str = "myelin (tcx)";
 
 pub const ADD: &str = "add";
 pub const DEL: &str = "del";
@@ -65,13 +68,19 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
     let mut spec = NodeSpec::new("cni");
     spec.binaries = Some(ctx.binaries.clone());
     spec.echo_agent_log_on_drop = false;
-    let node = Node::start(&run, spec)?;
+    let node = Node::start(&run, spec.clone())?;
     let myelin = CniPlugin::myelin(&node)?;
+    let mut tcx_spec = spec;
+    tcx_spec.name = "cni-tcx".into();
+    let tcx_node = Node::start(&run, tcx_spec.agent_args(&["--attach-mode", "tcx"]))?;
+    let myelin_tcx = CniPlugin::myelin(&tcx_node)?;
     let bridge_node = ReferenceNode::start(&run, ReferencePlugin::Bridge, "10.245.3.0/24")?;
     let drivers = [
         (MYELIN, CniDriver::new(node.netns(), &myelin)),
         (BRIDGE, bridge_node.driver()),
+        (MYELIN_TCX, CniDriver::new(tcx_node.netns(), &myelin_tcx)),
     ];
+    let order = [0, 1, 2];
     let count = s.churn_pods.max(s.cni_pods);
     println!("    creating {count} pod sandboxes");
     let sandboxes = (0..count)
@@ -87,9 +96,11 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
         Shape::Distribution,
     );
     let mut add_p50 = Metric::new(ADD_P50, "CNI ADD p50 per repetition", "ms", Shape::Repeated)
-        .ratio(MYELIN, BRIDGE);
+        .ratio(MYELIN, BRIDGE)
+        .ratio(MYELIN_TCX, BRIDGE);
     let mut churn = Metric::new(CHURN, "Pod churn (ADD then DEL)", "pods/s", Shape::Repeated)
-        .ratio(MYELIN, BRIDGE);
+        .ratio(MYELIN, BRIDGE)
+        .ratio(MYELIN_TCX, BRIDGE);
     let measured = (|| -> Result<()> {
         for (_, driver) in &drivers {
             // The first call on a node pays for cold caches; no pod of a cluster does.
@@ -97,7 +108,7 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
             driver.del(&sandboxes[0], &attachment)?;
         }
         for rep in 0..s.cni_reps {
-            for i in rotated(&[0, 1], rep) {
+            for i in rotated(&order, rep) {
                 ctx.check()?;
                 let (name, driver) = &drivers[i];
                 let (adds, dels) = add_then_delete(driver, &sandboxes[..s.cni_pods])?;
@@ -119,7 +130,7 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
             }
         }
         for rep in 0..s.churn_reps {
-            for i in rotated(&[0, 1], rep) {
+            for i in rotated(&order, rep) {
                 ctx.check()?;
                 let (name, driver) = &drivers[i];
                 let rate = churn_rate(driver, &sandboxes[..s.churn_pods], s.churn_workers)?;
