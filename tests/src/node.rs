@@ -212,6 +212,21 @@ impl Node {
         if self.agent.is_some() {
             return Err(self.agent_error("start_agent called while the agent runs".into()));
         }
+        let dir = self.dir.path();
+        let mut cmd = self.agent_command()?;
+        cmd.arg("--source")
+            .arg(format!("dir:{}", dir.join("cluster").display()))
+            .arg("--pod-cidr")
+            .arg(&self.pod_cidr)
+            .args(&self.agent_args);
+        self.agent = Some(spawn_agent(cmd)?);
+        self.wait_until_ready()
+    }
+
+    /// `myelin-agent` in this node's namespace with this node's name, dirs, socket and metrics
+    /// address, its output appended to the agent log; the caller adds the source. Only the
+    /// flags given here configure it: `MYELIN_*` of the caller's environment are removed.
+    pub(crate) fn agent_command(&self) -> Result<std::process::Command> {
         let log_path = self.agent_log_path();
         let log = OpenOptions::new()
             .create(true)
@@ -231,13 +246,8 @@ impl Node {
             .arg(dir.join("bpffs"))
             .arg("--socket")
             .arg(self.socket())
-            .arg("--source")
-            .arg(format!("dir:{}", dir.join("cluster").display()))
-            .arg("--pod-cidr")
-            .arg(&self.pod_cidr)
             .arg("--metrics-addr")
             .arg("127.0.0.1:9962")
-            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -252,12 +262,7 @@ impl Node {
                 cmd.env_remove(key);
             }
         }
-        let command = process::describe(&cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|source| Error::Spawn { command, source })?;
-        self.agent = Some(child);
-        self.wait_until_ready()
+        Ok(cmd)
     }
 
     fn wait_until_ready(&mut self) -> Result<()> {
@@ -424,4 +429,11 @@ pub struct Footprint {
     pub free_addresses: u64,
     pub endpoints_map: BTreeSet<String>,
     pub endpoints_by_if_map: BTreeSet<String>,
+}
+
+/// Spawns an agent command from [`Node::agent_command`].
+pub(crate) fn spawn_agent(mut cmd: std::process::Command) -> Result<Child> {
+    let command = process::describe(&cmd);
+    cmd.spawn()
+        .map_err(|source| Error::Spawn { command, source })
 }

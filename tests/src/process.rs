@@ -3,6 +3,7 @@
 
 use std::{
     io::{Read, Write},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::{Child, Command, ExitStatus, Stdio},
     thread,
     time::{Duration, Instant},
@@ -99,21 +100,51 @@ pub fn run_ok(cmd: Command, timeout: Duration) -> Result<Output> {
     }
 }
 
-/// Polls until the child exits or the deadline passes (`Ok(None)`). Polling keeps this free of
-/// signal handling; 5 ms granularity is far below anything the tests measure.
+/// Waits until the child exits (and reaps it) or the deadline passes (`Ok(None)`, still
+/// running). The exit is awaited on a pidfd, which becomes readable the moment the child exits,
+/// so that timings taken around a call (a CNI ADD of a few milliseconds) are not rounded up to
+/// a polling interval; no signal handling is involved.
 pub fn wait_with_deadline(
     child: &mut Child,
     deadline: Instant,
 ) -> std::io::Result<Option<ExitStatus>> {
+    let pidfd = pidfd_open(child)?;
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(Some(status));
         }
-        if Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Ok(None);
         }
-        thread::sleep(Duration::from_millis(5));
+        let mut poll = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let millis = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd, count 1.
+        if unsafe { libc::poll(&mut poll, 1, millis) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
     }
+}
+
+/// A pidfd for our unreaped child (so its pid cannot have been reused).
+fn pidfd_open(child: &Child) -> std::io::Result<OwnedFd> {
+    let invalid = |what| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let pid = libc::pid_t::try_from(child.id()).map_err(|_| invalid("pid out of range"))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let raw = i32::try_from(raw).map_err(|_| invalid("pidfd out of range"))?;
+    // SAFETY: the syscall just returned this fd to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
@@ -149,6 +180,21 @@ mod tests {
         let err = run(cmd, b"", Duration::from_millis(200)).unwrap_err();
         assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn times_a_short_child_without_polling_granularity() {
+        // `true` exits within a millisecond or two; a 5 ms polling loop would never report
+        // less than 5 ms.
+        let fastest = (0..5)
+            .map(|_| {
+                run(Command::new("true"), b"", Duration::from_secs(10))
+                    .unwrap()
+                    .elapsed
+            })
+            .min()
+            .unwrap();
+        assert!(fastest < Duration::from_millis(5), "{fastest:?}");
     }
 
     #[test]

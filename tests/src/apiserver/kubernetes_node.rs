@@ -3,12 +3,10 @@
 //! 127.0.0.1, and nowhere else.
 
 use std::{
-    fmt,
-    fs::{self, OpenOptions},
+    fmt, fs,
     net::TcpListener,
-    os::unix::process::CommandExt,
     path::PathBuf,
-    process::{Child, Stdio},
+    process::Child,
     thread,
     time::{Duration, Instant},
 };
@@ -23,7 +21,8 @@ use super::{ApiServer, Resource, generated_cluster};
 use crate::{
     AGENT_READY_TIMEOUT, Error, Node, NodeSpec, Pod, Result, RunPrefix,
     cluster::{namespace_object, node_object, pod_object},
-    process::{self, wait_with_deadline},
+    node::spawn_agent,
+    process::wait_with_deadline,
     traffic::Host as _,
 };
 
@@ -136,48 +135,12 @@ impl KubernetesNode {
         if self.agent.is_some() {
             return Err(self.agent_error("started while the agent runs".into()));
         }
-        let log_path = self.node.agent_log_path();
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(Error::io(format!("opening {}", log_path.display())))?;
-        let log_err = log
-            .try_clone()
-            .map_err(Error::io("duplicating the log file handle"))?;
-        let mut cmd = self.node.netns().command(self.node.binaries().agent()?)?;
-        cmd.arg("--node-name")
-            .arg(self.node.name())
-            .arg("--state-dir")
-            .arg(self.node.dir().join("state"))
-            .arg("--bpffs")
-            .arg(self.node.bpffs())
-            .arg("--socket")
-            .arg(self.node.socket())
-            .arg("--source")
+        let mut cmd = self.node.agent_command()?;
+        cmd.arg("--source")
             .arg("kubernetes")
             .arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .arg("--metrics-addr")
-            .arg("127.0.0.1:9962")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            // The log is a file read by people: no colour escapes.
-            .env("NO_COLOR", "1")
-            // Ctrl-C reaches only the harness, which then stops the agent in order.
-            .process_group(0);
-        // Only our flags may configure the agent, not MYELIN_* of the caller's environment.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("MYELIN_") {
-                cmd.env_remove(key);
-            }
-        }
-        let command = process::describe(&cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|source| Error::Spawn { command, source })?;
-        self.agent = Some(child);
+            .arg(self.kubeconfig());
+        self.agent = Some(spawn_agent(cmd)?);
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! One CNI driver for every plugin a benchmark compares: Myelin and the reference `bridge` and
 //! `ptp` plugins with `host-local` IPAM. Each plugin runs exactly as a container runtime runs
 //! it, inside the node's network namespace with the CNI environment and the network config on
-//! stdin, and every call is timed the same way (spawn to exit, see [`run_timed`]), so that the
+//! stdin, and every call is timed the same way (spawn to exit, see [`process::run`]), so that the
 //! figures differ only by what the plugins do.
 
 use std::{
@@ -13,10 +13,9 @@ use std::{
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-use super::timed::run_timed;
 use crate::{
-    Error, REFERENCE_PLUGIN_DIR, Result, cni::result_ip, netns::Netns, node::Node, run::RunPrefix,
-    traffic::Host,
+    Error, REFERENCE_PLUGIN_DIR, Result, cni::result_ip, netns::Netns, node::Node, process,
+    run::RunPrefix, traffic::Host,
 };
 
 /// Every plugin call must end well within this.
@@ -182,7 +181,7 @@ impl<'a> CniDriver<'a> {
                 ),
             )
             .env("CNI_PATH", &self.plugin.cni_path);
-        let out = run_timed(cmd, config.to_string().as_bytes(), CNI_TIMEOUT)?;
+        let out = process::run(cmd, config.to_string().as_bytes(), CNI_TIMEOUT)?;
         let stdout = out.stdout_text();
         if !out.status.success() {
             return Err(Error::Cni {

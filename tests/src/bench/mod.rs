@@ -11,7 +11,6 @@ pub mod iptables;
 pub mod policy;
 pub mod stats;
 pub mod tcp;
-mod timed;
 pub mod usage;
 
 /// Root checks of the pieces themselves, over a bare veth pair and the reference plugins: when
