@@ -8,6 +8,7 @@ pub mod cpus;
 pub mod footprint;
 pub mod iperf3;
 pub mod iptables;
+pub mod ping;
 pub mod policy;
 pub mod stats;
 pub mod tcp;

@@ -40,6 +40,8 @@ pub struct Settings {
     pub rr: Duration,
     /// Length of one iperf3 run.
     pub stream_seconds: u32,
+    /// Echo requests per flood ping run.
+    pub pings: u32,
     /// Pods added then deleted one by one per CNI latency repetition.
     pub cni_pods: usize,
     pub cni_reps: usize,
@@ -71,6 +73,7 @@ impl Settings {
             reps: if full { 6 } else { 3 },
             rr: Duration::from_secs(if full { 5 } else { 1 }),
             stream_seconds: if full { 10 } else { 3 },
+            pings: if full { 50_000 } else { 20_000 },
             cni_pods: if full { 50 } else { 20 },
             cni_reps: if full { 5 } else { 2 },
             churn_pods: 200,
@@ -103,6 +106,7 @@ impl Settings {
             ("same-node repetitions", self.reps.to_string()),
             ("request/response run", secs(self.rr)),
             ("iperf3 run", format!("{} s", self.stream_seconds)),
+            ("ping run", format!("{} echo requests (flood)", self.pings)),
             (
                 "CNI latency",
                 format!("{} pods; repetitions: {}", self.cni_pods, self.cni_reps),

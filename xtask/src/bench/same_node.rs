@@ -1,5 +1,5 @@
-//! Scenario 1: two pods on one node, request/response (1 and 8 flows) and stream throughput,
-//! over a bare veth pair (the ceiling), the reference bridge and ptp plugins with host-local,
+//! Scenario 1: two pods on one node, request/response (1 and 8 flows), stream throughput and
+//! ICMP echo round-trip time, over a bare veth pair (the ceiling), the reference bridge and ptp plugins with host-local,
 //! and Myelin. Every pod except the bare pair's is created through the same CNI driver.
 
 use anyhow::{Result, ensure};
@@ -8,6 +8,7 @@ use myelin_tests::{
     bench::{
         cni::{PodPair, ReferencePlugin},
         iperf3::tcp_stream,
+        ping::icmp_rtt_us,
         tcp::tcp_rr,
     },
 };
@@ -30,6 +31,7 @@ const VARIANTS: [&str; 4] = [BARE, BRIDGE, PTP, MYELIN];
 pub const RR_1: &str = "tcp_rr_1";
 pub const RR_8: &str = "tcp_rr_8";
 pub const STREAM: &str = "tcp_stream";
+pub const PING: &str = "icmp_rtt";
 
 const RR_PORT: u16 = 11111;
 const STREAM_PORT: u16 = 5201;
@@ -39,6 +41,7 @@ const STREAM_PORT: u16 = 5201;
 enum Traffic {
     Rr(usize),
     Stream,
+    Ping,
 }
 
 pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
@@ -54,6 +57,12 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
         format!(
             "stream: iperf3, one TCP stream, {} s per run",
             s.stream_seconds
+        ),
+        format!(
+            "ping: a flood ping (iputils `ping -f`, the next request as soon as the reply is \
+             in) of {} requests; the run's time over the count is the mean round trip. Lower \
+             is better: a ratio above 1 means slower",
+            s.pings
         ),
         "each flow's client and server are pinned to one CPU (flows spread over the CPUs); \
          unpinned ping-pong on two shared cores swung threefold with the scheduler's placement, \
@@ -109,6 +118,15 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
             Traffic::Stream,
             with_ratios(Metric::new(STREAM, "TCP stream", "Gbit/s", Shape::Repeated)),
         ),
+        (
+            Traffic::Ping,
+            with_ratios(Metric::new(
+                PING,
+                "ICMP echo round trip",
+                "µs",
+                Shape::Repeated,
+            )),
+        ),
     ];
     let measured = (|| -> Result<()> {
         for rep in 0..s.reps {
@@ -124,6 +142,7 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
                             tcp_stream(&pair.client, &pair.server, STREAM_PORT, s.stream_seconds)?
                                 / 1e9
                         }
+                        Traffic::Ping => icmp_rtt_us(&pair.client, &pair.server, s.pings)?,
                     };
                     println!(
                         "    [{}/{}] {:<11} {:<9} {:>10} {}",
