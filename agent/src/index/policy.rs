@@ -220,10 +220,10 @@ impl PolicyInfo {
             .unwrap_or_default();
         let ingress_rules = spec.ingress.as_deref().unwrap_or_default();
         let egress_rules = spec.egress.as_deref().unwrap_or_default();
-        // Without policyTypes: Ingress always, Egress when there are egress rules (the API
-        // server's defaulting).
+        // Without policyTypes (absent or empty): Ingress always, Egress when there are egress
+        // rules (the API server's defaulting).
         let (isolates_ingress, isolates_egress) = match &spec.policy_types {
-            Some(types) => {
+            Some(types) if !types.is_empty() => {
                 for t in types {
                     if t != "Ingress" && t != "Egress" {
                         return Err(format!("unknown policyType {t:?}"));
@@ -234,7 +234,7 @@ impl PolicyInfo {
                     types.iter().any(|t| t == "Egress"),
                 )
             }
-            None => (true, !egress_rules.is_empty()),
+            _ => (true, !egress_rules.is_empty()),
         };
         let ingress = ingress_rules
             .iter()
@@ -444,6 +444,13 @@ mod tests {
         .unwrap();
         assert_eq!(p.ingress, None);
         assert_eq!(p.egress, Some(vec![]));
+        // An empty list is defaulted like an absent one (the API server does the same).
+        let p = parse(&format!(
+            "{HEAD}spec: {{podSelector: {{}}, policyTypes: []}}"
+        ))
+        .unwrap();
+        assert_eq!(p.ingress, Some(vec![]));
+        assert_eq!(p.egress, None);
     }
 
     #[test]
