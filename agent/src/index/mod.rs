@@ -181,9 +181,9 @@ impl NamespaceInfo {
             .clone()
             .ok_or(ObjectError::NoName { kind: "Namespace" })?;
         let mut labels = ns.metadata.labels.clone().unwrap_or_default();
-        labels
-            .entry(NAMESPACE_NAME_LABEL.to_string())
-            .or_insert_with(|| name.clone());
+        // The API server sets this label to the namespace's name on every namespace and
+        // refuses other values; objects from the directory source get the same.
+        labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
         Ok(Self { name, labels })
     }
 }
@@ -204,9 +204,17 @@ impl PodInfo {
                 name: name.clone(),
             })?;
         let mut warnings = Vec::new();
+        // A pod that has terminated (phase Succeeded or Failed) no longer holds its address:
+        // the runtime tore its sandbox down and the address may already be another pod's.
+        let terminated = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|phase| phase == "Succeeded" || phase == "Failed");
         let ip = pod
             .status
             .as_ref()
+            .filter(|_| !terminated)
             .and_then(|s| s.pod_ip.as_deref())
             .and_then(|ip| match ip.parse::<IpAddr>() {
                 Ok(IpAddr::V4(v4)) => Some(v4),
@@ -219,10 +227,18 @@ impl PodInfo {
                 }
             });
         let spec = pod.spec.as_ref();
+        // Named ports come from the containers and from sidecars (init containers with
+        // restartPolicy Always, which run alongside them).
+        let sidecars = spec
+            .and_then(|s| s.init_containers.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| c.restart_policy.as_deref() == Some("Always"));
         let ports = spec
             .map(|s| s.containers.as_slice())
             .unwrap_or_default()
             .iter()
+            .chain(sidecars)
             .flat_map(|c| c.ports.as_deref().unwrap_or_default())
             .filter_map(|p| {
                 let port_name = p.name.clone()?;
@@ -647,6 +663,53 @@ mod tests {
     }
 
     #[test]
+    fn a_terminated_pod_no_longer_holds_its_address() {
+        for (phase, holds) in [
+            ("Pending", true),
+            ("Running", true),
+            ("Succeeded", false),
+            ("Failed", false),
+        ] {
+            let mut p = pod("default", "job", &[], Some("10.0.0.5"));
+            if let Some(status) = p.status.as_mut() {
+                status.phase = Some(phase.into());
+            }
+            let (p, _) = PodInfo::from_k8s(&p).unwrap();
+            assert_eq!(p.ip.is_some(), holds, "{phase}");
+        }
+    }
+
+    #[test]
+    fn sidecar_ports_are_named_ports_too() {
+        use k8s_openapi::api::core::v1::{Container, ContainerPort as K8sPort};
+        let mut p = pod("default", "web", &[], Some("10.0.0.5"));
+        let port = |name: &str, number| K8sPort {
+            name: Some(name.into()),
+            container_port: number,
+            ..Default::default()
+        };
+        if let Some(spec) = p.spec.as_mut() {
+            spec.init_containers = Some(vec![
+                Container {
+                    name: "proxy".into(),
+                    restart_policy: Some("Always".into()),
+                    ports: Some(vec![port("metrics", 9090)]),
+                    ..Default::default()
+                },
+                // An ordinary init container has finished before the pod serves anything.
+                Container {
+                    name: "setup".into(),
+                    ports: Some(vec![port("setup", 7000)]),
+                    ..Default::default()
+                },
+            ]);
+        }
+        let (p, _) = PodInfo::from_k8s(&p).unwrap();
+        let names: Vec<&str> = p.ports.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["http", "metrics"]);
+    }
+
+    #[test]
     fn malformed_pod_ip_is_a_warning_not_an_error() {
         let (p, warnings) =
             PodInfo::from_k8s(&pod("default", "web", &[], Some("10.0.0.300"))).unwrap();
@@ -683,6 +746,10 @@ mod tests {
     #[test]
     fn namespaces_always_carry_their_name_label() {
         let ns = NamespaceInfo::from_k8s(&namespace("team-a", &[("env", "prod")])).unwrap();
+        assert_eq!(ns.labels[NAMESPACE_NAME_LABEL], "team-a");
+        // A wrong value (the API server would refuse it) is replaced by the name.
+        let forged = namespace("team-a", &[(NAMESPACE_NAME_LABEL, "team-b")]);
+        let ns = NamespaceInfo::from_k8s(&forged).unwrap();
         assert_eq!(ns.labels[NAMESPACE_NAME_LABEL], "team-a");
         let index = ClusterIndex::default();
         assert_eq!(
