@@ -302,7 +302,7 @@ fn add(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<String, 
         }],
         dns: conf.dns.clone(),
     };
-    Ok(result.to_json(conf.cni_version))
+    Ok(result.to_json(conf.cni_version, conf.prev_result.as_ref()))
 }
 
 /// Releases everything, and succeeds when nothing is left. Needs neither CNI_NETNS nor

@@ -1,9 +1,11 @@
-//! The CNI result: encoding ADD's answer for each version, and decoding `prevResult` for CHECK.
+//! The CNI result: encoding ADD's answer for each version (after what earlier plugins of a
+//! chain reported), and decoding `prevResult` for CHECK.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
 use crate::{
     config::Dns,
@@ -44,8 +46,10 @@ pub struct ResultRoute {
 }
 
 impl AddResult {
-    /// The JSON printed on stdout for `version`.
-    pub fn to_json(&self, version: CniVersion) -> String {
+    /// The JSON printed on stdout for `version`. When Myelin runs after other plugins in a
+    /// chain, `prev` is their result: the spec wants it passed on, so its interfaces, addresses
+    /// and routes come first and ours follow.
+    pub fn to_json(&self, version: CniVersion, prev: Option<&Value>) -> String {
         #[derive(Serialize)]
         #[serde(rename_all = "camelCase")]
         struct Wire<'a> {
@@ -113,8 +117,64 @@ impl AddResult {
             dns: &self.dns,
         };
         // Only strings and integers: serializing cannot fail.
-        serde_json::to_string(&wire).unwrap_or_default()
+        let ours = serde_json::to_value(&wire).unwrap_or_default();
+        match prev {
+            Some(prev) => chain(prev, ours, version).to_string(),
+            None => ours.to_string(),
+        }
     }
+}
+
+/// `ours` after `prev`: interfaces, ips and routes concatenated (our `interface` indices shift
+/// past the earlier ones), earlier addresses in `version`'s shape, and the earlier DNS settings
+/// unless the configuration gives its own. Entries that are not objects are dropped.
+fn chain(prev: &Value, mut ours: Value, version: CniVersion) -> Value {
+    let list = |v: &Value, key: &str| -> Vec<Value> {
+        v.get(key)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter(|e| e.is_object()).cloned().collect())
+            .unwrap_or_default()
+    };
+    let mut interfaces = list(prev, "interfaces");
+    let offset = interfaces.len() as u64;
+    interfaces.extend(list(&ours, "interfaces"));
+
+    let mut ips: Vec<Value> = list(prev, "ips")
+        .into_iter()
+        .map(|mut ip| {
+            if version.tags_ip_version() {
+                let v6 = ip
+                    .get("address")
+                    .and_then(Value::as_str)
+                    .is_some_and(|a| a.contains(':'));
+                ip["version"] = json!(if v6 { "6" } else { "4" });
+            } else if let Some(fields) = ip.as_object_mut() {
+                fields.remove("version");
+            }
+            ip
+        })
+        .collect();
+    ips.extend(list(&ours, "ips").into_iter().map(|mut ip| {
+        if let Some(i) = ip.get("interface").and_then(Value::as_u64) {
+            ip["interface"] = json!(i + offset);
+        }
+        ip
+    }));
+
+    let mut routes = list(prev, "routes");
+    routes.extend(list(&ours, "routes"));
+
+    let ours_dns_empty = ours
+        .get("dns")
+        .and_then(Value::as_object)
+        .is_none_or(|d| d.is_empty());
+    if ours_dns_empty && let Some(dns) = prev.get("dns").filter(|d| d.is_object()) {
+        ours["dns"] = dns.clone();
+    }
+    ours["interfaces"] = Value::Array(interfaces);
+    ours["ips"] = Value::Array(ips);
+    ours["routes"] = Value::Array(routes);
+    ours
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -264,7 +324,7 @@ mod tests {
     }
 
     fn encoded(version: CniVersion) -> serde_json::Value {
-        serde_json::from_str(&sample().to_json(version)).unwrap()
+        serde_json::from_str(&sample().to_json(version, None)).unwrap()
     }
 
     #[test]
@@ -282,6 +342,50 @@ mod tests {
                 "dns": {"nameservers": ["10.96.0.10"]}
             })
         );
+    }
+
+    #[test]
+    fn a_chained_result_passes_the_earlier_plugins_entries_on() {
+        let prev = json!({
+            "cniVersion": "0.4.0",
+            "interfaces": [{"name": "net1", "sandbox": "/run/netns/pod"}],
+            "ips": [
+                {"version": "4", "address": "192.168.5.2/24", "interface": 0},
+                {"version": "6", "address": "fd00::2/64", "interface": 0}
+            ],
+            "routes": [{"dst": "192.168.0.0/16"}],
+            "dns": {"nameservers": ["192.168.0.10"]},
+            "somethingElse": true
+        });
+        let mut ours = sample();
+        ours.dns = Dns::default();
+        let json: serde_json::Value =
+            serde_json::from_str(&ours.to_json(CniVersion::V1_0_0, Some(&prev))).unwrap();
+        assert_eq!(
+            json,
+            json!({
+                "cniVersion": "1.0.0",
+                "interfaces": [
+                    {"name": "net1", "sandbox": "/run/netns/pod"},
+                    {"name": "lxc0123456789ab", "mac": "02:00:00:00:00:01"},
+                    {"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": "/run/netns/pod"}
+                ],
+                "ips": [
+                    {"address": "192.168.5.2/24", "interface": 0},
+                    {"address": "fd00::2/64", "interface": 0},
+                    {"address": "10.244.1.5/32", "gateway": "10.244.1.1", "interface": 2}
+                ],
+                "routes": [{"dst": "192.168.0.0/16"}, {"dst": "0.0.0.0/0", "gw": "10.244.1.1"}],
+                "dns": {"nameservers": ["192.168.0.10"]}
+            })
+        );
+        // Printed as 0.4.0, the earlier addresses get their version tags; the configuration's
+        // DNS settings win over the earlier ones.
+        let json: serde_json::Value =
+            serde_json::from_str(&sample().to_json(CniVersion::V0_4_0, Some(&prev))).unwrap();
+        assert_eq!(json["ips"][1]["version"], "6");
+        assert_eq!(json["ips"][2]["version"], "4");
+        assert_eq!(json["dns"], json!({"nameservers": ["10.96.0.10"]}));
     }
 
     #[test]
@@ -323,7 +427,7 @@ mod tests {
         let mut result = sample();
         result.dns = Dns::default();
         let json: serde_json::Value =
-            serde_json::from_str(&result.to_json(CniVersion::V1_0_0)).unwrap();
+            serde_json::from_str(&result.to_json(CniVersion::V1_0_0, None)).unwrap();
         assert_eq!(json["dns"], json!({}));
     }
 
