@@ -10,8 +10,8 @@ use std::{
 
 use myelin_api::{
     AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, DropCount, Endpoint,
-    EndpointRequest, ErrorKind, GcRequest, GcResponse, PodRef, PolicyStatus, PolicySummary,
-    ReleaseResponse, Status, TrackedFlow,
+    EndpointRequest, ErrorKind, GcFailure, GcRequest, GcResponse, PodRef, PolicyStatus,
+    PolicySummary, ReleaseResponse, Status, TrackedFlow,
 };
 use myelin_common::{
     config::{EVENTS_DROPS, EVENTS_VERDICTS},
@@ -452,11 +452,20 @@ impl<D: DatapathOps> Agent<D> {
                 .filter(|a| !valid.contains(a)),
         );
         let mut removed = Vec::new();
+        let mut failed = Vec::new();
         for id in doomed {
-            self.delete_endpoint(&id)?;
-            removed.push(id);
+            match self.delete_endpoint(&id) {
+                Ok(_) => removed.push(id),
+                Err(e) => {
+                    warn!(attachment = %id, error = %e, "GC: could not remove the attachment");
+                    failed.push(GcFailure {
+                        attachment: id,
+                        error: e.to_string(),
+                    });
+                }
+            }
         }
-        Ok(GcResponse { removed })
+        Ok(GcResponse { removed, failed })
     }
 
     pub fn endpoints(&self, filter: Option<&AttachmentId>) -> Vec<Endpoint> {

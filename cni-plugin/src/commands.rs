@@ -480,7 +480,8 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
 /// addresses and says which attachments it removed; their host veths are deleted here.
 fn gc(conf: &NetConf, log: &Log) -> Result<(), CniError> {
     require_1_1(conf, "GC")?;
-    // A missing list must not read as "nothing is valid": that would remove every pod.
+    // A missing list must not read as "nothing is valid": that would remove every pod. An
+    // explicit null is an empty list (libcni sends a nil Go slice that way).
     let valid = conf.valid_attachments.clone().ok_or_else(|| {
         CniError::new(
             ErrorCode::InvalidConfig,
@@ -491,7 +492,11 @@ fn gc(conf: &NetConf, log: &Log) -> Result<(), CniError> {
         .gc(&GcRequest { valid })
         .map_err(|e| agent_failed("collect garbage", &conf.agent_socket, &e))?;
     let node = open_node_netlink()?;
-    let mut failures: Vec<String> = Vec::new();
+    let mut failures: Vec<String> = answer
+        .failed
+        .iter()
+        .map(|f| format!("{} (agent): {}", f.attachment, f.error))
+        .collect();
     for removed in &answer.removed {
         let name = veth::host_ifname(removed);
         match veth::delete_host_side(&node, &name) {
@@ -507,7 +512,7 @@ fn gc(conf: &NetConf, log: &Log) -> Result<(), CniError> {
     Err(CniError::new(
         ErrorCode::InterfaceSetup,
         format!(
-            "the agent released {} attachments but {} host veths could not be deleted",
+            "removed {} attachments; {} could not be removed",
             answer.removed.len(),
             failures.len()
         ),

@@ -59,6 +59,18 @@ pub enum ConfigError {
     UnsupportedVersion(String),
     #[error("mtu {0} is out of range; use {MIN_MTU}..={MAX_MTU} or leave it out")]
     MtuOutOfRange(u32),
+    #[error(
+        "network name {0:?} is not valid: it must start with a letter or digit and contain \
+         only letters, digits, '_', '.' and '-'"
+    )]
+    InvalidName(String),
+}
+
+/// The specification's pattern for network names: `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`.
+fn valid_network_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 impl From<ConfigError> for CniError {
@@ -68,9 +80,10 @@ impl From<ConfigError> for CniError {
             ConfigError::MissingVersion | ConfigError::UnsupportedVersion(_) => {
                 ErrorCode::IncompatibleVersion
             }
-            ConfigError::WrongType(_) | ConfigError::Missing(_) | ConfigError::MtuOutOfRange(_) => {
-                ErrorCode::InvalidConfig
-            }
+            ConfigError::WrongType(_)
+            | ConfigError::Missing(_)
+            | ConfigError::MtuOutOfRange(_)
+            | ConfigError::InvalidName(_) => ErrorCode::InvalidConfig,
         };
         let details = match &e {
             ConfigError::Malformed(source) | ConfigError::WrongType(source) => source.to_string(),
@@ -100,8 +113,22 @@ struct Wire {
     // An object, checked before it becomes a `Dns`: serde would also accept an array as a struct.
     dns: Option<serde_json::Map<String, serde_json::Value>>,
     prev_result: Option<serde_json::Value>,
-    #[serde(rename = "cni.dev/valid-attachments")]
-    valid_attachments: Option<Vec<ValidAttachment>>,
+    /// Absent: `None`; `null`: `Some(None)`.
+    #[serde(
+        rename = "cni.dev/valid-attachments",
+        default,
+        deserialize_with = "present"
+    )]
+    valid_attachments: Option<Option<Vec<ValidAttachment>>>,
+}
+
+/// Tells an explicit `null` from an absent key (serde's `Option` reads both as `None`).
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// The specification spells it `containerID`, the agent API `containerId`.
@@ -119,6 +146,9 @@ impl NetConf {
         let wire: Wire = serde_json::from_value(value).map_err(ConfigError::WrongType)?;
         let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
         let name = non_empty(wire.name).ok_or(ConfigError::Missing("name"))?;
+        if !valid_network_name(&name) {
+            return Err(ConfigError::InvalidName(name));
+        }
         let plugin_type = non_empty(wire.plugin_type).ok_or(ConfigError::Missing("type"))?;
         // Like the reference skel, a missing version is an incompatible one (it would mean 0.1.0).
         let version_text = wire.cni_version.ok_or(ConfigError::MissingVersion)?;
@@ -146,7 +176,8 @@ impl NetConf {
             dns,
             prev_result: wire.prev_result.filter(|v| !v.is_null()),
             valid_attachments: wire.valid_attachments.map(|list| {
-                list.into_iter()
+                list.unwrap_or_default()
+                    .into_iter()
                     .map(|a| AttachmentId::new(a.container_id, a.ifname))
                     .collect()
             }),
@@ -230,6 +261,29 @@ mod tests {
             conf.valid_attachments,
             Some(vec![AttachmentId::new("c1", "eth0")])
         );
+    }
+
+    #[test]
+    fn network_names_follow_the_spec_pattern() {
+        for name in ["myelin", "k8s-pod-network", "net_1.a", "0net"] {
+            let conf =
+                parse(serde_json::json!({"cniVersion": "1.0.0", "name": name, "type": "myelin"}));
+            assert!(conf.is_ok(), "{name}");
+        }
+        for name in ["-net", ".net", "my net", "net/x", "net:1", "ünï"] {
+            let stdin = serde_json::json!({"cniVersion": "1.0.0", "name": name, "type": "myelin"});
+            assert_eq!(code_of(&stdin.to_string()), 7, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_null_list_of_valid_attachments_is_an_empty_one() {
+        let conf = parse(serde_json::json!({
+            "cniVersion": "1.1.0", "name": "n", "type": "myelin",
+            "cni.dev/valid-attachments": null
+        }))
+        .unwrap();
+        assert_eq!(conf.valid_attachments, Some(vec![]));
     }
 
     #[test]

@@ -172,6 +172,17 @@ pub struct GcRequest {
 #[serde(rename_all = "camelCase")]
 pub struct GcResponse {
     pub removed: Vec<AttachmentId>,
+    /// Attachments that could not be removed, with why; the others were removed all the same
+    /// (the spec wants GC to remove as much as it can).
+    #[serde(default)]
+    pub failed: Vec<GcFailure>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct GcFailure {
+    pub attachment: AttachmentId,
+    pub error: String,
 }
 
 /// `GET /v1/status`.

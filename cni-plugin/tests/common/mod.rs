@@ -502,7 +502,13 @@ fn handle(state: &mut AgentState, method: &str, target: &str, body: &[u8]) -> (u
                 state.allocations.remove(id);
                 state.endpoints.remove(id);
             }
-            json(200, &GcResponse { removed })
+            json(
+                200,
+                &GcResponse {
+                    removed,
+                    failed: vec![],
+                },
+            )
         }
         ("GET", "/v1/status") => json(
             200,
