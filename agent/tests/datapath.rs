@@ -611,16 +611,27 @@ fn later_fragments_of_an_allowed_datagram_pass_and_stray_ones_do_not() {
 }
 
 #[test]
-fn the_node_reaches_isolated_pods_and_other_sources_need_a_rule() {
+fn the_node_and_its_pods_reach_each_other_and_other_peers_need_a_rule() {
     with_datapath(|f| {
         let b = f.b;
-        f.isolate(b, ENDPOINT_F_INGRESS_ISOLATED);
+        f.isolate(b, ENDPOINT_F_INGRESS_ISOLATED | ENDPOINT_F_EGRESS_ISOLATED);
         let node = Pod { ip: GATEWAY, ..f.a };
         assert_eq!(
             f.deliver(b, &tcp(node, b, 50000, 8080, SYN)),
             TC_ACT_OK,
             "kubelet probe"
         );
+        assert_eq!(
+            f.send(b, &tcp(b, node, 40000, 53, SYN)).0,
+            TC_ACT_OK,
+            "a node-local service"
+        );
+        let outside = Pod {
+            ip: Ipv4Addr::new(198, 51, 100, 7),
+            ..f.a
+        };
+        assert_eq!(f.send(b, &tcp(b, outside, 40001, 53, SYN)).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::PolicyDeniedEgress), 1);
         let world = Pod {
             ip: Ipv4Addr::new(203, 0, 113, 5),
             ..f.a

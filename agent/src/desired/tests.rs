@@ -210,6 +210,7 @@ impl Model<'_> {
         let (s, d) = (self.ipcache(src), self.ipcache(dst));
         if let Some(ep) = self.endpoint(src)
             && ep.flags & ENDPOINT_F_EGRESS_ISOLATED != 0
+            && d.identity != identity::HOST
             && (ep.flags & ENDPOINT_F_POLICY_INCOMPLETE != 0
                 || !self.allows(ep.id, Direction::Egress, d, proto, port))
         {
@@ -529,7 +530,7 @@ fn ip_blocks_cover_addresses_outside_the_cluster() {
 }
 
 #[test]
-fn the_node_can_always_reach_its_pods_but_egress_to_it_needs_a_rule() {
+fn the_node_and_its_pods_always_reach_each_other() {
     let mut c = two_namespaces();
     c.policy("kind: NetworkPolicy\nmetadata: {name: lockdown, namespace: a}\nspec: {podSelector: {}, policyTypes: [Ingress, Egress]}");
     let d = c.compute();
@@ -537,7 +538,9 @@ fn the_node_can_always_reach_its_pods_but_egress_to_it_needs_a_rule() {
     let node = c.node_ip.to_string();
     assert!(m.connects(&node, A_DB, TCP, 8080));
     assert!(m.connects(&GATEWAY.to_string(), A_DB, TCP, 8080));
-    assert!(!m.connects(A_DB, &node, TCP, 10250));
+    assert!(m.connects(A_DB, &node, TCP, 10250));
+    assert!(m.connects(A_DB, &GATEWAY.to_string(), UDP, 53));
+    assert!(!m.connects(A_DB, "8.8.8.8", UDP, 53));
     assert!(!m.connects(A_WEB, A_DB, TCP, 80));
 }
 

@@ -79,8 +79,11 @@ pub fn evaluate(
         src: ipcache::lookup(saddr),
         dst: ipcache::lookup(daddr),
     };
+    // Traffic between a pod and its own node is always allowed, both ways: kubelet probes in,
+    // node-local agents and DNS caches out (NetworkPolicy's one exception to isolation).
     if let Some(s) = src
         && s.flags & ENDPOINT_F_EGRESS_ISOLATED != 0
+        && peers.dst.identity != identity::HOST
     {
         if s.flags & ENDPOINT_F_POLICY_INCOMPLETE != 0 {
             return Err((DropReason::PolicyIncomplete, peers));
@@ -89,7 +92,6 @@ pub fn evaluate(
             return Err((DropReason::PolicyDeniedEgress, peers));
         }
     }
-    // The node may always reach its own pods (kubelet probes).
     if let Some(d) = dst
         && d.flags & ENDPOINT_F_INGRESS_ISOLATED != 0
         && peers.src.identity != identity::HOST
