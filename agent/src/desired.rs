@@ -300,10 +300,20 @@ fn peer_identities(
 /// same numbers (the usual case), the entries are written for the identity; when pods sharing
 /// labels disagree, each of them gets a /32 policy prefix, hence an identity of its own (its
 /// ipcache `cidr_identity`), and the entries are written per pod.
+///
+/// An ipBlock peer selects addresses, so a named port behind one is resolved per pod: every pod
+/// inside the block of an egress rule with named ports gets a /32 prefix, and the rule's
+/// entries are written for the pods its blocks hold.
 #[derive(Default)]
 struct EgressNamedPorts {
     by_name: BTreeMap<(String, Protocol), BTreeMap<u32, NamedTargets>>,
+    /// Pods inside the ipBlocks of egress rules with named ports, with the numbers each name
+    /// has in them.
+    in_blocks: BTreeMap<(String, Protocol), PodsPorts>,
 }
+
+/// Pod addresses and the numbers a port name has in each.
+type PodsPorts = Vec<(Ipv4Addr, BTreeSet<u16>)>;
 
 /// One pod's address (if known) and the numbers a port name has in it.
 type PodNamedPorts = (Option<Ipv4Addr>, BTreeSet<u16>);
@@ -312,7 +322,7 @@ enum NamedTargets {
     /// Every pod of the identity: these ports.
     Uniform(BTreeSet<u16>),
     /// Per pod address.
-    PerPod(Vec<(Ipv4Addr, BTreeSet<u16>)>),
+    PerPod(PodsPorts),
 }
 
 impl EgressNamedPorts {
@@ -330,6 +340,22 @@ impl EgressNamedPorts {
         if in_use.is_empty() {
             return Self::default();
         }
+        let blocks: Vec<Ipv4Net> = inputs
+            .index
+            .policies()
+            .flat_map(|p| p.egress.iter().flatten())
+            .filter(|r| {
+                r.ports
+                    .iter()
+                    .flatten()
+                    .any(|s| matches!(s.port, PortMatch::Named(_)))
+            })
+            .flat_map(|r| r.peers.iter().flatten())
+            .filter_map(|peer| match peer {
+                Peer::IpBlock { cidr, .. } => Some(*cidr),
+                Peer::Pods { .. } => None,
+            })
+            .collect();
         // Local pods' addresses come from CNI; the API's podIP may lag or be absent.
         let local: BTreeMap<(&str, &str), Ipv4Addr> = inputs
             .endpoints
@@ -340,7 +366,25 @@ impl EgressNamedPorts {
             })
             .collect();
         let mut by_name = BTreeMap::new();
+        let mut in_blocks = BTreeMap::new();
         for (name, protocol) in in_use {
+            let held: PodsPorts = inputs
+                .index
+                .pods()
+                .filter(|pod| !pod.host_network)
+                .filter_map(|pod| {
+                    let ip = local
+                        .get(&(pod.namespace.as_str(), pod.name.as_str()))
+                        .copied()
+                        .or(pod.ip)?;
+                    let ports = named(&pod.ports, &name, protocol);
+                    (!ports.is_empty() && blocks.iter().any(|b| b.contains(&ip)))
+                        .then_some((ip, ports))
+                })
+                .collect();
+            if !held.is_empty() {
+                in_blocks.insert((name.clone(), protocol), held);
+            }
             let mut per_identity: BTreeMap<u32, Vec<PodNamedPorts>> = BTreeMap::new();
             for pod in inputs.index.pods() {
                 let Some(id) = inputs
@@ -379,7 +423,7 @@ impl EgressNamedPorts {
                 .collect();
             by_name.insert((name, protocol), targets);
         }
-        Self { by_name }
+        Self { by_name, in_blocks }
     }
 
     /// Pod addresses that need a /32 identity of their own.
@@ -391,6 +435,7 @@ impl EgressNamedPorts {
                 NamedTargets::Uniform(_) => &[][..],
                 NamedTargets::PerPod(pods) => pods.as_slice(),
             })
+            .chain(self.in_blocks.values().flatten())
             .map(|(ip, _)| *ip)
     }
 }
@@ -475,9 +520,25 @@ impl RuleContext<'_> {
                     }
                 }
                 PortMatch::Named(name) => {
-                    let Some(by_identity) =
-                        self.egress_ports.by_name.get(&(name.clone(), *protocol))
-                    else {
+                    let key = (name.clone(), *protocol);
+                    // ipBlock peers: the pods their blocks hold, each by its /32.
+                    for peer in rule.peers.iter().flatten() {
+                        let Peer::IpBlock { cidr, except } = peer else {
+                            continue;
+                        };
+                        let held = self.egress_ports.in_blocks.get(&key).into_iter().flatten();
+                        for (ip, ports) in held.filter(|(ip, _)| {
+                            cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))
+                        }) {
+                            let Some(host) = self.prefixes.host(*ip) else {
+                                continue;
+                            };
+                            for port in ports {
+                                out.insert(self.key(host, proto, *port, PREFIX_FULL));
+                            }
+                        }
+                    }
+                    let Some(by_identity) = self.egress_ports.by_name.get(&key) else {
                         continue;
                     };
                     let wanted =

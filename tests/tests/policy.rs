@@ -892,6 +892,36 @@ egress:
             // The gateway, the node's address, is the pod CIDR's first host address.
             expect: |p| !p.from.is("a", "web") || p.service == Tcp(81),
         },
+        Case {
+            name: "an egress named port behind an ipBlock resolves for each pod the block holds",
+            policies: |lab| {
+                policy(
+                    "b",
+                    "c32-egress-named-ipblock",
+                    &format!(
+                        "\
+podSelector: {{}}
+policyTypes: [Egress]
+egress:
+- to:
+  - ipBlock:
+      cidr: {}
+      except: [{}/32]
+  ports: [{{port: http}}]",
+                        lab.node().pod_cidr(),
+                        lab.pod(A_API).ip()
+                    ),
+                )
+            },
+            rejected: &[],
+            with_ping: false,
+            // http is TCP 80 on web, TCP 81 on api; a/api is excepted; db has no http.
+            expect: |p| {
+                !p.from.in_namespace("b")
+                    || (p.to.has_app("web") && p.service == Tcp(80))
+                    || (p.to.is("b", "api") && p.service == Tcp(81))
+            },
+        },
     ]
 }
 

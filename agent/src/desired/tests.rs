@@ -433,6 +433,57 @@ fn named_ports_resolve_against_the_destination_pod() {
 }
 
 #[test]
+fn egress_named_ports_behind_an_ip_block_resolve_for_the_pods_it_holds() {
+    let mut c = Cluster::new();
+    c.namespace("a", &[]);
+    c.pod("a", "client", &[("app", "client")], "10.0.0.10", &[]);
+    c.pod(
+        "a",
+        "s1",
+        &[("app", "s1")],
+        "10.0.0.11",
+        &[("http", 8080, "TCP")],
+    );
+    c.pod(
+        "a",
+        "s2",
+        &[("app", "s2")],
+        "10.0.0.12",
+        &[("http", 9090, "TCP")],
+    );
+    // Outside the block, and in its except.
+    c.pod(
+        "a",
+        "s3",
+        &[("app", "s3")],
+        "10.0.1.13",
+        &[("http", 8080, "TCP")],
+    );
+    c.pod(
+        "a",
+        "s4",
+        &[("app", "s4")],
+        "10.0.0.4",
+        &[("http", 8080, "TCP")],
+    );
+    c.policy("kind: NetworkPolicy\nmetadata: {name: out, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.0.0.0/30, 10.0.0.4/32]}}], ports: [{port: http}]}]");
+    let d = c.compute();
+    let m = Model(&d);
+    assert!(m.connects("10.0.0.10", "10.0.0.11", TCP, 8080));
+    assert!(!m.connects("10.0.0.10", "10.0.0.11", TCP, 9090));
+    assert!(m.connects("10.0.0.10", "10.0.0.12", TCP, 9090));
+    assert!(!m.connects("10.0.0.10", "10.0.0.12", UDP, 9090));
+    assert!(
+        !m.connects("10.0.0.10", "10.0.1.13", TCP, 8080),
+        "outside the block"
+    );
+    assert!(
+        !m.connects("10.0.0.10", "10.0.0.4", TCP, 8080),
+        "in an except"
+    );
+}
+
+#[test]
 fn egress_named_ports_resolve_per_pod_even_among_pods_sharing_labels() {
     let mut c = Cluster::new();
     c.namespace("a", &[]);
