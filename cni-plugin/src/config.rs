@@ -49,6 +49,10 @@ pub struct Dns {
 pub enum ConfigError {
     #[error("the network configuration on stdin is not valid JSON")]
     Malformed(#[source] serde_json::Error),
+    #[error("the network configuration on stdin is not a JSON object")]
+    NotAnObject,
+    #[error("the network configuration's cniVersion is not a string")]
+    VersionNotAString,
     #[error("the network configuration has a key of the wrong type")]
     WrongType(#[source] serde_json::Error),
     #[error("the network configuration has no {0:?}")]
@@ -76,7 +80,10 @@ fn valid_network_name(name: &str) -> bool {
 impl From<ConfigError> for CniError {
     fn from(e: ConfigError) -> Self {
         let code = match e {
-            ConfigError::Malformed(_) => ErrorCode::DecodingFailure,
+            // As the reference skel: what its version decoder cannot read is a decoding failure.
+            ConfigError::Malformed(_)
+            | ConfigError::NotAnObject
+            | ConfigError::VersionNotAString => ErrorCode::DecodingFailure,
             ConfigError::MissingVersion | ConfigError::UnsupportedVersion(_) => {
                 ErrorCode::IncompatibleVersion
             }
@@ -143,6 +150,15 @@ impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<Self, ConfigError> {
         let value: serde_json::Value =
             serde_json::from_slice(stdin).map_err(ConfigError::Malformed)?;
+        let Some(object) = value.as_object() else {
+            return Err(ConfigError::NotAnObject);
+        };
+        if object
+            .get("cniVersion")
+            .is_some_and(|v| !v.is_string() && !v.is_null())
+        {
+            return Err(ConfigError::VersionNotAString);
+        }
         let wire: Wire = serde_json::from_value(value).map_err(ConfigError::WrongType)?;
         let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
         let name = non_empty(wire.name).ok_or(ConfigError::Missing("name"))?;
@@ -290,6 +306,11 @@ mod tests {
     fn malformed_json_is_code_6() {
         assert_eq!(code_of("{\"cniVersion\": "), 6);
         assert_eq!(code_of(""), 6);
+        assert_eq!(code_of("[1, 2]"), 6);
+        assert_eq!(
+            code_of(r#"{"cniVersion": 1, "name": "n", "type": "myelin"}"#),
+            6
+        );
     }
 
     #[test]
@@ -326,7 +347,6 @@ mod tests {
             code_of(r#"{"cniVersion":"1.1.0","name":"n","type":"myelin","mtu":70000}"#),
             7
         );
-        assert_eq!(code_of("[1, 2]"), 7);
         assert_eq!(
             code_of(
                 r#"{"cniVersion":"1.1.0","name":"n","type":"myelin","cni.dev/valid-attachments":[{"ifname":"eth0"}]}"#
