@@ -25,6 +25,7 @@ use myelin_common::{
     identity,
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
 };
+use myelin_tests::packet::{ICMP, TCP, UDP, checksum, frame};
 use nix::{
     mount::{MntFlags, umount2},
     sched::{CloneFlags, unshare},
@@ -34,10 +35,7 @@ const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
 const SCTP: u8 = 132;
-const ICMP: u8 = 1;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
@@ -248,41 +246,6 @@ impl Fixture {
 }
 
 // ---- packet crafting -------------------------------------------------------------------
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// Ethernet + IPv4 (valid checksum, TTL 64) around `l4`.
-fn frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    l4: &[u8],
-) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.extend_from_slice(&dst_mac);
-    p.extend_from_slice(&src_mac);
-    p.extend_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, proto, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&src.octets());
-    ip.extend_from_slice(&dst.octets());
-    let sum = checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    p.extend_from_slice(&ip);
-    p.extend_from_slice(l4);
-    p
-}
 
 /// Turns a frame into a fragment: IP id, more-fragments flag, offset in 8-byte units.
 fn set_fragment(p: &mut [u8], id: u16, more: bool, offset: u16) {

@@ -31,6 +31,7 @@ mod error;
 mod netns;
 mod node;
 pub mod oci;
+pub mod packet;
 pub mod policy_lab;
 pub mod probe;
 mod process;

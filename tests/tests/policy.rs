@@ -25,6 +25,7 @@ use std::{
 use myelin_api::FlowEvent;
 use myelin_tests::{
     Error, Netns, Result, RunPrefix,
+    packet::checksum,
     policy_lab::{APPLY_TIMEOUT, LabHost, LabPod, PolicyLab, Probe},
     probe::Service::{self, Ping, Tcp, Udp},
     root_test,
@@ -1173,18 +1174,6 @@ fn raw_icmp_socket(netns: &Netns) -> Result<Socket> {
         .set_read_timeout(Some(Duration::from_millis(50)))
         .map_err(Error::io("setting a read timeout"))?;
     Ok(socket)
-}
-
-/// The Internet checksum (RFC 1071).
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 fn send_echo_request(socket: &Socket, to: Ipv4Addr, id: u16, seq: u16) -> Result<()> {
