@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use myelin_api::{DropCount, EndpointCounters, FlowEvent};
+use myelin_api::{DropCount, EndpointCounters};
 
 use crate::{
     Error, Result,
@@ -231,7 +231,7 @@ impl Demo<'_> {
             "==> drop events (as `myelinctl monitor --drops` shows them), the first {EVENT_EXCERPT}"
         );
         for e in events.try_iter().take(EVENT_EXCERPT) {
-            println!("    {}", monitor_line(&e));
+            println!("    {e}");
         }
         Ok(matrix)
     }
@@ -407,19 +407,6 @@ fn render_drops(before: &[DropCount], after: &[DropCount]) -> String {
         out.push_str("    (none)\n");
     }
     out
-}
-
-/// One event as `myelinctl monitor` prints it.
-fn monitor_line(e: &FlowEvent) -> String {
-    format!(
-        "{:<7} {:<5} {:<22} -> {:<22} {:<8} {}",
-        e.kind,
-        e.protocol,
-        e.src,
-        e.dst,
-        e.direction,
-        e.reason.as_deref().unwrap_or_default()
-    )
 }
 
 fn render_counters(

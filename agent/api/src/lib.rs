@@ -272,6 +272,23 @@ pub struct FlowEvent {
     pub dst_identity: u32,
 }
 
+/// One line as `myelinctl monitor` prints it: kind, protocol, source -> destination,
+/// direction, reason.
+impl std::fmt::Display for FlowEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<7} {:<5} {:<22} -> {:<22} {:<8} {}",
+            self.kind,
+            self.protocol,
+            self.src,
+            self.dst,
+            self.direction,
+            self.reason.as_deref().unwrap_or_default()
+        )
+    }
+}
+
 /// What went wrong, in a form the plugin can map to a CNI error code.
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]

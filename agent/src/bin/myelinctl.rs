@@ -168,15 +168,7 @@ fn main() -> anyhow::Result<()> {
                     if cli.json {
                         println!("{}", serde_json::to_string(&e).unwrap_or_default());
                     } else {
-                        println!(
-                            "{:<7} {:<5} {:<22} -> {:<22} {:<8} {}",
-                            e.kind,
-                            e.protocol,
-                            e.src,
-                            e.dst,
-                            e.direction,
-                            e.reason.unwrap_or_default()
-                        );
+                        println!("{e}");
                     }
                     true
                 })
