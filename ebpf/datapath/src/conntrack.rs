@@ -40,6 +40,18 @@ fn key(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, protocol: u8) -> 
     }
 }
 
+/// The flow's key in the direction of this packet.
+#[inline(always)]
+fn forward_key(flow: &Flow) -> CtKey {
+    key(
+        flow.saddr,
+        flow.daddr,
+        flow.sport,
+        flow.dport,
+        flow.protocol,
+    )
+}
+
 /// The clock entries' lifetimes are measured on; read once per packet.
 #[inline(always)]
 pub fn now() -> u64 {
@@ -64,13 +76,7 @@ fn live(k: &CtKey, now: u64) -> Option<*mut CtEntry> {
 pub fn lookup(flow: &Flow, now: u64) -> State {
     match flow.icmp {
         Icmp::EchoRequest => {
-            let fwd = key(
-                flow.saddr,
-                flow.daddr,
-                flow.sport,
-                flow.dport,
-                flow.protocol,
-            );
+            let fwd = forward_key(flow);
             match live(&fwd, now) {
                 Some(e) => State::Established(e, fwd),
                 None => State::New,
@@ -87,13 +93,7 @@ pub fn lookup(flow: &Flow, now: u64) -> State {
         Icmp::Error if related(&flow.inner, now) => State::Related,
         Icmp::Error => State::New,
         _ => {
-            let fwd = key(
-                flow.saddr,
-                flow.daddr,
-                flow.sport,
-                flow.dport,
-                flow.protocol,
-            );
+            let fwd = forward_key(flow);
             if let Some(e) = live(&fwd, now) {
                 return State::Established(e, fwd);
             }
@@ -137,13 +137,7 @@ fn lifetime(protocol: u8, flags: u32) -> u64 {
 /// Starts tracking a flow allowed under `revision`. `Err` if the map refused the entry.
 #[inline(always)]
 pub fn create(flow: &Flow, revision: u32, flags: u32, now: u64) -> Result<(), ()> {
-    let k = key(
-        flow.saddr,
-        flow.daddr,
-        flow.sport,
-        flow.dport,
-        flow.protocol,
-    );
+    let k = forward_key(flow);
     let entry = CtEntry {
         expires_ns: now + lifetime(flow.protocol, flags),
         revision,

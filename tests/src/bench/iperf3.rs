@@ -2,7 +2,6 @@
 //! CPU (see [`super::cpus`]).
 
 use std::{
-    io::Read,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -84,14 +83,7 @@ impl IperfServer {
                 command: command.clone(),
                 source,
             })?;
-        let stderr = child.stderr.take().map(|mut pipe| {
-            thread::spawn(move || {
-                let mut buf = Vec::new();
-                // What was read before an error is what there is to show.
-                let _ = pipe.read_to_end(&mut buf);
-                buf
-            })
-        });
+        let stderr = Some(process::drain(child.stderr.take()));
         let mut server = Self {
             child,
             command,
