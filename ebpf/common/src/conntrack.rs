@@ -34,7 +34,8 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) after which the entry is dead.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, at tick resolution) after which the entry
+    /// is dead.
     pub expires_ns: u64,
     /// Policy revision the flow was last allowed under (see `DatapathConfig`).
     pub revision: u32,
