@@ -80,6 +80,12 @@ pub enum Error {
     Containerd(String),
     #[error("{0}")]
     Demo(String),
+    #[error("{context}")]
+    Bpf {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("interrupted")]
     Interrupted,
 }
@@ -94,6 +100,17 @@ impl Error {
     pub fn json(context: impl Into<String>) -> impl FnOnce(serde_json::Error) -> Self {
         let context = context.into();
         move |source| Self::Json { context, source }
+    }
+
+    /// For `map_err` on aya calls: what was being asked of the kernel.
+    pub fn bpf<E: std::error::Error + Send + Sync + 'static>(
+        context: impl Into<String>,
+    ) -> impl FnOnce(E) -> Self {
+        let context = context.into();
+        move |source| Self::Bpf {
+            context,
+            source: Box::new(source),
+        }
     }
 
     pub fn api(context: impl Into<String>) -> impl FnOnce(myelin_api::ClientError) -> Self {

@@ -363,6 +363,14 @@ impl PodPair {
         }
     }
 
+    /// The Myelin node between the pods, if this is Myelin's pair.
+    pub fn myelin_node(&self) -> Option<&Node> {
+        match &self.node {
+            PairNode::Myelin(node) => Some(node),
+            _ => None,
+        }
+    }
+
     /// The pods' interface MTUs (client, server): a benchmark compares datapaths only when
     /// they are equal.
     pub fn mtus(&self) -> Result<(u32, u32)> {

@@ -10,6 +10,7 @@ pub mod iperf3;
 pub mod iptables;
 pub mod ping;
 pub mod policy;
+pub mod program_cost;
 pub mod stats;
 pub mod tcp;
 pub mod usage;
