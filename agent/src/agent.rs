@@ -5,13 +5,14 @@
 use std::{
     collections::{BTreeSet, HashSet},
     net::Ipv4Addr,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
 use myelin_api::{
     AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, DropCount, Endpoint,
     EndpointRequest, ErrorKind, GcFailure, GcRequest, GcResponse, PodRef, PolicyStatus,
-    PolicySummary, ReleaseResponse, Status, TrackedFlow,
+    PolicySummary, ReleaseResponse, Status, TrackedFlow, pending,
 };
 use myelin_common::{
     config::{EVENTS_DROPS, EVENTS_VERDICTS},
@@ -58,6 +59,8 @@ pub struct Agent<D> {
     identity_inputs: Option<(u64, Vec<Arc<IdentityLabels>>)>,
     datapath: D,
     interfaces: Box<dyn Interfaces>,
+    /// Where the plugin queues DELs that found the agent down (`myelin_api::pending`).
+    pending_deletes: Option<PathBuf>,
     synced: bool,
 }
 
@@ -125,7 +128,64 @@ impl<D: DatapathOps> Agent<D> {
             identity_inputs: None,
             datapath,
             interfaces,
+            pending_deletes: None,
             synced: false,
+        }
+    }
+
+    /// Takes the DELs the plugin queues in `dir` while the agent is down.
+    pub fn with_pending_deletes(mut self, dir: PathBuf) -> Self {
+        self.pending_deletes = Some(dir);
+        self
+    }
+
+    /// Carries out every queued DEL: removes the endpoint, releases the address, then the
+    /// record. A record that fails stays for the next round; one that cannot be read is
+    /// reported and removed (nothing can be done with it). Returns how many were carried out.
+    pub fn process_pending_deletes(&mut self) -> usize {
+        let Some(dir) = self.pending_deletes.clone() else {
+            return 0;
+        };
+        let entries = match pending::list(&dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "cannot read the queue of DELs");
+                return 0;
+            }
+        };
+        let mut done = 0;
+        for entry in entries {
+            match entry {
+                pending::Entry::Delete { path, id } => {
+                    if self.carry_out_pending_delete(&id, &path) {
+                        done += 1;
+                    }
+                }
+                pending::Entry::Unreadable { path, error } => {
+                    warn!(record = %path.display(), %error, "removing an unreadable queued DEL");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        done
+    }
+
+    fn carry_out_pending_delete(&mut self, id: &AttachmentId, record: &Path) -> bool {
+        match self.delete_endpoint(id) {
+            Ok(deleted) => {
+                info!(
+                    attachment = %id, endpoint = deleted.endpoint, released = ?deleted.released,
+                    "carried out a DEL queued while the agent was down"
+                );
+                if let Err(e) = std::fs::remove_file(record) {
+                    warn!(record = %record.display(), error = %e, "cannot remove a queued DEL");
+                }
+                true
+            }
+            Err(e) => {
+                warn!(attachment = %id, error = %e, "a queued DEL failed; trying again later");
+                false
+            }
         }
     }
 
@@ -291,6 +351,23 @@ impl<D: DatapathOps> Agent<D> {
     }
 
     pub fn allocate(&mut self, req: &AllocateRequest) -> Result<Allocation, ApiError> {
+        // A DEL of the same attachment queued while the agent was down, and not carried out
+        // yet, came before this ADD: it goes first, or it would later delete the new endpoint.
+        if let Some(record) = self
+            .pending_deletes
+            .as_deref()
+            .and_then(|dir| pending::find(dir, &req.attachment))
+            && !self.carry_out_pending_delete(&req.attachment, &record)
+        {
+            return Err(ApiError::new(
+                ErrorKind::Internal,
+                format!(
+                    "a DEL of {} queued while the agent was down could not be carried out; \
+                     see the agent's log",
+                    req.attachment
+                ),
+            ));
+        }
         let ip = self.ipam.allocate(&req.attachment)?;
         info!(attachment = %req.attachment, %ip, "address allocated");
         Ok(Allocation {
@@ -739,6 +816,44 @@ mod tests {
             a.delete_endpoint(&att("a")).unwrap(),
             DeleteResponse::default()
         );
+    }
+
+    #[test]
+    fn dels_queued_while_the_agent_was_down_are_carried_out_once_and_before_a_new_add() {
+        let queue = tempfile::tempdir().unwrap();
+        let mut a = agent().with_pending_deletes(queue.path().to_path_buf());
+        let free = a.status().free_addresses;
+        add(&mut a, "a", "lxca", 10).unwrap();
+        add(&mut a, "b", "lxcb", 11).unwrap();
+        // Nothing queued: nothing happens.
+        assert_eq!(a.process_pending_deletes(), 0);
+
+        // "a" was deleted while the agent was down; a record nobody can read sits beside it.
+        pending::enqueue(queue.path(), &att("a")).unwrap();
+        std::fs::write(queue.path().join("garbage.json"), "not json").unwrap();
+        assert_eq!(a.process_pending_deletes(), 1);
+        assert_eq!(a.endpoints(None).len(), 1, "b stays");
+        assert_eq!(
+            a.status().free_addresses,
+            free - 1,
+            "a's address is free again"
+        );
+        assert!(
+            pending::list(queue.path()).unwrap().is_empty(),
+            "records are gone"
+        );
+        assert_eq!(a.process_pending_deletes(), 0);
+
+        // A DEL of "b" queued after the agent's pass (it raced the start), then "b" added
+        // again before the next pass: the ADD carries the DEL out first (without it, "b"
+        // would be refused as existing), and no later pass deletes the new endpoint.
+        pending::enqueue(queue.path(), &att("b")).unwrap();
+        let again = add(&mut a, "b", "lxcb", 11).unwrap();
+        assert!(pending::find(queue.path(), &att("b")).is_none());
+        assert_eq!(a.process_pending_deletes(), 0);
+        assert_eq!(a.endpoints(Some(&att("b"))), vec![again]);
+        assert_eq!(a.status().free_addresses, free - 1, "no address leaked");
+        assert!(a.endpoints(Some(&att("a"))).is_empty());
     }
 
     #[test]

@@ -40,6 +40,10 @@ use crate::{
 /// How often expired conntrack entries are removed (the LRU map also evicts when full).
 const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How often the queue of DELs that found the agent down is looked at again: a DEL that raced
+/// the agent's start is queued after the startup pass.
+const PENDING_DELETES_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How long to wait for a pod CIDR before saying so again.
 const CIDR_WAIT_REPORT: Duration = Duration::from_secs(10);
 
@@ -159,8 +163,17 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         index,
         datapath,
         Box::new(SystemInterfaces),
-    );
+    )
+    .with_pending_deletes(myelin_api::pending::dir_for(&config.socket));
     agent.restore().context("restoring endpoints")?;
+    // Before the API opens: an ADD must not find an endpoint whose pod is already gone.
+    let carried_out = agent.process_pending_deletes();
+    if carried_out > 0 {
+        info!(
+            carried_out,
+            "carried out the DELs queued while the agent was down"
+        );
+    }
     if synced {
         agent
             .set_synced()
@@ -194,8 +207,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut conntrack_gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
+    let mut pending_deletes = tokio::time::interval(PENDING_DELETES_INTERVAL);
     loop {
         tokio::select! {
+            _ = pending_deletes.tick() => {
+                api_lock(&agent).process_pending_deletes();
+            }
             _ = conntrack_gc.tick() => match api_lock(&agent).gc_conntrack() {
                 Ok(0) => {}
                 Ok(n) => debug!(removed = n, "conntrack garbage collected"),

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use myelin_api::{
     AllocateRequest, AttachmentId, Client, ClientError, EndpointRequest, ErrorKind, GcRequest,
+    pending,
 };
 
 use crate::{
@@ -333,7 +334,31 @@ fn del(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<(), CniE
             error_chain(e)
         )),
     }
-    agent.map_err(|e| agent_failed("delete the endpoint", &conf.agent_socket, &e))?;
+    match agent {
+        Ok(_) => {}
+        // Nothing listens: the agent is down. With the veth gone the pod is off the network;
+        // the endpoint and the address wait in the queue for the agent (see `pending`), so
+        // that the pod can finish terminating instead of waiting for the agent to return.
+        Err(ClientError::Unreachable { .. }) if veth.is_ok() => {
+            let queue = pending::dir_for(&conf.agent_socket);
+            let record = pending::enqueue(&queue, &attachment.id).map_err(|e| {
+                CniError::new(
+                    ErrorCode::TryAgainLater,
+                    format!(
+                        "the myelin agent is not reachable at {} and the DEL could not be \
+                         queued for it in {}: {e}",
+                        conf.agent_socket.display(),
+                        queue.display()
+                    ),
+                )
+            })?;
+            log.line(format_args!(
+                "agent down: DEL queued for it in {}",
+                record.display()
+            ));
+        }
+        Err(e) => return Err(agent_failed("delete the endpoint", &conf.agent_socket, &e)),
+    }
     veth.map(|_| ())
 }
 

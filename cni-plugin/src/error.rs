@@ -10,7 +10,7 @@
 //! | 5 | I/O failure | stdin could not be read |
 //! | 6 | failed to decode | stdin is not JSON |
 //! | 7 | invalid network configuration | no `name` or `type`, a key of the wrong type, an MTU out of range, a `prevResult` CHECK cannot use, GC without `cni.dev/valid-attachments` |
-//! | 11 | try again later | the agent socket is absent, refuses connections or the agent did not answer in time; the agent is not ready yet |
+//! | 11 | try again later | the agent socket is absent, refuses connections or the agent did not answer in time; the agent is not ready yet. DEL only when the agent did not answer in time, or its queue could not be written: an absent agent's DELs are queued for it (`myelin_api::pending`) |
 //! | 50 | plugin not available | STATUS: agent unreachable, not ready, or no free address |
 //! | 100 | agent error | the agent failed or rejected a request for another reason |
 //! | 101 | pod CIDR exhausted | the agent has no free address |

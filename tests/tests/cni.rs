@@ -10,7 +10,7 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use myelin_api::ClientError;
+use myelin_api::{ClientError, pending};
 use myelin_tests::{
     Binaries, CniCall, Error, Netns, Node, NodeSpec, Result, as_nobody, result_ip, root_test,
     run_plugin,
@@ -298,6 +298,81 @@ fn unknown_command_is_refused_with_code_4() -> Result<()> {
     let sandbox = node.sandbox("default", "bad")?;
     let call = node.cni_call("ADD", &sandbox).env("CNI_COMMAND", "FROB");
     assert_add_refused(&node, &call, 4)
+}
+
+/// A DEL must not wait for the agent: the runtime would retry it until the agent returns, and
+/// the pod could not finish terminating. The plugin removes the veth, queues the rest, and the
+/// agent finishes the job as it starts, before anything else can reuse the address.
+#[test]
+fn del_while_the_agent_is_down_succeeds_and_the_agent_finishes_it_on_start() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut node = Node::start(&run, NodeSpec::new("node"))?;
+    let before = node.footprint()?;
+    let gone = node.add_pod("default", "gone")?;
+    let stays = node.add_pod("default", "stays")?;
+    let gone_sandbox = gone.sandbox().netns().name().to_string();
+    let with_stays = node.footprint()?;
+    node.stop_agent()?;
+
+    let out = node.cni(&node.cni_call("DEL", gone.sandbox()))?;
+    assert!(out.success(), "DEL with the agent down: {out}");
+    assert!(
+        out.elapsed < Duration::from_secs(1),
+        "took {:?} to notice the agent is down",
+        out.elapsed
+    );
+    let host_veth = gone.result()["interfaces"][0]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut expected = with_stays.links.clone();
+    assert!(expected.remove(&host_veth), "{host_veth} in {expected:?}");
+    let links: std::collections::BTreeSet<String> =
+        node.netns().link_names()?.into_iter().collect();
+    assert_eq!(links, expected, "the host veth goes at once");
+    assert_eq!(
+        gone.sandbox().netns().link_names()?,
+        vec!["lo".to_string()],
+        "{gone_sandbox} keeps no interface"
+    );
+    let queue = pending::dir_for(&node.socket());
+    assert_eq!(
+        std::fs::read_dir(&queue).map(|d| d.count()).unwrap_or(0),
+        1,
+        "one DEL queued in {}",
+        queue.display()
+    );
+    // A second DEL (runtimes retry) still succeeds and queues nothing more.
+    let again = node.cni(&node.cni_call("DEL", gone.sandbox()))?;
+    assert!(again.success(), "{again}");
+
+    node.start_agent()?;
+    let after = node.footprint()?;
+    assert!(
+        !after.endpoints.contains_key(&gone.attachment()),
+        "the endpoint is gone: {:?}",
+        after.endpoints
+    );
+    assert_eq!(
+        after.free_addresses,
+        before.free_addresses - 1,
+        "the address is free again"
+    );
+    assert_eq!(after.endpoints.len(), 1);
+    assert!(
+        std::fs::read_dir(&queue).map(|d| d.count()).unwrap_or(0) == 0,
+        "the queue is empty once carried out"
+    );
+    // Pods come and go as before, and the pod that stayed still talks.
+    let next = node.add_pod("default", "next")?;
+    ping(&next, &stays)?;
+    node.delete_pod(next)?;
+    node.delete_pod(stays)?;
+    drop(gone);
+    assert_eq!(node.footprint()?, before);
+    Ok(())
 }
 
 #[test]

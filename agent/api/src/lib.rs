@@ -17,10 +17,12 @@
 //! | `GET` | `/v1/conntrack` | | `[`[`TrackedFlow`]`]` |
 //! | `GET` | `/v1/events` | | newline-delimited [`FlowEvent`]s, streamed until closed |
 //!
-//! Every error is an [`ApiError`] body with a matching HTTP status.
+//! Every error is an [`ApiError`] body with a matching HTTP status. DELs that find the agent
+//! down are queued in files instead ([`pending`]).
 
 mod client;
 mod mac;
+pub mod pending;
 
 use std::net::Ipv4Addr;
 
