@@ -12,7 +12,7 @@ use std::{
 use common::{
     FakeAgent, GATEWAY, TestNetns, error_of, netconf, root_tests_enabled, run_plugin, success_of,
 };
-use myelin_api::AttachmentId;
+use myelin_api::{AttachmentId, pending};
 use myelin_cni::veth::host_ifname;
 use serde_json::{Value, json};
 
@@ -346,37 +346,67 @@ fn taken_interface_name_in_the_pod_releases_only_the_new_address() {
 }
 
 #[test]
-fn del_without_agent_removes_the_veth_then_asks_to_retry() {
-    if !root_tests_enabled("del_without_agent_removes_the_veth_then_asks_to_retry") {
+fn del_without_agent_removes_the_veth_and_queues_the_rest_for_the_agent() {
+    if !root_tests_enabled("del_without_agent_removes_the_veth_and_queues_the_rest_for_the_agent") {
         return;
     }
     let node = TestNetns::new("node");
     let agent = FakeAgent::start();
-    let pod = Pod::new("delnoagent1");
-    success_of(&pod.invoke(
-        &node,
-        "ADD",
-        &netconf("1.1.0", &agent.socket_str(), json!({})),
-    ));
-    let absent = format!("{}.absent", agent.socket_str());
+    let queued = Pod::new("delnoagent1");
+    let unqueued = Pod::new("delnoagent2");
+    for pod in [&queued, &unqueued] {
+        success_of(&pod.invoke(
+            &node,
+            "ADD",
+            &netconf("1.1.0", &agent.socket_str(), json!({})),
+        ));
+    }
+    let del = |pod: &Pod, socket: &str| {
+        // DEL also works without CNI_NETNS (the runtime may have removed the namespace).
+        run_plugin(
+            &node,
+            &[
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", &pod.container_id),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            &netconf("1.1.0", socket, json!({})),
+        )
+    };
 
-    // DEL also works without CNI_NETNS (the runtime may have removed the namespace).
-    let out = run_plugin(
-        &node,
-        &[
-            ("CNI_COMMAND", "DEL"),
-            ("CNI_CONTAINERID", &pod.container_id),
-            ("CNI_IFNAME", "eth0"),
-        ],
-        &netconf("1.1.0", &absent, json!({})),
-    );
-    let err = error_of(&out);
-    assert_eq!(err["code"], 11, "{err}");
+    // Nothing listens: the veth goes, the DEL is queued beside the socket, and it succeeds.
+    let absent = format!("{}.absent", agent.socket_str());
+    let out = del(&queued, &absent);
     assert!(
-        node.link(&pod.host_veth()).is_none(),
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        node.link(&queued.host_veth()).is_none(),
         "veth must go even without the agent"
     );
-    assert!(pod.netns.link("eth0").is_none());
+    assert!(queued.netns.link("eth0").is_none());
+    let queue = pending::dir_for(std::path::Path::new(&absent));
+    let records: Vec<AttachmentId> = pending::list(&queue)
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e {
+            pending::Entry::Delete { id, .. } => Some(id),
+            pending::Entry::Unreadable { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        records,
+        vec![AttachmentId::new(queued.container_id.clone(), "eth0")]
+    );
+
+    // Nowhere to queue it (the socket's directory is a file): the veth still goes, and the
+    // runtime is told to try again.
+    let nowhere = "/proc/version/agent.sock";
+    let err = error_of(&del(&unqueued, nowhere));
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(node.link(&unqueued.host_veth()).is_none());
 }
 
 #[test]
