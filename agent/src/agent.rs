@@ -61,6 +61,9 @@ pub struct Agent<D> {
     interfaces: Box<dyn Interfaces>,
     /// Where the plugin queues DELs that found the agent down (`myelin_api::pending`).
     pending_deletes: Option<PathBuf>,
+    /// The cluster-state source has an object for every pod (Kubernetes): an ADD for a pod it
+    /// has not shown yet waits for it (see [`Agent::awaits_pod`]).
+    pod_objects_expected: bool,
     synced: bool,
 }
 
@@ -129,8 +132,27 @@ impl<D: DatapathOps> Agent<D> {
             datapath,
             interfaces,
             pending_deletes: None,
+            pod_objects_expected: false,
             synced: false,
         }
+    }
+
+    /// Every pod has an object in the cluster-state source (Kubernetes): see
+    /// [`Agent::awaits_pod`].
+    pub fn expecting_pod_objects(mut self) -> Self {
+        self.pod_objects_expected = true;
+        self
+    }
+
+    /// Whether an endpoint for `pod` should wait before it is created: the source has an object
+    /// for every pod, is synced, and has not shown this one yet. The runtime can be faster than
+    /// the watch; an endpoint created now would start with no labels, so that policies that
+    /// select the pod would not isolate it from its first packet, as NetworkPolicy requires of
+    /// pods created after the policy.
+    pub fn awaits_pod(&self, pod: &PodRef) -> bool {
+        self.pod_objects_expected
+            && self.synced
+            && self.index.pod(&pod.namespace, &pod.name).is_none()
     }
 
     /// Takes the DELs the plugin queues in `dir` while the agent is down.
@@ -945,6 +967,27 @@ mod tests {
         assert_eq!(a.endpoints(None).len(), 1);
         assert!(a.datapath().attached.contains("lxca"));
         assert!(!a.datapath().attached.contains("lxcb"));
+    }
+
+    #[test]
+    fn an_add_awaits_its_pod_only_from_a_synced_source_that_has_objects_for_pods() {
+        let web = PodRef {
+            namespace: "default".into(),
+            name: "web".into(),
+        };
+        // The directory source, or none: pods need no object.
+        assert!(!agent().awaits_pod(&web));
+        // Kubernetes before the first sync: what is missing may just not be listed yet, and
+        // the API server may be down; the agent serves its pods as they are.
+        let mut a = unsynced_agent_with(&[], "10.244.0.0/24").expecting_pod_objects();
+        assert!(!a.awaits_pod(&web));
+        a.set_synced().unwrap();
+        assert!(a.awaits_pod(&web), "synced, and the object has not come");
+        let (pod, _) =
+            PodInfo::from_k8s(&builders::pod("default", "web", &[("app", "web")], None)).unwrap();
+        a.apply_cluster_changes([Change::Apply(Object::Pod(pod))])
+            .unwrap();
+        assert!(!a.awaits_pod(&web), "the object is in");
     }
 
     #[test]

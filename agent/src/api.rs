@@ -7,6 +7,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -17,10 +18,12 @@ use axum::{
     routing::{get, post, put},
 };
 use hyper_util::{rt::TokioIo, service::TowerToHyperService};
-use myelin_api::{AllocateRequest, ApiError, AttachmentId, EndpointRequest, ErrorKind, GcRequest};
+use myelin_api::{
+    AllocateRequest, ApiError, AttachmentId, EndpointRequest, ErrorKind, GcRequest, PodRef,
+};
 use serde::Deserialize;
 use tokio::net::UnixListener;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{agent::Agent, datapath::DatapathOps, events::EventSender};
 
@@ -161,7 +164,41 @@ async fn put_endpoint<D: DatapathOps>(
     body: Result<Json<EndpointRequest>, JsonRejection>,
 ) -> ApiResult<myelin_api::Endpoint> {
     let Json(req) = body?;
+    if let Some(pod) = &req.pod {
+        wait_for_pod(&agent, pod).await;
+    }
     Ok(Json(lock(&agent).put_endpoint(&req)?))
+}
+
+/// How long an ADD waits for its Pod object to reach the agent's watch.
+const POD_WAIT: Duration = Duration::from_secs(2);
+const POD_POLL: Duration = Duration::from_millis(5);
+
+/// Waits, without holding the agent, until the source has shown `pod` or [`POD_WAIT`] has
+/// passed (see `Agent::awaits_pod`). After that the endpoint starts without labels and gets
+/// its identity when the object arrives, as before: a pod the API server never lists (not a
+/// Kubernetes pod) must still get its network.
+async fn wait_for_pod<D: DatapathOps>(agent: &SharedAgent<D>, pod: &PodRef) {
+    let started = Instant::now();
+    while lock(agent).awaits_pod(pod) {
+        if started.elapsed() >= POD_WAIT {
+            warn!(
+                pod = %format_args!("{}/{}", pod.namespace, pod.name),
+                "no Pod object after {POD_WAIT:?}: the endpoint starts without labels and \
+                 gets its identity when the object arrives"
+            );
+            return;
+        }
+        tokio::time::sleep(POD_POLL).await;
+    }
+    let waited = started.elapsed();
+    if waited >= POD_POLL {
+        info!(
+            pod = %format_args!("{}/{}", pod.namespace, pod.name),
+            waited_ms = waited.as_millis() as u64,
+            "waited for the Pod object before creating the endpoint"
+        );
+    }
 }
 
 async fn list_endpoints<D: DatapathOps>(

@@ -165,6 +165,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         Box::new(SystemInterfaces),
     )
     .with_pending_deletes(myelin_api::pending::dir_for(&config.socket));
+    if matches!(config.source, SourceSpec::Kubernetes) {
+        agent = agent.expecting_pod_objects();
+    }
     agent.restore().context("restoring endpoints")?;
     // Before the API opens: an ADD must not find an endpoint whose pod is already gone.
     let carried_out = agent.process_pending_deletes();

@@ -66,21 +66,50 @@ fn identities_follow_pod_and_namespace_labels_from_the_api_server() -> Result<()
     let (node, server) = (knode.node(), knode.server());
 
     let a = node.add_pod("team", "a")?;
-    // The runtime can be faster than the watch: `b` is added before its object exists.
-    let b = node.add_pod("team", "b")?;
     let a_web = identity(node, &a)?;
-    let b_unlabelled = identity(node, &b)?;
-    assert_ne!(a_web, b_unlabelled, "b has no labels yet");
 
+    // The runtime can be faster than the watch: `b`'s ADD comes before its object. The ADD
+    // waits for it, so that b starts with its labels (policies selecting it apply from its
+    // first packet).
+    let b = thread::scope(|scope| -> Result<Pod> {
+        let adding = scope.spawn(|| node.add_pod("team", "b"));
+        thread::sleep(Duration::from_millis(300));
+        server.apply(pod_object(
+            &node_name,
+            "team",
+            "b",
+            &[("app", "web")],
+            &[80],
+        ))?;
+        adding.join().expect("the ADD thread panicked")
+    })?;
+    let b_web = identity(node, &b)?;
+    assert_eq!(
+        b_web, a_web,
+        "b started with its labels: same identity as a"
+    );
+
+    // An object that does not come within the wait: the pod gets its network without labels,
+    // and its identity when the object arrives.
+    let started = Instant::now();
+    let c = node.add_pod("team", "c")?;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "c's ADD waited {:?} for its object",
+        started.elapsed()
+    );
+    let c_unlabelled = identity(node, &c)?;
+    assert_ne!(c_unlabelled, a_web, "c has no labels yet");
     server.apply(pod_object(
         &node_name,
         "team",
-        "b",
+        "c",
         &[("app", "web")],
         &[80],
     ))?;
-    let b_web = changed_identity(node, &b, b_unlabelled, "b's object arrived")?;
-    assert_eq!(b_web, a_web, "same namespace and labels: same identity");
+    let c_web = changed_identity(node, &c, c_unlabelled, "c's object arrived")?;
+    assert_eq!(c_web, a_web, "same namespace and labels: same identity");
+    node.delete_pod(c)?;
 
     server.set_labels(Resource::Pod, "team", "a", &[("app", "api")])?;
     let a_api = changed_identity(node, &a, a_web, "a's labels changed")?;
