@@ -72,7 +72,7 @@ pub enum Entry {
     Unreadable { path: PathBuf, error: String },
 }
 
-/// Every record in `dir` (none when it does not exist), oldest name first. Temporary files of
+/// Every record in `dir` (none when it does not exist), in name order. Temporary files of
 /// a write in progress are skipped.
 pub fn list(dir: &Path) -> io::Result<Vec<Entry>> {
     let entries = match fs::read_dir(dir) {
