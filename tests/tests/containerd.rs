@@ -54,3 +54,30 @@ fn containers_get_addresses_from_myelin_and_serve_each_other() -> Result<()> {
     assert_eq!(node.footprint()?, before);
     Ok(())
 }
+
+/// A container stopped while the agent is down (an upgrade, a crash): containerd's teardown
+/// calls DEL once and does not retry it. The DEL succeeds without the agent, and once the
+/// agent is back nothing of the container is left: no veth, no endpoint, no address.
+#[test]
+fn a_container_stopped_while_the_agent_is_down_leaves_nothing_once_it_is_back() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut node = Node::start(&run, NodeSpec::new("node"))?;
+    let before = node.footprint()?;
+    let containerd = Containerd::start(&run, node.netns(), &CniNetwork::myelin(&node)?)?;
+    let image = containerd.import_busybox(&[])?;
+    let container = containerd.start_container(&image, "short", &["sleep", "600"])?;
+    let attachment = AttachmentId::new(Containerd::cni_container_id(container.id()), "eth0");
+    assert!(node.footprint()?.endpoints.contains_key(&attachment));
+
+    node.stop_agent()?;
+    container.stop()?;
+    let links: std::collections::BTreeSet<String> =
+        node.netns().link_names()?.into_iter().collect();
+    assert_eq!(links, before.links, "the veth went with the DEL");
+
+    node.start_agent()?;
+    assert_eq!(node.footprint()?, before);
+    Ok(())
+}
