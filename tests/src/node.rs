@@ -365,6 +365,12 @@ impl Node {
         Ok(process::run_ok(cmd, Duration::from_secs(10))?.stdout)
     }
 
+    /// The links in the node's namespace; unlike [`Node::footprint`], also while the agent is
+    /// down.
+    pub fn links(&self) -> Result<BTreeSet<String>> {
+        Ok(self.netns.link_names()?.into_iter().collect())
+    }
+
     /// Everything pods leave on a node, to compare before and after an operation.
     pub fn footprint(&self) -> Result<Footprint> {
         let map_keys = |name: &str| -> Result<BTreeSet<String>> {
@@ -375,7 +381,7 @@ impl Node {
                 .collect())
         };
         Ok(Footprint {
-            links: self.netns.link_names()?.into_iter().collect(),
+            links: self.links()?,
             endpoints: self
                 .endpoints()?
                 .into_iter()

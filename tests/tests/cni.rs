@@ -329,8 +329,7 @@ fn del_while_the_agent_is_down_succeeds_and_the_agent_finishes_it_on_start() -> 
         .to_string();
     let mut expected = with_stays.links.clone();
     assert!(expected.remove(&host_veth), "{host_veth} in {expected:?}");
-    let links: std::collections::BTreeSet<String> =
-        node.netns().link_names()?.into_iter().collect();
+    let links = node.links()?;
     assert_eq!(links, expected, "the host veth goes at once");
     assert_eq!(
         gone.sandbox().netns().link_names()?,
@@ -339,7 +338,7 @@ fn del_while_the_agent_is_down_succeeds_and_the_agent_finishes_it_on_start() -> 
     );
     let queue = pending::dir_for(&node.socket());
     assert_eq!(
-        std::fs::read_dir(&queue).map(|d| d.count()).unwrap_or(0),
+        pending::list(&queue).map_or(0, |records| records.len()),
         1,
         "one DEL queued in {}",
         queue.display()
@@ -362,7 +361,7 @@ fn del_while_the_agent_is_down_succeeds_and_the_agent_finishes_it_on_start() -> 
     );
     assert_eq!(after.endpoints.len(), 1);
     assert!(
-        std::fs::read_dir(&queue).map(|d| d.count()).unwrap_or(0) == 0,
+        pending::list(&queue).map_or(0, |records| records.len()) == 0,
         "the queue is empty once carried out"
     );
     // Pods come and go as before, and the pod that stayed still talks.
@@ -392,8 +391,7 @@ fn add_fails_fast_with_code_11_while_the_agent_is_down() -> Result<()> {
         "took {:?} to notice the agent is down",
         out.elapsed
     );
-    let links: std::collections::BTreeSet<String> =
-        node.netns().link_names()?.into_iter().collect();
+    let links = node.links()?;
     assert_eq!(links, before.links, "ADD left a link behind");
     assert_eq!(sandbox.netns().link_names()?, vec!["lo".to_string()]);
 

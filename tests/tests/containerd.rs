@@ -73,8 +73,7 @@ fn a_container_stopped_while_the_agent_is_down_leaves_nothing_once_it_is_back() 
 
     node.stop_agent()?;
     container.stop()?;
-    let links: std::collections::BTreeSet<String> =
-        node.netns().link_names()?.into_iter().collect();
+    let links = node.links()?;
     assert_eq!(links, before.links, "the veth went with the DEL");
 
     node.start_agent()?;
