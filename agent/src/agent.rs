@@ -21,13 +21,13 @@ use myelin_common::{
     identity,
 };
 
+use myelin_cluster::{Change, ClusterIndex, Identities, IdentityLabels, Labels};
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{DatapathError, DatapathOps, DesiredState, table::Diff},
-    desired::{self, Inputs, LocalEndpoint},
+    datapath::{DatapathError, DatapathOps, table::Diff},
+    desired::{self, DesiredState, Inputs, LocalEndpoint},
     endpoint::{EndpointRecord, EndpointStore, EndpointStoreError},
-    index::{Change, ClusterIndex, Identities, IdentityLabels, Labels},
     ipam::{Ipam, IpamError},
 };
 
@@ -733,11 +733,10 @@ mod tests {
     use myelin_api::Mac;
     use myelin_common::{Ipv4Key, endpoint::ENDPOINT_F_INGRESS_ISOLATED};
 
+    use myelin_cluster::{Object, PodInfo, builders};
+
     use super::*;
-    use crate::{
-        datapath::{fake::FakeDatapath, table::LpmKey},
-        index::{Object, PodInfo, builders},
-    };
+    use crate::datapath::{fake::FakeDatapath, table::LpmKey};
 
     /// Interfaces that "exist" in the test: name -> ifindex.
     struct FakeInterfaces(HashMap<String, u32>);
@@ -810,13 +809,13 @@ mod tests {
         let ep = add(&mut a, "a", "lxca", 10).unwrap();
         let dp = a.datapath();
         assert!(dp.attached.contains("lxca"));
-        let by_ip = dp.endpoints.map().entries[&Ipv4Key {
+        let by_ip = dp.tables.endpoints.map().entries[&Ipv4Key {
             addr: ep.ip.octets(),
         }];
         assert_eq!(by_ip.ifindex, 10);
         assert_eq!(by_ip.id, ep.id);
-        assert_eq!(dp.endpoints_by_if.map().entries[&10], by_ip);
-        assert!(dp.counter_ids.contains(&ep.id));
+        assert_eq!(dp.tables.endpoints_by_if.map().entries[&10], by_ip);
+        assert!(dp.state.counter_ids.contains(&ep.id));
         assert_ne!(ep.identity, 0);
     }
 
@@ -830,9 +829,9 @@ mod tests {
         assert_eq!(del.released, Some(ep.ip));
         let dp = a.datapath();
         assert!(dp.attached.is_empty());
-        assert!(dp.endpoints.map().entries.is_empty());
-        assert!(dp.endpoints_by_if.map().entries.is_empty());
-        assert!(dp.counter_ids.is_empty());
+        assert!(dp.tables.endpoints.map().entries.is_empty());
+        assert!(dp.tables.endpoints_by_if.map().entries.is_empty());
+        assert!(dp.state.counter_ids.is_empty());
         assert_eq!(a.status().free_addresses, free);
         assert_eq!(
             a.delete_endpoint(&att("a")).unwrap(),
@@ -922,8 +921,8 @@ mod tests {
         let err = add(&mut a, "a", "lxca", 10).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Internal);
         assert!(a.endpoints(None).is_empty());
-        assert!(a.datapath().endpoints.map().entries.is_empty());
-        assert!(a.datapath().counter_ids.is_empty());
+        assert!(a.datapath().tables.endpoints.map().entries.is_empty());
+        assert!(a.datapath().state.counter_ids.is_empty());
         // The address stays allocated until the plugin's rollback releases it.
         assert!(a.release(&att("a")).unwrap().released.is_some());
     }
@@ -997,7 +996,7 @@ mod tests {
         let key = Ipv4Key {
             addr: ep.ip.octets(),
         };
-        let before = a.datapath().endpoints.map().entries[&key].identity;
+        let before = a.datapath().tables.endpoints.map().entries[&key].identity;
         let (pod, _) =
             PodInfo::from_k8s(&builders::pod("default", "a", &[("app", "web")], None)).unwrap();
         let diff = a
@@ -1007,16 +1006,16 @@ mod tests {
             diff.updated, 3,
             "both endpoint maps and the ipcache carry the identity"
         );
-        let after = a.datapath().endpoints.map().entries[&key].identity;
+        let after = a.datapath().tables.endpoints.map().entries[&key].identity;
         assert_ne!(before, after);
         // The same event again changes nothing and writes nothing.
-        let writes = a.datapath().endpoints.map().writes;
+        let writes = a.datapath().tables.endpoints.map().writes;
         assert!(
             a.apply_cluster_changes([Change::Apply(Object::Pod(pod))])
                 .unwrap()
                 .is_empty()
         );
-        assert_eq!(a.datapath().endpoints.map().writes, writes);
+        assert_eq!(a.datapath().tables.endpoints.map().writes, writes);
     }
 
     #[test]
@@ -1027,12 +1026,13 @@ mod tests {
         let key = Ipv4Key {
             addr: ep.ip.octets(),
         };
-        let mut left = a.datapath().endpoints.current()[&key];
+        let mut left = a.datapath().tables.endpoints.current()[&key];
         left.identity = 4242;
         left.flags = ENDPOINT_F_INGRESS_ISOLATED;
         let mut restarted = unsynced_agent_with(&[("lxca", 10), ("lxcb", 11)], "10.244.0.0/24");
         restarted
             .datapath
+            .tables
             .endpoints
             .apply(&[(key, left)].into())
             .unwrap();
@@ -1049,6 +1049,7 @@ mod tests {
         let allow = myelin_common::PolicyEntry { flags: 1 };
         restarted
             .datapath
+            .tables
             .policy
             .apply(&[(policy_key, allow)].into())
             .unwrap();
@@ -1067,12 +1068,16 @@ mod tests {
 
         restarted.restore().unwrap();
         let dp = restarted.datapath();
-        assert_eq!(dp.endpoints.current()[&key].identity, 4242, "identity kept");
         assert_eq!(
-            dp.endpoints.current()[&key].flags,
+            dp.tables.endpoints.current()[&key].identity,
+            4242,
+            "identity kept"
+        );
+        assert_eq!(
+            dp.tables.endpoints.current()[&key].flags,
             ENDPOINT_F_INGRESS_ISOLATED
         );
-        assert_eq!(dp.policy.current().len(), 1, "policy entries kept");
+        assert_eq!(dp.tables.policy.current().len(), 1, "policy entries kept");
         assert_eq!(
             restarted.endpoints(None)[0].identity,
             4242,
@@ -1081,13 +1086,13 @@ mod tests {
 
         restarted.set_synced().unwrap();
         let dp = restarted.datapath();
-        assert_ne!(dp.endpoints.current()[&key].identity, 4242);
+        assert_ne!(dp.tables.endpoints.current()[&key].identity, 4242);
         assert_eq!(
-            dp.endpoints.current()[&key].flags,
+            dp.tables.endpoints.current()[&key].flags,
             0,
             "no policy selects it"
         );
-        assert!(dp.policy.current().is_empty());
+        assert!(dp.tables.policy.current().is_empty());
     }
 
     #[test]
@@ -1111,7 +1116,8 @@ mod tests {
         let dp = a.datapath();
         assert_eq!(dp.attached, BTreeSet::from(["lxca".to_string()]));
         assert_eq!(
-            dp.endpoints_by_if
+            dp.tables
+                .endpoints_by_if
                 .map()
                 .entries
                 .keys()

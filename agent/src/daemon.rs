@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
+use myelin_cluster::{Change, ClusterIndex, Kind};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -26,7 +27,6 @@ use crate::{
     datapath::Datapath,
     endpoint::EndpointStore,
     events,
-    index::{Change, ClusterIndex, Kind},
     ipam::Ipam,
     metrics::{self, KindLabel, Metrics},
     netconf,

@@ -23,14 +23,33 @@ use myelin_common::{
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PORT, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
 };
 
-use crate::{
-    datapath::{DesiredState, table::LpmKey},
-    endpoint::EndpointRecord,
-    index::{
-        ClusterIndex, ContainerPort, Identities, IdentityLabels,
-        policy::{Peer, PortMatch, PortSpec, Protocol, Rule},
-    },
+use myelin_cluster::{
+    ClusterIndex, ContainerPort, Identities, IdentityLabels,
+    policy::{Peer, PortMatch, PortSpec, Protocol, Rule},
 };
+
+use crate::endpoint::EndpointRecord;
+
+/// What the maps should hold, computed by the agent from its endpoints and the cluster index.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DesiredState {
+    pub endpoints: BTreeMap<Ipv4Key, EndpointInfo>,
+    pub endpoints_by_if: BTreeMap<u32, EndpointInfo>,
+    /// Endpoint ids that must have a counters entry.
+    pub counter_ids: BTreeSet<u32>,
+    pub ipcache: BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
+    pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
+    /// Leave the ipcache and policy maps as they are (the cluster state is not known yet).
+    pub keep_policy_state: bool,
+}
+
+/// A key of an LPM trie: the prefix length in bits, then the data it applies to. Ordered (unlike
+/// aya's packed `Key`), so that desired contents can live in a `BTreeMap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LpmKey<K> {
+    pub prefix_len: u32,
+    pub data: K,
+}
 
 /// A local endpoint with what the computation needs to know about its pod.
 pub struct LocalEndpoint<'a> {
@@ -226,7 +245,7 @@ impl PolicyPrefixes {
         let mut ids = BTreeMap::new();
         let mut used = BTreeSet::new();
         for net in nets {
-            let hash = crate::index::identity::fnv1a(net.to_string().as_bytes()) as u32;
+            let hash = myelin_cluster::identity::fnv1a(net.to_string().as_bytes()) as u32;
             let mut id = identity::CIDR_FLAG | hash;
             while !used.insert(id) {
                 id = identity::CIDR_FLAG | id.wrapping_add(1);

@@ -10,7 +10,6 @@ pub mod datapath;
 pub mod desired;
 pub mod endpoint;
 pub mod events;
-pub mod index;
 pub mod ipam;
 pub mod metrics;
 pub mod netconf;

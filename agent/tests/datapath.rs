@@ -12,8 +12,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, process::Command}
 
 use myelin_agent::{
     bpffs,
-    datapath::{AttachMode, Datapath, DatapathOps, DesiredState, Limits, Program, table::LpmKey},
-    desired::port_blocks,
+    datapath::{AttachMode, Datapath, DatapathOps, Limits, Program},
+    desired::{DesiredState, LpmKey, port_blocks},
 };
 use myelin_common::{
     Direction, DropReason, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,

@@ -7,13 +7,11 @@
 
 use std::time::Duration;
 
-use myelin_agent::{
-    index::{Change, ClusterIndex, Kind},
-    source::{
-        SourceEvent,
-        kubernetes::{self, KubernetesSource},
-    },
+use myelin_agent::source::{
+    SourceEvent,
+    kubernetes::{self, KubernetesSource},
 };
+use myelin_cluster::{Change, ClusterIndex, Kind};
 use myelin_tests::{
     apiserver::{ApiServer, Fault, Resource, generated_cluster},
     cluster::{namespace_object, node_object, pod_object},

@@ -1,5 +1,5 @@
-//! In-memory datapath for unit tests of the agent's logic: the same reconcilers over fake maps,
-//! and a record of attachments.
+//! In-memory datapath for unit tests of the agent's logic: the same [`Tables`] over fake maps,
+//! applied through the same code as the kernel's, and a record of attachments.
 
 use std::collections::BTreeSet;
 
@@ -8,35 +8,58 @@ use myelin_common::{
 };
 
 use super::{
-    AttachMode, DatapathError, DatapathOps, DesiredState,
-    table::{Diff, FakeMap, LpmKey, Reconciler},
+    AttachMode, DatapathError, DatapathOps,
+    table::{ApplyHooks, Diff, FakeMap, LpmKey, TableError, Tables},
 };
+use crate::desired::DesiredState;
+
+pub type FakeTables = Tables<
+    FakeMap<Ipv4Key, EndpointInfo>,
+    FakeMap<u32, EndpointInfo>,
+    FakeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
+    FakeMap<LpmKey<PolicyKey>, PolicyEntry>,
+>;
 
 pub struct FakeDatapath {
-    pub endpoints: Reconciler<Ipv4Key, EndpointInfo, FakeMap<Ipv4Key, EndpointInfo>>,
-    pub endpoints_by_if: Reconciler<u32, EndpointInfo, FakeMap<u32, EndpointInfo>>,
-    pub ipcache: Reconciler<LpmKey<Ipv4Key>, IpcacheEntry, FakeMap<LpmKey<Ipv4Key>, IpcacheEntry>>,
-    pub policy: Reconciler<LpmKey<PolicyKey>, PolicyEntry, FakeMap<LpmKey<PolicyKey>, PolicyEntry>>,
-    /// Bumped like the real datapath's policy revision.
-    pub revision: u32,
-    pub event_mask: u32,
-    pub counter_ids: BTreeSet<u32>,
+    pub tables: FakeTables,
+    pub state: FakeState,
     pub attached: BTreeSet<String>,
     /// Interface names whose attach fails (to test rollback).
     pub fail_attach: BTreeSet<String>,
 }
 
+/// What the fake records of the hooks around the tables.
+#[derive(Debug, Default)]
+pub struct FakeState {
+    /// Bumped like the real datapath's policy revision.
+    pub revision: u32,
+    pub event_mask: u32,
+    pub counter_ids: BTreeSet<u32>,
+}
+
+impl ApplyHooks for FakeState {
+    fn sync_counters(&mut self, ids: &BTreeSet<u32>) -> Result<(), TableError> {
+        self.counter_ids = ids.clone();
+        Ok(())
+    }
+
+    fn policy_changed(&mut self) -> Result<(), TableError> {
+        self.revision += 1;
+        Ok(())
+    }
+}
+
 impl FakeDatapath {
     pub fn new(capacity: u32) -> Self {
         Self {
-            endpoints: Reconciler::new(FakeMap::new("endpoints", capacity)).expect("fake map"),
-            endpoints_by_if: Reconciler::new(FakeMap::new("endpoints_by_if", capacity))
-                .expect("fake map"),
-            ipcache: Reconciler::new(FakeMap::new("ipcache", 4096)).expect("fake map"),
-            policy: Reconciler::new(FakeMap::new("policy", 4096)).expect("fake map"),
-            revision: 0,
-            event_mask: 0,
-            counter_ids: BTreeSet::new(),
+            tables: Tables::new(
+                FakeMap::new("endpoints", capacity),
+                FakeMap::new("endpoints_by_if", capacity),
+                FakeMap::new("ipcache", 4096),
+                FakeMap::new("policy", 4096),
+            )
+            .expect("fake maps cannot fail"),
+            state: FakeState::default(),
             attached: BTreeSet::new(),
             fail_attach: BTreeSet::new(),
         }
@@ -62,18 +85,7 @@ impl DatapathOps for FakeDatapath {
     }
 
     fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError> {
-        self.counter_ids = desired.counter_ids.clone();
-        let mut diff = Diff::default();
-        if !desired.keep_policy_state {
-            diff = self.ipcache.apply(&desired.ipcache)? + self.policy.apply(&desired.policy)?;
-        }
-        let diff = diff
-            + self.endpoints.apply(&desired.endpoints)?
-            + self.endpoints_by_if.apply(&desired.endpoints_by_if)?;
-        if !diff.is_empty() {
-            self.revision += 1;
-        }
-        Ok(diff)
+        Ok(self.tables.apply(desired, &mut self.state)?)
     }
 
     fn policy_capacity(&self) -> usize {
@@ -97,7 +109,7 @@ impl DatapathOps for FakeDatapath {
     }
 
     fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
-        self.event_mask = mask;
+        self.state.event_mask = mask;
         Ok(())
     }
 
@@ -106,10 +118,7 @@ impl DatapathOps for FakeDatapath {
     }
 
     fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo> {
-        self.endpoints
-            .current()
-            .get(&Ipv4Key { addr: ip.octets() })
-            .copied()
+        self.tables.endpoint(ip)
     }
 
     fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)> {
@@ -117,10 +126,10 @@ impl DatapathOps for FakeDatapath {
     }
 
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
-        vec![("endpoints", self.endpoints.current().len(), 16)]
+        self.tables.usage()
     }
 
     fn mode(&self) -> AttachMode {
-        AttachMode::Tcx
+        AttachMode::Tc
     }
 }

@@ -37,7 +37,8 @@ use myelin_common::{
 use tracing::{debug, info, warn};
 
 pub use self::counters::Counters;
-use self::table::{Diff, KernelHash, KernelLpm, LpmKey, Reconciler, TableError};
+use self::table::{ApplyHooks, Diff, KernelHash, KernelLpm, TableError, Tables};
+use crate::desired::DesiredState;
 
 /// The datapath object built by build.rs (ebpf/datapath, bpfel-unknown-none, with BTF).
 pub static OBJECT: &[u8] =
@@ -131,19 +132,6 @@ impl AttachMode {
     }
 }
 
-/// What the maps should hold, computed by the agent from its endpoints and the cluster index.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct DesiredState {
-    pub endpoints: BTreeMap<Ipv4Key, EndpointInfo>,
-    pub endpoints_by_if: BTreeMap<u32, EndpointInfo>,
-    /// Endpoint ids that must have a counters entry.
-    pub counter_ids: BTreeSet<u32>,
-    pub ipcache: BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
-    pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
-    /// Leave the ipcache and policy maps as they are (the cluster state is not known yet).
-    pub keep_policy_state: bool,
-}
-
 /// Capacities of the maps whose size depends on the cluster (each has an agent flag).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -192,25 +180,62 @@ pub trait DatapathOps: Send {
     fn mode(&self) -> AttachMode;
 }
 
-pub type EndpointTable = Reconciler<Ipv4Key, EndpointInfo, KernelHash<Ipv4Key, EndpointInfo>>;
-pub type EndpointByIfTable = Reconciler<u32, EndpointInfo, KernelHash<u32, EndpointInfo>>;
-pub type IpcacheTable = Reconciler<LpmKey<Ipv4Key>, IpcacheEntry, KernelLpm<Ipv4Key, IpcacheEntry>>;
-pub type PolicyTable =
-    Reconciler<LpmKey<PolicyKey>, PolicyEntry, KernelLpm<PolicyKey, PolicyEntry>>;
+/// The reconciled maps over the kernel's maps.
+pub type KernelTables = Tables<
+    KernelHash<Ipv4Key, EndpointInfo>,
+    KernelHash<u32, EndpointInfo>,
+    KernelLpm<Ipv4Key, IpcacheEntry>,
+    KernelLpm<PolicyKey, PolicyEntry>,
+>;
 
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     mode: AttachMode,
-    pub endpoints: EndpointTable,
-    pub endpoints_by_if: EndpointByIfTable,
-    pub ipcache: IpcacheTable,
-    pub policy: PolicyTable,
+    pub tables: KernelTables,
     pub counters: Counters,
+    config: ConfigCell,
     conntrack: BpfHashMap<MapData, CtKey, CtEntry>,
-    config: Array<MapData, DatapathConfig>,
-    config_value: DatapathConfig,
     events: Option<RingBuf<MapData>>,
+}
+
+/// The one-entry `config` array and the value last written to it.
+struct ConfigCell {
+    map: Array<MapData, DatapathConfig>,
+    value: DatapathConfig,
+}
+
+impl ConfigCell {
+    fn write(&mut self, value: DatapathConfig) -> Result<(), TableError> {
+        self.map
+            .set(0, value, 0)
+            .map_err(|source| TableError::Map {
+                map: maps::CONFIG,
+                source,
+            })?;
+        self.value = value;
+        Ok(())
+    }
+}
+
+/// What the kernel datapath does around the tables: zeroed counters for new endpoints, and a
+/// new policy revision after every change.
+struct KernelHooks<'a> {
+    counters: &'a mut Counters,
+    config: &'a mut ConfigCell,
+}
+
+impl ApplyHooks for KernelHooks<'_> {
+    fn sync_counters(&mut self, ids: &BTreeSet<u32>) -> Result<(), TableError> {
+        self.counters.sync_endpoints(ids)
+    }
+
+    fn policy_changed(&mut self) -> Result<(), TableError> {
+        self.config.write(DatapathConfig {
+            policy_revision: self.config.value.policy_revision.wrapping_add(1),
+            ..self.config.value
+        })
+    }
 }
 
 impl Datapath {
@@ -252,21 +277,21 @@ impl Datapath {
                 })?;
         }
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DatapathError::Missing(name));
-        let endpoints = Reconciler::new(KernelHash::new(maps::ENDPOINTS, take(maps::ENDPOINTS)?)?)?;
-        let endpoints_by_if = Reconciler::new(KernelHash::new(
-            maps::ENDPOINTS_BY_IF,
-            take(maps::ENDPOINTS_BY_IF)?,
-        )?)?;
-        let ipcache = Reconciler::new(KernelLpm::new(maps::IPCACHE, take(maps::IPCACHE)?)?)?;
-        let policy = Reconciler::new(KernelLpm::new(maps::POLICY, take(maps::POLICY)?)?)?;
+        let tables = Tables::new(
+            KernelHash::new(maps::ENDPOINTS, take(maps::ENDPOINTS)?)?,
+            KernelHash::new(maps::ENDPOINTS_BY_IF, take(maps::ENDPOINTS_BY_IF)?)?,
+            KernelLpm::new(maps::IPCACHE, take(maps::IPCACHE)?)?,
+            KernelLpm::new(maps::POLICY, take(maps::POLICY)?)?,
+        )?;
         let counters = Counters::new(take(maps::COUNTERS)?, take(maps::DROPS)?)?;
         let aya_err = |map: &'static str| move |source| TableError::Map { map, source };
         let conntrack =
             BpfHashMap::try_from(take(maps::CONNTRACK)?).map_err(aya_err(maps::CONNTRACK))?;
-        let config = Array::try_from(take(maps::CONFIG)?).map_err(aya_err(maps::CONFIG))?;
+        let map = Array::try_from(take(maps::CONFIG)?).map_err(aya_err(maps::CONFIG))?;
         // Keep the revision an earlier agent left: resetting it could make stale conntrack
         // entries look current.
-        let config_value = config.get(&0, 0).map_err(aya_err(maps::CONFIG))?;
+        let value = map.get(&0, 0).map_err(aya_err(maps::CONFIG))?;
+        let config = ConfigCell { map, value };
         let events = Some(RingBuf::try_from(take(maps::EVENTS)?).map_err(aya_err(maps::EVENTS))?);
         if mode == AttachMode::Tcx
             && KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
@@ -278,14 +303,10 @@ impl Datapath {
             ebpf,
             pin_dir,
             mode,
-            endpoints,
-            endpoints_by_if,
-            ipcache,
-            policy,
+            tables,
             counters,
-            conntrack,
             config,
-            config_value,
+            conntrack,
             events,
         })
     }
@@ -293,17 +314,6 @@ impl Datapath {
     /// Hands the events ring buffer to its reader (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
-    }
-
-    fn write_config(&mut self, value: DatapathConfig) -> Result<(), DatapathError> {
-        self.config
-            .set(0, value, 0)
-            .map_err(|source| TableError::Map {
-                map: maps::CONFIG,
-                source,
-            })?;
-        self.config_value = value;
-        Ok(())
     }
 
     /// Runs one packet through a program without sending it anywhere (`BPF_PROG_TEST_RUN`),
@@ -481,28 +491,16 @@ impl DatapathOps for Datapath {
     }
 
     fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError> {
-        // Counters, addresses and policy entries first, endpoints last: a program that finds
-        // an endpoint (and its isolation flags) must find what they refer to.
-        self.counters.sync_endpoints(&desired.counter_ids)?;
-        let mut diff = Diff::default();
-        if !desired.keep_policy_state {
-            diff = self.ipcache.apply(&desired.ipcache)? + self.policy.apply(&desired.policy)?;
-        }
-        let diff = diff
-            + self.endpoints.apply(&desired.endpoints)?
-            + self.endpoints_by_if.apply(&desired.endpoints_by_if)?;
-        if !diff.is_empty() {
-            self.write_config(DatapathConfig {
-                policy_revision: self.config_value.policy_revision.wrapping_add(1),
-                ..self.config_value
-            })?;
-        }
-        Ok(diff)
+        let mut hooks = KernelHooks {
+            counters: &mut self.counters,
+            config: &mut self.config,
+        };
+        Ok(self.tables.apply(desired, &mut hooks)?)
     }
 
     fn policy_capacity(&self) -> usize {
         use self::table::MapBackend as _;
-        self.policy.map().capacity() as usize
+        self.tables.policy.map().capacity() as usize
     }
 
     fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
@@ -517,10 +515,10 @@ impl DatapathOps for Datapath {
     }
 
     fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
-        self.write_config(DatapathConfig {
+        Ok(self.config.write(DatapathConfig {
             events: mask,
-            ..self.config_value
-        })
+            ..self.config.value
+        })?)
     }
 
     fn gc_conntrack(&mut self) -> Result<usize, DatapathError> {
@@ -543,10 +541,7 @@ impl DatapathOps for Datapath {
     }
 
     fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo> {
-        self.endpoints
-            .current()
-            .get(&Ipv4Key { addr: ip.octets() })
-            .copied()
+        self.tables.endpoint(ip)
     }
 
     fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)> {
@@ -558,29 +553,7 @@ impl DatapathOps for Datapath {
     }
 
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
-        use self::table::MapBackend as _;
-        vec![
-            (
-                maps::IPCACHE,
-                self.ipcache.current().len(),
-                self.ipcache.map().capacity(),
-            ),
-            (
-                maps::POLICY,
-                self.policy.current().len(),
-                self.policy.map().capacity(),
-            ),
-            (
-                maps::ENDPOINTS,
-                self.endpoints.current().len(),
-                self.endpoints.map().capacity(),
-            ),
-            (
-                maps::ENDPOINTS_BY_IF,
-                self.endpoints_by_if.current().len(),
-                self.endpoints_by_if.map().capacity(),
-            ),
-        ]
+        self.tables.usage()
     }
 
     fn mode(&self) -> AttachMode {

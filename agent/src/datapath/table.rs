@@ -4,7 +4,11 @@
 //! [`MapBackend`] has two implementations: the kernel map (aya) and [`FakeMap`], an in-memory
 //! twin that counts writes, so the reconciler's diffing is unit-tested without a kernel.
 
-use std::{collections::BTreeMap, fmt::Debug};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    net::Ipv4Addr,
+};
 
 use aya::{
     Pod,
@@ -13,6 +17,10 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
 };
+use myelin_common::{EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey};
+
+use crate::desired::DesiredState;
+pub use crate::desired::LpmKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -115,14 +123,6 @@ impl<K: Pod, V: Pod> MapBackend<K, V> for KernelHash<K, V> {
             }),
         }
     }
-}
-
-/// A key of an LPM trie: the prefix length in bits, then the data it applies to. Ordered (unlike
-/// aya's packed `Key`), so that desired contents can live in a `BTreeMap`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct LpmKey<K> {
-    pub prefix_len: u32,
-    pub data: K,
 }
 
 /// A kernel LPM trie.
@@ -352,6 +352,104 @@ where
             Some(e) => Err(e),
             None => Ok(diff),
         }
+    }
+}
+
+/// What a datapath does around the reconciled maps when it applies a desired state.
+pub trait ApplyHooks {
+    /// Before any map is written: endpoint ids that must have a (zeroed) counters slot.
+    fn sync_counters(&mut self, ids: &BTreeSet<u32>) -> Result<(), TableError>;
+    /// After the maps changed: tracked connections must be checked against policy again.
+    fn policy_changed(&mut self) -> Result<(), TableError>;
+}
+
+/// The maps the agent reconciles, over the kernel's maps or in-memory fakes: both datapaths
+/// apply a desired state through [`Tables::apply`], so the order the programs rely on is
+/// written once and unit-tested.
+pub struct Tables<E, B, I, P> {
+    pub endpoints: Reconciler<Ipv4Key, EndpointInfo, E>,
+    pub endpoints_by_if: Reconciler<u32, EndpointInfo, B>,
+    pub ipcache: Reconciler<LpmKey<Ipv4Key>, IpcacheEntry, I>,
+    pub policy: Reconciler<LpmKey<PolicyKey>, PolicyEntry, P>,
+}
+
+impl<E, B, I, P> Tables<E, B, I, P>
+where
+    E: MapBackend<Ipv4Key, EndpointInfo>,
+    B: MapBackend<u32, EndpointInfo>,
+    I: MapBackend<LpmKey<Ipv4Key>, IpcacheEntry>,
+    P: MapBackend<LpmKey<PolicyKey>, PolicyEntry>,
+{
+    /// Reads each map once (see [`Reconciler::new`]).
+    pub fn new(
+        endpoints: E,
+        endpoints_by_if: B,
+        ipcache: I,
+        policy: P,
+    ) -> Result<Self, TableError> {
+        Ok(Self {
+            endpoints: Reconciler::new(endpoints)?,
+            endpoints_by_if: Reconciler::new(endpoints_by_if)?,
+            ipcache: Reconciler::new(ipcache)?,
+            policy: Reconciler::new(policy)?,
+        })
+    }
+
+    /// Makes the maps hold `desired`, writing only the difference. Counters, addresses and
+    /// policy entries go first and endpoints last: a program that finds an endpoint (and its
+    /// isolation flags) must find everything they refer to. When anything changed, the policy
+    /// revision is bumped last, so tracked connections are re-checked against the new state.
+    pub fn apply(
+        &mut self,
+        desired: &DesiredState,
+        hooks: &mut impl ApplyHooks,
+    ) -> Result<Diff, TableError> {
+        hooks.sync_counters(&desired.counter_ids)?;
+        let mut diff = Diff::default();
+        if !desired.keep_policy_state {
+            diff = self.ipcache.apply(&desired.ipcache)? + self.policy.apply(&desired.policy)?;
+        }
+        let diff = diff
+            + self.endpoints.apply(&desired.endpoints)?
+            + self.endpoints_by_if.apply(&desired.endpoints_by_if)?;
+        if !diff.is_empty() {
+            hooks.policy_changed()?;
+        }
+        Ok(diff)
+    }
+
+    /// The endpoint entry the maps hold for an address.
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Option<EndpointInfo> {
+        self.endpoints
+            .current()
+            .get(&Ipv4Key { addr: ip.octets() })
+            .copied()
+    }
+
+    /// Fill of each map: (name, entries, capacity).
+    pub fn usage(&self) -> Vec<(&'static str, usize, u32)> {
+        vec![
+            (
+                self.ipcache.map().name(),
+                self.ipcache.current().len(),
+                self.ipcache.map().capacity(),
+            ),
+            (
+                self.policy.map().name(),
+                self.policy.current().len(),
+                self.policy.map().capacity(),
+            ),
+            (
+                self.endpoints.map().name(),
+                self.endpoints.current().len(),
+                self.endpoints.map().capacity(),
+            ),
+            (
+                self.endpoints_by_if.map().name(),
+                self.endpoints_by_if.current().len(),
+                self.endpoints_by_if.map().capacity(),
+            ),
+        ]
     }
 }
 

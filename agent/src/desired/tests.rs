@@ -8,12 +8,12 @@ use k8s_openapi::api::core::v1::{Container, ContainerPort as K8sPort, Pod};
 use myelin_api::{AttachmentId, Mac, PodRef};
 
 use super::*;
-use crate::{
-    endpoint::EndpointRecord,
-    index::{
-        Change, NamespaceInfo, Object, PodInfo, PolicyInfo, builders, policy::builders::policy,
-    },
+use myelin_cluster::{
+    Change, NamespaceInfo, Object, PodInfo, PolicyInfo,
+    builders::{self, policy},
 };
+
+use crate::endpoint::EndpointRecord;
 
 /// A single-node cluster where every pod is a local endpoint.
 struct Cluster {
@@ -27,7 +27,7 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 impl Cluster {
     fn new() -> Self {
         let mut index = ClusterIndex::default();
-        let (node, _) = crate::index::NodeInfo::from_k8s(&builders::node(
+        let (node, _) = myelin_cluster::NodeInfo::from_k8s(&builders::node(
             "node-1",
             Some("10.0.0.0/24"),
             "192.168.1.10",

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::SourceEvent;
-use crate::index::{
+use myelin_cluster::{
     Change, Kind, NamespaceInfo, NodeInfo, Object, ObjectError, PodInfo, PolicyInfo, Warnings,
 };
 
@@ -298,7 +298,7 @@ mod tests {
     use k8s_openapi::api::core::v1::Pod;
 
     use super::*;
-    use crate::index::builders;
+    use myelin_cluster::builders;
 
     fn pod_converter() -> Converter<Pod> {
         |pod| PodInfo::from_k8s(pod).map(|(p, w)| (Object::Pod(p), w))

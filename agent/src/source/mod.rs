@@ -6,7 +6,7 @@ pub mod kubernetes;
 
 use std::{path::PathBuf, str::FromStr};
 
-use crate::index::Change;
+use myelin_cluster::Change;
 
 /// What a source reports to the agent.
 #[derive(Debug)]

@@ -12,7 +12,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::Labels;
+use crate::objects::Labels;
 
 /// The reserved identities are defined once, with the datapath.
 pub use myelin_common::identity::{ANY, FIRST_POD as FIRST_POD_IDENTITY, HOST, REMOTE_NODE, WORLD};
@@ -48,7 +48,7 @@ impl IdentityLabels {
 }
 
 /// FNV-1a, 64 bit: stable across agent versions and architectures, unlike std's hasher.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
     })

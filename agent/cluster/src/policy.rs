@@ -13,7 +13,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
-use super::Labels;
+use crate::objects::Labels;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("NetworkPolicy {namespace}/{name} rejected: {reason}")]
@@ -408,18 +408,9 @@ impl PortSpec {
 }
 
 #[cfg(test)]
-pub(crate) mod builders {
-    //! NetworkPolicy objects for tests, built from YAML exactly as users write them.
-    use k8s_openapi::api::networking::v1::NetworkPolicy;
-
-    pub fn policy(yaml: &str) -> NetworkPolicy {
-        serde_yaml::from_str(yaml).expect("test policy YAML")
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::{builders::policy, *};
+    use super::*;
+    use crate::builders::policy;
 
     fn parse(yaml: &str) -> Result<PolicyInfo, PolicyError> {
         PolicyInfo::from_k8s(&policy(yaml))
