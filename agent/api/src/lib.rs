@@ -17,7 +17,8 @@
 //! | `GET` | `/v1/conntrack` | | `[`[`TrackedFlow`]`]` |
 //! | `GET` | `/v1/events` | | newline-delimited [`FlowEvent`]s, streamed until closed |
 //!
-//! Every error is an [`ApiError`] body with a matching HTTP status. DELs that find the agent
+//! Every request may carry its client's deadline ([`DEADLINE_HEADER`]). Every error is an
+//! [`ApiError`] body with a matching HTTP status. DELs that find the agent
 //! down are queued in files instead ([`pending`]).
 
 mod client;
@@ -33,6 +34,13 @@ pub use mac::{Mac, ParseMacError};
 
 /// Where the agent listens unless told otherwise (`--socket`, conflist `agentSocket`).
 pub const DEFAULT_SOCKET: &str = "/run/myelin/agent.sock";
+
+/// Request header carrying the client's deadline, in milliseconds since the Unix epoch: the
+/// agent never carries out a request whose deadline has passed (the client has given up on it;
+/// a request can sit in the socket's queue while the agent is stopped). Wall-clock time, not a
+/// relative timeout, because only an absolute time survives waiting in that queue; client and
+/// agent share the node's clock.
+pub const DEADLINE_HEADER: &str = "myelin-deadline";
 
 /// One CNI attachment: the runtime's key for everything ADD creates.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -58,6 +66,34 @@ impl AttachmentId {
             client::percent_encode(&self.ifname)
         )
     }
+}
+
+/// Prefix of every host-side veth Myelin creates.
+pub const HOST_IFNAME_PREFIX: &str = "lxc";
+
+impl AttachmentId {
+    /// The host-side name of the attachment's veth: `lxc` + the first 12 hex digits of
+    /// sha256("`<containerid>/<ifname>`"), 15 bytes, the most Linux allows. Derived, not
+    /// stored, so that DEL and GC find it from the attachment alone.
+    pub fn host_ifname(&self) -> String {
+        use sha2::{Digest as _, Sha256};
+        use std::fmt::Write as _;
+        let digest = Sha256::digest(format!("{}/{}", self.container_id, self.ifname));
+        let mut name = String::from(HOST_IFNAME_PREFIX);
+        for byte in &digest[..6] {
+            // Writing into a String cannot fail.
+            let _ = write!(name, "{byte:02x}");
+        }
+        name
+    }
+}
+
+/// Whether `name` has the shape of [`AttachmentId::host_ifname`]: `lxc` and 12 lower-case hex
+/// digits.
+pub fn is_host_ifname(name: &str) -> bool {
+    name.strip_prefix(HOST_IFNAME_PREFIX).is_some_and(|hex| {
+        hex.len() == 12 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
 }
 
 impl std::fmt::Display for AttachmentId {
@@ -303,6 +339,12 @@ pub enum ErrorKind {
     PoolExhausted,
     NotReady,
     Internal,
+    /// The request's deadline passed before the agent got to it: nothing was done.
+    DeadlineExceeded,
+    /// The body is larger than the agent accepts.
+    PayloadTooLarge,
+    /// The body did not arrive in time.
+    RequestTimeout,
 }
 
 impl ErrorKind {
@@ -316,6 +358,9 @@ impl ErrorKind {
             Self::PoolExhausted => 507,
             Self::NotReady => 503,
             Self::Internal => 500,
+            Self::DeadlineExceeded => 504,
+            Self::PayloadTooLarge => 413,
+            Self::RequestTimeout => 408,
         }
     }
 }
@@ -341,6 +386,33 @@ impl ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_ifname_is_lxc_and_12_hex_digits_of_sha256() {
+        // `printf abc/eth0 | sha256sum` = 538f587a2365 5f38bbcd...
+        let name = AttachmentId::new("abc", "eth0").host_ifname();
+        assert_eq!(name, "lxc538f587a2365");
+        assert!(is_host_ifname(&name));
+        for other in [
+            "lxc538f587a236",
+            "lxc538f587a2365a",
+            "lxc538F587A2365",
+            "eth0",
+            "myelin_host",
+        ] {
+            assert!(!is_host_ifname(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn host_ifname_differs_per_container_and_interface() {
+        let a = AttachmentId::new("c1", "eth0").host_ifname();
+        let b = AttachmentId::new("c2", "eth0").host_ifname();
+        let c = AttachmentId::new("c1", "eth1").host_ifname();
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a, AttachmentId::new("c1", "eth0").host_ifname());
+    }
 
     #[test]
     fn attachment_query_escapes_reserved_characters() {
@@ -381,6 +453,9 @@ mod tests {
             ErrorKind::PoolExhausted,
             ErrorKind::NotReady,
             ErrorKind::Internal,
+            ErrorKind::DeadlineExceeded,
+            ErrorKind::PayloadTooLarge,
+            ErrorKind::RequestTimeout,
         ];
         let mut statuses: Vec<u16> = kinds.iter().map(|k| k.http_status()).collect();
         statuses.sort_unstable();
