@@ -1,7 +1,7 @@
 //! `myelin-agent`'s flags. Every flag can also be set from the environment as
 //! `MYELIN_<FLAG>` (e.g. `MYELIN_NODE_NAME`), which is how the DaemonSet configures it.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use ipnet::Ipv4Net;
@@ -72,6 +72,13 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_ATTACH_MODE", value_enum, default_value = "tc")]
     pub attach_mode: AttachMode,
 
+    /// Grace period after which the agent releases what nothing claims, and how often it looks:
+    /// an address allocated without an endpoint (a plugin killed or timed out between its two
+    /// calls), an endpoint whose veth vanished without a CNI DEL, a Myelin veth no endpoint
+    /// claims. Must exceed the time one ADD takes. `ms`, `s`, `m` or `h`.
+    #[arg(long, env = "MYELIN_ENDPOINT_GC_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub endpoint_gc_interval: Duration,
+
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -92,6 +99,26 @@ impl std::str::FromStr for MetricsAddr {
             .map(|a| Self(Some(a)))
             .map_err(|e| format!("{s:?} is not an address:port ({e}); use `off` to disable"))
     }
+}
+
+/// `500ms`, `30s`, `1m`, `2h`: a whole number and a unit.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use a number and ms, s, m or h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be longer than zero"));
+    }
+    Ok(d)
 }
 
 impl AgentConfig {
@@ -128,6 +155,17 @@ mod tests {
         assert_eq!(c.metrics_addr.0, Some("0.0.0.0:9962".parse().unwrap()));
         assert_eq!(c.attach_mode, AttachMode::Tc);
         assert_eq!(c.kubeconfig, None);
+        assert_eq!(c.endpoint_gc_interval, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn durations_need_a_unit_and_must_not_be_zero() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "60", "1.5s", "-1s", "0s", "1d", "s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, process::Command}
 
 use myelin_agent::{
     bpffs,
-    datapath::{AttachMode, Datapath, DatapathOps, Limits, Program},
+    datapath::{AttachMode, Datapath, DatapathOps, Limits, Program, conntrack::ConntrackTable},
     desired::{DesiredState, LpmKey, port_blocks},
 };
 use myelin_common::{
@@ -536,11 +536,14 @@ fn a_cut_flow_stays_cut_in_both_directions_until_policy_allows_it_again() {
         assert_eq!(f.send(b, &tcp(b, a, 7100, 40000, ACK)).0, TC_ACT_SHOT);
         assert_eq!(f.send(a, &tcp(a, b, 40000, 7100, ACK)).0, TC_ACT_SHOT);
         assert_eq!(f.send(b, &tcp(b, a, 7100, 40000, ACK)).0, TC_ACT_SHOT);
-        let flows = f.dp.conntrack().unwrap();
+        let flows = ConntrackTable::open(&ConntrackTable::pin_path(f.dp.pin_dir()))
+            .unwrap()
+            .flows(usize::MAX)
+            .unwrap();
         assert_eq!(flows.len(), 1, "no flow opened the other way: {flows:?}");
         assert_eq!(
-            flows[0].0.saddr,
-            a.ip.octets(),
+            flows[0].src,
+            format!("{}:40000", a.ip),
             "the entry is still the client's"
         );
         // Allowed again: the same connection goes on.

@@ -7,6 +7,7 @@
 //! them into the existing attachments atomically (`bpf_link_update`, or a netlink replace), so
 //! pods keep their datapath while the agent is down or upgrading.
 
+pub mod conntrack;
 pub mod counters;
 #[cfg(test)]
 pub mod fake;
@@ -20,7 +21,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
+    maps::{Array, MapData, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -30,9 +31,7 @@ use aya::{
 };
 use myelin_common::{
     EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
-    config::DatapathConfig,
-    conntrack::{CtEntry, CtKey},
-    maps,
+    config::DatapathConfig, maps,
 };
 use tracing::{debug, info, warn};
 
@@ -164,15 +163,13 @@ pub trait DatapathOps: Send {
     fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError>;
     /// Capacity of the policy map (the computation marks endpoints that do not fit).
     fn policy_capacity(&self) -> usize;
-    /// Removes expired conntrack entries; returns how many.
-    fn gc_conntrack(&mut self) -> Result<usize, DatapathError>;
-    /// Every tracked flow.
-    fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError>;
     /// Which events the datapath emits (`myelin_common::config::EVENTS_*`).
     fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError>;
     fn endpoint_counters(&self, id: u32) -> EndpointCounters;
     /// The endpoint entry the maps hold for an address.
     fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo>;
+    /// Every endpoint the maps hold (what an earlier agent left, right after loading).
+    fn endpoints_in_maps(&self) -> Vec<EndpointInfo>;
     /// Drops per reason: (reason, packets, bytes).
     fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)>;
     /// Fill of each map the agent writes: (name, entries, capacity).
@@ -195,7 +192,6 @@ pub struct Datapath {
     pub tables: KernelTables,
     pub counters: Counters,
     config: ConfigCell,
-    conntrack: BpfHashMap<MapData, CtKey, CtEntry>,
     events: Option<RingBuf<MapData>>,
 }
 
@@ -285,8 +281,6 @@ impl Datapath {
         )?;
         let counters = Counters::new(take(maps::COUNTERS)?, take(maps::DROPS)?)?;
         let aya_err = |map: &'static str| move |source| TableError::Map { map, source };
-        let conntrack =
-            BpfHashMap::try_from(take(maps::CONNTRACK)?).map_err(aya_err(maps::CONNTRACK))?;
         let map = Array::try_from(take(maps::CONFIG)?).map_err(aya_err(maps::CONFIG))?;
         // Keep the revision an earlier agent left: resetting it could make stale conntrack
         // entries look current.
@@ -306,7 +300,6 @@ impl Datapath {
             tables,
             counters,
             config,
-            conntrack,
             events,
         })
     }
@@ -503,37 +496,11 @@ impl DatapathOps for Datapath {
         self.tables.policy.map().capacity() as usize
     }
 
-    fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
-        Ok(self
-            .conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|source| TableError::Map {
-                map: maps::CONNTRACK,
-                source,
-            })?)
-    }
-
     fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
         Ok(self.config.write(DatapathConfig {
             events: mask,
             ..self.config.value
         })?)
-    }
-
-    fn gc_conntrack(&mut self) -> Result<usize, DatapathError> {
-        let now = monotonic_ns();
-        let expired: Vec<CtKey> = self
-            .conntrack()?
-            .into_iter()
-            .filter(|(_, e)| e.expires_ns < now)
-            .map(|(k, _)| k)
-            .collect();
-        for k in &expired {
-            // Gone already (LRU eviction, or the datapath removed it) is fine.
-            let _ = self.conntrack.remove(k);
-        }
-        Ok(expired.len())
     }
 
     fn endpoint_counters(&self, id: u32) -> EndpointCounters {
@@ -542,6 +509,15 @@ impl DatapathOps for Datapath {
 
     fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo> {
         self.tables.endpoint(ip)
+    }
+
+    fn endpoints_in_maps(&self) -> Vec<EndpointInfo> {
+        self.tables
+            .endpoints_by_if
+            .current()
+            .values()
+            .copied()
+            .collect()
     }
 
     fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)> {
