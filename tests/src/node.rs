@@ -356,6 +356,18 @@ impl Node {
         Ok(())
     }
 
+    /// Kills the agent with SIGKILL, as an OOM kill or a node's crash would, and reaps it.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        let Some(mut agent) = self.agent.take() else {
+            return Ok(());
+        };
+        let _ = agent.kill();
+        agent
+            .wait()
+            .map_err(Error::io("reaping the killed agent"))?;
+        Ok(())
+    }
+
     fn agent_error(&self, reason: String) -> Error {
         Error::Agent {
             node: self.name.clone(),

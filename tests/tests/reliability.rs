@@ -273,3 +273,177 @@ fn a_container_removed_without_a_del_is_released_after_the_grace_period() -> Res
     }
     Ok(())
 }
+
+/// A small deterministic generator (xorshift64*), seeded per run and printed, so that a failing
+/// chaos run can be replayed with `MYELIN_CHAOS_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Self {
+        let seed = std::env::var("MYELIN_CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            })
+            | 1;
+        eprintln!("chaos seed: MYELIN_CHAOS_SEED={seed}");
+        Self(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// `ping -i 0.01` from `from` to `to` until stopped; the counts ping prints at the end.
+struct Flow(std::process::Child);
+
+impl Flow {
+    fn start(from: &dyn Host, to: &dyn Host) -> Result<Self> {
+        let mut cmd = from.netns().command("ping")?;
+        cmd.args(["-n", "-q", "-i", "0.01", &to.ip().to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        Ok(Self(cmd.spawn().expect("spawning ping")))
+    }
+
+    /// (transmitted, received).
+    fn stop(self) -> (u64, u64) {
+        let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGINT);
+        let out = self
+            .0
+            .wait_with_output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let summary = out
+            .lines()
+            .find(|l| l.contains("transmitted"))
+            .unwrap_or_default();
+        let count = |word: &str| -> u64 {
+            summary
+                .split(',')
+                .find(|part| part.contains(word))
+                .and_then(|part| part.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (count("transmitted"), count("received"))
+    }
+}
+
+/// Chaos: rounds of parallel ADDs and DELs through the real plugin while the agent is killed
+/// with SIGKILL at a random moment and restarted, with a flow running between two pods
+/// throughout. After every round: no address is held twice, every ADD that succeeded has its
+/// endpoint, and once the runtime's DELs are done (a failed ADD is followed by a DEL, as CRI
+/// does) nothing is left of them. The flow loses nothing.
+#[test]
+fn chaos_parallel_adds_and_dels_with_the_agent_killed_at_random_points() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    const ROUNDS: usize = 10;
+    const WORKERS: usize = 4;
+    const PODS_PER_WORKER: usize = 4;
+    let mut rng = Rng::seeded();
+    let mut node = Node::start(&run, NodeSpec::new("node"))?;
+    let a = node.add_pod("default", "flow-a")?;
+    let b = node.add_pod("default", "flow-b")?;
+    let baseline = node.footprint()?;
+    let flow = Flow::start(&a, &b)?;
+
+    for round in 0..ROUNDS {
+        let kill_after = Duration::from_millis(rng.below(300));
+        let agent = Pid::from_raw(node.agent_pid().expect("the agent runs") as i32);
+        let node_ref = &node;
+        let added = thread::scope(|scope| {
+            let workers: Vec<_> = (0..WORKERS)
+                .map(|w| {
+                    scope.spawn(move || {
+                        let mut added = Vec::new();
+                        for p in 0..PODS_PER_WORKER {
+                            let name = format!("r{round}-w{w}-p{p}");
+                            let Ok(sandbox) = node_ref.sandbox("chaos", &name) else {
+                                continue;
+                            };
+                            let out = node_ref.cni(&node_ref.cni_call("ADD", &sandbox));
+                            match out {
+                                // Every other pod goes again at once: DELs run alongside ADDs.
+                                Ok(out) if out.success() && p % 2 == 1 => {
+                                    let del = node_ref.cni(&node_ref.cni_call("DEL", &sandbox));
+                                    if !del.is_ok_and(|d| d.success()) {
+                                        added.push((sandbox, None));
+                                    }
+                                }
+                                Ok(out) if out.success() => {
+                                    let ip =
+                                        out.json().ok().and_then(|r| myelin_tests::result_ip(&r));
+                                    added.push((sandbox, ip));
+                                }
+                                // The runtime cleans a failed ADD up with a DEL.
+                                _ => {
+                                    let _ = node_ref.cni(&node_ref.cni_call("DEL", &sandbox));
+                                }
+                            }
+                        }
+                        added
+                    })
+                })
+                .collect();
+            // The kill lands somewhere among the workers' calls.
+            thread::sleep(kill_after);
+            let _ = kill(agent, Signal::SIGKILL);
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("worker panicked"))
+                .collect::<Vec<_>>()
+        });
+        node.kill_agent()?;
+        eprintln!(
+            "round {round}: killed after {kill_after:?}; {} pods left for the final DELs",
+            added.len()
+        );
+        node.start_agent()?;
+
+        let footprint = node.footprint()?;
+        let ips: Vec<_> = footprint.endpoints.values().collect();
+        let unique: std::collections::BTreeSet<_> = ips.iter().collect();
+        assert_eq!(
+            unique.len(),
+            ips.len(),
+            "round {round}: an address twice: {footprint:?}"
+        );
+        for (sandbox, ip) in added.iter().filter(|(_, ip)| ip.is_some()) {
+            let attachment = AttachmentId::new(sandbox.container_id(), sandbox.ifname());
+            assert_eq!(
+                footprint.endpoints.get(&attachment),
+                ip.as_ref(),
+                "round {round}: a successful ADD lost its endpoint"
+            );
+        }
+        for (sandbox, _) in added {
+            let out = node.cni(&node.cni_call("DEL", &sandbox))?;
+            assert!(out.success(), "round {round}: DEL failed: {out}");
+        }
+        assert_eq!(
+            node.footprint()?,
+            baseline,
+            "round {round}: something was left after the DELs\n{}",
+            node.agent_log()
+        );
+    }
+    let (sent, received) = flow.stop();
+    assert!(sent > 100, "the flow ran: {sent} sent");
+    assert!(
+        sent - received <= 1,
+        "the flow lost {} of {sent}",
+        sent - received
+    );
+    node.delete_pod(a)?;
+    node.delete_pod(b)?;
+    Ok(())
+}
