@@ -79,6 +79,11 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_ENDPOINT_GC_INTERVAL", default_value = "1m", value_parser = parse_duration)]
     pub endpoint_gc_interval: Duration,
 
+    /// How often expired conntrack entries are removed (the LRU map also evicts the least
+    /// recently used when full). The walk runs on a thread of its own and paces itself.
+    #[arg(long, env = "MYELIN_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub conntrack_gc_interval: Duration,
+
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

@@ -48,9 +48,6 @@ use crate::{
     },
 };
 
-/// How often expired conntrack entries are removed (the LRU map also evicts when full).
-const CONNTRACK_GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// How often the queue of DELs that found the agent down is looked at again: a DEL that raced
 /// the agent's start is queued after the startup pass.
 const PENDING_DELETES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -346,7 +343,7 @@ async fn serve(
     )
     .context("starting the agent's owner thread")?;
     let conntrack_pin = ConntrackTable::pin_path(&started.pin_dir);
-    conntrack::spawn_collector(conntrack_pin.clone(), CONNTRACK_GC_INTERVAL)
+    conntrack::spawn_collector(conntrack_pin.clone(), config.conntrack_gc_interval)
         .context("starting the conntrack collector")?;
 
     let listener = api::bind(&config.socket)?;

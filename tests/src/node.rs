@@ -246,6 +246,15 @@ impl Node {
         process::run(self.dir_agent_command()?, &[], timeout)
     }
 
+    /// The flags [`NodeSpec::agent_args`] added; they apply from the next agent start.
+    pub fn agent_args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.agent_args
+    }
+
+    pub(crate) fn agent_args(&self) -> &[String] {
+        &self.agent_args
+    }
+
     /// The running agent's pid.
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Child::id)
