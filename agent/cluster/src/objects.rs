@@ -11,7 +11,7 @@ use std::{
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 
-use crate::policy::{PolicyError, PolicyInfo, Protocol};
+use crate::policy::{PolicyInfo, PolicyRejection, Protocol};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -26,7 +26,7 @@ pub enum ObjectError {
     #[error("{kind} {name} has no metadata.namespace")]
     NoNamespace { kind: &'static str, name: String },
     #[error(transparent)]
-    InvalidPolicy(#[from] PolicyError),
+    InvalidPolicy(#[from] PolicyRejection),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -137,11 +137,7 @@ fn watches(client: &Client) -> Vec<KindWatch> {
         watch(
             Kind::NetworkPolicy,
             Api::<NetworkPolicy>::all(client.clone()),
-            |np| {
-                PolicyInfo::from_k8s(np)
-                    .map(|p| (Object::NetworkPolicy(p), Warnings::new()))
-                    .map_err(ObjectError::from)
-            },
+            |np| PolicyInfo::from_k8s(np).map(|p| (Object::NetworkPolicy(p), Warnings::new())),
         ),
     ]
 }
