@@ -751,9 +751,11 @@ egress:
             expect: |p| p.from.is_node(),
         },
         Case {
-            name: "invalid policies are rejected and the others stay enforced",
+            name: "invalid policies are rejected, isolate what they select, and the others stay enforced",
             policies: |_| {
-                // Each invalid policy would isolate every pod of `b` if it were enforced.
+                // Each invalid policy selects b/db and has no good version: it isolates b/db,
+                // with no rules (were it ignored, b/db would take everything).
+                let db = "podSelector: {matchLabels: {app: db}}";
                 documents(&[
                     policy(
                         "a",
@@ -766,27 +768,27 @@ ingress:
                     policy(
                         "b",
                         "c28-bad-cidr",
-                        "podSelector: {}\ningress:\n- from: [{ipBlock: {cidr: 10.0.0.0/33}}]",
+                        &format!("{db}\ningress:\n- from: [{{ipBlock: {{cidr: 10.0.0.0/33}}}}]"),
                     ),
                     policy(
                         "b",
                         "c28-port-zero",
-                        "podSelector: {}\ningress:\n- ports: [{port: 0}]",
+                        &format!("{db}\ningress:\n- ports: [{{port: 0}}]"),
                     ),
                     policy(
                         "b",
                         "c28-port-too-big",
-                        "podSelector: {}\ningress:\n- ports: [{port: 70000}]",
+                        &format!("{db}\ningress:\n- ports: [{{port: 70000}}]"),
                     ),
                     policy(
                         "b",
                         "c28-end-port-below-port",
-                        "podSelector: {}\ningress:\n- ports: [{port: 4242, endPort: 4241}]",
+                        &format!("{db}\ningress:\n- ports: [{{port: 4242, endPort: 4241}}]"),
                     ),
                     policy(
                         "b",
                         "c28-icmp",
-                        "podSelector: {}\ningress:\n- ports: [{protocol: ICMP, port: 8}]",
+                        &format!("{db}\ningress:\n- ports: [{{protocol: ICMP, port: 8}}]"),
                     ),
                     policy(
                         "b",
@@ -809,6 +811,7 @@ ingress:
             expect: |p| {
                 (!p.to.is("a", "db") || p.from.is_node() || p.from.is("a", "api"))
                     && (!p.to.is("b", "api") || p.from.is_node() || p.from.is("b", "web"))
+                    && (!p.to.is("b", "db") || p.from.is_node())
             },
         },
         Case {
