@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub identities: usize,
     pub free_addresses: u64,
     pub pods_indexed: usize,
+    /// NetworkPolicies whose latest version is rejected (each fails closed).
+    pub policies_rejected: usize,
     /// (reason, packets, bytes)
     pub drops: Vec<(&'static str, u64, u64)>,
     /// (map, entries, capacity)
@@ -104,6 +106,12 @@ impl Collector for SnapshotCollector {
                 "myelin_index_pods",
                 "Pods in the cluster index",
                 s.pods_indexed as i64,
+            ),
+            (
+                "myelin_policies_rejected",
+                "NetworkPolicies whose latest version is rejected: each keeps its last good \
+                 version in force, or isolates the pods it selects",
+                s.policies_rejected as i64,
             ),
         ] {
             let gauge = ConstGauge::new(value);
@@ -238,5 +246,27 @@ async fn scrape(State(e): State<Arc<Exporter>>) -> impl IntoResponse {
                 String::new(),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejected_policies_are_a_gauge() {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(SnapshotCollector(Arc::new(Mutex::new(
+            Snapshot {
+                policies_rejected: 2,
+                ..Snapshot::default()
+            },
+        )))));
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &registry).unwrap();
+        assert!(
+            body.lines().any(|l| l == "myelin_policies_rejected 2"),
+            "{body}"
+        );
     }
 }

@@ -206,6 +206,13 @@ impl Node {
         Client::new(self.socket()).with_timeout(Duration::from_secs(10))
     }
 
+    /// `myelinctl <args>` against this node's agent, as an operator runs it: its stdout.
+    pub fn myelinctl(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = std::process::Command::new(self.binaries.ctl()?);
+        cmd.arg("--socket").arg(self.socket()).args(args);
+        Ok(process::run_ok(cmd, Duration::from_secs(10))?.stdout_text())
+    }
+
     pub fn status(&self) -> Result<Status> {
         self.client()
             .status()

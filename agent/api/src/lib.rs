@@ -251,6 +251,42 @@ pub struct PolicySummary {
     pub egress: bool,
     /// Local endpoints it selects.
     pub selects: Vec<PodRef>,
+    /// Set while the object's latest version is rejected; `ingress`, `egress` and `selects`
+    /// then describe what is in force instead. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<PolicyRejected>,
+}
+
+/// Why a policy's latest version was rejected, and what is in force instead.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRejected {
+    /// The offending field and what is wrong with it.
+    pub reason: String,
+    pub in_force: PolicyFallback,
+}
+
+/// What a policy whose latest version was rejected enforces: never less than before.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyFallback {
+    /// The last good version the agent saw (since it started).
+    LastGood,
+    /// No good version known: the pods it selects are isolated, with no rules.
+    Deny,
+    /// As `Deny`, but its podSelector is unusable: every pod of its namespace is isolated.
+    DenyNamespace,
+}
+
+/// As `myelinctl policies` prints it after the reason.
+impl std::fmt::Display for PolicyFallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::LastGood => "last good version in force",
+            Self::Deny => "selected pods isolated (deny)",
+            Self::DenyNamespace => "every pod of the namespace isolated (deny)",
+        })
+    }
 }
 
 /// `GET /v1/policies`: the policies in force on this node. Everything listed is in the maps.
@@ -441,6 +477,27 @@ mod tests {
         assert_eq!(json["pod"]["namespace"], "default");
         let back: EndpointRequest = serde_json::from_value(json).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn a_policy_summary_without_a_rejection_decodes_as_before() {
+        let old = r#"{"namespace":"a","name":"p","ingress":true,"egress":false,"selects":[]}"#;
+        let summary: PolicySummary = serde_json::from_str(old).unwrap();
+        assert_eq!(summary.rejected, None);
+        assert_eq!(serde_json::to_string(&summary).unwrap(), old);
+        let rejected = PolicySummary {
+            rejected: Some(PolicyRejected {
+                reason: "spec.ingress[0].ports[0].port: 70000 is outside 1-65535".into(),
+                in_force: PolicyFallback::LastGood,
+            }),
+            ..summary
+        };
+        let json = serde_json::to_value(&rejected).unwrap();
+        assert_eq!(json["rejected"]["inForce"], "last-good");
+        assert_eq!(
+            serde_json::from_value::<PolicySummary>(json).unwrap(),
+            rejected
+        );
     }
 
     #[test]

@@ -8,10 +8,7 @@ use k8s_openapi::api::{
 };
 use serde::{Deserialize as _, de::DeserializeOwned};
 
-use crate::{
-    objects::{NamespaceInfo, NodeInfo, Object, PodInfo},
-    policy::PolicyInfo,
-};
+use crate::objects::{NamespaceInfo, NodeInfo, Object, PodInfo};
 
 /// Parses a multi-document YAML text. Errors carry the 1-based document number.
 pub fn parse_documents(text: &str) -> Result<(Vec<Object>, Vec<String>), (usize, String)> {
@@ -76,14 +73,10 @@ fn convert(
             warnings.extend(w);
             Object::Pod(pod)
         }
-        // An invalid policy is rejected on its own: the file's other objects still apply.
-        "NetworkPolicy" => match PolicyInfo::from_k8s(&typed::<NetworkPolicy>(value, &kind)?) {
-            Ok(p) => Object::NetworkPolicy(p),
-            Err(e) => {
-                warnings.push(e.to_string());
-                return Ok(None);
-            }
-        },
+        // A policy that cannot be enforced is a rejection, which the index fails closed with
+        // (and logs); the file's other objects still apply.
+        "NetworkPolicy" => Object::from_network_policy(&typed::<NetworkPolicy>(value, &kind)?)
+            .map_err(|e| e.to_string())?,
         _ => return Ok(None),
     };
     Ok(Some(object))
@@ -146,6 +139,27 @@ metadata: {name: ignored}
         let text = "kind: List\nitems:\n- {kind: Namespace, metadata: {name: a}}\n- {kind: Namespace, metadata: {name: b}}\n";
         let (objects, _) = parse_documents(text).unwrap();
         assert_eq!(objects.len(), 2);
+    }
+
+    #[test]
+    fn a_policy_that_cannot_be_enforced_is_a_rejection_not_a_skipped_object() {
+        let text = "kind: Namespace\nmetadata: {name: a}\n---\nkind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{port: 70000}]}]}\n";
+        let (objects, warnings) = parse_documents(text).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(
+            matches!(&objects[..], [Object::Namespace(_), Object::RejectedNetworkPolicy(r)]
+                if r.reason == "spec.ingress[0].ports[0].port: 70000 is outside 1-65535"),
+            "{objects:?}"
+        );
+    }
+
+    #[test]
+    fn a_policy_without_a_name_makes_its_file_invalid() {
+        // Nothing to key a rejection by: the file keeps its last good objects instead.
+        let text = "kind: Namespace\nmetadata: {name: a}\n---\nkind: NetworkPolicy\nmetadata: {namespace: a}\nspec: {podSelector: {}}\n";
+        let (doc, message) = parse_documents(text).unwrap_err();
+        assert_eq!(doc, 2);
+        assert!(message.contains("metadata.name"), "{message}");
     }
 
     #[test]

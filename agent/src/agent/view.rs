@@ -2,8 +2,11 @@
 
 use std::{net::Ipv4Addr, sync::Arc};
 
-use myelin_api::{AttachmentId, DropCount, Endpoint, PodRef, PolicyStatus, PolicySummary, Status};
-use myelin_cluster::IdentityLabels;
+use myelin_api::{
+    AttachmentId, DropCount, Endpoint, PodRef, PolicyFallback, PolicyRejected, PolicyStatus,
+    PolicySummary, Status,
+};
+use myelin_cluster::{IdentityLabels, index::Fallback};
 use myelin_common::endpoint::ENDPOINT_F_POLICY_INCOMPLETE;
 
 use super::Agent;
@@ -57,7 +60,8 @@ impl<D: DatapathOps> Agent<D> {
         self.ipam.gateway()
     }
 
-    /// The policies in force, with the local pods each selects.
+    /// The policies in force, with the local pods each selects and, for a policy whose latest
+    /// version was rejected, why and what is in force instead.
     pub fn policies(&self) -> PolicyStatus {
         let pods: Vec<(PodRef, Arc<IdentityLabels>, u32)> = self
             .endpoints
@@ -76,17 +80,28 @@ impl<D: DatapathOps> Agent<D> {
         PolicyStatus {
             policies: self
                 .index
-                .policies()
-                .map(|p| PolicySummary {
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    ingress: p.ingress.is_some(),
-                    egress: p.egress.is_some(),
-                    selects: pods
-                        .iter()
-                        .filter(|(_, labels, _)| p.selects(labels))
-                        .map(|(pod, _, _)| pod.clone())
-                        .collect(),
+                .indexed_policies()
+                .map(|indexed| {
+                    let p = &indexed.in_force;
+                    PolicySummary {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        ingress: p.ingress.is_some(),
+                        egress: p.egress.is_some(),
+                        selects: pods
+                            .iter()
+                            .filter(|(_, labels, _)| p.selects(labels))
+                            .map(|(pod, _, _)| pod.clone())
+                            .collect(),
+                        rejected: indexed.rejected.as_ref().map(|r| PolicyRejected {
+                            reason: r.reason.clone(),
+                            in_force: match r.fallback {
+                                Fallback::LastGood => PolicyFallback::LastGood,
+                                Fallback::Deny => PolicyFallback::Deny,
+                                Fallback::DenyNamespace => PolicyFallback::DenyNamespace,
+                            },
+                        }),
+                    }
                 })
                 .collect(),
             entries,
@@ -119,6 +134,7 @@ impl<D: DatapathOps> Agent<D> {
             identities: self.identities.len(),
             free_addresses: self.ipam.free(),
             pods_indexed: self.index.pod_count(),
+            policies_rejected: self.index.rejected_policy_count(),
             drops: self
                 .datapath
                 .drops()
