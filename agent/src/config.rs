@@ -81,7 +81,8 @@ pub struct AgentConfig {
 
     /// Largest file the directory source reads: a byte count, or one with a binary suffix
     /// (`512Ki`, `16Mi`, `1Gi`). A larger file is reported and ignored, its last good objects
-    /// stay in force. Parsing takes up to about 90 times a file's size in memory.
+    /// stay in force. While a file is parsed it can take up to about 90 times its size in
+    /// memory (one huge document; a file of many small documents takes a few times its size).
     #[arg(long, env = "MYELIN_MAX_OBJECT_FILE_SIZE", default_value = "16Mi", value_parser = parse_byte_size)]
     pub max_object_file_size: u64,
 

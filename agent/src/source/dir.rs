@@ -129,7 +129,7 @@ impl DirSource {
 
     /// Runs [`DirSource::run`] on a thread of its own: reading and parsing are blocking work,
     /// and however long a file takes, the runtime that serves the API must not wait for it.
-    pub fn spawn(self, tx: mpsc::Sender<SourceEvent>) -> io::Result<thread::JoinHandle<()>> {
+    pub fn spawn(self, tx: mpsc::Sender<SourceEvent>) -> io::Result<()> {
         thread::Builder::new()
             .name("dir-source".into())
             .spawn(move || {
@@ -137,6 +137,7 @@ impl DirSource {
                     error!("directory source stopped: {e}");
                 }
             })
+            .map(drop)
     }
 
     /// Scans once, reports, then rescans on every change under the directory until the
