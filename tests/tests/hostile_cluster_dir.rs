@@ -11,11 +11,7 @@ use std::{
 };
 
 use myelin_tests::{
-    Error, Node, NodeSpec, Result,
-    bench::usage::{Usage, agent_pid},
-    metrics::samples,
-    root_test,
-    traffic::ping,
+    Error, Node, NodeSpec, Result, bench::usage::Usage, metrics::samples, root_test, traffic::ping,
 };
 use nix::{sys::stat::Mode, unistd::mkfifo};
 
@@ -110,7 +106,7 @@ fn hostile_files_in_the_cluster_dir_stall_nothing() -> Result<()> {
     assert_eq!(samples(&body).get("myelin_endpoints"), Some(&2.0), "{body}");
     promptly("GET /v1/status", PROMPT, || node.status())?;
 
-    let usage = Usage::of(agent_pid(&node.socket())?)?;
+    let usage = Usage::of(node.agent_pid().expect("the agent runs"))?;
     assert!(
         usage.peak_rss_kib < MAX_PEAK_RSS_KIB,
         "the agent's peak RSS is {} KiB",
