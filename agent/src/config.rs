@@ -84,6 +84,13 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub conntrack_gc_interval: Duration,
 
+    /// Largest file the directory source reads: a byte count, or one with a binary suffix
+    /// (`512Ki`, `16Mi`, `1Gi`). A larger file is reported and ignored, its last good objects
+    /// stay in force. While a file is parsed it can take up to about 90 times its size in
+    /// memory (one huge document; a file of many small documents takes a few times its size).
+    #[arg(long, env = "MYELIN_MAX_OBJECT_FILE_SIZE", default_value = "16Mi", value_parser = parse_byte_size)]
+    pub max_object_file_size: u64,
+
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -126,6 +133,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `1048576`, `512Ki`, `16Mi`, `1Gi`: a whole number of bytes, or of binary units.
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = [("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30)]
+        .into_iter()
+        .find_map(|(suffix, unit)| s.strip_suffix(suffix).map(|d| (d, unit)))
+        .unwrap_or((s, 1));
+    digits
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| {
+            format!("{s:?} is not a size: use a positive byte count, or one with Ki, Mi or Gi")
+        })
+}
+
 impl AgentConfig {
     pub fn limits(&self) -> crate::datapath::Limits {
         crate::datapath::Limits {
@@ -161,6 +184,7 @@ mod tests {
         assert_eq!(c.attach_mode, AttachMode::Tc);
         assert_eq!(c.kubeconfig, None);
         assert_eq!(c.endpoint_gc_interval, Duration::from_secs(60));
+        assert_eq!(c.max_object_file_size, 16 << 20);
     }
 
     #[test]
@@ -170,6 +194,27 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         for bad in ["", "60", "1.5s", "-1s", "0s", "1d", "s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_byte_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_byte_size("512Ki"), Ok(512 << 10));
+        assert_eq!(parse_byte_size("16Mi"), Ok(16 << 20));
+        assert_eq!(parse_byte_size("1Gi"), Ok(1 << 30));
+        for bad in [
+            "",
+            "0",
+            "Mi",
+            "16M",
+            "16MB",
+            "1.5Mi",
+            "-1",
+            " 16Mi",
+            "99999999999Gi",
+        ] {
+            assert!(parse_byte_size(bad).is_err(), "{bad:?}");
         }
     }
 

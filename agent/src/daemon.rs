@@ -96,12 +96,9 @@ async fn start_source(config: &AgentConfig) -> anyhow::Result<mpsc::Receiver<Sou
             if !path.is_dir() {
                 bail!("--source dir:{}: not a directory", path.display());
             }
-            let source = DirSource::new(path.clone());
-            tokio::spawn(async move {
-                if let Err(e) = source.run(tx).await {
-                    error!("directory source stopped: {e}");
-                }
-            });
+            DirSource::new(path.clone(), config.max_object_file_size)
+                .spawn(tx)
+                .context("starting the directory source's thread")?;
         }
         SourceSpec::Kubernetes => {
             let client = kubernetes::client(config.kubeconfig.as_deref())

@@ -28,6 +28,7 @@ mod cni;
 pub mod containerd;
 pub mod demo;
 mod error;
+pub mod metrics;
 mod netns;
 mod node;
 pub mod oci;

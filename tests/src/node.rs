@@ -24,6 +24,7 @@ use crate::{
     Error, Result,
     bins::Binaries,
     cluster::{self, ClusterDir},
+    metrics::METRICS_ADDR,
     netns::Netns,
     process::{self, wait_with_deadline},
     run::RunPrefix,
@@ -291,7 +292,7 @@ impl Node {
             .arg("--socket")
             .arg(self.socket())
             .arg("--metrics-addr")
-            .arg("127.0.0.1:9962")
+            .arg(METRICS_ADDR)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
