@@ -1,7 +1,8 @@
 //! The multi-document YAML of the directory source: Kubernetes objects in their own schema,
 //! several per text separated by `---`, `kind: List` expanded, converted into the slim records
 //! of [`crate::objects`]. Kinds the agent does not use are skipped. A document nested deeper
-//! than [`MAX_NESTING_DEPTH`] is refused before serde_yaml parses it.
+//! than [`MAX_NESTING_DEPTH`], or larger than [`MAX_DOCUMENT_NODES`], is refused before
+//! serde_yaml parses it.
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod},
@@ -18,9 +19,15 @@ use crate::objects::{NamespaceInfo, NodeInfo, Object, PodInfo};
 /// (`[`, `{`) for every token, so the limit also bounds what an accepted file costs.
 pub const MAX_NESTING_DEPTH: usize = 64;
 
+/// How many nodes (scalars, aliases, mappings, sequences) one document may hold. serde_yaml
+/// builds a whole document in memory, at about 100 bytes a node, before anything is converted:
+/// this bounds that at about 100 MB, whatever the file's size. A Pod is 50 to 300 nodes, so a
+/// `kind: List` of several thousand Pods still fits; larger lists belong in several files.
+pub const MAX_DOCUMENT_NODES: usize = 1_000_000;
+
 /// Parses a multi-document YAML text. Errors carry the 1-based document number.
 pub fn parse_documents(text: &str) -> Result<(Vec<Object>, Vec<String>), (usize, String)> {
-    check_nesting(text, MAX_NESTING_DEPTH)?;
+    check_nesting(text, MAX_NESTING_DEPTH, MAX_DOCUMENT_NODES)?;
     let mut objects = Vec::new();
     let mut warnings = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -51,21 +58,33 @@ pub fn parse_documents(text: &str) -> Result<(Vec<Object>, Vec<String>), (usize,
 /// collection too deep. serde_yaml cannot do this itself: it collects a whole document's events
 /// before its own depth check, and for 200 KB of `{a: ` that collecting alone is quadratic
 /// (seconds of CPU). Syntax errors are left to serde_yaml, which reports them with a position.
-fn check_nesting(text: &str, limit: usize) -> Result<(), (usize, String)> {
+fn check_nesting(text: &str, limit: usize, max_nodes: usize) -> Result<(), (usize, String)> {
     let events = libyaml::Events::new(text).ok_or((1, "out of memory".to_string()))?;
     let mut document = 0;
     let mut depth = 0usize;
+    let mut nodes = 0usize;
     for event in events {
         match event {
-            libyaml::Event::DocumentStart => document += 1,
+            libyaml::Event::DocumentStart => {
+                document += 1;
+                nodes = 0;
+            }
             libyaml::Event::CollectionStart => {
                 depth += 1;
+                nodes += 1;
                 if depth > limit {
                     return Err((document, format!("nesting deeper than {limit} levels")));
                 }
             }
             libyaml::Event::CollectionEnd => depth = depth.saturating_sub(1),
+            libyaml::Event::Node => nodes += 1,
             libyaml::Event::Other => {}
+        }
+        if nodes > max_nodes {
+            return Err((
+                document,
+                format!("more than {max_nodes} YAML nodes in one document; split it"),
+            ));
         }
     }
     Ok(())
@@ -76,11 +95,11 @@ mod libyaml {
     use std::{marker::PhantomData, mem::MaybeUninit};
 
     use unsafe_libyaml::{
-        YAML_DOCUMENT_START_EVENT, YAML_MAPPING_END_EVENT, YAML_MAPPING_START_EVENT, YAML_NO_EVENT,
-        YAML_SEQUENCE_END_EVENT, YAML_SEQUENCE_START_EVENT, YAML_STREAM_END_EVENT,
-        YAML_UTF8_ENCODING, yaml_event_delete, yaml_event_t, yaml_parser_delete,
-        yaml_parser_initialize, yaml_parser_parse, yaml_parser_set_encoding,
-        yaml_parser_set_input_string, yaml_parser_t,
+        YAML_ALIAS_EVENT, YAML_DOCUMENT_START_EVENT, YAML_MAPPING_END_EVENT,
+        YAML_MAPPING_START_EVENT, YAML_NO_EVENT, YAML_SCALAR_EVENT, YAML_SEQUENCE_END_EVENT,
+        YAML_SEQUENCE_START_EVENT, YAML_STREAM_END_EVENT, YAML_UTF8_ENCODING, yaml_event_delete,
+        yaml_event_t, yaml_parser_delete, yaml_parser_initialize, yaml_parser_parse,
+        yaml_parser_set_encoding, yaml_parser_set_input_string, yaml_parser_t,
     };
 
     pub enum Event {
@@ -88,6 +107,8 @@ mod libyaml {
         /// A mapping or a sequence opens.
         CollectionStart,
         CollectionEnd,
+        /// A scalar or an alias.
+        Node,
         Other,
     }
 
@@ -141,6 +162,7 @@ mod libyaml {
                 YAML_DOCUMENT_START_EVENT => Event::DocumentStart,
                 YAML_MAPPING_START_EVENT | YAML_SEQUENCE_START_EVENT => Event::CollectionStart,
                 YAML_MAPPING_END_EVENT | YAML_SEQUENCE_END_EVENT => Event::CollectionEnd,
+                YAML_SCALAR_EVENT | YAML_ALIAS_EVENT => Event::Node,
                 _ => Event::Other,
             })
         }
@@ -321,6 +343,39 @@ metadata: {name: ignored}
             let text = format!("kind: Namespace\nmetadata: {{name: a}}\n---\n{deep}");
             assert_eq!(parse_promptly(text), Err((2, too_deep())));
         }
+    }
+
+    #[test]
+    fn a_document_of_too_many_nodes_is_refused_and_many_small_documents_are_not() {
+        // A flat sequence: the cheapest text per node, the worst memory per byte for serde_yaml.
+        let huge = format!(
+            "kind: Namespace\nmetadata: {{name: a}}\ndata: [{}]\n",
+            "1,".repeat(MAX_DOCUMENT_NODES)
+        );
+        let (doc, message) = parse_promptly(huge).unwrap_err();
+        assert_eq!(doc, 1);
+        assert!(message.contains("YAML nodes in one document"), "{message}");
+        let many: String = (0..20_000)
+            .map(|i| format!("kind: Namespace\nmetadata: {{name: ns{i}}}\n---\n"))
+            .collect();
+        let (objects, _) = parse_promptly(many).unwrap();
+        assert_eq!(objects.len(), 20_000);
+    }
+
+    #[test]
+    fn aliases_cannot_expand_a_small_text_into_a_huge_document() {
+        // "Billion laughs": each level refers to the one before it ten times.
+        let mut text = String::from(
+            "kind: Namespace\nmetadata: {name: a}\nl0: &l0 [x, x, x, x, x, x, x, x, x, x]\n",
+        );
+        for level in 1..10 {
+            let refs = vec![format!("*l{}", level - 1); 10].join(", ");
+            text.push_str(&format!("l{level}: &l{level} [{refs}]\n"));
+        }
+        assert!(
+            parse_promptly(text).is_err(),
+            "expanding aliases is refused"
+        );
     }
 
     #[test]
