@@ -104,7 +104,21 @@ async fn start_source(config: &AgentConfig) -> anyhow::Result<mpsc::Receiver<Sou
             let client = kubernetes::client(config.kubeconfig.as_deref())
                 .await
                 .context("configuring the Kubernetes client")?;
-            tokio::spawn(KubernetesSource::new(client).run(tx));
+            // Its own runtime on a thread of lower priority: decoding a relist of a large
+            // cluster must not take the CPU from the owner and the API.
+            std::thread::Builder::new()
+                .name("kube-source".into())
+                .spawn(move || {
+                    crate::priority::background_thread();
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(KubernetesSource::new(client).run(tx)),
+                        Err(e) => error!("starting the Kubernetes source's runtime failed: {e}"),
+                    }
+                })
+                .context("starting the Kubernetes source's thread")?;
         }
     }
     Ok(rx)

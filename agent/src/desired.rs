@@ -62,12 +62,29 @@ pub struct LocalEndpoint<'a> {
     pub live: bool,
 }
 
+/// The address and identity of every (not host-network) pod of the index that has an address:
+/// the largest part of the ipcache, which only changes with the index or the identities, so
+/// the agent keeps it between computations.
+pub fn pod_hosts(index: &ClusterIndex, identities: &Identities) -> BTreeMap<Ipv4Addr, u32> {
+    index
+        .pods()
+        .filter(|p| !p.host_network)
+        .filter_map(|pod| {
+            let ip = pod.ip?;
+            let labels = index.pod_identity_labels(&pod.namespace, &pod.name)?;
+            Some((ip, identities.get(labels)?))
+        })
+        .collect()
+}
+
 pub struct Inputs<'a> {
     pub node_name: &'a str,
     pub gateway: Ipv4Addr,
     pub endpoints: Vec<LocalEndpoint<'a>>,
     pub index: &'a ClusterIndex,
     pub identities: &'a Identities,
+    /// [`pod_hosts`] of `index` and `identities`.
+    pub pod_hosts: &'a BTreeMap<Ipv4Addr, u32>,
     /// Capacity of the policy map: endpoints whose entries do not fit are marked incomplete.
     pub policy_capacity: usize,
 }
@@ -167,11 +184,9 @@ fn ipcache(
     inputs: &Inputs<'_>,
     prefixes: &PolicyPrefixes,
 ) -> BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry> {
-    let mut hosts: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
-    // Local pods first: their addresses come from CNI, not from a status the API may lag on.
-    for ep in &inputs.endpoints {
-        hosts.insert(ep.record.ip, ep.identity);
-    }
+    // Later inserts win: pods of the index, then nodes, then local pods (their addresses come
+    // from CNI, not from a status the API may lag on), then the gateway.
+    let mut hosts: BTreeMap<Ipv4Addr, u32> = inputs.pod_hosts.clone();
     for node in inputs.index.nodes() {
         let id = if node.name == inputs.node_name {
             identity::HOST
@@ -179,18 +194,13 @@ fn ipcache(
             identity::REMOTE_NODE
         };
         for ip in &node.addresses {
-            hosts.entry(*ip).or_insert(id);
+            hosts.insert(*ip, id);
         }
+    }
+    for ep in &inputs.endpoints {
+        hosts.insert(ep.record.ip, ep.identity);
     }
     hosts.insert(inputs.gateway, identity::HOST);
-    for pod in inputs.index.pods().filter(|p| !p.host_network) {
-        if let Some(ip) = pod.ip
-            && let Some(labels) = inputs.index.pod_identity_labels(&pod.namespace, &pod.name)
-            && let Some(id) = inputs.identities.get(labels)
-        {
-            hosts.entry(ip).or_insert(id);
-        }
-    }
 
     let mut out = BTreeMap::new();
     for (prefix, id) in &prefixes.ids {

@@ -18,4 +18,5 @@ pub mod metrics;
 pub mod netconf;
 pub mod owner;
 pub mod persist;
+pub mod priority;
 pub mod source;

@@ -241,6 +241,11 @@ impl ClusterIndex {
         self.label_sets.counts.keys()
     }
 
+    /// Whether some pod of the index has exactly these identity labels.
+    pub fn has_label_set(&self, labels: &IdentityLabels) -> bool {
+        self.label_sets.counts.contains_key(labels)
+    }
+
     /// Changes whenever a label set appears or disappears.
     pub fn label_sets_generation(&self) -> u64 {
         self.label_sets.generation

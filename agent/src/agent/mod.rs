@@ -10,7 +10,7 @@ mod heal;
 mod view;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -70,6 +70,11 @@ pub struct Agent<D> {
     /// What `identities` was computed from: the index's label-set generation and the label
     /// sets of the local endpoints.
     identity_inputs: Option<(u64, Vec<Arc<IdentityLabels>>)>,
+    /// Bumped whenever the index or the identities change: the key of `pod_hosts`.
+    cluster_generation: u64,
+    /// `desired::pod_hosts` as of `cluster_generation`: recomputing it is most of the cost of
+    /// a computation with a large cluster, and an ADD or DEL does not change it.
+    pod_hosts: (u64, BTreeMap<Ipv4Addr, u32>),
     datapath: D,
     interfaces: Box<dyn Interfaces>,
     /// Where the plugin queues DELs that found the agent down (`myelin_api::pending`).
@@ -144,6 +149,8 @@ impl<D: DatapathOps> Agent<D> {
             index,
             identities: Identities::default(),
             identity_inputs: None,
+            cluster_generation: 1,
+            pod_hosts: (0, BTreeMap::new()),
             datapath,
             interfaces,
             pending_deletes: None,
@@ -264,6 +271,7 @@ impl<D: DatapathOps> Agent<D> {
         if !changed {
             return Ok(Diff::default());
         }
+        self.cluster_generation += 1;
         self.recompute_identities();
         self.sync_datapath()
     }
@@ -276,16 +284,18 @@ impl<D: DatapathOps> Agent<D> {
     }
 
     /// Renumbers identities when the set of label sets changed: a label change that moves a
-    /// pod to an existing set, the common case, costs nothing here.
+    /// pod to an existing set, the common case, costs nothing here, and neither does an
+    /// endpoint coming or going whose pod's labels the index knows.
     fn recompute_identities(&mut self) {
-        let mut endpoint_sets: Vec<Arc<IdentityLabels>> = self
+        let mut extra_sets: Vec<Arc<IdentityLabels>> = self
             .endpoints
             .iter()
             .map(|r| self.pod_identity_labels(r))
+            .filter(|l| !self.index.has_label_set(l))
             .collect();
-        endpoint_sets.sort();
-        endpoint_sets.dedup();
-        let inputs = (self.index.label_sets_generation(), endpoint_sets);
+        extra_sets.sort();
+        extra_sets.dedup();
+        let inputs = (self.index.label_sets_generation(), extra_sets);
         if self.identity_inputs.as_ref() == Some(&inputs) {
             return;
         }
@@ -296,6 +306,7 @@ impl<D: DatapathOps> Agent<D> {
             .chain(inputs.1.iter().cloned());
         self.identities = Identities::compute(sets);
         self.identity_inputs = Some(inputs);
+        self.cluster_generation += 1;
     }
 
     fn identity_of(&self, r: &EndpointRecord) -> u32 {
@@ -310,7 +321,13 @@ impl<D: DatapathOps> Agent<D> {
             .unwrap_or(identity::ANY)
     }
 
-    pub fn desired_state(&self) -> DesiredState {
+    pub fn desired_state(&mut self) -> DesiredState {
+        if self.pod_hosts.0 != self.cluster_generation {
+            self.pod_hosts = (
+                self.cluster_generation,
+                desired::pod_hosts(&self.index, &self.identities),
+            );
+        }
         let endpoints = self
             .endpoints
             .iter()
@@ -337,6 +354,7 @@ impl<D: DatapathOps> Agent<D> {
             endpoints,
             index: &self.index,
             identities: &self.identities,
+            pod_hosts: &self.pod_hosts.1,
             policy_capacity: self.datapath.policy_capacity(),
         })
     }

@@ -108,6 +108,7 @@ pub fn spawn_collector(pin: PathBuf, interval: Duration) -> std::io::Result<()> 
     thread::Builder::new()
         .name("conntrack-gc".into())
         .spawn(move || {
+            crate::priority::background_thread();
             let mut table = None;
             loop {
                 thread::sleep(interval);

@@ -143,6 +143,7 @@ impl Cluster {
             endpoints,
             index: &self.index,
             identities: &identities,
+            pod_hosts: &pod_hosts(&self.index, &identities),
             policy_capacity: capacity,
         })
     }

@@ -133,6 +133,7 @@ impl DirSource {
         thread::Builder::new()
             .name("dir-source".into())
             .spawn(move || {
+                crate::priority::background_thread();
                 if let Err(e) = self.run(tx) {
                     error!("directory source stopped: {e}");
                 }
