@@ -24,18 +24,20 @@ use myelin_common::{
     event::{EVENT_DROP, FlowEvent},
     identity,
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
+    proto::{IPPROTO_ICMP as ICMP, IPPROTO_SCTP as SCTP, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP},
 };
-use myelin_tests::packet::{ICMP, TCP, UDP, checksum, frame};
+use myelin_tests::packet::{checksum, frame};
 use nix::{
     mount::{MntFlags, umount2},
     sched::{CloneFlags, unshare},
 };
 
+// TC verdicts (linux/pkt_cls.h) as `BPF_PROG_TEST_RUN` returns them; the programs themselves
+// use aya_ebpf::bindings, and nothing else on this side needs them.
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
-const SCTP: u8 = 132;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
