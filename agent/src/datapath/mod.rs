@@ -242,6 +242,13 @@ impl Datapath {
     /// Loads the programs, reusing maps pinned by an earlier agent when their layout still
     /// matches (a map whose layout changed with an upgrade is replaced; the reconciler refills it).
     pub fn load(bpffs: &Path, mode: AttachMode, limits: Limits) -> Result<Self, DatapathError> {
+        // First: a start refused for the kernel must leave the pins of the agent before it (and
+        // the maps its programs still run on) as they are.
+        if mode == AttachMode::Tcx
+            && KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
+        {
+            return Err(DatapathError::TcxUnsupported);
+        }
         let pin_dir = bpffs.join("myelin");
         for dir in [pin_dir.clone(), pin_dir.join("links")] {
             fs::create_dir_all(&dir)
@@ -293,11 +300,6 @@ impl Datapath {
         let value = map.get(&0, 0).map_err(aya_err(maps::CONFIG))?;
         let config = ConfigCell { map, value };
         let events = Some(RingBuf::try_from(take(maps::EVENTS)?).map_err(aya_err(maps::EVENTS))?);
-        if mode == AttachMode::Tcx
-            && KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
-        {
-            return Err(DatapathError::TcxUnsupported);
-        }
         info!(pin_dir = %pin_dir.display(), mode = mode.as_str(), "datapath loaded");
         Ok(Self {
             ebpf,
