@@ -38,6 +38,7 @@ mod process;
 pub mod progress;
 mod run;
 mod sweep;
+pub mod tc;
 pub mod traffic;
 mod unprivileged;
 
