@@ -72,6 +72,15 @@ impl Pod {
     pub fn result(&self) -> &Value {
         &self.result
     }
+
+    /// The host side of the pod's veth pair, in the node's namespace: the result's first
+    /// interface.
+    pub fn host_ifname(&self) -> String {
+        self.result["interfaces"][0]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
 }
 
 impl Host for Pod {

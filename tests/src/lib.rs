@@ -39,6 +39,7 @@ mod process;
 pub mod progress;
 mod run;
 mod sweep;
+pub mod tc;
 pub mod traffic;
 mod unprivileged;
 

@@ -13,6 +13,7 @@ use k8s_openapi::{
     api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec},
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
+use myelin_common::proto::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::objects::{Labels, ObjectError};
 
@@ -81,9 +82,9 @@ pub enum Protocol {
 impl Protocol {
     pub fn number(self) -> u8 {
         match self {
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
-            Protocol::Sctp => 132,
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+            Protocol::Sctp => IPPROTO_SCTP,
         }
     }
 

@@ -5,8 +5,10 @@
 //! Attachments outlive the agent: tcx links are pinned under `<bpffs>/myelin/links/`, and
 //! clsact filters live in the interface's qdisc. A restarted agent loads fresh programs and swaps
 //! them into the existing attachments atomically (`bpf_link_update`, or a netlink replace), so
-//! pods keep their datapath while the agent is down or upgrading.
+//! pods keep their datapath while the agent is down or upgrading. Other programs' tcx links and
+//! clsact filters on the same devices are left alone (see [`clsact`]).
 
+pub mod clsact;
 pub mod conntrack;
 pub mod counters;
 #[cfg(test)]
@@ -25,7 +27,7 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        tc::{SchedClassifierLink, TcAttachOptions},
     },
     util::KernelVersion,
 };
@@ -64,10 +66,6 @@ impl Program {
     }
 }
 
-/// tc (clsact) mode: the filter priority and handle Myelin owns on each host veth.
-const TC_PRIORITY: u16 = 1;
-const TC_HANDLE: u32 = 1;
-
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error("preparing the pin directory {path}: {source}")]
@@ -103,6 +101,8 @@ pub enum DatapathError {
     },
     #[error("--attach-mode tcx needs Linux 6.6 or newer; use --attach-mode tc")]
     TcxUnsupported,
+    #[error(transparent)]
+    Clsact(#[from] clsact::ClsactError),
     #[error(transparent)]
     Table(#[from] TableError),
 }
@@ -238,6 +238,13 @@ impl Datapath {
     /// Loads the programs, reusing maps pinned by an earlier agent when their layout still
     /// matches (a map whose layout changed with an upgrade is replaced; the reconciler refills it).
     pub fn load(bpffs: &Path, mode: AttachMode, limits: Limits) -> Result<Self, DatapathError> {
+        // First: a start refused for the kernel must leave the pins of the agent before it (and
+        // the maps its programs still run on) as they are.
+        if mode == AttachMode::Tcx
+            && KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
+        {
+            return Err(DatapathError::TcxUnsupported);
+        }
         let pin_dir = bpffs.join("myelin");
         for dir in [pin_dir.clone(), pin_dir.join("links")] {
             fs::create_dir_all(&dir)
@@ -287,11 +294,6 @@ impl Datapath {
         let value = map.get(&0, 0).map_err(aya_err(maps::CONFIG))?;
         let config = ConfigCell { map, value };
         let events = Some(RingBuf::try_from(take(maps::EVENTS)?).map_err(aya_err(maps::EVENTS))?);
-        if mode == AttachMode::Tcx
-            && KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
-        {
-            return Err(DatapathError::TcxUnsupported);
-        }
         info!(pin_dir = %pin_dir.display(), mode = mode.as_str(), "datapath loaded");
         Ok(Self {
             ebpf,
@@ -360,10 +362,13 @@ impl Datapath {
             }
         };
         if self.mode == AttachMode::Tc {
-            self.attach_tc(FROM_CONTAINER, ifname, TcAttachType::Ingress)
-                .map_err(failed("ingress"))?;
-            self.attach_tc(TO_CONTAINER, ifname, TcAttachType::Egress)
-                .map_err(failed("egress"))?;
+            clsact::ensure_qdisc(ifname)?;
+            for (program, hook) in [
+                (FROM_CONTAINER, TcAttachType::Ingress),
+                (TO_CONTAINER, TcAttachType::Egress),
+            ] {
+                clsact::attach(classifier(&mut self.ebpf, program)?, program, ifname, hook)?;
+            }
         } else {
             // Each tcx attach waits in the kernel for an RCU grace period, holding the RTNL
             // lock (the device's program list is swapped, and the old one must be unused):
@@ -386,46 +391,10 @@ impl Datapath {
         Ok(())
     }
 
-    fn attach_tc(
-        &mut self,
-        program: &'static str,
-        ifname: &str,
-        attach_type: TcAttachType,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        match tc::qdisc_add_clsact(ifname) {
-            Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
-            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let prog = classifier(&mut self.ebpf, program)?;
-        let existing = SchedClassifierLink::attached(
-            ifname,
-            attach_type,
-            TC_PRIORITY,
-            TcHandle::from(TC_HANDLE),
-            None,
-        )?;
-        let id = match prog.attach_to_link(existing) {
-            Ok(id) => id,
-            Err(_) => prog.attach_with_options(
-                ifname,
-                attach_type,
-                TcAttachOptions::Netlink(NlOptions {
-                    priority: TC_PRIORITY,
-                    handle: TcHandle::from(TC_HANDLE),
-                    ..Default::default()
-                }),
-            )?,
-        };
-        // A netlink link detaches when dropped; the filter must outlive this process.
-        std::mem::forget(prog.take_link(id)?);
-        Ok(())
-    }
-
     fn detach_programs(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        for (direction, attach_type) in [
-            ("ingress", TcAttachType::Ingress),
-            ("egress", TcAttachType::Egress),
+        for (program, direction, attach_type) in [
+            (FROM_CONTAINER, "ingress", TcAttachType::Ingress),
+            (TO_CONTAINER, "egress", TcAttachType::Egress),
         ] {
             // Removing the pin drops the link's last reference; the kernel then detaches it
             // in the background instead of making us wait for an RCU grace period.
@@ -439,17 +408,8 @@ impl Datapath {
                     });
                 }
             }
-            if self.mode == AttachMode::Tc
-                && let Ok(link) = SchedClassifierLink::attached(
-                    ifname,
-                    attach_type,
-                    TC_PRIORITY,
-                    TcHandle::from(TC_HANDLE),
-                    None,
-                )
-            {
-                // Dropping a netlink link removes the filter; errors mean it is already gone.
-                drop(link);
+            if self.mode == AttachMode::Tc {
+                clsact::detach(ifname, attach_type, program)?;
             }
         }
         debug!(ifname, "programs detached");

@@ -13,6 +13,8 @@ use myelin_cluster::{
     builders::{self, policy},
 };
 
+use myelin_common::proto::{IPPROTO_SCTP as SCTP, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
+
 use crate::endpoint::EndpointRecord;
 
 /// A single-node cluster where every pod is a local endpoint.
@@ -239,10 +241,6 @@ impl Model<'_> {
         true
     }
 }
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const SCTP: u8 = 132;
 
 /// Two namespaces (`a` labelled team=a, `b` labelled team=b), pods web/api/db in each.
 fn two_namespaces() -> Cluster {
