@@ -59,11 +59,6 @@ impl Deadline {
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO)
     }
-
-    /// The earlier of the two.
-    pub fn min(self, other: Duration) -> Self {
-        Self(self.0.min(SystemTime::now() + other))
-    }
 }
 
 fn deadline_exceeded() -> ApiError {

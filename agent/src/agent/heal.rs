@@ -59,6 +59,7 @@ pub struct SweepReport {
 }
 
 impl SweepReport {
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.released_endpoints.is_empty()
             && self.released_addresses.is_empty()

@@ -29,8 +29,6 @@ use myelin_common::{
 use myelin_cluster::{Change, ClusterIndex, Identities, IdentityLabels, Labels};
 use tracing::{info, warn};
 
-pub use self::heal::{RestoreError, RestoreReport, SweepReport};
-
 use crate::{
     datapath::{DatapathError, DatapathOps, table::Diff},
     desired::{self, DesiredState, Inputs, LocalEndpoint},
@@ -233,16 +231,13 @@ impl<D: DatapathOps> Agent<D> {
         }
     }
 
+    #[cfg(test)]
     pub fn datapath(&self) -> &D {
         &self.datapath
     }
 
     pub fn index(&self) -> &ClusterIndex {
         &self.index
-    }
-
-    pub fn identities(&self) -> &Identities {
-        &self.identities
     }
 
     /// Whether the first full sync of every source is in the maps.

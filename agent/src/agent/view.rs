@@ -1,6 +1,6 @@
 //! What the API and the metrics show of the agent's state.
 
-use std::{net::Ipv4Addr, sync::Arc};
+use std::sync::Arc;
 
 use myelin_api::{
     AttachmentId, DropCount, Endpoint, PodRef, PolicyFallback, PolicyRejected, PolicyStatus,
@@ -54,10 +54,6 @@ impl<D: DatapathOps> Agent<D> {
             attach_mode: self.datapath.mode().as_str().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         }
-    }
-
-    pub fn gateway(&self) -> Ipv4Addr {
-        self.ipam.gateway()
     }
 
     /// The policies in force, with the local pods each selects and, for a policy whose latest
