@@ -310,7 +310,37 @@ impl http_body::Body for GuardedBody {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+
+    /// A listener whose every accept fails as a process out of file descriptors sees it.
+    struct Exhausted(Arc<AtomicUsize>);
+
+    impl Listener for Exhausted {
+        type Conn = tokio::net::UnixStream;
+
+        async fn accept(&mut self) -> io::Result<Self::Conn> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Err(io::Error::from_raw_os_error(libc::EMFILE))
+        }
+    }
+
+    #[tokio::test]
+    async fn out_of_file_descriptors_the_accept_loop_backs_off_instead_of_spinning() {
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let server = tokio::spawn(serve(
+            Exhausted(Arc::clone(&attempts)),
+            ServerLimits::default(),
+            |_| Router::new(),
+        ));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        server.abort();
+        // 10 ms doubling to 1 s: a handful of attempts in 2 s, where a spinning loop makes
+        // millions.
+        let n = attempts.load(Ordering::Relaxed);
+        assert!((3..=12).contains(&n), "{n} accept attempts in 2 s");
+    }
 
     #[test]
     fn eviction_picks_the_longest_idle_connection_and_never_a_busy_one() {
