@@ -8,6 +8,15 @@ use ipnet::Ipv4Net;
 
 use crate::{datapath::AttachMode, source::SourceSpec};
 
+/// `--routing-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoutingMode {
+    /// VXLAN in collect-metadata mode (`myelin_vxlan`), the sender's identity in the VNI.
+    Tunnel,
+    /// Plain IP through the uplink (`bpf_fib_lookup` + `bpf_redirect_neigh`).
+    Native,
+}
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "myelin-agent",
@@ -90,6 +99,36 @@ pub struct AgentConfig {
     /// memory (one huge document; a file of many small documents takes a few times its size).
     #[arg(long, env = "MYELIN_MAX_OBJECT_FILE_SIZE", default_value = "16Mi", value_parser = parse_byte_size)]
     pub max_object_file_size: u64,
+
+    /// How pods on other nodes are reached: `tunnel` (VXLAN, over any IP underlay) or `native`
+    /// (unencapsulated through the uplink: the nodes share an L2 segment, or the underlay
+    /// routes the pod CIDRs).
+    #[arg(
+        long,
+        env = "MYELIN_ROUTING_MODE",
+        value_enum,
+        default_value = "tunnel"
+    )]
+    pub routing_mode: RoutingMode,
+
+    /// UDP port of the VXLAN tunnel (tunnel mode); the same on every node.
+    #[arg(long, env = "MYELIN_TUNNEL_PORT", default_value_t = 8472)]
+    pub tunnel_port: u16,
+
+    /// The device through which traffic leaves the node for other nodes and the outside.
+    /// Default: the device holding the node's InternalIP (from its Node object).
+    #[arg(long, env = "MYELIN_UPLINK")]
+    pub uplink: Option<String>,
+
+    /// Source-NAT pod traffic to destinations outside the cluster to the node's InternalIP,
+    /// in eBPF on the uplink (no iptables). `true` or `false`.
+    #[arg(long, env = "MYELIN_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub masquerade: bool,
+
+    /// Destinations pods reach with their own address, in addition to the cluster's pod CIDRs
+    /// and node addresses (which are never masqueraded). Comma-separated CIDRs.
+    #[arg(long, env = "MYELIN_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
+    pub non_masquerade_cidrs: Vec<Ipv4Net>,
 
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
@@ -184,6 +223,11 @@ mod tests {
         assert_eq!(c.attach_mode, AttachMode::Tc);
         assert_eq!(c.kubeconfig, None);
         assert_eq!(c.endpoint_gc_interval, Duration::from_secs(60));
+        assert_eq!(c.routing_mode, RoutingMode::Tunnel);
+        assert_eq!(c.tunnel_port, 8472);
+        assert!(c.masquerade);
+        assert!(c.non_masquerade_cidrs.is_empty());
+        assert_eq!(c.uplink, None);
         assert_eq!(c.max_object_file_size, 16 << 20);
     }
 
@@ -238,5 +282,19 @@ mod tests {
         assert_eq!(c.metrics_addr.0, None);
         assert!(AgentConfig::try_parse_from(["myelin-agent", "--pod-cidr", "10.1.0.0"]).is_err());
         assert!(AgentConfig::try_parse_from(["myelin-agent", "--source", "etcd"]).is_err());
+        let c = AgentConfig::try_parse_from([
+            "myelin-agent",
+            "--routing-mode",
+            "native",
+            "--masquerade",
+            "false",
+            "--non-masquerade-cidrs",
+            "10.0.0.0/8,192.168.0.0/16",
+        ])
+        .unwrap();
+        assert_eq!(c.routing_mode, RoutingMode::Native);
+        assert!(!c.masquerade);
+        assert_eq!(c.non_masquerade_cidrs.len(), 2);
+        assert!(AgentConfig::try_parse_from(["myelin-agent", "--routing-mode", "bgp"]).is_err());
     }
 }

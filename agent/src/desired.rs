@@ -28,6 +28,9 @@ use myelin_cluster::{
     policy::{Peer, PortMatch, PortSpec, Protocol, Rule},
 };
 
+pub mod nodes;
+
+pub use self::nodes::Nodes;
 use crate::endpoint::EndpointRecord;
 
 /// What the maps should hold, computed by the agent from its endpoints and the cluster index.
@@ -85,6 +88,8 @@ pub struct Inputs<'a> {
     pub identities: &'a Identities,
     /// [`pod_hosts`] of `index` and `identities`.
     pub pod_hosts: &'a BTreeMap<Ipv4Addr, u32>,
+    /// The other nodes: what their addresses and pod CIDRs are behind.
+    pub nodes: &'a Nodes,
     /// Capacity of the policy map: endpoints whose entries do not fit are marked incomplete.
     pub policy_capacity: usize,
 }
@@ -202,18 +207,27 @@ fn ipcache(
     }
     hosts.insert(inputs.gateway, identity::HOST);
 
+    // Every entry carries the node it is behind, if any, so that one lookup gives the datapath
+    // both the identity and where to send the packet.
+    let behind = |net: Ipv4Net| inputs.nodes.behind(net).map_or([0; 4], |n| n.ip.octets());
     let mut out = BTreeMap::new();
+    for node in &inputs.nodes.remote {
+        out.insert(
+            prefix_key(node.pod_cidr),
+            IpcacheEntry {
+                node: node.ip.octets(),
+                ..IpcacheEntry::WORLD
+            },
+        );
+    }
     for (prefix, id) in &prefixes.ids {
         out.insert(
-            LpmKey {
-                prefix_len: u32::from(prefix.prefix_len()),
-                data: Ipv4Key {
-                    addr: prefix.network().octets(),
-                },
-            },
+            prefix_key(*prefix),
             IpcacheEntry {
                 identity: identity::WORLD,
                 cidr_identity: *id,
+                node: behind(*prefix),
+                _pad: 0,
             },
         );
     }
@@ -225,10 +239,21 @@ fn ipcache(
                 // Equal to the identity when no policy prefix covers the address: the
                 // datapath then skips the second lookup.
                 cidr_identity: prefixes.most_specific(ip).unwrap_or(id),
+                node: behind(Ipv4Net::from(ip)),
+                _pad: 0,
             },
         );
     }
     out
+}
+
+fn prefix_key(net: Ipv4Net) -> LpmKey<Ipv4Key> {
+    LpmKey {
+        prefix_len: u32::from(net.prefix_len()),
+        data: Ipv4Key {
+            addr: net.network().octets(),
+        },
+    }
 }
 
 /// Every prefix named by a policy's ipBlock (cidr and except), plus the /32 of every pod that

@@ -183,6 +183,7 @@ impl Fixture {
                 IpcacheEntry {
                     identity: p.identity,
                     cidr_identity: p.identity,
+                    ..IpcacheEntry::WORLD
                 },
             );
         }
@@ -196,6 +197,7 @@ impl Fixture {
             IpcacheEntry {
                 identity: identity::HOST,
                 cidr_identity: identity::HOST,
+                ..IpcacheEntry::WORLD
             },
         );
         desired.policy = self.policy.clone();

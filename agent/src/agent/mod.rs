@@ -73,6 +73,8 @@ pub struct Agent<D> {
     /// `desired::pod_hosts` as of `cluster_generation`: recomputing it is most of the cost of
     /// a computation with a large cluster, and an ADD or DEL does not change it.
     pod_hosts: (u64, BTreeMap<Ipv4Addr, u32>),
+    /// The other nodes as routing sees them, as of the generation.
+    nodes: (u64, desired::Nodes),
     datapath: D,
     interfaces: Box<dyn Interfaces>,
     /// Where the plugin queues DELs that found the agent down (`myelin_api::pending`).
@@ -149,6 +151,7 @@ impl<D: DatapathOps> Agent<D> {
             identity_inputs: None,
             cluster_generation: 1,
             pod_hosts: (0, BTreeMap::new()),
+            nodes: (0, desired::Nodes::default()),
             datapath,
             interfaces,
             pending_deletes: None,
@@ -316,6 +319,17 @@ impl<D: DatapathOps> Agent<D> {
             .unwrap_or(identity::ANY)
     }
 
+    /// The other nodes as routing sees them.
+    pub fn nodes(&mut self) -> &desired::Nodes {
+        if self.nodes.0 != self.cluster_generation {
+            self.nodes = (
+                self.cluster_generation,
+                desired::Nodes::of(&self.index, &self.node_name, self.ipam.cidr()),
+            );
+        }
+        &self.nodes.1
+    }
+
     pub fn desired_state(&mut self) -> DesiredState {
         if self.pod_hosts.0 != self.cluster_generation {
             self.pod_hosts = (
@@ -323,6 +337,7 @@ impl<D: DatapathOps> Agent<D> {
                 desired::pod_hosts(&self.index, &self.identities),
             );
         }
+        self.nodes();
         let endpoints = self
             .endpoints
             .iter()
@@ -350,6 +365,7 @@ impl<D: DatapathOps> Agent<D> {
             index: &self.index,
             identities: &self.identities,
             pod_hosts: &self.pod_hosts.1,
+            nodes: &self.nodes.1,
             policy_capacity: self.datapath.policy_capacity(),
         })
     }

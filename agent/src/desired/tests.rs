@@ -146,6 +146,7 @@ impl Cluster {
             index: &self.index,
             identities: &identities,
             pod_hosts: &pod_hosts(&self.index, &identities),
+            nodes: &Nodes::of(&self.index, "node-1", "10.0.0.0/24".parse().unwrap()),
             policy_capacity: capacity,
         })
     }
@@ -185,10 +186,7 @@ impl Model<'_> {
                 .map(|(k, v)| (k.prefix_len, k.data.addr.to_vec(), *v)),
             &ip.octets(),
         )
-        .unwrap_or(IpcacheEntry {
-            identity: identity::WORLD,
-            cidr_identity: identity::WORLD,
-        })
+        .unwrap_or(IpcacheEntry::WORLD)
     }
 
     fn allows(&self, ep: u32, dir: Direction, peer: IpcacheEntry, proto: u8, port: u16) -> bool {

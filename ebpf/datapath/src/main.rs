@@ -61,6 +61,7 @@ mod programs {
         let unknown = IpcacheEntry {
             identity: identity::ANY,
             cidr_identity: identity::ANY,
+            ..IpcacheEntry::WORLD
         };
         Peers {
             src: unknown,
