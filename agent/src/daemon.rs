@@ -23,12 +23,14 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+use myelin_common::config::{CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_TUNNEL};
+
 use crate::{
     agent::{Agent, SystemInterfaces},
     api, bpffs,
-    config::AgentConfig,
+    config::{AgentConfig, RoutingMode},
     datapath::{
-        Datapath,
+        Datapath, DatapathOps as _, Routing,
         conntrack::{self, ConntrackTable},
     },
     endpoint::{EndpointStore, EndpointStoreError},
@@ -41,6 +43,7 @@ use crate::{
     netconf,
     owner::{self, Settings, count_event},
     persist::{self, PersistError},
+    routing::{self, NodeNetwork},
     source::{
         SourceEvent, SourceSpec,
         dir::DirSource,
@@ -152,8 +155,13 @@ async fn wait_for_pod_cidr(
         }),
         SourceSpec::Dir(_) => None,
     };
+    // The directory source is read whole first (it takes milliseconds): the Node objects
+    // there say where this node and the others are.
+    let wait_for_sync = matches!(config.source, SourceSpec::Dir(_));
     let pod_cidr = loop {
-        if let Some(cidr) = pod_cidr(config, &index, node_name) {
+        if let Some(cidr) = pod_cidr(config, &index, node_name)
+            && (synced || !wait_for_sync)
+        {
             break cidr;
         }
         if synced && let SourceSpec::Dir(path) = &config.source {
@@ -245,6 +253,7 @@ struct Started {
     agent: Agent<Datapath>,
     events: events::EventSender,
     links: Links,
+    network: Option<NodeNetwork>,
     pod_cidr: Ipv4Net,
     pin_dir: std::path::PathBuf,
 }
@@ -269,6 +278,7 @@ async fn start_datapath(
         tokio::spawn(events::read(ring, events.clone()));
     }
     let links = Links::open().context("opening route netlink")?;
+    let network = setup_network(config, node_name, &cluster.index, &links, &mut datapath).await?;
     let listed = links
         .list()
         .await
@@ -295,6 +305,7 @@ async fn start_datapath(
     if matches!(config.source, SourceSpec::Kubernetes) {
         agent = agent.expecting_pod_objects();
     }
+    agent = agent.with_pod_mtu(network.as_ref().map(NodeNetwork::pod_mtu));
     agent
         .restore(&listed, Instant::now())
         .context("restoring endpoints")?;
@@ -315,9 +326,61 @@ async fn start_datapath(
         agent,
         events,
         links,
+        network,
         pod_cidr: cluster.pod_cidr,
         pin_dir,
     })
+}
+
+/// Routing to other nodes, when this node's Node object gives its InternalIP: the uplink, the
+/// tunnel in tunnel mode, and the datapath's routing settings. Without an InternalIP the node
+/// works alone (pods reach each other and the node's stack).
+async fn setup_network(
+    config: &AgentConfig,
+    node_name: &str,
+    index: &ClusterIndex,
+    links: &Links,
+    datapath: &mut Datapath,
+) -> anyhow::Result<Option<NodeNetwork>> {
+    let Some(node_ip) = index
+        .node(node_name)
+        .and_then(|n| n.addresses.first().copied())
+    else {
+        info!(
+            node = node_name,
+            "the Node object gives no InternalIP: this node reaches no other node"
+        );
+        datapath.set_routing(Routing::default())?;
+        return Ok(None);
+    };
+    let network = NodeNetwork::setup(
+        links.handle().clone(),
+        config.routing_mode,
+        config.uplink.as_deref(),
+        node_ip,
+        config.tunnel_port,
+    )
+    .await
+    .context("setting up routing to other nodes")?;
+    if network.tunnel != 0 {
+        datapath
+            .attach_tunnel(routing::TUNNEL_DEVICE)
+            .context("attaching the tunnel's programs")?;
+    }
+    let mut flags = match config.routing_mode {
+        RoutingMode::Tunnel => CONFIG_F_TUNNEL,
+        RoutingMode::Native => CONFIG_F_NATIVE,
+    };
+    if config.masquerade {
+        flags |= CONFIG_F_MASQUERADE;
+    }
+    datapath.set_routing(Routing {
+        flags,
+        node_ip,
+        tunnel_ifindex: network.tunnel,
+        uplink_ifindex: network.uplink.index,
+    })?;
+    Ok(Some(network))
 }
 
 /// Phase 5: everything that runs, until SIGTERM or SIGINT.
@@ -343,6 +406,7 @@ async fn serve(
             source,
             link_removals,
             links: Some(started.links),
+            network: started.network,
         },
         Settings {
             node_name,

@@ -19,4 +19,5 @@ pub(crate) mod netconf;
 pub(crate) mod owner;
 pub(crate) mod persist;
 pub(crate) mod priority;
+pub(crate) mod routing;
 pub mod source;

@@ -126,6 +126,11 @@ impl Links {
         Ok(Self { handle })
     }
 
+    /// The route-netlink handle, for the node's routing (`crate::routing`).
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     pub async fn list(&self) -> Result<Vec<LinkInfo>, LinksError> {
         let mut out = Vec::new();
         let mut links = self.handle.link().get().execute();

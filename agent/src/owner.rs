@@ -31,6 +31,7 @@ use crate::{
     datapath::DatapathOps,
     links::{EndpointAlias, LinkRemoved, Links},
     metrics::{KindLabel, Metrics, Snapshot},
+    routing::NodeNetwork,
     source::SourceEvent,
 };
 
@@ -299,6 +300,8 @@ pub struct Inputs {
     pub link_removals: Option<mpsc::Receiver<LinkRemoved>>,
     /// For the sweep (listing) and for deleting orphan veths; `None` in tests without a node.
     pub links: Option<Links>,
+    /// Routing to other nodes, when this node has an InternalIP: its routes follow the nodes.
+    pub network: Option<NodeNetwork>,
 }
 
 /// Starts the owner on a thread of its own; it runs until every handle is dropped.
@@ -361,6 +364,7 @@ impl<D: DatapathOps> Owner<D> {
         // The first tick of an interval is immediate: the start already did both.
         pending_deletes.tick().await;
         sweep.tick().await;
+        self.route_nodes().await;
         let mut source_open = true;
         loop {
             tokio::select! {
@@ -374,7 +378,10 @@ impl<D: DatapathOps> Owner<D> {
                     None => self.inputs.link_removals = None,
                 },
                 event = self.inputs.source.recv(), if source_open => match event {
-                    Some(event) => self.on_source_event(event),
+                    Some(event) => {
+                        self.on_source_event(event);
+                        self.route_nodes().await;
+                    }
                     None => {
                         warn!("the cluster-state source stopped; keeping the last state");
                         source_open = false;
@@ -417,6 +424,14 @@ impl<D: DatapathOps> Owner<D> {
             },
             // The source has logged it and retries; the agent goes on with its last state.
             SourceEvent::Unavailable => {}
+        }
+    }
+
+    /// Brings the routes to other nodes in line with the index (a no-op when the nodes did not
+    /// change).
+    async fn route_nodes(&mut self) {
+        if let Some(network) = self.inputs.network.as_mut() {
+            network.sync(self.agent.nodes()).await;
         }
     }
 
@@ -528,6 +543,7 @@ pub(crate) mod testing {
                 source: rx,
                 link_removals: None,
                 links: None,
+                network: None,
             },
             Settings {
                 node_name: "node-1".into(),

@@ -209,13 +209,6 @@ fn add(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<String, 
     // 1. Validation, without side effects.
     let pod_netns = open_pod_netns(attachment)?;
     let node = open_node_netlink()?;
-    let mtu = match conf.mtu {
-        Some(mtu) => mtu,
-        None => node
-            .default_route_mtu()
-            .map_err(|e| setup_failed("reading the MTU of the node's default route", &e))?
-            .unwrap_or(FALLBACK_MTU),
-    };
     let host_name = attachment.id.host_ifname();
     let ifname = attachment.id.ifname.as_str();
     let client = Client::new(&conf.agent_socket);
@@ -241,6 +234,14 @@ fn add(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<String, 
         "allocated {} (gateway {}, pod CIDR {})",
         allocation.ip, allocation.gateway, allocation.pod_cidr
     ));
+
+    let mtu = match conf.mtu.or(allocation.mtu) {
+        Some(mtu) => mtu,
+        None => node
+            .default_route_mtu()
+            .map_err(|e| setup_failed("reading the MTU of the node's default route", &e))?
+            .unwrap_or(FALLBACK_MTU),
+    };
 
     // 3. The veth pair.
     let pair = veth::create_pair(&node, &host_name, &pod_netns, ifname, mtu)

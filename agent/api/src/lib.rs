@@ -129,6 +129,10 @@ pub struct Allocation {
     pub gateway: Ipv4Addr,
     /// The node's pod CIDR, e.g. `10.244.1.0/24`.
     pub pod_cidr: String,
+    /// The MTU that fits the path to every other node (tunnel mode: the uplink's minus the
+    /// encapsulation), when the agent knows it; the conflist's `mtu` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// `DELETE /v1/ipam`: the address released, if the attachment had one.

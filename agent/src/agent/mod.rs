@@ -83,6 +83,8 @@ pub struct Agent<D> {
     /// has not shown yet waits for it (see [`Agent::awaits_pod`]).
     pod_objects_expected: bool,
     synced: bool,
+    /// The MTU pods get (`Allocation::mtu`), when routing sets one.
+    pod_mtu: Option<u32>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -157,6 +159,7 @@ impl<D: DatapathOps> Agent<D> {
             pending_deletes: None,
             pod_objects_expected: false,
             synced: false,
+            pod_mtu: None,
         }
     }
 
@@ -176,6 +179,12 @@ impl<D: DatapathOps> Agent<D> {
         self.pod_objects_expected
             && self.synced
             && self.index.pod(&pod.namespace, &pod.name).is_none()
+    }
+
+    /// Pods get this MTU unless their conflist says otherwise.
+    pub fn with_pod_mtu(mut self, mtu: Option<u32>) -> Self {
+        self.pod_mtu = mtu;
+        self
     }
 
     /// Takes the DELs the plugin queues in `dir` while the agent is down.
@@ -418,6 +427,7 @@ impl<D: DatapathOps> Agent<D> {
             ip,
             gateway: self.ipam.gateway(),
             pod_cidr: self.ipam.cidr().to_string(),
+            mtu: self.pod_mtu,
         })
     }
 

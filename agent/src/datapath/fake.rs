@@ -8,7 +8,7 @@ use myelin_common::{
 };
 
 use super::{
-    AttachMode, DatapathError, DatapathOps,
+    AttachMode, DatapathError, DatapathOps, Routing,
     table::{ApplyHooks, Diff, FakeMap, LpmKey, TableError, Tables},
 };
 use crate::desired::DesiredState;
@@ -34,6 +34,7 @@ pub struct FakeState {
     /// Bumped like the real datapath's policy revision.
     pub revision: u32,
     pub event_mask: u32,
+    pub routing: Routing,
     pub counter_ids: BTreeSet<u32>,
 }
 
@@ -94,6 +95,11 @@ impl DatapathOps for FakeDatapath {
 
     fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
         self.state.event_mask = mask;
+        Ok(())
+    }
+
+    fn set_routing(&mut self, routing: Routing) -> Result<(), DatapathError> {
+        self.state.routing = routing;
         Ok(())
     }
 

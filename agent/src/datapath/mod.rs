@@ -47,6 +47,8 @@ pub static OBJECT: &[u8] =
 
 const FROM_CONTAINER: &str = "from_container";
 const TO_CONTAINER: &str = "to_container";
+const FROM_TUNNEL: &str = "from_tunnel";
+const TO_TUNNEL: &str = "to_tunnel";
 
 /// The datapath's programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,13 +57,48 @@ pub enum Program {
     FromContainer,
     /// tc egress of the host veth: what the node delivers to the pod.
     ToContainer,
+    /// tc ingress of `myelin_vxlan`: what other nodes send through the tunnel.
+    FromTunnel,
+    /// tc egress of `myelin_vxlan`: what the node's stack routes into the tunnel.
+    ToTunnel,
 }
 
 impl Program {
+    pub const ALL: [Program; 4] = [
+        Program::FromContainer,
+        Program::ToContainer,
+        Program::FromTunnel,
+        Program::ToTunnel,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Program::FromContainer => FROM_CONTAINER,
             Program::ToContainer => TO_CONTAINER,
+            Program::FromTunnel => FROM_TUNNEL,
+            Program::ToTunnel => TO_TUNNEL,
+        }
+    }
+}
+
+/// How the datapath reaches other nodes (`DatapathConfig`'s routing fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routing {
+    /// `CONFIG_F_TUNNEL`, `CONFIG_F_NATIVE`, `CONFIG_F_MASQUERADE`.
+    pub flags: u32,
+    pub node_ip: std::net::Ipv4Addr,
+    pub tunnel_ifindex: u32,
+    pub uplink_ifindex: u32,
+}
+
+impl Default for Routing {
+    /// One node: nothing to route, nothing to masquerade.
+    fn default() -> Self {
+        Self {
+            flags: 0,
+            node_ip: std::net::Ipv4Addr::UNSPECIFIED,
+            tunnel_ifindex: 0,
+            uplink_ifindex: 0,
         }
     }
 }
@@ -165,6 +202,8 @@ pub trait DatapathOps: Send {
     fn policy_capacity(&self) -> usize;
     /// Which events the datapath emits (`myelin_common::config::EVENTS_*`).
     fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError>;
+    /// How other nodes are reached.
+    fn set_routing(&mut self, routing: Routing) -> Result<(), DatapathError>;
     fn endpoint_counters(&self, id: u32) -> EndpointCounters;
     /// The endpoint entry the maps hold for an address.
     fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo>;
@@ -271,7 +310,7 @@ impl Datapath {
             loader.map_max_entries(name, *size);
         }
         let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
-        for name in [FROM_CONTAINER, TO_CONTAINER] {
+        for name in Program::ALL.map(Program::name) {
             classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program {
@@ -350,6 +389,19 @@ impl Datapath {
         self.pin_dir
             .join("links")
             .join(format!("{ifname}-{direction}"))
+    }
+
+    /// Attaches the tunnel's programs to `ifname` (`myelin_vxlan`), replacing earlier ones.
+    pub fn attach_tunnel(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        clsact::ensure_qdisc(ifname)?;
+        for (program, hook) in [
+            (FROM_TUNNEL, TcAttachType::Ingress),
+            (TO_TUNNEL, TcAttachType::Egress),
+        ] {
+            clsact::attach(classifier(&mut self.ebpf, program)?, program, ifname, hook)?;
+        }
+        debug!(ifname, "tunnel programs attached");
+        Ok(())
     }
 
     fn attach_programs(&mut self, ifname: &str) -> Result<(), DatapathError> {
@@ -459,6 +511,16 @@ impl DatapathOps for Datapath {
     fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
         Ok(self.config.write(DatapathConfig {
             events: mask,
+            ..self.config.value
+        })?)
+    }
+
+    fn set_routing(&mut self, routing: Routing) -> Result<(), DatapathError> {
+        Ok(self.config.write(DatapathConfig {
+            flags: routing.flags,
+            node_ip: routing.node_ip.octets(),
+            tunnel_ifindex: routing.tunnel_ifindex,
+            uplink_ifindex: routing.uplink_ifindex,
             ..self.config.value
         })?)
     }

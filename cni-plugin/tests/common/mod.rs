@@ -438,6 +438,7 @@ fn handle(state: &mut AgentState, method: &str, target: &str, body: &[u8]) -> (u
                     ip,
                     gateway: GATEWAY.parse().expect("gateway"),
                     pod_cidr: POD_CIDR.into(),
+                    mtu: None,
                 },
             )
         }

@@ -23,11 +23,16 @@ pub enum DropReason {
     /// The pod's policy entries did not all fit in the policy map; new connections of a pod
     /// whose policy is incomplete are dropped rather than allowed by accident.
     PolicyIncomplete = 8,
+    /// A packet from the tunnel without a tunnel key, or whose outer source is not a node of
+    /// the cluster: nobody else may claim a source identity.
+    TunnelPeerUnknown = 9,
+    /// A packet routed into the tunnel whose destination is behind no node.
+    TunnelNoNode = 10,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::NoEndpoint,
         DropReason::SpoofedSourceIp,
         DropReason::SpoofedSourceMac,
@@ -36,6 +41,8 @@ impl DropReason {
         DropReason::PolicyDeniedEgress,
         DropReason::ConntrackFull,
         DropReason::PolicyIncomplete,
+        DropReason::TunnelPeerUnknown,
+        DropReason::TunnelNoNode,
     ];
     /// Capacity of the `drops` array: room for reasons added later.
     pub const MAX: u32 = 64;
@@ -62,6 +69,8 @@ impl DropReason {
             DropReason::PolicyDeniedEgress => "policy-denied-egress",
             DropReason::ConntrackFull => "conntrack-full",
             DropReason::PolicyIncomplete => "policy-incomplete",
+            DropReason::TunnelPeerUnknown => "tunnel-peer-unknown",
+            DropReason::TunnelNoNode => "tunnel-no-node",
         }
     }
 }

@@ -22,6 +22,8 @@ mod endpoint;
 #[cfg(target_arch = "bpf")]
 mod events;
 #[cfg(target_arch = "bpf")]
+mod forward;
+#[cfg(target_arch = "bpf")]
 mod fragments;
 #[cfg(target_arch = "bpf")]
 mod ipcache;
@@ -51,11 +53,14 @@ mod programs {
         drop::drop,
         endpoint,
         events::{self, Verdict},
+        forward, ipcache,
         packet::{self, Flow},
         policy::{self, Peers},
     };
 
     const PASS: i32 = TC_ACT_OK as i32;
+    /// `skb->pkt_type` of a packet addressed to this host.
+    const PACKET_HOST: u32 = 0;
 
     fn unknown_peers() -> Peers {
         let unknown = IpcacheEntry {
@@ -84,8 +89,10 @@ mod programs {
     }
 
     /// Conntrack, then policy for new flows. `Ok(true)` when the packet is a reply that must go
-    /// back through the node's stack (its flow entered the pod from there).
+    /// back through the node's stack (its flow entered the pod from there). `src_identity`:
+    /// the sender's identity when the packet says it (the tunnel's VNI), else the ipcache's.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn admit(
         ctx: &TcContext,
         config: &DatapathConfig,
@@ -94,6 +101,7 @@ mod programs {
         dst: Option<&EndpointInfo>,
         verdict: &mut Verdict,
         create_flags: u32,
+        src_identity: Option<u32>,
     ) -> Result<bool, i32> {
         let now = conntrack::now();
         let (entry, key, is_reply) = match conntrack::lookup(flow, now) {
@@ -106,6 +114,7 @@ mod programs {
                     flow.dport,
                     src,
                     dst,
+                    src_identity,
                 ) {
                     Ok(peers) => {
                         verdict.peers = peers;
@@ -167,7 +176,7 @@ mod programs {
     fn recheck(k: &CtKey) -> Result<Peers, (DropReason, Peers)> {
         let src = endpoint::by_ip(k.saddr);
         let dst = endpoint::by_ip(k.daddr);
-        policy::evaluate(k.saddr, k.daddr, k.protocol, k.dport, src, dst)
+        policy::evaluate(k.saddr, k.daddr, k.protocol, k.dport, src, dst, None)
     }
 
     fn direction_of(reason: DropReason) -> u8 {
@@ -253,9 +262,28 @@ mod programs {
             ));
         }
 
-        let via_stack = admit(ctx, &config, &flow, Some(src), dst, &mut verdict, 0)?;
+        let via_stack = admit(ctx, &config, &flow, Some(src), dst, &mut verdict, 0, None)?;
         let Some(dst) = dst else {
-            return Ok(PASS);
+            if via_stack || ttl <= 1 {
+                return Ok(PASS);
+            }
+            // A pod on another node: into the tunnel or out of the uplink. Anything else (the
+            // node, the world) is the stack's.
+            let peer = ipcache::lookup(flow.daddr);
+            if peer.node == [0; 4] {
+                return Ok(PASS);
+            }
+            // SAFETY: `ip` is still within bounds: nothing resized the packet.
+            unsafe { packet::decrement_ttl(ip) };
+            return Ok(forward::to_node(
+                ctx,
+                &config,
+                eth,
+                flow.saddr,
+                flow.daddr,
+                peer.node,
+                src.identity,
+            ));
         };
         // Replies of flows that came through the stack go back through it (reverse NAT), and
         // an expiring TTL goes to the stack, which answers with ICMP time exceeded.
@@ -317,7 +345,99 @@ mod programs {
             Some(dst),
             &mut verdict,
             CT_F_FROM_STACK,
+            None,
         )?;
+        Ok(PASS)
+    }
+
+    /// tc ingress of `myelin_vxlan`: what other nodes send through the tunnel, decapsulated.
+    /// The sender's identity is the VNI; a packet for a local pod is checked against its
+    /// ingress policy (and tracked, so that the pod's replies pass) and delivered straight into
+    /// it; one for the node itself goes up its stack.
+    #[classifier]
+    pub fn from_tunnel(ctx: TcContext) -> i32 {
+        match try_from_tunnel(&ctx) {
+            Ok(action) | Err(action) => action,
+        }
+    }
+
+    fn try_from_tunnel(ctx: &TcContext) -> Result<i32, i32> {
+        let key =
+            forward::tunnel_key(ctx).ok_or_else(|| drop(ctx, DropReason::TunnelPeerUnknown))?;
+        // Only nodes of the cluster may speak for an identity.
+        let outer = forward::remote_addr(&key);
+        if ipcache::lookup(outer).identity != identity::REMOTE_NODE {
+            return Err(drop(ctx, DropReason::TunnelPeerUnknown));
+        }
+        let eth = packet::eth(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        // SAFETY: bounds-checked by `packet::eth`.
+        if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+            return Err(drop(ctx, DropReason::Malformed));
+        }
+        let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let Some(dst) = endpoint::by_ip(flow.daddr) else {
+            // For the node itself (a remote pod reaching one of its addresses).
+            let _ = ctx.change_type(PACKET_HOST);
+            return Ok(PASS);
+        };
+        endpoint::account_rx(dst.id, ctx.len());
+        let config = events::config();
+        let mut verdict = Verdict {
+            reason: 0,
+            direction: Direction::Ingress as u8,
+            src_endpoint: 0,
+            dst_endpoint: dst.id,
+            peers: unknown_peers(),
+            ifindex: packet::ifindex(ctx),
+        };
+        let src_identity = forward::identity_from_vni(key.tunnel_id);
+        admit(
+            ctx,
+            &config,
+            &flow,
+            None,
+            Some(dst),
+            &mut verdict,
+            0,
+            Some(src_identity),
+        )?;
+        // SAFETY: `eth` is still within bounds: nothing resized the packet.
+        unsafe { packet::set_macs(eth, &dst.mac, &dst.host_mac) };
+        // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
+        let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
+        if ret == i64::from(TC_ACT_REDIRECT) {
+            Ok(TC_ACT_REDIRECT as i32)
+        } else {
+            Ok(PASS)
+        }
+    }
+
+    /// tc egress of `myelin_vxlan`: packets the node's stack routed into the tunnel (the
+    /// node's own traffic to remote pods, or traffic it forwards) get their tunnel key from the
+    /// ipcache. Pods' packets arrive here with one already (`from_container`).
+    #[classifier]
+    pub fn to_tunnel(ctx: TcContext) -> i32 {
+        match try_to_tunnel(&ctx) {
+            Ok(action) | Err(action) => action,
+        }
+    }
+
+    fn try_to_tunnel(ctx: &TcContext) -> Result<i32, i32> {
+        if forward::tunnel_key(ctx).is_some() {
+            return Ok(PASS);
+        }
+        let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        // SAFETY: bounds-checked by `packet::ipv4`.
+        let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
+        let node = ipcache::lookup(daddr).node;
+        if node == [0; 4] {
+            return Err(drop(ctx, DropReason::TunnelNoNode));
+        }
+        let identity = ipcache::lookup(saddr).identity;
+        if !forward::set_tunnel_key(ctx, node, identity) {
+            return Err(drop(ctx, DropReason::TunnelNoNode));
+        }
         Ok(PASS)
     }
 }

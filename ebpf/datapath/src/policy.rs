@@ -65,7 +65,8 @@ fn allows(
 
 /// Checks a new flow against the egress policy of its source endpoint and the ingress policy of
 /// its destination endpoint (either may be absent: not a local pod). `dport` is in network
-/// byte order.
+/// byte order. `src_identity` overrides the ipcache's identity of the source (the tunnel's VNI
+/// says who sent a packet from another node, also before this node's watch has seen the pod).
 #[inline(always)]
 pub fn evaluate(
     saddr: [u8; 4],
@@ -74,11 +75,15 @@ pub fn evaluate(
     dport: u16,
     src: Option<&EndpointInfo>,
     dst: Option<&EndpointInfo>,
+    src_identity: Option<u32>,
 ) -> Result<Peers, (DropReason, Peers)> {
-    let peers = Peers {
+    let mut peers = Peers {
         src: ipcache::lookup(saddr),
         dst: ipcache::lookup(daddr),
     };
+    if let Some(identity) = src_identity {
+        peers.src.identity = identity;
+    }
     // Traffic between a pod and its own node is always allowed, both ways: kubelet probes in,
     // node-local agents and DNS caches out (NetworkPolicy's one exception to isolation).
     if let Some(s) = src

@@ -1,0 +1,360 @@
+//! How this node reaches the others, set up in its network namespace:
+//!
+//! - the uplink: the device holding the node's InternalIP (or `--uplink`), through which
+//!   traffic leaves for other nodes and the outside;
+//! - tunnel mode: `myelin_vxlan`, a VXLAN device in collect-metadata mode (`external`) on
+//!   `--tunnel-port`, with the datapath's tunnel programs; its MTU is the uplink's minus the
+//!   VXLAN overhead, so that an encapsulated packet still fits the uplink;
+//! - a route for every other node's pod CIDR, tagged with Myelin's route protocol so that
+//!   the ones of nodes that left are found and removed: through `myelin_vxlan` (tunnel), or via
+//!   the node's InternalIP on the uplink (native, when that address is on the uplink's subnet;
+//!   otherwise the underlay routes pod CIDRs and the default route serves). These routes serve
+//!   the node's own traffic to remote pods; pods' packets go by the datapath.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
+use netlink_packet_route::{
+    AddressFamily,
+    address::AddressAttribute,
+    link::{LinkAttribute, LinkFlags, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope},
+};
+use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use tracing::{info, warn};
+
+use crate::{config::RoutingMode, desired::nodes::RemoteNode};
+
+/// The tunnel device.
+pub const TUNNEL_DEVICE: &str = "myelin_vxlan";
+/// What VXLAN adds to a packet: outer IPv4 (20), UDP (8), VXLAN (8) and inner Ethernet (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The protocol number Myelin's routes carry (`ip route show proto 77`): unused by iproute2's
+/// list (`/etc/iproute2/rt_protos`), so no other software's routes look like ours.
+const ROUTE_PROTOCOL: u8 = 77;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("netlink: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("no device of this node holds its InternalIP {0}; give the uplink with --uplink")]
+    NoUplink(Ipv4Addr),
+    #[error("--uplink {0}: no such device")]
+    UplinkMissing(String),
+    #[error("the tunnel device {0} vanished right after it was created")]
+    TunnelVanished(&'static str),
+}
+
+/// The uplink as found at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uplink {
+    pub name: String,
+    pub index: u32,
+    pub mtu: u32,
+    /// Its IPv4 subnets: which nodes are reachable without a router.
+    pub subnets: Vec<Ipv4Net>,
+}
+
+/// Finds the uplink: `--uplink` by name, else the device holding `node_ip`.
+pub async fn find_uplink(
+    handle: &Handle,
+    by_name: Option<&str>,
+    node_ip: Ipv4Addr,
+) -> Result<Uplink, RoutingError> {
+    let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await?;
+    let addresses = ipv4_addresses(handle).await?;
+    let index = match by_name {
+        Some(name) => links
+            .iter()
+            .find(|l| link_name(l) == Some(name))
+            .map(|l| l.header.index)
+            .ok_or_else(|| RoutingError::UplinkMissing(name.to_string()))?,
+        None => addresses
+            .iter()
+            .find(|(_, net)| net.addr() == node_ip)
+            .map(|(index, _)| *index)
+            .ok_or(RoutingError::NoUplink(node_ip))?,
+    };
+    let link = links
+        .iter()
+        .find(|l| l.header.index == index)
+        .ok_or(RoutingError::NoUplink(node_ip))?;
+    Ok(Uplink {
+        name: link_name(link).unwrap_or_default().to_string(),
+        index,
+        mtu: link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .unwrap_or(1500),
+        subnets: addresses
+            .iter()
+            .filter(|(i, _)| *i == index)
+            .map(|(_, net)| net.trunc())
+            .collect(),
+    })
+}
+
+fn link_name(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+async fn ipv4_addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Net)>, RoutingError> {
+    let messages: Vec<_> = handle.address().get().execute().try_collect().await?;
+    Ok(messages
+        .into_iter()
+        .filter(|m| m.header.family == AddressFamily::Inet)
+        .filter_map(|m| {
+            let prefix = m.header.prefix_len;
+            let index = m.header.index;
+            m.attributes.into_iter().find_map(|a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip)) => {
+                    Ipv4Net::new(ip, prefix).ok().map(|n| (index, n))
+                }
+                _ => None,
+            })
+        })
+        .collect())
+}
+
+/// Creates `myelin_vxlan` (or recreates it when its port or MTU differs), up, without ARP (its
+/// peers are known from the ipcache), and returns its ifindex.
+pub async fn ensure_tunnel(handle: &Handle, port: u16, mtu: u32) -> Result<u32, RoutingError> {
+    let existing: Option<LinkMessage> = match handle
+        .link()
+        .get()
+        .match_name(TUNNEL_DEVICE.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => link,
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(link) = existing {
+        // Recreated rather than changed: a VXLAN device's port cannot be changed in place.
+        handle.link().del(link.header.index).execute().await?;
+    }
+    handle
+        .link()
+        .add(
+            LinkVxlan::new(TUNNEL_DEVICE, 0)
+                .port(port)
+                .collect_metadata(true)
+                .learning(false)
+                .build(),
+        )
+        .execute()
+        .await?;
+    let link: Option<LinkMessage> = handle
+        .link()
+        .get()
+        .match_name(TUNNEL_DEVICE.to_string())
+        .execute()
+        .try_next()
+        .await?;
+    let index = link
+        .ok_or(RoutingError::TunnelVanished(TUNNEL_DEVICE))?
+        .header
+        .index;
+    let mut set = LinkUnspec::new_with_index(index).mtu(mtu).up().build();
+    set.header.flags |= LinkFlags::Noarp;
+    set.header.change_mask |= LinkFlags::Noarp;
+    handle.link().set(set).execute().await?;
+    info!(device = TUNNEL_DEVICE, port, mtu, "tunnel ready");
+    Ok(index)
+}
+
+/// A route to another node's pods.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeRoute {
+    pub dst: Ipv4Net,
+    pub via: Option<Ipv4Addr>,
+    pub dev: u32,
+}
+
+/// The routes to `nodes` in `mode`, through the tunnel device `tunnel` or the uplink.
+pub fn node_routes(
+    mode: RoutingMode,
+    nodes: &[RemoteNode],
+    tunnel: u32,
+    uplink: &Uplink,
+) -> Vec<NodeRoute> {
+    let mut routes: Vec<NodeRoute> = nodes
+        .iter()
+        .filter_map(|n| match mode {
+            RoutingMode::Tunnel => Some(NodeRoute {
+                dst: n.pod_cidr,
+                via: None,
+                dev: tunnel,
+            }),
+            RoutingMode::Native => {
+                uplink
+                    .subnets
+                    .iter()
+                    .any(|s| s.contains(&n.ip))
+                    .then_some(NodeRoute {
+                        dst: n.pod_cidr,
+                        via: Some(n.ip),
+                        dev: uplink.index,
+                    })
+            }
+        })
+        .collect();
+    routes.sort();
+    routes
+}
+
+/// Makes Myelin's routes exactly `wanted`: adds the missing, replaces the changed, removes
+/// the rest. Node traffic through the tunnel leaves from `source` (the node's InternalIP).
+pub async fn sync_routes(
+    handle: &Handle,
+    wanted: &[NodeRoute],
+    source: Ipv4Addr,
+) -> Result<(), RoutingError> {
+    let current = our_routes(handle).await?;
+    for (route, message) in &current {
+        if !wanted.contains(route) {
+            handle.route().del(message.clone()).execute().await?;
+            info!(dst = %route.dst, "route to a node that left removed");
+        }
+    }
+    for route in wanted {
+        if current.iter().any(|(r, _)| r == route) {
+            continue;
+        }
+        let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(route.dst.addr(), route.dst.prefix_len())
+            .output_interface(route.dev)
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .pref_source(source);
+        builder = match route.via {
+            Some(gw) => builder.gateway(gw),
+            None => builder.scope(RouteScope::Link),
+        };
+        handle
+            .route()
+            .add(builder.build())
+            .replace()
+            .execute()
+            .await?;
+        info!(dst = %route.dst, via = ?route.via, "route to a node's pods");
+    }
+    Ok(())
+}
+
+async fn our_routes(handle: &Handle) -> Result<Vec<(NodeRoute, RouteMessage)>, RoutingError> {
+    let messages: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await?;
+    Ok(messages
+        .into_iter()
+        .filter(|m| {
+            m.header.address_family == AddressFamily::Inet
+                && m.header.table == RouteHeader::RT_TABLE_MAIN
+                && m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+        })
+        .filter_map(|m| {
+            let mut dst = None;
+            let mut via = None;
+            let mut dev = None;
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => via = Some(*ip),
+                    RouteAttribute::Oif(i) => dev = Some(*i),
+                    _ => {}
+                }
+            }
+            let route = NodeRoute {
+                dst: Ipv4Net::new(dst?, m.header.destination_prefix_length).ok()?,
+                via,
+                dev: dev?,
+            };
+            Some((route, m))
+        })
+        .collect())
+}
+
+/// Logs nodes that cannot be routed (each time the routed set changes).
+fn report_skipped(skipped: &[(String, crate::desired::nodes::Skipped)]) {
+    for (name, why) in skipped {
+        warn!(node = name, "Node {name} is not routed: {why}");
+    }
+}
+
+/// This node's part in reaching the others, once set up; kept by the owner, which brings the
+/// routes in line with the other nodes whenever they change.
+pub struct NodeNetwork {
+    handle: Handle,
+    mode: RoutingMode,
+    pub uplink: Uplink,
+    /// `myelin_vxlan`'s ifindex in tunnel mode, 0 in native mode.
+    pub tunnel: u32,
+    pub node_ip: Ipv4Addr,
+    /// The remote nodes the routes were last made for.
+    routed: Option<Vec<RemoteNode>>,
+}
+
+impl NodeNetwork {
+    /// Finds the uplink and, in tunnel mode, sets the tunnel device up.
+    pub async fn setup(
+        handle: Handle,
+        mode: RoutingMode,
+        uplink: Option<&str>,
+        node_ip: Ipv4Addr,
+        tunnel_port: u16,
+    ) -> Result<Self, RoutingError> {
+        let uplink = find_uplink(&handle, uplink, node_ip).await?;
+        let tunnel = match mode {
+            RoutingMode::Tunnel => {
+                ensure_tunnel(&handle, tunnel_port, uplink.mtu - VXLAN_OVERHEAD).await?
+            }
+            RoutingMode::Native => 0,
+        };
+        info!(
+            uplink = uplink.name, %node_ip, mode = ?mode,
+            "routing to other nodes"
+        );
+        Ok(Self {
+            handle,
+            mode,
+            uplink,
+            tunnel,
+            node_ip,
+            routed: None,
+        })
+    }
+
+    /// The MTU that fits the path to every other node.
+    pub fn pod_mtu(&self) -> u32 {
+        match self.mode {
+            RoutingMode::Tunnel => self.uplink.mtu - VXLAN_OVERHEAD,
+            RoutingMode::Native => self.uplink.mtu,
+        }
+    }
+
+    /// Routes to `nodes`, when they changed since the last time.
+    pub async fn sync(&mut self, nodes: &crate::desired::Nodes) {
+        if self.routed.as_ref() == Some(&nodes.remote) {
+            return;
+        }
+        report_skipped(&nodes.skipped);
+        let wanted = node_routes(self.mode, &nodes.remote, self.tunnel, &self.uplink);
+        match sync_routes(&self.handle, &wanted, self.node_ip).await {
+            Ok(()) => self.routed = Some(nodes.remote.clone()),
+            Err(e) => warn!(error = %e, "bringing the routes to other nodes in line failed"),
+        }
+    }
+}

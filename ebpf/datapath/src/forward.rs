@@ -1,0 +1,147 @@
+//! Packets for pods on other nodes: into the tunnel, or out of the uplink unencapsulated.
+//!
+//! - Tunnel (`CONFIG_F_TUNNEL`): the packet gets a tunnel key (the remote node's InternalIP,
+//!   and the sender's security identity as the VNI) and goes to `myelin_vxlan`, a VXLAN device
+//!   in collect-metadata mode, which encapsulates it. The receiving node takes the sender's
+//!   identity from the VNI: its policy holds even before its watch has seen the remote pod.
+//!   The outer UDP checksum is left zero (`BPF_F_ZERO_CSUM_TX`): VXLAN's inner packet carries
+//!   its own checksums, and no offload bug can corrupt a checksum that is not there.
+//! - Native (`CONFIG_F_NATIVE`): a FIB lookup gives the next hop through the uplink; the packet
+//!   goes there with its MACs rewritten, or through `bpf_redirect_neigh` when the neighbour is
+//!   not resolved yet. Anything the FIB cannot answer goes to the node's stack.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ZERO_CSUM_TX, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        TC_ACT_REDIRECT, bpf_fib_lookup, bpf_tunnel_key,
+    },
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_get_tunnel_key,
+        bpf_skb_set_tunnel_key,
+    },
+    programs::TcContext,
+};
+use myelin_common::{
+    config::{CONFIG_F_NATIVE, CONFIG_F_TUNNEL, DatapathConfig},
+    identity,
+};
+
+use crate::packet::{self, EthHdr};
+
+const AF_INET: u8 = 2;
+/// The outer IPv4 TTL of tunnel packets.
+const TUNNEL_TTL: u8 = 64;
+
+/// The VNI a node's own traffic carries, and what a receiver makes of it: the node is the
+/// receiver's remote node (its own `HOST` would exempt it from policy).
+#[inline(always)]
+pub fn identity_from_vni(vni: u32) -> u32 {
+    if vni == identity::HOST {
+        identity::REMOTE_NODE
+    } else {
+        vni
+    }
+}
+
+/// The address at the other end of the tunnel. The key holds it in host byte order.
+#[inline(always)]
+pub fn remote_addr(key: &bpf_tunnel_key) -> [u8; 4] {
+    // SAFETY: the union's IPv4 member; IPv6 keys are never asked for here.
+    unsafe { key.__bindgen_anon_1.remote_ipv4 }.to_be_bytes()
+}
+
+/// The tunnel key of a packet: set on a packet about to be encapsulated, or read from one
+/// that was decapsulated. `None` without one.
+#[inline(always)]
+pub fn tunnel_key(ctx: &TcContext) -> Option<bpf_tunnel_key> {
+    // SAFETY: an all-zero bpf_tunnel_key is a valid value of that plain C struct.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: the helper writes at most `size` bytes into `key`.
+    let ret = unsafe {
+        bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
+    };
+    (ret == 0).then_some(key)
+}
+
+/// Gives the packet the tunnel key towards `node`, carrying `identity`.
+#[inline(always)]
+pub fn set_tunnel_key(ctx: &TcContext, node: [u8; 4], identity: u32) -> bool {
+    // SAFETY: as above.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    key.tunnel_id = identity;
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node);
+    key.tunnel_ttl = TUNNEL_TTL;
+    // SAFETY: the helper reads `size` bytes of `key`.
+    let ret = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key,
+            size_of::<bpf_tunnel_key>() as u32,
+            u64::from(BPF_F_ZERO_CSUM_TX),
+        )
+    };
+    ret == 0
+}
+
+/// Sends a pod's packet to the pod on the node at `node`, by the routing mode. `eth` is the
+/// packet's Ethernet header, `daddr` its destination. Without a routing mode (a single node),
+/// or when the FIB has no answer, the node's stack gets it.
+#[inline(always)]
+pub fn to_node(
+    ctx: &TcContext,
+    config: &DatapathConfig,
+    eth: *mut EthHdr,
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    node: [u8; 4],
+    src_identity: u32,
+) -> i32 {
+    if config.flags & CONFIG_F_TUNNEL != 0 && config.tunnel_ifindex != 0 {
+        if !set_tunnel_key(ctx, node, src_identity) {
+            return TC_ACT_OK as i32;
+        }
+        // SAFETY: plain helper call; the tunnel device's egress encapsulates.
+        return unsafe { bpf_redirect(config.tunnel_ifindex, 0) } as i32;
+    }
+    if config.flags & CONFIG_F_NATIVE != 0 {
+        return fib_redirect(ctx, eth, saddr, daddr);
+    }
+    TC_ACT_OK as i32
+}
+
+/// Native routing: the FIB's next hop for `daddr`, and a redirect there.
+#[inline(always)]
+fn fib_redirect(ctx: &TcContext, eth: *mut EthHdr, saddr: [u8; 4], daddr: [u8; 4]) -> i32 {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid value of that plain C struct.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.ifindex = packet::ifindex(ctx);
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    // SAFETY: the helper reads and writes `params`, of the size given.
+    let ret = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if ret == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        // SAFETY: `eth` was bounds-checked by the caller and nothing resized the packet.
+        unsafe { packet::set_macs(eth, &params.dmac, &params.smac) };
+        // SAFETY: plain helper call.
+        return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
+    }
+    if ret == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        // The kernel resolves the neighbour (and routes) itself.
+        // SAFETY: no parameters: the helper looks the next hop up.
+        let ret = unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) };
+        if ret == i64::from(TC_ACT_REDIRECT) {
+            return TC_ACT_REDIRECT as i32;
+        }
+    }
+    TC_ACT_OK as i32
+}
