@@ -47,7 +47,7 @@ pub use bins::{BIN_DIR_ENV, Binaries};
 pub use cni::{CniCall, CniOutput, Pod, PodSandbox, REFERENCE_PLUGIN_DIR, result_ip, run_plugin};
 pub use error::{Error, Result};
 pub use netns::Netns;
-pub use node::{AGENT_READY_TIMEOUT, Footprint, Node, NodeSpec};
+pub use node::{AGENT_READY_TIMEOUT, AgentSource, Footprint, Node, NodeSpec};
 pub use process::{Output, describe};
 pub use run::{RunPrefix, SKIP_ROOT_TESTS_ENV, root_test};
 pub use sweep::{SweepReport, sweep_leftovers};
