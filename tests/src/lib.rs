@@ -5,6 +5,9 @@
 //! carry a per-run prefix ([`RunPrefix`], `myelin-t<pid>-<n>`); guards remove everything on
 //! success and on panic, and [`sweep_leftovers`] removes what killed runs left.
 //!
+//! Several nodes on one underlay, with a world namespace for the internet, are a
+//! [`multinode::Cluster`].
+//!
 //! A root test starts with [`root_test`]:
 //!
 //! ```no_run
@@ -29,6 +32,7 @@ pub mod containerd;
 pub mod demo;
 mod error;
 pub mod metrics;
+pub mod multinode;
 mod netns;
 mod node;
 pub mod oci;

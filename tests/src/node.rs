@@ -439,6 +439,14 @@ impl Node {
         Ok(())
     }
 
+    /// Sends the agent SIGTERM without waiting; [`Node::stop_agent`] (or the drop) reaps it.
+    pub(crate) fn signal_agent_to_stop(&self) {
+        if let Some(agent) = &self.agent {
+            // ESRCH: it already exited.
+            let _ = kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM);
+        }
+    }
+
     /// Kills the agent with SIGKILL, as an OOM kill or a node's crash would, and reaps it.
     pub fn kill_agent(&mut self) -> Result<()> {
         let Some(mut agent) = self.agent.take() else {
