@@ -337,7 +337,7 @@ impl Node {
     /// `myelin-agent` in this node's namespace with this node's name, dirs, socket and metrics
     /// address, its output appended to the agent log; the caller adds the source. Only the
     /// flags given here configure it: `MYELIN_*` of the caller's environment are removed.
-    pub(crate) fn agent_command(&self) -> Result<std::process::Command> {
+    fn agent_command(&self) -> Result<std::process::Command> {
         let log_path = self.agent_log_path();
         let log = OpenOptions::new()
             .create(true)
@@ -479,7 +479,7 @@ impl Node {
         Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
 
-    pub(crate) fn agent_error(&self, reason: String) -> Error {
+    fn agent_error(&self, reason: String) -> Error {
         Error::Agent {
             node: self.name.clone(),
             reason,
@@ -604,7 +604,7 @@ pub struct Footprint {
 }
 
 /// Spawns an agent command from [`Node::agent_command`].
-pub(crate) fn spawn_agent(mut cmd: std::process::Command) -> Result<Child> {
+fn spawn_agent(mut cmd: std::process::Command) -> Result<Child> {
     let command = process::describe(&cmd);
     cmd.spawn()
         .map_err(|source| Error::Spawn { command, source })
