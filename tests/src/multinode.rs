@@ -3,20 +3,27 @@
 //! network, with one more namespace, the world, standing for the internet.
 //!
 //! ```text
-//! Underlay::Switch                          Underlay::Router { route_pod_cidrs }
+//! Underlay::Switch                                 one L2 segment, 192.168.100.0/24
+//!   <run>-underlay: bridge "switch"  (192.168.100.2 on it only to serve the API server)
+//!     port node0 ─── eth0 192.168.100.10  <run>-node0   default via 192.168.100.1
+//!     port node1 ─── eth0 192.168.100.11  <run>-node1   default via 192.168.100.1
+//!     port world ─── eth0 192.168.100.1   <run>-world   (the subnet only)
 //!
-//!  node0 eth0 192.168.100.10 ─┐              node0 eth0 192.168.1.10 ─┐ subnet1 192.168.1.1
-//!  node1 eth0 192.168.100.11 ─┤ bridge       node2 eth0 192.168.1.12 ─┘   (bridge)
-//!  node2 eth0 192.168.100.12 ─┤ "switch"     node1 eth0 192.168.2.11 ─┐ subnet2 192.168.2.1
-//!  world eth0 192.168.100.1  ─┘              node3 eth0 192.168.2.13 ─┘   (bridge)
-//!  (nodes' default route)                    world eth0 203.0.113.10 ── world 203.0.113.1
-//!                                            ip_forward=1; nodes' default route: their subnet's
-//!                                            .1; with route_pod_cidrs, 10.244.<i>.0/24 via node i
+//! Underlay::Router { route_pod_cidrs }             two subnets and the world's, routed
+//!   <run>-underlay: ip_forward=1; with route_pod_cidrs, 10.244.<i>.0/24 via node i
+//!     bridge subnet1 192.168.1.1 (the API server's address)
+//!       port node0 ─── eth0 192.168.1.10  <run>-node0   default via 192.168.1.1
+//!       port node2 ─── eth0 192.168.1.12  <run>-node2   default via 192.168.1.1
+//!     bridge subnet2 192.168.2.1
+//!       port node1 ─── eth0 192.168.2.11  <run>-node1   default via 192.168.2.1
+//!     port world 203.0.113.1 ─── eth0 203.0.113.10  <run>-world
+//!                                  192.168.1.0/24 and 192.168.2.0/24 via 203.0.113.1, no more
 //! ```
 //!
-//! - Node `i` is named `node<i>`, has the pod CIDR `10.244.<i>.0/24`, and its uplink is `eth0`
-//!   (the device holding its InternalIP), whose peer `node<i>` is a bridge port in the underlay.
-//!   Indexes are never reused: a node that joins after one left gets a new index.
+//! - Node `i` is named `node<i>` (namespace `<run>-node<i>`, its pods `<run>-node<i>-<ns>-<pod>`),
+//!   has the pod CIDR `10.244.<i>.0/24`, and its uplink is `eth0` (the device holding its
+//!   InternalIP), whose peer `node<i>` is a bridge port in the underlay. Indexes are never
+//!   reused: a node that joins after one left gets a new index (and address).
 //! - The world has routes to the node addresses only, never to a pod CIDR: pod traffic reaches
 //!   it, and is answered, only once it carries a node's address (masquerade).
 //! - Every node's agent sees the same cluster state, as Kubernetes would show it: the Node
