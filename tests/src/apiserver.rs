@@ -384,6 +384,12 @@ impl ApiServer {
         Ok(rv)
     }
 
+    /// Deletes the stored object with `object`'s kind, namespace and name.
+    pub fn delete_object(&self, object: &Value) -> Result<u64> {
+        let (resource, (namespace, name)) = object_key(object)?;
+        self.delete(resource, &namespace, &name)
+    }
+
     /// Forgets all past events and list snapshots: a watch resuming from before now gets
     /// `410 Gone` and must relist. Open watches are up to date and carry on.
     pub fn compact(&self) {

@@ -3,6 +3,7 @@
 
 use std::{
     fs,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -46,6 +47,17 @@ impl ClusterDir {
         fs::rename(&partial, &target)
             .map_err(Error::io(format!("renaming to {}", target.display())))
     }
+
+    /// Removes `<stem>.yaml`, and with it its objects; a file that is not there is fine.
+    pub fn remove(&self, stem: &str) -> Result<()> {
+        let target = self.path.join(format!("{stem}.yaml"));
+        match fs::remove_file(&target) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(format!("removing {}", target.display()))(e))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 pub fn node_object(name: &str, pod_cidr: &str) -> Value {
@@ -55,6 +67,19 @@ pub fn node_object(name: &str, pod_cidr: &str) -> Value {
         "metadata": { "name": name },
         "spec": { "podCIDR": pod_cidr, "podCIDRs": [pod_cidr] },
     })
+}
+
+/// A Node as the cluster shows it once its kubelet registered: its pod CIDR and its addresses
+/// (`InternalIP`, the address other nodes reach it on, and `Hostname`).
+pub fn node_object_at(name: &str, pod_cidr: &str, internal_ip: Ipv4Addr) -> Value {
+    let mut node = node_object(name, pod_cidr);
+    node["status"] = json!({
+        "addresses": [
+            { "type": "InternalIP", "address": internal_ip.to_string() },
+            { "type": "Hostname", "address": name },
+        ],
+    });
+    node
 }
 
 pub fn namespace_object(name: &str, labels: &[(&str, &str)]) -> Value {
@@ -88,6 +113,17 @@ pub fn pod_object(
             "nodeName": node,
             "containers": [{ "name": "app", "image": "busybox", "ports": ports }],
         },
+    })
+}
+
+/// The `status` kubelet reports for a running pod: its address and its node's.
+pub fn running_pod_status(pod_ip: Ipv4Addr, host_ip: Ipv4Addr) -> Value {
+    json!({
+        "phase": "Running",
+        "podIP": pod_ip.to_string(),
+        "podIPs": [{ "ip": pod_ip.to_string() }],
+        "hostIP": host_ip.to_string(),
+        "hostIPs": [{ "ip": host_ip.to_string() }],
     })
 }
 
@@ -202,6 +238,16 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec!["cluster.yaml"]);
+    }
+
+    #[test]
+    fn removing_a_file_takes_its_objects_and_a_missing_file_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = ClusterDir::new(dir.path());
+        cluster.write("ns", &[namespace_object("x", &[])]).unwrap();
+        cluster.remove("ns").unwrap();
+        assert!(!dir.path().join("ns.yaml").exists());
+        cluster.remove("ns").unwrap();
     }
 
     #[test]

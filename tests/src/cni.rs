@@ -42,6 +42,11 @@ impl PodSandbox {
         &self.name
     }
 
+    /// The pod's Kubernetes namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     /// The agent's key for this sandbox's interface.
     pub fn attachment(&self) -> AttachmentId {
         AttachmentId::new(&self.container_id, &self.ifname)

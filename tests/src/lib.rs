@@ -5,6 +5,9 @@
 //! carry a per-run prefix ([`RunPrefix`], `myelin-t<pid>-<n>`); guards remove everything on
 //! success and on panic, and [`sweep_leftovers`] removes what killed runs left.
 //!
+//! Several nodes on one underlay, with a world namespace for the internet, are a
+//! [`multinode::Cluster`].
+//!
 //! A root test starts with [`root_test`]:
 //!
 //! ```no_run
@@ -29,6 +32,7 @@ pub mod containerd;
 pub mod demo;
 mod error;
 pub mod metrics;
+pub mod multinode;
 mod netns;
 mod node;
 pub mod oci;
@@ -47,7 +51,7 @@ pub use bins::{BIN_DIR_ENV, Binaries};
 pub use cni::{CniCall, CniOutput, Pod, PodSandbox, REFERENCE_PLUGIN_DIR, result_ip, run_plugin};
 pub use error::{Error, Result};
 pub use netns::Netns;
-pub use node::{AGENT_READY_TIMEOUT, Footprint, Node, NodeSpec};
+pub use node::{AGENT_READY_TIMEOUT, AgentSource, Footprint, Node, NodeSpec};
 pub use process::{Output, describe};
 pub use run::{RunPrefix, SKIP_ROOT_TESTS_ENV, root_test};
 pub use sweep::{SweepReport, sweep_leftovers};

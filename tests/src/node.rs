@@ -54,6 +54,19 @@ pub struct NodeSpec {
     pub agent_args: Vec<String>,
     /// The agent's limit of open files (RLIMIT_NOFILE), when not the harness's own.
     pub agent_fd_limit: Option<u64>,
+    /// Where the agent reads the cluster state.
+    pub source: AgentSource,
+}
+
+/// Where a node's agent reads the cluster state from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AgentSource {
+    /// `--source dir:<node dir>/cluster --pod-cidr <its CIDR>`: the YAML in [`Node::cluster`].
+    #[default]
+    ClusterDir,
+    /// `--source kubernetes --kubeconfig <node dir>/kubeconfig` ([`Node::kubeconfig`], written
+    /// by whoever runs the API server); the pod CIDR comes from the Node object.
+    Kubernetes,
 }
 
 impl NodeSpec {
@@ -70,7 +83,13 @@ impl NodeSpec {
             echo_agent_log_on_drop: true,
             agent_args: Vec::new(),
             agent_fd_limit: None,
+            source: AgentSource::ClusterDir,
         }
+    }
+
+    pub fn source(mut self, source: AgentSource) -> Self {
+        self.source = source;
+        self
     }
 
     /// Adds agent flags.
@@ -111,12 +130,31 @@ pub struct Node {
     echo_agent_log_on_drop: bool,
     agent_args: Vec<String>,
     agent_fd_limit: Option<u64>,
+    source: AgentSource,
+}
+
+/// What the agent must reach before a start counts as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentUp {
+    /// `ready`: the first full sync of every kind is in the maps.
+    Ready,
+    /// Its API answers, synced or not (an API server may be down).
+    Serving,
 }
 
 impl Node {
     /// Creates the namespace and dirs, starts the agent inside the namespace and waits until it
     /// reports `ready`.
     pub fn start(run: &RunPrefix, spec: NodeSpec) -> Result<Self> {
+        let mut node = Self::create(run, spec)?;
+        node.start_agent()?;
+        Ok(node)
+    }
+
+    /// Creates the namespace, the dirs and the cluster dir's Node object, without the agent:
+    /// the caller can wire the namespace (an uplink, routes) or fill a source first, then
+    /// [`start_agent`](Self::start_agent).
+    pub fn create(run: &RunPrefix, spec: NodeSpec) -> Result<Self> {
         let binaries = match spec.binaries {
             Some(b) => b,
             None => Binaries::from_env()?,
@@ -130,7 +168,7 @@ impl Node {
             .tempdir()
             .map_err(Error::io("creating the node's temp dir"))?;
         let netns = Netns::create(&scoped)?;
-        let mut node = Self {
+        let node = Self {
             name: spec.name,
             pod_cidr: spec.pod_cidr,
             run: run.clone(),
@@ -142,6 +180,7 @@ impl Node {
             echo_agent_log_on_drop: spec.echo_agent_log_on_drop,
             agent_args: spec.agent_args,
             agent_fd_limit: spec.agent_fd_limit,
+            source: spec.source,
         };
         for sub in ["state", "bpffs", "cluster"] {
             let path = node.dir.path().join(sub);
@@ -153,7 +192,6 @@ impl Node {
                 .cluster()
                 .write("node", &[cluster::node_object(&node.name, &node.pod_cidr)])?,
         }
-        node.start_agent()?;
         Ok(node)
     }
 
@@ -193,6 +231,11 @@ impl Node {
         ClusterDir::new(self.dir.path().join("cluster"))
     }
 
+    /// The kubeconfig the agent reads with [`AgentSource::Kubernetes`].
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
     pub fn agent_log_path(&self) -> PathBuf {
         self.dir.path().join("agent.log")
     }
@@ -228,22 +271,49 @@ impl Node {
 
     /// Starts the agent (again) with this node's dirs and waits until it is ready.
     pub fn start_agent(&mut self) -> Result<()> {
-        if self.agent.is_some() {
-            return Err(self.agent_error("start_agent called while the agent runs".into()));
-        }
-        let cmd = self.dir_agent_command()?;
-        self.agent = Some(spawn_agent(cmd)?);
-        self.wait_until_ready()
+        self.spawn_agent()?;
+        self.wait_for_agent(AgentUp::Ready, AGENT_READY_TIMEOUT)
+            .map(drop)
     }
 
-    /// The agent as [`Node::start_agent`] runs it: this node's flags and directory source.
-    fn dir_agent_command(&self) -> Result<std::process::Command> {
+    /// Starts the agent and waits until its API answers, synced or not; returns its status.
+    pub fn start_agent_serving(&mut self) -> Result<Status> {
+        self.spawn_agent()?;
+        self.wait_for_agent(AgentUp::Serving, AGENT_READY_TIMEOUT)
+    }
+
+    /// Starts the agent without waiting for it: several nodes' agents then start side by
+    /// side, and [`wait_until_ready`](Self::wait_until_ready) waits for each.
+    pub fn spawn_agent(&mut self) -> Result<()> {
+        if self.agent.is_some() {
+            return Err(self.agent_error("started while the agent runs".into()));
+        }
+        let cmd = self.sourced_agent_command()?;
+        self.agent = Some(spawn_agent(cmd)?);
+        Ok(())
+    }
+
+    /// Waits until a running agent reports `ready`.
+    pub fn wait_until_ready(&mut self, timeout: Duration) -> Result<Status> {
+        self.wait_for_agent(AgentUp::Ready, timeout)
+    }
+
+    /// The agent as [`Node::start_agent`] runs it: this node's flags and source.
+    fn sourced_agent_command(&self) -> Result<std::process::Command> {
         let mut cmd = self.agent_command()?;
-        cmd.arg("--source")
-            .arg(format!("dir:{}", self.dir.path().join("cluster").display()))
-            .arg("--pod-cidr")
-            .arg(&self.pod_cidr)
-            .args(&self.agent_args);
+        match self.source {
+            AgentSource::ClusterDir => cmd
+                .arg("--source")
+                .arg(format!("dir:{}", self.dir.path().join("cluster").display()))
+                .arg("--pod-cidr")
+                .arg(&self.pod_cidr),
+            AgentSource::Kubernetes => cmd
+                .arg("--source")
+                .arg("kubernetes")
+                .arg("--kubeconfig")
+                .arg(self.kubeconfig()),
+        };
+        cmd.args(&self.agent_args);
         Ok(cmd)
     }
 
@@ -251,16 +321,12 @@ impl Node {
     /// runs, and returns how it ended (it is killed after `timeout`); its output goes to the
     /// agent log too.
     pub fn run_second_agent(&self, timeout: Duration) -> Result<process::Output> {
-        process::run(self.dir_agent_command()?, &[], timeout)
+        process::run(self.sourced_agent_command()?, &[], timeout)
     }
 
     /// The flags [`NodeSpec::agent_args`] added; they apply from the next agent start.
     pub fn agent_args_mut(&mut self) -> &mut Vec<String> {
         &mut self.agent_args
-    }
-
-    pub(crate) fn agent_args(&self) -> &[String] {
-        &self.agent_args
     }
 
     /// The running agent's pid.
@@ -271,7 +337,7 @@ impl Node {
     /// `myelin-agent` in this node's namespace with this node's name, dirs, socket and metrics
     /// address, its output appended to the agent log; the caller adds the source. Only the
     /// flags given here configure it: `MYELIN_*` of the caller's environment are removed.
-    pub(crate) fn agent_command(&self) -> Result<std::process::Command> {
+    fn agent_command(&self) -> Result<std::process::Command> {
         let log_path = self.agent_log_path();
         let log = OpenOptions::new()
             .create(true)
@@ -325,28 +391,28 @@ impl Node {
         Ok(cmd)
     }
 
-    fn wait_until_ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+    fn wait_for_agent(&mut self, until: AgentUp, timeout: Duration) -> Result<Status> {
+        let deadline = Instant::now() + timeout;
         let client = Client::new(self.socket()).with_timeout(Duration::from_secs(2));
         loop {
             if let Some(agent) = self.agent.as_mut()
                 && let Ok(Some(status)) = agent.try_wait()
             {
                 self.agent = None;
-                return Err(self.agent_error(format!("exited ({status}) before it was ready")));
+                return Err(self.agent_error(format!("exited ({status}) before it was up")));
             }
             let last = match client.status() {
-                Ok(status) if status.ready => {
-                    self.status_at_start = Some(status);
-                    return Ok(());
+                Ok(status) if status.ready || until == AgentUp::Serving => {
+                    self.status_at_start = Some(status.clone());
+                    return Ok(status);
                 }
                 Ok(status) => format!("answers but is not ready: {status:?}"),
                 Err(e) => e.to_string(),
             };
             if Instant::now() >= deadline {
-                return Err(self.agent_error(format!(
-                    "not ready within {AGENT_READY_TIMEOUT:?} (last: {last})"
-                )));
+                return Err(
+                    self.agent_error(format!("not {until:?} within {timeout:?} (last: {last})"))
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -373,6 +439,14 @@ impl Node {
         Ok(())
     }
 
+    /// Sends the agent SIGTERM without waiting; [`Node::stop_agent`] (or the drop) reaps it.
+    pub(crate) fn signal_agent_to_stop(&self) {
+        if let Some(agent) = &self.agent {
+            // ESRCH: it already exited.
+            let _ = kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM);
+        }
+    }
+
     /// Kills the agent with SIGKILL, as an OOM kill or a node's crash would, and reaps it.
     pub fn kill_agent(&mut self) -> Result<()> {
         let Some(mut agent) = self.agent.take() else {
@@ -383,6 +457,26 @@ impl Node {
             .wait()
             .map_err(Error::io("reaping the killed agent"))?;
         Ok(())
+    }
+
+    /// The agent's resident and peak resident memory (`VmRSS`, `VmHWM`), in KiB.
+    pub fn agent_memory_kib(&self) -> Result<(u64, u64)> {
+        let Some(agent) = &self.agent else {
+            return Err(self.agent_error("is not running".into()));
+        };
+        let path = format!("/proc/{}/status", agent.id());
+        let status = fs::read_to_string(&path).map_err(Error::io(format!("reading {path}")))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+                .ok_or_else(|| Error::Io {
+                    context: format!("no {name} in {path}"),
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+                })
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
 
     fn agent_error(&self, reason: String) -> Error {
@@ -510,7 +604,7 @@ pub struct Footprint {
 }
 
 /// Spawns an agent command from [`Node::agent_command`].
-pub(crate) fn spawn_agent(mut cmd: std::process::Command) -> Result<Child> {
+fn spawn_agent(mut cmd: std::process::Command) -> Result<Child> {
     let command = process::describe(&cmd);
     cmd.spawn()
         .map_err(|source| Error::Spawn { command, source })

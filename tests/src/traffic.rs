@@ -1,11 +1,12 @@
-//! Real traffic between namespaces: ping, TCP echo and UDP echo, each bounded in time.
+//! Real traffic between namespaces: ping, TCP echo and UDP echo, each bounded in time, and
+//! servers that tell the client which source address they saw (for NAT).
 //!
 //! Servers and clients are std sockets on threads that entered the right namespace
 //! ([`Netns::run`]); only ping is a child process.
 
 use std::{
     io::{self, BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc,
@@ -92,19 +93,46 @@ pub fn udp_echo(from: &dyn Host, to: &dyn Host, port: u16) -> Result<Duration> {
     exchange(from, to, port, "UDP", serve_udp, udp_client)
 }
 
+/// The source address a TCP server in `to` saw when `from` connected: `from`'s own address,
+/// or the one a NAT on the way put in its place (pod traffic leaving the cluster shows its
+/// node's address once masqueraded). The server answers the client's line with it.
+pub fn tcp_source_seen(from: &dyn Host, to: &dyn Host, port: u16) -> Result<SocketAddrV4> {
+    exchange(
+        from,
+        to,
+        port,
+        "TCP",
+        serve_tcp_once_telling_source,
+        tcp_source_client,
+    )
+}
+
+/// Like [`tcp_source_seen`] for UDP: the server echoes the datagram followed by the source
+/// address it came from.
+pub fn udp_source_seen(from: &dyn Host, to: &dyn Host, port: u16) -> Result<SocketAddrV4> {
+    exchange(
+        from,
+        to,
+        port,
+        "UDP",
+        serve_udp_telling_source,
+        udp_source_client,
+    )
+}
+
 type Server = fn(u16, mpsc::Sender<io::Result<u16>>, &AtomicBool) -> io::Result<()>;
-type Client = fn(SocketAddr, &[u8]) -> io::Result<Duration>;
+type Client<T> = fn(SocketAddr, &[u8]) -> io::Result<T>;
 
 /// Starts `server` inside `to`, waits until it listens, runs `client` inside `from`, then
 /// stops the server and reports whichever side failed.
-fn exchange(
+fn exchange<T: Send>(
     from: &dyn Host,
     to: &dyn Host,
     port: u16,
     protocol: &str,
     server: Server,
-    client: Client,
-) -> Result<Duration> {
+    client: Client<T>,
+) -> Result<T> {
     let failed = |stage: &str, detail: String| Error::Traffic {
         what: format!(
             "{protocol} from {} to {} port {port}: {stage}: {detail}",
@@ -137,9 +165,9 @@ fn exchange(
         let client_result = from.netns().run(|| client(addr, &message));
         stop.store(true, Ordering::Relaxed);
         let server_result = join(serving);
-        let rtt = client_result?.map_err(|e| failed("client", e.to_string()))?;
+        let answer = client_result?.map_err(|e| failed("client", e.to_string()))?;
         server_result?.map_err(|e| failed("server", e.to_string()))?;
-        Ok(rtt)
+        Ok(answer)
     })
 }
 
@@ -160,11 +188,30 @@ pub(crate) fn token() -> Vec<u8> {
     .into_bytes()
 }
 
-/// Gives up when the client is done (`stop`) or after twice the traffic timeout.
 fn serve_tcp_once(
     port: u16,
     ready: mpsc::Sender<io::Result<u16>>,
     stop: &AtomicBool,
+) -> io::Result<()> {
+    serve_one_tcp_connection(port, ready, stop, false)
+}
+
+fn serve_tcp_once_telling_source(
+    port: u16,
+    ready: mpsc::Sender<io::Result<u16>>,
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    serve_one_tcp_connection(port, ready, stop, true)
+}
+
+/// Echoes one line of one connection, followed by a line with the connection's source address
+/// when `tell_source`. Gives up when the client is done (`stop`) or after twice the traffic
+/// timeout.
+fn serve_one_tcp_connection(
+    port: u16,
+    ready: mpsc::Sender<io::Result<u16>>,
+    stop: &AtomicBool,
+    tell_source: bool,
 ) -> io::Result<()> {
     let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -181,9 +228,9 @@ fn serve_tcp_once(
         }
     };
     let deadline = Instant::now() + 2 * TRAFFIC_TIMEOUT;
-    let mut stream = loop {
+    let (mut stream, source) = loop {
         match listener.accept() {
-            Ok((stream, _)) => break stream,
+            Ok(accepted) => break accepted,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
                     return Err(io::Error::new(
@@ -200,11 +247,40 @@ fn serve_tcp_once(
     stream.set_read_timeout(Some(TRAFFIC_TIMEOUT))?;
     let mut line = Vec::new();
     BufReader::new(&stream).read_until(b'\n', &mut line)?;
+    if tell_source {
+        line.extend_from_slice(format!("{source}\n").as_bytes());
+    }
     stream.write_all(&line)
 }
 
 fn tcp_client(addr: SocketAddr, message: &[u8]) -> io::Result<Duration> {
     tcp_round_trip(addr, message, TRAFFIC_TIMEOUT)
+}
+
+/// Sends `message`, expects it echoed and then the line with the source the server saw.
+fn tcp_source_client(addr: SocketAddr, message: &[u8]) -> io::Result<SocketAddrV4> {
+    let stream = TcpStream::connect_timeout(&addr, TRAFFIC_TIMEOUT)?;
+    stream.set_read_timeout(Some(TRAFFIC_TIMEOUT))?;
+    stream.set_write_timeout(Some(TRAFFIC_TIMEOUT))?;
+    (&stream).write_all(message)?;
+    let mut reader = BufReader::new(&stream);
+    let mut echoed = Vec::new();
+    reader.read_until(b'\n', &mut echoed)?;
+    check_echo(message, &echoed)?;
+    let mut source = Vec::new();
+    reader.read_until(b'\n', &mut source)?;
+    parse_source(&source)
+}
+
+/// A `<ipv4>:<port>` line from a server that tells the source it saw.
+fn parse_source(line: &[u8]) -> io::Result<SocketAddrV4> {
+    let text = String::from_utf8_lossy(line);
+    text.trim().parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the server's source line is not an IPv4 address and port: {text:?}"),
+        )
+    })
 }
 
 /// Connects to `addr`, sends `message` (one line) and expects it echoed, all within `timeout`.
@@ -229,8 +305,26 @@ pub(crate) fn tcp_round_trip(
     Ok(rtt)
 }
 
-/// Echoes every datagram until `stop`.
 fn serve_udp(port: u16, ready: mpsc::Sender<io::Result<u16>>, stop: &AtomicBool) -> io::Result<()> {
+    serve_udp_datagrams(port, ready, stop, false)
+}
+
+fn serve_udp_telling_source(
+    port: u16,
+    ready: mpsc::Sender<io::Result<u16>>,
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    serve_udp_datagrams(port, ready, stop, true)
+}
+
+/// Echoes every datagram until `stop`, followed by a line with its source address when
+/// `tell_source`.
+fn serve_udp_datagrams(
+    port: u16,
+    ready: mpsc::Sender<io::Result<u16>>,
+    stop: &AtomicBool,
+    tell_source: bool,
+) -> io::Result<()> {
     let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
         .and_then(|s| {
             s.set_read_timeout(Some(Duration::from_millis(10)))
@@ -252,7 +346,11 @@ fn serve_udp(port: u16, ready: mpsc::Sender<io::Result<u16>>, stop: &AtomicBool)
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         match socket.recv_from(&mut buf) {
             Ok((n, peer)) => {
-                socket.send_to(&buf[..n], peer)?;
+                let mut answer = buf[..n].to_vec();
+                if tell_source {
+                    answer.extend_from_slice(format!("{peer}\n").as_bytes());
+                }
+                socket.send_to(&answer, peer)?;
             }
             Err(e)
                 if matches!(
@@ -269,12 +367,32 @@ fn udp_client(addr: SocketAddr, message: &[u8]) -> io::Result<Duration> {
     udp_round_trip(addr, message, TRAFFIC_TIMEOUT)
 }
 
+/// Expects the echo of `message` followed by the line with the source the server saw.
+fn udp_source_client(addr: SocketAddr, message: &[u8]) -> io::Result<SocketAddrV4> {
+    let (_, answer) = udp_exchange(addr, message, TRAFFIC_TIMEOUT)?;
+    let (echoed, source) = answer.split_at(message.len().min(answer.len()));
+    check_echo(message, echoed)?;
+    parse_source(source)
+}
+
 /// Sends `message` to `addr` and resends until its echo arrives or `timeout` passes.
 pub(crate) fn udp_round_trip(
     addr: SocketAddr,
     message: &[u8],
     timeout: Duration,
 ) -> io::Result<Duration> {
+    let (rtt, answer) = udp_exchange(addr, message, timeout)?;
+    check_echo(message, &answer)?;
+    Ok(rtt)
+}
+
+/// Sends `message` to `addr` and resends until an answer arrives or `timeout` passes; returns
+/// the round trip and the answer.
+fn udp_exchange(
+    addr: SocketAddr,
+    message: &[u8],
+    timeout: Duration,
+) -> io::Result<(Duration, Vec<u8>)> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     socket.connect(addr)?;
     socket.set_read_timeout(Some(Duration::from_millis(200).min(timeout)))?;
@@ -284,11 +402,7 @@ pub(crate) fn udp_round_trip(
         let sent = Instant::now();
         socket.send(message)?;
         match socket.recv(&mut buf) {
-            Ok(n) => {
-                let rtt = sent.elapsed();
-                check_echo(message, &buf[..n])?;
-                return Ok(rtt);
-            }
+            Ok(n) => return Ok((sent.elapsed(), buf[..n].to_vec())),
             // No answer yet: UDP may lose a datagram; send again.
             Err(e)
                 if matches!(
@@ -336,6 +450,16 @@ mod tests {
         let (a, b) = (token(), token());
         assert_ne!(a, b);
         assert!(a.ends_with(b"\n") && a.iter().filter(|&&c| c == b'\n').count() == 1);
+    }
+
+    #[test]
+    fn source_lines_parse_as_ipv4_socket_addresses() {
+        assert_eq!(
+            parse_source(b"192.168.1.10:40000\n").unwrap(),
+            SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 10), 40000)
+        );
+        assert!(parse_source(b"").is_err());
+        assert!(parse_source(b"[::1]:80\n").is_err());
     }
 
     #[test]

@@ -3,52 +3,32 @@
 //! 127.0.0.1, and nowhere else.
 
 use std::{
-    fmt, fs,
+    fmt,
     net::TcpListener,
     path::PathBuf,
-    process::Child,
     thread,
     time::{Duration, Instant},
 };
 
 use myelin_api::{Client, Status};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
 
 use super::{ApiServer, Resource, generated_cluster};
 use crate::{
-    AGENT_READY_TIMEOUT, Error, Node, NodeSpec, Pod, Result, RunPrefix,
+    Error, Node, NodeSpec, Pod, Result, RunPrefix,
     cluster::{namespace_object, node_object, pod_object},
-    node::spawn_agent,
-    process::wait_with_deadline,
+    node::AgentSource,
     traffic::Host as _,
 };
 
-/// How long a stopping agent may take to exit on SIGTERM before it is killed.
-const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one label change may take to reach the agent before the measurement fails.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between two reads of the probe's endpoint while waiting for a change: the resolution
 /// of the latency figures, and light enough on the agent's lock not to slow it down.
 const POLL_INTERVAL: Duration = Duration::from_micros(250);
 
-/// What the agent must reach before a start counts as done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AgentUp {
-    /// `ready`: the first full list of every kind is in the maps.
-    Ready,
-    /// Its API answers, synced or not (the API server may be down).
-    Serving,
-}
-
 /// A node with the test API server inside it and an agent watching that server. Dropping it
 /// stops the agent, then the server, then removes the node.
 pub struct KubernetesNode {
-    // Fields drop in this order: the agent is stopped (in `drop`) before the server goes, and
-    // both before the node's namespace and dirs.
-    agent: Option<Child>,
     server: ApiServer,
     node: Node,
 }
@@ -57,25 +37,15 @@ impl KubernetesNode {
     /// The node (namespace, dirs), and the API server inside it holding this node's Node
     /// object; the agent is not started, so that a test can fill the server first.
     pub fn create(run: &RunPrefix, spec: NodeSpec) -> Result<Self> {
-        // The harness's Node runs its agent with the directory source only. It is started that
-        // way (which creates the namespace and dirs) and stopped at once; `start_agent` then
-        // runs the agent on the same state against the API server. Once NodeSpec can choose
-        // the source, this is one `Node::start`.
-        let mut node = Node::start(run, spec)?;
-        node.stop_agent()?;
+        let node = Node::create(run, spec.source(AgentSource::Kubernetes))?;
         let listener = node
             .netns()
             .run(|| TcpListener::bind("127.0.0.1:0"))?
             .map_err(Error::io("binding the test API server inside the node"))?;
         let server = ApiServer::serve(listener)?;
         server.apply(node_object(node.name(), node.pod_cidr()))?;
-        let this = Self {
-            agent: None,
-            server,
-            node,
-        };
-        this.server.write_kubeconfig(&this.kubeconfig())?;
-        Ok(this)
+        server.write_kubeconfig(&node.kubeconfig())?;
+        Ok(Self { server, node })
     }
 
     /// [`create`](Self::create), then the agent, ready.
@@ -95,7 +65,7 @@ impl KubernetesNode {
 
     /// The agent's pid while it runs.
     pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(Child::id)
+        self.node.agent_pid()
     }
 
     pub fn server(&self) -> &ApiServer {
@@ -103,7 +73,7 @@ impl KubernetesNode {
     }
 
     pub fn kubeconfig(&self) -> PathBuf {
-        self.node.dir().join("kubeconfig")
+        self.node.kubeconfig()
     }
 
     /// The API server goes down: connections refused, open watches cut.
@@ -124,111 +94,34 @@ impl KubernetesNode {
 
     /// Starts the agent and waits until it is ready.
     pub fn start_agent(&mut self) -> Result<()> {
-        self.spawn_agent()?;
-        self.wait_for_agent(AgentUp::Ready, AGENT_READY_TIMEOUT)
-            .map(drop)
+        self.node.start_agent()
     }
 
     /// Starts the agent and waits until its API answers, synced or not; returns its status.
     pub fn start_agent_serving(&mut self) -> Result<Status> {
-        self.spawn_agent()?;
-        self.wait_for_agent(AgentUp::Serving, AGENT_READY_TIMEOUT)
+        self.node.start_agent_serving()
     }
 
     /// Waits until a running agent reports `ready`.
     pub fn wait_until_ready(&mut self, timeout: Duration) -> Result<Status> {
-        self.wait_for_agent(AgentUp::Ready, timeout)
-    }
-
-    fn spawn_agent(&mut self) -> Result<()> {
-        if self.agent.is_some() {
-            return Err(self.agent_error("started while the agent runs".into()));
-        }
-        let mut cmd = self.node.agent_command()?;
-        cmd.arg("--source")
-            .arg("kubernetes")
-            .arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .args(self.node.agent_args());
-        self.agent = Some(spawn_agent(cmd)?);
-        Ok(())
-    }
-
-    fn wait_for_agent(&mut self, until: AgentUp, timeout: Duration) -> Result<Status> {
-        let deadline = Instant::now() + timeout;
-        let client = Client::new(self.node.socket()).with_timeout(Duration::from_secs(2));
-        loop {
-            if let Some(agent) = self.agent.as_mut()
-                && let Ok(Some(status)) = agent.try_wait()
-            {
-                self.agent = None;
-                return Err(self.agent_error(format!("exited ({status}) before it was up")));
-            }
-            let last = match client.status() {
-                Ok(status) if status.ready || until == AgentUp::Serving => return Ok(status),
-                Ok(status) => format!("answers but is not ready: {status:?}"),
-                Err(e) => e.to_string(),
-            };
-            if Instant::now() >= deadline {
-                return Err(
-                    self.agent_error(format!("not {until:?} within {timeout:?} (last: {last})"))
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.node.wait_until_ready(timeout)
     }
 
     /// SIGTERM, then SIGKILL after a grace period, as a DaemonSet rollout does.
     pub fn stop_agent(&mut self) -> Result<()> {
-        let Some(mut agent) = self.agent.take() else {
-            return Ok(());
-        };
-        // ESRCH: it already exited; the wait below reaps it.
-        let _ = kill(Pid::from_raw(agent.id() as i32), Signal::SIGTERM);
-        let exited = wait_with_deadline(&mut agent, Instant::now() + AGENT_STOP_TIMEOUT)
-            .map_err(Error::io("waiting for the agent to exit"))?;
-        if exited.is_none() {
-            let _ = agent.kill();
-            agent.wait().map_err(Error::io("reaping the agent"))?;
-            return Err(self.agent_error(format!(
-                "did not exit within {AGENT_STOP_TIMEOUT:?} of SIGTERM; killed"
-            )));
-        }
-        Ok(())
+        self.node.stop_agent()
     }
 
     /// The agent's resident and peak resident memory (`VmRSS`, `VmHWM`), in KiB.
     pub fn agent_memory_kib(&self) -> Result<(u64, u64)> {
-        let Some(agent) = &self.agent else {
-            return Err(self.agent_error("is not running".into()));
-        };
-        let path = format!("/proc/{}/status", agent.id());
-        let status = fs::read_to_string(&path).map_err(Error::io(format!("reading {path}")))?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-                .ok_or_else(|| Error::Io {
-                    context: format!("no {name} in {path}"),
-                    source: std::io::Error::from(std::io::ErrorKind::InvalidData),
-                })
-        };
-        Ok((field("VmRSS:")?, field("VmHWM:")?))
-    }
-
-    fn agent_error(&self, reason: String) -> Error {
-        Error::Agent {
-            node: self.node.name().to_string(),
-            reason,
-            log: self.node.agent_log(),
-        }
+        self.node.agent_memory_kib()
     }
 }
 
 impl Drop for KubernetesNode {
+    /// The agent goes before the server, so that it never logs the server's disappearance.
     fn drop(&mut self) {
-        if let Err(e) = self.stop_agent() {
+        if let Err(e) = self.node.stop_agent() {
             eprintln!("cleanup of node {}: {e}", self.node.name());
         }
     }
@@ -304,8 +197,8 @@ pub fn measure_watch_latency_and_memory(
     ))?;
 
     let started = Instant::now();
-    knode.spawn_agent()?;
-    knode.wait_for_agent(AgentUp::Ready, SYNC_TIMEOUT)?;
+    knode.node_mut().spawn_agent()?;
+    knode.wait_until_ready(SYNC_TIMEOUT)?;
     let initial_sync = started.elapsed();
     let (rss_synced_kib, _) = knode.agent_memory_kib()?;
 
