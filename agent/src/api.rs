@@ -211,6 +211,7 @@ pub fn router<D: DatapathOps + 'static>(state: ApiState<D>) -> Router {
         )
         .route("/v1/gc", post(gc::<D>))
         .route("/v1/status", get(status::<D>))
+        .route("/v1/nodes", get(nodes::<D>))
         .route("/v1/policies", get(policies::<D>))
         .route("/v1/drops", get(drops::<D>))
         .route("/v1/conntrack", get(conntrack::<D>))
@@ -282,6 +283,15 @@ async fn status<D: DatapathOps + 'static>(
     ClientDeadline(deadline): ClientDeadline,
 ) -> ApiResult<myelin_api::Status> {
     Ok(Json(s.agent.read(deadline, |a| a.status()).await?))
+}
+
+async fn nodes<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
+) -> ApiResult<Vec<myelin_api::NodeSummary>> {
+    Ok(Json(
+        s.agent.run(deadline, |a| Ok(a.node_summaries())).await?,
+    ))
 }
 
 async fn policies<D: DatapathOps + 'static>(

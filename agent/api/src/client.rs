@@ -14,8 +14,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, DropCount, Endpoint,
-    EndpointRequest, FlowEvent, GcRequest, GcResponse, PolicyStatus, ReleaseResponse, Status,
-    TrackedFlow,
+    EndpointRequest, FlowEvent, GcRequest, GcResponse, NodeSummary, PolicyStatus, ReleaseResponse,
+    Status, TrackedFlow,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +118,10 @@ impl Client {
 
     pub fn status(&self) -> Result<Status, ClientError> {
         self.request::<(), _>("GET", "/v1/status", None)
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeSummary>, ClientError> {
+        self.request::<(), _>("GET", "/v1/nodes", None)
     }
 
     pub fn policies(&self) -> Result<PolicyStatus, ClientError> {
