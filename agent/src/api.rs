@@ -19,9 +19,8 @@ use axum::{
 };
 use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use myelin_api::{
-    AllocateRequest, ApiError, AttachmentId, EndpointRequest, ErrorKind, GcRequest, PodRef,
+    AllocateRequest, ApiError, AttachmentQuery, EndpointRequest, ErrorKind, GcRequest, PodRef,
 };
-use serde::Deserialize;
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 
@@ -61,36 +60,6 @@ impl From<JsonRejection> for ErrorResponse {
 }
 
 type ApiResult<T> = Result<Json<T>, ErrorResponse>;
-
-/// `?containerId=..&ifname=..`; both optional so that GET /v1/endpoints lists everything.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AttachmentQuery {
-    container_id: Option<String>,
-    ifname: Option<String>,
-}
-
-impl AttachmentQuery {
-    fn optional(self) -> Result<Option<AttachmentId>, ErrorResponse> {
-        match (self.container_id, self.ifname) {
-            (None, None) => Ok(None),
-            (Some(c), Some(i)) => Ok(Some(AttachmentId::new(c, i))),
-            _ => Err(ErrorResponse(ApiError::new(
-                ErrorKind::InvalidRequest,
-                "give both containerId and ifname, or neither",
-            ))),
-        }
-    }
-
-    fn required(self) -> Result<AttachmentId, ErrorResponse> {
-        self.optional()?.ok_or_else(|| {
-            ErrorResponse(ApiError::new(
-                ErrorKind::InvalidRequest,
-                "containerId and ifname are required",
-            ))
-        })
-    }
-}
 
 fn lock<D>(agent: &SharedAgent<D>) -> std::sync::MutexGuard<'_, Agent<D>> {
     // A panic while holding the lock leaves consistent state (every operation rolls back on
