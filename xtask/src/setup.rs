@@ -6,7 +6,7 @@ use std::{fs, process::Command};
 use anyhow::{Context, Result, bail};
 use myelin_tests::{chart, progress::step};
 
-use crate::exec;
+use crate::{exec, fuzz};
 
 /// Debian packages the build (llvm-22-dev for bpf-linker) and the root tests need.
 const APT_PACKAGES: &[&str] = &[
@@ -26,9 +26,10 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
 ];
 
-/// The nightly that builds the eBPF crate. Pinned: its LLVM (22) must match bpf-linker's, and a
-/// nightly on LLVM 23 writes bitcode bpf-linker cannot read.
-const EBPF_NIGHTLY: &str = "nightly-2026-05-20";
+/// The nightly that builds the eBPF crate, and the fuzz targets (cargo-fuzz needs a nightly).
+/// Pinned: its LLVM (22) must match bpf-linker's, and a nightly on LLVM 23 writes bitcode
+/// bpf-linker cannot read.
+pub const EBPF_NIGHTLY: &str = "nightly-2026-05-20";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// bpf-linker links against this LLVM; its build looks for llvm-config on PATH.
@@ -54,6 +55,10 @@ pub fn setup() -> Result<()> {
     )?;
     step("clippy and rustfmt for stable", stable_components)?;
     step(&format!("bpf-linker {BPF_LINKER_VERSION}"), bpf_linker)?;
+    step(
+        &format!("cargo-fuzz {}", fuzz::CARGO_FUZZ_VERSION),
+        fuzz::install_cargo_fuzz,
+    )?;
     step(
         "Python tools for the chart (helm-sdkpy, kubernetes-validate)",
         chart_tools,
