@@ -196,8 +196,7 @@ fn run(target: &Target, seconds: u32, work: &Path) -> Result<()> {
         println!("    {}", summary(&output));
         return Ok(());
     }
-    let lines: Vec<&str> = output.lines().collect();
-    for line in &lines[lines.len().saturating_sub(40)..] {
+    for line in failure_excerpt(&output) {
         println!("    | {line}");
     }
     let Some(input) = saved_input(&output) else {
@@ -207,15 +206,15 @@ fn run(target: &Target, seconds: u32, work: &Path) -> Result<()> {
             log_path.display()
         );
     };
+    let mut replay = cargo_fuzz("run", work);
+    replay.arg(target.name).arg(&input);
     bail!(
-        "fuzz target {} found a {}: the input is {}; replay it with `cargo +{EBPF_NIGHTLY} fuzz \
-         run --fuzz-dir {FUZZ_DIR} --sanitizer none {} {}`, then make it a regression test \
-         (see the README); log: {}",
+        "fuzz target {} found a {}: the input is {}; replay it with `{}`, then make it a \
+         regression test (see the README); log: {}",
         target.name,
         kind_of(&input),
         input.display(),
-        target.name,
-        input.display(),
+        myelin_tests::describe(&replay),
         log_path.display()
     )
 }
@@ -233,6 +232,23 @@ fn summary(output: &str) -> String {
         .find(|l| l.starts_with("Done "))
         .unwrap_or_default();
     format!("{} | {}", status.trim(), done.trim())
+}
+
+/// What the terminal shows of a failed run: the panic's message and libFuzzer's verdict; the
+/// backtraces stay in the log.
+fn failure_excerpt(output: &str) -> Vec<&str> {
+    let lines: Vec<&str> = output.lines().collect();
+    let mut excerpt = Vec::new();
+    if let Some(start) = lines.iter().position(|l| l.contains(" panicked at ")) {
+        excerpt.extend(
+            lines[start..]
+                .iter()
+                .take_while(|l| !l.starts_with("stack backtrace:") && !l.starts_with("note: "))
+                .take(12),
+        );
+    }
+    excerpt.extend(lines.iter().filter(|l| l.contains("ERROR: libFuzzer:")));
+    excerpt
 }
 
 /// The input libFuzzer wrote: `... Test unit written to <path>`.
@@ -257,7 +273,10 @@ fn kind_of(input: &Path) -> &'static str {
 mod tests {
     use super::*;
 
-    const CRASH: &str = "thread '<unnamed>' panicked at fuzz_targets/x.rs:3:5:\n\
+    const CRASH: &str = "INFO: Seed: 1\n\
+        thread '<unnamed>' (9) panicked at fuzz_targets/x.rs:3:5:\n\
+        assertion failed: ok\n\
+        stack backtrace:\n   0: frame\n\
         ==1234== ERROR: libFuzzer: deadly signal\n\
         artifact_prefix='/w/target/fuzz/artifacts/x/'; Test unit written to /w/target/fuzz/artifacts/x/crash-0a1b\n\
         Base64: AAE=\n";
@@ -273,6 +292,23 @@ mod tests {
         assert_eq!(kind_of(Path::new("/a/timeout-99")), "timeout");
         assert_eq!(kind_of(Path::new("/a/oom-12")), "out-of-memory");
         assert_eq!(saved_input("Done 12 runs in 1 second(s)\n"), None);
+    }
+
+    #[test]
+    fn shows_the_panic_and_the_verdict_without_the_backtrace() {
+        assert_eq!(
+            failure_excerpt(CRASH),
+            [
+                "thread '<unnamed>' (9) panicked at fuzz_targets/x.rs:3:5:",
+                "assertion failed: ok",
+                "==1234== ERROR: libFuzzer: deadly signal",
+            ]
+        );
+        let timeout = "#5 NEW cov: 1\n==7== ERROR: libFuzzer: timeout after 10 seconds\n";
+        assert_eq!(
+            failure_excerpt(timeout),
+            ["==7== ERROR: libFuzzer: timeout after 10 seconds"]
+        );
     }
 
     #[test]
