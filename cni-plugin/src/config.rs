@@ -303,6 +303,20 @@ mod tests {
     }
 
     #[test]
+    fn prev_result_numbers_are_kept_exactly() {
+        // Found by fuzzing: prevResult is passed on to the runtime and the next plugin as given,
+        // but serde_json's default float parsing reads this number (its shortest spelling, as
+        // Go and serde_json print it) one bit off, so the plugin passed on another number.
+        let text = "248685792.66666666";
+        let stdin = format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","type":"myelin","prevResult":{{"x":{text}}}}}"#
+        );
+        let conf = NetConf::parse(stdin.as_bytes()).unwrap();
+        let kept = conf.prev_result.unwrap()["x"].as_f64();
+        assert_eq!(kept, Some(text.parse::<f64>().unwrap()));
+    }
+
+    #[test]
     fn malformed_json_is_code_6() {
         assert_eq!(code_of("{\"cniVersion\": "), 6);
         assert_eq!(code_of(""), 6);
