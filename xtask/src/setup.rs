@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "runc",
     "containernetworking-plugins",
     "busybox-static",
+    // libfuzzer-sys builds libFuzzer from its C++ source for the fuzz targets.
+    "g++",
     // The venv of the chart's Python tools (Debian's python3 needs python3-venv for it).
     "python3",
     "python3-venv",
