@@ -201,17 +201,12 @@ impl NetConf {
     }
 }
 
-/// The `cniVersion` string of `stdin`, if it is JSON with one (VERSION echoes it).
+/// The `cniVersion` string of `stdin`, if it is JSON with one (VERSION echoes it). Read as
+/// [`NetConf::parse`] reads it, so that a key given twice means the same here (the last one, as
+/// for the runtimes' Go decoder); a derived struct would refuse the duplicate.
 pub fn requested_version(stdin: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct VersionOnly {
-        cni_version: Option<serde_json::Value>,
-    }
-    let version = serde_json::from_slice::<VersionOnly>(stdin)
-        .ok()?
-        .cni_version?;
-    version.as_str().map(str::to_string)
+    let value: serde_json::Value = serde_json::from_slice(stdin).ok()?;
+    value.get("cniVersion")?.as_str().map(str::to_string)
 }
 
 /// The version to put into an error object: the configuration's when it names a supported one,
@@ -404,6 +399,19 @@ mod tests {
         assert_eq!(requested_version(b""), None);
         assert_eq!(requested_version(br#"{"cniVersion":1}"#), None);
         assert_eq!(requested_version(br#"{"name":"n"}"#), None);
+    }
+
+    #[test]
+    fn a_version_given_twice_is_the_last_one_everywhere() {
+        // Found by fuzzing: the configuration said 1.0.0 (its last cniVersion) while errors
+        // were answered in 1.1.0, because this reader refused the duplicate key.
+        let stdin = br#"{"cniVersion":"0.4.0","name":"n","type":"myelin","cniVersion":"1.0.0"}"#;
+        assert_eq!(
+            NetConf::parse(stdin).unwrap().cni_version,
+            CniVersion::V1_0_0
+        );
+        assert_eq!(requested_version(stdin).as_deref(), Some("1.0.0"));
+        assert_eq!(reply_version(stdin), CniVersion::V1_0_0);
     }
 
     #[test]
