@@ -104,7 +104,14 @@ enum Operator {
 #[derive(Arbitrary, Debug)]
 struct Selector {
     match_labels: Option<BTreeMap<String, String>>,
-    match_expressions: Option<Vec<(String, Choice<Operator>, Option<Vec<String>>)>>,
+    match_expressions: Option<Vec<Requirement>>,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Requirement {
+    key: String,
+    operator: Choice<Operator>,
+    values: Option<Vec<String>>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -156,10 +163,10 @@ impl Selector {
             match_labels: self.match_labels.clone(),
             match_expressions: self.match_expressions.as_ref().map(|list| {
                 list.iter()
-                    .map(|(key, operator, values)| LabelSelectorRequirement {
-                        key: key.clone(),
-                        operator: text(operator),
-                        values: values.clone(),
+                    .map(|r| LabelSelectorRequirement {
+                        key: r.key.clone(),
+                        operator: text(&r.operator),
+                        values: r.values.clone(),
                     })
                     .collect()
             }),
