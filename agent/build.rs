@@ -2,13 +2,19 @@
 //! and bpf-linker, with BTF, into OUT_DIR; `src/datapath` embeds it with
 //! `include_bytes_aligned!`. Same recipe as aya-build, but quiet: the nested build's output is
 //! shown only when it fails, instead of being replayed as warnings on every build.
+//!
+//! The nightly is the one `ebpf/datapath/rust-toolchain.toml` names. `rustup run` takes it
+//! explicitly (as aya-build does): the outer cargo's rustup sets `RUSTUP_TOOLCHAIN` to stable,
+//! which would otherwise win over the file.
 
-use std::{env, fs, path::PathBuf, process::Command};
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 
-/// Same compiler as bpf-linker's LLVM (22): a newer nightly emits bitcode it cannot read.
-const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 const TARGET: &str = "bpfel-unknown-none";
 /// The eBPF crate's binary: the object file the agent embeds.
 const OBJECT: &str = "myelin-datapath";
@@ -21,10 +27,11 @@ fn main() -> anyhow::Result<()> {
     for dir in [&ebpf_dir, &common_dir] {
         println!("cargo:rerun-if-changed={}", dir.display());
     }
+    let toolchain = toolchain_channel(&ebpf_dir.join("rust-toolchain.toml"))?;
 
     let target_dir = out_dir.join("ebpf-target");
     let output = Command::new("rustup")
-        .args(["run", EBPF_TOOLCHAIN, "cargo", "build"])
+        .args(["run", &toolchain, "cargo", "build"])
         .args(["--package", "myelin-ebpf", "--bin", OBJECT, "--release"])
         .args(["--target", TARGET, "-Z", "build-std=core"])
         .arg("--target-dir")
@@ -40,11 +47,13 @@ fn main() -> anyhow::Result<()> {
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTFLAGS")
         .output()
-        .context("running `rustup run nightly-2026-05-20 cargo build` for the eBPF datapath")?;
+        .with_context(|| {
+            format!("running `rustup run {toolchain} cargo build` for the eBPF datapath")
+        })?;
     if !output.status.success() {
         bail!(
             "building the eBPF datapath failed ({}):\n{}\n\
-             It needs the {EBPF_TOOLCHAIN} toolchain with rust-src and bpf-linker 0.13 built \
+             It needs the {toolchain} toolchain with rust-src and bpf-linker 0.13 built \
              against LLVM 22: `cargo xtask setup` installs them.",
             output.status,
             String::from_utf8_lossy(&output.stderr)
@@ -54,4 +63,17 @@ fn main() -> anyhow::Result<()> {
     fs::copy(&object, out_dir.join(OBJECT))
         .with_context(|| format!("copying {}", object.display()))?;
     Ok(())
+}
+
+/// `toolchain.channel` of a rust-toolchain.toml.
+fn toolchain_channel(path: &Path) -> anyhow::Result<String> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    file.get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(toml::Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("{} names no toolchain.channel", path.display()))
 }

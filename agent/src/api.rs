@@ -1,43 +1,65 @@
 //! The local API (see `myelin_api` for the table of routes): HTTP/1.1 + JSON on a unix socket
 //! with mode 0600, served only to root peers (checked with SO_PEERCRED on every connection,
 //! because a socket's mode alone does not stop a process that inherited an open descriptor).
+//!
+//! Handlers hand their work to the agent's owner ([`AgentHandle`]) with the client's deadline.
+//! Bodies are bounded in size ([`MAX_BODY`], 413 beyond) and in time ([`BODY_TIMEOUT`], 408);
+//! connections in number and idle time (`http`).
 
 use std::{
     fs,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
 };
 
 use axum::{
     Json, Router,
-    extract::{FromRef, Query, State, rejection::JsonRejection},
-    http::StatusCode,
+    body::Body,
+    extract::{FromRequest, FromRequestParts, Query, Request, State},
+    http::{StatusCode, request::Parts},
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use myelin_api::{
-    AllocateRequest, ApiError, AttachmentQuery, EndpointRequest, ErrorKind, GcRequest, PodRef,
+    AllocateRequest, ApiError, AttachmentQuery, DEADLINE_HEADER, EndpointRequest, ErrorKind,
+    GcRequest,
 };
+use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::{agent::Agent, datapath::DatapathOps, events::EventSender};
+use crate::{
+    datapath::{DatapathOps, conntrack::ConntrackTable},
+    events::EventSender,
+    http::{self, ServerLimits},
+    owner::{AgentHandle, Deadline},
+};
 
-pub type SharedAgent<D> = Arc<Mutex<Agent<D>>>;
+/// Largest request body: a GC request listing every attachment of a full node stays far below.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// How long a request's body may take to arrive once its headers have.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Event streams open at once (`myelinctl monitor`); each holds a connection for as long as it
+/// runs.
+const MAX_EVENT_STREAMS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
-#[error("listening on {path}: {source}")]
-pub struct ListenError {
-    path: PathBuf,
-    #[source]
-    source: std::io::Error,
+pub enum ListenError {
+    #[error("listening on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// An [`ApiError`] as an HTTP answer.
-struct ErrorResponse(ApiError);
+pub struct ErrorResponse(ApiError);
 
 impl IntoResponse for ErrorResponse {
     fn into_response(self) -> Response {
@@ -53,40 +75,106 @@ impl From<ApiError> for ErrorResponse {
     }
 }
 
-impl From<JsonRejection> for ErrorResponse {
-    fn from(e: JsonRejection) -> Self {
-        Self(ApiError::new(ErrorKind::InvalidRequest, e.body_text()))
-    }
+fn invalid(message: impl Into<String>) -> ErrorResponse {
+    ErrorResponse(ApiError::new(ErrorKind::InvalidRequest, message))
 }
 
 type ApiResult<T> = Result<Json<T>, ErrorResponse>;
 
-fn lock<D>(agent: &SharedAgent<D>) -> std::sync::MutexGuard<'_, Agent<D>> {
-    // A panic while holding the lock leaves consistent state (every operation rolls back on
-    // error before returning), so a poisoned lock is still usable.
-    agent
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The client's deadline ([`DEADLINE_HEADER`]), or [`Deadline::DEFAULT`] from now.
+pub struct ClientDeadline(pub Deadline);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientDeadline {
+    type Rejection = ErrorResponse;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(DEADLINE_HEADER) else {
+            return Ok(Self(Deadline::after(Deadline::DEFAULT)));
+        };
+        let millis: u64 = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{DEADLINE_HEADER} must be milliseconds since the Unix epoch"
+                ))
+            })?;
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(millis);
+        Ok(Self(Deadline::at(at)))
+    }
+}
+
+/// A JSON body, read within the state's body timeout ([`BODY_TIMEOUT`]) and [`MAX_BODY`].
+pub struct BoundedJson<T>(pub T);
+
+impl<T: DeserializeOwned, D> FromRequest<ApiState<D>> for BoundedJson<T>
+where
+    ApiState<D>: Send + Sync,
+{
+    type Rejection = ErrorResponse;
+
+    async fn from_request(req: Request, state: &ApiState<D>) -> Result<Self, Self::Rejection> {
+        let body = req.into_body();
+        let timeout = state.body_timeout;
+        let bytes = tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BODY))
+            .await
+            .map_err(|_| {
+                ErrorResponse(ApiError::new(
+                    ErrorKind::RequestTimeout,
+                    format!("the request body did not arrive within {timeout:?}"),
+                ))
+            })?
+            .map_err(|e| {
+                // to_bytes fails only on a body over the limit or a broken connection.
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+                if too_large {
+                    ErrorResponse(ApiError::new(
+                        ErrorKind::PayloadTooLarge,
+                        format!("request bodies are limited to {MAX_BODY} bytes"),
+                    ))
+                } else {
+                    invalid(format!("reading the request body: {e}"))
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(Self)
+            .map_err(|e| invalid(format!("invalid request body: {e}")))
+    }
 }
 
 /// What the API handlers share.
 pub struct ApiState<D> {
-    pub agent: SharedAgent<D>,
+    pub agent: AgentHandle<D>,
     pub events: EventSender,
+    /// Where the conntrack map is pinned (listing reads it without the owner).
+    pub conntrack_pin: PathBuf,
+    pub event_streams: Arc<AtomicUsize>,
+    pub body_timeout: Duration,
 }
 
 impl<D> Clone for ApiState<D> {
     fn clone(&self) -> Self {
         Self {
-            agent: Arc::clone(&self.agent),
+            agent: self.agent.clone(),
             events: self.events.clone(),
+            conntrack_pin: self.conntrack_pin.clone(),
+            event_streams: Arc::clone(&self.event_streams),
+            body_timeout: self.body_timeout,
         }
     }
 }
 
-impl<D> FromRef<ApiState<D>> for SharedAgent<D> {
-    fn from_ref(state: &ApiState<D>) -> Self {
-        Arc::clone(&state.agent)
+impl<D> ApiState<D> {
+    pub fn new(agent: AgentHandle<D>, events: EventSender, conntrack_pin: PathBuf) -> Self {
+        Self {
+            agent,
+            events,
+            conntrack_pin,
+            event_streams: Arc::default(),
+            body_timeout: BODY_TIMEOUT,
+        }
     }
 }
 
@@ -111,123 +199,117 @@ pub fn router<D: DatapathOps + 'static>(state: ApiState<D>) -> Router {
         .with_state(state)
 }
 
-async fn allocate<D: DatapathOps>(
-    State(agent): State<SharedAgent<D>>,
-    body: Result<Json<AllocateRequest>, JsonRejection>,
+async fn allocate<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
+    BoundedJson(req): BoundedJson<AllocateRequest>,
 ) -> Result<(StatusCode, Json<myelin_api::Allocation>), ErrorResponse> {
-    let Json(req) = body?;
-    let allocation = lock(&agent).allocate(&req)?;
+    let allocation = s.agent.allocate(deadline, req).await?;
     Ok((StatusCode::CREATED, Json(allocation)))
 }
 
-async fn release<D: DatapathOps>(
-    State(agent): State<SharedAgent<D>>,
+async fn release<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
     Query(q): Query<AttachmentQuery>,
 ) -> ApiResult<myelin_api::ReleaseResponse> {
-    let id = q.required()?;
-    Ok(Json(lock(&agent).release(&id)?))
+    Ok(Json(s.agent.release(deadline, q.required()?).await?))
 }
 
-async fn put_endpoint<D: DatapathOps>(
-    State(agent): State<SharedAgent<D>>,
-    body: Result<Json<EndpointRequest>, JsonRejection>,
+async fn put_endpoint<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
+    BoundedJson(req): BoundedJson<EndpointRequest>,
 ) -> ApiResult<myelin_api::Endpoint> {
-    let Json(req) = body?;
-    if let Some(pod) = &req.pod {
-        wait_for_pod(&agent, pod).await;
-    }
-    Ok(Json(lock(&agent).put_endpoint(&req)?))
+    Ok(Json(s.agent.put_endpoint(deadline, req).await?))
 }
 
-/// How long an ADD waits for its Pod object to reach the agent's watch.
-const POD_WAIT: Duration = Duration::from_secs(2);
-const POD_POLL: Duration = Duration::from_millis(5);
-
-/// Waits, without holding the agent, until the source has shown `pod` or [`POD_WAIT`] has
-/// passed (see `Agent::awaits_pod`). After that the endpoint starts without labels and gets
-/// its identity when the object arrives, as before: a pod the API server never lists (not a
-/// Kubernetes pod) must still get its network.
-async fn wait_for_pod<D: DatapathOps>(agent: &SharedAgent<D>, pod: &PodRef) {
-    let started = Instant::now();
-    while lock(agent).awaits_pod(pod) {
-        if started.elapsed() >= POD_WAIT {
-            warn!(
-                pod = %format_args!("{}/{}", pod.namespace, pod.name),
-                "no Pod object after {POD_WAIT:?}: the endpoint starts without labels and \
-                 gets its identity when the object arrives"
-            );
-            return;
-        }
-        tokio::time::sleep(POD_POLL).await;
-    }
-    let waited = started.elapsed();
-    if waited >= POD_POLL {
-        info!(
-            pod = %format_args!("{}/{}", pod.namespace, pod.name),
-            waited_ms = waited.as_millis() as u64,
-            "waited for the Pod object before creating the endpoint"
-        );
-    }
-}
-
-async fn list_endpoints<D: DatapathOps>(
-    State(agent): State<SharedAgent<D>>,
+async fn list_endpoints<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
     Query(q): Query<AttachmentQuery>,
 ) -> ApiResult<Vec<myelin_api::Endpoint>> {
     let filter = q.optional()?;
-    Ok(Json(lock(&agent).endpoints(filter.as_ref())))
+    let list = s
+        .agent
+        .read(deadline, move |a| a.endpoints(filter.as_ref()))
+        .await?;
+    Ok(Json(list))
 }
 
-async fn delete_endpoint<D: DatapathOps>(
-    State(agent): State<SharedAgent<D>>,
+async fn delete_endpoint<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
     Query(q): Query<AttachmentQuery>,
 ) -> ApiResult<myelin_api::DeleteResponse> {
-    let id = q.required()?;
-    Ok(Json(lock(&agent).delete_endpoint(&id)?))
+    Ok(Json(
+        s.agent.delete_endpoint(deadline, q.required()?).await?,
+    ))
 }
 
-async fn gc<D: DatapathOps>(
-    State(agent): State<SharedAgent<D>>,
-    body: Result<Json<GcRequest>, JsonRejection>,
+async fn gc<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
+    BoundedJson(req): BoundedJson<GcRequest>,
 ) -> ApiResult<myelin_api::GcResponse> {
-    let Json(req) = body?;
-    Ok(Json(lock(&agent).gc(&req)?))
+    Ok(Json(s.agent.gc(deadline, req).await?))
 }
 
-async fn status<D: DatapathOps>(State(agent): State<SharedAgent<D>>) -> Json<myelin_api::Status> {
-    Json(lock(&agent).status())
+async fn status<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
+) -> ApiResult<myelin_api::Status> {
+    Ok(Json(s.agent.read(deadline, |a| a.status()).await?))
 }
 
-async fn policies<D: DatapathOps>(
-    State(agent): State<SharedAgent<D>>,
-) -> Json<myelin_api::PolicyStatus> {
-    Json(lock(&agent).policies())
+async fn policies<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
+) -> ApiResult<myelin_api::PolicyStatus> {
+    Ok(Json(s.agent.read(deadline, |a| a.policies()).await?))
 }
 
-async fn drops<D: DatapathOps>(
-    State(agent): State<SharedAgent<D>>,
-) -> Json<Vec<myelin_api::DropCount>> {
-    Json(lock(&agent).drops())
+async fn drops<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
+) -> ApiResult<Vec<myelin_api::DropCount>> {
+    Ok(Json(s.agent.read(deadline, |a| a.drops()).await?))
 }
 
-async fn conntrack<D: DatapathOps>(
-    State(agent): State<SharedAgent<D>>,
+/// Reads the conntrack map on a blocking thread: a full table is 131,072 lookups.
+async fn conntrack<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
 ) -> ApiResult<Vec<myelin_api::TrackedFlow>> {
-    Ok(Json(lock(&agent).conntrack()?))
+    let pin = s.conntrack_pin.clone();
+    let flows = tokio::task::spawn_blocking(move || {
+        ConntrackTable::open(&pin).and_then(|t| t.flows(usize::MAX))
+    })
+    .await
+    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+    .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+    Ok(Json(flows))
 }
 
 /// Turns datapath events off again when the last stream closes.
-struct EventsGuard<D: DatapathOps> {
+struct EventsGuard<D: DatapathOps + 'static> {
     state: ApiState<D>,
 }
 
-impl<D: DatapathOps> Drop for EventsGuard<D> {
+impl<D: DatapathOps + 'static> Drop for EventsGuard<D> {
     fn drop(&mut self) {
-        // This stream's receiver is still counted while the guard drops.
-        if self.state.events.receiver_count() <= 1
-            && let Err(e) = lock(&self.state.agent).set_events(false)
-        {
-            warn!(error = %e, "turning datapath events off failed");
+        let left = self.state.event_streams.fetch_sub(1, Ordering::SeqCst) - 1;
+        if left == 0 {
+            let agent = self.state.agent.clone();
+            tokio::spawn(async move {
+                let off = agent
+                    .run(Deadline::after(Deadline::DEFAULT), |a| {
+                        a.set_events(false).map_err(ApiError::from)
+                    })
+                    .await;
+                if let Err(e) = off {
+                    warn!(error = %e, "turning datapath events off failed");
+                }
+            });
         }
     }
 }
@@ -235,12 +317,23 @@ impl<D: DatapathOps> Drop for EventsGuard<D> {
 /// Newline-delimited JSON events until the client goes away.
 async fn events<D: DatapathOps + 'static>(
     State(state): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
 ) -> Result<Response, ErrorResponse> {
+    if state.event_streams.fetch_add(1, Ordering::SeqCst) >= MAX_EVENT_STREAMS {
+        state.event_streams.fetch_sub(1, Ordering::SeqCst);
+        return Err(ErrorResponse(ApiError::new(
+            ErrorKind::NotReady,
+            format!("{MAX_EVENT_STREAMS} event streams are open already"),
+        )));
+    }
+    let guard = EventsGuard {
+        state: state.clone(),
+    };
     let rx = state.events.subscribe();
-    lock(&state.agent)
-        .set_events(true)
-        .map_err(ApiError::from)?;
-    let guard = EventsGuard { state };
+    state
+        .agent
+        .run(deadline, |a| a.set_events(true).map_err(ApiError::from))
+        .await?;
     let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
         loop {
             match rx.recv().await {
@@ -257,20 +350,21 @@ async fn events<D: DatapathOps + 'static>(
     });
     Ok((
         [("content-type", "application/x-ndjson")],
-        axum::body::Body::from_stream(stream),
+        Body::from_stream(stream),
     )
         .into_response())
 }
 
-/// Binds the socket: removes a stale one, creates the directory (0700) and restricts the socket
-/// to its owner (0600).
+/// Binds the socket: creates its directory (0700) if missing, removes a stale socket (the
+/// caller holds the agent's lock, so no live agent owns it) and restricts the socket to its
+/// owner (0600).
 pub fn bind(path: &Path) -> Result<UnixListener, ListenError> {
-    let err = |source| ListenError {
+    let err = |source| ListenError::Io {
         path: path.to_owned(),
         source,
     };
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(err)?;
+        private_dir(dir).map_err(err)?;
     }
     match fs::remove_file(path) {
         Ok(()) => debug!(path = %path.display(), "removed a stale socket"),
@@ -282,35 +376,230 @@ pub fn bind(path: &Path) -> Result<UnixListener, ListenError> {
     Ok(listener)
 }
 
+/// Creates `dir` (and its parents) with mode 0700. A directory that exists keeps its mode, but
+/// one that others can enter is reported: the socket is 0600 either way.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    match fs::metadata(dir) {
+        Ok(meta) => {
+            if meta.permissions().mode() & 0o077 != 0 {
+                warn!(
+                    dir = %dir.display(),
+                    "the socket's directory is open to other users; Myelin's own is 0700"
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir),
+        Err(e) => Err(e),
+    }
+}
+
 /// Serves `app` to root peers and a 403 to everyone else, until the task is dropped.
-pub async fn serve(listener: UnixListener, app: Router) {
+pub async fn serve(listener: UnixListener, app: Router, limits: ServerLimits) {
     let forbidden = Router::new().fallback(|| async {
         ErrorResponse(ApiError::new(
             ErrorKind::Forbidden,
             "the myelin agent API is for root only",
         ))
     });
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                warn!(error = %e, "accepting an API connection failed");
-                continue;
-            }
-        };
-        let peer_is_root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
-        let service = if peer_is_root {
+    http::serve(listener, limits, move |stream| {
+        if stream.peer_cred().is_ok_and(|c| c.uid() == 0) {
             app.clone()
         } else {
             warn!(peer = ?stream.peer_cred().ok(), "refused an API request from a non-root peer");
             forbidden.clone()
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::UnixStream,
+    };
+
+    use super::*;
+    use crate::owner::testing::{fake_owner, free_addresses};
+
+    struct Server {
+        _dir: tempfile::TempDir,
+        socket: PathBuf,
+        agent: AgentHandle<crate::datapath::fake::FakeDatapath>,
+        _source: tokio::sync::mpsc::Sender<crate::source::SourceEvent>,
+    }
+
+    fn start(limits: ServerLimits, body_timeout: Duration) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run").join("agent.sock");
+        let (agent, source) = fake_owner(false);
+        let (events, _) = tokio::sync::broadcast::channel(4);
+        let mut state = ApiState::new(agent.clone(), events, dir.path().join("ct"));
+        state.body_timeout = body_timeout;
+        let listener = bind(&socket).unwrap();
+        tokio::spawn(serve(listener, router(state), limits));
+        Server {
+            _dir: dir,
+            socket,
+            agent,
+            _source: source,
+        }
+    }
+
+    fn default_server() -> Server {
+        start(ServerLimits::default(), BODY_TIMEOUT)
+    }
+
+    /// Sends `raw` and reads until the server closes or `wait` passes.
+    async fn exchange(socket: &Path, raw: &[u8], wait: Duration) -> (String, bool) {
+        let mut conn = UnixStream::connect(socket).await.unwrap();
+        conn.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        let closed = tokio::time::timeout(wait, conn.read_to_end(&mut out))
+            .await
+            .is_ok();
+        (String::from_utf8_lossy(&out).into_owned(), closed)
+    }
+
+    fn post(path: &str, extra_headers: &str, body: &str) -> Vec<u8> {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{extra_headers}\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn the_socket_and_its_new_directory_are_private() {
+        let s = default_server();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&s.socket), 0o600);
+        assert_eq!(mode(s.socket.parent().unwrap()), 0o700);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_answered_413_and_nothing_is_done() {
+        let s = default_server();
+        let free = free_addresses(&s.agent).await;
+        let huge = format!(
+            r#"{{"containerId":"{}","ifname":"eth0"}}"#,
+            "c".repeat(MAX_BODY)
+        );
+        let (answer, _) = exchange(
+            &s.socket,
+            &post("/v1/ipam", "", &huge),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("payloadTooLarge"), "{answer}");
+        assert_eq!(free_addresses(&s.agent).await, free);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_never_arrives_is_answered_408() {
+        let s = start(ServerLimits::default(), Duration::from_millis(200));
+        let head = "POST /v1/ipam HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{\"contai";
+        let started = Instant::now();
+        let (answer, _) = exchange(&s.socket, head.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn unfinished_headers_and_idle_connections_are_closed() {
+        let limits = ServerLimits {
+            header_timeout: Duration::from_millis(200),
+            ..ServerLimits::default()
         };
-        tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-            if let Err(e) = conn.await {
-                debug!(error = %e, "API connection ended with an error");
-            }
-        });
+        let s = start(limits, BODY_TIMEOUT);
+        // Never finishes its headers.
+        let (_, closed) = exchange(
+            &s.socket,
+            b"GET /v1/status HTTP/1.1\r\nHost:",
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(closed, "a half-sent request is not kept open");
+        // Says nothing at all.
+        let (_, closed) = exchange(&s.socket, b"", Duration::from_secs(3)).await;
+        assert!(closed, "a silent connection is not kept open");
+        // Kept alive after an answer, then idle.
+        let (answer, closed) = exchange(
+            &s.socket,
+            b"GET /v1/status HTTP/1.1\r\nHost: a\r\n\r\n",
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(closed, "an idle kept-alive connection is closed");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_at_the_cap_make_room_for_a_request() {
+        let limits = ServerLimits {
+            max_connections: 4,
+            ..ServerLimits::default()
+        };
+        let s = start(limits, BODY_TIMEOUT);
+        let mut idle = Vec::new();
+        for _ in 0..20 {
+            idle.push(UnixStream::connect(&s.socket).await.unwrap());
+        }
+        let started = Instant::now();
+        let (answer, _) = exchange(
+            &s.socket,
+            b"GET /v1/status HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_past_its_deadline_is_refused_and_a_malformed_deadline_is_a_bad_request() {
+        let s = default_server();
+        let free = free_addresses(&s.agent).await;
+        let body = r#"{"containerId":"c1","ifname":"eth0"}"#;
+        let past = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            - 1000;
+        let (answer, _) = exchange(
+            &s.socket,
+            &post("/v1/ipam", &format!("{DEADLINE_HEADER}: {past}\r\n"), body),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+        assert_eq!(free_addresses(&s.agent).await, free);
+        let (answer, _) = exchange(
+            &s.socket,
+            &post("/v1/ipam", &format!("{DEADLINE_HEADER}: soon\r\n"), body),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        // Without a deadline the agent's default applies.
+        let (answer, _) = exchange(
+            &s.socket,
+            &post("/v1/ipam", "", body),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
     }
 }

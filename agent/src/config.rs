@@ -1,12 +1,21 @@
 //! `myelin-agent`'s flags. Every flag can also be set from the environment as
 //! `MYELIN_<FLAG>` (e.g. `MYELIN_NODE_NAME`), which is how the DaemonSet configures it.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use ipnet::Ipv4Net;
 
 use crate::{datapath::AttachMode, source::SourceSpec};
+
+/// `--routing-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoutingMode {
+    /// VXLAN in collect-metadata mode (`myelin_vxlan`), the sender's identity in the VNI.
+    Tunnel,
+    /// Plain IP through the uplink (`bpf_fib_lookup` + `bpf_redirect_neigh`).
+    Native,
+}
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -72,6 +81,55 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_ATTACH_MODE", value_enum, default_value = "tc")]
     pub attach_mode: AttachMode,
 
+    /// Grace period after which the agent releases what nothing claims, and how often it looks:
+    /// an address allocated without an endpoint (a plugin killed or timed out between its two
+    /// calls), an endpoint whose veth vanished without a CNI DEL, a Myelin veth no endpoint
+    /// claims. Must exceed the time one ADD takes. `ms`, `s`, `m` or `h`.
+    #[arg(long, env = "MYELIN_ENDPOINT_GC_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub endpoint_gc_interval: Duration,
+
+    /// How often expired conntrack entries are removed (the LRU map also evicts the least
+    /// recently used when full). The walk runs on a thread of its own and paces itself.
+    #[arg(long, env = "MYELIN_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub conntrack_gc_interval: Duration,
+
+    /// Largest file the directory source reads: a byte count, or one with a binary suffix
+    /// (`512Ki`, `16Mi`, `1Gi`). A larger file is reported and ignored, its last good objects
+    /// stay in force. While a file is parsed it can take up to about 90 times its size in
+    /// memory (one huge document; a file of many small documents takes a few times its size).
+    #[arg(long, env = "MYELIN_MAX_OBJECT_FILE_SIZE", default_value = "16Mi", value_parser = parse_byte_size)]
+    pub max_object_file_size: u64,
+
+    /// How pods on other nodes are reached: `tunnel` (VXLAN, over any IP underlay) or `native`
+    /// (unencapsulated through the uplink: the nodes share an L2 segment, or the underlay
+    /// routes the pod CIDRs).
+    #[arg(
+        long,
+        env = "MYELIN_ROUTING_MODE",
+        value_enum,
+        default_value = "tunnel"
+    )]
+    pub routing_mode: RoutingMode,
+
+    /// UDP port of the VXLAN tunnel (tunnel mode); the same on every node.
+    #[arg(long, env = "MYELIN_TUNNEL_PORT", default_value_t = 8472)]
+    pub tunnel_port: u16,
+
+    /// The device through which traffic leaves the node for other nodes and the outside.
+    /// Default: the device holding the node's InternalIP (from its Node object).
+    #[arg(long, env = "MYELIN_UPLINK")]
+    pub uplink: Option<String>,
+
+    /// Source-NAT pod traffic to destinations outside the cluster to the node's InternalIP,
+    /// in eBPF on the uplink (no iptables). `true` or `false`.
+    #[arg(long, env = "MYELIN_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub masquerade: bool,
+
+    /// Destinations pods reach with their own address, in addition to the cluster's pod CIDRs
+    /// and node addresses (which are never masqueraded). Comma-separated CIDRs.
+    #[arg(long, env = "MYELIN_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
+    pub non_masquerade_cidrs: Vec<Ipv4Net>,
+
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -92,6 +150,42 @@ impl std::str::FromStr for MetricsAddr {
             .map(|a| Self(Some(a)))
             .map_err(|e| format!("{s:?} is not an address:port ({e}); use `off` to disable"))
     }
+}
+
+/// `500ms`, `30s`, `1m`, `2h`: a whole number and a unit.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use a number and ms, s, m or h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be longer than zero"));
+    }
+    Ok(d)
+}
+
+/// `1048576`, `512Ki`, `16Mi`, `1Gi`: a whole number of bytes, or of binary units.
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = [("Ki", 1 << 10), ("Mi", 1 << 20), ("Gi", 1 << 30)]
+        .into_iter()
+        .find_map(|(suffix, unit)| s.strip_suffix(suffix).map(|d| (d, unit)))
+        .unwrap_or((s, 1));
+    digits
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| {
+            format!("{s:?} is not a size: use a positive byte count, or one with Ki, Mi or Gi")
+        })
 }
 
 impl AgentConfig {
@@ -128,6 +222,44 @@ mod tests {
         assert_eq!(c.metrics_addr.0, Some("0.0.0.0:9962".parse().unwrap()));
         assert_eq!(c.attach_mode, AttachMode::Tc);
         assert_eq!(c.kubeconfig, None);
+        assert_eq!(c.endpoint_gc_interval, Duration::from_secs(60));
+        assert_eq!(c.routing_mode, RoutingMode::Tunnel);
+        assert_eq!(c.tunnel_port, 8472);
+        assert!(c.masquerade);
+        assert!(c.non_masquerade_cidrs.is_empty());
+        assert_eq!(c.uplink, None);
+        assert_eq!(c.max_object_file_size, 16 << 20);
+    }
+
+    #[test]
+    fn durations_need_a_unit_and_must_not_be_zero() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "60", "1.5s", "-1s", "0s", "1d", "s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_byte_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_byte_size("512Ki"), Ok(512 << 10));
+        assert_eq!(parse_byte_size("16Mi"), Ok(16 << 20));
+        assert_eq!(parse_byte_size("1Gi"), Ok(1 << 30));
+        for bad in [
+            "",
+            "0",
+            "Mi",
+            "16M",
+            "16MB",
+            "1.5Mi",
+            "-1",
+            " 16Mi",
+            "99999999999Gi",
+        ] {
+            assert!(parse_byte_size(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -150,5 +282,19 @@ mod tests {
         assert_eq!(c.metrics_addr.0, None);
         assert!(AgentConfig::try_parse_from(["myelin-agent", "--pod-cidr", "10.1.0.0"]).is_err());
         assert!(AgentConfig::try_parse_from(["myelin-agent", "--source", "etcd"]).is_err());
+        let c = AgentConfig::try_parse_from([
+            "myelin-agent",
+            "--routing-mode",
+            "native",
+            "--masquerade",
+            "false",
+            "--non-masquerade-cidrs",
+            "10.0.0.0/8,192.168.0.0/16",
+        ])
+        .unwrap();
+        assert_eq!(c.routing_mode, RoutingMode::Native);
+        assert!(!c.masquerade);
+        assert_eq!(c.non_masquerade_cidrs.len(), 2);
+        assert!(AgentConfig::try_parse_from(["myelin-agent", "--routing-mode", "bgp"]).is_err());
     }
 }

@@ -1,35 +1,46 @@
-//! The agent process: wires the source, the agent logic, the datapath, the API socket and the
+//! The agent process: wires the source, the agent's owner, the datapath, the API socket and the
 //! metrics endpoint together, and runs until SIGTERM/SIGINT. This is the process edge, so
 //! errors are `anyhow` with context.
 //!
-//! Start order matters: the pod CIDR must be known before IPAM opens; the node device and the
-//! datapath must be ready before the API accepts the first CNI ADD; the maps are restored
-//! before anything is served, so a restarted agent never answers with stale state.
+//! Start order matters, one phase after the other:
+//! 1. [`claim_node`]: one agent per state directory and socket (locks), before touching either.
+//! 2. [`start_source`] and [`wait_for_pod_cidr`]: the pod CIDR must be known before IPAM opens.
+//! 3. [`open_state`]: IPAM and endpoint files; an unreadable one is moved aside, and the kernel's
+//!    state rebuilds it in phase 4.
+//! 4. [`start_datapath`]: the node device, the maps and programs, then `Agent::restore` checks the
+//!    files against the kernel and the queued DELs are carried out: all before the API accepts
+//!    the first CNI ADD, so a restarted agent never answers with stale state.
+//! 5. [`serve`]: the owner, the API, metrics, conntrack GC, interface watch; until a signal.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Instant};
 
 use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
-use myelin_cluster::{Change, ClusterIndex, Kind};
+use myelin_cluster::ClusterIndex;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     agent::{Agent, SystemInterfaces},
     api, bpffs,
     config::AgentConfig,
-    datapath::Datapath,
-    endpoint::EndpointStore,
+    datapath::{
+        Datapath,
+        conntrack::{self, ConntrackTable},
+    },
+    endpoint::{EndpointStore, EndpointStoreError},
     events,
-    ipam::Ipam,
-    metrics::{self, KindLabel, Metrics},
+    http::ServerLimits,
+    ipam::{Ipam, IpamError},
+    links::{self, Links},
+    lock::AgentLock,
+    metrics::{self, Metrics, SnapshotSource},
     netconf,
+    owner::{self, Settings, count_event},
+    persist::{self, PersistError},
     source::{
         SourceEvent, SourceSpec,
         dir::DirSource,
@@ -37,62 +48,112 @@ use crate::{
     },
 };
 
-/// How often expired conntrack entries are removed (the LRU map also evicts when full).
-const CONNTRACK_GC_INTERVAL: Duration = Duration::from_secs(30);
-
 /// How often the queue of DELs that found the agent down is looked at again: a DEL that raced
 /// the agent's start is queued after the startup pass.
-const PENDING_DELETES_INTERVAL: Duration = Duration::from_secs(5);
+const PENDING_DELETES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long to wait for a pod CIDR before saying so again.
-const CIDR_WAIT_REPORT: Duration = Duration::from_secs(10);
+const CIDR_WAIT_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let node_name = config.node_name();
     info!(node = node_name, source = ?config.source, "starting myelin-agent {}", env!("CARGO_PKG_VERSION"));
+    let _locks = claim_node(&config)?;
+    let metrics = Metrics::default();
+    let mut source = start_source(&config).await?;
+    let cluster = wait_for_pod_cidr(&config, &node_name, &mut source, &metrics).await?;
+    let (ipam, endpoints) = open_state(&config, cluster.pod_cidr)?;
+    let started = start_datapath(&config, &node_name, ipam, endpoints, cluster).await?;
+    serve(&config, node_name, source, metrics, started).await
+}
+
+/// Phase 1: the state directory exists and this agent alone uses it and the socket.
+fn claim_node(config: &AgentConfig) -> anyhow::Result<[AgentLock; 2]> {
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
             "creating the state directory {}",
             config.state_dir.display()
         )
     })?;
+    let state_lock = AgentLock::acquire(&config.state_dir.join("agent.lock"))?;
+    let socket_dir = config
+        .socket
+        .parent()
+        .context("--socket has no parent directory")?;
+    api::private_dir(socket_dir)
+        .with_context(|| format!("creating the socket directory {}", socket_dir.display()))?;
+    let mut socket_lock = config.socket.as_os_str().to_owned();
+    socket_lock.push(".lock");
+    let socket_lock = AgentLock::acquire(Path::new(&socket_lock))?;
+    Ok([state_lock, socket_lock])
+}
 
-    let (tx, mut rx) = mpsc::channel::<SourceEvent>(64);
+/// Phase 2a: the cluster-state source, feeding a channel.
+async fn start_source(config: &AgentConfig) -> anyhow::Result<mpsc::Receiver<SourceEvent>> {
+    let (tx, rx) = mpsc::channel::<SourceEvent>(64);
     match &config.source {
         SourceSpec::Dir(path) => {
             if !path.is_dir() {
                 bail!("--source dir:{}: not a directory", path.display());
             }
-            let source = DirSource::new(path.clone());
-            tokio::spawn(async move {
-                if let Err(e) = source.run(tx).await {
-                    error!("directory source stopped: {e}");
-                }
-            });
+            DirSource::new(path.clone(), config.max_object_file_size)
+                .spawn(tx)
+                .context("starting the directory source's thread")?;
         }
         SourceSpec::Kubernetes => {
             let client = kubernetes::client(config.kubeconfig.as_deref())
                 .await
                 .context("configuring the Kubernetes client")?;
-            tokio::spawn(KubernetesSource::new(client).run(tx));
+            // Its own runtime on a thread of lower priority: decoding a relist of a large
+            // cluster must not take the CPU from the owner and the API.
+            std::thread::Builder::new()
+                .name("kube-source".into())
+                .spawn(move || {
+                    crate::priority::background_thread();
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(KubernetesSource::new(client).run(tx)),
+                        Err(e) => error!("starting the Kubernetes source's runtime failed: {e}"),
+                    }
+                })
+                .context("starting the Kubernetes source's thread")?;
         }
     }
+    Ok(rx)
+}
 
-    let metrics = Metrics::default();
-    // Initial state: take what the source has until the pod CIDR is known.
+/// What the source has shown by the time the pod CIDR is known.
+struct ClusterStart {
+    pod_cidr: Ipv4Net,
+    index: ClusterIndex,
+    synced: bool,
+}
+
+/// Phase 2b: takes what the source has until the pod CIDR is known: `--pod-cidr` (directory
+/// source), else the Node object's spec.podCIDR, else (Kubernetes, source unavailable) the one
+/// a previous run persisted.
+async fn wait_for_pod_cidr(
+    config: &AgentConfig,
+    node_name: &str,
+    rx: &mut mpsc::Receiver<SourceEvent>,
+    metrics: &Metrics,
+) -> anyhow::Result<ClusterStart> {
     let mut index = ClusterIndex::default();
     let mut synced = false;
     let ipam_path = config.state_dir.join("ipam.json");
     // Kubernetes mode: the Node object is authoritative, but a restarted agent that cannot get
     // it (API server down, or hanging) keeps serving its pods with the CIDR it persisted.
     let fallback_cidr = match config.source {
-        SourceSpec::Kubernetes => {
-            Ipam::persisted_cidr(&ipam_path).context("reading the persisted pod CIDR")?
-        }
+        SourceSpec::Kubernetes => Ipam::persisted_cidr(&ipam_path).unwrap_or_else(|e| {
+            warn!("cannot read the persisted pod CIDR: {e}");
+            None
+        }),
         SourceSpec::Dir(_) => None,
     };
     let pod_cidr = loop {
-        if let Some(cidr) = pod_cidr(&config, &index, &node_name) {
+        if let Some(cidr) = pod_cidr(config, &index, node_name) {
             break cidr;
         }
         if synced && let SourceSpec::Dir(path) = &config.source {
@@ -104,7 +165,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         let unavailable = match tokio::time::timeout(CIDR_WAIT_REPORT, rx.recv()).await {
             Ok(Some(SourceEvent::Changes(changes))) => {
                 for change in changes {
-                    count_event(&metrics, &change);
+                    count_event(metrics, &change);
                     index.apply(change);
                 }
                 false
@@ -130,175 +191,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     };
     info!(%pod_cidr, "pod CIDR");
-
-    let ipam = Ipam::open(ipam_path, pod_cidr).context("opening IPAM state")?;
-    let endpoints = EndpointStore::open(
-        config.state_dir.join("endpoints.json"),
-        config.max_endpoints,
-    )
-    .context("opening endpoint state")?;
-    netconf::setup_node(ipam.gateway())
-        .await
-        .context("setting up the node's network")?;
-    bpffs::ensure_mounted(&config.bpffs)?;
-    let mut datapath = Datapath::load(&config.bpffs, config.attach_mode, config.limits())
-        .context("loading the eBPF datapath")?;
-    let (events, _) = tokio::sync::broadcast::channel(events::STREAM_BUFFER);
-    if let Some(ring) = datapath.take_events() {
-        tokio::spawn(events::read(ring, events.clone()));
-    }
-    let removed = datapath
-        .remove_stale_link_pins(&|ifname| endpoints.iter().any(|r| r.host_ifname == ifname));
-    if removed > 0 {
-        info!(
-            removed,
-            "removed link pins of endpoints deleted while the agent was down"
-        );
-    }
-
-    let mut agent = Agent::new(
-        node_name.clone(),
-        ipam,
-        endpoints,
+    Ok(ClusterStart {
+        pod_cidr,
         index,
-        datapath,
-        Box::new(SystemInterfaces),
-    )
-    .with_pending_deletes(myelin_api::pending::dir_for(&config.socket));
-    if matches!(config.source, SourceSpec::Kubernetes) {
-        agent = agent.expecting_pod_objects();
-    }
-    agent.restore().context("restoring endpoints")?;
-    // Before the API opens: an ADD must not find an endpoint whose pod is already gone.
-    let carried_out = agent.process_pending_deletes();
-    if carried_out > 0 {
-        info!(
-            carried_out,
-            "carried out the DELs queued while the agent was down"
-        );
-    }
-    if synced {
-        agent
-            .set_synced()
-            .context("writing the maps for the synced cluster state")?;
-    }
-    let agent = Arc::new(Mutex::new(agent));
-
-    let listener = api::bind(&config.socket)?;
-    let api_task = tokio::spawn(api::serve(
-        listener,
-        api::router(api::ApiState {
-            agent: Arc::clone(&agent),
-            events,
-        }),
-    ));
-    info!(socket = %config.socket.display(), "API listening");
-
-    let metrics_task = config.metrics_addr.0.map(|addr| {
-        let agent = Arc::clone(&agent);
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let snapshot = Box::new(move || api_lock(&agent).metrics_snapshot());
-            if let Err(e) = metrics::serve(addr, metrics, snapshot).await {
-                error!(%addr, "metrics endpoint failed: {e}");
-            }
-        })
-    });
-
-    // The Node's CIDR last reported as differing from the one in use, to say so once.
-    let mut reported_cidr = None;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut conntrack_gc = tokio::time::interval(CONNTRACK_GC_INTERVAL);
-    let mut pending_deletes = tokio::time::interval(PENDING_DELETES_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = pending_deletes.tick() => {
-                api_lock(&agent).process_pending_deletes();
-            }
-            _ = conntrack_gc.tick() => match api_lock(&agent).gc_conntrack() {
-                Ok(0) => {}
-                Ok(n) => debug!(removed = n, "conntrack garbage collected"),
-                Err(e) => warn!("conntrack garbage collection failed: {e}"),
-            },
-            event = rx.recv() => match event {
-                Some(SourceEvent::Changes(changes)) => {
-                    let started = Instant::now();
-                    let mut agent = api_lock(&agent);
-                    for change in &changes {
-                        count_event(&metrics, change);
-                    }
-                    if let Err(e) = agent.apply_cluster_changes(changes) {
-                        error!("updating the datapath after a cluster change failed: {e}");
-                    }
-                    metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
-                    let listed = agent.index().node(&node_name).and_then(|n| n.pod_cidr);
-                    drop(agent);
-                    report_cidr_mismatch(pod_cidr, listed, &mut reported_cidr);
-                }
-                Some(SourceEvent::Synced) => match api_lock(&agent).set_synced() {
-                    Ok(diff) => info!(written = diff.writes(), "cluster state synced"),
-                    Err(e) => error!("writing the maps for the synced cluster state failed: {e}"),
-                },
-
-                // The source has logged it and retries; the agent goes on with its last state.
-                Some(SourceEvent::Unavailable) => {}
-                None => {
-                    warn!("the cluster-state source stopped; keeping the last state");
-                    // Keep serving: endpoints still work. Wait for a signal only.
-                    tokio::select! {
-                        _ = sigterm.recv() => {}
-                        _ = sigint.recv() => {}
-                    }
-                    break;
-                }
-            },
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-        }
-    }
-
-    info!("shutting down; pods keep their datapath (programs and maps stay pinned)");
-    api_task.abort();
-    if let Some(t) = metrics_task {
-        t.abort();
-    }
-    let _ = std::fs::remove_file(&config.socket);
-    Ok(())
-}
-
-fn api_lock<D>(agent: &Mutex<Agent<D>>) -> std::sync::MutexGuard<'_, Agent<D>> {
-    agent.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn count_event(metrics: &Metrics, change: &Change) {
-    let kind = match change {
-        Change::Apply(o) => o.kind(),
-        Change::Delete { kind, .. } | Change::Replace { kind, .. } => *kind,
-    };
-    metrics
-        .watch_events
-        .get_or_create(&KindLabel {
-            kind: Kind::as_str(kind),
-        })
-        .inc();
-}
-
-/// Says when the Node object's pod CIDR differs from the one IPAM serves (the agent started
-/// with its persisted CIDR while the API server was down, and the Node changed meanwhile):
-/// existing pods keep their addresses; a restart adopts the Node's CIDR once they are gone.
-fn report_cidr_mismatch(in_use: Ipv4Net, listed: Option<Ipv4Net>, reported: &mut Option<Ipv4Net>) {
-    match listed {
-        Some(listed) if listed != in_use && *reported != Some(listed) => {
-            error!(
-                %in_use, %listed,
-                "the Node's spec.podCIDR differs from the pod CIDR in use; restart the agent \
-                 once this node's pods are deleted to adopt it"
-            );
-            *reported = Some(listed);
-        }
-        _ => {}
-    }
+        synced,
+    })
 }
 
 /// The pod CIDR: `--pod-cidr` (directory source), else the Node object's spec.podCIDR.
@@ -307,4 +204,202 @@ fn pod_cidr(config: &AgentConfig, index: &ClusterIndex, node_name: &str) -> Opti
         return Some(cidr);
     }
     index.node(node_name).and_then(|n| n.pod_cidr)
+}
+
+/// Phase 3: IPAM and endpoint files. A file that cannot be decoded is moved aside with an
+/// error: the kernel's state (phase 4) rebuilds what it held.
+fn open_state(config: &AgentConfig, pod_cidr: Ipv4Net) -> anyhow::Result<(Ipam, EndpointStore)> {
+    let ipam_path = config.state_dir.join("ipam.json");
+    let ipam = match Ipam::open(ipam_path.clone(), pod_cidr) {
+        Err(IpamError::Persist(e @ PersistError::Decode { .. })) => {
+            set_aside(&ipam_path, &e)?;
+            Ipam::open(ipam_path, pod_cidr)
+        }
+        other => other,
+    }
+    .context("opening IPAM state")?;
+    let endpoints_path = config.state_dir.join("endpoints.json");
+    let endpoints = match EndpointStore::open(endpoints_path.clone(), config.max_endpoints) {
+        Err(EndpointStoreError::Persist(e @ PersistError::Decode { .. })) => {
+            set_aside(&endpoints_path, &e)?;
+            EndpointStore::open(endpoints_path, config.max_endpoints)
+        }
+        other => other,
+    }
+    .context("opening endpoint state")?;
+    Ok((ipam, endpoints))
+}
+
+fn set_aside(path: &Path, e: &PersistError) -> anyhow::Result<()> {
+    let aside = persist::quarantine(path)
+        .with_context(|| format!("moving the unreadable {} aside", path.display()))?;
+    error!(
+        "{e}; moved it to {} and rebuilding it from the kernel's state",
+        aside.display()
+    );
+    Ok(())
+}
+
+/// What phase 4 hands to phase 5.
+struct Started {
+    agent: Agent<Datapath>,
+    events: events::EventSender,
+    links: Links,
+    pod_cidr: Ipv4Net,
+    pin_dir: std::path::PathBuf,
+}
+
+/// Phase 4: the node's network, the datapath, and the agent's state checked against them.
+async fn start_datapath(
+    config: &AgentConfig,
+    node_name: &str,
+    ipam: Ipam,
+    endpoints: EndpointStore,
+    cluster: ClusterStart,
+) -> anyhow::Result<Started> {
+    netconf::setup_node(ipam.gateway())
+        .await
+        .context("setting up the node's network")?;
+    bpffs::ensure_mounted(&config.bpffs)?;
+    let mut datapath = Datapath::load(&config.bpffs, config.attach_mode, config.limits())
+        .context("loading the eBPF datapath")?;
+    let pin_dir = datapath.pin_dir().to_path_buf();
+    let (events, _) = tokio::sync::broadcast::channel(events::STREAM_BUFFER);
+    if let Some(ring) = datapath.take_events() {
+        tokio::spawn(events::read(ring, events.clone()));
+    }
+    let links = Links::open().context("opening route netlink")?;
+    let listed = links
+        .list()
+        .await
+        .context("listing the node's interfaces")?;
+    let removed = datapath.remove_stale_link_pins(&|ifname| {
+        listed.iter().any(|l| l.name == ifname) && endpoints.iter().any(|r| r.host_ifname == ifname)
+    });
+    if removed > 0 {
+        info!(
+            removed,
+            "removed link pins of endpoints deleted while the agent was down"
+        );
+    }
+
+    let mut agent = Agent::new(
+        node_name.to_string(),
+        ipam,
+        endpoints,
+        cluster.index,
+        datapath,
+        Box::new(SystemInterfaces),
+    )
+    .with_pending_deletes(myelin_api::pending::dir_for(&config.socket));
+    if matches!(config.source, SourceSpec::Kubernetes) {
+        agent = agent.expecting_pod_objects();
+    }
+    agent
+        .restore(&listed, Instant::now())
+        .context("restoring endpoints")?;
+    // Before the API opens: an ADD must not find an endpoint whose pod is already gone.
+    let carried_out = agent.process_pending_deletes();
+    if carried_out > 0 {
+        info!(
+            carried_out,
+            "carried out the DELs queued while the agent was down"
+        );
+    }
+    if cluster.synced {
+        agent
+            .set_synced()
+            .context("writing the maps for the synced cluster state")?;
+    }
+    Ok(Started {
+        agent,
+        events,
+        links,
+        pod_cidr: cluster.pod_cidr,
+        pin_dir,
+    })
+}
+
+/// Phase 5: everything that runs, until SIGTERM or SIGINT.
+async fn serve(
+    config: &AgentConfig,
+    node_name: String,
+    source: mpsc::Receiver<SourceEvent>,
+    metrics: Metrics,
+    started: Started,
+) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let link_removals = match links::watch_removals() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            warn!(error = %e, "cannot watch interface removals; relying on the periodic sweep");
+            None
+        }
+    };
+    let (handle, owner_thread) = owner::spawn(
+        started.agent,
+        owner::Inputs {
+            source,
+            link_removals,
+            links: Some(started.links),
+        },
+        Settings {
+            node_name,
+            pod_cidr: started.pod_cidr,
+            pending_deletes_interval: PENDING_DELETES_INTERVAL,
+            endpoint_gc_interval: config.endpoint_gc_interval,
+            metrics: metrics.clone(),
+        },
+    )
+    .context("starting the agent's owner thread")?;
+    let conntrack_pin = ConntrackTable::pin_path(&started.pin_dir);
+    conntrack::spawn_collector(conntrack_pin.clone(), config.conntrack_gc_interval)
+        .context("starting the conntrack collector")?;
+
+    let listener = api::bind(&config.socket)?;
+    let api_task = tokio::spawn(api::serve(
+        listener,
+        api::router(api::ApiState::new(
+            handle.clone(),
+            started.events,
+            conntrack_pin,
+        )),
+        ServerLimits::within_fd_limit(),
+    ));
+    info!(socket = %config.socket.display(), "API listening");
+
+    let metrics_task = config.metrics_addr.0.map(|addr| {
+        let for_snapshot = handle.clone();
+        let for_ready = handle.clone();
+        let source = SnapshotSource {
+            snapshot: Box::new(move || {
+                let h = for_snapshot.clone();
+                Box::pin(async move { h.snapshot().await })
+            }),
+            ready: Box::new(move || for_ready.ready()),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, metrics, source).await {
+                error!(%addr, "metrics endpoint failed: {e}");
+            }
+        })
+    });
+
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    info!("shutting down; pods keep their datapath (programs and maps stay pinned)");
+    api_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    // The owner finishes the job at hand and stops once the last handle is gone; connections
+    // still open hold handles too, so it is given a moment, not waited for.
+    drop(handle);
+    let joined = tokio::task::spawn_blocking(move || owner_thread.join());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), joined).await;
+    Ok(())
 }

@@ -28,6 +28,9 @@ use myelin_cluster::{
     policy::{Peer, PortMatch, PortSpec, Protocol, Rule},
 };
 
+pub mod nodes;
+
+pub use self::nodes::Nodes;
 use crate::endpoint::EndpointRecord;
 
 /// What the maps should hold, computed by the agent from its endpoints and the cluster index.
@@ -62,12 +65,31 @@ pub struct LocalEndpoint<'a> {
     pub live: bool,
 }
 
+/// The address and identity of every (not host-network) pod of the index that has an address:
+/// the largest part of the ipcache, which only changes with the index or the identities, so
+/// the agent keeps it between computations.
+pub fn pod_hosts(index: &ClusterIndex, identities: &Identities) -> BTreeMap<Ipv4Addr, u32> {
+    index
+        .pods()
+        .filter(|p| !p.host_network)
+        .filter_map(|pod| {
+            let ip = pod.ip?;
+            let labels = index.pod_identity_labels(&pod.namespace, &pod.name)?;
+            Some((ip, identities.get(labels)?))
+        })
+        .collect()
+}
+
 pub struct Inputs<'a> {
     pub node_name: &'a str,
     pub gateway: Ipv4Addr,
     pub endpoints: Vec<LocalEndpoint<'a>>,
     pub index: &'a ClusterIndex,
     pub identities: &'a Identities,
+    /// [`pod_hosts`] of `index` and `identities`.
+    pub pod_hosts: &'a BTreeMap<Ipv4Addr, u32>,
+    /// The other nodes: what their addresses and pod CIDRs are behind.
+    pub nodes: &'a Nodes,
     /// Capacity of the policy map: endpoints whose entries do not fit are marked incomplete.
     pub policy_capacity: usize,
 }
@@ -167,11 +189,9 @@ fn ipcache(
     inputs: &Inputs<'_>,
     prefixes: &PolicyPrefixes,
 ) -> BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry> {
-    let mut hosts: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
-    // Local pods first: their addresses come from CNI, not from a status the API may lag on.
-    for ep in &inputs.endpoints {
-        hosts.insert(ep.record.ip, ep.identity);
-    }
+    // Later inserts win: pods of the index, then nodes, then local pods (their addresses come
+    // from CNI, not from a status the API may lag on), then the gateway.
+    let mut hosts: BTreeMap<Ipv4Addr, u32> = inputs.pod_hosts.clone();
     for node in inputs.index.nodes() {
         let id = if node.name == inputs.node_name {
             identity::HOST
@@ -179,31 +199,35 @@ fn ipcache(
             identity::REMOTE_NODE
         };
         for ip in &node.addresses {
-            hosts.entry(*ip).or_insert(id);
+            hosts.insert(*ip, id);
         }
+    }
+    for ep in &inputs.endpoints {
+        hosts.insert(ep.record.ip, ep.identity);
     }
     hosts.insert(inputs.gateway, identity::HOST);
-    for pod in inputs.index.pods().filter(|p| !p.host_network) {
-        if let Some(ip) = pod.ip
-            && let Some(labels) = inputs.index.pod_identity_labels(&pod.namespace, &pod.name)
-            && let Some(id) = inputs.identities.get(labels)
-        {
-            hosts.entry(ip).or_insert(id);
-        }
-    }
 
+    // Every entry carries the node it is behind, if any, so that one lookup gives the datapath
+    // both the identity and where to send the packet.
+    let behind = |net: Ipv4Net| inputs.nodes.behind(net).map_or([0; 4], |n| n.ip.octets());
     let mut out = BTreeMap::new();
+    for node in &inputs.nodes.remote {
+        out.insert(
+            prefix_key(node.pod_cidr),
+            IpcacheEntry {
+                node: node.ip.octets(),
+                ..IpcacheEntry::WORLD
+            },
+        );
+    }
     for (prefix, id) in &prefixes.ids {
         out.insert(
-            LpmKey {
-                prefix_len: u32::from(prefix.prefix_len()),
-                data: Ipv4Key {
-                    addr: prefix.network().octets(),
-                },
-            },
+            prefix_key(*prefix),
             IpcacheEntry {
                 identity: identity::WORLD,
                 cidr_identity: *id,
+                node: behind(*prefix),
+                _pad: 0,
             },
         );
     }
@@ -215,10 +239,21 @@ fn ipcache(
                 // Equal to the identity when no policy prefix covers the address: the
                 // datapath then skips the second lookup.
                 cidr_identity: prefixes.most_specific(ip).unwrap_or(id),
+                node: behind(Ipv4Net::from(ip)),
+                _pad: 0,
             },
         );
     }
     out
+}
+
+fn prefix_key(net: Ipv4Net) -> LpmKey<Ipv4Key> {
+    LpmKey {
+        prefix_len: u32::from(net.prefix_len()),
+        data: Ipv4Key {
+            addr: net.network().octets(),
+        },
+    }
 }
 
 /// Every prefix named by a policy's ipBlock (cidr and except), plus the /32 of every pod that

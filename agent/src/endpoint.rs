@@ -40,6 +40,7 @@ pub struct EndpointStore {
 }
 
 impl EndpointStore {
+    #[cfg(test)]
     pub fn in_memory(max_endpoints: u32) -> Self {
         Self {
             by_attachment: BTreeMap::new(),
@@ -70,10 +71,6 @@ impl EndpointStore {
 
     pub fn len(&self) -> usize {
         self.by_attachment.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_attachment.is_empty()
     }
 
     /// The smallest endpoint id not in use (ids key the counters; 0 is never used).

@@ -8,6 +8,7 @@ use aya::maps::{MapData, RingBuf};
 use myelin_common::{
     Direction, DropReason,
     event::{EVENT_DROP, FlowEvent as RawEvent},
+    proto::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
 };
 use tokio::{io::unix::AsyncFd, sync::broadcast};
 use tracing::warn;
@@ -20,10 +21,10 @@ pub const STREAM_BUFFER: usize = 4096;
 
 pub fn protocol_name(protocol: u8) -> String {
     match protocol {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        132 => "sctp".into(),
+        IPPROTO_ICMP => "icmp".into(),
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        IPPROTO_SCTP => "sctp".into(),
         n => n.to_string(),
     }
 }
@@ -31,7 +32,7 @@ pub fn protocol_name(protocol: u8) -> String {
 /// `ip:port`, or `ip` for protocols without ports.
 pub fn endpoint(ip: Ipv4Addr, port: u16, protocol: u8) -> String {
     match protocol {
-        6 | 17 | 132 => format!("{ip}:{port}"),
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => format!("{ip}:{port}"),
         _ => ip.to_string(),
     }
 }
@@ -98,6 +99,8 @@ pub async fn read(ring: RingBuf<MapData>, tx: EventSender) {
 
 #[cfg(test)]
 mod tests {
+    use myelin_common::event::EVENT_ALLOWED;
+
     use super::*;
 
     #[test]
@@ -106,7 +109,7 @@ mod tests {
             kind: EVENT_DROP,
             reason: DropReason::PolicyDeniedIngress as u8,
             direction: Direction::Ingress as u8,
-            protocol: 6,
+            protocol: IPPROTO_TCP,
             saddr: [10, 0, 0, 2],
             daddr: [10, 0, 0, 3],
             sport: 40000,
@@ -125,8 +128,8 @@ mod tests {
             ("10.0.0.2:40000", "10.0.0.3:80")
         );
         let icmp = to_api(&RawEvent {
-            kind: 2,
-            protocol: 1,
+            kind: EVENT_ALLOWED,
+            protocol: IPPROTO_ICMP,
             ..raw
         });
         assert_eq!(

@@ -32,6 +32,8 @@ pub enum IpamError {
     },
     #[error("no free address left in pod CIDR {0}")]
     Exhausted(Ipv4Net),
+    #[error("{ip} is not a pod address of pod CIDR {cidr}")]
+    OutsidePool { ip: Ipv4Addr, cidr: Ipv4Net },
     #[error(
         "the state in {path} was written for pod CIDR {persisted} but the node's pod CIDR is now {configured}; \
          {allocated} address(es) are still allocated: delete those pods first or restore the old CIDR"
@@ -44,6 +46,17 @@ pub enum IpamError {
     },
     #[error(transparent)]
     Persist(#[from] PersistError),
+}
+
+/// What [`Ipam::adopt`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adopted {
+    /// The attachment held the address already.
+    Already,
+    /// The address was free and is now the attachment's.
+    Added,
+    /// The address was another attachment's, which loses it.
+    TakenFrom(AttachmentId),
 }
 
 #[derive(Debug)]
@@ -184,6 +197,39 @@ impl Ipam {
             return Err(e);
         }
         Ok(ip)
+    }
+
+    /// Makes `ip` the attachment's address, whatever the allocations say: the kernel has an
+    /// endpoint with it (see `Agent::restore`). An address the attachment held before, or
+    /// another attachment's hold on `ip`, is dropped.
+    pub fn adopt(&mut self, attachment: &AttachmentId, ip: Ipv4Addr) -> Result<Adopted, IpamError> {
+        let (first, last) = self.pool_bounds();
+        if !(first..=last).contains(&u32::from(ip)) {
+            return Err(IpamError::OutsidePool {
+                ip,
+                cidr: self.cidr,
+            });
+        }
+        if self.get(attachment) == Some(ip) {
+            return Ok(Adopted::Already);
+        }
+        let before = (self.by_ip.clone(), self.by_attachment.clone());
+        if let Some(old) = self.by_attachment.remove(attachment) {
+            self.by_ip.remove(&old);
+        }
+        let outcome = match self.by_ip.insert(ip, attachment.clone()) {
+            Some(other) => {
+                self.by_attachment.remove(&other);
+                Adopted::TakenFrom(other)
+            }
+            None => Adopted::Added,
+        };
+        self.by_attachment.insert(attachment.clone(), ip);
+        if let Err(e) = self.save() {
+            (self.by_ip, self.by_attachment) = before;
+            return Err(e);
+        }
+        Ok(outcome)
     }
 
     /// Releases the attachment's address; `Ok(None)` if it had none.
@@ -347,6 +393,31 @@ mod tests {
         drop(ipam);
         let ipam = Ipam::open(path, cidr("10.1.0.0/28")).unwrap();
         assert_eq!(ipam.free(), ipam.capacity());
+    }
+
+    #[test]
+    fn adopting_an_address_takes_it_from_whoever_held_it() {
+        let mut ipam = Ipam::in_memory(cidr("10.0.0.0/29")).unwrap();
+        let a = ipam.allocate(&att(1)).unwrap();
+        assert_eq!(ipam.adopt(&att(1), a).unwrap(), Adopted::Already);
+        assert_eq!(ipam.adopt(&att(2), a).unwrap(), Adopted::TakenFrom(att(1)));
+        assert_eq!(ipam.get(&att(1)), None);
+        assert_eq!(ipam.get(&att(2)), Some(a));
+        let free = Ipv4Addr::new(10, 0, 0, 6);
+        assert_eq!(ipam.adopt(&att(2), free).unwrap(), Adopted::Added);
+        assert_eq!(
+            ipam.get(&att(2)),
+            Some(free),
+            "its earlier address is dropped"
+        );
+        assert_eq!(ipam.free(), ipam.capacity() - 1);
+        // Never the gateway or an address outside the pool.
+        for ip in [ipam.gateway(), Ipv4Addr::new(10, 0, 1, 2)] {
+            assert!(matches!(
+                ipam.adopt(&att(3), ip),
+                Err(IpamError::OutsidePool { .. })
+            ));
+        }
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! Counters the agent increments itself (watch events, reconcile durations) live in
 //! [`Metrics`]; values that already exist elsewhere (endpoint count, drop counters in the BPF
-//! map, map fill) are read at scrape time through a snapshot function, so they are never stale
-//! and never double-booked.
+//! map, map fill) are asked of the agent's owner at scrape time, so they are never double-booked.
+//! A scrape never hangs on a busy owner: after a short wait it serves the last values it got.
 
 use std::{
     net::SocketAddr,
@@ -11,6 +11,7 @@ use std::{
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use futures::future::BoxFuture;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -32,13 +33,19 @@ pub struct Snapshot {
     pub identities: usize,
     pub free_addresses: u64,
     pub pods_indexed: usize,
+    /// NetworkPolicies whose latest version is rejected (each fails closed).
+    pub policies_rejected: usize,
     /// (reason, packets, bytes)
     pub drops: Vec<(&'static str, u64, u64)>,
     /// (map, entries, capacity)
     pub maps: Vec<(&'static str, usize, u32)>,
 }
 
-pub type SnapshotFn = Box<dyn Fn() -> Snapshot + Send + Sync>;
+/// Where a scrape gets its values, and whether the agent is ready.
+pub struct SnapshotSource {
+    pub snapshot: Box<dyn Fn() -> BoxFuture<'static, Option<Snapshot>> + Send + Sync>,
+    pub ready: Box<dyn Fn() -> bool + Send + Sync>,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -62,7 +69,8 @@ impl Default for Metrics {
     }
 }
 
-struct SnapshotCollector(SnapshotFn);
+/// The values of the last scrape; the collector encodes them.
+struct SnapshotCollector(Arc<Mutex<Snapshot>>);
 
 impl std::fmt::Debug for SnapshotCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,7 +80,7 @@ impl std::fmt::Debug for SnapshotCollector {
 
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = (self.0)();
+        let s = self.0.lock().map(|s| s.clone()).unwrap_or_default();
         for (name, help, value) in [
             (
                 "myelin_ready",
@@ -98,6 +106,12 @@ impl Collector for SnapshotCollector {
                 "myelin_index_pods",
                 "Pods in the cluster index",
                 s.pods_indexed as i64,
+            ),
+            (
+                "myelin_policies_rejected",
+                "NetworkPolicies whose latest version is rejected: each keeps its last good \
+                 version in force, or isolates the pods it selects",
+                s.policies_rejected as i64,
             ),
         ] {
             let gauge = ConstGauge::new(value);
@@ -150,14 +164,15 @@ impl Collector for SnapshotCollector {
 
 struct Exporter {
     registry: Registry,
-    ready: Box<dyn Fn() -> bool + Send + Sync>,
+    last: Arc<Mutex<Snapshot>>,
+    source: SnapshotSource,
 }
 
 /// Serves health and metrics until the task is dropped.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
-    snapshot: SnapshotFn,
+    source: SnapshotSource,
 ) -> std::io::Result<()> {
     let mut registry = Registry::default();
     registry.register(
@@ -170,13 +185,13 @@ pub async fn serve(
         "Time to bring the BPF maps in line with a change",
         metrics.reconcile_seconds.clone(),
     );
-    let snapshot = Arc::new(snapshot);
-    let for_ready = Arc::clone(&snapshot);
-    registry.register_collector(Box::new(SnapshotCollector(Box::new(move || snapshot()))));
-    let exporter = Arc::new(Mutex::new(Exporter {
+    let last = Arc::new(Mutex::new(Snapshot::default()));
+    registry.register_collector(Box::new(SnapshotCollector(Arc::clone(&last))));
+    let exporter = Arc::new(Exporter {
         registry,
-        ready: Box::new(move || for_ready().ready),
-    }));
+        last,
+        source,
+    });
 
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -185,12 +200,15 @@ pub async fn serve(
         .with_state(exporter);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, "serving /healthz, /readyz and /metrics");
-    axum::serve(listener, app).await
+    crate::http::serve(listener, crate::http::ServerLimits::default(), move |_| {
+        app.clone()
+    })
+    .await;
+    Ok(())
 }
 
-async fn readyz(State(e): State<Arc<Mutex<Exporter>>>) -> impl IntoResponse {
-    let ready = e.lock().map(|e| (e.ready)()).unwrap_or(false);
-    if ready {
+async fn readyz(State(e): State<Arc<Exporter>>) -> impl IntoResponse {
+    if (e.source.ready)() {
         (StatusCode::OK, "ready\n")
     } else {
         (
@@ -200,12 +218,17 @@ async fn readyz(State(e): State<Arc<Mutex<Exporter>>>) -> impl IntoResponse {
     }
 }
 
-async fn scrape(State(e): State<Arc<Mutex<Exporter>>>) -> impl IntoResponse {
+async fn scrape(State(e): State<Arc<Exporter>>) -> impl IntoResponse {
+    match (e.source.snapshot)().await {
+        Some(fresh) => {
+            if let Ok(mut last) = e.last.lock() {
+                *last = fresh;
+            }
+        }
+        None => warn!("the agent did not answer in time; serving the last values"),
+    }
     let mut body = String::new();
-    let result = match e.lock() {
-        Ok(e) => prometheus_client::encoding::text::encode(&mut body, &e.registry),
-        Err(_) => Err(std::fmt::Error),
-    };
+    let result = prometheus_client::encoding::text::encode(&mut body, &e.registry);
     match result {
         Ok(()) => (
             StatusCode::OK,
@@ -223,5 +246,27 @@ async fn scrape(State(e): State<Arc<Mutex<Exporter>>>) -> impl IntoResponse {
                 String::new(),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejected_policies_are_a_gauge() {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(SnapshotCollector(Arc::new(Mutex::new(
+            Snapshot {
+                policies_rejected: 2,
+                ..Snapshot::default()
+            },
+        )))));
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &registry).unwrap();
+        assert!(
+            body.lines().any(|l| l == "myelin_policies_rejected 2"),
+            "{body}"
+        );
     }
 }

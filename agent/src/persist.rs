@@ -56,6 +56,16 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, PersistError>
         })
 }
 
+/// Moves an unreadable state file aside (`<name>.corrupt`, replacing an older one) so that the
+/// agent can start afresh from the kernel's state and a person can still look at it.
+pub fn quarantine(path: &Path) -> io::Result<PathBuf> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".corrupt");
+    let aside = PathBuf::from(aside);
+    fs::rename(path, &aside)?;
+    Ok(aside)
+}
+
 /// Replaces `path` with the JSON of `value`, atomically.
 pub fn store<T: Serialize>(path: &Path, value: &T) -> Result<(), PersistError> {
     let write_err = |source| PersistError::Write {

@@ -3,6 +3,9 @@
 //! are checked. This is how cases that real traffic cannot produce here are covered (SCTP: the
 //! kernel has no SCTP support; forged ICMP errors; a pod reusing an ICMP id).
 //!
+//! The tc tests at the end attach the programs for real, in the default mode (clsact), next to
+//! other programs' filters.
+//!
 //! Needs root. Each test runs on a thread with a network namespace of its own (`unshare`), so
 //! nothing touches the machine's namespace and nothing outlives the test; the maps live in a
 //! private bpffs mounted in a temporary directory. `MYELIN_SKIP_ROOT_TESTS=1` skips them on
@@ -10,9 +13,14 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, process::Command};
 
+use aya::programs::TcAttachType;
 use myelin_agent::{
     bpffs,
-    datapath::{AttachMode, Datapath, DatapathOps, Limits, Program},
+    datapath::{
+        AttachMode, Datapath, DatapathError, DatapathOps, Limits, Program,
+        clsact::{self, ClsactError, Filter},
+        conntrack::ConntrackTable,
+    },
     desired::{DesiredState, LpmKey, port_blocks},
 };
 use myelin_common::{
@@ -24,18 +32,20 @@ use myelin_common::{
     event::{EVENT_DROP, FlowEvent},
     identity,
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
+    proto::{IPPROTO_ICMP as ICMP, IPPROTO_SCTP as SCTP, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP},
 };
-use myelin_tests::packet::{ICMP, TCP, UDP, checksum, frame};
+use myelin_tests::packet::{checksum, frame};
 use nix::{
     mount::{MntFlags, umount2},
     sched::{CloneFlags, unshare},
 };
 
+// TC verdicts (linux/pkt_cls.h) as `BPF_PROG_TEST_RUN` returns them; the programs themselves
+// use aya_ebpf::bindings, and nothing else on this side needs them.
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
-const SCTP: u8 = 132;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
@@ -107,7 +117,7 @@ struct Fixture {
     b: Pod,
     flags: BTreeMap<u32, u32>,
     policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
-    _bpffs: PrivateBpffs,
+    bpffs: PrivateBpffs,
 }
 
 /// Runs `body` on a thread inside a fresh network namespace, with the datapath loaded.
@@ -126,7 +136,7 @@ fn with_datapath(body: impl FnOnce(&mut Fixture) + Send + 'static) {
         }
         let index = |name: &str| nix::net::if_::if_nametoindex(name).expect("ifindex");
         let bpffs = PrivateBpffs::new();
-        let dp = Datapath::load(&bpffs.path(), AttachMode::Tcx, Limits::default()).expect("load");
+        let dp = Datapath::load(&bpffs.path(), AttachMode::Tc, Limits::default()).expect("load");
         let pod = |n: u8, ifname: &str, identity: u32| Pod {
             ip: Ipv4Addr::new(10, 0, 0, n),
             mac: [2, 0, 0, 0, 0, n],
@@ -141,7 +151,7 @@ fn with_datapath(body: impl FnOnce(&mut Fixture) + Send + 'static) {
             b: pod(3, "lxcb", 301),
             flags: BTreeMap::new(),
             policy: BTreeMap::new(),
-            _bpffs: bpffs,
+            bpffs,
         };
         f.sync();
         body(&mut f);
@@ -173,6 +183,7 @@ impl Fixture {
                 IpcacheEntry {
                     identity: p.identity,
                     cidr_identity: p.identity,
+                    ..IpcacheEntry::WORLD
                 },
             );
         }
@@ -186,6 +197,7 @@ impl Fixture {
             IpcacheEntry {
                 identity: identity::HOST,
                 cidr_identity: identity::HOST,
+                ..IpcacheEntry::WORLD
             },
         );
         desired.policy = self.policy.clone();
@@ -536,11 +548,14 @@ fn a_cut_flow_stays_cut_in_both_directions_until_policy_allows_it_again() {
         assert_eq!(f.send(b, &tcp(b, a, 7100, 40000, ACK)).0, TC_ACT_SHOT);
         assert_eq!(f.send(a, &tcp(a, b, 40000, 7100, ACK)).0, TC_ACT_SHOT);
         assert_eq!(f.send(b, &tcp(b, a, 7100, 40000, ACK)).0, TC_ACT_SHOT);
-        let flows = f.dp.conntrack().unwrap();
+        let flows = ConntrackTable::open(&ConntrackTable::pin_path(f.dp.pin_dir()))
+            .unwrap()
+            .flows(usize::MAX)
+            .unwrap();
         assert_eq!(flows.len(), 1, "no flow opened the other way: {flows:?}");
         assert_eq!(
-            flows[0].0.saddr,
-            a.ip.octets(),
+            flows[0].src,
+            format!("{}:40000", a.ip),
             "the entry is still the client's"
         );
         // Allowed again: the same connection goes on.
@@ -653,5 +668,161 @@ fn drops_are_reported_on_the_ring_buffer_with_the_flow() {
         assert_eq!((e.src_identity, e.dst_identity), (a.identity, b.identity));
         drop(item);
         assert!(ring.next().is_none(), "one drop, one event");
+    });
+}
+
+// ---- tc (clsact) attachment --------------------------------------------------------------
+
+const HOOKS: [(TcAttachType, &str, &str); 2] = [
+    (TcAttachType::Ingress, "ingress", "from_container"),
+    (TcAttachType::Egress, "egress", "to_container"),
+];
+
+fn tc(args: &[&str]) -> String {
+    let out = Command::new("tc").args(args).output().expect("tc");
+    assert!(
+        out.status.success(),
+        "tc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Another program's filter, as a monitoring or shaping tool would add one: u32 on IPv4 to a
+/// TEST-NET address. None of a pod's packets match it, so they go on to the next filter.
+fn add_foreign_filter(dev: &str, hook: &str, pref: &str) {
+    tc(&[
+        "filter",
+        "add",
+        "dev",
+        dev,
+        hook,
+        "pref",
+        pref,
+        "protocol",
+        "ip",
+        "u32",
+        "match",
+        "ip",
+        "dst",
+        "192.0.2.1/32",
+    ]);
+}
+
+fn filters(dev: &str, hook: TcAttachType) -> Vec<Filter> {
+    clsact::filters(dev, hook).expect("listing filters")
+}
+
+/// The filters running `program`, and those at other priorities (a priority's list is listed
+/// as an entry of its own, with handle 0).
+fn split(filters: Vec<Filter>, program: &str) -> (Vec<Filter>, Vec<Filter>) {
+    let (ours, rest): (Vec<Filter>, Vec<Filter>) = filters
+        .into_iter()
+        .partition(|f| f.bpf_name.as_deref() == Some(program));
+    let others = rest
+        .into_iter()
+        .filter(|f| ours.iter().all(|o| o.priority != f.priority))
+        .collect();
+    (ours, others)
+}
+
+#[test]
+fn tc_attach_on_a_device_of_its_own_adds_clsact_and_takes_priority_1() {
+    with_datapath(|f| {
+        f.dp.attach("lxca").expect("attach");
+        assert!(tc(&["qdisc", "show", "dev", "lxca"]).contains("qdisc clsact ffff:"));
+        for (hook, name, program) in HOOKS {
+            let (ours, others) = split(filters("lxca", hook), program);
+            assert_eq!(ours.len(), 1, "{name}: {ours:?}");
+            assert_eq!((ours[0].priority, ours[0].handle), (1, 1), "{name}");
+            assert_eq!(others, [], "{name}");
+        }
+        f.dp.detach("lxca").expect("detach");
+        for (hook, name, _) in HOOKS {
+            assert_eq!(filters("lxca", hook), [], "{name}");
+        }
+        f.dp.detach("gone0")
+            .expect("no interface: nothing to detach");
+    });
+}
+
+#[test]
+fn tc_attach_leaves_foreign_filters_alone_and_replaces_its_own_in_place() {
+    with_datapath(|f| {
+        tc(&["qdisc", "add", "dev", "lxca", "clsact"]);
+        for (_, name, _) in HOOKS {
+            add_foreign_filter("lxca", name, "1");
+        }
+        let foreign: Vec<Vec<Filter>> = HOOKS.iter().map(|h| filters("lxca", h.0)).collect();
+
+        f.dp.attach("lxca").expect("attach");
+        let mut attached = Vec::new();
+        for ((hook, name, program), foreign) in HOOKS.into_iter().zip(&foreign) {
+            let (ours, others) = split(filters("lxca", hook), program);
+            assert_eq!(&others, foreign, "{name}: the foreign filter is untouched");
+            assert_eq!(ours.len(), 1, "{name}: {ours:?}");
+            assert_eq!(
+                ours[0].priority, 2,
+                "{name}: the first priority no other filter has"
+            );
+            attached.push(ours[0].clone());
+        }
+
+        // What a restarted agent does: fresh programs, swapped into the same filters.
+        let mut restarted =
+            Datapath::load(&f.bpffs.path(), AttachMode::Tc, Limits::default()).expect("load");
+        restarted.attach("lxca").expect("attach again");
+        for (((hook, name, program), foreign), before) in
+            HOOKS.into_iter().zip(&foreign).zip(&attached)
+        {
+            let (ours, others) = split(filters("lxca", hook), program);
+            assert_eq!(&others, foreign, "{name}: the foreign filter is untouched");
+            assert_eq!(ours.len(), 1, "{name}: still one filter: {ours:?}");
+            assert_eq!(
+                (ours[0].priority, ours[0].handle),
+                (before.priority, before.handle),
+                "{name}: replaced in place"
+            );
+            assert_ne!(
+                ours[0].prog_id, before.prog_id,
+                "{name}: the new program runs"
+            );
+        }
+
+        // The pod goes: Myelin's filters go, the foreign ones stay.
+        restarted.detach("lxca").expect("detach");
+        for ((hook, name, _), foreign) in HOOKS.into_iter().zip(&foreign) {
+            assert_eq!(&filters("lxca", hook), foreign, "{name}");
+        }
+    });
+}
+
+/// The legacy ingress qdisc sits where clsact goes but has one filter list for both hooks: the
+/// egress program would run on ingress.
+#[test]
+fn tc_attach_refuses_a_device_with_another_qdisc_at_the_clsact_handle() {
+    with_datapath(|f| {
+        tc(&["qdisc", "add", "dev", "lxca", "ingress"]);
+        let err =
+            f.dp.attach("lxca")
+                .expect_err("attached into an ingress qdisc");
+        assert!(
+            matches!(
+                &err,
+                DatapathError::Clsact(ClsactError::ForeignQdisc { ifname, kind })
+                    if ifname == "lxca" && kind == "ingress"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("lxca has a qdisc of kind ingress"),
+            "{err}"
+        );
+        assert!(tc(&["qdisc", "show", "dev", "lxca"]).contains("qdisc ingress ffff:"));
+        assert_eq!(
+            filters("lxca", TcAttachType::Ingress),
+            [],
+            "nothing attached into it"
+        );
     });
 }

@@ -11,7 +11,7 @@ use myelin_agent::source::{
     SourceEvent,
     kubernetes::{self, KubernetesSource},
 };
-use myelin_cluster::{Change, ClusterIndex, Kind};
+use myelin_cluster::{Change, ClusterIndex, Kind, index::Fallback, policy::PortMatch};
 use myelin_tests::{
     apiserver::{ApiServer, Fault, Resource, generated_cluster},
     cluster::{namespace_object, node_object, pod_object},
@@ -469,5 +469,111 @@ async fn malformed_objects_are_logged_and_skipped_without_a_crash() {
         watched.index.pod("default", "good").unwrap().ip,
         Some("10.244.1.7".parse().unwrap()),
         "the unparsable version was skipped"
+    );
+}
+
+/// NetworkPolicy `default/<name>`: pods with `app: <selects>` take TCP `port` from app=a pods.
+fn policy(name: &str, selects: &str, port: i64) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": { "name": name, "namespace": "default" },
+        "spec": {
+            "podSelector": { "matchLabels": { "app": selects } },
+            "ingress": [{
+                "from": [{ "podSelector": { "matchLabels": { "app": "a" } } }],
+                "ports": [{ "port": port }],
+            }],
+        },
+    })
+}
+
+/// `(name, ports the policy in force allows, its fallback if rejected)` of every policy.
+fn policy_states(index: &ClusterIndex) -> Vec<(String, Vec<PortMatch>, Option<Fallback>)> {
+    index
+        .indexed_policies()
+        .map(|p| {
+            let ports = p
+                .in_force
+                .ingress
+                .iter()
+                .flatten()
+                .flat_map(|r| r.ports.iter().flatten())
+                .map(|s| s.port.clone())
+                .collect();
+            let fallback = p.rejected.as_ref().map(|r| r.fallback);
+            (p.in_force.name.clone(), ports, fallback)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_policy_the_api_server_accepts_but_myelin_cannot_enforce_is_rejected_not_deleted() {
+    let mut server = ApiServer::start().unwrap();
+    small_cluster(&server);
+    server.apply(policy("b-from-a", "b", 80)).unwrap();
+    let mut watched = Watched::start(&server).await;
+    watched.synced().await;
+    let port_80 = vec![PortMatch::Range { from: 80, to: 80 }];
+    assert_eq!(
+        policy_states(&watched.index),
+        [("b-from-a".to_string(), port_80.clone(), None)]
+    );
+
+    // Edited into a version Myelin rejects: the last good version stays in force.
+    watched.mark();
+    server.apply(policy("b-from-a", "b", 70000)).unwrap();
+    watched
+        .until(PROMPT, "the rejected edit", |index, _| {
+            index.rejected_policy_count() == 1
+        })
+        .await;
+    assert_eq!(
+        policy_states(&watched.index),
+        [(
+            "b-from-a".to_string(),
+            port_80.clone(),
+            Some(Fallback::LastGood)
+        )]
+    );
+    let rejected = watched
+        .index
+        .indexed_policies()
+        .find_map(|p| p.rejected.clone());
+    assert_eq!(
+        rejected.map(|r| r.reason),
+        Some("spec.ingress[0].ports[0].port: 70000 is outside 1-65535".to_string())
+    );
+    assert!(
+        !watched
+            .changes()
+            .any(|c| matches!(c, Change::Delete { .. })),
+        "a rejection is not a deletion: {:?}",
+        watched.seen
+    );
+
+    // A relist hands both again, with a new invalid policy: the edited one keeps its last
+    // good version, the new one denies what it selects.
+    server.stop();
+    server.apply(policy("a-from-a", "a", 0)).unwrap();
+    server.compact();
+    watched.mark();
+    server.restart().unwrap();
+    watched
+        .until(RECOVERY, "the relist", |index, _| {
+            index.rejected_policy_count() == 2
+        })
+        .await;
+    assert!(
+        watched.replaced(Kind::NetworkPolicy) >= 1,
+        "{:?}",
+        watched.seen
+    );
+    assert_eq!(
+        policy_states(&watched.index),
+        [
+            ("a-from-a".to_string(), vec![], Some(Fallback::Deny)),
+            ("b-from-a".to_string(), port_80, Some(Fallback::LastGood)),
+        ]
     );
 }

@@ -138,6 +138,11 @@ fn agent_failed(what: &str, socket: &Path, e: &ClientError) -> CniError {
                 ErrorCode::TryAgainLater,
                 format!("cannot {what}: the myelin agent is not ready yet"),
             ),
+            // The agent got to the request only after we had given up on it: it did nothing.
+            Some(ErrorKind::DeadlineExceeded) => (
+                ErrorCode::TryAgainLater,
+                format!("cannot {what}: the myelin agent answered too late"),
+            ),
             _ => (
                 ErrorCode::AgentFailed,
                 format!("the myelin agent failed to {what}; see its log"),
@@ -211,7 +216,7 @@ fn add(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<String, 
             .map_err(|e| setup_failed("reading the MTU of the node's default route", &e))?
             .unwrap_or(FALLBACK_MTU),
     };
-    let host_name = veth::host_ifname(&attachment.id);
+    let host_name = attachment.id.host_ifname();
     let ifname = attachment.id.ifname.as_str();
     let client = Client::new(&conf.agent_socket);
     let mut rollback = AddRollback {
@@ -314,7 +319,7 @@ fn del(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<(), CniE
     // detaching them from a live device would wait for an RCU grace period per program. It goes
     // even when the agent is down: the runtime retries DEL, and a leftover veth would keep the
     // pod's old address routed.
-    let host_name = veth::host_ifname(&attachment.id);
+    let host_name = attachment.id.host_ifname();
     let veth = open_node_netlink().and_then(|node| {
         veth::delete_host_side(&node, &host_name)
             .map_err(|e| veth_failed("deleting the host's veth", e))
@@ -384,7 +389,7 @@ fn check(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<(), Cn
     let pod = veth::inspect_pod_side(&pod_netns, ifname)
         .map_err(|e| setup_failed("inspecting the pod's interface", &e))?;
     let node = open_node_netlink()?;
-    let host_name = veth::host_ifname(&attachment.id);
+    let host_name = attachment.id.host_ifname();
     let host = node
         .link_by_name(&host_name)
         .map_err(|e| setup_failed("inspecting the host's veth", &e))?;
@@ -523,7 +528,7 @@ fn gc(conf: &NetConf, log: &Log) -> Result<(), CniError> {
         .map(|f| format!("{} (agent): {}", f.attachment, f.error))
         .collect();
     for removed in &answer.removed {
-        let name = veth::host_ifname(removed);
+        let name = removed.host_ifname();
         match veth::delete_host_side(&node, &name) {
             Ok(deleted) => log.line(format_args!(
                 "removed {removed}; veth {name} deleted: {deleted}"
@@ -703,6 +708,7 @@ mod tests {
             (api(ErrorKind::PoolExhausted, 507), 101),
             (api(ErrorKind::AlreadyExists, 409), 102),
             (api(ErrorKind::NotReady, 503), 11),
+            (api(ErrorKind::DeadlineExceeded, 504), 11),
             (api(ErrorKind::Internal, 500), 100),
             (api(ErrorKind::InvalidRequest, 400), 100),
             (ClientError::Timeout(std::time::Duration::from_secs(1)), 11),

@@ -7,32 +7,14 @@
 //! Host side (in the plugin's own namespace, the node): up, `<ip>/32 dev <host> scope link` and
 //! a permanent neighbour entry for the pod's IP with the pod side's MAC.
 
-use std::{fmt::Write, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use myelin_api::AttachmentId;
-use sha2::{Digest, Sha256};
 
 use crate::{
     netlink::{Link, Mac, Netlink, NetlinkError, Route},
     netns::{NetNs, NetNsError},
 };
-
-/// Prefix of every host-side veth Myelin creates.
-pub const HOST_IFNAME_PREFIX: &str = "lxc";
-
-/// The host-side name of an attachment's veth: `lxc` + the first 12 hex digits of
-/// sha256("`<containerid>/<ifname>`"), 15 bytes, the most Linux allows. Derived, not stored, so
-/// that DEL and GC find it from the attachment alone.
-pub fn host_ifname(attachment: &AttachmentId) -> String {
-    let digest = Sha256::digest(format!("{}/{}", attachment.container_id, attachment.ifname));
-    let mut name = String::from(HOST_IFNAME_PREFIX);
-    for byte in &digest[..6] {
-        // Writing into a String cannot fail.
-        let _ = write!(name, "{byte:02x}");
-    }
-    name
-}
 
 /// What the pod is given: its address and the gateway it routes through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,28 +172,4 @@ pub fn inspect_pod_side(pod_netns: &NetNs, ifname: &str) -> Result<Option<PodSid
             routes,
         }))
     })?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_ifname_is_lxc_and_12_hex_digits_of_sha256() {
-        // `printf abc/eth0 | sha256sum` = 538f587a2365 5f38bbcd...
-        assert_eq!(
-            host_ifname(&AttachmentId::new("abc", "eth0")),
-            "lxc538f587a2365"
-        );
-    }
-
-    #[test]
-    fn host_ifname_differs_per_container_and_interface() {
-        let a = host_ifname(&AttachmentId::new("c1", "eth0"));
-        let b = host_ifname(&AttachmentId::new("c2", "eth0"));
-        let c = host_ifname(&AttachmentId::new("c1", "eth1"));
-        assert_ne!(a, b);
-        assert_ne!(a, c);
-        assert_eq!(a, host_ifname(&AttachmentId::new("c1", "eth0")));
-    }
 }

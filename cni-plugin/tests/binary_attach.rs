@@ -13,7 +13,6 @@ use common::{
     FakeAgent, GATEWAY, TestNetns, error_of, netconf, root_tests_enabled, run_plugin, success_of,
 };
 use myelin_api::{AttachmentId, pending};
-use myelin_cni::veth::host_ifname;
 use serde_json::{Value, json};
 
 /// One pod of a test: its namespace and CNI parameters.
@@ -35,7 +34,7 @@ impl Pod {
     }
 
     fn host_veth(&self) -> String {
-        host_ifname(&self.attachment())
+        self.attachment().host_ifname()
     }
 
     fn invoke(&self, node: &TestNetns, command: &str, conf: &str) -> Output {

@@ -390,6 +390,13 @@ impl ApiServer {
         self.shared.lock().store.compact();
     }
 
+    /// Every watch ends, and resuming from any version handed out so far answers 410 Gone:
+    /// every client lists every kind again, as after an API server's restart with compaction.
+    pub fn expire_watches(&self) {
+        self.shared.lock().store.expire_all();
+        self.end_watches();
+    }
+
     /// `None` disables bookmarks: watches then resume from their last event's version.
     pub fn set_bookmark_interval(&self, interval: Option<Duration>) {
         self.shared.lock().bookmark_interval = interval;

@@ -45,6 +45,10 @@ impl Binaries {
         self.find("myelin-agent")
     }
 
+    pub fn ctl(&self) -> Result<PathBuf> {
+        self.find("myelinctl")
+    }
+
     fn find(&self, name: &str) -> Result<PathBuf> {
         let path = self.dir.join(name);
         if path.is_file() {

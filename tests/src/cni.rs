@@ -12,7 +12,8 @@ use crate::{Error, Result, bins::Binaries, netns::Netns, node::Node, process, tr
 pub const REFERENCE_PLUGIN_DIR: &str = "/usr/lib/cni";
 
 /// Every plugin call must end well within this; ADD attaches programs, which takes milliseconds.
-const CNI_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longer than the plugin's own timeout for the agent (30 s), so that it can answer with code 11.
+const CNI_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// What a runtime creates before it calls ADD: the pod's network namespace (the pause
 /// container's), a container id and the interface name it wants.
@@ -70,6 +71,15 @@ impl Pod {
     /// The CNI result ADD printed.
     pub fn result(&self) -> &Value {
         &self.result
+    }
+
+    /// The host side of the pod's veth pair, in the node's namespace: the result's first
+    /// interface.
+    pub fn host_ifname(&self) -> String {
+        self.result["interfaces"][0]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 }
 

@@ -273,6 +273,37 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         Ok(container)
     }
 
+    /// `ctr run -d --cni <image> <id> <argv>`: ctr sets up the network (CNI ADD), starts the
+    /// task and exits. Nothing calls DEL for such a container later: ctr only tears down the
+    /// network of the containers it waits for.
+    pub fn start_detached(&self, image: &str, id: &str, argv: &[&str]) -> Result<()> {
+        let mut cmd = self.ctr_with_cni();
+        cmd.args(["run", "-d", "--cni", "--fifo-dir"])
+            .arg(self.dir.path().join("fifo"))
+            .args([image, id])
+            .args(argv);
+        process::run_ok(cmd, CTR_TIMEOUT).map(drop)
+    }
+
+    /// Kills a container's task and removes the task and the container, as an operator
+    /// cleaning up with `ctr` does; no CNI DEL is made.
+    pub fn remove_container(&self, id: &str) -> Result<()> {
+        for (args, must) in [
+            (&["tasks", "kill", "-s", "SIGKILL", id][..], true),
+            (&["tasks", "delete", "-f", id][..], false),
+            (&["containers", "delete", id][..], true),
+        ] {
+            let mut cmd = self.ctr();
+            cmd.args(args);
+            if must {
+                process::run_ok(cmd, CTR_TIMEOUT)?;
+            } else {
+                let _ = process::run(cmd, &[], CTR_TIMEOUT);
+            }
+        }
+        Ok(())
+    }
+
     /// The container id ctr passes to CNI (`CNI_CONTAINERID`): `<namespace>-<id>`.
     pub fn cni_container_id(id: &str) -> String {
         format!("{NAMESPACE}-{id}")

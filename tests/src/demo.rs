@@ -202,7 +202,8 @@ impl Demo<'_> {
         thread::spawn(move || stream.events(|e| e.kind != "drop" || tx.send(e).is_ok()));
         step("apply it and wait until the agent enforces it", || {
             self.node.cluster().write_yaml("policy", POLICY_YAML)?;
-            wait_for_policies(self.node, &policy_names(POLICY_YAML)?)
+            let valid = policy_names(POLICY_YAML)?.into_iter().map(|n| (n, false));
+            wait_for_policies(self.node, &valid.collect())
         })?;
         let status = client.policies().map_err(Error::api("GET /v1/policies"))?;
         println!("    {:<32} {:<8} SELECTS", "POLICY", "INGRESS");

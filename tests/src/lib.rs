@@ -28,6 +28,7 @@ mod cni;
 pub mod containerd;
 pub mod demo;
 mod error;
+pub mod metrics;
 mod netns;
 mod node;
 pub mod oci;
@@ -38,6 +39,7 @@ mod process;
 pub mod progress;
 mod run;
 mod sweep;
+pub mod tc;
 pub mod traffic;
 mod unprivileged;
 

@@ -24,6 +24,7 @@ use crate::{
     Error, Result,
     bins::Binaries,
     cluster::{self, ClusterDir},
+    metrics::METRICS_ADDR,
     netns::Netns,
     process::{self, wait_with_deadline},
     run::RunPrefix,
@@ -51,6 +52,8 @@ pub struct NodeSpec {
     pub echo_agent_log_on_drop: bool,
     /// More agent flags, after the harness's own (e.g. `--attach-mode tc`).
     pub agent_args: Vec<String>,
+    /// The agent's limit of open files (RLIMIT_NOFILE), when not the harness's own.
+    pub agent_fd_limit: Option<u64>,
 }
 
 impl NodeSpec {
@@ -66,12 +69,19 @@ impl NodeSpec {
             binaries: None,
             echo_agent_log_on_drop: true,
             agent_args: Vec::new(),
+            agent_fd_limit: None,
         }
     }
 
     /// Adds agent flags.
     pub fn agent_args(mut self, args: &[&str]) -> Self {
         self.agent_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Starts the agent with at most `limit` open files.
+    pub fn agent_fd_limit(mut self, limit: u64) -> Self {
+        self.agent_fd_limit = Some(limit);
         self
     }
 
@@ -100,6 +110,7 @@ pub struct Node {
     status_at_start: Option<Status>,
     echo_agent_log_on_drop: bool,
     agent_args: Vec<String>,
+    agent_fd_limit: Option<u64>,
 }
 
 impl Node {
@@ -130,6 +141,7 @@ impl Node {
             status_at_start: None,
             echo_agent_log_on_drop: spec.echo_agent_log_on_drop,
             agent_args: spec.agent_args,
+            agent_fd_limit: spec.agent_fd_limit,
         };
         for sub in ["state", "bpffs", "cluster"] {
             let path = node.dir.path().join(sub);
@@ -195,6 +207,13 @@ impl Node {
         Client::new(self.socket()).with_timeout(Duration::from_secs(10))
     }
 
+    /// `myelinctl <args>` against this node's agent, as an operator runs it: its stdout.
+    pub fn myelinctl(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = std::process::Command::new(self.binaries.ctl()?);
+        cmd.arg("--socket").arg(self.socket()).args(args);
+        Ok(process::run_ok(cmd, Duration::from_secs(10))?.stdout_text())
+    }
+
     pub fn status(&self) -> Result<Status> {
         self.client()
             .status()
@@ -212,15 +231,41 @@ impl Node {
         if self.agent.is_some() {
             return Err(self.agent_error("start_agent called while the agent runs".into()));
         }
-        let dir = self.dir.path();
+        let cmd = self.dir_agent_command()?;
+        self.agent = Some(spawn_agent(cmd)?);
+        self.wait_until_ready()
+    }
+
+    /// The agent as [`Node::start_agent`] runs it: this node's flags and directory source.
+    fn dir_agent_command(&self) -> Result<std::process::Command> {
         let mut cmd = self.agent_command()?;
         cmd.arg("--source")
-            .arg(format!("dir:{}", dir.join("cluster").display()))
+            .arg(format!("dir:{}", self.dir.path().join("cluster").display()))
             .arg("--pod-cidr")
             .arg(&self.pod_cidr)
             .args(&self.agent_args);
-        self.agent = Some(spawn_agent(cmd)?);
-        self.wait_until_ready()
+        Ok(cmd)
+    }
+
+    /// Runs one more agent exactly as [`Node::start_agent`] would, while this node's agent
+    /// runs, and returns how it ended (it is killed after `timeout`); its output goes to the
+    /// agent log too.
+    pub fn run_second_agent(&self, timeout: Duration) -> Result<process::Output> {
+        process::run(self.dir_agent_command()?, &[], timeout)
+    }
+
+    /// The flags [`NodeSpec::agent_args`] added; they apply from the next agent start.
+    pub fn agent_args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.agent_args
+    }
+
+    pub(crate) fn agent_args(&self) -> &[String] {
+        &self.agent_args
+    }
+
+    /// The running agent's pid.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
     }
 
     /// `myelin-agent` in this node's namespace with this node's name, dirs, socket and metrics
@@ -247,7 +292,7 @@ impl Node {
             .arg("--socket")
             .arg(self.socket())
             .arg("--metrics-addr")
-            .arg("127.0.0.1:9962")
+            .arg(METRICS_ADDR)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -256,6 +301,21 @@ impl Node {
             // Ctrl-C in a terminal reaches only the harness, which then stops the agent in
             // order instead of both dying at once.
             .process_group(0);
+        if let Some(limit) = self.agent_fd_limit {
+            // SAFETY: only the setrlimit syscall between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         // The agent reads MYELIN_<FLAG> from the environment: only our flags may configure it.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("MYELIN_") {
@@ -310,6 +370,18 @@ impl Node {
                 "did not exit within {AGENT_STOP_TIMEOUT:?} of SIGTERM; killed"
             )));
         }
+        Ok(())
+    }
+
+    /// Kills the agent with SIGKILL, as an OOM kill or a node's crash would, and reaps it.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        let Some(mut agent) = self.agent.take() else {
+            return Ok(());
+        };
+        let _ = agent.kill();
+        agent
+            .wait()
+            .map_err(Error::io("reaping the killed agent"))?;
         Ok(())
     }
 

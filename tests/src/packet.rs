@@ -3,9 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
-pub const ICMP: u8 = 1;
+use myelin_common::proto::ETH_P_IP;
 
 /// The Internet checksum (RFC 1071).
 pub fn checksum(bytes: &[u8]) -> u16 {
@@ -31,7 +29,7 @@ pub fn frame(
     let mut p = Vec::with_capacity(34 + l4.len());
     p.extend_from_slice(&dst_mac);
     p.extend_from_slice(&src_mac);
-    p.extend_from_slice(&0x0800u16.to_be_bytes());
+    p.extend_from_slice(&ETH_P_IP.to_be_bytes());
     let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, proto, 0, 0];
     ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
     ip.extend_from_slice(&src.octets());
@@ -45,6 +43,8 @@ pub fn frame(
 
 #[cfg(test)]
 mod tests {
+    use myelin_common::proto::IPPROTO_TCP;
+
     use super::*;
 
     #[test]
@@ -54,14 +54,14 @@ mod tests {
             [2, 0, 0, 0, 0, 2],
             Ipv4Addr::new(10, 0, 0, 1),
             Ipv4Addr::new(10, 0, 0, 2),
-            TCP,
+            IPPROTO_TCP,
             &[0x03, 0xe8, 0, 80],
         );
         assert_eq!(f.len(), 14 + 20 + 4);
         assert_eq!(&f[12..14], &[0x08, 0x00]);
         // A header with its checksum in place sums to zero.
         assert_eq!(checksum(&f[14..34]), 0);
-        assert_eq!(f[14 + 9], TCP);
+        assert_eq!(f[14 + 9], IPPROTO_TCP);
         assert_eq!(&f[34..36], &1000u16.to_be_bytes());
     }
 }

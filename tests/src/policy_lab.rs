@@ -5,7 +5,8 @@
 //! Every Namespace and Pod object has a file of its own in the node's cluster dir, so that a
 //! test can relabel one by rewriting its file while traffic runs. The policies under test are
 //! one more file, which [`PolicyLab::apply`] replaces and then waits for: the agent's
-//! `GET /v1/policies` lists a policy only once its map entries are written.
+//! `GET /v1/policies` lists a policy only once its map entries are written, and says which
+//! ones it rejected (each still in force, as its last good version or as a deny).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -280,24 +281,29 @@ impl PolicyLab {
     }
 
     /// Replaces the policies in force with the NetworkPolicy documents in `yaml` and waits until
-    /// the agent enforces exactly those, minus `rejected` (`namespace/name` of policies the
-    /// agent must refuse). Policy names must differ from the previous set's, so that the wait
-    /// cannot be satisfied by the old one.
+    /// the agent lists exactly those, the ones in `rejected` (`namespace/name` of policies the
+    /// agent must refuse) as rejected and the others not. Unless it is empty, what it waits for
+    /// must differ from what the agent lists now, or the wait could end before the agent read
+    /// the file: a new set of rules needs new policy names.
     pub fn apply(&self, yaml: &str, rejected: &[&str]) -> Result<()> {
-        let mut expected = policy_names(yaml)?;
+        let mut expected: PolicyListing = policy_names(yaml)?
+            .into_iter()
+            .map(|n| (n, false))
+            .collect();
         for name in rejected {
-            if !expected.remove(*name) {
-                return Err(Error::Cluster(format!(
-                    "{name} is listed as rejected but is not among the policies written"
-                )));
+            match expected.get_mut(*name) {
+                Some(is_rejected) => *is_rejected = true,
+                None => {
+                    return Err(Error::Cluster(format!(
+                        "{name} is listed as rejected but is not among the policies written"
+                    )));
+                }
             }
         }
-        let in_force = policies_in_force(&self.node)?;
-        let reused: Vec<&String> = expected.intersection(&in_force).collect();
-        if !reused.is_empty() {
+        if !expected.is_empty() && policies_in_force(&self.node)? == expected {
             return Err(Error::Cluster(format!(
-                "policies {reused:?} are in force already: give the new set new names, or the \
-                 wait for it could end before the agent read it"
+                "the agent lists {expected:?} already: give the new set new names, or the wait \
+                 for it could end before the agent read it"
             )));
         }
         self.node.cluster().write_yaml(POLICY_FILE, yaml)?;
@@ -360,8 +366,12 @@ impl PolicyLab {
     }
 }
 
-/// `namespace/name` of the policies `node`'s agent enforces now.
-pub fn policies_in_force(node: &Node) -> Result<BTreeSet<String>> {
+/// The policies an agent has in force: `namespace/name` -> whether the latest version of the
+/// policy was rejected (it is then in force as its last good version, or as a deny).
+pub type PolicyListing = BTreeMap<String, bool>;
+
+/// The policies `node`'s agent enforces now.
+pub fn policies_in_force(node: &Node) -> Result<PolicyListing> {
     let status = node
         .client()
         .policies()
@@ -369,13 +379,13 @@ pub fn policies_in_force(node: &Node) -> Result<BTreeSet<String>> {
     Ok(status
         .policies
         .iter()
-        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .map(|p| (format!("{}/{}", p.namespace, p.name), p.rejected.is_some()))
         .collect())
 }
 
-/// Polls `node`'s `GET /v1/policies` until the policies in force are exactly `expected`
-/// (`namespace/name`); the agent lists a policy only once its map entries are written.
-pub fn wait_for_policies(node: &Node, expected: &BTreeSet<String>) -> Result<()> {
+/// Polls `node`'s `GET /v1/policies` until the policies in force are exactly `expected`; the
+/// agent lists a policy only once its map entries are written.
+pub fn wait_for_policies(node: &Node, expected: &PolicyListing) -> Result<()> {
     let deadline = Instant::now() + APPLY_TIMEOUT;
     loop {
         let in_force = policies_in_force(node)?;
@@ -386,7 +396,8 @@ pub fn wait_for_policies(node: &Node, expected: &BTreeSet<String>) -> Result<()>
             return Err(Error::Traffic {
                 what: format!(
                     "the agent did not put the policies in force within {APPLY_TIMEOUT:?}: \
-                     expected {expected:?}, in force {in_force:?}\n--- agent log (tail) ---\n{}",
+                     expected {expected:?}, in force {in_force:?} (true: rejected)\n\
+                     --- agent log (tail) ---\n{}",
                     agent_log_tail(node, 40)
                 ),
             });

@@ -323,10 +323,7 @@ fn del_while_the_agent_is_down_succeeds_and_the_agent_finishes_it_on_start() -> 
         "took {:?} to notice the agent is down",
         out.elapsed
     );
-    let host_veth = gone.result()["interfaces"][0]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let host_veth = gone.host_ifname();
     let mut expected = with_stays.links.clone();
     assert!(expected.remove(&host_veth), "{host_veth} in {expected:?}");
     let links = node.links()?;

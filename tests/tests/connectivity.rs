@@ -5,9 +5,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use myelin_api::EndpointCounters;
 use myelin_tests::{
-    Node, NodeSpec, Pod, Result,
+    Netns, Node, NodeSpec, Pod, Result,
     cluster::{namespace_object, pod_object},
     root_test,
+    tc::{self, tc},
     traffic::{Host, ping, tcp_echo, udp_echo},
 };
 
@@ -245,15 +246,9 @@ fn tcx_links_carry_traffic_survive_a_restart_and_go_with_the_pod() -> Result<()>
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect())
     };
-    let host_veth = |pod: &Pod| {
-        pod.result()["interfaces"][0]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
     let expected: BTreeSet<String> = [&a, &b]
         .iter()
-        .flat_map(|p| ["ingress", "egress"].map(|d| format!("{}-{d}", host_veth(p))))
+        .flat_map(|p| ["ingress", "egress"].map(|d| format!("{}-{d}", p.host_ifname())))
         .collect();
     assert_eq!(
         pins(&node)?,
@@ -277,5 +272,140 @@ fn tcx_links_carry_traffic_survive_a_restart_and_go_with_the_pod() -> Result<()>
     node.delete_pod(a)?;
     node.delete_pod(b)?;
     assert!(pins(&node)?.is_empty(), "DEL left link pins behind");
+    Ok(())
+}
+
+/// The hooks of a pod's host veth and the program Myelin runs on each.
+const HOOKS: [(&str, &str); 2] = [("ingress", "from_container"), ("egress", "to_container")];
+
+/// Another tool's filter on a pod's veth: u32 on IPv4 to a TEST-NET address. None of the pods'
+/// packets match it, so they go on to the next filter, Myelin's.
+fn add_foreign_filter(netns: &Netns, dev: &str, hook: &str, pref: &str) -> Result<()> {
+    tc(
+        netns,
+        &[
+            "filter",
+            "add",
+            "dev",
+            dev,
+            hook,
+            "pref",
+            pref,
+            "protocol",
+            "ip",
+            "u32",
+            "match",
+            "ip",
+            "dst",
+            "192.0.2.1/32",
+        ],
+    )?;
+    Ok(())
+}
+
+fn foreign_filters(node: &Node, veth: &str, hook: &str) -> Result<Vec<tc::Filter>> {
+    Ok(tc::filters(node.netns(), veth, hook)?
+        .into_iter()
+        .filter(|f| f.kind == "u32")
+        .collect())
+}
+
+/// Other programs may filter on a pod's veth too. While the agent is down, a tool clears a's
+/// veth, as tools that reset a device do, and takes priority 1 there, where Myelin's filters
+/// were; on b's it adds a filter next to Myelin's. The restarted agent attaches again around
+/// both, and the pods talk through Myelin's programs.
+#[test]
+fn foreign_tc_filters_on_pod_veths_survive_an_agent_restart() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut node = Node::start(&run, NodeSpec::new("node"))?;
+    let a = node.add_pod("default", "a")?;
+    let b = node.add_pod("default", "b")?;
+    let (veth_a, veth_b) = (a.host_ifname(), b.host_ifname());
+
+    node.stop_agent()?;
+    let netns = node.netns();
+    tc(netns, &["qdisc", "del", "dev", &veth_a, "clsact"])?;
+    tc(netns, &["qdisc", "add", "dev", &veth_a, "clsact"])?;
+    for (hook, _) in HOOKS {
+        add_foreign_filter(netns, &veth_a, hook, "1")?;
+        add_foreign_filter(netns, &veth_b, hook, "2")?;
+    }
+    let mut before = Vec::new();
+    for veth in [&veth_a, &veth_b] {
+        for (hook, _) in HOOKS {
+            before.push(foreign_filters(&node, veth, hook)?);
+        }
+    }
+
+    node.start_agent()?;
+    let mut after = Vec::new();
+    for veth in [&veth_a, &veth_b] {
+        for (hook, program) in HOOKS {
+            after.push(foreign_filters(&node, veth, hook)?);
+            let ours = tc::filters(node.netns(), veth, hook)?
+                .into_iter()
+                .filter(|f| f.runs(program))
+                .count();
+            assert_eq!(ours, 1, "{program} on {veth} {hook}, attached once");
+        }
+    }
+    assert_eq!(after, before, "the foreign filters are untouched");
+
+    let tx = |node: &Node| -> Result<Vec<u64>> {
+        let counters = counters(node)?;
+        Ok([&a, &b]
+            .iter()
+            .map(|p| counters.get(&p.ip()).map_or(0, |c| c.tx_packets))
+            .collect())
+    };
+    let sent_before = tx(&node)?;
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        ping(from, to)?;
+        tcp_echo(from, to, 0)?;
+    }
+    let sent_after = tx(&node)?;
+    for (pod, (before, after)) in [&a, &b].iter().zip(sent_before.iter().zip(&sent_after)) {
+        // A ping and a TCP exchange each way, counted by from_container behind the foreign
+        // filter.
+        assert!(
+            after - before >= 4,
+            "{}: Myelin saw {} packets",
+            pod.label(),
+            after - before
+        );
+    }
+    Ok(())
+}
+
+/// The legacy ingress qdisc sits where clsact goes but has one filter list for both hooks: the
+/// egress program would run on ingress. The agent says which device, and leaves it alone.
+#[test]
+fn a_pod_veth_with_another_qdisc_than_clsact_is_refused_by_name() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut node = Node::start(&run, NodeSpec::new("node"))?;
+    let a = node.add_pod("default", "a")?;
+    let veth = a.host_ifname();
+    node.stop_agent()?;
+    tc(node.netns(), &["qdisc", "del", "dev", &veth, "clsact"])?;
+    tc(node.netns(), &["qdisc", "add", "dev", &veth, "ingress"])?;
+
+    // Whether the agent then starts without the pod's datapath or refuses to start is the
+    // agent's policy; the error must be there, naming the device.
+    let started = node.start_agent();
+    let expected = format!("{veth} has a qdisc of kind ingress");
+    assert!(
+        node.agent_log().contains(&expected),
+        "no `{expected}` in the agent log (start: {started:?})"
+    );
+    assert_eq!(tc::qdiscs(node.netns(), &veth)?, ["ingress"]);
+    let filters = tc::filters(node.netns(), &veth, "ingress")?;
+    assert!(
+        filters.is_empty(),
+        "attached into the ingress qdisc: {filters:?}"
+    );
     Ok(())
 }

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use myelin_api::FlowEvent;
+use myelin_api::{FlowEvent, PolicyFallback, PolicyRejected};
 use myelin_tests::{
     Error, Netns, Result, RunPrefix,
     packet::checksum,
@@ -751,9 +751,11 @@ egress:
             expect: |p| p.from.is_node(),
         },
         Case {
-            name: "invalid policies are rejected and the others stay enforced",
+            name: "invalid policies are rejected, isolate what they select, and the others stay enforced",
             policies: |_| {
-                // Each invalid policy would isolate every pod of `b` if it were enforced.
+                // Each invalid policy selects b/db and has no good version: it isolates b/db,
+                // with no rules (were it ignored, b/db would take everything).
+                let db = "podSelector: {matchLabels: {app: db}}";
                 documents(&[
                     policy(
                         "a",
@@ -766,27 +768,27 @@ ingress:
                     policy(
                         "b",
                         "c28-bad-cidr",
-                        "podSelector: {}\ningress:\n- from: [{ipBlock: {cidr: 10.0.0.0/33}}]",
+                        &format!("{db}\ningress:\n- from: [{{ipBlock: {{cidr: 10.0.0.0/33}}}}]"),
                     ),
                     policy(
                         "b",
                         "c28-port-zero",
-                        "podSelector: {}\ningress:\n- ports: [{port: 0}]",
+                        &format!("{db}\ningress:\n- ports: [{{port: 0}}]"),
                     ),
                     policy(
                         "b",
                         "c28-port-too-big",
-                        "podSelector: {}\ningress:\n- ports: [{port: 70000}]",
+                        &format!("{db}\ningress:\n- ports: [{{port: 70000}}]"),
                     ),
                     policy(
                         "b",
                         "c28-end-port-below-port",
-                        "podSelector: {}\ningress:\n- ports: [{port: 4242, endPort: 4241}]",
+                        &format!("{db}\ningress:\n- ports: [{{port: 4242, endPort: 4241}}]"),
                     ),
                     policy(
                         "b",
                         "c28-icmp",
-                        "podSelector: {}\ningress:\n- ports: [{protocol: ICMP, port: 8}]",
+                        &format!("{db}\ningress:\n- ports: [{{protocol: ICMP, port: 8}}]"),
                     ),
                     policy(
                         "b",
@@ -809,6 +811,7 @@ ingress:
             expect: |p| {
                 (!p.to.is("a", "db") || p.from.is_node() || p.from.is("a", "api"))
                     && (!p.to.is("b", "api") || p.from.is_node() || p.from.is("b", "web"))
+                    && (!p.to.is("b", "db") || p.from.is_node())
             },
         },
         Case {
@@ -1388,6 +1391,135 @@ ingress:
             && f.seen_reply),
         "conntrack does not list the kept connection {local} -> a/db:80: {flows:?}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_policy_that_cannot_be_enforced_never_opens_anything() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let lab = PolicyLab::start(&run)?;
+    const BAD_PORT: &str = "spec.ingress[0].ports[0].port: 70000 is outside 1-65535";
+    let good = policy(
+        "a",
+        "db-from-api",
+        "\
+podSelector: {matchLabels: {app: db}}
+ingress:
+- from: [{podSelector: {matchLabels: {app: api}}}]
+  ports: [{port: 80}]",
+    );
+    // The edit would let a/web in too, on a port that does not exist.
+    let broken = policy(
+        "a",
+        "db-from-api",
+        "\
+podSelector: {matchLabels: {app: db}}
+ingress:
+- from: [{podSelector: {matchLabels: {app: api}}}, {podSelector: {matchLabels: {app: web}}}]
+  ports: [{port: 70000}]",
+    );
+    let to_db = || {
+        vec![
+            probe(A_API, A_DB, Tcp(80)),
+            probe(A_WEB, A_DB, Tcp(80)),
+            probe(B_API, A_DB, Tcp(80)),
+        ]
+    };
+    let from_api = |p: &Probe| p.from == LabHost::Pod(A_API);
+    let rejection = |name: &str| -> Result<Option<PolicyRejected>> {
+        let status = lab
+            .node()
+            .client()
+            .policies()
+            .map_err(Error::api("GET /v1/policies"))?;
+        Ok(status
+            .policies
+            .into_iter()
+            .find(|p| p.namespace == "a" && p.name == name)
+            .and_then(|p| p.rejected))
+    };
+
+    lab.apply(&good, &[])?;
+    assert_probes(&lab, to_db(), from_api, "a/db under its policy")?;
+
+    lab.apply(&broken, &["a/db-from-api"])?;
+    assert_probes(
+        &lab,
+        to_db(),
+        from_api,
+        "a/db after an edit that cannot be enforced: its last good version must stay in force",
+    )?;
+    assert_eq!(
+        rejection("db-from-api")?,
+        Some(PolicyRejected {
+            reason: BAD_PORT.into(),
+            in_force: PolicyFallback::LastGood,
+        })
+    );
+
+    // A new policy that cannot be enforced isolates the pod it selects: a/web takes no new
+    // connection, and its own connections (egress is not declared) still go out.
+    let web_broken = policy(
+        "a",
+        "web-from-api",
+        "\
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from: [{podSelector: {matchLabels: {app: api}}}]
+  ports: [{port: 70000}]",
+    );
+    lab.apply(
+        &documents(&[broken, web_broken]),
+        &["a/db-from-api", "a/web-from-api"],
+    )?;
+    assert_probes(
+        &lab,
+        vec![
+            probe(A_API, A_WEB, Tcp(80)),
+            probe(A_API, A_WEB, Udp(81)),
+            probe(B_WEB, A_WEB, Tcp(80)),
+            probe(A_WEB, A_API, Tcp(80)),
+        ],
+        |p| p.from == LabHost::Pod(A_WEB),
+        "a/web under a new policy that cannot be enforced",
+    )?;
+    assert_probes(
+        &lab,
+        to_db(),
+        from_api,
+        "a/db still under its last good version",
+    )?;
+    assert_eq!(
+        rejection("web-from-api")?,
+        Some(PolicyRejected {
+            reason: BAD_PORT.into(),
+            in_force: PolicyFallback::Deny,
+        })
+    );
+
+    let printed = lab.node().myelinctl(&["policies"])?;
+    for line in [
+        format!("rejected: {BAD_PORT}; last good version in force"),
+        format!("rejected: {BAD_PORT}; selected pods isolated (deny)"),
+    ] {
+        assert!(
+            printed.contains(&line),
+            "`myelinctl policies` has no {line:?}:\n{printed}"
+        );
+    }
+    // One error each, naming the policy and the field, not one per rescan of the directory
+    // (the second policy's file write made the agent read the first again).
+    let log = lab.node().agent_log();
+    for name in ["a/db-from-api", "a/web-from-api"] {
+        let said = format!("NetworkPolicy {name} rejected: {BAD_PORT}");
+        let errors = log
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains(&said))
+            .count();
+        assert_eq!(errors, 1, "`{said}` logged {errors} times:\n{log}");
+    }
     Ok(())
 }
 

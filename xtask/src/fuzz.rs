@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use myelin_tests::progress::step;
 
-use crate::{exec, setup::EBPF_NIGHTLY};
+use crate::{exec, setup};
 
 pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -102,7 +102,10 @@ pub fn fuzz(seconds: u32, only: Option<&str>) -> Result<()> {
             ),
         },
     };
-    let work = exec::target_dir()?.join("fuzz");
+    let work = &Work {
+        dir: exec::target_dir()?.join("fuzz"),
+        nightly: setup::ebpf_nightly()?,
+    };
     step("cargo fmt --check (tests/fuzz)", || {
         exec::run(exec::cargo(&[
             "fmt",
@@ -111,8 +114,8 @@ pub fn fuzz(seconds: u32, only: Option<&str>) -> Result<()> {
             "--check",
         ]))
     })?;
-    step(&format!("cargo fuzz build ({EBPF_NIGHTLY})"), || {
-        let mut build = cargo_fuzz("build", &work);
+    step(&format!("cargo fuzz build ({})", work.nightly), || {
+        let mut build = cargo_fuzz("build", work);
         if let [target] = targets[..] {
             build.arg(target.name);
         }
@@ -124,7 +127,7 @@ pub fn fuzz(seconds: u32, only: Option<&str>) -> Result<()> {
         .into_iter()
         .filter_map(|target| {
             step(&format!("fuzz {} for {seconds}s", target.name), || {
-                run(target, seconds, &work)
+                run(target, seconds, work)
             })
             .err()
             .map(|e| format!("{e:#}"))
@@ -139,9 +142,15 @@ pub fn fuzz(seconds: u32, only: Option<&str>) -> Result<()> {
     bail!("{} of {total} fuzz targets failed", failures.len())
 }
 
+/// Where the fuzz runs keep their files (`target/fuzz`), and the nightly that builds them.
+struct Work {
+    dir: PathBuf,
+    nightly: String,
+}
+
 /// `cargo +nightly fuzz <command>` with the options every invocation shares.
-fn cargo_fuzz(command: &str, work: &Path) -> Command {
-    let mut cmd = exec::cargo(&[&format!("+{EBPF_NIGHTLY}"), "fuzz", command]);
+fn cargo_fuzz(command: &str, work: &Work) -> Command {
+    let mut cmd = exec::cargo(&[&format!("+{}", work.nightly), "fuzz", command]);
     // All of it is safe Rust: what a sanitizer would add is already caught by Rust's own checks
     // (bounds, overflow with debug assertions, which cargo-fuzz turns on), and address
     // sanitizing would cost build time and runs on two cores (see the README).
@@ -152,18 +161,18 @@ fn cargo_fuzz(command: &str, work: &Path) -> Command {
         "none",
         "--target-dir",
     ])
-    .arg(work.join("build"));
+    .arg(work.dir.join("build"));
     cmd
 }
 
-fn run(target: &Target, seconds: u32, work: &Path) -> Result<()> {
-    let corpus = work.join("corpus").join(target.name);
-    let artifacts = work.join("artifacts").join(target.name);
-    let log_path = work.join("logs").join(format!("{}.log", target.name));
+fn run(target: &Target, seconds: u32, work: &Work) -> Result<()> {
+    let corpus = work.dir.join("corpus").join(target.name);
+    let artifacts = work.dir.join("artifacts").join(target.name);
+    let log_path = work.dir.join("logs").join(format!("{}.log", target.name));
     for dir in [&corpus, &artifacts] {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    fs::create_dir_all(log_path.parent().unwrap_or(work))?;
+    fs::create_dir_all(log_path.parent().unwrap_or(&work.dir))?;
     let seeds = exec::workspace_root()
         .join(FUZZ_DIR)
         .join("seeds")

@@ -58,7 +58,7 @@ enum Command {
         /// the release build when it is not current): what CI affords.
         #[arg(long)]
         quick: bool,
-        /// Run only these scenarios (comma-separated ids: same_node, cni, agent, policy,
+        /// Run only these scenarios (comma-separated ids: same_node, cni, add_under_load, agent, policy,
         /// kubernetes, cross_node); the report lists the others as not run.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,

@@ -28,10 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",
 ];
 
-/// The nightly that builds the eBPF crate, and the fuzz targets (cargo-fuzz needs a nightly).
-/// Pinned: its LLVM (22) must match bpf-linker's, and a nightly on LLVM 23 writes bitcode
-/// bpf-linker cannot read.
-pub const EBPF_NIGHTLY: &str = "nightly-2026-05-20";
+/// Names the nightly that builds the eBPF crate (pinned there: its LLVM must be bpf-linker's).
+const EBPF_TOOLCHAIN_FILE: &str = "ebpf/datapath/rust-toolchain.toml";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// bpf-linker links against this LLVM; its build looks for llvm-config on PATH.
@@ -51,9 +49,10 @@ pub fn setup() -> Result<()> {
         );
     }
     step("apt packages", apt_packages)?;
+    let nightly = ebpf_nightly()?;
     step(
-        &format!("rust toolchain {EBPF_NIGHTLY} with rust-src"),
-        ebpf_nightly,
+        &format!("rust toolchain {nightly} with rust-src ({EBPF_TOOLCHAIN_FILE})"),
+        || install_ebpf_nightly(&nightly),
     )?;
     step("clippy and rustfmt for stable", stable_components)?;
     step(&format!("bpf-linker {BPF_LINKER_VERSION}"), bpf_linker)?;
@@ -111,16 +110,31 @@ fn missing_packages() -> Result<Vec<&'static str>> {
         .collect())
 }
 
-fn ebpf_nightly() -> Result<()> {
+/// The channel `EBPF_TOOLCHAIN_FILE` pins (it also builds the fuzz targets: cargo-fuzz needs a
+/// nightly).
+pub fn ebpf_nightly() -> Result<String> {
+    let path = chart::workspace_root().join(EBPF_TOOLCHAIN_FILE);
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    file.get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(toml::Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("{} names no toolchain.channel", path.display()))
+}
+
+fn install_ebpf_nightly(nightly: &str) -> Result<()> {
     let toolchains = stdout(Command::new("rustup").args(["toolchain", "list"]))?;
-    let has_toolchain = toolchains.lines().any(|l| l.starts_with(EBPF_NIGHTLY));
+    let has_toolchain = toolchains.lines().any(|l| l.starts_with(nightly));
     let has_src = has_toolchain
         && stdout(Command::new("rustup").args([
             "component",
             "list",
             "--installed",
             "--toolchain",
-            EBPF_NIGHTLY,
+            nightly,
         ]))?
         .lines()
         .any(|l| l.starts_with("rust-src"));
@@ -132,7 +146,7 @@ fn ebpf_nightly() -> Result<()> {
     install.args([
         "toolchain",
         "install",
-        EBPF_NIGHTLY,
+        nightly,
         "--profile",
         "minimal",
         "--component",

@@ -170,8 +170,10 @@ impl Client {
 
         let mut request = format!(
             "{method} {path} HTTP/1.1\r\nHost: myelin-agent\r\nConnection: close\r\n\
-             Accept: application/json\r\nContent-Length: {}\r\n",
-            body.len()
+             Accept: application/json\r\nContent-Length: {}\r\n{}: {}\r\n",
+            body.len(),
+            crate::DEADLINE_HEADER,
+            deadline_ms(self.timeout),
         );
         if !body.is_empty() {
             request.push_str("Content-Type: application/json\r\n");
@@ -263,6 +265,13 @@ pub fn read_events(
             return Ok(());
         }
     }
+}
+
+/// Now plus `timeout`, in milliseconds since the Unix epoch ([`crate::DEADLINE_HEADER`]).
+fn deadline_ms(timeout: Duration) -> u128 {
+    (std::time::SystemTime::now() + timeout)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 /// Splits an HTTP/1.1 answer into status and (de-chunked) body.
@@ -444,6 +453,19 @@ mod tests {
             .unwrap_err();
         let req = server.join().unwrap();
         assert!(req.starts_with("POST /v1/ipam HTTP/1.1\r\n"), "{req}");
+        // The deadline is now plus the client's timeout.
+        let deadline: u128 = req
+            .lines()
+            .find_map(|l| l.strip_prefix("myelin-deadline: "))
+            .expect("a deadline header")
+            .parse()
+            .unwrap();
+        let now = deadline_ms(Duration::ZERO);
+        let timeout = Client::DEFAULT_TIMEOUT.as_millis();
+        assert!(
+            deadline > now + timeout - 5_000 && deadline <= now + timeout,
+            "{req}"
+        );
         assert!(
             req.ends_with(r#"{"containerId":"c","ifname":"eth0"}"#),
             "{req}"

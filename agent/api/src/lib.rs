@@ -17,7 +17,8 @@
 //! | `GET` | `/v1/conntrack` | | `[`[`TrackedFlow`]`]` |
 //! | `GET` | `/v1/events` | | newline-delimited [`FlowEvent`]s, streamed until closed |
 //!
-//! Every error is an [`ApiError`] body with a matching HTTP status. DELs that find the agent
+//! Every request may carry its client's deadline ([`DEADLINE_HEADER`]). Every error is an
+//! [`ApiError`] body with a matching HTTP status. DELs that find the agent
 //! down are queued in files instead ([`pending`]).
 
 mod client;
@@ -33,6 +34,13 @@ pub use mac::{Mac, ParseMacError};
 
 /// Where the agent listens unless told otherwise (`--socket`, conflist `agentSocket`).
 pub const DEFAULT_SOCKET: &str = "/run/myelin/agent.sock";
+
+/// Request header carrying the client's deadline, in milliseconds since the Unix epoch: the
+/// agent never carries out a request whose deadline has passed (the client has given up on it;
+/// a request can sit in the socket's queue while the agent is stopped). Wall-clock time, not a
+/// relative timeout, because only an absolute time survives waiting in that queue; client and
+/// agent share the node's clock.
+pub const DEADLINE_HEADER: &str = "myelin-deadline";
 
 /// One CNI attachment: the runtime's key for everything ADD creates.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -91,6 +99,34 @@ impl AttachmentQuery {
             )
         })
     }
+}
+
+/// Prefix of every host-side veth Myelin creates.
+pub const HOST_IFNAME_PREFIX: &str = "lxc";
+
+impl AttachmentId {
+    /// The host-side name of the attachment's veth: `lxc` + the first 12 hex digits of
+    /// sha256("`<containerid>/<ifname>`"), 15 bytes, the most Linux allows. Derived, not
+    /// stored, so that DEL and GC find it from the attachment alone.
+    pub fn host_ifname(&self) -> String {
+        use sha2::{Digest as _, Sha256};
+        use std::fmt::Write as _;
+        let digest = Sha256::digest(format!("{}/{}", self.container_id, self.ifname));
+        let mut name = String::from(HOST_IFNAME_PREFIX);
+        for byte in &digest[..6] {
+            // Writing into a String cannot fail.
+            let _ = write!(name, "{byte:02x}");
+        }
+        name
+    }
+}
+
+/// Whether `name` has the shape of [`AttachmentId::host_ifname`]: `lxc` and 12 lower-case hex
+/// digits.
+pub fn is_host_ifname(name: &str) -> bool {
+    name.strip_prefix(HOST_IFNAME_PREFIX).is_some_and(|hex| {
+        hex.len() == 12 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
 }
 
 impl std::fmt::Display for AttachmentId {
@@ -248,6 +284,42 @@ pub struct PolicySummary {
     pub egress: bool,
     /// Local endpoints it selects.
     pub selects: Vec<PodRef>,
+    /// Set while the object's latest version is rejected; `ingress`, `egress` and `selects`
+    /// then describe what is in force instead. Absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<PolicyRejected>,
+}
+
+/// Why a policy's latest version was rejected, and what is in force instead.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRejected {
+    /// The offending field and what is wrong with it.
+    pub reason: String,
+    pub in_force: PolicyFallback,
+}
+
+/// What a policy whose latest version was rejected enforces: never less than before.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyFallback {
+    /// The last good version the agent saw (since it started).
+    LastGood,
+    /// No good version known: the pods it selects are isolated, with no rules.
+    Deny,
+    /// As `Deny`, but its podSelector is unusable: every pod of its namespace is isolated.
+    DenyNamespace,
+}
+
+/// As `myelinctl policies` prints it after the reason.
+impl std::fmt::Display for PolicyFallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::LastGood => "last good version in force",
+            Self::Deny => "selected pods isolated (deny)",
+            Self::DenyNamespace => "every pod of the namespace isolated (deny)",
+        })
+    }
 }
 
 /// `GET /v1/policies`: the policies in force on this node. Everything listed is in the maps.
@@ -336,6 +408,12 @@ pub enum ErrorKind {
     PoolExhausted,
     NotReady,
     Internal,
+    /// The request's deadline passed before the agent got to it: nothing was done.
+    DeadlineExceeded,
+    /// The body is larger than the agent accepts.
+    PayloadTooLarge,
+    /// The body did not arrive in time.
+    RequestTimeout,
 }
 
 impl ErrorKind {
@@ -349,6 +427,9 @@ impl ErrorKind {
             Self::PoolExhausted => 507,
             Self::NotReady => 503,
             Self::Internal => 500,
+            Self::DeadlineExceeded => 504,
+            Self::PayloadTooLarge => 413,
+            Self::RequestTimeout => 408,
         }
     }
 }
@@ -374,6 +455,33 @@ impl ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_ifname_is_lxc_and_12_hex_digits_of_sha256() {
+        // `printf abc/eth0 | sha256sum` = 538f587a2365 5f38bbcd...
+        let name = AttachmentId::new("abc", "eth0").host_ifname();
+        assert_eq!(name, "lxc538f587a2365");
+        assert!(is_host_ifname(&name));
+        for other in [
+            "lxc538f587a236",
+            "lxc538f587a2365a",
+            "lxc538F587A2365",
+            "eth0",
+            "myelin_host",
+        ] {
+            assert!(!is_host_ifname(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn host_ifname_differs_per_container_and_interface() {
+        let a = AttachmentId::new("c1", "eth0").host_ifname();
+        let b = AttachmentId::new("c2", "eth0").host_ifname();
+        let c = AttachmentId::new("c1", "eth1").host_ifname();
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a, AttachmentId::new("c1", "eth0").host_ifname());
+    }
 
     #[test]
     fn attachment_query_escapes_reserved_characters() {
@@ -405,6 +513,27 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_summary_without_a_rejection_decodes_as_before() {
+        let old = r#"{"namespace":"a","name":"p","ingress":true,"egress":false,"selects":[]}"#;
+        let summary: PolicySummary = serde_json::from_str(old).unwrap();
+        assert_eq!(summary.rejected, None);
+        assert_eq!(serde_json::to_string(&summary).unwrap(), old);
+        let rejected = PolicySummary {
+            rejected: Some(PolicyRejected {
+                reason: "spec.ingress[0].ports[0].port: 70000 is outside 1-65535".into(),
+                in_force: PolicyFallback::LastGood,
+            }),
+            ..summary
+        };
+        let json = serde_json::to_value(&rejected).unwrap();
+        assert_eq!(json["rejected"]["inForce"], "last-good");
+        assert_eq!(
+            serde_json::from_value::<PolicySummary>(json).unwrap(),
+            rejected
+        );
+    }
+
+    #[test]
     fn error_kinds_map_to_distinct_http_statuses() {
         let kinds = [
             ErrorKind::InvalidRequest,
@@ -414,6 +543,9 @@ mod tests {
             ErrorKind::PoolExhausted,
             ErrorKind::NotReady,
             ErrorKind::Internal,
+            ErrorKind::DeadlineExceeded,
+            ErrorKind::PayloadTooLarge,
+            ErrorKind::RequestTimeout,
         ];
         let mut statuses: Vec<u16> = kinds.iter().map(|k| k.http_status()).collect();
         statuses.sort_unstable();

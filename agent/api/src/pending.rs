@@ -51,7 +51,14 @@ fn hex(s: &str) -> String {
 
 /// Records that `id` was deleted while the agent was down; returns the record's path.
 pub fn enqueue(dir: &Path, id: &AttachmentId) -> io::Result<PathBuf> {
-    fs::create_dir_all(dir)?;
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    // Only root reads the queue (it names containers): the directory is 0700 even when an
+    // earlier version or a person created it otherwise.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     let path = path_of(dir, id);
     let mut temp = path.clone().into_os_string();
     temp.push(format!(".{}{TEMP_SUFFIX}", std::process::id()));
@@ -123,6 +130,18 @@ mod tests {
             PathBuf::from("/run/myelin/pending-deletes")
         );
         assert_eq!(dir_for(Path::new("agent.sock")), PathBuf::from(DIR));
+    }
+
+    #[test]
+    fn the_queue_directory_is_root_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let queue = dir.path().join("pending-deletes");
+        fs::create_dir(&queue).unwrap();
+        fs::set_permissions(&queue, fs::Permissions::from_mode(0o755)).unwrap();
+        enqueue(&queue, &AttachmentId::new("c", "eth0")).unwrap();
+        let mode = fs::metadata(&queue).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

@@ -1,17 +1,25 @@
 //! Cluster state as the agent needs it: a pure in-memory index of the slim records of
 //! [`crate::objects`], fed by [`Change`]s from either source.
+//!
+//! A NetworkPolicy that cannot be enforced never opens anything: a rejected version of a policy
+//! leaves its last good version in force, and a policy with no good version isolates the pods
+//! it selects, with no rules. "Last good" is what this index saw since the agent started: after
+//! a restart, a policy that is still invalid is enforced as a deny.
 
 use std::{
     collections::{BTreeMap, HashMap},
+    fmt,
     sync::Arc,
 };
+
+use tracing::{error, info};
 
 use crate::{
     identity::IdentityLabels,
     objects::{
         Change, Kind, Labels, NAMESPACE_NAME_LABEL, NamespaceInfo, NodeInfo, Object, PodInfo,
     },
-    policy::PolicyInfo,
+    policy::{PolicyInfo, PolicyRejection},
 };
 
 /// The index itself. Every mutation reports whether anything changed, so that callers only
@@ -21,8 +29,108 @@ pub struct ClusterIndex {
     nodes: BTreeMap<String, NodeInfo>,
     namespaces: BTreeMap<String, NamespaceInfo>,
     pods: BTreeMap<(String, String), PodInfo>,
-    policies: BTreeMap<(String, String), PolicyInfo>,
+    policies: BTreeMap<(String, String), IndexedPolicy>,
     label_sets: LabelSets,
+}
+
+/// A NetworkPolicy as the index holds it: what is enforced for it, and whether its latest
+/// version was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexedPolicy {
+    pub in_force: PolicyInfo,
+    pub rejected: Option<Rejected>,
+}
+
+/// Why the latest version of a policy was rejected, and what is in force instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The offending field and what is wrong with it.
+    pub reason: String,
+    pub fallback: Fallback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The last good version stays in force.
+    LastGood,
+    /// No good version is known: the pods the policy selects are isolated, in the directions
+    /// it declares, with no rules.
+    Deny,
+    /// As `Deny`, but its podSelector is unusable: every pod of its namespace is isolated.
+    DenyNamespace,
+}
+
+impl fmt::Display for Fallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Fallback::LastGood => "last good version in force",
+            Fallback::Deny => "selected pods isolated (deny)",
+            Fallback::DenyNamespace => "every pod of the namespace isolated (deny)",
+        })
+    }
+}
+
+impl IndexedPolicy {
+    /// The entry once `version` (a valid policy or a rejection) follows `previous`.
+    fn after(previous: Option<&IndexedPolicy>, version: PolicyVersion) -> Self {
+        let rejection = match version {
+            Ok(policy) => {
+                return Self {
+                    in_force: policy,
+                    rejected: None,
+                };
+            }
+            Err(rejection) => rejection,
+        };
+        // A deny in force is no good version: it follows the latest rejection instead.
+        let last_good = previous.filter(|p| {
+            p.rejected
+                .as_ref()
+                .is_none_or(|r| r.fallback == Fallback::LastGood)
+        });
+        let (in_force, fallback) = match last_good {
+            Some(p) => (p.in_force.clone(), Fallback::LastGood),
+            None if rejection.whole_namespace => (*rejection.deny, Fallback::DenyNamespace),
+            None => (*rejection.deny, Fallback::Deny),
+        };
+        Self {
+            in_force,
+            rejected: Some(Rejected {
+                reason: rejection.reason,
+                fallback,
+            }),
+        }
+    }
+
+    /// Logs what changed about the policy's rejection: once per rejection, however often a
+    /// source hands the same version again (relists, directory rescans).
+    fn report(previous: Option<&IndexedPolicy>, next: &IndexedPolicy) {
+        let (namespace, name) = (&next.in_force.namespace, &next.in_force.name);
+        let before = previous.and_then(|p| p.rejected.as_ref());
+        match &next.rejected {
+            Some(r) if before != Some(r) => error!(
+                %namespace,
+                %name,
+                "NetworkPolicy {namespace}/{name} rejected: {}; {}",
+                r.reason,
+                r.fallback
+            ),
+            None if before.is_some() => info!(
+                %namespace,
+                %name,
+                "NetworkPolicy {namespace}/{name} is valid again and enforced as written"
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// A version of a NetworkPolicy object as a source hands it: valid, or rejected.
+type PolicyVersion = Result<PolicyInfo, PolicyRejection>;
+
+fn policy_key(version: &PolicyVersion) -> (String, String) {
+    let p = version.as_ref().unwrap_or_else(|r| &r.deny);
+    (p.namespace.clone(), p.name.clone())
 }
 
 /// The identity labels of every (non host-network) pod, kept up to date as pods and namespaces
@@ -133,6 +241,11 @@ impl ClusterIndex {
         self.label_sets.counts.keys()
     }
 
+    /// Whether some pod of the index has exactly these identity labels.
+    pub fn has_label_set(&self, labels: &IdentityLabels) -> bool {
+        self.label_sets.counts.contains_key(labels)
+    }
+
     /// Changes whenever a label set appears or disappears.
     pub fn label_sets_generation(&self) -> u64 {
         self.label_sets.generation
@@ -175,15 +288,24 @@ impl ClusterIndex {
                             _ => None,
                         }),
                     ),
-                    Kind::NetworkPolicy => replace_all(
-                        &mut self.policies,
-                        of_kind.filter_map(|o| match o {
-                            Object::NetworkPolicy(p) => {
-                                Some(((p.namespace.clone(), p.name.clone()), p))
-                            }
+                    Kind::NetworkPolicy => {
+                        // A list is no reason to forget a last good version.
+                        let mut listed = BTreeMap::new();
+                        for version in of_kind.filter_map(|o| match o {
+                            Object::NetworkPolicy(p) => Some(Ok(p)),
+                            Object::RejectedNetworkPolicy(r) => Some(Err(r)),
                             _ => None,
-                        }),
-                    ),
+                        }) {
+                            let key = policy_key(&version);
+                            let previous = listed.get(&key).or_else(|| self.policies.get(&key));
+                            let next = IndexedPolicy::after(previous, version);
+                            listed.insert(key, next);
+                        }
+                        for (key, next) in &listed {
+                            IndexedPolicy::report(self.policies.get(key), next);
+                        }
+                        replace_all(&mut self.policies, listed.into_iter())
+                    }
                 }
             }
         }
@@ -194,10 +316,17 @@ impl ClusterIndex {
             Object::Node(n) => replace(&mut self.nodes, n.name.clone(), n),
             Object::Namespace(n) => replace(&mut self.namespaces, n.name.clone(), n),
             Object::Pod(p) => replace(&mut self.pods, (p.namespace.clone(), p.name.clone()), p),
-            Object::NetworkPolicy(p) => {
-                replace(&mut self.policies, (p.namespace.clone(), p.name.clone()), p)
-            }
+            Object::NetworkPolicy(p) => self.upsert_policy(Ok(p)),
+            Object::RejectedNetworkPolicy(r) => self.upsert_policy(Err(r)),
         }
+    }
+
+    fn upsert_policy(&mut self, version: PolicyVersion) -> bool {
+        let key = policy_key(&version);
+        let previous = self.policies.get(&key);
+        let next = IndexedPolicy::after(previous, version);
+        IndexedPolicy::report(previous, &next);
+        replace(&mut self.policies, key, next)
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
@@ -216,8 +345,21 @@ impl ClusterIndex {
         self.pods.values()
     }
 
+    /// The policies in force: valid ones as written, rejected ones as their fallback.
     pub fn policies(&self) -> impl Iterator<Item = &PolicyInfo> {
+        self.policies.values().map(|p| &p.in_force)
+    }
+
+    /// Every policy with its rejection, if its latest version was rejected.
+    pub fn indexed_policies(&self) -> impl Iterator<Item = &IndexedPolicy> {
         self.policies.values()
+    }
+
+    pub fn rejected_policy_count(&self) -> usize {
+        self.policies
+            .values()
+            .filter(|p| p.rejected.is_some())
+            .count()
     }
 
     pub fn namespaces(&self) -> impl Iterator<Item = &NamespaceInfo> {
@@ -292,11 +434,216 @@ mod tests {
     use k8s_openapi::api::core::v1::Pod;
 
     use super::*;
-    use crate::{builders::*, objects::NamespaceInfo};
+    use crate::{
+        builders::*,
+        objects::NamespaceInfo,
+        policy::{PortMatch, Selector},
+    };
 
     fn apply_pod(index: &mut ClusterIndex, pod: &Pod) -> bool {
         let (info, _) = PodInfo::from_k8s(pod).unwrap();
         index.apply(Change::Apply(Object::Pod(info)))
+    }
+
+    /// The policy `ns/p` with `spec`, as a source hands it to the index.
+    fn policy_object(spec: &str) -> Object {
+        let yaml =
+            format!("kind: NetworkPolicy\nmetadata: {{name: p, namespace: ns}}\nspec: {spec}");
+        Object::from_network_policy(&policy(&yaml)).unwrap()
+    }
+
+    /// `ns/p`: app=db pods take TCP 80 from app=api pods.
+    const GOOD: &str = "{podSelector: {matchLabels: {app: db}}, ingress: [{from: [{podSelector: {matchLabels: {app: api}}}], ports: [{port: 80}]}]}";
+    /// The same policy edited to a port that does not exist.
+    const BAD_PORT: &str = "{podSelector: {matchLabels: {app: db}}, ingress: [{from: [{podSelector: {matchLabels: {app: api}}}], ports: [{port: 70000}]}]}";
+    const BAD_PORT_REASON: &str = "spec.ingress[0].ports[0].port: 70000 is outside 1-65535";
+
+    fn replace_policies(index: &mut ClusterIndex, objects: Vec<Object>) -> bool {
+        index.apply(Change::Replace {
+            kind: Kind::NetworkPolicy,
+            objects,
+        })
+    }
+
+    fn the_policy(index: &ClusterIndex) -> &IndexedPolicy {
+        let all: Vec<&IndexedPolicy> = index.indexed_policies().collect();
+        match all[..] {
+            [p] => p,
+            _ => panic!("expected one policy, the index has {all:?}"),
+        }
+    }
+
+    fn allowed_ports(policy: &PolicyInfo) -> Vec<PortMatch> {
+        policy
+            .ingress
+            .iter()
+            .flatten()
+            .flat_map(|r| r.ports.iter().flatten())
+            .map(|p| p.port.clone())
+            .collect()
+    }
+
+    fn rejected(reason: &str, fallback: Fallback) -> Option<Rejected> {
+        Some(Rejected {
+            reason: reason.into(),
+            fallback,
+        })
+    }
+
+    #[test]
+    fn a_rejected_edit_keeps_the_last_good_version_in_force() {
+        let mut index = ClusterIndex::default();
+        assert!(index.apply(Change::Apply(policy_object(GOOD))));
+        assert!(index.apply(Change::Apply(policy_object(BAD_PORT))));
+        let p = the_policy(&index);
+        assert_eq!(
+            allowed_ports(&p.in_force),
+            [PortMatch::Range { from: 80, to: 80 }]
+        );
+        assert_eq!(p.rejected, rejected(BAD_PORT_REASON, Fallback::LastGood));
+        assert_eq!(index.policies().count(), 1);
+        assert_eq!(index.rejected_policy_count(), 1);
+        assert!(
+            !index.apply(Change::Apply(policy_object(BAD_PORT))),
+            "the same rejection again changes nothing"
+        );
+        // Another invalid edit still leaves the last good version in force.
+        index.apply(Change::Apply(policy_object(
+            "{podSelector: {}, policyTypes: [Sideways]}",
+        )));
+        let p = the_policy(&index);
+        assert_eq!(
+            allowed_ports(&p.in_force),
+            [PortMatch::Range { from: 80, to: 80 }]
+        );
+        assert_eq!(
+            p.rejected.as_ref().map(|r| r.fallback),
+            Some(Fallback::LastGood)
+        );
+    }
+
+    #[test]
+    fn relists_and_rescans_keep_the_last_good_version_in_force() {
+        let mut index = ClusterIndex::default();
+        replace_policies(&mut index, vec![policy_object(GOOD)]);
+        assert!(replace_policies(&mut index, vec![policy_object(BAD_PORT)]));
+        let p = the_policy(&index);
+        assert_eq!(
+            allowed_ports(&p.in_force),
+            [PortMatch::Range { from: 80, to: 80 }]
+        );
+        assert_eq!(p.rejected, rejected(BAD_PORT_REASON, Fallback::LastGood));
+        assert!(!replace_policies(&mut index, vec![policy_object(BAD_PORT)]));
+        assert_eq!(
+            the_policy(&index).rejected,
+            rejected(BAD_PORT_REASON, Fallback::LastGood)
+        );
+        // A rejection applied between lists, then listed again: still the last good version.
+        index.apply(Change::Apply(policy_object(GOOD)));
+        index.apply(Change::Apply(policy_object(BAD_PORT)));
+        replace_policies(&mut index, vec![policy_object(BAD_PORT)]);
+        assert_eq!(
+            allowed_ports(&the_policy(&index).in_force),
+            [PortMatch::Range { from: 80, to: 80 }]
+        );
+    }
+
+    #[test]
+    fn a_new_invalid_policy_isolates_the_pods_it_selects_in_its_declared_directions() {
+        let db = Selector {
+            match_labels: labels(&[("app", "db")]),
+            requirements: vec![],
+        };
+        for via_replace in [false, true] {
+            let mut index = ClusterIndex::default();
+            let object = policy_object(BAD_PORT);
+            if via_replace {
+                replace_policies(&mut index, vec![object]);
+            } else {
+                index.apply(Change::Apply(object));
+            }
+            let p = the_policy(&index);
+            assert_eq!(p.rejected, rejected(BAD_PORT_REASON, Fallback::Deny));
+            assert_eq!(p.in_force.pod_selector, db);
+            assert_eq!(
+                p.in_force.ingress,
+                Some(vec![]),
+                "isolated, nothing allowed"
+            );
+            assert_eq!(p.in_force.egress, None, "egress is not declared");
+        }
+        // A deny follows the latest rejected version: it is no good version to keep.
+        let mut index = ClusterIndex::default();
+        index.apply(Change::Apply(policy_object(BAD_PORT)));
+        index.apply(Change::Apply(policy_object(
+            "{podSelector: {matchLabels: {app: web}}, policyTypes: [Egress], egress: [{ports: [{port: 0}]}]}",
+        )));
+        let p = the_policy(&index);
+        assert_eq!(
+            p.in_force.pod_selector.match_labels,
+            labels(&[("app", "web")])
+        );
+        assert_eq!(
+            (p.in_force.ingress.clone(), p.in_force.egress.clone()),
+            (None, Some(vec![]))
+        );
+        assert_eq!(
+            p.rejected.as_ref().map(|r| r.fallback),
+            Some(Fallback::Deny)
+        );
+    }
+
+    #[test]
+    fn a_new_policy_with_an_invalid_pod_selector_isolates_its_whole_namespace() {
+        let mut index = ClusterIndex::default();
+        index.apply(Change::Apply(policy_object(
+            "{podSelector: {matchExpressions: [{key: app, operator: Equals, values: [db]}]}}",
+        )));
+        let p = the_policy(&index);
+        assert_eq!(p.in_force.pod_selector, Selector::default());
+        assert_eq!(p.in_force.ingress, Some(vec![]));
+        assert_eq!(
+            p.rejected.as_ref().map(|r| r.fallback),
+            Some(Fallback::DenyNamespace)
+        );
+        assert!(
+            p.rejected.as_ref().is_some_and(|r| r
+                .reason
+                .starts_with("spec.podSelector.matchExpressions[0].operator")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_valid_version_replaces_a_rejection_and_a_delete_removes_it() {
+        let mut index = ClusterIndex::default();
+        index.apply(Change::Apply(policy_object(BAD_PORT)));
+        assert!(index.apply(Change::Apply(policy_object(GOOD))));
+        let p = the_policy(&index);
+        assert_eq!(p.rejected, None);
+        assert_eq!(
+            allowed_ports(&p.in_force),
+            [PortMatch::Range { from: 80, to: 80 }]
+        );
+        assert_eq!(index.rejected_policy_count(), 0);
+
+        index.apply(Change::Apply(policy_object(BAD_PORT)));
+        assert!(index.apply(Change::Delete {
+            kind: Kind::NetworkPolicy,
+            namespace: "ns".into(),
+            name: "p".into(),
+        }));
+        assert_eq!(index.policies().count(), 0);
+        // Gone means gone: a new invalid version is a deny, not the old good one.
+        index.apply(Change::Apply(policy_object(BAD_PORT)));
+        assert_eq!(
+            the_policy(&index).rejected.as_ref().map(|r| r.fallback),
+            Some(Fallback::Deny)
+        );
+        // A list without it removes it too.
+        assert!(replace_policies(&mut index, vec![]));
+        assert_eq!(index.rejected_policy_count(), 0);
+        assert_eq!(index.policies().count(), 0);
     }
 
     #[test]

@@ -20,4 +20,4 @@ pub use objects::{
     Change, ContainerPort, Kind, Labels, NAMESPACE_NAME_LABEL, NamespaceInfo, NodeInfo, Object,
     ObjectError, PodInfo, Warnings,
 };
-pub use policy::{PolicyError, PolicyInfo, Protocol};
+pub use policy::{PolicyInfo, PolicyRejection, Protocol};

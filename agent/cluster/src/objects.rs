@@ -9,9 +9,12 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
 
-use crate::policy::{PolicyError, PolicyInfo, Protocol};
+use crate::policy::{PolicyInfo, PolicyRejection, Protocol};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -26,7 +29,7 @@ pub enum ObjectError {
     #[error("{kind} {name} has no metadata.namespace")]
     NoNamespace { kind: &'static str, name: String },
     #[error(transparent)]
-    InvalidPolicy(#[from] PolicyError),
+    InvalidPolicy(#[from] PolicyRejection),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -92,6 +95,8 @@ pub enum Object {
     Namespace(NamespaceInfo),
     Pod(PodInfo),
     NetworkPolicy(PolicyInfo),
+    /// A NetworkPolicy that cannot be enforced as written: the index fails closed with it.
+    RejectedNetworkPolicy(PolicyRejection),
 }
 
 impl Object {
@@ -100,7 +105,19 @@ impl Object {
             Object::Node(_) => Kind::Node,
             Object::Namespace(_) => Kind::Namespace,
             Object::Pod(_) => Kind::Pod,
-            Object::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::NetworkPolicy(_) | Object::RejectedNetworkPolicy(_) => Kind::NetworkPolicy,
+        }
+    }
+
+    /// A NetworkPolicy as both sources hand it to the index: a policy that cannot be enforced
+    /// is still an object (a rejection), never a reason to drop what the index holds for it.
+    pub fn from_network_policy(np: &NetworkPolicy) -> Result<Self, ObjectError> {
+        match PolicyInfo::from_k8s(np) {
+            Ok(policy) => Ok(Object::NetworkPolicy(policy)),
+            Err(ObjectError::InvalidPolicy(rejection)) => {
+                Ok(Object::RejectedNetworkPolicy(rejection))
+            }
+            Err(e) => Err(e),
         }
     }
 }

@@ -1,26 +1,74 @@
 //! NetworkPolicy (networking.k8s.io/v1) in the slim, validated form the agent computes with.
 //!
 //! Validation happens on the way into the index: a policy with an invalid CIDR, a port outside
-//! 1-65535, an endPort below its port, an unknown protocol or an invalid selector is rejected
-//! as a whole (logged with its name and the reason) and never enforced; the other policies
-//! stay enforced.
+//! 1-65535, an endPort below its port, an unknown protocol, policy type or selector operator is
+//! rejected as a whole, never half-enforced. A rejection names the offending field and keeps
+//! what could be read of the policy (its pod selector, the directions it isolates), so that
+//! the index can fail closed with it ([`crate::index`]).
 
-use std::net::IpAddr;
+use std::{fmt, net::IpAddr};
 
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::{
     api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec},
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
+use myelin_common::proto::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::objects::Labels;
+use crate::objects::{Labels, ObjectError};
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("NetworkPolicy {namespace}/{name} rejected: {reason}")]
-pub struct PolicyError {
-    pub namespace: String,
-    pub name: String,
+/// A NetworkPolicy that cannot be enforced as written, with what could be read of it.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("NetworkPolicy {}/{} rejected: {reason}", deny.namespace, deny.name)]
+pub struct PolicyRejection {
+    /// The offending field and what is wrong with it, such as
+    /// `spec.ingress[0].ports[0].port: 70000 is outside 1-65535`.
     pub reason: String,
+    /// What failing closed means for this policy: the pods it selects isolated in the
+    /// directions it declares, with no rules (both directions when `policyTypes` is unusable).
+    /// Boxed: rejections travel in `Result`s, which should stay small.
+    pub deny: Box<PolicyInfo>,
+    /// `spec.podSelector` itself is unusable: `deny` selects every pod of the namespace.
+    pub whole_namespace: bool,
+}
+
+/// A field of a policy and what is wrong with it. The path grows on the way up, from `port`
+/// to `spec.ingress[0].ports[0].port`.
+#[derive(Debug, Clone)]
+struct Invalid {
+    /// Empty while the problem is with the element being parsed as a whole.
+    field: String,
+    problem: String,
+}
+
+impl Invalid {
+    fn at(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// A problem with the element being parsed as a whole.
+    fn here(problem: impl Into<String>) -> Self {
+        Self::at("", problem)
+    }
+
+    /// The same problem, seen from `parent`.
+    fn within(self, parent: impl fmt::Display) -> Self {
+        let field = if self.field.is_empty() {
+            parent.to_string()
+        } else {
+            format!("{parent}.{}", self.field)
+        };
+        Self { field, ..self }
+    }
+}
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
 }
 
 /// IP protocols a NetworkPolicy port can name.
@@ -34,9 +82,9 @@ pub enum Protocol {
 impl Protocol {
     pub fn number(self) -> u8 {
         match self {
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
-            Protocol::Sctp => 132,
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+            Protocol::Sctp => IPPROTO_SCTP,
         }
     }
 
@@ -82,16 +130,14 @@ impl Selector {
             })
     }
 
-    fn from_k8s(s: &LabelSelector) -> Result<Self, String> {
+    fn from_k8s(s: &LabelSelector) -> Result<Self, Invalid> {
         let mut requirements = Vec::new();
-        for e in s.match_expressions.iter().flatten() {
+        for (i, e) in s.match_expressions.iter().flatten().enumerate() {
             let values = e.values.clone().unwrap_or_default();
+            let field = format!("matchExpressions[{i}]");
             let needs_values = |op: &str| {
                 if values.is_empty() {
-                    Err(format!(
-                        "selector operator {op} on {:?} needs values",
-                        e.key
-                    ))
+                    Err(Invalid::at("values", format!("operator {op} needs values")).within(&field))
                 } else {
                     Ok(())
                 }
@@ -100,10 +146,10 @@ impl Selector {
                 if values.is_empty() {
                     Ok(())
                 } else {
-                    Err(format!(
-                        "selector operator {op} on {:?} takes no values",
-                        e.key
-                    ))
+                    Err(
+                        Invalid::at("values", format!("operator {op} takes no values"))
+                            .within(&field),
+                    )
                 }
             };
             requirements.push(match e.operator.as_str() {
@@ -123,7 +169,15 @@ impl Selector {
                     no_values("DoesNotExist")?;
                     Requirement::DoesNotExist(e.key.clone())
                 }
-                op => return Err(format!("unknown selector operator {op:?}")),
+                op => {
+                    return Err(Invalid::at(
+                        "operator",
+                        format!(
+                            "unknown operator {op:?} (expected In, NotIn, Exists or DoesNotExist)"
+                        ),
+                    )
+                    .within(&field));
+                }
             });
         }
         Ok(Self {
@@ -187,77 +241,130 @@ impl PolicyInfo {
         self.namespace == pod.namespace && self.pod_selector.matches(&pod.pod_labels)
     }
 
-    pub fn from_k8s(np: &NetworkPolicy) -> Result<Self, PolicyError> {
-        let name = np.metadata.name.clone().unwrap_or_default();
-        let namespace = np.metadata.namespace.clone().unwrap_or_default();
-        let reject = |reason: String| PolicyError {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            reason,
-        };
-        if name.is_empty() {
-            return Err(reject("metadata.name is missing".into()));
-        }
-        if namespace.is_empty() {
-            return Err(reject("metadata.namespace is missing".into()));
-        }
+    /// A policy Myelin cannot enforce as written is an [`ObjectError::InvalidPolicy`] carrying
+    /// what failing closed means for it; one without a name or namespace cannot even be
+    /// told apart from the others.
+    pub fn from_k8s(np: &NetworkPolicy) -> Result<Self, ObjectError> {
+        let kind = "NetworkPolicy";
+        let name = np
+            .metadata
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or(ObjectError::NoName { kind })?;
+        let namespace = np
+            .metadata
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ObjectError::NoNamespace {
+                kind,
+                name: name.clone(),
+            })?;
         let spec = np.spec.clone().unwrap_or_default();
-        Self::from_spec(namespace.clone(), name.clone(), &spec).map_err(reject)
+        Ok(Self::from_spec(namespace, name, &spec)?)
     }
 
     fn from_spec(
         namespace: String,
         name: String,
         spec: &NetworkPolicySpec,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PolicyRejection> {
+        let reject =
+            |invalid: Invalid, pod_selector: Option<Selector>, isolates: Option<(bool, bool)>| {
+                // Fail closed: a selector that cannot be read selects the whole namespace, and
+                // unreadable policy types isolate both directions.
+                let (ingress, egress) = isolates.unwrap_or((true, true));
+                PolicyRejection {
+                    reason: invalid.to_string(),
+                    whole_namespace: pod_selector.is_none(),
+                    deny: Box::new(PolicyInfo {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        pod_selector: pod_selector.unwrap_or_default(),
+                        ingress: ingress.then(Vec::new),
+                        egress: egress.then(Vec::new),
+                    }),
+                }
+            };
         // An absent podSelector selects every pod of the namespace, like an empty one.
         let pod_selector = spec
             .pod_selector
             .as_ref()
             .map(Selector::from_k8s)
             .transpose()
-            .map_err(|e| format!("spec.podSelector: {e}"))?
-            .unwrap_or_default();
-        let ingress_rules = spec.ingress.as_deref().unwrap_or_default();
-        let egress_rules = spec.egress.as_deref().unwrap_or_default();
-        // Without policyTypes (absent or empty): Ingress always, Egress when there are egress
-        // rules (the API server's defaulting).
-        let (isolates_ingress, isolates_egress) = match &spec.policy_types {
-            Some(types) if !types.is_empty() => {
-                for t in types {
-                    if t != "Ingress" && t != "Egress" {
-                        return Err(format!("unknown policyType {t:?}"));
-                    }
-                }
-                (
-                    types.iter().any(|t| t == "Ingress"),
-                    types.iter().any(|t| t == "Egress"),
-                )
-            }
-            _ => (true, !egress_rules.is_empty()),
+            .map_err(|e| e.within("spec.podSelector"));
+        let isolates = isolated_directions(spec);
+        let pod_selector = match pod_selector {
+            Ok(selector) => selector.unwrap_or_default(),
+            Err(invalid) => return Err(reject(invalid, None, isolates.ok())),
         };
-        let ingress = ingress_rules
+        let (isolates_ingress, isolates_egress) = match isolates {
+            Ok(directions) => directions,
+            Err(invalid) => return Err(reject(invalid, Some(pod_selector), None)),
+        };
+        let ingress = spec
+            .ingress
             .iter()
+            .flatten()
             .map(|r| (r.from.as_ref(), r.ports.as_ref()));
-        let egress = egress_rules
+        let egress = spec
+            .egress
             .iter()
+            .flatten()
             .map(|r| (r.to.as_ref(), r.ports.as_ref()));
-        Ok(Self {
-            namespace,
-            name,
-            pod_selector,
-            ingress: isolates_ingress
-                .then(|| Rule::parse_all(ingress, "ingress"))
-                .transpose()?,
-            egress: isolates_egress
-                .then(|| Rule::parse_all(egress, "egress"))
-                .transpose()?,
-        })
+        // Only the rules of the directions the policy isolates are read (and can be invalid).
+        let rules = isolates_ingress
+            .then(|| Rule::parse_all(ingress, "spec.ingress", "from"))
+            .transpose()
+            .and_then(|ingress| {
+                let egress = isolates_egress
+                    .then(|| Rule::parse_all(egress, "spec.egress", "to"))
+                    .transpose()?;
+                Ok((ingress, egress))
+            });
+        match rules {
+            Ok((ingress, egress)) => Ok(Self {
+                namespace,
+                name,
+                pod_selector,
+                ingress,
+                egress,
+            }),
+            Err(invalid) => Err(reject(
+                invalid,
+                Some(pod_selector),
+                Some((isolates_ingress, isolates_egress)),
+            )),
+        }
+    }
+}
+
+/// Which directions a policy isolates. Without policyTypes (absent or empty): Ingress always,
+/// Egress when there are egress rules (the API server's defaulting).
+fn isolated_directions(spec: &NetworkPolicySpec) -> Result<(bool, bool), Invalid> {
+    match &spec.policy_types {
+        Some(types) if !types.is_empty() => {
+            for (i, t) in types.iter().enumerate() {
+                if t != "Ingress" && t != "Egress" {
+                    return Err(Invalid::at(
+                        format!("spec.policyTypes[{i}]"),
+                        format!("unknown policy type {t:?} (expected Ingress or Egress)"),
+                    ));
+                }
+            }
+            Ok((
+                types.iter().any(|t| t == "Ingress"),
+                types.iter().any(|t| t == "Egress"),
+            ))
+        }
+        _ => Ok((true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()))),
     }
 }
 
 impl Rule {
-    /// Parses the rules of one direction (`what` names it in errors).
+    /// Parses the rules of one direction: `what` is its field (`spec.ingress`), `peers_field`
+    /// the field of its peers (`from` or `to`).
     fn parse_all<'a>(
         raw: impl Iterator<
             Item = (
@@ -266,10 +373,11 @@ impl Rule {
             ),
         >,
         what: &str,
-    ) -> Result<Vec<Rule>, String> {
+        peers_field: &str,
+    ) -> Result<Vec<Rule>, Invalid> {
         raw.enumerate()
             .map(|(i, (peers, ports))| {
-                Rule::parse(peers, ports).map_err(|e| format!("spec.{what}[{i}]: {e}"))
+                Rule::parse(peers, ports, peers_field).map_err(|e| e.within(format!("{what}[{i}]")))
             })
             .collect()
     }
@@ -277,14 +385,15 @@ impl Rule {
     fn parse(
         peers: Option<&Vec<NetworkPolicyPeer>>,
         ports: Option<&Vec<NetworkPolicyPort>>,
-    ) -> Result<Self, String> {
+        peers_field: &str,
+    ) -> Result<Self, Invalid> {
         let peers = match peers {
             Some(list) if !list.is_empty() => Some(
                 list.iter()
                     .enumerate()
                     .filter_map(|(i, p)| {
                         Peer::parse(p)
-                            .map_err(|e| format!("peer {i}: {e}"))
+                            .map_err(|e| e.within(format!("{peers_field}[{i}]")))
                             .transpose()
                     })
                     .collect::<Result<Vec<_>, _>>()?,
@@ -295,7 +404,7 @@ impl Rule {
             Some(list) if !list.is_empty() => Some(
                 list.iter()
                     .enumerate()
-                    .map(|(i, p)| PortSpec::parse(p).map_err(|e| format!("port {i}: {e}")))
+                    .map(|(i, p)| PortSpec::parse(p).map_err(|e| e.within(format!("ports[{i}]"))))
                     .collect::<Result<Vec<_>, _>>()?,
             ),
             _ => None,
@@ -307,24 +416,27 @@ impl Rule {
 impl Peer {
     /// `Ok(None)` for a peer that cannot match IPv4 traffic (an IPv6 ipBlock): Myelin's
     /// datapath is IPv4-only, so such a peer allows nothing, which is what it means for IPv4.
-    fn parse(p: &NetworkPolicyPeer) -> Result<Option<Self>, String> {
+    fn parse(p: &NetworkPolicyPeer) -> Result<Option<Self>, Invalid> {
         if let Some(block) = &p.ip_block {
             if p.pod_selector.is_some() || p.namespace_selector.is_some() {
-                return Err(
-                    "ipBlock cannot be combined with podSelector or namespaceSelector".into(),
-                );
+                return Err(Invalid::here(
+                    "ipBlock cannot be combined with podSelector or namespaceSelector",
+                ));
             }
-            let cidr: IpNet = block
-                .cidr
-                .parse()
-                .map_err(|_| format!("ipBlock.cidr {:?} is not a CIDR", block.cidr))?;
+            let cidr: IpNet = block.cidr.parse().map_err(|_| {
+                Invalid::at("ipBlock.cidr", format!("{:?} is not a CIDR", block.cidr))
+            })?;
             let mut except = Vec::new();
-            for e in block.except.iter().flatten() {
+            for (i, e) in block.except.iter().flatten().enumerate() {
+                let field = || format!("ipBlock.except[{i}]");
                 let net: IpNet = e
                     .parse()
-                    .map_err(|_| format!("ipBlock.except {e:?} is not a CIDR"))?;
+                    .map_err(|_| Invalid::at(field(), format!("{e:?} is not a CIDR")))?;
                 if !cidr.contains(&net) {
-                    return Err(format!("ipBlock.except {e} is not inside cidr {cidr}"));
+                    return Err(Invalid::at(
+                        field(),
+                        format!("{e} is not inside cidr {cidr}"),
+                    ));
                 }
                 if let IpNet::V4(v4) = net {
                     except.push(v4.trunc());
@@ -339,20 +451,22 @@ impl Peer {
             });
         }
         if p.pod_selector.is_none() && p.namespace_selector.is_none() {
-            return Err("a peer needs podSelector, namespaceSelector or ipBlock".into());
+            return Err(Invalid::here(
+                "a peer needs podSelector, namespaceSelector or ipBlock",
+            ));
         }
         let namespaces = p
             .namespace_selector
             .as_ref()
             .map(Selector::from_k8s)
             .transpose()
-            .map_err(|e| format!("namespaceSelector: {e}"))?;
+            .map_err(|e| e.within("namespaceSelector"))?;
         let pods = p
             .pod_selector
             .as_ref()
             .map(Selector::from_k8s)
             .transpose()
-            .map_err(|e| format!("podSelector: {e}"))?;
+            .map_err(|e| e.within("podSelector"))?;
         Ok(Some(Peer::Pods { namespaces, pods }))
     }
 
@@ -368,17 +482,18 @@ impl Peer {
 }
 
 impl PortSpec {
-    fn parse(p: &NetworkPolicyPort) -> Result<Self, String> {
-        let protocol = Protocol::parse(p.protocol.as_deref())?;
-        let valid = |n: i32, what: &str| -> Result<u16, String> {
+    fn parse(p: &NetworkPolicyPort) -> Result<Self, Invalid> {
+        let protocol =
+            Protocol::parse(p.protocol.as_deref()).map_err(|e| Invalid::at("protocol", e))?;
+        let valid = |n: i32, field: &str| -> Result<u16, Invalid> {
             u16::try_from(n)
                 .ok()
                 .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{what} {n} is outside 1-65535"))
+                .ok_or_else(|| Invalid::at(field, format!("{n} is outside 1-65535")))
         };
         let port = match (&p.port, p.end_port) {
             (None, None) => PortMatch::Any,
-            (None, Some(_)) => return Err("endPort needs a numeric port".into()),
+            (None, Some(_)) => return Err(Invalid::at("endPort", "needs a numeric port")),
             (Some(IntOrString::Int(n)), end) => {
                 let from = valid(*n, "port")?;
                 let to = match end {
@@ -386,7 +501,7 @@ impl PortSpec {
                     None => from,
                 };
                 if to < from {
-                    return Err(format!("endPort {to} is below port {from}"));
+                    return Err(Invalid::at("endPort", format!("{to} is below port {from}")));
                 }
                 PortMatch::Range { from, to }
             }
@@ -397,10 +512,15 @@ impl PortSpec {
                     PortMatch::Range { from: n, to: n }
                 }
                 Err(_) if !s.is_empty() && s.len() <= 15 => PortMatch::Named(s.clone()),
-                Err(_) => return Err(format!("port name {s:?} is not a valid port name")),
+                Err(_) => {
+                    return Err(Invalid::at(
+                        "port",
+                        format!("{s:?} is not a valid port name"),
+                    ));
+                }
             },
             (Some(IntOrString::String(_)), Some(_)) => {
-                return Err("endPort cannot be used with a named port".into());
+                return Err(Invalid::at("endPort", "cannot be used with a named port"));
             }
         };
         Ok(Self { protocol, port })
@@ -412,8 +532,15 @@ mod tests {
     use super::*;
     use crate::builders::policy;
 
-    fn parse(yaml: &str) -> Result<PolicyInfo, PolicyError> {
+    fn parse(yaml: &str) -> Result<PolicyInfo, ObjectError> {
         PolicyInfo::from_k8s(&policy(yaml))
+    }
+
+    fn rejection(spec: &str) -> PolicyRejection {
+        match parse(&format!("{HEAD}spec: {spec}")) {
+            Err(ObjectError::InvalidPolicy(r)) => r,
+            other => panic!("{spec}: not rejected: {other:?}"),
+        }
     }
 
     const HEAD: &str = "kind: NetworkPolicy\nmetadata: {name: p, namespace: ns}\n";
@@ -490,40 +617,156 @@ mod tests {
     }
 
     #[test]
-    fn invalid_policies_are_rejected_with_their_name_and_reason() {
-        for (spec, needle) in [
-            ("ingress: [{ports: [{port: 0}]}]", "outside 1-65535"),
-            ("ingress: [{ports: [{port: 70000}]}]", "outside 1-65535"),
+    fn a_rejection_names_the_policy_and_the_offending_field() {
+        for (spec, reason) in [
             (
-                "ingress: [{ports: [{port: 90, endPort: 80}]}]",
-                "below port",
+                "{podSelector: {}, ingress: [{ports: [{port: 0}]}]}",
+                "spec.ingress[0].ports[0].port: 0 is outside 1-65535",
             ),
             (
-                "ingress: [{ports: [{protocol: ICMP, port: 1}]}]",
-                "unknown protocol",
+                "{podSelector: {}, ingress: [{}, {ports: [{port: 80}, {port: 70000}]}]}",
+                "spec.ingress[1].ports[1].port: 70000 is outside 1-65535",
             ),
             (
-                "ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]",
-                "not a CIDR",
+                "{podSelector: {}, ingress: [{ports: [{port: 80, endPort: 70000}]}]}",
+                "spec.ingress[0].ports[0].endPort: 70000 is outside 1-65535",
             ),
             (
-                "ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]",
-                "not inside",
+                "{podSelector: {}, ingress: [{ports: [{port: 90, endPort: 80}]}]}",
+                "spec.ingress[0].ports[0].endPort: 80 is below port 90",
             ),
             (
-                "ingress: [{from: [{podSelector: {matchExpressions: [{key: a, operator: Is}]}}]}]",
-                "operator",
+                "{podSelector: {}, ingress: [{ports: [{endPort: 80}]}]}",
+                "spec.ingress[0].ports[0].endPort: needs a numeric port",
             ),
             (
-                "ingress: [{ports: [{port: http, endPort: 90}]}]",
-                "named port",
+                "{podSelector: {}, ingress: [{ports: [{port: http, endPort: 90}]}]}",
+                "spec.ingress[0].ports[0].endPort: cannot be used with a named port",
+            ),
+            (
+                "{podSelector: {}, ingress: [{ports: [{port: a-very-long-port-name}]}]}",
+                "spec.ingress[0].ports[0].port: \"a-very-long-port-name\" is not a valid port name",
+            ),
+            (
+                "{podSelector: {}, ingress: [{ports: [{protocol: ICMP, port: 1}]}]}",
+                "spec.ingress[0].ports[0].protocol: unknown protocol \"ICMP\" (expected TCP, UDP or SCTP)",
+            ),
+            (
+                "{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]}",
+                "spec.ingress[0].from[0].ipBlock.cidr: \"10.0.0.0/33\" is not a CIDR",
+            ),
+            (
+                "{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16, 11.0.0.0/16]}}]}]}",
+                "spec.ingress[0].from[0].ipBlock.except[1]: 11.0.0.0/16 is not inside cidr 10.0.0.0/8",
+            ),
+            (
+                "{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]}",
+                "spec.ingress[0].from[0]: ipBlock cannot be combined with podSelector or namespaceSelector",
+            ),
+            (
+                "{podSelector: {}, egress: [{to: [{podSelector: {}}, {}]}]}",
+                "spec.egress[0].to[1]: a peer needs podSelector, namespaceSelector or ipBlock",
+            ),
+            (
+                "{podSelector: {}, ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: a, operator: Is}]}}]}]}",
+                "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].operator: unknown operator \"Is\" (expected In, NotIn, Exists or DoesNotExist)",
+            ),
+            (
+                "{podSelector: {}, ingress: [{from: [{podSelector: {matchExpressions: [{key: a, operator: In}]}}]}]}",
+                "spec.ingress[0].from[0].podSelector.matchExpressions[0].values: operator In needs values",
+            ),
+            (
+                "{podSelector: {matchExpressions: [{key: a, operator: Exists, values: [x]}]}}",
+                "spec.podSelector.matchExpressions[0].values: operator Exists takes no values",
+            ),
+            (
+                "{podSelector: {}, policyTypes: [Ingress, Sideways]}",
+                "spec.policyTypes[1]: unknown policy type \"Sideways\" (expected Ingress or Egress)",
             ),
         ] {
-            let err = parse(&format!("{HEAD}spec: {{podSelector: {{}}, {spec}}}")).unwrap_err();
-            assert_eq!((err.namespace.as_str(), err.name.as_str()), ("ns", "p"));
-            assert!(err.reason.contains(needle), "{spec}: {err}");
-            assert!(err.to_string().contains("ns/p"));
+            let r = rejection(spec);
+            assert_eq!(r.reason, reason, "{spec}");
+            assert_eq!(
+                (r.deny.namespace.as_str(), r.deny.name.as_str()),
+                ("ns", "p")
+            );
+            assert_eq!(
+                r.to_string(),
+                format!("NetworkPolicy ns/p rejected: {reason}")
+            );
         }
+    }
+
+    #[test]
+    fn a_rejection_isolates_the_pods_it_selects_in_the_directions_it_declares() {
+        let deny = |pod_selector: Selector, ingress: bool, egress: bool| PolicyInfo {
+            namespace: "ns".into(),
+            name: "p".into(),
+            pod_selector,
+            ingress: ingress.then(Vec::new),
+            egress: egress.then(Vec::new),
+        };
+        let db = Selector {
+            match_labels: [("app".to_string(), "db".to_string())].into(),
+            requirements: vec![],
+        };
+        let bad_port = "ports: [{port: 70000}]";
+        for (spec, expected) in [
+            // Defaulted policy types: Ingress, plus Egress because there are egress rules.
+            (
+                format!("{{podSelector: {{matchLabels: {{app: db}}}}, egress: [{{{bad_port}}}]}}"),
+                deny(db.clone(), true, true),
+            ),
+            (
+                format!("{{podSelector: {{matchLabels: {{app: db}}}}, ingress: [{{{bad_port}}}]}}"),
+                deny(db.clone(), true, false),
+            ),
+            (
+                format!(
+                    "{{podSelector: {{matchLabels: {{app: db}}}}, policyTypes: [Egress], egress: [{{{bad_port}}}]}}"
+                ),
+                deny(db.clone(), false, true),
+            ),
+            // Unusable policy types: both directions.
+            (
+                "{podSelector: {matchLabels: {app: db}}, policyTypes: [Ingres]}".to_string(),
+                deny(db.clone(), true, true),
+            ),
+            // Unusable pod selector: every pod of the namespace.
+            (
+                "{podSelector: {matchExpressions: [{key: app, operator: Equals, values: [db]}]}, policyTypes: [Egress]}"
+                    .to_string(),
+                deny(Selector::default(), false, true),
+            ),
+        ] {
+            let r = rejection(&spec);
+            assert_eq!(*r.deny, expected, "{spec}");
+            assert_eq!(r.whole_namespace, r.reason.starts_with("spec.podSelector"), "{spec}");
+        }
+    }
+
+    #[test]
+    fn invalid_rules_of_a_direction_the_policy_does_not_isolate_are_ignored() {
+        let p = parse(&format!(
+            "{HEAD}spec: {{podSelector: {{}}, policyTypes: [Egress], ingress: [{{ports: [{{port: 70000}}]}}]}}"
+        ))
+        .unwrap();
+        assert_eq!(p.ingress, None);
+    }
+
+    #[test]
+    fn a_policy_without_name_or_namespace_is_not_a_rejection() {
+        assert_eq!(
+            parse("kind: NetworkPolicy\nmetadata: {namespace: ns}\nspec: {podSelector: {}}")
+                .unwrap_err(),
+            ObjectError::NoName {
+                kind: "NetworkPolicy"
+            }
+        );
+        assert!(matches!(
+            parse("kind: NetworkPolicy\nmetadata: {name: p}\nspec: {podSelector: {}}"),
+            Err(ObjectError::NoNamespace { .. })
+        ));
     }
 
     #[test]

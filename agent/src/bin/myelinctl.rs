@@ -29,7 +29,7 @@ enum Command {
     Status,
     /// Local endpoints with their identity and packet counters.
     Endpoints,
-    /// NetworkPolicies in force and the local pods each selects.
+    /// NetworkPolicies in force, the local pods each selects, and rejected versions.
     Policies,
     /// Packets dropped by the datapath, by reason.
     Drops,
@@ -118,6 +118,9 @@ fn main() -> anyhow::Result<()> {
                     policy.egress,
                     selects.join(",")
                 );
+                if let Some(r) = &policy.rejected {
+                    println!("  rejected: {}; {}", r.reason, r.in_force);
+                }
             }
             println!("policy map: {} of {} entries", p.entries, p.capacity);
             for pod in &p.incomplete {

@@ -92,22 +92,6 @@ impl DatapathOps for FakeDatapath {
         4096
     }
 
-    fn gc_conntrack(&mut self) -> Result<usize, DatapathError> {
-        Ok(0)
-    }
-
-    fn conntrack(
-        &self,
-    ) -> Result<
-        Vec<(
-            myelin_common::conntrack::CtKey,
-            myelin_common::conntrack::CtEntry,
-        )>,
-        DatapathError,
-    > {
-        Ok(Vec::new())
-    }
-
     fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
         self.state.event_mask = mask;
         Ok(())
@@ -119,6 +103,15 @@ impl DatapathOps for FakeDatapath {
 
     fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo> {
         self.tables.endpoint(ip)
+    }
+
+    fn endpoints_in_maps(&self) -> Vec<EndpointInfo> {
+        self.tables
+            .endpoints_by_if
+            .current()
+            .values()
+            .copied()
+            .collect()
     }
 
     fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)> {

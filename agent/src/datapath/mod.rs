@@ -5,8 +5,11 @@
 //! Attachments outlive the agent: tcx links are pinned under `<bpffs>/myelin/links/`, and
 //! clsact filters live in the interface's qdisc. A restarted agent loads fresh programs and swaps
 //! them into the existing attachments atomically (`bpf_link_update`, or a netlink replace), so
-//! pods keep their datapath while the agent is down or upgrading.
+//! pods keep their datapath while the agent is down or upgrading. Other programs' tcx links and
+//! clsact filters on the same devices are left alone (see [`clsact`]).
 
+pub mod clsact;
+pub mod conntrack;
 pub mod counters;
 #[cfg(test)]
 pub mod fake;
@@ -20,19 +23,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, RingBuf},
+    maps::{Array, MapData, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        tc::{SchedClassifierLink, TcAttachOptions},
     },
     util::KernelVersion,
 };
 use myelin_common::{
     EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
-    config::DatapathConfig,
-    conntrack::{CtEntry, CtKey},
-    maps,
+    config::DatapathConfig, maps,
 };
 use tracing::{debug, info, warn};
 
@@ -64,10 +65,6 @@ impl Program {
         }
     }
 }
-
-/// tc (clsact) mode: the filter priority and handle Myelin owns on each host veth.
-const TC_PRIORITY: u16 = 1;
-const TC_HANDLE: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -104,6 +101,8 @@ pub enum DatapathError {
     },
     #[error("--attach-mode tcx needs Linux 6.6 or newer; use --attach-mode tc")]
     TcxUnsupported,
+    #[error(transparent)]
+    Clsact(#[from] clsact::ClsactError),
     #[error(transparent)]
     Table(#[from] TableError),
 }
@@ -164,15 +163,13 @@ pub trait DatapathOps: Send {
     fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError>;
     /// Capacity of the policy map (the computation marks endpoints that do not fit).
     fn policy_capacity(&self) -> usize;
-    /// Removes expired conntrack entries; returns how many.
-    fn gc_conntrack(&mut self) -> Result<usize, DatapathError>;
-    /// Every tracked flow.
-    fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError>;
     /// Which events the datapath emits (`myelin_common::config::EVENTS_*`).
     fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError>;
     fn endpoint_counters(&self, id: u32) -> EndpointCounters;
     /// The endpoint entry the maps hold for an address.
     fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo>;
+    /// Every endpoint the maps hold (what an earlier agent left, right after loading).
+    fn endpoints_in_maps(&self) -> Vec<EndpointInfo>;
     /// Drops per reason: (reason, packets, bytes).
     fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)>;
     /// Fill of each map the agent writes: (name, entries, capacity).
@@ -195,7 +192,6 @@ pub struct Datapath {
     pub tables: KernelTables,
     pub counters: Counters,
     config: ConfigCell,
-    conntrack: BpfHashMap<MapData, CtKey, CtEntry>,
     events: Option<RingBuf<MapData>>,
 }
 
@@ -242,6 +238,13 @@ impl Datapath {
     /// Loads the programs, reusing maps pinned by an earlier agent when their layout still
     /// matches (a map whose layout changed with an upgrade is replaced; the reconciler refills it).
     pub fn load(bpffs: &Path, mode: AttachMode, limits: Limits) -> Result<Self, DatapathError> {
+        // First: a start refused for the kernel must leave the pins of the agent before it (and
+        // the maps its programs still run on) as they are.
+        if mode == AttachMode::Tcx
+            && KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
+        {
+            return Err(DatapathError::TcxUnsupported);
+        }
         let pin_dir = bpffs.join("myelin");
         for dir in [pin_dir.clone(), pin_dir.join("links")] {
             fs::create_dir_all(&dir)
@@ -285,19 +288,12 @@ impl Datapath {
         )?;
         let counters = Counters::new(take(maps::COUNTERS)?, take(maps::DROPS)?)?;
         let aya_err = |map: &'static str| move |source| TableError::Map { map, source };
-        let conntrack =
-            BpfHashMap::try_from(take(maps::CONNTRACK)?).map_err(aya_err(maps::CONNTRACK))?;
         let map = Array::try_from(take(maps::CONFIG)?).map_err(aya_err(maps::CONFIG))?;
         // Keep the revision an earlier agent left: resetting it could make stale conntrack
         // entries look current.
         let value = map.get(&0, 0).map_err(aya_err(maps::CONFIG))?;
         let config = ConfigCell { map, value };
         let events = Some(RingBuf::try_from(take(maps::EVENTS)?).map_err(aya_err(maps::EVENTS))?);
-        if mode == AttachMode::Tcx
-            && KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
-        {
-            return Err(DatapathError::TcxUnsupported);
-        }
         info!(pin_dir = %pin_dir.display(), mode = mode.as_str(), "datapath loaded");
         Ok(Self {
             ebpf,
@@ -306,7 +302,6 @@ impl Datapath {
             tables,
             counters,
             config,
-            conntrack,
             events,
         })
     }
@@ -367,10 +362,13 @@ impl Datapath {
             }
         };
         if self.mode == AttachMode::Tc {
-            self.attach_tc(FROM_CONTAINER, ifname, TcAttachType::Ingress)
-                .map_err(failed("ingress"))?;
-            self.attach_tc(TO_CONTAINER, ifname, TcAttachType::Egress)
-                .map_err(failed("egress"))?;
+            clsact::ensure_qdisc(ifname)?;
+            for (program, hook) in [
+                (FROM_CONTAINER, TcAttachType::Ingress),
+                (TO_CONTAINER, TcAttachType::Egress),
+            ] {
+                clsact::attach(classifier(&mut self.ebpf, program)?, program, ifname, hook)?;
+            }
         } else {
             // Each tcx attach waits in the kernel for an RCU grace period, holding the RTNL
             // lock (the device's program list is swapped, and the old one must be unused):
@@ -393,46 +391,10 @@ impl Datapath {
         Ok(())
     }
 
-    fn attach_tc(
-        &mut self,
-        program: &'static str,
-        ifname: &str,
-        attach_type: TcAttachType,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        match tc::qdisc_add_clsact(ifname) {
-            Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
-            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let prog = classifier(&mut self.ebpf, program)?;
-        let existing = SchedClassifierLink::attached(
-            ifname,
-            attach_type,
-            TC_PRIORITY,
-            TcHandle::from(TC_HANDLE),
-            None,
-        )?;
-        let id = match prog.attach_to_link(existing) {
-            Ok(id) => id,
-            Err(_) => prog.attach_with_options(
-                ifname,
-                attach_type,
-                TcAttachOptions::Netlink(NlOptions {
-                    priority: TC_PRIORITY,
-                    handle: TcHandle::from(TC_HANDLE),
-                    ..Default::default()
-                }),
-            )?,
-        };
-        // A netlink link detaches when dropped; the filter must outlive this process.
-        std::mem::forget(prog.take_link(id)?);
-        Ok(())
-    }
-
     fn detach_programs(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        for (direction, attach_type) in [
-            ("ingress", TcAttachType::Ingress),
-            ("egress", TcAttachType::Egress),
+        for (program, direction, attach_type) in [
+            (FROM_CONTAINER, "ingress", TcAttachType::Ingress),
+            (TO_CONTAINER, "egress", TcAttachType::Egress),
         ] {
             // Removing the pin drops the link's last reference; the kernel then detaches it
             // in the background instead of making us wait for an RCU grace period.
@@ -446,17 +408,8 @@ impl Datapath {
                     });
                 }
             }
-            if self.mode == AttachMode::Tc
-                && let Ok(link) = SchedClassifierLink::attached(
-                    ifname,
-                    attach_type,
-                    TC_PRIORITY,
-                    TcHandle::from(TC_HANDLE),
-                    None,
-                )
-            {
-                // Dropping a netlink link removes the filter; errors mean it is already gone.
-                drop(link);
+            if self.mode == AttachMode::Tc {
+                clsact::detach(ifname, attach_type, program)?;
             }
         }
         debug!(ifname, "programs detached");
@@ -503,37 +456,11 @@ impl DatapathOps for Datapath {
         self.tables.policy.map().capacity() as usize
     }
 
-    fn conntrack(&self) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
-        Ok(self
-            .conntrack
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|source| TableError::Map {
-                map: maps::CONNTRACK,
-                source,
-            })?)
-    }
-
     fn set_event_mask(&mut self, mask: u32) -> Result<(), DatapathError> {
         Ok(self.config.write(DatapathConfig {
             events: mask,
             ..self.config.value
         })?)
-    }
-
-    fn gc_conntrack(&mut self) -> Result<usize, DatapathError> {
-        let now = monotonic_ns();
-        let expired: Vec<CtKey> = self
-            .conntrack()?
-            .into_iter()
-            .filter(|(_, e)| e.expires_ns < now)
-            .map(|(k, _)| k)
-            .collect();
-        for k in &expired {
-            // Gone already (LRU eviction, or the datapath removed it) is fine.
-            let _ = self.conntrack.remove(k);
-        }
-        Ok(expired.len())
     }
 
     fn endpoint_counters(&self, id: u32) -> EndpointCounters {
@@ -542,6 +469,15 @@ impl DatapathOps for Datapath {
 
     fn endpoint(&self, ip: std::net::Ipv4Addr) -> Option<EndpointInfo> {
         self.tables.endpoint(ip)
+    }
+
+    fn endpoints_in_maps(&self) -> Vec<EndpointInfo> {
+        self.tables
+            .endpoints_by_if
+            .current()
+            .values()
+            .copied()
+            .collect()
     }
 
     fn drops(&self) -> Vec<(myelin_common::DropReason, u64, u64)> {

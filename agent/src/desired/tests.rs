@@ -13,6 +13,8 @@ use myelin_cluster::{
     builders::{self, policy},
 };
 
+use myelin_common::proto::{IPPROTO_SCTP as SCTP, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
+
 use crate::endpoint::EndpointRecord;
 
 /// A single-node cluster where every pod is a local endpoint.
@@ -107,6 +109,17 @@ impl Cluster {
         self
     }
 
+    /// A policy Myelin rejects, handed to the index as a source hands it.
+    fn rejected_policy(&mut self, yaml: &str) -> &mut Self {
+        let object = Object::from_network_policy(&policy(yaml)).unwrap();
+        assert!(
+            matches!(object, Object::RejectedNetworkPolicy(_)),
+            "not rejected: {yaml}"
+        );
+        self.index.apply(Change::Apply(object));
+        self
+    }
+
     fn compute_with_capacity(&self, capacity: usize) -> DesiredState {
         let identities = Identities::compute(self.index.label_sets().cloned());
         let endpoints = self
@@ -132,6 +145,8 @@ impl Cluster {
             endpoints,
             index: &self.index,
             identities: &identities,
+            pod_hosts: &pod_hosts(&self.index, &identities),
+            nodes: &Nodes::of(&self.index, "node-1", "10.0.0.0/24".parse().unwrap()),
             policy_capacity: capacity,
         })
     }
@@ -171,10 +186,7 @@ impl Model<'_> {
                 .map(|(k, v)| (k.prefix_len, k.data.addr.to_vec(), *v)),
             &ip.octets(),
         )
-        .unwrap_or(IpcacheEntry {
-            identity: identity::WORLD,
-            cidr_identity: identity::WORLD,
-        })
+        .unwrap_or(IpcacheEntry::WORLD)
     }
 
     fn allows(&self, ep: u32, dir: Direction, peer: IpcacheEntry, proto: u8, port: u16) -> bool {
@@ -227,10 +239,6 @@ impl Model<'_> {
         true
     }
 }
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const SCTP: u8 = 132;
 
 /// Two namespaces (`a` labelled team=a, `b` labelled team=b), pods web/api/db in each.
 fn two_namespaces() -> Cluster {
@@ -624,6 +632,67 @@ fn egress_isolation_without_rules_denies_everything() {
     assert!(
         m.connects(A_DB, A_WEB, TCP, 80),
         "ingress of web is not isolated"
+    );
+}
+
+#[test]
+fn a_rejected_edit_leaves_the_last_good_rules_in_force() {
+    let mut c = two_namespaces();
+    c.policy("kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: api}}}], ports: [{port: 80}]}]");
+    let good = c.compute();
+    // The edit would let web in too, on a port that does not exist.
+    c.rejected_policy("kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: api}}}, {podSelector: {matchLabels: {app: web}}}], ports: [{port: 70000}]}]");
+    let d = c.compute();
+    assert_eq!(d, good, "the maps are those of the last good version");
+    let m = Model(&d);
+    assert!(m.connects(A_API, A_DB, TCP, 80), "still allowed");
+    assert!(!m.connects(A_WEB, A_DB, TCP, 80), "still denied");
+    assert!(!m.connects(A_API, A_DB, TCP, 81), "still denied");
+}
+
+#[test]
+fn a_new_policy_that_cannot_be_enforced_isolates_the_pods_it_selects() {
+    let mut c = two_namespaces();
+    c.rejected_policy("kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 70000}]}]");
+    let d = c.compute();
+    let m = Model(&d);
+    assert!(
+        !m.connects(A_WEB, A_DB, TCP, 80),
+        "the broken rule allows nothing"
+    );
+    assert!(!m.connects(A_API, A_DB, UDP, 53));
+    assert!(!m.connects(B_WEB, A_DB, TCP, 80));
+    assert!(
+        m.connects(A_DB, A_WEB, TCP, 80),
+        "egress is not declared, so not isolated"
+    );
+    assert!(
+        m.connects(A_WEB, A_API, TCP, 80),
+        "pods it does not select are untouched"
+    );
+    let db = &d.endpoints[&Ipv4Key {
+        addr: A_DB.parse::<Ipv4Addr>().unwrap().octets(),
+    }];
+    assert_eq!(db.flags, ENDPOINT_F_INGRESS_ISOLATED);
+    assert!(
+        d.policy.keys().all(|k| k.data.endpoint_id != db.id),
+        "no entry allows anything to db"
+    );
+}
+
+#[test]
+fn a_new_policy_whose_pod_selector_cannot_be_read_isolates_its_whole_namespace() {
+    let mut c = two_namespaces();
+    c.rejected_policy("kind: NetworkPolicy\nmetadata: {name: p, namespace: a}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: Equals, values: [db]}]}\n  ingress: [{}]");
+    let d = c.compute();
+    let m = Model(&d);
+    for pod in [A_WEB, A_API, A_DB] {
+        assert!(!m.connects(B_WEB, pod, TCP, 80), "{pod}");
+    }
+    assert!(!m.connects(A_WEB, A_API, TCP, 80));
+    assert!(
+        m.connects(A_WEB, B_DB, TCP, 80),
+        "other namespaces are untouched"
     );
 }
 

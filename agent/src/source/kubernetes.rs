@@ -3,7 +3,9 @@
 //!
 //! Objects are converted into the index's slim records the moment they arrive and the
 //! Kubernetes object is dropped, so no full object (managed fields, status conditions, ...) is
-//! ever kept; a malformed object is logged and skipped. A kind's list (first start, and every
+//! ever kept; a malformed object is logged and skipped. A NetworkPolicy the API server accepted
+//! but Myelin cannot enforce is not malformed: it goes to the index as a rejection, which keeps
+//! the policy's last good version in force (or denies). A kind's list (first start, and every
 //! relist after `410 Gone`) becomes one [`Change::Replace`], so the index converges on what the
 //! API server holds, including objects deleted while the watch was away.
 
@@ -30,7 +32,7 @@ use tracing::{info, warn};
 
 use super::SourceEvent;
 use myelin_cluster::{
-    Change, Kind, NamespaceInfo, NodeInfo, Object, ObjectError, PodInfo, PolicyInfo, Warnings,
+    Change, Kind, NamespaceInfo, NodeInfo, Object, ObjectError, PodInfo, Warnings,
 };
 
 /// Objects per list page. A page is parsed into full Kubernetes objects before they are
@@ -137,11 +139,7 @@ fn watches(client: &Client) -> Vec<KindWatch> {
         watch(
             Kind::NetworkPolicy,
             Api::<NetworkPolicy>::all(client.clone()),
-            |np| {
-                PolicyInfo::from_k8s(np)
-                    .map(|p| (Object::NetworkPolicy(p), Warnings::new()))
-                    .map_err(ObjectError::from)
-            },
+            |np| Object::from_network_policy(np).map(|p| (p, Warnings::new())),
         ),
     ]
 }
@@ -202,11 +200,10 @@ impl KindEvent {
             Ok(watcher::Event::Init) => Some(Self::Init),
             Ok(watcher::Event::InitApply(object)) => converted(&object).map(Self::InitApply),
             Ok(watcher::Event::InitDone) => Some(Self::InitDone),
-            // An object that became invalid is dropped from the index, not kept at its last
-            // valid version: an invalid policy is rejected, never half-enforced.
-            Ok(watcher::Event::Apply(object)) => converted(&object)
-                .map(Self::Apply)
-                .or_else(|| Self::delete_of(kind, &object)),
+            // Skipped, not deleted: only an object the API server would never send (no name or
+            // namespace) fails to convert. A policy Myelin cannot enforce converts into a
+            // rejection, and turning it into a Delete would open what it isolated.
+            Ok(watcher::Event::Apply(object)) => converted(&object).map(Self::Apply),
             Ok(watcher::Event::Delete(object)) => Self::delete_of(kind, &object),
             Err(e) => {
                 warn!(

@@ -10,13 +10,29 @@ pub struct DatapathConfig {
     pub policy_revision: u32,
     /// `EVENTS_*` bits: which events go to the `events` ring buffer.
     pub events: u32,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+    /// The node's InternalIP: the source address of masqueraded traffic and the local end of
+    /// the tunnel. Zero when the node has none yet.
+    pub node_ip: [u8; 4],
+    /// ifindex of `myelin_vxlan` (tunnel mode), 0 otherwise.
+    pub tunnel_ifindex: u32,
+    /// ifindex of the uplink (the device holding the node's InternalIP), 0 when unknown.
+    pub uplink_ifindex: u32,
 }
+
+/// Pods on other nodes are reached through the VXLAN tunnel (`--routing-mode tunnel`).
+pub const CONFIG_F_TUNNEL: u32 = 1;
+/// Pods on other nodes are reached unencapsulated through the uplink (`--routing-mode native`).
+pub const CONFIG_F_NATIVE: u32 = 2;
+/// Pod traffic leaving the cluster is source-NATed to `node_ip` (`--masquerade`).
+pub const CONFIG_F_MASQUERADE: u32 = 4;
 
 /// Emit an event for every dropped packet.
 pub const EVENTS_DROPS: u32 = 1;
 /// Emit an event for every new connection that policy allowed.
 pub const EVENTS_VERDICTS: u32 = 2;
 
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
 
 user_pod!(DatapathConfig);

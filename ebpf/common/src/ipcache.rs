@@ -33,8 +33,23 @@ pub struct IpcacheEntry {
     pub identity: u32,
     /// Identity of the most specific policy prefix containing the address, or `WORLD`.
     pub cidr_identity: u32,
+    /// For an address behind another node of the cluster (its pods, its pod CIDR, the node
+    /// itself): that node's InternalIP, where the tunnel leads or native routing sends the
+    /// packet. Zero for local and outside addresses.
+    pub node: [u8; 4],
+    pub _pad: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<IpcacheEntry>() == 8);
+impl IpcacheEntry {
+    /// An address with no entry: outside the cluster.
+    pub const WORLD: Self = Self {
+        identity: identity::WORLD,
+        cidr_identity: identity::WORLD,
+        node: [0; 4],
+        _pad: 0,
+    };
+}
+
+const _: () = assert!(core::mem::size_of::<IpcacheEntry>() == 16);
 
 user_pod!(IpcacheEntry);

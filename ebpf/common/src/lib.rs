@@ -14,6 +14,7 @@ pub mod event;
 pub mod ipcache;
 pub mod maps;
 pub mod policy;
+pub mod proto;
 
 pub use drop::DropReason;
 pub use endpoint::{EndpointCounters, EndpointInfo, Ipv4Key};

@@ -33,7 +33,7 @@ pub struct PolicyKey {
     /// Peer identity, or `identity::ANY`.
     pub identity: u32,
     pub direction: u8,
-    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP, ...).
+    /// IP protocol number (`proto::IPPROTO_*`).
     pub protocol: u8,
     /// Destination port in network byte order, so that the trie's bit order is the port's.
     pub dport: [u8; 2],

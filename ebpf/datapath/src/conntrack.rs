@@ -9,9 +9,10 @@ use myelin_common::{
         timeout,
     },
     maps::DEFAULT_MAX_CONNTRACK,
+    proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
-use crate::packet::{Flow, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Icmp, TCP_FIN, TCP_RST, Tuple};
+use crate::packet::{Flow, Icmp, TCP_FIN, TCP_RST, Tuple};
 
 #[btf_map(name = "conntrack")]
 static CONNTRACK: LruHashMap<CtKey, CtEntry, { DEFAULT_MAX_CONNTRACK as usize }> =

@@ -4,7 +4,7 @@ use aya_ebpf::{
     btf_maps::{LpmTrie, lpm_trie::Key},
     macros::btf_map,
 };
-use myelin_common::{IpcacheEntry, Ipv4Key, identity, maps::DEFAULT_MAX_IPCACHE};
+use myelin_common::{IpcacheEntry, Ipv4Key, maps::DEFAULT_MAX_IPCACHE};
 
 #[btf_map(name = "ipcache")]
 static IPCACHE: LpmTrie<Ipv4Key, IpcacheEntry, { DEFAULT_MAX_IPCACHE as usize }> = LpmTrie::new();
@@ -15,8 +15,5 @@ pub fn lookup(addr: [u8; 4]) -> IpcacheEntry {
     IPCACHE
         .get(&Key::new(32, Ipv4Key { addr }))
         .copied()
-        .unwrap_or(IpcacheEntry {
-            identity: identity::WORLD,
-            cidr_identity: identity::WORLD,
-        })
+        .unwrap_or(IpcacheEntry::WORLD)
 }

@@ -43,6 +43,7 @@ mod programs {
         config::DatapathConfig,
         conntrack::{CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CtKey},
         identity,
+        proto::{ETH_P_ARP, ETH_P_IP},
     };
 
     use crate::{
@@ -50,7 +51,7 @@ mod programs {
         drop::drop,
         endpoint,
         events::{self, Verdict},
-        packet::{self, ETH_P_ARP, ETH_P_IP, Flow},
+        packet::{self, Flow},
         policy::{self, Peers},
     };
 
@@ -60,6 +61,7 @@ mod programs {
         let unknown = IpcacheEntry {
             identity: identity::ANY,
             cidr_identity: identity::ANY,
+            ..IpcacheEntry::WORLD
         };
         Peers {
             src: unknown,

@@ -4,18 +4,15 @@
 //! at a few instructions; the verifier rejects any access that is not checked against
 //! `data_end` first, which `ptr_at` does.
 
+use core::mem::{offset_of, size_of};
+
 use aya_ebpf::programs::TcContext;
+use myelin_common::proto::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::fragments;
 
-pub const ETH_HLEN: usize = 14;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_ARP: u16 = 0x0806;
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_SCTP: u8 = 132;
+/// Where the IPv4 (or ARP) header starts.
+const ETH_HLEN: usize = size_of::<EthHdr>();
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -82,10 +79,29 @@ struct Ports {
     dport: u16,
 }
 
-const _: () = assert!(core::mem::size_of::<EthHdr>() == ETH_HLEN);
-const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == 20);
-const _: () = assert!(core::mem::size_of::<ArpSenderPrefix>() == 18);
-const _: () = assert!(core::mem::size_of::<IcmpHdr>() == 8);
+/// The TCP header without options. Only the flags are read through it (by offset, so that a
+/// packet needs no more than the flags byte to be read).
+#[repr(C)]
+struct TcpHdr {
+    ports: Ports,
+    seq: [u8; 4],
+    ack_seq: [u8; 4],
+    /// Data offset (high nibble) and reserved bits.
+    doff: u8,
+    flags: u8,
+    window: u16,
+    check: u16,
+    urg_ptr: u16,
+}
+
+// The wire sizes and offsets (RFC 791, 792, 793, 826, IEEE 802.3): the structs above must match
+// them byte for byte, since packets are read through them.
+const _: () = assert!(ETH_HLEN == 14);
+const _: () = assert!(size_of::<Ipv4Hdr>() == 20);
+const _: () = assert!(size_of::<ArpSenderPrefix>() == 18);
+const _: () = assert!(size_of::<IcmpHdr>() == 8);
+const _: () = assert!(size_of::<TcpHdr>() == 20);
+const _: () = assert!(offset_of!(TcpHdr, flags) == 13);
 
 /// What conntrack needs to know about an ICMP message.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -228,8 +244,7 @@ pub fn flow(ctx: &TcContext, ip: *const Ipv4Hdr) -> Option<Flow> {
                 flow.dport = (*ports).dport;
             }
             if protocol == IPPROTO_TCP {
-                // Flags are byte 13 of the TCP header.
-                let flags: *const u8 = ptr_at(ctx, l4 + 13)?;
+                let flags: *const u8 = ptr_at(ctx, l4 + offset_of!(TcpHdr, flags))?;
                 // SAFETY: bounds-checked by `ptr_at`.
                 flow.tcp_flags = unsafe { *flags };
             }
@@ -249,7 +264,10 @@ pub fn flow(ctx: &TcContext, ip: *const Ipv4Hdr) -> Option<Flow> {
             };
             match flow.icmp {
                 Icmp::EchoRequest | Icmp::EchoReply => flow.sport = id,
-                Icmp::Error => flow.inner = inner_tuple(ctx, l4 + 8).unwrap_or_default(),
+                // The quoted packet follows the ICMP header.
+                Icmp::Error => {
+                    flow.inner = inner_tuple(ctx, l4 + size_of::<IcmpHdr>()).unwrap_or_default()
+                }
                 _ => {}
             }
         }
@@ -302,14 +320,18 @@ fn inner_tuple(ctx: &TcContext, offset: usize) -> Option<Tuple> {
 /// `eth` must point to a bounds-checked, writable Ethernet header.
 #[inline(always)]
 pub unsafe fn set_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6]) {
+    const HEAD: usize = size_of::<u32>();
+    const DST: usize = offset_of!(EthHdr, dst);
+    const SRC: usize = offset_of!(EthHdr, src);
     let head = |m: &[u8; 6]| u32::from_ne_bytes([m[0], m[1], m[2], m[3]]);
     let tail = |m: &[u8; 6]| u16::from_ne_bytes([m[4], m[5]]);
     let p = eth.cast::<u8>();
+    // SAFETY: the caller guarantees a writable Ethernet header; both MACs lie within it.
     unsafe {
-        p.cast::<u32>().write_unaligned(head(dst));
-        p.add(4).cast::<u16>().write_unaligned(tail(dst));
-        p.add(6).cast::<u32>().write_unaligned(head(src));
-        p.add(10).cast::<u16>().write_unaligned(tail(src));
+        p.add(DST).cast::<u32>().write_unaligned(head(dst));
+        p.add(DST + HEAD).cast::<u16>().write_unaligned(tail(dst));
+        p.add(SRC).cast::<u32>().write_unaligned(head(src));
+        p.add(SRC + HEAD).cast::<u16>().write_unaligned(tail(src));
     }
 }
 
@@ -321,6 +343,7 @@ pub unsafe fn set_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6]) {
 /// `ip` must point to a bounds-checked, writable IPv4 header.
 #[inline(always)]
 pub unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
+    // SAFETY: the caller guarantees a writable IPv4 header.
     unsafe {
         let mut check = u32::from((*ip).check);
         check += u32::from(0x0100u16.to_be());

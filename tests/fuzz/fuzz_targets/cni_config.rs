@@ -68,7 +68,7 @@ fn configured_commands(stdin: &[u8], conf: &NetConf) {
     }
     for id in conf.valid_attachments.iter().flatten() {
         // GC derives the host veth of every attachment it removes.
-        assert_eq!(myelin_cni::veth::host_ifname(id).len(), 15);
+        assert_eq!(id.host_ifname().len(), 15);
     }
 }
 

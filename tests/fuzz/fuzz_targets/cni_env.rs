@@ -10,7 +10,6 @@ use libfuzzer_sys::fuzz_target;
 use myelin_cni::{
     env::{CniEnv, Command, EnvError, MAX_IFNAME_LEN, validate_ifname},
     error::CniError,
-    veth,
 };
 
 #[derive(Arbitrary, Debug)]
@@ -168,8 +167,8 @@ fuzz_target!(|input: Input| {
         assert!(!id.ifname.contains(['/', ':']) && !id.ifname.contains(char::is_whitespace));
         assert!(id.ifname != "." && id.ifname != "..");
         // The host side's name is derived from the attachment: always a valid one.
-        let host = veth::host_ifname(id);
-        assert!(host.starts_with(veth::HOST_IFNAME_PREFIX) && host.len() == MAX_IFNAME_LEN);
+        let host = id.host_ifname();
+        assert!(myelin_api::is_host_ifname(&host) && host.len() == MAX_IFNAME_LEN);
         assert_eq!(validate_ifname(&host), Ok(()));
         if let Some(pod) = &attachment.pod {
             assert!(!pod.namespace.is_empty() && !pod.name.is_empty());

@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-fn validate(np: &NetworkPolicy) -> Result<PolicyInfo, myelin_cluster::PolicyError> {
+fn validate(np: &NetworkPolicy) -> Result<PolicyInfo, myelin_cluster::ObjectError> {
     let result = PolicyInfo::from_k8s(np);
     if let Ok(policy) = &result {
         check_accepted_policy(policy);
@@ -276,7 +276,7 @@ impl Policy {
 
     /// An accepted policy was given no port outside 1-65535 and no range that ends below its
     /// start, in the directions it enforces (rules of the others are never read).
-    fn check_ports(&self, result: &Result<PolicyInfo, myelin_cluster::PolicyError>) {
+    fn check_ports(&self, result: &Result<PolicyInfo, myelin_cluster::ObjectError>) {
         let Ok(accepted) = result else {
             return;
         };

@@ -89,6 +89,15 @@ impl KubernetesNode {
         &self.node
     }
 
+    pub fn node_mut(&mut self) -> &mut Node {
+        &mut self.node
+    }
+
+    /// The agent's pid while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     pub fn server(&self) -> &ApiServer {
         &self.server
     }
@@ -139,7 +148,8 @@ impl KubernetesNode {
         cmd.arg("--source")
             .arg("kubernetes")
             .arg("--kubeconfig")
-            .arg(self.kubeconfig());
+            .arg(self.kubeconfig())
+            .args(self.node.agent_args());
         self.agent = Some(spawn_agent(cmd)?);
         Ok(())
     }

@@ -171,6 +171,13 @@ impl Store {
         self.oldest_watchable = self.rv;
     }
 
+    /// Moves the resourceVersion on without an event and compacts: resuming from any version
+    /// handed out so far is too old, so every client must list again.
+    pub fn expire_all(&mut self) {
+        self.rv += 1;
+        self.compact();
+    }
+
     /// The events of `resource` after `cursor`, and the resourceVersion they bring the watch
     /// to (the current one: nothing of this resource happened after them).
     pub fn events_after(
@@ -393,6 +400,12 @@ mod tests {
             })
         );
         assert_eq!(store.events_after(Resource::Pod, 2), Ok((vec![], 2)));
+        store.expire_all();
+        assert!(
+            store.events_after(Resource::Pod, 2).is_err(),
+            "even the newest is too old"
+        );
+        assert_eq!(store.events_after(Resource::Pod, 3), Ok((vec![], 3)));
         assert_eq!(
             store.list(Resource::Pod, Some(1), Some(&token)),
             Err(ListError::Expired)

@@ -279,7 +279,7 @@ enum PairNode {
     /// The bare veth pair needs no node.
     None,
     Reference(ReferenceNode),
-    Myelin(Node),
+    Myelin(Box<Node>),
 }
 
 /// Addresses of the bare veth pair (a range no node hands out).
@@ -350,7 +350,7 @@ impl PodPair {
         Ok(Self {
             client,
             server,
-            node: PairNode::Myelin(node),
+            node: PairNode::Myelin(Box::new(node)),
         })
     }
 

@@ -3,6 +3,7 @@
 //! baseline for policy, and what the agent costs. The scenarios themselves are composed in
 //! xtask; everything here follows the harness's rules (namespaces only, per-run names, guards).
 
+pub mod add_under_load;
 pub mod cni;
 pub mod cpus;
 pub mod footprint;

@@ -4,7 +4,7 @@
 use myelin_tests::bench::stats::{Summary, percentile};
 
 use super::{
-    agent, cni,
+    add_under_load, agent, cni,
     report::{BenchReport, Status},
     same_node,
 };
@@ -40,6 +40,11 @@ pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
         .and_then(|m| Summary::of(&m.ratio_samples(cni::MYELIN, cni::BRIDGE)).map(|s| s.median));
     let add_del_p99 = metric_of(report, cni::ID, cni::ADD_DEL)
         .and_then(|m| percentile(m.samples(cni::MYELIN), 0.99));
+    let add_under_load = metric_of(report, add_under_load::ID, add_under_load::ADD).and_then(|m| {
+        let idle = percentile(m.samples(add_under_load::IDLE), 0.99)?;
+        let loaded = percentile(m.samples(add_under_load::LOADED), 0.99)?;
+        Some((loaded / idle, loaded, idle))
+    });
     let memory = report
         .scenario(agent::ID)
         .and_then(|s| s.figure(&agent::rss_figure(agent::GOAL_REMOTE_PODS)))
@@ -71,6 +76,17 @@ pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
             "< 50 ms on two cores".into(),
             add_del_p99.map(|v| (v < 50.0, format!("{v:.1} ms"))),
             scenario_state(report, cni::ID),
+        ),
+        goal(
+            "CNI ADD p99 under load (conntrack GC, relists): loaded / idle",
+            "<= 1.50 (p99 of every ADD of each phase)".into(),
+            add_under_load.map(|(ratio, loaded, idle)| {
+                (
+                    ratio <= 1.5,
+                    format!("{ratio:.2} x ({loaded:.1} ms / {idle:.1} ms)"),
+                )
+            }),
+            scenario_state(report, add_under_load::ID),
         ),
         goal(
             "Agent memory with 20,000 remote pods",

@@ -6,6 +6,7 @@
 //! and compared pair by pair, so that the drift of a shared machine cancels out of the ratios.
 //! A scenario that fails is reported as failed with what it measured so far; the run goes on.
 
+mod add_under_load;
 mod agent;
 mod cni;
 mod cross_node;
@@ -60,6 +61,13 @@ pub struct Settings {
     /// Policy-change-to-enforcement repetitions with new connections, and with a running flow.
     pub enforcement_reps: usize,
     pub running_flow_reps: usize,
+    /// ADD under load: cluster size, conntrack entries, ADDs per phase, repetitions, and how
+    /// often the load makes the agent relist.
+    pub load_pods: usize,
+    pub load_conntrack: usize,
+    pub load_adds: usize,
+    pub load_reps: usize,
+    pub load_relist_every: Duration,
     pub watch_pods: usize,
     pub watch_namespaces: usize,
     pub label_changes: usize,
@@ -87,6 +95,11 @@ impl Settings {
             crr: Duration::from_secs(if full { 3 } else { 1 }),
             enforcement_reps: if full { 50 } else { 10 },
             running_flow_reps: if full { 5 } else { 1 },
+            load_pods: 5_000,
+            load_conntrack: 100_000,
+            load_adds: if full { 100 } else { 30 },
+            load_reps: if full { 3 } else { 1 },
+            load_relist_every: Duration::from_secs(2),
             watch_pods: 5_000,
             watch_namespaces: 500,
             label_changes: 1_000,
@@ -129,6 +142,18 @@ impl Settings {
                 format!(
                     "{} with new connections, {} with a running flow",
                     self.enforcement_reps, self.running_flow_reps
+                ),
+            ),
+            (
+                "ADD under load",
+                format!(
+                    "{} pods, {} conntrack entries, {} ADDs per phase, relist every {}; \
+                     repetitions: {}",
+                    report::count(self.load_pods),
+                    report::count(self.load_conntrack),
+                    self.load_adds,
+                    secs(self.load_relist_every),
+                    self.load_reps
                 ),
             ),
             (
@@ -189,9 +214,14 @@ pub fn rotated<T: Clone>(items: &[T], rep: usize) -> Vec<T> {
 }
 
 /// Every scenario, in running order: id, title, function.
-const SCENARIOS: [(&str, &str, Scenario); 6] = [
+const SCENARIOS: [(&str, &str, Scenario); 7] = [
     (same_node::ID, same_node::TITLE, same_node::run),
     (cni::ID, cni::TITLE, cni::run),
+    (
+        add_under_load::ID,
+        add_under_load::TITLE,
+        add_under_load::run,
+    ),
     (agent::ID, agent::TITLE, agent::run),
     (policy::ID, policy::TITLE, policy::run),
     (kubernetes::ID, kubernetes::TITLE, kubernetes::run),

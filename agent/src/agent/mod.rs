@@ -1,0 +1,609 @@
+//! The agent's logic, free of I/O choices: IPAM, endpoints, the cluster index and identities,
+//! turned into the desired datapath state and handed to a [`DatapathOps`]. One task owns it
+//! (`crate::owner`) and runs every request and every cluster change on it in turn; unit tests
+//! drive it with the fake datapath.
+//!
+//! - `heal`: the agent's files checked against the kernel, at start and periodically.
+//! - `view`: what the API and the metrics show.
+
+mod heal;
+mod view;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use myelin_api::{
+    AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, Endpoint, EndpointRequest,
+    ErrorKind, GcFailure, GcRequest, GcResponse, PodRef, ReleaseResponse, pending,
+};
+use myelin_common::{
+    config::{EVENTS_DROPS, EVENTS_VERDICTS},
+    identity,
+};
+
+use myelin_cluster::{Change, ClusterIndex, Identities, IdentityLabels, Labels};
+use tracing::{info, warn};
+
+use crate::{
+    datapath::{DatapathError, DatapathOps, table::Diff},
+    desired::{self, DesiredState, Inputs, LocalEndpoint},
+    endpoint::{EndpointRecord, EndpointStore, EndpointStoreError},
+    ipam::{Ipam, IpamError},
+};
+
+/// Looks up interfaces in the agent's network namespace (the node's).
+pub trait Interfaces: Send {
+    fn index_of(&self, ifname: &str) -> Option<u32>;
+}
+
+/// The real lookup: `if_nametoindex`.
+pub struct SystemInterfaces;
+
+impl Interfaces for SystemInterfaces {
+    fn index_of(&self, ifname: &str) -> Option<u32> {
+        nix::net::if_::if_nametoindex(ifname).ok()
+    }
+}
+
+pub struct Agent<D> {
+    node_name: String,
+    ipam: Ipam,
+    endpoints: EndpointStore,
+    /// Endpoints whose host interface vanished, since when: left out of the maps at once (the
+    /// ifindex may be reused), released after the grace period (see [`Agent::sweep`]).
+    vanished: HashMap<AttachmentId, Instant>,
+    /// Addresses allocated without an endpoint, since when: an ADD in progress, or one whose
+    /// plugin died or gave up between the two calls. Released after the grace period.
+    unclaimed: HashMap<AttachmentId, Instant>,
+    /// Interfaces with a Myelin name that no endpoint claims, since when they were first seen:
+    /// removed after the grace period.
+    orphan_links: HashMap<u32, (String, Instant)>,
+    index: ClusterIndex,
+    identities: Identities,
+    /// What `identities` was computed from: the index's label-set generation and the label
+    /// sets of the local endpoints.
+    identity_inputs: Option<(u64, Vec<Arc<IdentityLabels>>)>,
+    /// Bumped whenever the index or the identities change: the key of `pod_hosts`.
+    cluster_generation: u64,
+    /// `desired::pod_hosts` as of `cluster_generation`: recomputing it is most of the cost of
+    /// a computation with a large cluster, and an ADD or DEL does not change it.
+    pod_hosts: (u64, BTreeMap<Ipv4Addr, u32>),
+    /// The other nodes as routing sees them, as of the generation.
+    nodes: (u64, desired::Nodes),
+    datapath: D,
+    interfaces: Box<dyn Interfaces>,
+    /// Where the plugin queues DELs that found the agent down (`myelin_api::pending`).
+    pending_deletes: Option<PathBuf>,
+    /// The cluster-state source has an object for every pod (Kubernetes): an ADD for a pod it
+    /// has not shown yet waits for it (see [`Agent::awaits_pod`]).
+    pod_objects_expected: bool,
+    synced: bool,
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorKind::Internal, e.to_string())
+}
+
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::InvalidRequest, msg)
+}
+
+impl From<IpamError> for ApiError {
+    fn from(e: IpamError) -> Self {
+        let kind = match e {
+            IpamError::AlreadyAllocated { .. } => ErrorKind::AlreadyExists,
+            IpamError::Exhausted(_) => ErrorKind::PoolExhausted,
+            _ => ErrorKind::Internal,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+impl From<EndpointStoreError> for ApiError {
+    fn from(e: EndpointStoreError) -> Self {
+        let kind = match e {
+            EndpointStoreError::Full(_) => ErrorKind::PoolExhausted,
+            EndpointStoreError::Persist(_) => ErrorKind::Internal,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+impl From<DatapathError> for ApiError {
+    fn from(e: DatapathError) -> Self {
+        internal(e)
+    }
+}
+
+/// Linux interface names: 1 to 15 bytes, no '/', ':' or whitespace, not "." or "..".
+fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+impl<D: DatapathOps> Agent<D> {
+    pub fn new(
+        node_name: String,
+        ipam: Ipam,
+        endpoints: EndpointStore,
+        index: ClusterIndex,
+        datapath: D,
+        interfaces: Box<dyn Interfaces>,
+    ) -> Self {
+        Self {
+            node_name,
+            ipam,
+            endpoints,
+            vanished: HashMap::new(),
+            unclaimed: HashMap::new(),
+            orphan_links: HashMap::new(),
+            index,
+            identities: Identities::default(),
+            identity_inputs: None,
+            cluster_generation: 1,
+            pod_hosts: (0, BTreeMap::new()),
+            nodes: (0, desired::Nodes::default()),
+            datapath,
+            interfaces,
+            pending_deletes: None,
+            pod_objects_expected: false,
+            synced: false,
+        }
+    }
+
+    /// Every pod has an object in the cluster-state source (Kubernetes): see
+    /// [`Agent::awaits_pod`].
+    pub fn expecting_pod_objects(mut self) -> Self {
+        self.pod_objects_expected = true;
+        self
+    }
+
+    /// Whether an endpoint for `pod` should wait before it is created: the source has an object
+    /// for every pod, is synced, and has not shown this one yet. The runtime can be faster than
+    /// the watch; an endpoint created now would start with no labels, so that policies that
+    /// select the pod would not isolate it from its first packet, as NetworkPolicy requires of
+    /// pods created after the policy.
+    pub fn awaits_pod(&self, pod: &PodRef) -> bool {
+        self.pod_objects_expected
+            && self.synced
+            && self.index.pod(&pod.namespace, &pod.name).is_none()
+    }
+
+    /// Takes the DELs the plugin queues in `dir` while the agent is down.
+    pub fn with_pending_deletes(mut self, dir: PathBuf) -> Self {
+        self.pending_deletes = Some(dir);
+        self
+    }
+
+    /// Carries out every queued DEL: removes the endpoint, releases the address, then the
+    /// record. A record that fails stays for the next round; one that cannot be read is
+    /// reported and removed (nothing can be done with it). Returns how many were carried out.
+    pub fn process_pending_deletes(&mut self) -> usize {
+        let Some(dir) = self.pending_deletes.clone() else {
+            return 0;
+        };
+        let entries = match pending::list(&dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "cannot read the queue of DELs");
+                return 0;
+            }
+        };
+        let mut done = 0;
+        for entry in entries {
+            match entry {
+                pending::Entry::Delete { path, id } => {
+                    if self.carry_out_pending_delete(&id, &path) {
+                        done += 1;
+                    }
+                }
+                pending::Entry::Unreadable { path, error } => {
+                    warn!(record = %path.display(), %error, "removing an unreadable queued DEL");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        done
+    }
+
+    fn carry_out_pending_delete(&mut self, id: &AttachmentId, record: &Path) -> bool {
+        match self.delete_endpoint(id) {
+            Ok(deleted) => {
+                info!(
+                    attachment = %id, endpoint = deleted.endpoint, released = ?deleted.released,
+                    "carried out a DEL queued while the agent was down"
+                );
+                if let Err(e) = std::fs::remove_file(record) {
+                    warn!(record = %record.display(), error = %e, "cannot remove a queued DEL");
+                }
+                true
+            }
+            Err(e) => {
+                warn!(attachment = %id, error = %e, "a queued DEL failed; trying again later");
+                false
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn datapath(&self) -> &D {
+        &self.datapath
+    }
+
+    pub fn index(&self) -> &ClusterIndex {
+        &self.index
+    }
+
+    /// Whether the first full sync of every source is in the maps.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Marks the cluster-state sources as fully listed: the agent is ready, and the maps are
+    /// brought fully in line with the cluster state (see [`Self::restore`]).
+    pub fn set_synced(&mut self) -> Result<Diff, DatapathError> {
+        self.synced = true;
+        self.recompute_identities();
+        self.sync_datapath()
+    }
+
+    /// Applies a batch of changes from a cluster-state source, then brings the maps in line
+    /// once; returns what the maps changed.
+    pub fn apply_cluster_changes(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+    ) -> Result<Diff, DatapathError> {
+        let mut changed = false;
+        for change in changes {
+            changed |= self.index.apply(change);
+        }
+        if !changed {
+            return Ok(Diff::default());
+        }
+        self.cluster_generation += 1;
+        self.recompute_identities();
+        self.sync_datapath()
+    }
+
+    fn pod_identity_labels(&self, r: &EndpointRecord) -> Arc<IdentityLabels> {
+        match &r.pod {
+            Some(p) => self.index.identity_labels_of_pod(&p.namespace, &p.name),
+            None => Arc::new(self.index.identity_labels("", &Labels::new())),
+        }
+    }
+
+    /// Renumbers identities when the set of label sets changed: a label change that moves a
+    /// pod to an existing set, the common case, costs nothing here, and neither does an
+    /// endpoint coming or going whose pod's labels the index knows.
+    fn recompute_identities(&mut self) {
+        let mut extra_sets: Vec<Arc<IdentityLabels>> = self
+            .endpoints
+            .iter()
+            .map(|r| self.pod_identity_labels(r))
+            .filter(|l| !self.index.has_label_set(l))
+            .collect();
+        extra_sets.sort();
+        extra_sets.dedup();
+        let inputs = (self.index.label_sets_generation(), extra_sets);
+        if self.identity_inputs.as_ref() == Some(&inputs) {
+            return;
+        }
+        let sets = self
+            .index
+            .label_sets()
+            .cloned()
+            .chain(inputs.1.iter().cloned());
+        self.identities = Identities::compute(sets);
+        self.identity_inputs = Some(inputs);
+        self.cluster_generation += 1;
+    }
+
+    fn identity_of(&self, r: &EndpointRecord) -> u32 {
+        // Before the first sync the maps hold the last agent's identities; report those.
+        if !self.synced
+            && let Some(current) = self.datapath.endpoint(r.ip)
+        {
+            return current.identity;
+        }
+        self.identities
+            .get(&self.pod_identity_labels(r))
+            .unwrap_or(identity::ANY)
+    }
+
+    /// The other nodes as routing sees them.
+    pub fn nodes(&mut self) -> &desired::Nodes {
+        if self.nodes.0 != self.cluster_generation {
+            self.nodes = (
+                self.cluster_generation,
+                desired::Nodes::of(&self.index, &self.node_name, self.ipam.cidr()),
+            );
+        }
+        &self.nodes.1
+    }
+
+    pub fn desired_state(&mut self) -> DesiredState {
+        if self.pod_hosts.0 != self.cluster_generation {
+            self.pod_hosts = (
+                self.cluster_generation,
+                desired::pod_hosts(&self.index, &self.identities),
+            );
+        }
+        self.nodes();
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|r| {
+                let labels = self.pod_identity_labels(r);
+                let ports = r
+                    .pod
+                    .as_ref()
+                    .and_then(|p| self.index.pod(&p.namespace, &p.name))
+                    .map(|p| p.ports.as_slice())
+                    .unwrap_or_default();
+                LocalEndpoint {
+                    record: r,
+                    identity: self.identities.get(&labels).unwrap_or(identity::ANY),
+                    labels,
+                    ports,
+                    live: !self.vanished.contains_key(&r.attachment),
+                }
+            })
+            .collect();
+        desired::compute(&Inputs {
+            node_name: &self.node_name,
+            gateway: self.ipam.gateway(),
+            endpoints,
+            index: &self.index,
+            identities: &self.identities,
+            pod_hosts: &self.pod_hosts.1,
+            nodes: &self.nodes.1,
+            policy_capacity: self.datapath.policy_capacity(),
+        })
+    }
+
+    fn sync_datapath(&mut self) -> Result<Diff, DatapathError> {
+        let mut desired = self.desired_state();
+        if !self.synced {
+            // Keep what the maps say about endpoints the kernel already knows; new endpoints
+            // get what the (partial) cluster state says.
+            desired.keep_policy_state = true;
+            for info in desired
+                .endpoints
+                .values_mut()
+                .chain(desired.endpoints_by_if.values_mut())
+            {
+                if let Some(current) = self.datapath.endpoint(Ipv4Addr::from(info.ip))
+                    && current.ifindex == info.ifindex
+                {
+                    info.identity = current.identity;
+                    info.flags = current.flags;
+                }
+            }
+        }
+        self.datapath.apply(&desired)
+    }
+
+    pub fn allocate(&mut self, req: &AllocateRequest) -> Result<Allocation, ApiError> {
+        // A DEL of the same attachment queued while the agent was down, and not carried out
+        // yet, came before this ADD: it goes first, or it would later delete the new endpoint.
+        if let Some(record) = self
+            .pending_deletes
+            .as_deref()
+            .and_then(|dir| pending::find(dir, &req.attachment))
+            && !self.carry_out_pending_delete(&req.attachment, &record)
+        {
+            return Err(ApiError::new(
+                ErrorKind::Internal,
+                format!(
+                    "a DEL of {} queued while the agent was down could not be carried out; \
+                     see the agent's log",
+                    req.attachment
+                ),
+            ));
+        }
+        let ip = self.ipam.allocate(&req.attachment)?;
+        self.unclaimed
+            .insert(req.attachment.clone(), Instant::now());
+        info!(attachment = %req.attachment, %ip, "address allocated");
+        Ok(Allocation {
+            ip,
+            gateway: self.ipam.gateway(),
+            pod_cidr: self.ipam.cidr().to_string(),
+        })
+    }
+
+    /// Releases an address. Refused while an endpoint uses it: DELETE the endpoint instead.
+    pub fn release(&mut self, id: &AttachmentId) -> Result<ReleaseResponse, ApiError> {
+        if self.endpoints.get(id).is_some() {
+            return Err(invalid(format!(
+                "{id} has a live endpoint: delete the endpoint, which releases its address"
+            )));
+        }
+        let released = self.ipam.release(id)?;
+        self.unclaimed.remove(id);
+        Ok(ReleaseResponse { released })
+    }
+
+    pub fn put_endpoint(&mut self, req: &EndpointRequest) -> Result<Endpoint, ApiError> {
+        let id = &req.attachment;
+        if self.endpoints.get(id).is_some() {
+            return Err(ApiError::new(
+                ErrorKind::AlreadyExists,
+                format!("{id} already has an endpoint"),
+            ));
+        }
+        match self.ipam.get(id) {
+            Some(ip) if ip == req.ip => {}
+            Some(ip) => {
+                return Err(invalid(format!("{id} was allocated {ip}, not {}", req.ip)));
+            }
+            None => return Err(invalid(format!("{id} has no allocated address"))),
+        }
+        if !valid_ifname(&req.host_ifname) {
+            return Err(invalid(format!(
+                "hostIfname {:?} is not a valid interface name",
+                req.host_ifname
+            )));
+        }
+        if let Some(other) = self
+            .endpoints
+            .iter()
+            .find(|r| r.host_ifname == req.host_ifname || r.host_ifindex == req.host_ifindex)
+        {
+            return Err(ApiError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "interface {} is already endpoint {}",
+                    req.host_ifname, other.attachment
+                ),
+            ));
+        }
+        match self.interfaces.index_of(&req.host_ifname) {
+            Some(index) if index == req.host_ifindex => {}
+            found => {
+                return Err(invalid(format!(
+                    "interface {} has ifindex {found:?} in the agent's network namespace, not {}",
+                    req.host_ifname, req.host_ifindex
+                )));
+            }
+        }
+
+        let record = EndpointRecord {
+            id: self.endpoints.free_id()?,
+            attachment: id.clone(),
+            pod: req.pod.clone(),
+            netns: req.netns.clone(),
+            ip: req.ip,
+            mac: req.mac,
+            host_ifname: req.host_ifname.clone(),
+            host_ifindex: req.host_ifindex,
+            host_mac: req.host_mac,
+        };
+        self.endpoints.insert(record.clone());
+        self.vanished.remove(id);
+        let unclaimed_since = self.unclaimed.remove(id);
+        self.recompute_identities();
+        // Maps first, then the programs: the first packet must find its endpoint.
+        let started = std::time::Instant::now();
+        let mut maps_done = started;
+        let result = self
+            .sync_datapath()
+            .map_err(ApiError::from)
+            .and_then(|_| {
+                maps_done = std::time::Instant::now();
+                Ok(self.datapath.attach(&record.host_ifname)?)
+            })
+            .and_then(|()| Ok(self.endpoints.save()?));
+        if let Err(e) = result {
+            self.rollback_endpoint(&record);
+            if let Some(since) = unclaimed_since {
+                self.unclaimed.insert(id.clone(), since);
+            }
+            return Err(e);
+        }
+        info!(
+            attachment = %id, ip = %record.ip, ifname = record.host_ifname, endpoint = record.id,
+            maps_us = (maps_done - started).as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "endpoint created"
+        );
+
+        Ok(self.to_api(&record))
+    }
+
+    fn rollback_endpoint(&mut self, record: &EndpointRecord) {
+        self.endpoints.remove(&record.attachment);
+        if let Err(e) = self.datapath.detach(&record.host_ifname) {
+            warn!(error = %e, "rollback: detaching programs failed");
+        }
+        self.recompute_identities();
+        if let Err(e) = self.sync_datapath() {
+            warn!(error = %e, "rollback: restoring the maps failed");
+        }
+    }
+
+    /// Removes an attachment's endpoint (programs, map entries) and releases its address.
+    /// Deleting what does not exist succeeds.
+    pub fn delete_endpoint(&mut self, id: &AttachmentId) -> Result<DeleteResponse, ApiError> {
+        let removed = self.endpoints.remove(id);
+        if let Some(r) = &removed {
+            self.vanished.remove(id);
+            self.recompute_identities();
+            let result = self
+                .sync_datapath()
+                .map_err(ApiError::from)
+                .and_then(|_| Ok(self.datapath.detach(&r.host_ifname)?))
+                .and_then(|()| Ok(self.endpoints.save()?));
+            if let Err(e) = result {
+                // Put it back so that a retried DEL finds it.
+                self.endpoints.insert(r.clone());
+                self.recompute_identities();
+                let _ = self.sync_datapath();
+                return Err(e);
+            }
+        }
+        let released = self.ipam.release(id)?;
+        self.unclaimed.remove(id);
+        if removed.is_some() || released.is_some() {
+            info!(attachment = %id, ?released, "endpoint deleted");
+        }
+        Ok(DeleteResponse {
+            endpoint: removed.is_some(),
+            released,
+        })
+    }
+
+    /// CNI GC: releases every endpoint and address whose attachment is not in `valid`.
+    pub fn gc(&mut self, req: &GcRequest) -> Result<GcResponse, ApiError> {
+        let valid: BTreeSet<&AttachmentId> = req.valid.iter().collect();
+        let mut doomed: BTreeSet<AttachmentId> = self
+            .endpoints
+            .iter()
+            .map(|r| r.attachment.clone())
+            .filter(|a| !valid.contains(a))
+            .collect();
+        doomed.extend(
+            self.ipam
+                .allocations()
+                .map(|(a, _)| a.clone())
+                .filter(|a| !valid.contains(a)),
+        );
+        let mut removed = Vec::new();
+        let mut failed = Vec::new();
+        for id in doomed {
+            match self.delete_endpoint(&id) {
+                Ok(_) => removed.push(id),
+                Err(e) => {
+                    warn!(attachment = %id, error = %e, "GC: could not remove the attachment");
+                    failed.push(GcFailure {
+                        attachment: id,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(GcResponse { removed, failed })
+    }
+
+    /// Turns datapath events on (while someone watches) or off.
+    pub fn set_events(&mut self, on: bool) -> Result<(), DatapathError> {
+        let mask = if on {
+            EVENTS_DROPS | EVENTS_VERDICTS
+        } else {
+            0
+        };
+        self.datapath.set_event_mask(mask)
+    }
+}
+
+#[cfg(test)]
+mod tests;

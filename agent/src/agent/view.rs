@@ -1,0 +1,143 @@
+//! What the API and the metrics show of the agent's state.
+
+use std::sync::Arc;
+
+use myelin_api::{
+    AttachmentId, DropCount, Endpoint, PodRef, PolicyFallback, PolicyRejected, PolicyStatus,
+    PolicySummary, Status,
+};
+use myelin_cluster::{IdentityLabels, index::Fallback};
+use myelin_common::endpoint::ENDPOINT_F_POLICY_INCOMPLETE;
+
+use super::Agent;
+use crate::{datapath::DatapathOps, endpoint::EndpointRecord};
+
+impl<D: DatapathOps> Agent<D> {
+    pub fn endpoints(&self, filter: Option<&AttachmentId>) -> Vec<Endpoint> {
+        self.endpoints
+            .iter()
+            .filter(|r| filter.is_none_or(|f| *f == r.attachment))
+            .map(|r| self.to_api(r))
+            .collect()
+    }
+
+    pub(super) fn to_api(&self, r: &EndpointRecord) -> Endpoint {
+        let c = self.datapath.endpoint_counters(r.id);
+        Endpoint {
+            id: r.id,
+            attachment: r.attachment.clone(),
+            pod: r.pod.clone(),
+            netns: r.netns.clone(),
+            ip: r.ip,
+            mac: r.mac,
+            host_ifname: r.host_ifname.clone(),
+            host_ifindex: r.host_ifindex,
+            host_mac: r.host_mac,
+            identity: self.identity_of(r),
+            counters: myelin_api::EndpointCounters {
+                rx_packets: c.rx_packets,
+                rx_bytes: c.rx_bytes,
+                tx_packets: c.tx_packets,
+                tx_bytes: c.tx_bytes,
+            },
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            node_name: self.node_name.clone(),
+            pod_cidr: self.ipam.cidr().to_string(),
+            gateway: self.ipam.gateway(),
+            endpoints: self.endpoints.len(),
+            free_addresses: self.ipam.free(),
+            ready: self.synced,
+            attach_mode: self.datapath.mode().as_str().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// The policies in force, with the local pods each selects and, for a policy whose latest
+    /// version was rejected, why and what is in force instead.
+    pub fn policies(&self) -> PolicyStatus {
+        let pods: Vec<(PodRef, Arc<IdentityLabels>, u32)> = self
+            .endpoints
+            .iter()
+            .filter_map(|r| {
+                let pod = r.pod.clone()?;
+                let flags = self.datapath.endpoint(r.ip).map_or(0, |e| e.flags);
+                Some((pod, self.pod_identity_labels(r), flags))
+            })
+            .collect();
+        let usage = self.datapath.map_usage();
+        let (entries, capacity) = usage
+            .iter()
+            .find(|(name, _, _)| *name == myelin_common::maps::POLICY)
+            .map_or((0, 0), |(_, e, c)| (*e, *c as usize));
+        PolicyStatus {
+            policies: self
+                .index
+                .indexed_policies()
+                .map(|indexed| {
+                    let p = &indexed.in_force;
+                    PolicySummary {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        ingress: p.ingress.is_some(),
+                        egress: p.egress.is_some(),
+                        selects: pods
+                            .iter()
+                            .filter(|(_, labels, _)| p.selects(labels))
+                            .map(|(pod, _, _)| pod.clone())
+                            .collect(),
+                        rejected: indexed.rejected.as_ref().map(|r| PolicyRejected {
+                            reason: r.reason.clone(),
+                            in_force: match r.fallback {
+                                Fallback::LastGood => PolicyFallback::LastGood,
+                                Fallback::Deny => PolicyFallback::Deny,
+                                Fallback::DenyNamespace => PolicyFallback::DenyNamespace,
+                            },
+                        }),
+                    }
+                })
+                .collect(),
+            entries,
+            capacity,
+            incomplete: pods
+                .iter()
+                .filter(|(_, _, flags)| flags & ENDPOINT_F_POLICY_INCOMPLETE != 0)
+                .map(|(pod, _, _)| pod.clone())
+                .collect(),
+        }
+    }
+
+    pub fn drops(&self) -> Vec<DropCount> {
+        self.datapath
+            .drops()
+            .into_iter()
+            .map(|(reason, packets, bytes)| DropCount {
+                reason: reason.name().to_string(),
+                packets,
+                bytes,
+            })
+            .collect()
+    }
+
+    /// Values for the metrics endpoint.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
+            ready: self.synced,
+            endpoints: self.endpoints.len(),
+            identities: self.identities.len(),
+            free_addresses: self.ipam.free(),
+            pods_indexed: self.index.pod_count(),
+            policies_rejected: self.index.rejected_policy_count(),
+            drops: self
+                .datapath
+                .drops()
+                .into_iter()
+                .map(|(r, p, b)| (r.name(), p, b))
+                .collect(),
+            maps: self.datapath.map_usage(),
+        }
+    }
+}
