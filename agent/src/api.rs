@@ -26,9 +26,10 @@ use axum::{
     routing::{get, post, put},
 };
 use myelin_api::{
-    AllocateRequest, ApiError, AttachmentId, DEADLINE_HEADER, EndpointRequest, ErrorKind, GcRequest,
+    AllocateRequest, ApiError, AttachmentQuery, DEADLINE_HEADER, EndpointRequest, ErrorKind,
+    GcRequest,
 };
-use serde::{Deserialize, de::DeserializeOwned};
+use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 use tracing::{debug, warn};
 
@@ -140,29 +141,6 @@ where
         serde_json::from_slice(&bytes)
             .map(Self)
             .map_err(|e| invalid(format!("invalid request body: {e}")))
-    }
-}
-
-/// `?containerId=..&ifname=..`; both optional so that GET /v1/endpoints lists everything.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AttachmentQuery {
-    container_id: Option<String>,
-    ifname: Option<String>,
-}
-
-impl AttachmentQuery {
-    fn optional(self) -> Result<Option<AttachmentId>, ErrorResponse> {
-        match (self.container_id, self.ifname) {
-            (None, None) => Ok(None),
-            (Some(c), Some(i)) => Ok(Some(AttachmentId::new(c, i))),
-            _ => Err(invalid("give both containerId and ifname, or neither")),
-        }
-    }
-
-    fn required(self) -> Result<AttachmentId, ErrorResponse> {
-        self.optional()?
-            .ok_or_else(|| invalid("containerId and ifname are required"))
     }
 }
 

@@ -30,7 +30,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, decode_response, read_events};
 pub use mac::{Mac, ParseMacError};
 
 /// Where the agent listens unless told otherwise (`--socket`, conflist `agentSocket`).
@@ -66,6 +66,39 @@ impl AttachmentId {
             client::percent_encode(&self.container_id),
             client::percent_encode(&self.ifname)
         )
+    }
+}
+
+/// The query string of the routes that name an attachment, as the agent decodes it:
+/// `?containerId=..&ifname=..`, both or neither. Beside [`AttachmentId::to_query`] so that the
+/// encoding and the decoding have one home (and can be fuzzed against each other).
+#[derive(Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentQuery {
+    pub container_id: Option<String>,
+    pub ifname: Option<String>,
+}
+
+impl AttachmentQuery {
+    /// The attachment, or `None` when neither key is given (GET /v1/endpoints lists all).
+    pub fn optional(self) -> Result<Option<AttachmentId>, ApiError> {
+        match (self.container_id, self.ifname) {
+            (None, None) => Ok(None),
+            (Some(c), Some(i)) => Ok(Some(AttachmentId::new(c, i))),
+            _ => Err(ApiError::new(
+                ErrorKind::InvalidRequest,
+                "give both containerId and ifname, or neither",
+            )),
+        }
+    }
+
+    pub fn required(self) -> Result<AttachmentId, ApiError> {
+        self.optional()?.ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::InvalidRequest,
+                "containerId and ifname are required",
+            )
+        })
     }
 }
 
