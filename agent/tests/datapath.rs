@@ -17,7 +17,7 @@ use aya::programs::TcAttachType;
 use myelin_agent::{
     bpffs,
     datapath::{
-        AttachMode, Datapath, DatapathError, DatapathOps, Limits, Program,
+        AttachMode, Datapath, DatapathError, DatapathOps, Limits, Program, Routing,
         clsact::{self, ClsactError, Filter},
         conntrack::ConntrackTable,
     },
@@ -25,7 +25,7 @@ use myelin_agent::{
 };
 use myelin_common::{
     Direction, DropReason, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
-    config::EVENTS_DROPS,
+    config::{CONFIG_F_TUNNEL, EVENTS_DROPS},
     endpoint::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
@@ -117,6 +117,8 @@ struct Fixture {
     b: Pod,
     flags: BTreeMap<u32, u32>,
     policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
+    /// Addresses on other nodes (ipcache entries besides the pods' and the gateway's).
+    remote: BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
     bpffs: PrivateBpffs,
 }
 
@@ -151,6 +153,7 @@ fn with_datapath(body: impl FnOnce(&mut Fixture) + Send + 'static) {
             b: pod(3, "lxcb", 301),
             flags: BTreeMap::new(),
             policy: BTreeMap::new(),
+            remote: BTreeMap::new(),
             bpffs,
         };
         f.sync();
@@ -200,6 +203,7 @@ impl Fixture {
                 ..IpcacheEntry::WORLD
             },
         );
+        desired.ipcache.extend(self.remote.clone());
         desired.policy = self.policy.clone();
         self.dp.apply(&desired).expect("apply");
     }
@@ -238,6 +242,33 @@ impl Fixture {
     fn send(&mut self, from: Pod, packet: &[u8]) -> (i32, Vec<u8>) {
         self.dp
             .test_run(Program::FromContainer, packet, from.ifindex)
+            .expect("test run")
+    }
+
+    /// `prefix` is behind the node at `node`, with `identity`.
+    fn behind(&mut self, prefix: &str, node: Ipv4Addr, identity: u32) {
+        let net: ipnet::Ipv4Net = prefix.parse().expect("prefix");
+        self.remote.insert(
+            LpmKey {
+                prefix_len: u32::from(net.prefix_len()),
+                data: Ipv4Key {
+                    addr: net.network().octets(),
+                },
+            },
+            IpcacheEntry {
+                identity,
+                cidr_identity: identity,
+                node: node.octets(),
+                _pad: 0,
+            },
+        );
+        self.sync();
+    }
+
+    /// Runs `program` as if the packet arrived on (or left by) interface `ifindex`.
+    fn run(&mut self, program: Program, packet: &[u8], ifindex: u32) -> (i32, Vec<u8>) {
+        self.dp
+            .test_run(program, packet, ifindex)
             .expect("test run")
     }
 
@@ -315,6 +346,99 @@ fn icmp_unreachable(from: Pod, to: Pod, quoted: &[u8]) -> Vec<u8> {
 }
 
 // ---- tests -----------------------------------------------------------------------------
+
+/// A pod on another node, as the ipcache knows it.
+fn remote_pod(n: u8, identity: u32) -> Pod {
+    Pod {
+        ip: Ipv4Addr::new(10, 9, 0, n),
+        mac: [2, 0, 0, 0, 9, n],
+        host_mac: [2, 0, 0, 0, 8, n],
+        ifindex: 0,
+        id: 0,
+        identity,
+    }
+}
+
+const REMOTE_NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 7, 2);
+
+/// A VXLAN device in collect-metadata mode in the test's namespace, as the agent makes it.
+fn tunnel_device() -> u32 {
+    let status = Command::new("ip")
+        .args([
+            "link", "add", "tun0", "type", "vxlan", "external", "dstport", "8472",
+        ])
+        .status()
+        .expect("ip link add vxlan");
+    assert!(status.success());
+    nix::net::if_::if_nametoindex("tun0").expect("ifindex")
+}
+
+#[test]
+fn a_pod_on_another_node_is_sent_into_the_tunnel_and_without_routing_to_the_stack() {
+    with_datapath(|f| {
+        let a = f.a;
+        let far = remote_pod(7, 400);
+        f.behind("10.9.0.0/24", REMOTE_NODE_IP, identity::WORLD);
+        f.behind("10.9.0.7/32", REMOTE_NODE_IP, far.identity);
+        let packet = tcp(a, far, 40000, 80, SYN);
+
+        // One node (no routing configured): the stack decides, the packet is left as it is.
+        let (verdict, out) = f.send(a, &packet);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, packet);
+
+        let tunnel = tunnel_device();
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_TUNNEL,
+            node_ip: Ipv4Addr::new(192, 168, 7, 1),
+            tunnel_ifindex: tunnel,
+            uplink_ifindex: 0,
+        })
+        .unwrap();
+        let (verdict, out) = f.send(a, &tcp(a, far, 40001, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the tunnel device");
+        assert_eq!(out[14 + 8], 63, "TTL decremented: the node routed it");
+        assert_eq!(checksum(&out[14..34]), 0, "IP checksum still valid");
+        // Egress policy applies to the remote pod's identity, before the tunnel.
+        f.isolate(a, ENDPOINT_F_EGRESS_ISOLATED);
+        let (verdict, _) = f.send(a, &tcp(a, far, 40002, 80, SYN));
+        assert_eq!(verdict, TC_ACT_SHOT);
+        f.allow(a, Direction::Egress, far.identity, TCP, 80);
+        let (verdict, _) = f.send(a, &tcp(a, far, 40003, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+    });
+}
+
+#[test]
+fn the_tunnel_takes_nothing_that_has_no_tunnel_key_or_no_node() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        let tunnel = tunnel_device();
+        let before = f.drops(DropReason::TunnelPeerUnknown);
+        // BPF_PROG_TEST_RUN packets carry no tunnel metadata: as if forged onto the device.
+        let (verdict, _) = f.run(Program::FromTunnel, &tcp(a, b, 40000, 80, SYN), tunnel);
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::TunnelPeerUnknown), before + 1);
+
+        // What the stack routes into the tunnel needs a node to go to.
+        let nowhere = remote_pod(8, 400);
+        let before = f.drops(DropReason::TunnelNoNode);
+        let (verdict, _) = f.run(Program::ToTunnel, &tcp(a, nowhere, 40000, 80, SYN), tunnel);
+        assert_eq!(verdict, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::TunnelNoNode), before + 1);
+        f.behind("10.9.0.0/24", REMOTE_NODE_IP, identity::WORLD);
+        let (verdict, _) = f.run(Program::ToTunnel, &tcp(a, nowhere, 40000, 80, SYN), tunnel);
+        assert_eq!(
+            verdict, TC_ACT_OK,
+            "keyed for the node and passed to the driver"
+        );
+        // Not IPv4 (the device's own neighbour discovery): left to the driver.
+        let mut ipv6 = tcp(a, nowhere, 40000, 80, SYN);
+        ipv6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+        let (verdict, _) = f.run(Program::ToTunnel, &ipv6, tunnel);
+        assert_eq!(verdict, TC_ACT_OK);
+    });
+}
 
 #[test]
 fn same_node_traffic_is_redirected_into_the_peer_with_rewritten_headers() {

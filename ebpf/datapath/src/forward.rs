@@ -28,7 +28,7 @@ use myelin_common::{
     identity,
 };
 
-use crate::packet::{self, EthHdr};
+use crate::packet::{self, EthHdr, Ipv4Hdr};
 
 const AF_INET: u8 = 2;
 /// The outer IPv4 TTL of tunnel packets.
@@ -85,16 +85,16 @@ pub fn set_tunnel_key(ctx: &TcContext, node: [u8; 4], identity: u32) -> bool {
     ret == 0
 }
 
-/// Sends a pod's packet to the pod on the node at `node`, by the routing mode. `eth` is the
-/// packet's Ethernet header, `daddr` its destination. Without a routing mode (a single node),
-/// or when the FIB has no answer, the node's stack gets it.
+/// Sends a pod's packet to the pod on the node at `node`, by the routing mode. `eth` and `ip`
+/// are the packet's bounds-checked headers. Like a router, the node decrements the TTL of what
+/// it forwards itself; without a routing mode (a single node), or when the FIB has no answer,
+/// the node's stack gets the packet as it came (and forwards it, decrementing the TTL).
 #[inline(always)]
 pub fn to_node(
     ctx: &TcContext,
     config: &DatapathConfig,
     eth: *mut EthHdr,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
+    ip: *mut Ipv4Hdr,
     node: [u8; 4],
     src_identity: u32,
 ) -> i32 {
@@ -102,18 +102,22 @@ pub fn to_node(
         if !set_tunnel_key(ctx, node, src_identity) {
             return TC_ACT_OK as i32;
         }
+        // SAFETY: `ip` was bounds-checked by the caller and nothing resized the packet.
+        unsafe { packet::decrement_ttl(ip) };
         // SAFETY: plain helper call; the tunnel device's egress encapsulates.
         return unsafe { bpf_redirect(config.tunnel_ifindex, 0) } as i32;
     }
     if config.flags & CONFIG_F_NATIVE != 0 {
-        return fib_redirect(ctx, eth, saddr, daddr);
+        return fib_redirect(ctx, eth, ip);
     }
     TC_ACT_OK as i32
 }
 
-/// Native routing: the FIB's next hop for `daddr`, and a redirect there.
+/// Native routing: the FIB's next hop for the packet's destination, and a redirect there.
 #[inline(always)]
-fn fib_redirect(ctx: &TcContext, eth: *mut EthHdr, saddr: [u8; 4], daddr: [u8; 4]) -> i32 {
+fn fib_redirect(ctx: &TcContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> i32 {
+    // SAFETY: `ip` was bounds-checked by the caller.
+    let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
     // SAFETY: an all-zero bpf_fib_lookup is a valid value of that plain C struct.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -130,13 +134,19 @@ fn fib_redirect(ctx: &TcContext, eth: *mut EthHdr, saddr: [u8; 4], daddr: [u8; 4
         )
     };
     if ret == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        // SAFETY: `eth` was bounds-checked by the caller and nothing resized the packet.
-        unsafe { packet::set_macs(eth, &params.dmac, &params.smac) };
+        // SAFETY: `eth` and `ip` were bounds-checked by the caller and nothing resized the
+        // packet.
+        unsafe {
+            packet::decrement_ttl(ip);
+            packet::set_macs(eth, &params.dmac, &params.smac);
+        }
         // SAFETY: plain helper call.
         return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
     }
     if ret == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         // The kernel resolves the neighbour (and routes) itself.
+        // SAFETY: as above.
+        unsafe { packet::decrement_ttl(ip) };
         // SAFETY: no parameters: the helper looks the next hop up.
         let ret = unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) };
         if ret == i64::from(TC_ACT_REDIRECT) {

@@ -273,14 +273,11 @@ mod programs {
             if peer.node == [0; 4] {
                 return Ok(PASS);
             }
-            // SAFETY: `ip` is still within bounds: nothing resized the packet.
-            unsafe { packet::decrement_ttl(ip) };
             return Ok(forward::to_node(
                 ctx,
                 &config,
                 eth,
-                flow.saddr,
-                flow.daddr,
+                ip,
                 peer.node,
                 src.identity,
             ));
