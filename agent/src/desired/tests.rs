@@ -141,6 +141,7 @@ impl Cluster {
             .collect();
         compute(&Inputs {
             node_name: "node-1",
+            pod_cidr: "10.0.0.0/24".parse().unwrap(),
             gateway: GATEWAY,
             endpoints,
             index: &self.index,
@@ -148,6 +149,7 @@ impl Cluster {
             pod_hosts: &pod_hosts(&self.index, &identities),
             nodes: &Nodes::of(&self.index, "node-1", "10.0.0.0/24".parse().unwrap()),
             policy_capacity: capacity,
+            non_masquerade_cidrs: &[],
         })
     }
 
