@@ -13,7 +13,6 @@
 
 use std::{
     fmt,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -163,29 +162,6 @@ impl NatTable {
                 map: maps::SNAT,
                 source,
             })
-    }
-
-    /// The pod end of a masqueraded flow as the remote sees it: `(node address, NAT port)` of
-    /// the flow `pod:port -> remote:remote_port` (ports in host byte order).
-    pub fn translation(
-        &self,
-        (pod, port): (Ipv4Addr, u16),
-        (remote, remote_port): (Ipv4Addr, u16),
-        protocol: u8,
-    ) -> Option<(Ipv4Addr, u16)> {
-        let key = NatKey {
-            saddr: pod.octets(),
-            daddr: remote.octets(),
-            sport: port.to_be(),
-            dport: remote_port.to_be(),
-            protocol,
-            direction: myelin_common::nat::NAT_OUT,
-            _pad: 0,
-        };
-        self.map
-            .get(&key, 0)
-            .ok()
-            .map(|e| (Ipv4Addr::from(e.addr), u16::from_be(e.port)))
     }
 }
 

@@ -552,6 +552,57 @@ mod tests {
         assert_eq!(r.map().entries, desired(&[(8, 80)]));
     }
 
+    /// Records what the hooks were asked to do.
+    #[derive(Default)]
+    struct Revisions(u32);
+
+    impl ApplyHooks for Revisions {
+        fn sync_counters(&mut self, _: &BTreeSet<u32>) -> Result<(), TableError> {
+            Ok(())
+        }
+
+        fn policy_changed(&mut self) -> Result<(), TableError> {
+            self.0 += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn masq_exclude_is_written_like_the_ipcache_and_never_re_checks_policy() {
+        let mut tables = Tables::new(
+            FakeMap::new("endpoints", 4),
+            FakeMap::new("endpoints_by_if", 4),
+            FakeMap::new("ipcache", 4),
+            FakeMap::new("policy", 4),
+            FakeMap::new("masq_exclude", 4),
+        )
+        .unwrap();
+        let key = LpmKey {
+            prefix_len: 24,
+            data: Ipv4Key {
+                addr: [10, 0, 1, 0],
+            },
+        };
+        let mut desired = DesiredState {
+            masq_exclude: [(key, MasqExclude { reason: 1 })].into(),
+            keep_policy_state: true,
+            ..DesiredState::default()
+        };
+        let mut hooks = Revisions::default();
+        assert!(tables.apply(&desired, &mut hooks).unwrap().is_empty());
+        assert!(
+            tables.masq_exclude.current().is_empty(),
+            "kept as it is until the cluster state is known"
+        );
+        desired.keep_policy_state = false;
+        assert_eq!(tables.apply(&desired, &mut hooks).unwrap().inserted, 1);
+        assert_eq!(tables.masq_exclude.map().entries.len(), 1);
+        assert_eq!(
+            hooks.0, 0,
+            "no verdict depends on it: flows are not re-checked"
+        );
+    }
+
     #[test]
     fn full_map_reports_and_keeps_what_fit() {
         let mut r = Reconciler::new(FakeMap::new("t", 2)).unwrap();
