@@ -1448,3 +1448,21 @@ fn expired_translations_are_collected_in_pairs_and_free_their_port() {
         assert_eq!(source(&f.pod_sends(b, &b_syn)), (NODE_IP, 61000));
     });
 }
+
+/// Policy decides on the pod's own packet, against the real destination, before anything is
+/// translated: a denied packet never reaches the uplink.
+#[test]
+fn egress_policy_is_checked_against_the_original_destination_before_masquerading() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        let (a, world) = (f.a, outside(WORLD));
+        f.isolate(a, ENDPOINT_F_EGRESS_ISOLATED);
+        f.allow(a, Direction::Egress, identity::WORLD, TCP, 443);
+        let allowed = checksummed(tcp(a, world, 40000, 443, SYN));
+        assert_eq!(source(&f.pod_sends(a, &allowed)).0, NODE_IP);
+        let denied = checksummed(tcp(a, world, 40001, 80, SYN));
+        assert_eq!(f.send(a, &denied).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::PolicyDeniedEgress), 1);
+        assert_eq!(f.nat_entries(), 2, "only the allowed flow was translated");
+    });
+}

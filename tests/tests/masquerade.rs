@@ -1,0 +1,204 @@
+//! Masquerading with real traffic: pods of a node reach the world, which has no route to any
+//! pod CIDR, as their node; replies and ICMP errors find the pod again, so that path MTU
+//! discovery works through a router whose link to the world has a smaller MTU.
+//!
+//! One node behind the multinode harness's router (`Underlay::Router`): pod -> node -> router
+//! (192.168.1.1, forwarding) -> world (203.0.113.10).
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use myelin_tests::{
+    Error, Result,
+    metrics::samples,
+    multinode::{Cluster, ClusterSpec, Underlay},
+    root_test,
+    traffic::{Host, ping, tcp_echo, tcp_source_seen, udp_echo, udp_source_seen},
+};
+
+/// The MTU of the router's link to the world (the rest of the path has 1500).
+const WORLD_LINK_MTU: u32 = 1280;
+/// Bytes the pod sends in one TCP connection: several segments of the pod's full MTU.
+const BULK: usize = 64 * 1024;
+/// How long a bulk transfer may stall: without path MTU discovery it stalls for good.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent's collectors wait between sweeps here (the metrics count at each).
+const GC_INTERVAL: &str = "1s";
+
+fn one_node_behind_a_router(run: &myelin_tests::RunPrefix) -> Result<Cluster> {
+    Cluster::start(
+        run,
+        ClusterSpec::new(
+            1,
+            Underlay::Router {
+                route_pod_cidrs: false,
+            },
+        )
+        .agent_args(&["--conntrack-gc-interval", GC_INTERVAL]),
+    )
+}
+
+#[test]
+fn pods_reach_the_world_as_their_node_and_its_replies_find_them() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let cluster = one_node_behind_a_router(&run)?;
+    let pod = cluster.add_pod(0, "default", "client", &[])?;
+    let world = cluster.world();
+    // The world has no route to the pod: every answer below comes back through the NAT.
+    ping(&pod, world)?;
+    tcp_echo(&pod, world, 0)?;
+    udp_echo(&pod, world, 0)?;
+    let node_ip = cluster.node_ip(0);
+    for seen in [
+        tcp_source_seen(&pod, world, 0)?,
+        udp_source_seen(&pod, world, 0)?,
+    ] {
+        assert_eq!(*seen.ip(), node_ip, "the world sees the node");
+        // The pod's ports come from its own ephemeral range, below the node's NAT range.
+        assert!(
+            (61000..=65535).contains(&seen.port()),
+            "port {} outside the NAT range above ip_local_port_range",
+            seen.port()
+        );
+    }
+    // The node itself still talks to the world as itself.
+    let node = cluster.node_on_underlay(0);
+    assert_eq!(*tcp_source_seen(&node, world, 0)?.ip(), node_ip);
+
+    // The NAT table's fill and its failures are metrics.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = cluster.node(0).metrics_get("/metrics")?;
+        assert_eq!(status, 200);
+        let samples = samples(&body);
+        let value = |name: &str| samples.get(name).copied();
+        assert_eq!(value(r#"myelin_map_capacity{map="snat"}"#), Some(131_072.0));
+        assert_eq!(
+            value(r#"myelin_drops_total{reason="nat-port-exhausted"}"#),
+            Some(0.0)
+        );
+        if value(r#"myelin_map_entries{map="snat"}"#).is_some_and(|n| n >= 2.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the collector never counted the NAT table's entries: {:?}",
+            value(r#"myelin_map_entries{map="snat"}"#)
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+#[test]
+fn path_mtu_discovery_works_for_pods_through_a_smaller_link() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let cluster = one_node_behind_a_router(&run)?;
+    // Two pods: each learns the path MTU on its own.
+    let pinger = cluster.add_pod(0, "default", "pinger", &[])?;
+    let sender = cluster.add_pod(0, "default", "sender", &[])?;
+    let world = cluster.world();
+    // Only the router's side of the link is smaller: the world answers with full-size
+    // segments of its own, so TCP's MSS does not hide the smaller hop from the pod.
+    let mtu = WORLD_LINK_MTU.to_string();
+    cluster
+        .underlay()
+        .ip(&["link", "set", "world", "mtu", &mtu])?;
+
+    // A ping that does not fit, DF set: the router's "fragmentation needed" reaches the pod.
+    let mut cmd = pinger.netns().command("ping")?;
+    cmd.args(["-n", "-c1", "-W2", "-M", "do", "-s", "1400"])
+        .arg(world.ip().to_string());
+    let out = cmd.output().map_err(Error::io("running ping in the pod"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("mtu = {WORLD_LINK_MTU}")),
+        "no \"fragmentation needed\" reached the pod: {text}"
+    );
+    let route = pinger
+        .netns()
+        .ip(&["route", "get", &world.ip().to_string()])?
+        .stdout_text();
+    assert!(
+        route.contains(&format!("mtu {WORLD_LINK_MTU}")),
+        "the pod learned no path MTU: {route}"
+    );
+
+    // TCP sends full-size segments with DF: they arrive only once the pod learns the path's
+    // MTU from the router's translated error.
+    let received = tcp_bulk(&sender, world, BULK)?;
+    assert_eq!(received, BULK);
+    Ok(())
+}
+
+/// Sends `len` bytes from `from` to a server in `to`, which answers with how many it received.
+fn tcp_bulk(from: &dyn Host, to: &dyn Host, len: usize) -> Result<usize> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let server_netns = to.netns();
+    thread::scope(|scope| {
+        let server = scope.spawn(move || {
+            server_netns.run(move || -> std::io::Result<usize> {
+                let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+                listener.set_nonblocking(true)?;
+                let _ = ready_tx.send(listener.local_addr()?.port());
+                let deadline = Instant::now() + TRANSFER_TIMEOUT;
+                let mut stream = loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => break stream,
+                        Err(e)
+                            if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline =>
+                        {
+                            thread::sleep(Duration::from_millis(5))
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                stream.set_nonblocking(false)?;
+                stream.set_read_timeout(Some(TRANSFER_TIMEOUT))?;
+                let mut data = Vec::new();
+                stream.read_to_end(&mut data)?;
+                stream.write_all(data.len().to_string().as_bytes())?;
+                Ok(data.len())
+            })
+        });
+        let port = ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| Error::Traffic {
+                what: format!("the TCP server in {} did not start", to.label()),
+            })?;
+        let addr = SocketAddr::from((to.ip(), port));
+        let client = from.netns().run(move || -> std::io::Result<String> {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            stream.set_write_timeout(Some(TRANSFER_TIMEOUT))?;
+            stream.set_read_timeout(Some(TRANSFER_TIMEOUT))?;
+            stream.write_all(&vec![b'm'; len])?;
+            stream.shutdown(Shutdown::Write)?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        })?;
+        let failed = |side: &str, e: std::io::Error| Error::Traffic {
+            what: format!(
+                "{len} bytes over TCP from {} to {}: {side}: {e}",
+                from.label(),
+                to.label()
+            ),
+        };
+        let answer = client.map_err(|e| failed("client", e))?;
+        let served = server
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?
+            .map_err(|e| failed("server", e))?;
+        assert_eq!(answer, served.to_string());
+        Ok(served)
+    })
+}
