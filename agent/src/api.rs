@@ -26,9 +26,10 @@ use axum::{
     routing::{get, post, put},
 };
 use myelin_api::{
-    AllocateRequest, ApiError, AttachmentId, DEADLINE_HEADER, EndpointRequest, ErrorKind, GcRequest,
+    AllocateRequest, ApiError, AttachmentQuery, DEADLINE_HEADER, EndpointRequest, ErrorKind,
+    GcRequest,
 };
-use serde::{Deserialize, de::DeserializeOwned};
+use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 use tracing::{debug, warn};
 
@@ -143,29 +144,6 @@ where
     }
 }
 
-/// `?containerId=..&ifname=..`; both optional so that GET /v1/endpoints lists everything.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct AttachmentQuery {
-    container_id: Option<String>,
-    ifname: Option<String>,
-}
-
-impl AttachmentQuery {
-    fn optional(self) -> Result<Option<AttachmentId>, ErrorResponse> {
-        match (self.container_id, self.ifname) {
-            (None, None) => Ok(None),
-            (Some(c), Some(i)) => Ok(Some(AttachmentId::new(c, i))),
-            _ => Err(invalid("give both containerId and ifname, or neither")),
-        }
-    }
-
-    fn required(self) -> Result<AttachmentId, ErrorResponse> {
-        self.optional()?
-            .ok_or_else(|| invalid("containerId and ifname are required"))
-    }
-}
-
 /// What the API handlers share.
 pub struct ApiState<D> {
     pub agent: AgentHandle<D>,
@@ -211,6 +189,7 @@ pub fn router<D: DatapathOps + 'static>(state: ApiState<D>) -> Router {
         )
         .route("/v1/gc", post(gc::<D>))
         .route("/v1/status", get(status::<D>))
+        .route("/v1/nodes", get(nodes::<D>))
         .route("/v1/policies", get(policies::<D>))
         .route("/v1/drops", get(drops::<D>))
         .route("/v1/conntrack", get(conntrack::<D>))
@@ -282,6 +261,15 @@ async fn status<D: DatapathOps + 'static>(
     ClientDeadline(deadline): ClientDeadline,
 ) -> ApiResult<myelin_api::Status> {
     Ok(Json(s.agent.read(deadline, |a| a.status()).await?))
+}
+
+async fn nodes<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
+) -> ApiResult<Vec<myelin_api::NodeSummary>> {
+    Ok(Json(
+        s.agent.run(deadline, |a| Ok(a.node_summaries())).await?,
+    ))
 }
 
 async fn policies<D: DatapathOps + 'static>(

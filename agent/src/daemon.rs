@@ -319,7 +319,17 @@ async fn start_datapath(
         agent = agent.expecting_pod_objects();
     }
     agent = agent.with_non_masquerade_cidrs(config.non_masquerade_cidrs.clone());
-    agent = agent.with_pod_mtu(network.as_ref().map(NodeNetwork::pod_mtu));
+    agent = agent.with_routing(network.as_ref().map(|n| myelin_api::RoutingInfo {
+        mode: match config.routing_mode {
+            RoutingMode::Tunnel => "tunnel".into(),
+            RoutingMode::Native => "native".into(),
+        },
+        uplink: n.uplink.name.clone(),
+        node_ip: n.node_ip,
+        pod_mtu: n.pod_mtu(),
+        tunnel_port: (n.tunnel != 0).then_some(config.tunnel_port),
+        masquerade: config.masquerade,
+    }));
     agent
         .restore(&listed, Instant::now())
         .context("restoring endpoints")?;

@@ -169,6 +169,12 @@ pub async fn ensure_tunnel(handle: &Handle, port: u16, mtu: u32) -> Result<u32, 
     set.header.flags |= LinkFlags::Noarp;
     set.header.change_mask |= LinkFlags::Noarp;
     handle.link().set(set).execute().await?;
+    // The tunnel carries IPv4 only; without IPv6 the device sends no neighbour discovery of
+    // its own. Best effort: a read-only /proc/sys leaves it on, which is harmless.
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{TUNNEL_DEVICE}/disable_ipv6"),
+        b"1",
+    );
     info!(device = TUNNEL_DEVICE, port, mtu, "tunnel ready");
     Ok(index)
 }

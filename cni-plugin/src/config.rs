@@ -201,17 +201,12 @@ impl NetConf {
     }
 }
 
-/// The `cniVersion` string of `stdin`, if it is JSON with one (VERSION echoes it).
+/// The `cniVersion` string of `stdin`, if it is JSON with one (VERSION echoes it). Read as
+/// [`NetConf::parse`] reads it, so that a key given twice means the same here (the last one, as
+/// for the runtimes' Go decoder); a derived struct would refuse the duplicate.
 pub fn requested_version(stdin: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct VersionOnly {
-        cni_version: Option<serde_json::Value>,
-    }
-    let version = serde_json::from_slice::<VersionOnly>(stdin)
-        .ok()?
-        .cni_version?;
-    version.as_str().map(str::to_string)
+    let value: serde_json::Value = serde_json::from_slice(stdin).ok()?;
+    value.get("cniVersion")?.as_str().map(str::to_string)
 }
 
 /// The version to put into an error object: the configuration's when it names a supported one,
@@ -303,6 +298,20 @@ mod tests {
     }
 
     #[test]
+    fn prev_result_numbers_are_kept_exactly() {
+        // Found by fuzzing: prevResult is passed on to the runtime and the next plugin as given,
+        // but serde_json's default float parsing reads this number (its shortest spelling, as
+        // Go and serde_json print it) one bit off, so the plugin passed on another number.
+        let text = "248685792.66666666";
+        let stdin = format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","type":"myelin","prevResult":{{"x":{text}}}}}"#
+        );
+        let conf = NetConf::parse(stdin.as_bytes()).unwrap();
+        let kept = conf.prev_result.unwrap()["x"].as_f64();
+        assert_eq!(kept, Some(text.parse::<f64>().unwrap()));
+    }
+
+    #[test]
     fn malformed_json_is_code_6() {
         assert_eq!(code_of("{\"cniVersion\": "), 6);
         assert_eq!(code_of(""), 6);
@@ -390,6 +399,19 @@ mod tests {
         assert_eq!(requested_version(b""), None);
         assert_eq!(requested_version(br#"{"cniVersion":1}"#), None);
         assert_eq!(requested_version(br#"{"name":"n"}"#), None);
+    }
+
+    #[test]
+    fn a_version_given_twice_is_the_last_one_everywhere() {
+        // Found by fuzzing: the configuration said 1.0.0 (its last cniVersion) while errors
+        // were answered in 1.1.0, because this reader refused the duplicate key.
+        let stdin = br#"{"cniVersion":"0.4.0","name":"n","type":"myelin","cniVersion":"1.0.0"}"#;
+        assert_eq!(
+            NetConf::parse(stdin).unwrap().cni_version,
+            CniVersion::V1_0_0
+        );
+        assert_eq!(requested_version(stdin).as_deref(), Some("1.0.0"));
+        assert_eq!(reply_version(stdin), CniVersion::V1_0_0);
     }
 
     #[test]

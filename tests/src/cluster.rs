@@ -137,8 +137,8 @@ fn label_map(labels: &[(&str, &str)]) -> serde_json::Map<String, Value> {
 /// What the harness needs to know about a cluster described in YAML (the demo's embedded one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSummary {
-    pub node_name: String,
-    pub pod_cidr: String,
+    /// Namespaces with their labels.
+    pub namespaces: Vec<(String, Vec<(String, String)>)>,
     pub pods: Vec<PodSummary>,
 }
 
@@ -146,14 +146,26 @@ pub struct ClusterSummary {
 pub struct PodSummary {
     pub namespace: String,
     pub name: String,
+    /// `spec.nodeName`.
+    pub node: String,
+    pub labels: Vec<(String, String)>,
     pub tcp_ports: Vec<u16>,
 }
 
-/// Reads the one Node and every Pod from a multi-document YAML text.
+/// Reads every Namespace and Pod from a multi-document YAML text.
 pub fn summarize(yaml: &str) -> Result<ClusterSummary> {
-    let invalid = Error::Cluster;
-    let mut node = None;
-    let mut pods = Vec::new();
+    let mut summary = ClusterSummary {
+        namespaces: Vec::new(),
+        pods: Vec::new(),
+    };
+    let labels = |object: &Value| -> Vec<(String, String)> {
+        object["metadata"]["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect()
+    };
     for doc in serde_yaml::Deserializer::from_str(yaml) {
         let object: Value = serde::Deserialize::deserialize(doc).map_err(|source| Error::Yaml {
             context: "parsing cluster YAML".into(),
@@ -161,18 +173,15 @@ pub fn summarize(yaml: &str) -> Result<ClusterSummary> {
         })?;
         let name = object["metadata"]["name"].as_str().unwrap_or_default();
         match object["kind"].as_str() {
-            Some("Node") => {
-                let cidr = object["spec"]["podCIDR"]
-                    .as_str()
-                    .ok_or_else(|| invalid(format!("Node {name} has no spec.podCIDR")))?;
-                if node.replace((name.to_string(), cidr.to_string())).is_some() {
-                    return Err(invalid("more than one Node".into()));
-                }
-            }
+            Some("Namespace") => summary.namespaces.push((name.to_string(), labels(&object))),
             Some("Pod") => {
                 let namespace = object["metadata"]["namespace"]
                     .as_str()
                     .unwrap_or("default")
+                    .to_string();
+                let node = object["spec"]["nodeName"]
+                    .as_str()
+                    .ok_or_else(|| Error::Cluster(format!("Pod {name} has no spec.nodeName")))?
                     .to_string();
                 let tcp_ports = object["spec"]["containers"]
                     .as_array()
@@ -183,21 +192,18 @@ pub fn summarize(yaml: &str) -> Result<ClusterSummary> {
                     .filter_map(|p| p["containerPort"].as_u64())
                     .filter_map(|p| u16::try_from(p).ok())
                     .collect();
-                pods.push(PodSummary {
+                summary.pods.push(PodSummary {
                     namespace,
                     name: name.to_string(),
+                    node,
+                    labels: labels(&object),
                     tcp_ports,
                 });
             }
             _ => {}
         }
     }
-    let (node_name, pod_cidr) = node.ok_or_else(|| invalid("no Node".into()))?;
-    Ok(ClusterSummary {
-        node_name,
-        pod_cidr,
-        pods,
-    })
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -220,14 +226,22 @@ mod tests {
             .unwrap();
         let text = fs::read_to_string(dir.path().join("cluster.yaml")).unwrap();
         let summary = summarize(&text).unwrap();
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
         assert_eq!(
             summary,
             ClusterSummary {
-                node_name: "n1".into(),
-                pod_cidr: "10.244.7.0/24".into(),
+                namespaces: vec![(
+                    "demo".into(),
+                    vec![
+                        pair("kubernetes.io/metadata.name", "demo"),
+                        pair("team", "a")
+                    ]
+                )],
                 pods: vec![PodSummary {
                     namespace: "demo".into(),
                     name: "web".into(),
+                    node: "n1".into(),
+                    labels: vec![pair("app", "web")],
                     tcp_ports: vec![80, 8080],
                 }],
             }
@@ -251,8 +265,10 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_without_node_is_rejected() {
-        let yaml = serde_yaml::to_string(&namespace_object("x", &[])).unwrap();
+    fn a_pod_without_a_node_is_rejected() {
+        let mut pod = pod_object("n1", "x", "p", &[], &[]);
+        pod["spec"]["nodeName"] = Value::Null;
+        let yaml = serde_yaml::to_string(&pod).unwrap();
         assert!(summarize(&yaml).is_err());
     }
 }

@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: one node running myelin-agent with an embedded cluster, three pods
-//! created through the real `myelin` plugin, a connectivity matrix (ping and TCP between every
-//! ordered pair) and the eBPF per-endpoint counters before and after; then an embedded
+//! `cargo xtask demo`: two nodes running myelin-agent in tunnel mode, joined by an underlay
+//! router; an embedded cluster of three pods created through the real `myelin` plugin, on both
+//! nodes; a connectivity matrix (ping and TCP between every ordered pair, on one node and
+//! across the tunnel) and the eBPF per-endpoint counters before and after; then an embedded
 //! NetworkPolicy, the matrix again with the verdicts it implies, the drop counters that prove
 //! the datapath denied the rest and an excerpt of the drop events; then every pod is deleted
 //! and everything removed, also on failure or Ctrl-C (the guards do that).
@@ -22,8 +23,7 @@ use crate::{
     Error, Result,
     bins::Binaries,
     cluster::{self, ClusterSummary},
-    cni::Pod,
-    node::{Node, NodeSpec},
+    multinode::{Cluster, ClusterPod, ClusterSpec, Underlay},
     policy_lab::{policy_names, wait_for_policies},
     progress::step,
     run::RunPrefix,
@@ -31,8 +31,8 @@ use crate::{
     traffic::{Host, ping, tcp_echo},
 };
 
-/// The demo cluster: one Node (whose name and pod CIDR the demo node takes), a namespace and
-/// three labelled pods.
+/// The demo cluster: a namespace and three labelled pods, each naming its node (`node0`,
+/// `node1`).
 pub const CLUSTER_YAML: &str = include_str!("demo/cluster.yaml");
 
 /// The NetworkPolicy the demo applies after the open matrix.
@@ -77,52 +77,81 @@ fn expected_under_policy(from: &str, to: &str) -> Expected {
     }
 }
 
+/// How many nodes the demo runs.
+const NODES: usize = 2;
+
 /// Runs the demo with the binaries in `binaries`; stops early with [`Error::Interrupted`] once
 /// `interrupted` is set (the caller's Ctrl-C handler).
 pub fn run(binaries: Binaries, interrupted: &AtomicBool) -> Result<()> {
     sweep_leftovers()?.print_if_any();
     let summary = cluster::summarize(CLUSTER_YAML)?;
-    let mut spec = NodeSpec::from_cluster_yaml(CLUSTER_YAML)?;
-    spec.binaries = Some(binaries);
-    spec.echo_agent_log_on_drop = false;
     let run = RunPrefix::new();
+    let underlay = Underlay::Router {
+        route_pod_cidrs: false,
+    };
+    let mut spec = ClusterSpec::new(NODES, underlay).agent_args(&["--routing-mode", "tunnel"]);
+    spec.binaries = Some(binaries);
+    spec.echo_agent_logs_on_drop = false;
     let title = format!(
-        "start node {} (myelin-agent, pod CIDR {}) in network namespace {}",
-        summary.node_name,
-        summary.pod_cidr,
-        run.name(&summary.node_name)
+        "start {NODES} nodes (network namespaces {}-node*, each running myelin-agent in tunnel \
+         mode) behind an underlay router",
+        run.as_str()
     );
-    let node = step(&title, || Node::start(&run, spec))?;
+    let cluster = step(&title, || Cluster::start(&run, spec))?;
+    for i in cluster.node_indexes() {
+        let node = cluster.node(i);
+        println!(
+            "    {:<6} InternalIP {:<14} pod CIDR {}",
+            node.name(),
+            cluster.node_ip(i).to_string(),
+            node.pod_cidr()
+        );
+    }
     let demo = Demo {
-        node: &node,
+        cluster: &cluster,
         interrupted,
     };
     let outcome = demo.run(&summary);
     if let Err(e) = &outcome
         && !matches!(e, Error::Interrupted)
     {
-        println!(
-            "--- agent log ({}) ---\n{}--- end of agent log ---",
-            node.agent_log_path().display(),
-            node.agent_log()
-        );
+        for i in cluster.node_indexes() {
+            let node = cluster.node(i);
+            println!(
+                "--- agent log of {} ({}) ---\n{}--- end of agent log ---",
+                node.name(),
+                node.agent_log_path().display(),
+                node.agent_log()
+            );
+        }
     }
-    step("stop the agent and remove the node", || {
-        drop(node);
+    step("stop the agents and remove the nodes", || {
+        drop(cluster);
         Ok::<_, Error>(())
     })?;
     outcome
 }
 
 struct Demo<'a> {
-    node: &'a Node,
+    cluster: &'a Cluster,
     interrupted: &'a AtomicBool,
 }
 
 /// A demo pod and the port its TCP check uses (its first declared container port).
 struct DemoPod {
-    pod: Pod,
+    pod: ClusterPod,
     tcp_port: u16,
+}
+
+impl DemoPod {
+    /// `frontend (node0)`.
+    fn label(&self, demo: &Demo<'_>) -> String {
+        format!(
+            "{} on {}",
+            self.pod.name(),
+            demo.cluster.node(self.pod.node()).name()
+        )
+    }
 }
 
 impl Demo<'_> {
@@ -132,8 +161,9 @@ impl Demo<'_> {
             || self.create_pods(summary),
         )?;
         for p in &pods {
-            println!("    {:<10} {}", p.pod.name(), p.pod.ip());
+            println!("    {:<20} {}", p.label(self), p.pod.ip());
         }
+        self.show_nodes()?;
         let before = self.counters()?;
         let matrix = step(
             "connectivity: ping and TCP between every ordered pair",
@@ -145,11 +175,12 @@ impl Demo<'_> {
         print!("{}", render_counters(&pods, &before, &after));
         // The same counters straight from the kernel: the per-CPU slot of the first pod's
         // endpoint id (the map is an array indexed by endpoint id).
-        if let Some(first) = self.node.endpoints()?.into_iter().min_by_key(|e| e.id) {
+        let node = self.cluster.node(pods[0].pod.node());
+        if let Some(first) = node.endpoints()?.into_iter().min_by_key(|e| e.id) {
             let key = first.id.to_ne_bytes();
             println!(
                 "==> bpftool map lookup pinned {} key {} {} {} {}   ({}'s endpoint id {})",
-                self.node.pinned_map("counters").display(),
+                node.pinned_map("counters").display(),
                 key[0],
                 key[1],
                 key[2],
@@ -157,7 +188,7 @@ impl Demo<'_> {
                 first.pod.as_ref().map_or("?", |p| p.name.as_str()),
                 first.id
             );
-            for line in self.node.lookup_map_text("counters", &key)?.lines() {
+            for line in node.lookup_map_text("counters", &key)?.lines() {
                 println!("    {line}");
             }
         }
@@ -190,33 +221,59 @@ impl Demo<'_> {
     /// Applies [`POLICY_YAML`], shows the matrix under it, the drops that enforced it and an
     /// excerpt of the drop events.
     fn policy_step(&self, pods: &[DemoPod]) -> Result<Matrix> {
-        println!("==> NetworkPolicy (written into the cluster dir as policy.yaml)");
+        println!("==> NetworkPolicy (given to every node's agent)");
         for line in POLICY_YAML.lines().filter(|l| !l.starts_with('#')) {
             println!("    {line}");
         }
-        let client = self.node.client();
         // Opened before the policy is written: the datapath reports events only while a stream
-        // is open, and the wait for the policy below gives the agent time to open it.
+        // is open, and the wait for the policy below gives the agents time to open them.
         let (tx, events) = mpsc::channel();
-        let stream = client.clone();
-        thread::spawn(move || stream.events(|e| e.kind != "drop" || tx.send(e).is_ok()));
-        step("apply it and wait until the agent enforces it", || {
-            self.node.cluster().write_yaml("policy", POLICY_YAML)?;
-            let valid = policy_names(POLICY_YAML)?.into_iter().map(|n| (n, false));
-            wait_for_policies(self.node, &valid.collect())
-        })?;
-        let status = client.policies().map_err(Error::api("GET /v1/policies"))?;
-        println!("    {:<32} {:<8} SELECTS", "POLICY", "INGRESS");
-        for p in &status.policies {
-            let selects: Vec<&str> = p.selects.iter().map(|s| s.name.as_str()).collect();
-            println!(
-                "    {:<32} {:<8} {}",
-                format!("{}/{}", p.namespace, p.name),
-                p.ingress,
-                selects.join(",")
-            );
+        for i in self.cluster.node_indexes() {
+            let stream = self.cluster.node(i).client();
+            let tx = tx.clone();
+            thread::spawn(move || stream.events(|e| e.kind != "drop" || tx.send(e).is_ok()));
         }
-        let drops_before = client.drops().map_err(Error::api("GET /v1/drops"))?;
+        step("apply it and wait until every agent enforces it", || {
+            let objects = serde_yaml::Deserializer::from_str(POLICY_YAML)
+                .map(|doc| {
+                    serde::Deserialize::deserialize(doc).map_err(|source| Error::Yaml {
+                        context: "parsing the demo policy".into(),
+                        source,
+                    })
+                })
+                .collect::<Result<Vec<serde_json::Value>>>()?;
+            self.cluster.apply("policy", &objects)?;
+            let valid: BTreeMap<String, bool> = policy_names(POLICY_YAML)?
+                .into_iter()
+                .map(|n| (n, false))
+                .collect();
+            for i in self.cluster.node_indexes() {
+                wait_for_policies(self.cluster.node(i), &valid)?;
+            }
+            Ok::<_, Error>(())
+        })?;
+        println!(
+            "    {:<8} {:<32} {:<8} SELECTS",
+            "NODE", "POLICY", "INGRESS"
+        );
+        for i in self.cluster.node_indexes() {
+            let node = self.cluster.node(i);
+            let status = node
+                .client()
+                .policies()
+                .map_err(Error::api("GET /v1/policies"))?;
+            for p in &status.policies {
+                let selects: Vec<&str> = p.selects.iter().map(|s| s.name.as_str()).collect();
+                println!(
+                    "    {:<8} {:<32} {:<8} {}",
+                    node.name(),
+                    format!("{}/{}", p.namespace, p.name),
+                    p.ingress,
+                    selects.join(",")
+                );
+            }
+        }
+        let drops_before = self.drops()?;
         let matrix = step(
             "connectivity under the policy: ping and TCP between every ordered pair",
             || self.connectivity(pods),
@@ -225,8 +282,10 @@ impl Demo<'_> {
             "{}",
             matrix.render_against(|c| expected_under_policy(&c.from, &c.to))
         );
-        let drops_after = client.drops().map_err(Error::api("GET /v1/drops"))?;
-        println!("==> drops counted by the datapath during that matrix (GET /v1/drops)");
+        let drops_after = self.drops()?;
+        println!(
+            "==> drops counted by the datapaths during that matrix (GET /v1/drops, both nodes)"
+        );
         print!("{}", render_drops(&drops_before, &drops_after));
         println!(
             "==> drop events (as `myelinctl monitor --drops` shows them), the first {EVENT_EXCERPT}"
@@ -235,6 +294,68 @@ impl Demo<'_> {
             println!("    {e}");
         }
         Ok(matrix)
+    }
+
+    /// Every node's drop counters, added up by reason.
+    fn drops(&self) -> Result<Vec<DropCount>> {
+        let mut total: BTreeMap<String, DropCount> = BTreeMap::new();
+        for i in self.cluster.node_indexes() {
+            let drops = self
+                .cluster
+                .node(i)
+                .client()
+                .drops()
+                .map_err(Error::api("GET /v1/drops"))?;
+            for d in drops {
+                let sum = total.entry(d.reason.clone()).or_insert(DropCount {
+                    reason: d.reason.clone(),
+                    packets: 0,
+                    bytes: 0,
+                });
+                sum.packets += d.packets;
+                sum.bytes += d.bytes;
+            }
+        }
+        Ok(total.into_values().collect())
+    }
+
+    /// How node0 sees the others, and how it reaches them (`myelinctl status`, `nodes`).
+    fn show_nodes(&self) -> Result<()> {
+        let first = self.cluster.node(0);
+        let client = first.client();
+        let status = client.status().map_err(Error::api("GET /v1/status"))?;
+        if let Some(r) = status.routing {
+            println!(
+                "==> {} reaches the other nodes: {} mode through {} ({}), pod MTU {}, VXLAN \
+                 port {}",
+                first.name(),
+                r.mode,
+                r.uplink,
+                r.node_ip,
+                r.pod_mtu,
+                r.tunnel_port.map_or("-".to_string(), |p| p.to_string())
+            );
+        }
+        println!("==> myelinctl nodes (on {})", first.name());
+        let nodes = client.nodes().map_err(Error::api("GET /v1/nodes"))?;
+        println!(
+            "    {:<8} {:<16} {:<16} STATUS",
+            "NODE", "POD CIDR", "INTERNAL IP"
+        );
+        for n in nodes {
+            println!(
+                "    {:<8} {:<16} {:<16} {}",
+                n.name,
+                n.pod_cidr.unwrap_or_default(),
+                n.internal_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                if n.routed {
+                    "routed".to_string()
+                } else {
+                    format!("not routed: {}", n.reason.unwrap_or_default())
+                }
+            );
+        }
+        Ok(())
     }
 
     fn check_interrupted(&self) -> Result<()> {
@@ -246,14 +367,37 @@ impl Demo<'_> {
     }
 
     fn create_pods(&self, summary: &ClusterSummary) -> Result<Vec<DemoPod>> {
+        for (name, labels) in &summary.namespaces {
+            let labels: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            self.cluster.add_namespace(name, &labels)?;
+        }
         let mut pods = Vec::new();
         for p in &summary.pods {
             self.check_interrupted()?;
-            let pod = self.node.add_pod(&p.namespace, &p.name)?;
+            let node = self
+                .cluster
+                .node_indexes()
+                .into_iter()
+                .find(|i| self.cluster.node(*i).name() == p.node)
+                .ok_or_else(|| {
+                    Error::Demo(format!("pod {} is on an unknown node {}", p.name, p.node))
+                })?;
+            let labels: Vec<(&str, &str)> = p
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let pod = self.cluster.add_pod(node, &p.namespace, &p.name, &labels)?;
             pods.push(DemoPod {
                 pod,
                 tcp_port: p.tcp_ports.first().copied().unwrap_or(0),
             });
+        }
+        for p in &pods {
+            self.cluster.wait_until_every_node_knows(p.pod.ip())?;
         }
         Ok(pods)
     }
@@ -282,17 +426,18 @@ impl Demo<'_> {
     }
 
     fn counters(&self) -> Result<BTreeMap<Ipv4Addr, EndpointCounters>> {
-        Ok(self
-            .node
-            .endpoints()?
-            .into_iter()
-            .map(|e| (e.ip, e.counters))
-            .collect())
+        let mut all = BTreeMap::new();
+        for i in self.cluster.node_indexes() {
+            for e in self.cluster.node(i).endpoints()? {
+                all.insert(e.ip, e.counters);
+            }
+        }
+        Ok(all)
     }
 
     fn delete_pods(&self, pods: Vec<DemoPod>) -> Result<()> {
         for p in pods {
-            self.node.delete_pod(p.pod)?;
+            self.cluster.delete_pod(p.pod)?;
         }
         Ok(())
     }
@@ -458,22 +603,22 @@ mod tests {
     }
 
     #[test]
-    fn the_embedded_cluster_has_a_node_and_three_pods_with_ports() {
+    fn the_embedded_cluster_has_three_pods_with_ports_on_both_nodes() {
         let summary = cluster::summarize(CLUSTER_YAML).unwrap();
-        assert_eq!(summary.node_name, "demo-node");
         let pods: Vec<_> = summary
             .pods
             .iter()
-            .map(|p| (p.name.as_str(), p.tcp_ports.clone()))
+            .map(|p| (p.name.as_str(), p.node.as_str(), p.tcp_ports.clone()))
             .collect();
         assert_eq!(
             pods,
             vec![
-                ("frontend", vec![80]),
-                ("backend", vec![8080]),
-                ("db", vec![5432])
+                ("frontend", "node0", vec![80]),
+                ("backend", "node1", vec![8080]),
+                ("db", "node0", vec![5432])
             ]
         );
+        assert_eq!(summary.namespaces[0].0, "demo");
     }
 
     #[test]

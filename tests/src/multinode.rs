@@ -413,6 +413,28 @@ impl Cluster {
         deleted.and(removed)
     }
 
+    /// Gives a pod new labels in every agent's view, as `kubectl label` does.
+    pub fn set_pod_labels(&self, pod: &ClusterPod, labels: &[(&str, &str)]) -> Result<()> {
+        let stem = pod_stem(pod.namespace(), pod.name());
+        let mut objects = self.lock_state().get(&stem).cloned().unwrap_or_default();
+        for object in &mut objects {
+            object["metadata"]["labels"] = labels
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), Value::from(*v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        self.put(&stem, objects)
+    }
+
+    /// Takes a pod's object out of node `node`'s view only (directory source): that node's
+    /// watch has not shown the pod yet, as happens for a moment with every new pod.
+    pub fn forget_pod_on(&self, node: usize, pod: &ClusterPod) -> Result<()> {
+        self.live_node(node)?
+            .cluster()
+            .remove(&pod_stem(pod.namespace(), pod.name()))
+    }
+
     /// Creates or relabels a Namespace object.
     pub fn add_namespace(&self, name: &str, labels: &[(&str, &str)]) -> Result<()> {
         self.put(&namespace_stem(name), vec![namespace_object(name, labels)])

@@ -108,14 +108,6 @@ impl NodeSpec {
         self.pod_cidr = cidr.into();
         self
     }
-
-    /// A node named and addressed as the Node object in `yaml`, which is fed to the agent.
-    pub fn from_cluster_yaml(yaml: &str) -> Result<Self> {
-        let summary = cluster::summarize(yaml)?;
-        let mut spec = Self::new(summary.node_name).pod_cidr(summary.pod_cidr);
-        spec.cluster_yaml = Some(yaml.to_string());
-        Ok(spec)
-    }
 }
 
 pub struct Node {

@@ -5,7 +5,7 @@
 //! ([`Netns::run`]); only ping is a child process.
 
 use std::{
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader, Read as _, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -118,6 +118,16 @@ pub fn udp_source_seen(from: &dyn Host, to: &dyn Host, port: u16) -> Result<Sock
         serve_udp_telling_source,
         udp_source_client,
     )
+}
+
+/// How much [`tcp_bulk`] sends.
+pub const BULK_BYTES: usize = 1 << 20;
+
+/// `from` sends [`BULK_BYTES`] over one TCP connection to a server in `to`, which answers with
+/// how many it received: a transfer of many full-size segments, where a wrong MTU on the path
+/// shows (small exchanges fit any path). Returns the time it took.
+pub fn tcp_bulk(from: &dyn Host, to: &dyn Host, port: u16) -> Result<Duration> {
+    exchange(from, to, port, "TCP", serve_tcp_count, tcp_bulk_client)
 }
 
 type Server = fn(u16, mpsc::Sender<io::Result<u16>>, &AtomicBool) -> io::Result<()>;
@@ -251,6 +261,55 @@ fn serve_one_tcp_connection(
         line.extend_from_slice(format!("{source}\n").as_bytes());
     }
     stream.write_all(&line)
+}
+
+/// Reads one connection to its end and answers with the number of bytes, as a line.
+fn serve_tcp_count(
+    port: u16,
+    ready: mpsc::Sender<io::Result<u16>>,
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+    listener.set_nonblocking(true)?;
+    let _ = ready.send(listener.local_addr().map(|a| a.port()));
+    let deadline = Instant::now() + 5 * TRAFFIC_TIMEOUT;
+    let (mut stream, _) = loop {
+        match listener.accept() {
+            Ok(accepted) => break accepted,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no connection arrived",
+                    ));
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(5 * TRAFFIC_TIMEOUT))?;
+    let received = io::copy(&mut (&stream).take(2 * BULK_BYTES as u64), &mut io::sink())?;
+    stream.write_all(format!("{received}\n").as_bytes())
+}
+
+fn tcp_bulk_client(addr: SocketAddr, _: &[u8]) -> io::Result<Duration> {
+    let started = Instant::now();
+    let stream = TcpStream::connect_timeout(&addr, TRAFFIC_TIMEOUT)?;
+    stream.set_read_timeout(Some(5 * TRAFFIC_TIMEOUT))?;
+    stream.set_write_timeout(Some(5 * TRAFFIC_TIMEOUT))?;
+    (&stream).write_all(&vec![b'm'; BULK_BYTES])?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    if line.trim() != BULK_BYTES.to_string() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the server received {} of {BULK_BYTES} bytes", line.trim()),
+        ));
+    }
+    Ok(started.elapsed())
 }
 
 fn tcp_client(addr: SocketAddr, message: &[u8]) -> io::Result<Duration> {

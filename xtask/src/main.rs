@@ -5,6 +5,7 @@
 
 mod bench;
 mod exec;
+mod fuzz;
 mod image;
 mod manifests;
 mod report;
@@ -34,8 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what is missing (apt packages, the eBPF nightly, bpf-linker, clippy, rustfmt,
-    /// the chart's Python tools in target/python-tools).
+    /// Install what is missing (apt packages, the eBPF nightly, bpf-linker, cargo-fuzz, clippy,
+    /// rustfmt, the chart's Python tools in target/python-tools).
     /// Idempotent: takes seconds when everything is there. Needs root on Linux.
     Setup,
     /// Build the workspace binaries: myelin, myelin-agent (with its eBPF object), myelinctl.
@@ -44,7 +45,8 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, format check, clippy, build, then every test tier in one `cargo test`.
+    /// Setup, format check, clippy, build, then every test tier in one `cargo test`, then every
+    /// fuzz target for a few seconds.
     Test,
     /// Setup, build, then the demo: three pods on one node, connectivity and eBPF counters.
     Demo,
@@ -60,6 +62,17 @@ enum Command {
         /// kubernetes, cross_node); the report lists the others as not run.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+    },
+    /// Setup, build the fuzz targets (tests/fuzz) with the pinned nightly, then run each for a
+    /// while. Corpora and failing inputs go under target/fuzz; fails when a target finds a
+    /// crash, a timeout or an out-of-memory, naming the input.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// Run only this target (cni_config, cni_env, api_decode, dir_documents, policy).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Render manifests/install.yaml from the Helm chart (manifests/helm/myelin) with Helm.
     Manifests,
@@ -79,6 +92,9 @@ fn main() -> ExitCode {
         Command::Test => test(),
         Command::Demo => demo(),
         Command::Bench { quick, only } => bench::bench(quick, &only),
+        Command::Fuzz { seconds, target } => setup::setup()
+            .and_then(|()| fuzz::fuzz(seconds, target.as_deref()))
+            .map(|()| ExitCode::SUCCESS),
         Command::Manifests => manifests::manifests().map(|()| ExitCode::SUCCESS),
         Command::Image { output } => image::image(output).map(|()| ExitCode::SUCCESS),
     };
@@ -102,6 +118,10 @@ fn build(release: bool) -> Result<()> {
     );
     Ok(())
 }
+
+/// How long `cargo xtask test` runs each fuzz target: with the build, the fuzz step stays
+/// within about four minutes on two cores.
+const TEST_FUZZ_SECONDS: u32 = 10;
 
 fn test() -> Result<ExitCode> {
     let mut report = Report::default();
@@ -133,6 +153,10 @@ fn test() -> Result<ExitCode> {
                 exec::run_counting_tests(tests, &mut counts)
             });
         }
+        report.step(
+            &format!("cargo xtask fuzz --seconds {TEST_FUZZ_SECONDS}"),
+            || fuzz::fuzz(TEST_FUZZ_SECONDS, None),
+        );
     }
     report.print_summary(&counts);
     Ok(if report.all_passed() {

@@ -6,7 +6,7 @@ use std::{fs, process::Command};
 use anyhow::{Context, Result, bail};
 use myelin_tests::{chart, progress::step};
 
-use crate::exec;
+use crate::{exec, fuzz};
 
 /// Debian packages the build (llvm-22-dev for bpf-linker) and the root tests need.
 const APT_PACKAGES: &[&str] = &[
@@ -21,6 +21,8 @@ const APT_PACKAGES: &[&str] = &[
     "runc",
     "containernetworking-plugins",
     "busybox-static",
+    // libfuzzer-sys builds libFuzzer from its C++ source for the fuzz targets.
+    "g++",
     // The venv of the chart's Python tools (Debian's python3 needs python3-venv for it).
     "python3",
     "python3-venv",
@@ -54,6 +56,10 @@ pub fn setup() -> Result<()> {
     )?;
     step("clippy and rustfmt for stable", stable_components)?;
     step(&format!("bpf-linker {BPF_LINKER_VERSION}"), bpf_linker)?;
+    step(
+        &format!("cargo-fuzz {}", fuzz::CARGO_FUZZ_VERSION),
+        fuzz::install_cargo_fuzz,
+    )?;
     step(
         "Python tools for the chart (helm-sdkpy, kubernetes-validate)",
         chart_tools,
@@ -104,8 +110,9 @@ fn missing_packages() -> Result<Vec<&'static str>> {
         .collect())
 }
 
-/// The channel `EBPF_TOOLCHAIN_FILE` pins.
-fn ebpf_nightly() -> Result<String> {
+/// The channel `EBPF_TOOLCHAIN_FILE` pins (it also builds the fuzz targets: cargo-fuzz needs a
+/// nightly).
+pub fn ebpf_nightly() -> Result<String> {
     let path = chart::workspace_root().join(EBPF_TOOLCHAIN_FILE);
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let file: toml::Table = text

@@ -4,7 +4,7 @@
 //! small: one request per connection, `Connection: close`, JSON bodies.
 
 use std::{
-    io::{self, Read, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
@@ -14,8 +14,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, DropCount, Endpoint,
-    EndpointRequest, FlowEvent, GcRequest, GcResponse, PolicyStatus, ReleaseResponse, Status,
-    TrackedFlow,
+    EndpointRequest, FlowEvent, GcRequest, GcResponse, NodeSummary, PolicyStatus, ReleaseResponse,
+    Status, TrackedFlow,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +120,10 @@ impl Client {
         self.request::<(), _>("GET", "/v1/status", None)
     }
 
+    pub fn nodes(&self) -> Result<Vec<NodeSummary>, ClientError> {
+        self.request::<(), _>("GET", "/v1/nodes", None)
+    }
+
     pub fn policies(&self) -> Result<PolicyStatus, ClientError> {
         self.request::<(), _>("GET", "/v1/policies", None)
     }
@@ -134,8 +138,7 @@ impl Client {
 
     /// Streams datapath events to `on_event` until it returns false or the agent closes the
     /// stream. The datapath reports events while at least one stream is open.
-    pub fn events(&self, mut on_event: impl FnMut(FlowEvent) -> bool) -> Result<(), ClientError> {
-        use std::io::BufRead as _;
+    pub fn events(&self, on_event: impl FnMut(FlowEvent) -> bool) -> Result<(), ClientError> {
         let mut stream =
             UnixStream::connect(&self.socket).map_err(|source| ClientError::Unreachable {
                 socket: self.socket.clone(),
@@ -145,40 +148,7 @@ impl Client {
         stream
             .write_all(b"GET /v1/events HTTP/1.0\r\nHost: myelin-agent\r\n\r\n")
             .map_err(ClientError::Io)?;
-        let mut reader = std::io::BufReader::new(stream);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).map_err(ClientError::Io)? == 0 {
-                return Err(ClientError::Protocol(
-                    "the agent closed the event stream".into(),
-                ));
-            }
-            if line.starts_with("HTTP/") && !line.contains(" 200 ") {
-                return Err(ClientError::Protocol(format!(
-                    "event stream refused: {}",
-                    line.trim()
-                )));
-            }
-            if line == "\r\n" {
-                break;
-            }
-        }
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).map_err(ClientError::Io)? == 0 {
-                return Ok(());
-            }
-            let trimmed = line.trim();
-            if trimmed.is_empty() {
-                continue;
-            }
-            let event = serde_json::from_str(trimmed)
-                .map_err(|e| ClientError::Protocol(format!("bad event {trimmed:?}: {e}")))?;
-            if !on_event(event) {
-                return Ok(());
-            }
-        }
+        read_events(BufReader::new(stream), on_event)
     }
 
     fn request<B: Serialize, R: DeserializeOwned>(
@@ -221,19 +191,7 @@ impl Client {
         stream
             .read_to_end(&mut answer)
             .map_err(|e| self.io_error(e))?;
-        let (status, body) = parse_response(&answer)?;
-        if (200..300).contains(&status) {
-            serde_json::from_slice(&body)
-                .map_err(|e| ClientError::Protocol(format!("decoding answer to {path}: {e}")))
-        } else {
-            let error = serde_json::from_slice::<ApiError>(&body).map_err(|_| {
-                ClientError::Protocol(format!(
-                    "status {status} with body {:?}",
-                    String::from_utf8_lossy(&body)
-                ))
-            })?;
-            Err(ClientError::Api { status, error })
-        }
+        decode_response(&answer, path)
     }
 
     fn io_error(&self, e: io::Error) -> ClientError {
@@ -249,6 +207,66 @@ impl Client {
                 }
             }
             _ => ClientError::Io(e),
+        }
+    }
+}
+
+/// An answer to a request for `path`, read to its end: the decoded body of a 2xx answer, the
+/// agent's [`ApiError`] otherwise. Pure, so that it can be fuzzed without a socket.
+pub fn decode_response<R: DeserializeOwned>(raw: &[u8], path: &str) -> Result<R, ClientError> {
+    let (status, body) = parse_response(raw)?;
+    if (200..300).contains(&status) {
+        serde_json::from_slice(&body)
+            .map_err(|e| ClientError::Protocol(format!("decoding answer to {path}: {e}")))
+    } else {
+        let error = serde_json::from_slice::<ApiError>(&body).map_err(|_| {
+            ClientError::Protocol(format!(
+                "status {status} with body {:?}",
+                String::from_utf8_lossy(&body)
+            ))
+        })?;
+        Err(ClientError::Api { status, error })
+    }
+}
+
+/// The event stream after the request: the HTTP/1.0 head, then one JSON [`FlowEvent`] per line
+/// to `on_event` until it returns false or the stream ends. Separate from the socket so that
+/// it can be fuzzed.
+pub fn read_events(
+    mut reader: impl BufRead,
+    mut on_event: impl FnMut(FlowEvent) -> bool,
+) -> Result<(), ClientError> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(ClientError::Io)? == 0 {
+            return Err(ClientError::Protocol(
+                "the agent closed the event stream".into(),
+            ));
+        }
+        if line.starts_with("HTTP/") && !line.contains(" 200 ") {
+            return Err(ClientError::Protocol(format!(
+                "event stream refused: {}",
+                line.trim()
+            )));
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(ClientError::Io)? == 0 {
+            return Ok(());
+        }
+        let trimmed = line.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        let event = serde_json::from_str(trimmed)
+            .map_err(|e| ClientError::Protocol(format!("bad event {trimmed:?}: {e}")))?;
+        if !on_event(event) {
+            return Ok(());
         }
     }
 }
@@ -359,6 +377,48 @@ mod tests {
             parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{}"),
             Err(ClientError::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn event_streams_are_read_line_by_line_after_the_head() {
+        let event = r#"{"kind":"drop","reason":"policy","direction":"ingress","protocol":"tcp","src":"10.0.0.2:1","dst":"10.0.0.3:80","srcEndpoint":1,"dstEndpoint":2,"srcIdentity":256,"dstIdentity":257}"#;
+        let stream = format!("HTTP/1.0 200 OK\r\ncontent-type: x\r\n\r\n{event}\n\n{event}\n");
+        let mut kinds = Vec::new();
+        read_events(stream.as_bytes(), |e| {
+            kinds.push(e.kind);
+            true
+        })
+        .unwrap();
+        assert_eq!(kinds, ["drop", "drop"]);
+        let refused = read_events(&b"HTTP/1.0 403 Forbidden\r\n\r\n"[..], |_| true);
+        assert!(
+            matches!(refused, Err(ClientError::Protocol(_))),
+            "{refused:?}"
+        );
+        let garbage = read_events(&b"HTTP/1.0 200 OK\r\n\r\n{nope\n"[..], |_| true);
+        assert!(
+            matches!(garbage, Err(ClientError::Protocol(_))),
+            "{garbage:?}"
+        );
+    }
+
+    #[test]
+    fn answers_decode_into_the_body_or_the_agents_error() {
+        let ok: ReleaseResponse = decode_response(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 17\r\n\r\n{\"released\":null}",
+            "/v1/ipam",
+        )
+        .unwrap();
+        assert_eq!(ok, ReleaseResponse { released: None });
+        let err = decode_response::<ReleaseResponse>(
+            b"HTTP/1.1 404 Not Found\r\n\r\n{\"kind\":\"notFound\",\"message\":\"x\"}",
+            "/v1/ipam",
+        )
+        .unwrap_err();
+        assert_eq!(err.api_error().map(|e| e.kind), Some(ErrorKind::NotFound));
+        let err =
+            decode_response::<ReleaseResponse>(b"HTTP/1.1 500 X\r\n\r\n<html>", "/").unwrap_err();
+        assert!(matches!(err, ClientError::Protocol(_)), "{err:?}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! | `DELETE` | `/v1/endpoints?containerId=&ifname=` | | [`DeleteResponse`] |
 //! | `POST` | `/v1/gc` | [`GcRequest`] | [`GcResponse`] |
 //! | `GET` | `/v1/status` | | [`Status`] |
+//! | `GET` | `/v1/nodes` | | `[`[`NodeSummary`]`]` |
 //! | `GET` | `/v1/policies` | | [`PolicyStatus`] |
 //! | `GET` | `/v1/drops` | | `[`[`DropCount`]`]` |
 //! | `GET` | `/v1/conntrack` | | `[`[`TrackedFlow`]`]` |
@@ -29,7 +30,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, decode_response, read_events};
 pub use mac::{Mac, ParseMacError};
 
 /// Where the agent listens unless told otherwise (`--socket`, conflist `agentSocket`).
@@ -65,6 +66,39 @@ impl AttachmentId {
             client::percent_encode(&self.container_id),
             client::percent_encode(&self.ifname)
         )
+    }
+}
+
+/// The query string of the routes that name an attachment, as the agent decodes it:
+/// `?containerId=..&ifname=..`, both or neither. Beside [`AttachmentId::to_query`] so that the
+/// encoding and the decoding have one home (and can be fuzzed against each other).
+#[derive(Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentQuery {
+    pub container_id: Option<String>,
+    pub ifname: Option<String>,
+}
+
+impl AttachmentQuery {
+    /// The attachment, or `None` when neither key is given (GET /v1/endpoints lists all).
+    pub fn optional(self) -> Result<Option<AttachmentId>, ApiError> {
+        match (self.container_id, self.ifname) {
+            (None, None) => Ok(None),
+            (Some(c), Some(i)) => Ok(Some(AttachmentId::new(c, i))),
+            _ => Err(ApiError::new(
+                ErrorKind::InvalidRequest,
+                "give both containerId and ifname, or neither",
+            )),
+        }
+    }
+
+    pub fn required(self) -> Result<AttachmentId, ApiError> {
+        self.optional()?.ok_or_else(|| {
+            ApiError::new(
+                ErrorKind::InvalidRequest,
+                "containerId and ifname are required",
+            )
+        })
     }
 }
 
@@ -242,6 +276,43 @@ pub struct Status {
     /// How programs are attached: `tcx` or `tc` (clsact).
     pub attach_mode: String,
     pub version: String,
+    /// How this node reaches the others; absent when its Node object gives no InternalIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingInfo>,
+}
+
+/// How a node reaches the other nodes (`Status::routing`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingInfo {
+    /// `tunnel` or `native`.
+    pub mode: String,
+    /// The device traffic to other nodes and the outside leaves through.
+    pub uplink: String,
+    /// The node's InternalIP.
+    pub node_ip: Ipv4Addr,
+    /// The MTU pods get: it fits the path to every other node.
+    pub pod_mtu: u32,
+    /// The VXLAN port (tunnel mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_port: Option<u16>,
+    /// Pod traffic leaving the cluster is source-NATed to the node's IP.
+    pub masquerade: bool,
+}
+
+/// `GET /v1/nodes`: another node of the cluster as this one sees it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSummary {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_ip: Option<Ipv4Addr>,
+    /// Its pods are routed; when not, why not.
+    pub routed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A NetworkPolicy the agent enforces, and the local pods it selects.

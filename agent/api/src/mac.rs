@@ -20,7 +20,11 @@ impl FromStr for Mac {
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for byte in &mut out {
-            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(err)?;
+            // Two hex digits: from_str_radix alone also takes a sign ("+f").
+            let part = parts
+                .next()
+                .filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(err)?;
             *byte = u8::from_str_radix(part, 16).map_err(|_| err())?;
         }
         if parts.next().is_some() {
@@ -76,6 +80,9 @@ mod tests {
             "2:ab:cd:00:01:ff",
             "zz:ab:cd:00:01:ff",
             "02-ab-cd-00-01-ff",
+            // A sign is no hex digit (the api_decode fuzz target's MAC spelling invariant).
+            "+2:ab:cd:00:01:ff",
+            "02:ab:cd:00:01:+f",
         ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }

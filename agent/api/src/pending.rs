@@ -110,7 +110,13 @@ pub fn find(dir: &Path, id: &AttachmentId) -> Option<PathBuf> {
 
 fn read(path: &Path) -> Result<AttachmentId, String> {
     let bytes = fs::read(path).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+    decode(&bytes)
+}
+
+/// The attachment a record's content names. Records sit in a directory other processes can
+/// write to, so their content is input like any other (and fuzzed as such).
+pub fn decode(record: &[u8]) -> Result<AttachmentId, String> {
+    serde_json::from_slice(record).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -89,6 +89,8 @@ pub struct Agent<D> {
     synced: bool,
     /// The MTU pods get (`Allocation::mtu`), when routing sets one.
     pod_mtu: Option<u32>,
+    /// How this node reaches the others, for the status.
+    routing: Option<myelin_api::RoutingInfo>,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -165,6 +167,7 @@ impl<D: DatapathOps> Agent<D> {
             pod_objects_expected: false,
             synced: false,
             pod_mtu: None,
+            routing: None,
         }
     }
 
@@ -186,9 +189,10 @@ impl<D: DatapathOps> Agent<D> {
             && self.index.pod(&pod.namespace, &pod.name).is_none()
     }
 
-    /// Pods get this MTU unless their conflist says otherwise.
-    pub fn with_pod_mtu(mut self, mtu: Option<u32>) -> Self {
-        self.pod_mtu = mtu;
+    /// How this node reaches the others; pods get its MTU unless their conflist says otherwise.
+    pub fn with_routing(mut self, routing: Option<myelin_api::RoutingInfo>) -> Self {
+        self.pod_mtu = routing.as_ref().map(|r| r.pod_mtu);
+        self.routing = routing;
         self
     }
 

@@ -53,7 +53,32 @@ impl<D: DatapathOps> Agent<D> {
             ready: self.synced,
             attach_mode: self.datapath.mode().as_str().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            routing: self.routing.clone(),
         }
+    }
+
+    /// The other nodes: routed, or why not.
+    pub fn node_summaries(&mut self) -> Vec<myelin_api::NodeSummary> {
+        let own = self.node_name.clone();
+        let routing = self.nodes().clone();
+        self.index
+            .nodes()
+            .filter(|n| n.name != own)
+            .map(|n| {
+                let reason = routing
+                    .skipped
+                    .iter()
+                    .find(|(name, _)| *name == n.name)
+                    .map(|(_, why)| why.to_string());
+                myelin_api::NodeSummary {
+                    name: n.name.clone(),
+                    pod_cidr: n.pod_cidr.map(|c| c.to_string()),
+                    internal_ip: n.addresses.first().copied(),
+                    routed: routing.remote.iter().any(|r| r.name == n.name),
+                    reason,
+                }
+            })
+            .collect()
     }
 
     /// The policies in force, with the local pods each selects and, for a policy whose latest

@@ -25,8 +25,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Node name, pod CIDR, readiness, free addresses.
+    /// Node name, pod CIDR, readiness, free addresses, how other nodes are reached.
     Status,
+    /// The other nodes of the cluster: pod CIDR, InternalIP, routed or why not.
+    Nodes,
     /// Local endpoints with their identity and packet counters.
     Endpoints,
     /// NetworkPolicies in force, the local pods each selects, and rejected versions.
@@ -58,7 +60,44 @@ fn main() -> anyhow::Result<()> {
                 println!("endpoints:      {}", s.endpoints);
                 println!("free addresses: {}", s.free_addresses);
                 println!("attach mode:    {}", s.attach_mode);
+                match &s.routing {
+                    Some(r) => {
+                        let tunnel = r
+                            .tunnel_port
+                            .map(|p| format!(", VXLAN port {p}"))
+                            .unwrap_or_default();
+                        println!("routing:        {}{tunnel}", r.mode);
+                        println!("uplink:         {} ({})", r.uplink, r.node_ip);
+                        println!("pod MTU:        {}", r.pod_mtu);
+                        println!("masquerade:     {}", r.masquerade);
+                    }
+                    None => println!("routing:        none (the Node object gives no InternalIP)"),
+                }
                 println!("version:        {}", s.version);
+            }
+        }
+        Command::Nodes => {
+            let nodes = client.nodes().context("listing the other nodes")?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                println!(
+                    "{:<24} {:<18} {:<16} STATUS",
+                    "NODE", "POD CIDR", "INTERNAL IP"
+                );
+                for n in nodes {
+                    let status = match (n.routed, n.reason) {
+                        (true, _) => "routed".to_string(),
+                        (false, Some(why)) => format!("not routed: {why}"),
+                        (false, None) => "not routed".to_string(),
+                    };
+                    println!(
+                        "{:<24} {:<18} {:<16} {status}",
+                        n.name,
+                        n.pod_cidr.as_deref().unwrap_or("-"),
+                        n.internal_ip.map_or("-".to_string(), |ip| ip.to_string()),
+                    );
+                }
             }
         }
         Command::Endpoints => {

@@ -522,6 +522,7 @@ fn handle(state: &mut AgentState, method: &str, target: &str, body: &[u8]) -> (u
                 ready: state.ready,
                 attach_mode: "tcx".into(),
                 version: "test".into(),
+                routing: None,
             },
         ),
         _ => api_error(ErrorKind::NotFound, "no such route"),

@@ -432,6 +432,13 @@ mod programs {
         if forward::tunnel_key(ctx).is_some() {
             return Ok(PASS);
         }
+        let eth = packet::eth(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        // SAFETY: bounds-checked by `packet::eth`.
+        if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+            // Not for the tunnel (the device's own IPv6 neighbour discovery): without a key
+            // the VXLAN driver discards it.
+            return Ok(PASS);
+        }
         let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         // SAFETY: bounds-checked by `packet::ipv4`.
         let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };

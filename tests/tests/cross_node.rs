@@ -1,0 +1,412 @@
+//! Pods on different nodes, in both routing modes and over both underlays: the scenarios of
+//! Cilium's connectivity test that need no Services, NetworkPolicy across nodes, the MTU, nodes
+//! leaving and joining, and an agent restart under a running cross-node flow.
+//!
+//! Every cluster here is `myelin_tests::multinode`: nodes are namespaces joined by an underlay
+//! namespace (a switch, or a router between two subnets), and each agent learns the other
+//! nodes and their pods from the same cluster state.
+
+use std::{net::Ipv4Addr, thread, time::Duration};
+
+use myelin_tests::{
+    AgentSource, Result, RunPrefix,
+    bench::tcp::{EchoServer, time_until_flow_stops},
+    multinode::{Cluster, ClusterSpec, Underlay, ipcache_identity},
+    root_test,
+    traffic::{Host, ping, ping_within, tcp_bulk, tcp_echo, udp_echo},
+};
+use serde_json::json;
+
+/// A cluster of `nodes` in `mode` over `underlay`.
+fn cluster(run: &RunPrefix, nodes: usize, mode: &str, underlay: Underlay) -> Result<Cluster> {
+    Cluster::start(
+        run,
+        ClusterSpec::new(nodes, underlay).agent_args(&["--routing-mode", mode]),
+    )
+}
+
+/// Ping, TCP and UDP from `from` to `to`.
+fn talk(from: &dyn Host, to: &dyn Host) -> Result<()> {
+    ping(from, to)?;
+    tcp_echo(from, to, 0)?;
+    udp_echo(from, to, 0)?;
+    Ok(())
+}
+
+/// Every pair that Cilium's connectivity test checks without Services, in one cluster of three
+/// nodes: pods on one node, pods on two, a pod and another node, a node (and any process in its
+/// namespace, such as a host-network pod) and a pod on another node.
+fn connectivity(mode: &str, underlay: Underlay) -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let c = cluster(&run, 3, mode, underlay)?;
+    let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
+    let b = c.add_pod(0, "default", "b", &[("app", "b")])?;
+    let d = c.add_pod(1, "default", "d", &[("app", "d")])?;
+    let e = c.add_pod(2, "default", "e", &[("app", "e")])?;
+    for pod in [&a, &b, &d, &e] {
+        c.wait_until_every_node_knows(pod.ip())?;
+    }
+    talk(&a, &b)?;
+    for (from, to) in [(&a, &d), (&d, &a), (&d, &e), (&e, &b)] {
+        talk(from, to)?;
+    }
+    // A pod and the other nodes, both ways.
+    talk(&a, &c.node_on_underlay(1))?;
+    talk(&c.node_on_underlay(2), &a)?;
+    talk(&e, &c.node_on_underlay(0))?;
+    // The node a pod is on, by its InternalIP and by the gateway address (the node's side of
+    // the pod's route; UDP is left out there: the node's answer leaves from the address the
+    // route to the pod picks, which is its InternalIP once it has one, and a server that does
+    // not answer from the address it was asked on fails that check on any CNI).
+    talk(&a, &c.node_on_underlay(0))?;
+    ping(&a, c.node(0))?;
+    tcp_echo(&a, c.node(0), 0)?;
+    Ok(())
+}
+
+#[test]
+fn tunnel_mode_connects_everything_through_a_router() -> Result<()> {
+    connectivity(
+        "tunnel",
+        Underlay::Router {
+            route_pod_cidrs: false,
+        },
+    )
+}
+
+#[test]
+fn tunnel_mode_connects_everything_over_a_switch() -> Result<()> {
+    connectivity("tunnel", Underlay::Switch)
+}
+
+#[test]
+fn native_mode_connects_everything_over_a_switch() -> Result<()> {
+    connectivity("native", Underlay::Switch)
+}
+
+#[test]
+fn native_mode_connects_everything_through_a_router_that_routes_pod_cidrs() -> Result<()> {
+    connectivity(
+        "native",
+        Underlay::Router {
+            route_pod_cidrs: true,
+        },
+    )
+}
+
+/// `ping -M do -s <size>` from `from` to `to`: whether it was answered, and what ping said.
+fn ping_unfragmented(from: &dyn Host, to: &dyn Host, size: u32) -> Result<(bool, String)> {
+    let mut cmd = from.netns().command("ping")?;
+    cmd.args(["-n", "-c1", "-W1", "-M", "do", "-s"])
+        .arg(size.to_string())
+        .arg(to.ip().to_string());
+    let out = cmd
+        .output()
+        .map_err(myelin_tests::Error::io("running ping"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+/// Pods send packets that fit the path: in tunnel mode the uplink's MTU less VXLAN's 50 bytes.
+/// The largest unfragmented ping crosses; one byte more is refused with the MTU, not lost; and
+/// a megabyte of TCP crosses in full-size segments.
+#[test]
+fn packets_fit_the_tunnel_and_a_megabyte_crosses() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let c = cluster(
+        &run,
+        2,
+        "tunnel",
+        Underlay::Router {
+            route_pod_cidrs: false,
+        },
+    )?;
+    let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
+    let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
+    c.wait_until_every_node_knows(b.ip())?;
+    let mtu = 1500 - 50;
+    let (answered, said) = ping_unfragmented(&a, &b, mtu - 28)?;
+    assert!(answered, "the largest packet that fits: {said}");
+    let (answered, said) = ping_unfragmented(&a, &b, mtu - 27)?;
+    assert!(!answered);
+    assert!(
+        said.contains(&format!("mtu={mtu}")),
+        "refused with the MTU: {said}"
+    );
+    tcp_bulk(&a, &b, 0)?;
+    tcp_bulk(&b, &a, 0)?;
+    Ok(())
+}
+
+fn policy(name: &str, selected_app: &str, from: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": { "name": name, "namespace": "default" },
+        "spec": {
+            "podSelector": { "matchLabels": { "app": selected_app } },
+            "policyTypes": ["Ingress"],
+            "ingress": [{ "from": from }],
+        },
+    })
+}
+
+/// Whether `from` reaches `to` by ping, within a short wait (denied traffic is dropped, so a
+/// denial shows as silence).
+fn reaches(from: &dyn Host, to: &dyn Host) -> bool {
+    ping_within(from, to, Duration::from_millis(500)).is_ok()
+}
+
+/// Waits until `from` reaching `to` is `expected` (a policy change takes a moment to reach
+/// every agent), failing after a few seconds.
+fn eventually(from: &dyn Host, to: &dyn Host, expected: bool) {
+    for _ in 0..20 {
+        if reaches(from, to) == expected {
+            return;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "{} -> {}: expected {}",
+        from.label(),
+        to.label(),
+        if expected { "allowed" } else { "denied" }
+    );
+}
+
+/// NetworkPolicy selects peers on other nodes exactly as on its own: by pod labels, by
+/// namespace labels, by an ipBlock holding a remote node's pod CIDR, and a remote pod whose
+/// labels change is judged by its new labels.
+fn policy_across_nodes(mode: &str) -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let c = cluster(
+        &run,
+        3,
+        mode,
+        Underlay::Router {
+            route_pod_cidrs: true,
+        },
+    )?;
+    c.add_namespace("other", &[("team", "blue")])?;
+    let db = c.add_pod(2, "default", "db", &[("app", "db")])?;
+    let api = c.add_pod(0, "default", "api", &[("app", "api")])?;
+    let web = c.add_pod(1, "default", "web", &[("app", "web")])?;
+    let blue = c.add_pod(1, "other", "blue", &[("app", "x")])?;
+    for pod in [&db, &api, &web, &blue] {
+        c.wait_until_every_node_knows(pod.ip())?;
+    }
+    for pod in [&api, &web, &blue] {
+        assert!(reaches(pod, &db), "open before any policy");
+    }
+
+    c.apply(
+        "db",
+        &[policy(
+            "db",
+            "db",
+            json!([{ "podSelector": { "matchLabels": { "app": "api" } } }]),
+        )],
+    )?;
+    eventually(&web, &db, false);
+    assert!(reaches(&api, &db));
+    assert!(!reaches(&blue, &db));
+    tcp_echo(&api, &db, 0)?;
+
+    c.apply(
+        "db",
+        &[policy(
+            "db",
+            "db",
+            json!([{ "namespaceSelector": { "matchLabels": { "team": "blue" } } }]),
+        )],
+    )?;
+    eventually(&blue, &db, true);
+    eventually(&api, &db, false);
+
+    // node1's pod CIDR: web and blue.
+    c.apply(
+        "db",
+        &[policy(
+            "db",
+            "db",
+            json!([{ "ipBlock": { "cidr": c.node(1).pod_cidr() } }]),
+        )],
+    )?;
+    eventually(&web, &db, true);
+    assert!(reaches(&blue, &db));
+    assert!(!reaches(&api, &db));
+
+    // By labels again; api is relabelled away from what the policy allows.
+    c.apply(
+        "db",
+        &[policy(
+            "db",
+            "db",
+            json!([{ "podSelector": { "matchLabels": { "app": "api" } } }]),
+        )],
+    )?;
+    eventually(&api, &db, true);
+    c.set_pod_labels(&api, &[("app", "retired")])?;
+    eventually(&api, &db, false);
+    Ok(())
+}
+
+#[test]
+fn policy_applies_to_peers_on_other_nodes_in_tunnel_mode() -> Result<()> {
+    policy_across_nodes("tunnel")
+}
+
+#[test]
+fn policy_applies_to_peers_on_other_nodes_in_native_mode() -> Result<()> {
+    policy_across_nodes("native")
+}
+
+/// In tunnel mode the sender's identity travels in the VNI: a new replica whose Pod object has
+/// not reached the receiving node yet is already let in by a policy that admits its labels.
+/// (In native mode its address would be unknown there, and so denied until the object comes.)
+#[test]
+fn the_vni_carries_the_identity_before_the_remote_pods_object_arrives() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let c = cluster(
+        &run,
+        2,
+        "tunnel",
+        Underlay::Router {
+            route_pod_cidrs: false,
+        },
+    )?;
+    let db = c.add_pod(1, "default", "db", &[("app", "db")])?;
+    let first = c.add_pod(0, "default", "api-1", &[("app", "api")])?;
+    c.wait_until_every_node_knows(first.ip())?;
+    c.apply(
+        "db",
+        &[policy(
+            "db",
+            "db",
+            json!([{ "podSelector": { "matchLabels": { "app": "api" } } }]),
+        )],
+    )?;
+    eventually(&first, &db, true);
+
+    let second = c.add_pod(0, "default", "api-2", &[("app", "api")])?;
+    c.forget_pod_on(1, &second)?;
+    assert_eq!(
+        ipcache_identity(c.node(1), second.ip())?,
+        None,
+        "node 1 does not know the new replica"
+    );
+    assert!(reaches(&second, &db), "admitted by the identity in the VNI");
+    tcp_echo(&second, &db, 0)?;
+    Ok(())
+}
+
+/// A node that leaves takes its routes and ipcache entries with it on every other node; one
+/// that joins is reached within a second.
+#[test]
+fn nodes_leave_and_join() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut c = cluster(
+        &run,
+        3,
+        "tunnel",
+        Underlay::Router {
+            route_pod_cidrs: false,
+        },
+    )?;
+    let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
+    let gone = c.add_pod(2, "default", "gone", &[("app", "gone")])?;
+    c.wait_until_every_node_knows(gone.ip())?;
+    talk(&a, &gone)?;
+    let cidr = c.node(2).pod_cidr().to_string();
+    drop(gone);
+    c.remove_node(2)?;
+    c.wait_for_every_node("node 2's routes and ipcache entries gone", |node| {
+        let routes = node.netns().ip(&["-4", "route", "show", "proto", "77"])?;
+        let cache = node.dump_map_text("ipcache")?;
+        Ok(!routes.stdout_text().contains(&cidr) && !cache.contains(&ipcache_key_text(&cidr)))
+    })?;
+
+    let joined = c.add_node()?;
+    let b = c.add_pod(joined, "default", "b", &[("app", "b")])?;
+    c.wait_until_every_node_knows(b.ip())?;
+    talk(&a, &b)?;
+    talk(&b, &a)?;
+    Ok(())
+}
+
+/// How bpftool prints the first address bytes of a prefix key, to find it in a dump.
+fn ipcache_key_text(cidr: &str) -> String {
+    let addr: Ipv4Addr = cidr
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let [a, b, c, _] = addr.octets();
+    format!("{a}, {b}, {c}, 0")
+}
+
+/// Restarting the agent of one node leaves established cross-node TCP flows running: the
+/// programs, the tunnel and the maps stay while it is away.
+#[test]
+fn an_agent_restart_keeps_cross_node_flows_alive() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut c = cluster(
+        &run,
+        2,
+        "tunnel",
+        Underlay::Router {
+            route_pod_cidrs: false,
+        },
+    )?;
+    let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
+    let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
+    c.wait_until_every_node_knows(b.ip())?;
+    let server = EchoServer::start(&b, 7000, 0)?;
+    let stopped = time_until_flow_stops(&a, &server, Duration::from_secs(3), || {
+        c.node_mut(0).stop_agent()?;
+        c.node_mut(0).start_agent()
+    })?;
+    assert_eq!(stopped, None, "the flow kept running through the restart");
+    talk(&a, &b)?;
+    Ok(())
+}
+
+/// The same cluster with every agent watching one test API server (Node and Pod objects with
+/// their addresses, as kubelet and the controller manager write them).
+#[test]
+fn both_modes_work_with_the_kubernetes_source() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    for mode in ["tunnel", "native"] {
+        let c = Cluster::start(
+            &run,
+            ClusterSpec::new(2, Underlay::Switch)
+                .agent_args(&["--routing-mode", mode])
+                .source(AgentSource::Kubernetes),
+        )?;
+        let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
+        let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
+        c.wait_until_every_node_knows(b.ip())?;
+        c.wait_until_every_node_knows(a.ip())?;
+        talk(&a, &b)?;
+        talk(&b, &c.node_on_underlay(0))?;
+    }
+    Ok(())
+}
