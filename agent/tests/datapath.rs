@@ -1466,3 +1466,26 @@ fn egress_policy_is_checked_against_the_original_destination_before_masquerading
         assert_eq!(f.nat_entries(), 2, "only the allowed flow was translated");
     });
 }
+
+/// What `--masquerade` true and false do to the uplink: its two filters, attached in tc mode
+/// (whatever `--attach-mode`), and gone again, also from a device that never had them.
+#[test]
+fn the_uplink_gets_the_masquerading_filters_and_loses_them_again() {
+    with_datapath(|f| {
+        f.dp.detach_uplink("eth-a")
+            .expect("nothing attached: nothing to detach");
+        f.dp.attach_uplink("eth-a").expect("attach");
+        for (hook, program) in [
+            (TcAttachType::Ingress, "from_uplink"),
+            (TcAttachType::Egress, "to_uplink"),
+        ] {
+            let (ours, others) = split(filters("eth-a", hook), program);
+            assert_eq!(ours.len(), 1, "{program}: {ours:?}");
+            assert_eq!(others, [], "{program}");
+        }
+        f.dp.detach_uplink("eth-a").expect("detach");
+        for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+            assert_eq!(filters("eth-a", hook), []);
+        }
+    });
+}

@@ -14,8 +14,10 @@ use myelin_tests::{
     Error, Result,
     metrics::samples,
     multinode::{Cluster, ClusterSpec, Underlay},
-    root_test,
-    traffic::{Host, ping, tcp_bulk, tcp_echo, tcp_source_seen, udp_echo, udp_source_seen},
+    root_test, tc,
+    traffic::{
+        Host, ping, ping_within, tcp_bulk, tcp_echo, tcp_source_seen, udp_echo, udp_source_seen,
+    },
 };
 
 /// The MTU of the router's link to the world (the rest of the path has 1500).
@@ -23,7 +25,7 @@ const WORLD_LINK_MTU: u32 = 1280;
 /// How long the agent's collectors wait between sweeps here (the metrics count at each).
 const GC_INTERVAL: &str = "1s";
 
-fn one_node_behind_a_router(run: &myelin_tests::RunPrefix) -> Result<Cluster> {
+fn one_node_behind_a_router(run: &myelin_tests::RunPrefix, args: &[&str]) -> Result<Cluster> {
     Cluster::start(
         run,
         ClusterSpec::new(
@@ -32,8 +34,23 @@ fn one_node_behind_a_router(run: &myelin_tests::RunPrefix) -> Result<Cluster> {
                 route_pod_cidrs: false,
             },
         )
-        .agent_args(&["--conntrack-gc-interval", GC_INTERVAL]),
+        .agent_args(&["--conntrack-gc-interval", GC_INTERVAL])
+        .agent_args(args),
     )
+}
+
+/// The masquerading programs on the node's uplink (`eth0`), by hook.
+fn uplink_programs(cluster: &Cluster) -> Result<Vec<(&'static str, &'static str)>> {
+    let mut found = Vec::new();
+    for (hook, program) in [("ingress", "from_uplink"), ("egress", "to_uplink")] {
+        if tc::filters(cluster.node(0).netns(), "eth0", hook)?
+            .iter()
+            .any(|f| f.runs(program))
+        {
+            found.push((hook, program));
+        }
+    }
+    Ok(found)
 }
 
 #[test]
@@ -41,7 +58,11 @@ fn pods_reach_the_world_as_their_node_and_its_replies_find_them() -> Result<()> 
     let Some(run) = root_test()? else {
         return Ok(());
     };
-    let cluster = one_node_behind_a_router(&run)?;
+    let cluster = one_node_behind_a_router(&run, &[])?;
+    assert_eq!(
+        uplink_programs(&cluster)?,
+        [("ingress", "from_uplink"), ("egress", "to_uplink")]
+    );
     let pod = cluster.add_pod(0, "default", "client", &[])?;
     let world = cluster.world();
     // The world has no route to the pod: every answer below comes back through the NAT.
@@ -95,7 +116,7 @@ fn path_mtu_discovery_works_for_pods_through_a_smaller_link() -> Result<()> {
     let Some(run) = root_test()? else {
         return Ok(());
     };
-    let cluster = one_node_behind_a_router(&run)?;
+    let cluster = one_node_behind_a_router(&run, &[])?;
     // Two pods: each learns the path MTU on its own.
     let pinger = cluster.add_pod(0, "default", "pinger", &[])?;
     let sender = cluster.add_pod(0, "default", "sender", &[])?;
@@ -129,5 +150,18 @@ fn path_mtu_discovery_works_for_pods_through_a_smaller_link() -> Result<()> {
     // TCP sends full-size segments with DF: they arrive only once the pod learns the path's
     // MTU from the router's translated error.
     tcp_bulk(&sender, world, 0)?;
+    Ok(())
+}
+
+#[test]
+fn without_masquerade_pods_leave_as_themselves_and_the_uplink_has_no_programs() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let cluster = one_node_behind_a_router(&run, &["--masquerade", "false"])?;
+    assert_eq!(uplink_programs(&cluster)?, []);
+    let pod = cluster.add_pod(0, "default", "client", &[])?;
+    // The world gets the pod's address, which it has no route back to.
+    assert!(ping_within(&pod, cluster.world(), Duration::from_secs(1)).is_err());
     Ok(())
 }
