@@ -6,7 +6,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use ipnet::Ipv4Net;
 
-use crate::{datapath::AttachMode, source::SourceSpec};
+use crate::{
+    datapath::{AttachMode, nat::NatPorts},
+    source::SourceSpec,
+};
 
 /// `--routing-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -76,6 +79,11 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_MAX_CONNTRACK", default_value_t = myelin_common::maps::DEFAULT_MAX_CONNTRACK)]
     pub max_conntrack: u32,
 
+    /// Capacity of the NAT table: two entries per masqueraded flow (least recently used flows
+    /// are evicted when full).
+    #[arg(long, env = "MYELIN_MAX_NAT", default_value_t = myelin_common::maps::DEFAULT_MAX_NAT)]
+    pub max_nat: u32,
+
     /// How programs are attached to pod interfaces (see `AttachMode` for why tc is the
     /// default).
     #[arg(long, env = "MYELIN_ATTACH_MODE", value_enum, default_value = "tc")]
@@ -129,6 +137,12 @@ pub struct AgentConfig {
     /// and node addresses (which are never masqueraded). Comma-separated CIDRs.
     #[arg(long, env = "MYELIN_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
     pub non_masquerade_cidrs: Vec<Ipv4Net>,
+
+    /// Source ports masquerading hands out, `MIN-MAX`. Default: above the node's
+    /// `net.ipv4.ip_local_port_range` (61000-65535 with Linux's default), which the node never
+    /// picks for its own connections.
+    #[arg(long, env = "MYELIN_NAT_PORT_RANGE")]
+    pub nat_port_range: Option<NatPorts>,
 
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
@@ -195,6 +209,7 @@ impl AgentConfig {
             ipcache: self.max_ipcache,
             policy: self.max_policy_entries,
             conntrack: self.max_conntrack,
+            nat: self.max_nat,
         }
     }
 
@@ -227,6 +242,8 @@ mod tests {
         assert_eq!(c.tunnel_port, 8472);
         assert!(c.masquerade);
         assert!(c.non_masquerade_cidrs.is_empty());
+        assert_eq!(c.nat_port_range, None);
+        assert_eq!(c.max_nat, 131_072);
         assert_eq!(c.uplink, None);
         assert_eq!(c.max_object_file_size, 16 << 20);
     }
@@ -290,8 +307,14 @@ mod tests {
             "false",
             "--non-masquerade-cidrs",
             "10.0.0.0/8,192.168.0.0/16",
+            "--nat-port-range",
+            "40000-49999",
         ])
         .unwrap();
+        assert_eq!(
+            c.nat_port_range.map(|p| (p.min, p.max)),
+            Some((40000, 49999))
+        );
         assert_eq!(c.routing_mode, RoutingMode::Native);
         assert!(!c.masquerade);
         assert_eq!(c.non_masquerade_cidrs.len(), 2);

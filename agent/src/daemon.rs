@@ -10,7 +10,8 @@
 //! 4. [`start_datapath`]: the node device, the maps and programs, then `Agent::restore` checks the
 //!    files against the kernel and the queued DELs are carried out: all before the API accepts
 //!    the first CNI ADD, so a restarted agent never answers with stale state.
-//! 5. [`serve`]: the owner, the API, metrics, conntrack GC, interface watch; until a signal.
+//! 5. [`serve`]: the owner, the API, metrics, interface watch; until a signal (the conntrack and
+//!    NAT collectors started with the datapath).
 
 use std::{path::Path, time::Instant};
 
@@ -31,7 +32,8 @@ use crate::{
     config::{AgentConfig, RoutingMode},
     datapath::{
         Datapath, DatapathOps as _, Routing,
-        conntrack::{self, ConntrackTable},
+        conntrack::ConntrackTable,
+        nat::{self, Masquerade, NatPorts},
     },
     endpoint::{EndpointStore, EndpointStoreError},
     events,
@@ -278,7 +280,18 @@ async fn start_datapath(
         tokio::spawn(events::read(ring, events.clone()));
     }
     let links = Links::open().context("opening route netlink")?;
-    let network = setup_network(config, node_name, &cluster.index, &links, &mut datapath).await?;
+    let network = setup_network(
+        config,
+        node_name,
+        &cluster.index,
+        cluster.pod_cidr,
+        &links,
+        &mut datapath,
+    )
+    .await?;
+    datapath
+        .spawn_collectors(config.conntrack_gc_interval)
+        .context("starting the conntrack and NAT collectors")?;
     let listed = links
         .list()
         .await
@@ -305,6 +318,7 @@ async fn start_datapath(
     if matches!(config.source, SourceSpec::Kubernetes) {
         agent = agent.expecting_pod_objects();
     }
+    agent = agent.with_non_masquerade_cidrs(config.non_masquerade_cidrs.clone());
     agent = agent.with_routing(network.as_ref().map(|n| myelin_api::RoutingInfo {
         mode: match config.routing_mode {
             RoutingMode::Tunnel => "tunnel".into(),
@@ -343,12 +357,13 @@ async fn start_datapath(
 }
 
 /// Routing to other nodes, when this node's Node object gives its InternalIP: the uplink, the
-/// tunnel in tunnel mode, and the datapath's routing settings. Without an InternalIP the node
-/// works alone (pods reach each other and the node's stack).
+/// tunnel in tunnel mode, masquerading on the uplink, and the datapath's routing settings.
+/// Without an InternalIP the node works alone (pods reach each other and the node's stack).
 async fn setup_network(
     config: &AgentConfig,
     node_name: &str,
     index: &ClusterIndex,
+    pod_cidr: Ipv4Net,
     links: &Links,
     datapath: &mut Datapath,
 ) -> anyhow::Result<Option<NodeNetwork>> {
@@ -381,8 +396,19 @@ async fn setup_network(
         RoutingMode::Tunnel => CONFIG_F_TUNNEL,
         RoutingMode::Native => CONFIG_F_NATIVE,
     };
+    let uplink = &network.uplink.name;
     if config.masquerade {
         flags |= CONFIG_F_MASQUERADE;
+        let ports = nat_ports(config)?;
+        datapath.set_masquerade(Masquerade { pod_cidr, ports })?;
+        datapath
+            .attach_uplink(uplink)
+            .with_context(|| format!("attaching the masquerading programs to {uplink}"))?;
+        info!(uplink, %ports, "masquerading pod traffic that leaves the cluster");
+    } else {
+        datapath
+            .detach_uplink(uplink)
+            .with_context(|| format!("detaching the masquerading programs from {uplink}"))?;
     }
     datapath.set_routing(Routing {
         flags,
@@ -391,6 +417,20 @@ async fn setup_network(
         uplink_ifindex: network.uplink.index,
     })?;
     Ok(Some(network))
+}
+
+/// `--nat-port-range`, or the ports above the node's `ip_local_port_range`.
+fn nat_ports(config: &AgentConfig) -> anyhow::Result<NatPorts> {
+    if let Some(ports) = config.nat_port_range {
+        return Ok(ports);
+    }
+    let local = NatPorts::local_range(Path::new(nat::LOCAL_PORT_RANGE))
+        .context("choosing the NAT port range (or pass --nat-port-range)")?;
+    let (ports, warning) = NatPorts::above(local);
+    if let Some(warning) = warning {
+        warn!("{warning}");
+    }
+    Ok(ports)
 }
 
 /// Phase 5: everything that runs, until SIGTERM or SIGINT.
@@ -428,8 +468,6 @@ async fn serve(
     )
     .context("starting the agent's owner thread")?;
     let conntrack_pin = ConntrackTable::pin_path(&started.pin_dir);
-    conntrack::spawn_collector(conntrack_pin.clone(), config.conntrack_gc_interval)
-        .context("starting the conntrack collector")?;
 
     let listener = api::bind(&config.socket)?;
     let api_task = tokio::spawn(api::serve(

@@ -6,6 +6,7 @@
 //! - `ipcache`: every pod and node address (/32), plus every prefix a policy names.
 //! - `policy`: for each local endpoint selected by a policy, one entry per (peer identity,
 //!   protocol, port block) its rules allow.
+//! - `masq_exclude`: the destinations pods reach with their own address (see [`masq_exclude`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,6 +21,7 @@ use myelin_common::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
     identity,
+    nat::{MASQ_EXCLUDE_CONFIGURED, MASQ_EXCLUDE_NODE, MASQ_EXCLUDE_POD_CIDR, MasqExclude},
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PORT, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
 };
 
@@ -42,7 +44,9 @@ pub struct DesiredState {
     pub counter_ids: BTreeSet<u32>,
     pub ipcache: BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
     pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
-    /// Leave the ipcache and policy maps as they are (the cluster state is not known yet).
+    pub masq_exclude: BTreeMap<LpmKey<Ipv4Key>, MasqExclude>,
+    /// Leave the ipcache, policy and masq_exclude maps as they are (the cluster state is not
+    /// known yet).
     pub keep_policy_state: bool,
 }
 
@@ -82,6 +86,8 @@ pub fn pod_hosts(index: &ClusterIndex, identities: &Identities) -> BTreeMap<Ipv4
 
 pub struct Inputs<'a> {
     pub node_name: &'a str,
+    /// This node's pod CIDR (IPAM's, which `--pod-cidr` may give without a Node object).
+    pub pod_cidr: Ipv4Net,
     pub gateway: Ipv4Addr,
     pub endpoints: Vec<LocalEndpoint<'a>>,
     pub index: &'a ClusterIndex,
@@ -92,6 +98,8 @@ pub struct Inputs<'a> {
     pub nodes: &'a Nodes,
     /// Capacity of the policy map: endpoints whose entries do not fit are marked incomplete.
     pub policy_capacity: usize,
+    /// `--non-masquerade-cidrs`.
+    pub non_masquerade_cidrs: &'a [Ipv4Net],
 }
 
 pub fn compute(inputs: &Inputs<'_>) -> DesiredState {
@@ -99,6 +107,7 @@ pub fn compute(inputs: &Inputs<'_>) -> DesiredState {
     let prefixes = PolicyPrefixes::collect(inputs.index, egress_ports.addresses());
     let mut desired = DesiredState {
         ipcache: ipcache(inputs, &prefixes),
+        masq_exclude: masq_exclude(inputs.index, inputs.pod_cidr, inputs.non_masquerade_cidrs),
         ..DesiredState::default()
     };
 
@@ -243,6 +252,33 @@ fn ipcache(
                 _pad: 0,
             },
         );
+    }
+    out
+}
+
+/// The destinations a pod reaches with its own address, whatever `--masquerade` says: every
+/// pod CIDR of the cluster (this node's too), every node's InternalIP, and
+/// `--non-masquerade-cidrs`. Taken from every Node object, also those routing leaves out (an
+/// overlapping or address-less node's pods are still the cluster's). Where a prefix is there for
+/// several reasons, the configured one is shown.
+pub fn masq_exclude(
+    index: &ClusterIndex,
+    pod_cidr: Ipv4Net,
+    configured: &[Ipv4Net],
+) -> BTreeMap<LpmKey<Ipv4Key>, MasqExclude> {
+    let entry = |reason| MasqExclude { reason };
+    let mut out = BTreeMap::new();
+    out.insert(prefix_key(pod_cidr), entry(MASQ_EXCLUDE_POD_CIDR));
+    for node in index.nodes() {
+        if let Some(cidr) = node.pod_cidr {
+            out.insert(prefix_key(cidr), entry(MASQ_EXCLUDE_POD_CIDR));
+        }
+        for ip in &node.addresses {
+            out.insert(host_key(*ip), entry(MASQ_EXCLUDE_NODE));
+        }
+    }
+    for net in configured {
+        out.insert(prefix_key(*net), entry(MASQ_EXCLUDE_CONFIGURED));
     }
     out
 }

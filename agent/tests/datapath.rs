@@ -3,8 +3,10 @@
 //! are checked. This is how cases that real traffic cannot produce here are covered (SCTP: the
 //! kernel has no SCTP support; forged ICMP errors; a pod reusing an ICMP id).
 //!
-//! The tc tests at the end attach the programs for real, in the default mode (clsact), next to
-//! other programs' filters.
+//! The tc tests attach the programs for real, in the default mode (clsact), next to other
+//! programs' filters. The masquerading tests at the end run `to_uplink` and `from_uplink` on
+//! what a pod sends to the world and what comes back, and check every checksum by recomputing
+//! it.
 //!
 //! Needs root. Each test runs on a thread with a network namespace of its own (`unshare`), so
 //! nothing touches the machine's namespace and nothing outlives the test; the maps live in a
@@ -19,18 +21,20 @@ use myelin_agent::{
     datapath::{
         AttachMode, Datapath, DatapathError, DatapathOps, Limits, Program, Routing,
         clsact::{self, ClsactError, Filter},
-        conntrack::ConntrackTable,
+        conntrack::{ConntrackTable, Expiring as _},
+        nat::{Masquerade, NatPorts, NatTable},
     },
     desired::{DesiredState, LpmKey, port_blocks},
 };
 use myelin_common::{
     Direction, DropReason, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
-    config::{CONFIG_F_TUNNEL, EVENTS_DROPS},
+    config::{CONFIG_F_MASQUERADE, CONFIG_F_TUNNEL, EVENTS_DROPS},
     endpoint::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
     event::{EVENT_DROP, FlowEvent},
     identity,
+    nat::{MASQ_EXCLUDE_CONFIGURED, MASQ_EXCLUDE_NODE, MASQ_EXCLUDE_POD_CIDR, MasqExclude, NAT_IN},
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
     proto::{IPPROTO_ICMP as ICMP, IPPROTO_SCTP as SCTP, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP},
 };
@@ -119,6 +123,7 @@ struct Fixture {
     policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
     /// Addresses on other nodes (ipcache entries besides the pods' and the gateway's).
     remote: BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
+    masq_exclude: BTreeMap<LpmKey<Ipv4Key>, MasqExclude>,
     bpffs: PrivateBpffs,
 }
 
@@ -154,6 +159,7 @@ fn with_datapath(body: impl FnOnce(&mut Fixture) + Send + 'static) {
             flags: BTreeMap::new(),
             policy: BTreeMap::new(),
             remote: BTreeMap::new(),
+            masq_exclude: BTreeMap::new(),
             bpffs,
         };
         f.sync();
@@ -205,6 +211,7 @@ impl Fixture {
         );
         desired.ipcache.extend(self.remote.clone());
         desired.policy = self.policy.clone();
+        desired.masq_exclude = self.masq_exclude.clone();
         self.dp.apply(&desired).expect("apply");
     }
 
@@ -948,5 +955,661 @@ fn tc_attach_refuses_a_device_with_another_qdisc_at_the_clsact_handle() {
             [],
             "nothing attached into it"
         );
+    });
+}
+
+// ---- masquerading ------------------------------------------------------------------------
+
+/// This node's address on its uplink, the world, and a router on the way there.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+const WORLD: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The default NAT range with Linux's default ip_local_port_range.
+const NAT_PORTS: NatPorts = NatPorts {
+    min: 61000,
+    max: 65535,
+};
+/// The destinations of the cluster: another node's pod CIDR and address, and a configured CIDR.
+const OTHER_PODS: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 5);
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 11);
+const CONFIGURED: Ipv4Addr = Ipv4Addr::new(172, 16, 3, 4);
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+
+impl Fixture {
+    /// Masquerading on, as the agent sets it up: this node at NODE_IP with the pods'
+    /// 10.0.0.0/24, `ports`, and the cluster's destinations excluded.
+    fn masquerade(&mut self, ports: NatPorts) {
+        self.routing(CONFIG_F_MASQUERADE);
+        self.dp
+            .set_masquerade(Masquerade {
+                pod_cidr: "10.0.0.0/24".parse().unwrap(),
+                ports,
+            })
+            .expect("set_masquerade");
+        for (net, reason) in [
+            ("10.0.0.0/24", MASQ_EXCLUDE_POD_CIDR),
+            ("10.0.1.0/24", MASQ_EXCLUDE_POD_CIDR),
+            ("192.168.1.10/32", MASQ_EXCLUDE_NODE),
+            ("192.168.1.11/32", MASQ_EXCLUDE_NODE),
+            ("172.16.0.0/12", MASQ_EXCLUDE_CONFIGURED),
+        ] {
+            let net: ipnet::Ipv4Net = net.parse().unwrap();
+            self.masq_exclude.insert(
+                LpmKey {
+                    prefix_len: u32::from(net.prefix_len()),
+                    data: Ipv4Key {
+                        addr: net.network().octets(),
+                    },
+                },
+                MasqExclude { reason },
+            );
+        }
+        self.sync();
+    }
+
+    fn routing(&mut self, flags: u32) {
+        self.dp
+            .set_routing(Routing {
+                flags,
+                node_ip: NODE_IP,
+                tunnel_ifindex: 0,
+                uplink_ifindex: 1,
+            })
+            .expect("set_routing");
+    }
+
+    /// A packet leaving through the uplink (`to_uplink`).
+    fn leave(&mut self, packet: &[u8]) -> (i32, Vec<u8>) {
+        self.dp
+            .test_run(Program::ToUplink, packet, 1)
+            .expect("test run")
+    }
+
+    /// A packet arriving on the uplink (`from_uplink`).
+    fn arrive(&mut self, packet: &[u8]) -> (i32, Vec<u8>) {
+        self.dp
+            .test_run(Program::FromUplink, packet, 1)
+            .expect("test run")
+    }
+
+    /// A pod's packet on its way out: its veth first, as on a node, then the uplink. Returns
+    /// what leaves.
+    fn pod_sends(&mut self, pod: Pod, packet: &[u8]) -> Vec<u8> {
+        assert_eq!(self.send(pod, packet).0, TC_ACT_OK, "from_container");
+        let (verdict, out) = self.leave(packet);
+        assert_eq!(verdict, TC_ACT_OK, "to_uplink");
+        out
+    }
+
+    /// A packet from the world on its way in: returns what goes up the node's stack.
+    fn world_sends(&mut self, packet: &[u8]) -> Vec<u8> {
+        let (verdict, back) = self.arrive(packet);
+        assert_eq!(verdict, TC_ACT_OK, "from_uplink");
+        back
+    }
+
+    fn nat_entries(&self) -> usize {
+        NatTable::open(&NatTable::pin_path(self.dp.pin_dir()))
+            .expect("open snat")
+            .entries()
+            .expect("snat entries")
+            .len()
+    }
+}
+
+/// Someone outside the pods' CIDR, as a packet source or destination.
+fn outside(ip: Ipv4Addr) -> Pod {
+    Pod {
+        ip,
+        mac: [2, 0, 0, 0, 2, 1],
+        host_mac: [2, 0, 0, 0, 2, 2],
+        ifindex: 1,
+        id: 0,
+        identity: identity::WORLD,
+    }
+}
+
+fn ihl(p: &[u8]) -> usize {
+    usize::from(p[14] & 0x0f) * 4
+}
+
+fn l4(p: &[u8]) -> usize {
+    14 + ihl(p)
+}
+
+/// Where a protocol's checksum lies in its header.
+fn checksum_offset(protocol: u8) -> Option<usize> {
+    match protocol {
+        TCP => Some(16),
+        UDP => Some(6),
+        ICMP => Some(2),
+        _ => None,
+    }
+}
+
+/// The sum a transport checksum covers (with the pseudo-header for TCP and UDP), of the IPv4
+/// packet `ip` (no Ethernet header).
+fn transport_sum(ip: &[u8]) -> u16 {
+    let hl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let (protocol, segment) = (ip[9], &ip[hl..total.min(ip.len())]);
+    let mut covered = Vec::new();
+    if protocol != ICMP {
+        covered.extend_from_slice(&ip[12..20]);
+        covered.extend_from_slice(&[0, protocol]);
+        covered.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    }
+    covered.extend_from_slice(segment);
+    checksum(&covered)
+}
+
+/// Fills in the IP header checksum and the transport checksum (of the whole frame).
+fn checksummed(mut p: Vec<u8>) -> Vec<u8> {
+    p[24..26].copy_from_slice(&[0, 0]);
+    let ip_sum = checksum(&p[14..14 + ihl(&p)]);
+    p[24..26].copy_from_slice(&ip_sum.to_be_bytes());
+    if let Some(at) = checksum_offset(p[23]).map(|o| l4(&p) + o) {
+        p[at..at + 2].copy_from_slice(&[0, 0]);
+        let mut sum = transport_sum(&p[14..]);
+        if p[23] == UDP && sum == 0 {
+            sum = 0xffff;
+        }
+        p[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+    p
+}
+
+/// Every checksum of the frame holds: the IP header's and the transport's (for an ICMP error,
+/// also the quoted packet's, where the quote holds its whole transport segment).
+fn assert_checksums(p: &[u8]) {
+    assert_eq!(checksum(&p[14..14 + ihl(p)]), 0, "IP header checksum");
+    assert_eq!(transport_sum(&p[14..]), 0, "transport checksum");
+    if p[23] == ICMP && [ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED].contains(&p[l4(p)]) {
+        let quote = &p[l4(p) + 8..];
+        let quote_ihl = usize::from(quote[0] & 0x0f) * 4;
+        assert_eq!(
+            checksum(&quote[..quote_ihl]),
+            0,
+            "quoted IP header checksum"
+        );
+        assert_eq!(transport_sum(quote), 0, "quoted transport checksum");
+    }
+}
+
+/// (source address, source port), the port being the identifier for ICMP echo.
+fn source(p: &[u8]) -> (Ipv4Addr, u16) {
+    let at = l4(p) + if p[23] == ICMP { 4 } else { 0 };
+    (
+        Ipv4Addr::new(p[26], p[27], p[28], p[29]),
+        u16::from_be_bytes([p[at], p[at + 1]]),
+    )
+}
+
+/// (destination address, destination port), the port being the identifier for ICMP echo.
+fn destination(p: &[u8]) -> (Ipv4Addr, u16) {
+    let at = l4(p) + if p[23] == ICMP { 4 } else { 2 };
+    (
+        Ipv4Addr::new(p[30], p[31], p[32], p[33]),
+        u16::from_be_bytes([p[at], p[at + 1]]),
+    )
+}
+
+/// The answer to `p`: addresses and ports swapped (an echo reply for an echo request, a
+/// SYN-ACK for TCP), with valid checksums.
+fn reply_to(p: &[u8]) -> Vec<u8> {
+    let mut r = p.to_vec();
+    r[26..30].copy_from_slice(&p[30..34]);
+    r[30..34].copy_from_slice(&p[26..30]);
+    let at = l4(p);
+    match p[23] {
+        ICMP => r[at] = ICMP_ECHO_REPLY,
+        protocol => {
+            r[at..at + 2].copy_from_slice(&p[at + 2..at + 4]);
+            r[at + 2..at + 4].copy_from_slice(&p[at..at + 2]);
+            if protocol == TCP {
+                r[at + 13] = SYN | ACK;
+            }
+        }
+    }
+    checksummed(r)
+}
+
+/// An ICMP error from `from` to `to` quoting the whole of `quoted` (a frame), as Linux does
+/// for packets shorter than 548 bytes. "Fragmentation needed" carries the next hop's MTU.
+fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![icmp_type, code, 0, 0, 0, 0, 0, 0];
+    if (icmp_type, code) == (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED) {
+        l4[6..8].copy_from_slice(&1280u16.to_be_bytes());
+    }
+    l4.extend_from_slice(&quoted[14..]);
+    let (from, to) = (outside(from), outside(to));
+    checksummed(frame(from.mac, from.host_mac, from.ip, to.ip, ICMP, &l4))
+}
+
+/// The packet an ICMP error quotes, as a frame (its Ethernet header made up).
+fn quoted(error: &[u8]) -> Vec<u8> {
+    let mut q = error[..14].to_vec();
+    q.extend_from_slice(&error[l4(error) + 8..]);
+    q
+}
+
+#[test]
+fn masquerade_keeps_a_pods_free_port_and_replies_find_the_pod_again() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        let (a, world) = (f.a, outside(WORLD));
+        for packet in [
+            tcp(a, world, 61000, 443, SYN),
+            udp(a, world, 61001, 53),
+            // An identifier is kept whatever its value: it is no socket's port.
+            icmp_echo(a, world, ICMP_ECHO_REQUEST, 7),
+        ] {
+            let packet = checksummed(packet);
+            let what = format!("protocol {}", packet[23]);
+            let out = f.pod_sends(a, &packet);
+            assert_eq!(source(&out), (NODE_IP, source(&packet).1), "{what}");
+            assert_eq!(destination(&out), destination(&packet), "{what}");
+            assert_checksums(&out);
+
+            let back = f.world_sends(&reply_to(&out));
+            assert_eq!(destination(&back), source(&packet), "{what}");
+            assert_eq!(source(&back), destination(&packet), "{what}");
+            assert_checksums(&back);
+            assert_eq!(
+                f.deliver(a, &back),
+                TC_ACT_OK,
+                "{what}: a reply the pod takes"
+            );
+        }
+        assert_eq!(f.nat_entries(), 6, "two entries per flow");
+    });
+}
+
+#[test]
+fn a_second_flow_from_the_same_port_to_the_same_destination_gets_another_port() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        let (a, b, world) = (f.a, f.b, outside(WORLD));
+        for (packet_a, packet_b) in [
+            (
+                tcp(a, world, 61000, 443, SYN),
+                tcp(b, world, 61000, 443, SYN),
+            ),
+            (udp(a, world, 61000, 53), udp(b, world, 61000, 53)),
+            (
+                icmp_echo(a, world, ICMP_ECHO_REQUEST, 9),
+                icmp_echo(b, world, ICMP_ECHO_REQUEST, 9),
+            ),
+        ] {
+            let (packet_a, packet_b) = (checksummed(packet_a), checksummed(packet_b));
+            let what = format!("protocol {}", packet_a[23]);
+            let out_a = f.pod_sends(a, &packet_a);
+            let out_b = f.pod_sends(b, &packet_b);
+            assert_eq!(source(&out_a), (NODE_IP, source(&packet_a).1), "{what}");
+            let (addr_b, port_b) = source(&out_b);
+            assert_eq!(addr_b, NODE_IP, "{what}");
+            assert_ne!(port_b, source(&packet_a).1, "{what}: b collides with a");
+            if packet_b[23] != ICMP {
+                assert!(
+                    (NAT_PORTS.min..=NAT_PORTS.max).contains(&port_b),
+                    "{what}: {port_b} is outside the NAT range"
+                );
+            }
+            assert_checksums(&out_b);
+            // Later packets keep their translation.
+            assert_eq!(source(&f.pod_sends(b, &packet_b)), (NODE_IP, port_b));
+
+            for (out, packet, pod) in [(&out_a, &packet_a, a), (&out_b, &packet_b, b)] {
+                let back = f.world_sends(&reply_to(out));
+                assert_eq!(destination(&back), source(packet), "{what}");
+                assert_eq!(destination(&back).0, pod.ip);
+                assert_checksums(&back);
+            }
+        }
+    });
+}
+
+#[test]
+fn an_icmp_error_about_a_masqueraded_packet_reaches_the_pod_with_both_headers_translated() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        let (a, world) = (f.a, outside(WORLD));
+        for (packet, icmp_type, code) in [
+            // Path MTU discovery: a router on the way cannot forward a packet with DF set.
+            (
+                tcp(a, world, 40000, 443, ACK),
+                ICMP_DEST_UNREACH,
+                ICMP_FRAG_NEEDED,
+            ),
+            (
+                udp(a, world, 40001, 53),
+                ICMP_DEST_UNREACH,
+                ICMP_FRAG_NEEDED,
+            ),
+            // traceroute, and a ping whose TTL runs out.
+            (
+                icmp_echo(a, world, ICMP_ECHO_REQUEST, 4242),
+                ICMP_TIME_EXCEEDED,
+                0,
+            ),
+        ] {
+            let packet = checksummed(packet);
+            let what = format!("protocol {}", packet[23]);
+            let out = f.pod_sends(a, &packet);
+            if packet[23] != ICMP {
+                assert_ne!(
+                    source(&out).1,
+                    source(&packet).1,
+                    "{what}: a port of the range"
+                );
+            }
+            let error = icmp_error(ROUTER, NODE_IP, icmp_type, code, &out);
+            assert_checksums(&error);
+            let back = f.world_sends(&error);
+            assert_eq!(source(&back).0, ROUTER, "{what}");
+            assert_eq!(
+                destination(&back).0,
+                a.ip,
+                "{what}: the error goes to the pod"
+            );
+            let (at, was) = (l4(&back), l4(&error));
+            assert_eq!(
+                (&back[at..at + 2], &back[at + 4..at + 8]),
+                (&error[was..was + 2], &error[was + 4..was + 8]),
+                "{what}: type, code and MTU as sent"
+            );
+            assert_eq!(
+                quoted(&back)[14..],
+                packet[14..],
+                "{what}: the pod sees its own packet quoted, checksums and all"
+            );
+            assert_checksums(&back);
+            assert_eq!(
+                f.deliver(a, &back),
+                TC_ACT_OK,
+                "{what}: related to the pod's flow"
+            );
+        }
+        // An error about nothing this node translated goes up the stack as it came.
+        let stray = checksummed(udp(outside(NODE_IP), world, 61234, 53));
+        let error = icmp_error(ROUTER, NODE_IP, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, &stray);
+        assert_eq!(f.world_sends(&error), error);
+    });
+}
+
+#[test]
+fn a_pods_icmp_error_about_a_translated_reply_leaves_with_the_nodes_address() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        let (a, world) = (f.a, outside(WORLD));
+        let query = checksummed(udp(a, world, 40002, 53));
+        let out = f.pod_sends(a, &query);
+        let back = f.world_sends(&reply_to(&out));
+        // The pod's socket is gone: it says so to the world.
+        let error = icmp_error(a.ip, WORLD, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &back);
+        let (verdict, sent) = f.leave(&error);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(source(&sent).0, NODE_IP);
+        assert_eq!(
+            quoted(&sent)[14..],
+            reply_to(&out)[14..],
+            "the world sees its own reply quoted"
+        );
+        assert_checksums(&sent);
+    });
+}
+
+#[test]
+fn cluster_destinations_and_the_nodes_own_traffic_are_never_translated() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        let a = f.a;
+        for to in [OTHER_PODS, OTHER_NODE, CONFIGURED] {
+            for packet in [
+                tcp(a, outside(to), 61000, 443, SYN),
+                icmp_echo(a, outside(to), ICMP_ECHO_REQUEST, 1),
+            ] {
+                let packet = checksummed(packet);
+                assert_eq!(f.leave(&packet), (TC_ACT_OK, packet.clone()), "to {to}");
+            }
+        }
+        // The node's own connection, and what answers it.
+        let node = outside(NODE_IP);
+        let own = checksummed(tcp(node, outside(WORLD), 40000, 443, SYN));
+        assert_eq!(f.leave(&own), (TC_ACT_OK, own.clone()));
+        let answer = reply_to(&own);
+        assert_eq!(f.arrive(&answer), (TC_ACT_OK, answer.clone()));
+        // Nothing is known for a port of the range either.
+        let unknown = checksummed(udp(outside(WORLD), node, 53, 62000));
+        assert_eq!(f.arrive(&unknown), (TC_ACT_OK, unknown.clone()));
+        assert_eq!(f.nat_entries(), 0);
+    });
+}
+
+#[test]
+fn without_masquerade_the_uplink_programs_change_nothing() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        f.routing(0);
+        let (a, world) = (f.a, outside(WORLD));
+        let packet = checksummed(tcp(a, world, 61000, 443, SYN));
+        assert_eq!(f.leave(&packet), (TC_ACT_OK, packet.clone()));
+        let answer = checksummed(tcp(world, outside(NODE_IP), 443, 61000, SYN | ACK));
+        assert_eq!(f.arrive(&answer), (TC_ACT_OK, answer.clone()));
+        assert_eq!(f.nat_entries(), 0);
+    });
+}
+
+/// Port exhaustion is Cilium's most reported masquerading failure: here it must cost new flows
+/// only, never one that has its port.
+#[test]
+fn when_the_range_is_used_up_new_flows_drop_and_the_existing_one_goes_on() {
+    with_datapath(|f| {
+        let one_port = NatPorts {
+            min: 61000,
+            max: 61000,
+        };
+        f.masquerade(one_port);
+        let (a, b, world) = (f.a, f.b, outside(WORLD));
+        let first = checksummed(tcp(a, world, 50000, 443, SYN));
+        let out = f.pod_sends(a, &first);
+        assert_eq!(source(&out), (NODE_IP, 61000));
+
+        for (sport, what) in [(50000, "the same port"), (61000, "the range's only port")] {
+            let second = checksummed(tcp(b, world, sport, 443, SYN));
+            assert_eq!(f.send(b, &second).0, TC_ACT_OK);
+            assert_eq!(f.leave(&second).0, TC_ACT_SHOT, "{what}");
+        }
+        assert_eq!(f.drops(DropReason::NatPortExhausted), 2);
+
+        // The flow that has the port keeps it, both ways.
+        let next = checksummed(tcp(a, world, 50000, 443, ACK));
+        assert_eq!(source(&f.pod_sends(a, &next)), (NODE_IP, 61000));
+        let back = f.world_sends(&reply_to(&out));
+        assert_eq!(destination(&back), (a.ip, 50000));
+        // A port is per destination: another one still has it free.
+        let elsewhere = checksummed(tcp(b, outside(ROUTER), 50000, 443, SYN));
+        assert_eq!(source(&f.pod_sends(b, &elsewhere)), (NODE_IP, 61000));
+        assert_eq!(f.drops(DropReason::NatPortExhausted), 2);
+    });
+}
+
+/// SCTP's checksum is a CRC32c over the packet, ports included but not the addresses: a flow
+/// keeps its port or is dropped, and is never renumbered with a checksum left wrong.
+#[test]
+fn sctp_keeps_its_port_or_drops_rather_than_leave_a_wrong_checksum() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        let (a, b, world) = (f.a, f.b, outside(WORLD));
+        let mut packet = sctp(a, world, 5000, 3868);
+        let crc = l4(&packet) + 8;
+        packet[crc..crc + 4].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+        let out = f.pod_sends(a, &packet);
+        assert_eq!(
+            source(&out),
+            (NODE_IP, 5000),
+            "kept, even outside the range"
+        );
+        assert_eq!(checksum(&out[14..34]), 0);
+        assert_eq!(
+            &out[l4(&out)..],
+            &packet[l4(&packet)..],
+            "the SCTP packet, CRC32c included, is untouched"
+        );
+        let back = f.world_sends(&reply_to(&out));
+        assert_eq!(destination(&back), (a.ip, 5000));
+
+        assert_eq!(f.send(b, &sctp(b, world, 5000, 3868)).0, TC_ACT_OK);
+        assert_eq!(f.leave(&sctp(b, world, 5000, 3868)).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::NatPortExhausted), 1);
+    });
+}
+
+#[test]
+fn a_pod_answering_a_connection_to_its_own_address_keeps_it() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        let (a, world) = (f.a, outside(WORLD));
+        // Someone outside routes to the pod CIDR and connects to the pod directly.
+        let syn = checksummed(tcp(world, a, 40000, 8080, SYN));
+        assert_eq!(f.deliver(a, &syn), TC_ACT_OK);
+        let answer = checksummed(tcp(a, world, 8080, 40000, SYN | ACK));
+        assert_eq!(f.pod_sends(a, &answer), answer);
+        assert_eq!(f.nat_entries(), 0);
+    });
+}
+
+/// The LRU map may evict one entry of a pair; the flow's next refresh mends the pair, or, when
+/// another flow took the port meanwhile, moves the flow to a new port rather than send as that
+/// flow. Needs the refresh interval (1 s) to pass.
+#[test]
+fn a_flow_whose_reply_entry_went_gets_it_back_or_moves_to_another_port() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        let (a, b, world) = (f.a, f.b, outside(WORLD));
+        let packet = checksummed(udp(a, world, 61000, 53));
+        f.pod_sends(a, &packet);
+        let pin = NatTable::pin_path(f.dp.pin_dir());
+        let map = |pin: &std::path::Path| {
+            aya::maps::HashMap::<_, myelin_common::nat::NatKey, myelin_common::nat::NatEntry>::try_from(
+                aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(pin).unwrap()),
+            )
+            .unwrap()
+        };
+        let reply_key = |port: u16| myelin_common::nat::NatKey {
+            saddr: WORLD.octets(),
+            daddr: NODE_IP.octets(),
+            sport: 53u16.to_be(),
+            dport: port.to_be(),
+            protocol: UDP,
+            direction: NAT_IN,
+            _pad: 0,
+        };
+        // Evicted: put back by the next packet once the refresh interval passed.
+        map(&pin).remove(&reply_key(61000)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        assert_eq!(source(&f.pod_sends(a, &packet)), (NODE_IP, 61000));
+        let out = f.pod_sends(a, &packet);
+        let back = f.world_sends(&reply_to(&out));
+        assert_eq!(destination(&back), (a.ip, 61000));
+
+        // Evicted, and the port given to b's flow meanwhile: a moves on, b keeps it.
+        map(&pin).remove(&reply_key(61000)).unwrap();
+        let b_packet = checksummed(udp(b, world, 61000, 53));
+        assert_eq!(source(&f.pod_sends(b, &b_packet)), (NODE_IP, 61000));
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        let moved = source(&f.pod_sends(a, &packet));
+        assert_eq!(moved.0, NODE_IP);
+        assert_ne!(moved.1, 61000, "a still sends as b's flow");
+        let to_b = checksummed(udp(world, outside(NODE_IP), 53, 61000));
+        assert_eq!(destination(&f.world_sends(&to_b)), (b.ip, 61000));
+        let to_a = checksummed(udp(world, outside(NODE_IP), 53, moved.1));
+        assert_eq!(destination(&f.world_sends(&to_a)), (a.ip, 61000));
+    });
+}
+
+#[test]
+fn expired_translations_are_collected_in_pairs_and_free_their_port() {
+    with_datapath(|f| {
+        f.masquerade(NatPorts {
+            min: 61000,
+            max: 61000,
+        });
+        let (a, b, world) = (f.a, f.b, outside(WORLD));
+        f.pod_sends(a, &checksummed(tcp(a, world, 50000, 443, SYN)));
+        let b_syn = checksummed(tcp(b, world, 50000, 443, SYN));
+        assert_eq!(f.leave(&b_syn).0, TC_ACT_SHOT, "the only port is a's");
+
+        let pin = NatTable::pin_path(f.dp.pin_dir());
+        let mut table = NatTable::open(&pin).unwrap();
+        let live = table.collect_garbage().unwrap();
+        assert_eq!(
+            (live.removed, live.kept),
+            (0, 2),
+            "a's flow has not expired"
+        );
+        // A TCP flow that never saw a reply lives 60 s: age both entries past that.
+        let mut map = aya::maps::HashMap::<
+            _,
+            myelin_common::nat::NatKey,
+            myelin_common::nat::NatEntry,
+        >::try_from(aya::maps::Map::LruHashMap(
+            aya::maps::MapData::from_pin(&pin).unwrap(),
+        ))
+        .unwrap();
+        for (k, mut e) in table.entries().unwrap() {
+            e.expires_ns = 1;
+            map.insert(k, e, 0).unwrap();
+        }
+        let swept = table.collect_garbage().unwrap();
+        assert_eq!((swept.removed, swept.kept), (2, 0));
+        assert_eq!(source(&f.pod_sends(b, &b_syn)), (NODE_IP, 61000));
+    });
+}
+
+/// Policy decides on the pod's own packet, against the real destination, before anything is
+/// translated: a denied packet never reaches the uplink.
+#[test]
+fn egress_policy_is_checked_against_the_original_destination_before_masquerading() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        let (a, world) = (f.a, outside(WORLD));
+        f.isolate(a, ENDPOINT_F_EGRESS_ISOLATED);
+        f.allow(a, Direction::Egress, identity::WORLD, TCP, 443);
+        let allowed = checksummed(tcp(a, world, 40000, 443, SYN));
+        assert_eq!(source(&f.pod_sends(a, &allowed)).0, NODE_IP);
+        let denied = checksummed(tcp(a, world, 40001, 80, SYN));
+        assert_eq!(f.send(a, &denied).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::PolicyDeniedEgress), 1);
+        assert_eq!(f.nat_entries(), 2, "only the allowed flow was translated");
+    });
+}
+
+/// What `--masquerade` true and false do to the uplink: its two filters, attached in tc mode
+/// (whatever `--attach-mode`), and gone again, also from a device that never had them.
+#[test]
+fn the_uplink_gets_the_masquerading_filters_and_loses_them_again() {
+    with_datapath(|f| {
+        f.dp.detach_uplink("eth-a")
+            .expect("nothing attached: nothing to detach");
+        f.dp.attach_uplink("eth-a").expect("attach");
+        for (hook, program) in [
+            (TcAttachType::Ingress, "from_uplink"),
+            (TcAttachType::Egress, "to_uplink"),
+        ] {
+            let (ours, others) = split(filters("eth-a", hook), program);
+            assert_eq!(ours.len(), 1, "{program}: {ours:?}");
+            assert_eq!(others, [], "{program}");
+        }
+        f.dp.detach_uplink("eth-a").expect("detach");
+        for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+            assert_eq!(filters("eth-a", hook), []);
+        }
     });
 }

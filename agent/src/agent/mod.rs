@@ -26,6 +26,7 @@ use myelin_common::{
     identity,
 };
 
+use ipnet::Ipv4Net;
 use myelin_cluster::{Change, ClusterIndex, Identities, IdentityLabels, Labels};
 use tracing::{info, warn};
 
@@ -75,6 +76,9 @@ pub struct Agent<D> {
     pod_hosts: (u64, BTreeMap<Ipv4Addr, u32>),
     /// The other nodes as routing sees them, as of the generation.
     nodes: (u64, desired::Nodes),
+    /// `--non-masquerade-cidrs`: destinations pods reach with their own address, besides the
+    /// cluster's pod CIDRs and nodes.
+    non_masquerade_cidrs: Vec<Ipv4Net>,
     datapath: D,
     interfaces: Box<dyn Interfaces>,
     /// Where the plugin queues DELs that found the agent down (`myelin_api::pending`).
@@ -156,6 +160,7 @@ impl<D: DatapathOps> Agent<D> {
             cluster_generation: 1,
             pod_hosts: (0, BTreeMap::new()),
             nodes: (0, desired::Nodes::default()),
+            non_masquerade_cidrs: Vec::new(),
             datapath,
             interfaces,
             pending_deletes: None,
@@ -188,6 +193,13 @@ impl<D: DatapathOps> Agent<D> {
     pub fn with_routing(mut self, routing: Option<myelin_api::RoutingInfo>) -> Self {
         self.pod_mtu = routing.as_ref().map(|r| r.pod_mtu);
         self.routing = routing;
+        self
+    }
+
+    /// Destinations pods reach with their own address besides the cluster's
+    /// (`--non-masquerade-cidrs`).
+    pub fn with_non_masquerade_cidrs(mut self, cidrs: Vec<Ipv4Net>) -> Self {
+        self.non_masquerade_cidrs = cidrs;
         self
     }
 
@@ -373,6 +385,7 @@ impl<D: DatapathOps> Agent<D> {
             .collect();
         desired::compute(&Inputs {
             node_name: &self.node_name,
+            pod_cidr: self.ipam.cidr(),
             gateway: self.ipam.gateway(),
             endpoints,
             index: &self.index,
@@ -380,6 +393,7 @@ impl<D: DatapathOps> Agent<D> {
             pod_hosts: &self.pod_hosts.1,
             nodes: &self.nodes.1,
             policy_capacity: self.datapath.policy_capacity(),
+            non_masquerade_cidrs: &self.non_masquerade_cidrs,
         })
     }
 

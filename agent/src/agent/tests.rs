@@ -5,7 +5,7 @@ use std::{collections::HashMap, time::Duration};
 use myelin_api::Mac;
 use myelin_common::{Ipv4Key, endpoint::ENDPOINT_F_INGRESS_ISOLATED};
 
-use myelin_cluster::{Object, PodInfo, builders};
+use myelin_cluster::{NodeInfo, Object, PodInfo, builders};
 
 use super::*;
 use crate::{
@@ -626,4 +626,62 @@ fn a_myelin_veth_no_endpoint_claims_is_removed_after_the_grace_and_others_are_le
     let report = a.sweep(&all, t0 + GRACE, GRACE);
     assert_eq!(report.delete_links, vec![orphan]);
     assert!(report.released_endpoints.is_empty());
+}
+
+#[test]
+fn masq_exclude_follows_the_nodes_once_synced() {
+    let prefix = |net: &str| {
+        let net: Ipv4Net = net.parse().unwrap();
+        LpmKey {
+            prefix_len: u32::from(net.prefix_len()),
+            data: Ipv4Key {
+                addr: net.network().octets(),
+            },
+        }
+    };
+    let mut a = unsynced_agent_with(&[], "10.244.0.0/24")
+        .with_non_masquerade_cidrs(vec!["172.16.0.0/12".parse().unwrap()]);
+    let excluded = |a: &Agent<FakeDatapath>| -> Vec<_> {
+        a.datapath()
+            .tables
+            .masq_exclude
+            .current()
+            .keys()
+            .copied()
+            .collect()
+    };
+    a.apply_cluster_changes([Change::Apply(Object::Node(
+        NodeInfo::from_k8s(&builders::node(
+            "node-1",
+            Some("10.244.0.0/24"),
+            "192.168.1.10",
+        ))
+        .unwrap()
+        .0,
+    ))])
+    .unwrap();
+    assert!(excluded(&a).is_empty(), "left as it is until synced");
+
+    a.set_synced().unwrap();
+    assert_eq!(
+        excluded(&a),
+        // In key order: prefix length first.
+        [
+            prefix("172.16.0.0/12"),
+            prefix("10.244.0.0/24"),
+            prefix("192.168.1.10/32")
+        ]
+    );
+    a.apply_cluster_changes([Change::Apply(Object::Node(
+        NodeInfo::from_k8s(&builders::node(
+            "node-2",
+            Some("10.244.1.0/24"),
+            "192.168.1.11",
+        ))
+        .unwrap()
+        .0,
+    ))])
+    .unwrap();
+    assert!(excluded(&a).contains(&prefix("10.244.1.0/24")));
+    assert!(excluded(&a).contains(&prefix("192.168.1.11/32")));
 }

@@ -1,16 +1,24 @@
 //! The conntrack table seen from user space: listing and garbage collection. Both walk a map of
 //! up to `--max-conntrack` entries one syscall at a time, so they never run on the task that owns
 //! the agent's state: each opens the pinned map on its own thread and the owner never waits.
-//! The collector paces itself so that a sweep of a full table never holds a CPU for long.
+//! The collector paces itself so that a sweep of a full table never holds a CPU for long. The
+//! NAT table's collector (`super::nat`) is the same code over another map.
 
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     thread,
     time::Duration,
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, MapData},
+};
 use myelin_api::TrackedFlow;
 use myelin_common::{
     conntrack::{CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_SEEN_REPLY, CtEntry, CtKey},
@@ -77,51 +85,109 @@ impl ConntrackTable {
         }
         Ok(out)
     }
+}
 
-    /// Removes expired entries; returns how many. The keys are read first (deleting the key a
-    /// walk stands on makes the kernel restart the walk), then looked up and removed in
-    /// batches with a pause between them. An entry refreshed meanwhile is looked up again
-    /// just before its removal, so a live flow is never cut.
-    pub fn collect_garbage(&mut self) -> Result<usize, TableError> {
-        let keys: Vec<CtKey> = self.map.keys().collect::<Result<_, _>>().map_err(map_err)?;
-        let mut removed = 0;
-        for batch in keys.chunks(GC_BATCH) {
-            let now = monotonic_ns();
-            for key in batch {
-                // Gone already (LRU eviction, or the datapath removed it) is fine.
-                if let Ok(entry) = self.map.get(key, 0)
-                    && entry.expires_ns < now
-                    && self.map.remove(key).is_ok()
-                {
-                    removed += 1;
-                }
-            }
-            thread::sleep(GC_PAUSE);
-        }
-        Ok(removed)
+impl Expiring for ConntrackTable {
+    const MAP: &'static str = maps::CONNTRACK;
+
+    fn open(pin: &Path) -> Result<Self, TableError> {
+        ConntrackTable::open(pin)
+    }
+
+    fn collect_garbage(&mut self) -> Result<Sweep, TableError> {
+        collect_expired(&mut self.map, Self::MAP, |e| e.expires_ns)
     }
 }
 
-/// Collects expired conntrack entries every `interval` on a thread of its own, until the process
-/// ends. A map that cannot be opened is retried at the next interval.
-pub fn spawn_collector(pin: PathBuf, interval: Duration) -> std::io::Result<()> {
+/// What one collection did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    pub removed: usize,
+    /// Entries left: the table's fill.
+    pub kept: usize,
+}
+
+/// A pinned table whose entries carry their expiry, collected on a thread of its own.
+pub trait Expiring: Sized {
+    /// The map's name, for logs.
+    const MAP: &'static str;
+    fn open(pin: &Path) -> Result<Self, TableError>;
+    /// Removes the expired entries.
+    fn collect_garbage(&mut self) -> Result<Sweep, TableError>;
+}
+
+/// Removes the entries of `map` that expired by `expires_ns`. The keys are read first
+/// (deleting the key a walk stands on makes the kernel restart the walk), then looked up and
+/// removed in batches with a pause between them. An entry refreshed meanwhile is looked up
+/// again just before its removal, so a live flow is never cut.
+pub(super) fn collect_expired<K: Pod, V: Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    name: &'static str,
+    expires_ns: impl Fn(&V) -> u64,
+) -> Result<Sweep, TableError> {
+    let map_err = |source| TableError::Map { map: name, source };
+    let keys: Vec<K> = map.keys().collect::<Result<_, _>>().map_err(map_err)?;
+    let mut removed = 0;
+    for batch in keys.chunks(GC_BATCH) {
+        let now = monotonic_ns();
+        for key in batch {
+            // Gone already (LRU eviction, or the datapath removed it) is fine.
+            if let Ok(entry) = map.get(key, 0)
+                && expires_ns(&entry) < now
+                && map.remove(key).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        thread::sleep(GC_PAUSE);
+    }
+    Ok(Sweep {
+        removed,
+        kept: keys.len() - removed,
+    })
+}
+
+/// The number of entries a collector left in its table at its last sweep: the table's fill as
+/// the metrics show it (counting a table of `--max-conntrack` entries takes too long for a
+/// scrape). Zero until the first sweep.
+#[derive(Debug, Clone, Default)]
+pub struct Fill(Arc<AtomicUsize>);
+
+impl Fill {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Collects the expired entries of the table pinned at `pin` every `interval` on a thread of its
+/// own, until the process ends, and records its fill. A map that cannot be opened is retried at
+/// the next interval.
+pub fn spawn_collector<T: Expiring + 'static>(
+    pin: PathBuf,
+    interval: Duration,
+    fill: Fill,
+) -> std::io::Result<()> {
     thread::Builder::new()
-        .name("conntrack-gc".into())
+        .name(format!("{}-gc", T::MAP))
         .spawn(move || {
             crate::priority::background_thread();
             let mut table = None;
             loop {
                 thread::sleep(interval);
                 if table.is_none() {
-                    table = ConntrackTable::open(&pin)
-                        .inspect_err(|e| warn!(error = %e, "opening the conntrack map for GC"))
+                    table = T::open(&pin)
+                        .inspect_err(|e| warn!(map = T::MAP, error = %e, "opening a map for GC"))
                         .ok();
                 }
                 let Some(t) = table.as_mut() else { continue };
                 match t.collect_garbage() {
-                    Ok(0) => {}
-                    Ok(n) => debug!(removed = n, "conntrack garbage collected"),
-                    Err(e) => warn!(error = %e, "conntrack garbage collection failed"),
+                    Ok(sweep) => {
+                        fill.0.store(sweep.kept, Ordering::Relaxed);
+                        if sweep.removed > 0 {
+                            debug!(map = T::MAP, removed = sweep.removed, "garbage collected");
+                        }
+                    }
+                    Err(e) => warn!(map = T::MAP, error = %e, "garbage collection failed"),
                 }
             }
         })

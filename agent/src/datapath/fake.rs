@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use myelin_common::{
-    EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
+    EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey, nat::MasqExclude,
 };
 
 use super::{
@@ -18,6 +18,7 @@ pub type FakeTables = Tables<
     FakeMap<u32, EndpointInfo>,
     FakeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
     FakeMap<LpmKey<PolicyKey>, PolicyEntry>,
+    FakeMap<LpmKey<Ipv4Key>, MasqExclude>,
 >;
 
 pub struct FakeDatapath {
@@ -58,6 +59,7 @@ impl FakeDatapath {
                 FakeMap::new("endpoints_by_if", capacity),
                 FakeMap::new("ipcache", 4096),
                 FakeMap::new("policy", 4096),
+                FakeMap::new("masq_exclude", 4096),
             )
             .expect("fake maps cannot fail"),
             state: FakeState::default(),

@@ -1,6 +1,7 @@
 //! The kernel side as the agent drives it: loads the embedded object with its maps pinned under
-//! `<bpffs>/myelin/`, attaches the two TC programs to each endpoint's host-side veth, and owns
-//! the typed handles of every map.
+//! `<bpffs>/myelin/`, attaches the two TC programs to each endpoint's host-side veth (and the
+//! tunnel's and the uplink's programs to those devices), and owns the typed handles of every
+//! map.
 //!
 //! Attachments outlive the agent: tcx links are pinned under `<bpffs>/myelin/links/`, and
 //! clsact filters live in the interface's qdisc. A restarted agent loads fresh programs and swaps
@@ -13,6 +14,7 @@ pub mod conntrack;
 pub mod counters;
 #[cfg(test)]
 pub mod fake;
+pub mod nat;
 pub mod table;
 
 use std::{
@@ -33,12 +35,16 @@ use aya::{
 };
 use myelin_common::{
     EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
-    config::DatapathConfig, maps,
+    config::DatapathConfig, maps, nat::MasqExclude,
 };
 use tracing::{debug, info, warn};
 
 pub use self::counters::Counters;
 use self::table::{ApplyHooks, Diff, KernelHash, KernelLpm, TableError, Tables};
+use self::{
+    conntrack::{ConntrackTable, Fill},
+    nat::{Masquerade, NatTable},
+};
 use crate::desired::DesiredState;
 
 /// The datapath object built by build.rs (ebpf/datapath, bpfel-unknown-none, with BTF).
@@ -49,6 +55,14 @@ const FROM_CONTAINER: &str = "from_container";
 const TO_CONTAINER: &str = "to_container";
 const FROM_TUNNEL: &str = "from_tunnel";
 const TO_TUNNEL: &str = "to_tunnel";
+const FROM_UPLINK: &str = "from_uplink";
+const TO_UPLINK: &str = "to_uplink";
+
+/// The uplink's programs and their hooks.
+const UPLINK_HOOKS: [(&str, TcAttachType); 2] = [
+    (FROM_UPLINK, TcAttachType::Ingress),
+    (TO_UPLINK, TcAttachType::Egress),
+];
 
 /// The datapath's programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,14 +75,20 @@ pub enum Program {
     FromTunnel,
     /// tc egress of `myelin_vxlan`: what the node's stack routes into the tunnel.
     ToTunnel,
+    /// tc ingress of the uplink: replies to masqueraded flows.
+    FromUplink,
+    /// tc egress of the uplink: pods' traffic leaving the cluster, masqueraded.
+    ToUplink,
 }
 
 impl Program {
-    pub const ALL: [Program; 4] = [
+    pub const ALL: [Program; 6] = [
         Program::FromContainer,
         Program::ToContainer,
         Program::FromTunnel,
         Program::ToTunnel,
+        Program::FromUplink,
+        Program::ToUplink,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,6 +97,8 @@ impl Program {
             Program::ToContainer => TO_CONTAINER,
             Program::FromTunnel => FROM_TUNNEL,
             Program::ToTunnel => TO_TUNNEL,
+            Program::FromUplink => FROM_UPLINK,
+            Program::ToUplink => TO_UPLINK,
         }
     }
 }
@@ -175,6 +197,8 @@ pub struct Limits {
     pub ipcache: u32,
     pub policy: u32,
     pub conntrack: u32,
+    /// The NAT table (two entries per masqueraded flow).
+    pub nat: u32,
 }
 
 impl Default for Limits {
@@ -184,6 +208,7 @@ impl Default for Limits {
             ipcache: maps::DEFAULT_MAX_IPCACHE,
             policy: maps::DEFAULT_MAX_POLICY,
             conntrack: maps::DEFAULT_MAX_CONNTRACK,
+            nat: maps::DEFAULT_MAX_NAT,
         }
     }
 }
@@ -222,6 +247,7 @@ pub type KernelTables = Tables<
     KernelHash<u32, EndpointInfo>,
     KernelLpm<Ipv4Key, IpcacheEntry>,
     KernelLpm<PolicyKey, PolicyEntry>,
+    KernelLpm<Ipv4Key, MasqExclude>,
 >;
 
 pub struct Datapath {
@@ -232,6 +258,8 @@ pub struct Datapath {
     pub counters: Counters,
     config: ConfigCell,
     events: Option<RingBuf<MapData>>,
+    /// The tables the datapath fills and collectors empty: (map, capacity, fill).
+    collected: [(&'static str, u32, Fill); 2],
 }
 
 /// The one-entry `config` array and the value last written to it.
@@ -297,6 +325,9 @@ impl Datapath {
             (maps::IPCACHE, limits.ipcache),
             (maps::POLICY, limits.policy),
             (maps::CONNTRACK, limits.conntrack),
+            (maps::SNAT, limits.nat),
+            // Node addresses and pod CIDRs, which the ipcache holds too.
+            (maps::MASQ_EXCLUDE, limits.ipcache),
         ]
         .into_iter()
         .collect();
@@ -324,6 +355,7 @@ impl Datapath {
             KernelHash::new(maps::ENDPOINTS_BY_IF, take(maps::ENDPOINTS_BY_IF)?)?,
             KernelLpm::new(maps::IPCACHE, take(maps::IPCACHE)?)?,
             KernelLpm::new(maps::POLICY, take(maps::POLICY)?)?,
+            KernelLpm::new(maps::MASQ_EXCLUDE, take(maps::MASQ_EXCLUDE)?)?,
         )?;
         let counters = Counters::new(take(maps::COUNTERS)?, take(maps::DROPS)?)?;
         let aya_err = |map: &'static str| move |source| TableError::Map { map, source };
@@ -342,7 +374,40 @@ impl Datapath {
             counters,
             config,
             events,
+            collected: [
+                (maps::CONNTRACK, limits.conntrack, Fill::default()),
+                (maps::SNAT, limits.nat, Fill::default()),
+            ],
         })
+    }
+
+    /// Starts the threads that remove expired conntrack and NAT entries every `interval` (and
+    /// count what is left, for [`DatapathOps::map_usage`]).
+    pub fn spawn_collectors(&self, interval: std::time::Duration) -> io::Result<()> {
+        let [(_, _, conntrack), (_, _, nat)] = &self.collected;
+        conntrack::spawn_collector::<ConntrackTable>(
+            ConntrackTable::pin_path(&self.pin_dir),
+            interval,
+            conntrack.clone(),
+        )?;
+        conntrack::spawn_collector::<NatTable>(
+            NatTable::pin_path(&self.pin_dir),
+            interval,
+            nat.clone(),
+        )
+    }
+
+    /// Tells masquerading whose packets it translates and which ports it hands out; it runs
+    /// once routing has `CONFIG_F_MASQUERADE` and the node's address (`set_routing`).
+    pub fn set_masquerade(&mut self, masquerade: Masquerade) -> Result<(), DatapathError> {
+        let (pod_cidr, pod_cidr_mask) = masquerade.pod_cidr_words();
+        Ok(self.config.write(DatapathConfig {
+            pod_cidr,
+            pod_cidr_mask,
+            nat_port_min: masquerade.ports.min,
+            nat_port_max: masquerade.ports.max,
+            ..self.config.value
+        })?)
     }
 
     /// Hands the events ring buffer to its reader (once).
@@ -401,6 +466,26 @@ impl Datapath {
             clsact::attach(classifier(&mut self.ebpf, program)?, program, ifname, hook)?;
         }
         debug!(ifname, "tunnel programs attached");
+        Ok(())
+    }
+
+    /// Attaches the masquerading programs to the uplink `ifname`, replacing earlier ones. Always
+    /// clsact filters, whatever `--attach-mode`: one device, attached once per agent start.
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        clsact::ensure_qdisc(ifname)?;
+        for (program, hook) in UPLINK_HOOKS {
+            clsact::attach(classifier(&mut self.ebpf, program)?, program, ifname, hook)?;
+        }
+        debug!(ifname, "uplink programs attached");
+        Ok(())
+    }
+
+    /// Removes the masquerading programs from `ifname` (with `--masquerade=false`, those an
+    /// earlier agent attached), and nothing else there.
+    pub fn detach_uplink(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        for (program, hook) in UPLINK_HOOKS {
+            clsact::detach(ifname, hook, program)?;
+        }
         Ok(())
     }
 
@@ -551,7 +636,13 @@ impl DatapathOps for Datapath {
     }
 
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
-        self.tables.usage()
+        let mut usage = self.tables.usage();
+        usage.extend(
+            self.collected
+                .iter()
+                .map(|(map, capacity, fill)| (*map, fill.get(), *capacity)),
+        );
+        usage
     }
 
     fn mode(&self) -> AttachMode {

@@ -17,7 +17,9 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
 };
-use myelin_common::{EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey};
+use myelin_common::{
+    EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey, nat::MasqExclude,
+};
 
 use crate::desired::DesiredState;
 pub use crate::desired::LpmKey;
@@ -402,19 +404,21 @@ pub trait ApplyHooks {
 /// The maps the agent reconciles, over the kernel's maps or in-memory fakes: both datapaths
 /// apply a desired state through [`Tables::apply`], so the order the programs rely on is
 /// written once and unit-tested.
-pub struct Tables<E, B, I, P> {
+pub struct Tables<E, B, I, P, M> {
     pub endpoints: Reconciler<Ipv4Key, EndpointInfo, E>,
     pub endpoints_by_if: Reconciler<u32, EndpointInfo, B>,
     pub ipcache: Reconciler<LpmKey<Ipv4Key>, IpcacheEntry, I>,
     pub policy: Reconciler<LpmKey<PolicyKey>, PolicyEntry, P>,
+    pub masq_exclude: Reconciler<LpmKey<Ipv4Key>, MasqExclude, M>,
 }
 
-impl<E, B, I, P> Tables<E, B, I, P>
+impl<E, B, I, P, M> Tables<E, B, I, P, M>
 where
     E: MapBackend<Ipv4Key, EndpointInfo>,
     B: MapBackend<u32, EndpointInfo>,
     I: MapBackend<LpmKey<Ipv4Key>, IpcacheEntry>,
     P: MapBackend<LpmKey<PolicyKey>, PolicyEntry>,
+    M: MapBackend<LpmKey<Ipv4Key>, MasqExclude>,
 {
     /// Reads each map once (see [`Reconciler::new`]).
     pub fn new(
@@ -422,19 +426,23 @@ where
         endpoints_by_if: B,
         ipcache: I,
         policy: P,
+        masq_exclude: M,
     ) -> Result<Self, TableError> {
         Ok(Self {
             endpoints: Reconciler::new(endpoints)?,
             endpoints_by_if: Reconciler::new(endpoints_by_if)?,
             ipcache: Reconciler::new(ipcache)?,
             policy: Reconciler::new(policy)?,
+            masq_exclude: Reconciler::new(masq_exclude)?,
         })
     }
 
     /// Makes the maps hold `desired`, writing only the difference. Counters, addresses and
     /// policy entries go first and endpoints last: a program that finds an endpoint (and its
-    /// isolation flags) must find everything they refer to. When anything changed, the policy
-    /// revision is bumped last, so tracked connections are re-checked against the new state.
+    /// isolation flags) must find everything they refer to. When anything policy depends on
+    /// changed, the policy revision is bumped last, so tracked connections are re-checked
+    /// against the new state. `masq_exclude` follows the cluster state like the ipcache; no
+    /// verdict depends on it.
     pub fn apply(
         &mut self,
         desired: &DesiredState,
@@ -442,8 +450,10 @@ where
     ) -> Result<Diff, TableError> {
         hooks.sync_counters(&desired.counter_ids)?;
         let mut diff = Diff::default();
+        let mut masq = Diff::default();
         if !desired.keep_policy_state {
             diff = self.ipcache.apply(&desired.ipcache)? + self.policy.apply(&desired.policy)?;
+            masq = self.masq_exclude.apply(&desired.masq_exclude)?;
         }
         let diff = diff
             + self.endpoints.apply(&desired.endpoints)?
@@ -451,7 +461,7 @@ where
         if !diff.is_empty() {
             hooks.policy_changed()?;
         }
-        Ok(diff)
+        Ok(diff + masq)
     }
 
     /// The endpoint entry the maps hold for an address.
@@ -484,6 +494,11 @@ where
                 self.endpoints_by_if.map().name(),
                 self.endpoints_by_if.current().len(),
                 self.endpoints_by_if.map().capacity(),
+            ),
+            (
+                self.masq_exclude.map().name(),
+                self.masq_exclude.current().len(),
+                self.masq_exclude.map().capacity(),
             ),
         ]
     }
@@ -535,6 +550,57 @@ mod tests {
             "an entry that is already right is not rewritten"
         );
         assert_eq!(r.map().entries, desired(&[(8, 80)]));
+    }
+
+    /// Records what the hooks were asked to do.
+    #[derive(Default)]
+    struct Revisions(u32);
+
+    impl ApplyHooks for Revisions {
+        fn sync_counters(&mut self, _: &BTreeSet<u32>) -> Result<(), TableError> {
+            Ok(())
+        }
+
+        fn policy_changed(&mut self) -> Result<(), TableError> {
+            self.0 += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn masq_exclude_is_written_like_the_ipcache_and_never_re_checks_policy() {
+        let mut tables = Tables::new(
+            FakeMap::new("endpoints", 4),
+            FakeMap::new("endpoints_by_if", 4),
+            FakeMap::new("ipcache", 4),
+            FakeMap::new("policy", 4),
+            FakeMap::new("masq_exclude", 4),
+        )
+        .unwrap();
+        let key = LpmKey {
+            prefix_len: 24,
+            data: Ipv4Key {
+                addr: [10, 0, 1, 0],
+            },
+        };
+        let mut desired = DesiredState {
+            masq_exclude: [(key, MasqExclude { reason: 1 })].into(),
+            keep_policy_state: true,
+            ..DesiredState::default()
+        };
+        let mut hooks = Revisions::default();
+        assert!(tables.apply(&desired, &mut hooks).unwrap().is_empty());
+        assert!(
+            tables.masq_exclude.current().is_empty(),
+            "kept as it is until the cluster state is known"
+        );
+        desired.keep_policy_state = false;
+        assert_eq!(tables.apply(&desired, &mut hooks).unwrap().inserted, 1);
+        assert_eq!(tables.masq_exclude.map().entries.len(), 1);
+        assert_eq!(
+            hooks.0, 0,
+            "no verdict depends on it: flows are not re-checked"
+        );
     }
 
     #[test]

@@ -141,6 +141,7 @@ impl Cluster {
             .collect();
         compute(&Inputs {
             node_name: "node-1",
+            pod_cidr: "10.0.0.0/24".parse().unwrap(),
             gateway: GATEWAY,
             endpoints,
             index: &self.index,
@@ -148,6 +149,7 @@ impl Cluster {
             pod_hosts: &pod_hosts(&self.index, &identities),
             nodes: &Nodes::of(&self.index, "node-1", "10.0.0.0/24".parse().unwrap()),
             policy_capacity: capacity,
+            non_masquerade_cidrs: &[],
         })
     }
 
@@ -765,4 +767,55 @@ fn recomputing_unchanged_state_gives_the_same_maps() {
     assert_eq!(c.compute(), c.compute());
     let by_ip: BTreeMap<_, _> = c.compute().ipcache.into_iter().collect();
     assert!(by_ip.len() > 6);
+}
+
+#[test]
+fn pods_keep_their_address_to_every_pod_cidr_node_and_configured_cidr() {
+    let mut index = ClusterIndex::default();
+    for (name, cidr, ip) in [
+        ("node-2", Some("10.0.1.0/24"), "192.168.1.11"),
+        // Routing leaves an overlapping node out; its pods are still the cluster's.
+        ("overlapping", Some("10.0.0.0/16"), "192.168.1.12"),
+        ("no-cidr", None, "192.168.1.13"),
+    ] {
+        let (node, _) =
+            myelin_cluster::NodeInfo::from_k8s(&builders::node(name, cidr, ip)).unwrap();
+        index.apply(Change::Apply(Object::Node(node)));
+    }
+    let configured = [
+        "172.16.0.0/12".parse().unwrap(),
+        "10.0.1.0/24".parse().unwrap(),
+    ];
+    // This node's CIDR comes from IPAM: `--pod-cidr` needs no Node object.
+    let excluded = masq_exclude(&index, "10.0.0.0/24".parse().unwrap(), &configured);
+    let got: Vec<(String, u32)> = excluded
+        .iter()
+        .map(|(k, v)| {
+            let net = Ipv4Net::new(Ipv4Addr::from(k.data.addr), k.prefix_len as u8).unwrap();
+            (net.to_string(), v.reason)
+        })
+        .collect();
+    let want: Vec<(String, u32)> = [
+        ("10.0.0.0/16", MASQ_EXCLUDE_POD_CIDR),
+        ("10.0.0.0/24", MASQ_EXCLUDE_POD_CIDR),
+        ("10.0.1.0/24", MASQ_EXCLUDE_CONFIGURED),
+        ("172.16.0.0/12", MASQ_EXCLUDE_CONFIGURED),
+        ("192.168.1.11/32", MASQ_EXCLUDE_NODE),
+        ("192.168.1.12/32", MASQ_EXCLUDE_NODE),
+        ("192.168.1.13/32", MASQ_EXCLUDE_NODE),
+    ]
+    .iter()
+    .map(|(n, r)| (n.to_string(), *r))
+    .collect();
+    // Keys sort by prefix length first.
+    let mut got = got;
+    got.sort();
+    assert_eq!(got, want);
+    assert!(
+        Cluster::new()
+            .compute()
+            .masq_exclude
+            .contains_key(&prefix_key("192.168.1.10/32".parse().unwrap())),
+        "compute() includes it"
+    );
 }

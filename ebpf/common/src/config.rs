@@ -19,6 +19,14 @@ pub struct DatapathConfig {
     pub tunnel_ifindex: u32,
     /// ifindex of the uplink (the device holding the node's InternalIP), 0 when unknown.
     pub uplink_ifindex: u32,
+    /// This node's pod CIDR (network address and mask): masquerading translates packets whose
+    /// source it holds. A mask compare rather than an endpoint lookup keeps the node's own
+    /// traffic, tunnel packets included, at no map lookup on the uplink. All zero: unknown.
+    pub pod_cidr: [u8; 4],
+    pub pod_cidr_mask: [u8; 4],
+    /// The ports masquerading allocates from, inclusive, host byte order.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
 }
 
 /// Pods on other nodes are reached through the VXLAN tunnel (`--routing-mode tunnel`).
@@ -33,6 +41,6 @@ pub const EVENTS_DROPS: u32 = 1;
 /// Emit an event for every new connection that policy allowed.
 pub const EVENTS_VERDICTS: u32 = 2;
 
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 36);
 
 user_pod!(DatapathConfig);

@@ -28,11 +28,14 @@ pub enum DropReason {
     TunnelPeerUnknown = 9,
     /// A packet routed into the tunnel whose destination is behind no node.
     TunnelNoNode = 10,
+    /// Masquerading found no free port for a new flow to that remote address and port (or, for
+    /// SCTP, whose checksum covers the ports, the pod's own port was taken).
+    NatPortExhausted = 11,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::NoEndpoint,
         DropReason::SpoofedSourceIp,
         DropReason::SpoofedSourceMac,
@@ -43,6 +46,7 @@ impl DropReason {
         DropReason::PolicyIncomplete,
         DropReason::TunnelPeerUnknown,
         DropReason::TunnelNoNode,
+        DropReason::NatPortExhausted,
     ];
     /// Capacity of the `drops` array: room for reasons added later.
     pub const MAX: u32 = 64;
@@ -71,6 +75,7 @@ impl DropReason {
             DropReason::PolicyIncomplete => "policy-incomplete",
             DropReason::TunnelPeerUnknown => "tunnel-peer-unknown",
             DropReason::TunnelNoNode => "tunnel-no-node",
+            DropReason::NatPortExhausted => "nat-port-exhausted",
         }
     }
 }

@@ -11,9 +11,11 @@ pub const POLICY: &str = "policy";
 pub const CONNTRACK: &str = "conntrack";
 pub const CONFIG: &str = "config";
 pub const EVENTS: &str = "events";
+pub const SNAT: &str = "snat";
+pub const MASQ_EXCLUDE: &str = "masq_exclude";
 
 /// Every map the agent pins.
-pub const PINNED: [&str; 9] = [
+pub const PINNED: [&str; 11] = [
     ENDPOINTS,
     ENDPOINTS_BY_IF,
     COUNTERS,
@@ -23,6 +25,8 @@ pub const PINNED: [&str; 9] = [
     CONNTRACK,
     CONFIG,
     EVENTS,
+    SNAT,
+    MASQ_EXCLUDE,
 ];
 
 /// Default capacities (each has an agent flag).
@@ -30,6 +34,8 @@ pub const DEFAULT_MAX_ENDPOINTS: u32 = 1024;
 pub const DEFAULT_MAX_IPCACHE: u32 = 65_536;
 pub const DEFAULT_MAX_POLICY: u32 = 65_536;
 pub const DEFAULT_MAX_CONNTRACK: u32 = 131_072;
+/// Two entries per masqueraded flow.
+pub const DEFAULT_MAX_NAT: u32 = 131_072;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 

@@ -118,6 +118,12 @@ pub fn lookup(flow: &Flow, now: u64) -> State {
     }
 }
 
+/// Whether the packet belongs to a connection its destination opened (a reply).
+#[inline(always)]
+pub fn is_reply(flow: &Flow, now: u64) -> bool {
+    matches!(lookup(flow, now), State::Reply(..))
+}
+
 /// Whether the packet an ICMP error quotes belongs to a tracked flow, in either direction.
 #[inline(always)]
 fn related(t: &Tuple, now: u64) -> bool {
@@ -129,8 +135,10 @@ fn related(t: &Tuple, now: u64) -> bool {
         || live(&key(t.daddr, t.saddr, dport, sport, t.protocol), now).is_some()
 }
 
+/// How long a flow lives without packets, by its `CT_F_*` state (masquerading's entries live
+/// by the same rules).
 #[inline(always)]
-fn lifetime(protocol: u8, flags: u32) -> u64 {
+pub fn lifetime(protocol: u8, flags: u32) -> u64 {
     match protocol {
         IPPROTO_TCP if flags & CT_F_CLOSING != 0 => timeout::TCP_CLOSING,
         IPPROTO_TCP if flags & CT_F_SEEN_REPLY != 0 => timeout::TCP_ESTABLISHED,

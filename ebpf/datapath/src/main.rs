@@ -7,6 +7,9 @@
 //! - `to_container` (tc egress of the host veth) sees what the node's stack delivers to a pod,
 //!   and enforces that pod's ingress policy on it.
 //!
+//! - `to_uplink` and `from_uplink` (tc egress and ingress of the uplink, the device holding the
+//!   node's InternalIP) masquerade pods' traffic leaving the cluster (see `nat`).
+//!
 //! Pod-to-pod traffic on one node never reaches the destination's `to_container` (the redirect
 //! skips it), so `from_container` checks both the sender's egress and the receiver's ingress
 //! policy. Every drop is counted under a [`DropReason`] and can be reported as an event.
@@ -28,6 +31,8 @@ mod fragments;
 #[cfg(target_arch = "bpf")]
 mod ipcache;
 #[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod policy;
@@ -45,7 +50,7 @@ mod programs {
         config::DatapathConfig,
         conntrack::{CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CtKey},
         identity,
-        proto::{ETH_P_ARP, ETH_P_IP},
+        proto::{ETH_P_ARP, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     };
 
     use crate::{
@@ -53,7 +58,7 @@ mod programs {
         drop::drop,
         endpoint,
         events::{self, Verdict},
-        forward, ipcache,
+        forward, ipcache, nat,
         packet::{self, Flow},
         policy::{self, Peers},
     };
@@ -442,6 +447,115 @@ mod programs {
         if !forward::set_tunnel_key(ctx, node, identity) {
             return Err(drop(ctx, DropReason::TunnelNoNode));
         }
+        Ok(PASS)
+    }
+
+    /// A masquerading drop, counted and reported like the others.
+    #[inline(always)]
+    fn drop_nat(
+        ctx: &TcContext,
+        config: &DatapathConfig,
+        reason: DropReason,
+        flow: &Flow,
+        direction: Direction,
+    ) -> i32 {
+        let mut verdict = Verdict {
+            reason: 0,
+            direction: direction as u8,
+            src_endpoint: endpoint::by_ip(flow.saddr).map_or(0, |s| s.id),
+            dst_endpoint: 0,
+            peers: unknown_peers(),
+            ifindex: packet::ifindex(ctx),
+        };
+        drop_flow(ctx, config, reason, flow, &mut verdict)
+    }
+
+    /// tc egress of the uplink: a pod's packet to a destination outside the cluster leaves with
+    /// the node's address. The cheap tests come first: the node's own packets (tunnel packets
+    /// too) pass after the config lookup and a mask compare, pods' packets within the cluster
+    /// after one LPM lookup more.
+    #[classifier]
+    pub fn to_uplink(ctx: TcContext) -> i32 {
+        match try_to_uplink(&ctx) {
+            Ok(action) | Err(action) => action,
+        }
+    }
+
+    fn try_to_uplink(ctx: &TcContext) -> Result<i32, i32> {
+        let config = events::config();
+        if !nat::enabled(&config) {
+            return Ok(PASS);
+        }
+        let Some(eth) = packet::eth(ctx) else {
+            return Ok(PASS);
+        };
+        // SAFETY: bounds-checked by `packet::eth`.
+        if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+            return Ok(PASS);
+        }
+        let Some(ip) = packet::ipv4(ctx) else {
+            return Ok(PASS);
+        };
+        // SAFETY: bounds-checked by `packet::ipv4`.
+        let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
+        if !nat::masquerades(&config, saddr, daddr) {
+            return Ok(PASS);
+        }
+        // A pod's packet: `from_container` parsed it already, so it can only fail here if
+        // something in between truncated it.
+        let flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
+        nat::snat(ctx, &config, &flow, l4, later_fragment)
+            .map_err(|reason| drop_nat(ctx, &config, reason, &flow, Direction::Egress))?;
+        Ok(PASS)
+    }
+
+    /// tc ingress of the uplink: replies to masqueraded flows, and ICMP errors about them, go
+    /// back to the pod. Only packets to the node's address can be such replies, and of TCP and
+    /// UDP only those to a port of the NAT range: everything else passes without a map lookup.
+    #[classifier]
+    pub fn from_uplink(ctx: TcContext) -> i32 {
+        match try_from_uplink(&ctx) {
+            Ok(action) | Err(action) => action,
+        }
+    }
+
+    fn try_from_uplink(ctx: &TcContext) -> Result<i32, i32> {
+        let config = events::config();
+        if !nat::enabled(&config) {
+            return Ok(PASS);
+        }
+        let Some(eth) = packet::eth(ctx) else {
+            return Ok(PASS);
+        };
+        // SAFETY: bounds-checked by `packet::eth`.
+        if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+            return Ok(PASS);
+        }
+        let Some(ip) = packet::ipv4(ctx) else {
+            return Ok(PASS);
+        };
+        // SAFETY: bounds-checked by `packet::ipv4`.
+        let (daddr, protocol) = unsafe { ((*ip).daddr, (*ip).protocol) };
+        if daddr != config.node_ip {
+            return Ok(PASS);
+        }
+        let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
+        if matches!(protocol, IPPROTO_TCP | IPPROTO_UDP) && !later_fragment {
+            let Some(ports) = packet::ptr_at::<packet::Ports>(ctx, l4) else {
+                return Ok(PASS);
+            };
+            // SAFETY: bounds-checked by `ptr_at`.
+            if !nat::may_be_reply(&config, unsafe { (*ports).dport }) {
+                return Ok(PASS);
+            }
+        }
+        // Not the pods' packet yet: what the node cannot parse, its stack decides about.
+        let Some(flow) = packet::flow(ctx, ip) else {
+            return Ok(PASS);
+        };
+        nat::reverse(ctx, &flow, l4, later_fragment)
+            .map_err(|reason| drop_nat(ctx, &config, reason, &flow, Direction::Ingress))?;
         Ok(PASS)
     }
 }

@@ -12,11 +12,11 @@ use myelin_common::proto::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP}
 use crate::fragments;
 
 /// Where the IPv4 (or ARP) header starts.
-const ETH_HLEN: usize = size_of::<EthHdr>();
+pub const ETH_HLEN: usize = size_of::<EthHdr>();
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
@@ -63,35 +63,43 @@ struct ArpSenderPrefix {
 
 /// The first 8 bytes of an ICMP message.
 #[repr(C)]
-struct IcmpHdr {
-    icmp_type: u8,
-    code: u8,
-    check: u16,
+pub struct IcmpHdr {
+    pub icmp_type: u8,
+    pub code: u8,
+    pub check: u16,
     /// Echo: identifier (network order).
-    id: u16,
-    seq: u16,
+    pub id: u16,
+    pub seq: u16,
 }
 
 /// Source and destination port: the first 4 bytes of TCP, UDP and SCTP headers alike.
 #[repr(C)]
-struct Ports {
-    sport: u16,
-    dport: u16,
+pub struct Ports {
+    pub sport: u16,
+    pub dport: u16,
 }
 
 /// The TCP header without options. Only the flags are read through it (by offset, so that a
 /// packet needs no more than the flags byte to be read).
 #[repr(C)]
-struct TcpHdr {
-    ports: Ports,
-    seq: [u8; 4],
-    ack_seq: [u8; 4],
+pub struct TcpHdr {
+    pub ports: Ports,
+    pub seq: [u8; 4],
+    pub ack_seq: [u8; 4],
     /// Data offset (high nibble) and reserved bits.
-    doff: u8,
-    flags: u8,
-    window: u16,
-    check: u16,
-    urg_ptr: u16,
+    pub doff: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub check: u16,
+    pub urg_ptr: u16,
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub ports: Ports,
+    pub len: u16,
+    /// 0: the sender computed no checksum.
+    pub check: u16,
 }
 
 // The wire sizes and offsets (RFC 791, 792, 793, 826, IEEE 802.3): the structs above must match
@@ -102,6 +110,8 @@ const _: () = assert!(size_of::<ArpSenderPrefix>() == 18);
 const _: () = assert!(size_of::<IcmpHdr>() == 8);
 const _: () = assert!(size_of::<TcpHdr>() == 20);
 const _: () = assert!(offset_of!(TcpHdr, flags) == 13);
+const _: () = assert!(offset_of!(TcpHdr, check) == 16);
+const _: () = assert!(size_of::<UdpHdr>() == 8);
 
 /// What conntrack needs to know about an ICMP message.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -144,7 +154,7 @@ pub struct Tuple {
 
 /// A pointer to a `T` at `offset`, if the whole `T` lies within the packet's linear data.
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -186,6 +196,19 @@ fn ipv4_at(ctx: &TcContext, offset: usize) -> Option<*mut Ipv4Hdr> {
 fn ihl(ip: *const Ipv4Hdr) -> usize {
     // SAFETY: the caller validated the header.
     usize::from(unsafe { (*ip).version_ihl } & 0x0f) * 4
+}
+
+/// Where the transport header of the packet whose (validated) IPv4 header is `ip` starts.
+#[inline(always)]
+pub fn l4_offset(ip: *const Ipv4Hdr) -> usize {
+    ETH_HLEN + ihl(ip)
+}
+
+/// Whether the packet is a fragment other than the first: it carries no transport header.
+#[inline(always)]
+pub fn later_fragment(ip: *const Ipv4Hdr) -> bool {
+    // SAFETY: the caller validated the header.
+    u16::from_be(unsafe { (*ip).frag_off }) & IP_OFFSET != 0
 }
 
 #[inline(always)]
