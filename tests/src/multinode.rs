@@ -24,6 +24,8 @@
 //!   has the pod CIDR `10.244.<i>.0/24`, and its uplink is `eth0` (the device holding its
 //!   InternalIP), whose peer `node<i>` is a bridge port in the underlay. Indexes are never
 //!   reused: a node that joins after one left gets a new index (and address).
+//! - The underlay and the world are a [`Network`], which benchmarks also build for their
+//!   baselines' nodes, so that those cross the same network as Myelin's.
 //! - The world has routes to the node addresses only, never to a pod CIDR: pod traffic reaches
 //!   it, and is answered, only once it carries a node's address (masquerade).
 //! - Every node's agent sees the same cluster state, as Kubernetes would show it: the Node
@@ -194,6 +196,161 @@ impl Host for World {
     }
 }
 
+/// The physical network between nodes: the underlay namespace (a switch, or a router between
+/// two subnets) with the world on it, into which node namespaces are plugged. A [`Cluster`]
+/// plugs its Myelin nodes into one; a benchmark's baselines plug plain node namespaces into
+/// another of the same shape, so that both cross the same network.
+pub struct Network {
+    world: World,
+    underlay: Netns,
+    shape: Underlay,
+}
+
+impl Network {
+    /// The namespaces `<run>-underlay` and `<run>-world`, wired as `shape` draws them.
+    pub fn build(run: &RunPrefix, shape: Underlay) -> Result<Self> {
+        let underlay = Netns::create(run.name("underlay"))?;
+        let world = World {
+            netns: Netns::create(run.name("world"))?,
+            ip: shape.world_ip(),
+        };
+        // From here on dropping the network removes whatever was made when a step fails.
+        let network = Self {
+            world,
+            underlay,
+            shape,
+        };
+        network.wire()?;
+        Ok(network)
+    }
+
+    pub fn underlay(&self) -> &Netns {
+        &self.underlay
+    }
+
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    pub fn shape(&self) -> Underlay {
+        self.shape
+    }
+
+    /// Plugs `netns` in as node `index`: its `eth0` on the node's bridge, with the node's
+    /// address and a default route via the bridge's gateway. Returns that address.
+    pub fn plug(&self, netns: &Netns, index: usize) -> Result<Ipv4Addr> {
+        let ip = self.shape.node_ip(index)?;
+        let (bridge, gateway) = self.shape.attachment(index);
+        let port = underlay_port(index);
+        let u = &self.underlay;
+        u.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        u.ip(&["link", "set", &port, "master", bridge, "up"])?;
+        netns.ip(&["addr", "add", &cidr(ip), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+        Ok(ip)
+    }
+
+    /// The router's route to a node's pod CIDR, when the underlay routes pod CIDRs.
+    pub fn route_pod_cidr(&self, pod_cidr: &str, node_ip: Ipv4Addr) -> Result<()> {
+        if self.routes_pod_cidrs() {
+            self.underlay
+                .ip(&["route", "add", pod_cidr, "via", &node_ip.to_string()])?;
+        }
+        Ok(())
+    }
+
+    /// Forgets node `index`: the route to its pod CIDR, and its port if still there (removing
+    /// a namespace takes its end of the pair with it, but asynchronously).
+    pub fn unplug(&self, index: usize, pod_cidr: &str) -> Result<()> {
+        if self.routes_pod_cidrs() {
+            self.underlay.ip(&["route", "del", pod_cidr])?;
+        }
+        let port = underlay_port(index);
+        if self.underlay.link_names()?.contains(&port) {
+            self.underlay.ip(&["link", "del", &port])?;
+        }
+        Ok(())
+    }
+
+    /// An address of the underlay namespace that every node reaches, for a server there (the
+    /// test API server): the router's on the first subnet, or one given to the switch for it.
+    fn server_address(&self) -> Result<Ipv4Addr> {
+        let ip = self.shape.api_server_ip();
+        if self.shape == Underlay::Switch {
+            self.underlay
+                .ip(&["addr", "add", &cidr(ip), "dev", SWITCH])?;
+        }
+        Ok(ip)
+    }
+
+    fn routes_pod_cidrs(&self) -> bool {
+        matches!(
+            self.shape,
+            Underlay::Router {
+                route_pod_cidrs: true
+            }
+        )
+    }
+
+    /// The bridges, the router's addresses and forwarding, and the world on the underlay.
+    fn wire(&self) -> Result<()> {
+        let (u, world) = (&self.underlay, self.world.netns.name());
+        u.ip(&[
+            "link", "add", "world", "type", "veth", "peer", "name", "eth0", "netns", world,
+        ])?;
+        match self.shape {
+            Underlay::Switch => {
+                u.ip(&["link", "add", SWITCH, "type", "bridge"])?;
+                u.ip(&["link", "set", SWITCH, "up"])?;
+                u.ip(&["link", "set", "world", "master", SWITCH, "up"])?;
+            }
+            Underlay::Router { .. } => {
+                // A fresh namespace does not forward; the router is the one place that must.
+                self.underlay
+                    .run(|| fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
+                    .map_err(Error::io("enabling forwarding in the underlay"))?;
+                for (bridge, router_ip) in ROUTER_SUBNETS {
+                    u.ip(&["link", "add", bridge, "type", "bridge"])?;
+                    u.ip(&["addr", "add", &cidr(router_ip), "dev", bridge])?;
+                    u.ip(&["link", "set", bridge, "up"])?;
+                }
+                u.ip(&["addr", "add", &cidr(ROUTER_WORLD_SIDE), "dev", "world"])?;
+                u.ip(&["link", "set", "world", "up"])?;
+            }
+        }
+        let w = &self.world.netns;
+        w.ip(&["addr", "add", &cidr(self.world.ip), "dev", "eth0"])?;
+        w.ip(&["link", "set", "eth0", "up"])?;
+        if let Underlay::Router { .. } = self.shape {
+            // The node subnets only: nothing for the pod CIDRs, like a host on the internet.
+            for (_, router_ip) in ROUTER_SUBNETS {
+                let [a, b, c, _] = router_ip.octets();
+                let subnet = format!("{a}.{b}.{c}.0/{PREFIX_LEN}");
+                w.ip(&[
+                    "route",
+                    "add",
+                    &subnet,
+                    "via",
+                    &ROUTER_WORLD_SIDE.to_string(),
+                ])?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A pod added through [`Cluster::add_pod`]: the sandbox after its ADD, and its node.
 pub struct ClusterPod {
     pod: Pod,
@@ -231,6 +388,17 @@ impl Host for ClusterPod {
     }
 }
 
+/// A node that [`Cluster::add_node_timed`] added.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinedNode {
+    pub index: usize,
+    /// When its Node object was shown to every agent (written to each cluster dir, or applied
+    /// to the API server), as kubelet registering the node does.
+    pub node_object_written: Instant,
+    /// When its own agent reported ready (its first full sync is in its maps).
+    pub agent_ready: Instant,
+}
+
 /// The cluster; dropping it stops every agent and removes every namespace it created.
 pub struct Cluster {
     // Fields drop in this order: the nodes (their agents signalled all at once in `drop`)
@@ -240,9 +408,7 @@ pub struct Cluster {
     server: Option<ApiServer>,
     /// What every agent sees, by file stem (see the module's documentation).
     state: Mutex<BTreeMap<String, Vec<Value>>>,
-    world: World,
-    underlay: Netns,
-    shape: Underlay,
+    network: Network,
     /// Node addresses by index, also of nodes that left.
     node_ips: Vec<Ipv4Addr>,
     run: RunPrefix,
@@ -269,19 +435,13 @@ impl Cluster {
         // Fail on a missing binary before creating anything.
         binaries.agent()?;
         binaries.plugin()?;
-        let underlay = Netns::create(run.name("underlay"))?;
-        let world = World {
-            netns: Netns::create(run.name("world"))?,
-            ip: spec.underlay.world_ip(),
-        };
+        let network = Network::build(run, spec.underlay)?;
         // From here on the cluster's own drop removes whatever was made when a step fails.
         let mut cluster = Self {
             nodes: Vec::new(),
             server: None,
             state: Mutex::new(BTreeMap::new()),
-            world,
-            underlay,
-            shape: spec.underlay,
+            network,
             node_ips: Vec::new(),
             run: run.clone(),
             binaries,
@@ -289,7 +449,6 @@ impl Cluster {
             agent_args: spec.agent_args,
             echo_agent_logs_on_drop: spec.echo_agent_logs_on_drop,
         };
-        cluster.build_underlay()?;
         if cluster.source == AgentSource::Kubernetes {
             cluster.server = Some(cluster.start_api_server()?);
         }
@@ -352,16 +511,16 @@ impl Cluster {
     }
 
     pub fn world(&self) -> &World {
-        &self.world
+        self.network.world()
     }
 
     /// The namespace playing the physical network (bridges, and the router's routes).
     pub fn underlay(&self) -> &Netns {
-        &self.underlay
+        self.network.underlay()
     }
 
     pub fn underlay_shape(&self) -> Underlay {
-        self.shape
+        self.network.shape()
     }
 
     /// The API server every agent watches, with [`AgentSource::Kubernetes`].
@@ -455,18 +614,28 @@ impl Cluster {
     /// A node joins: created, wired, given the cluster state, its Node object shown to every
     /// agent, its agent started and ready. Returns its index.
     pub fn add_node(&mut self) -> Result<usize> {
+        self.add_node_timed().map(|joined| joined.index)
+    }
+
+    /// [`Cluster::add_node`], saying when the steps that the rest of the cluster sees happened.
+    pub fn add_node_timed(&mut self) -> Result<JoinedNode> {
         let index = self.nodes.len();
         self.create_node(index)?;
-        let started = self
-            .put_node_object(index)
-            .and_then(|()| self.node_mut(index).start_agent());
-        if let Err(e) = started {
-            if let Err(cleanup) = self.remove_node(index) {
-                eprintln!("cleanup of node{index}, which failed to join: {cleanup}");
-            }
-            return Err(e);
+        let joined = self.put_node_object(index).and_then(|()| {
+            let node_object_written = Instant::now();
+            self.node_mut(index).start_agent()?;
+            Ok(JoinedNode {
+                index,
+                node_object_written,
+                agent_ready: Instant::now(),
+            })
+        });
+        if joined.is_err()
+            && let Err(cleanup) = self.remove_node(index)
+        {
+            eprintln!("cleanup of node{index}, which failed to join: {cleanup}");
         }
-        Ok(index)
+        joined
     }
 
     /// A node leaves: its agent stops and its namespace goes, then its Node object and its
@@ -493,15 +662,7 @@ impl Cluster {
             self.remove(&stem)?;
         }
         self.remove(&node_stem(&name))?;
-        if self.routes_pod_cidrs() {
-            self.underlay.ip(&["route", "del", &pod_cidr])?;
-        }
-        // The namespace's removal takes its end of the pair with it, but asynchronously.
-        let port = underlay_port(index);
-        if self.underlay.link_names()?.contains(&port) {
-            self.underlay.ip(&["link", "del", &port])?;
-        }
-        Ok(())
+        self.network.unplug(index, &pod_cidr)
     }
 
     /// Waits until `done` holds for every node (in turn), for at most [`PROPAGATION_TIMEOUT`]
@@ -553,68 +714,11 @@ impl Cluster {
         }
     }
 
-    fn routes_pod_cidrs(&self) -> bool {
-        matches!(
-            self.shape,
-            Underlay::Router {
-                route_pod_cidrs: true
-            }
-        )
-    }
-
-    /// The bridges, the router's addresses and forwarding, and the world on the underlay.
-    fn build_underlay(&self) -> Result<()> {
-        let (u, world) = (&self.underlay, self.world.netns.name());
-        u.ip(&[
-            "link", "add", "world", "type", "veth", "peer", "name", "eth0", "netns", world,
-        ])?;
-        match self.shape {
-            Underlay::Switch => {
-                u.ip(&["link", "add", SWITCH, "type", "bridge"])?;
-                u.ip(&["link", "set", SWITCH, "up"])?;
-                if self.source == AgentSource::Kubernetes {
-                    u.ip(&["addr", "add", &cidr(SWITCH_API_SERVER), "dev", SWITCH])?;
-                }
-                u.ip(&["link", "set", "world", "master", SWITCH, "up"])?;
-            }
-            Underlay::Router { .. } => {
-                // A fresh namespace does not forward; the router is the one place that must.
-                self.underlay
-                    .run(|| fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
-                    .map_err(Error::io("enabling forwarding in the underlay"))?;
-                for (bridge, router_ip) in ROUTER_SUBNETS {
-                    u.ip(&["link", "add", bridge, "type", "bridge"])?;
-                    u.ip(&["addr", "add", &cidr(router_ip), "dev", bridge])?;
-                    u.ip(&["link", "set", bridge, "up"])?;
-                }
-                u.ip(&["addr", "add", &cidr(ROUTER_WORLD_SIDE), "dev", "world"])?;
-                u.ip(&["link", "set", "world", "up"])?;
-            }
-        }
-        let w = &self.world.netns;
-        w.ip(&["addr", "add", &cidr(self.world.ip), "dev", "eth0"])?;
-        w.ip(&["link", "set", "eth0", "up"])?;
-        if let Underlay::Router { .. } = self.shape {
-            // The node subnets only: nothing for the pod CIDRs, like a host on the internet.
-            for (_, router_ip) in ROUTER_SUBNETS {
-                let [a, b, c, _] = router_ip.octets();
-                let subnet = format!("{a}.{b}.{c}.0/{PREFIX_LEN}");
-                w.ip(&[
-                    "route",
-                    "add",
-                    &subnet,
-                    "via",
-                    &ROUTER_WORLD_SIDE.to_string(),
-                ])?;
-            }
-        }
-        Ok(())
-    }
-
     fn start_api_server(&self) -> Result<ApiServer> {
-        let ip = self.shape.api_server_ip();
+        let ip = self.network.server_address()?;
         let listener = self
-            .underlay
+            .network
+            .underlay()
             .run(|| TcpListener::bind((ip, 0)))?
             .map_err(Error::io(format!(
                 "binding the test API server to {ip} in the underlay"
@@ -625,7 +729,7 @@ impl Cluster {
     /// Node `index` with its namespace wired to the underlay and its source filled, its agent
     /// not started; it is in `self.nodes` (as `None` when a step failed).
     fn create_node(&mut self, index: usize) -> Result<()> {
-        let ip = self.shape.node_ip(index)?;
+        let ip = self.network.shape().node_ip(index)?;
         self.node_ips.push(ip);
         self.nodes.push(None);
         let mut spec = NodeSpec::new(node_name(index))
@@ -647,38 +751,16 @@ impl Cluster {
             }
             Some(server) => server.write_kubeconfig(&node.kubeconfig())?,
         }
-        self.wire(&node, index, ip)?;
+        self.wire(&node, index)?;
         self.nodes[index] = Some(node);
         Ok(())
     }
 
-    /// The node's `eth0` on its bridge with its address and default route; last, the route
-    /// to its pod CIDR on the router, so that nothing else is left when a step fails.
-    fn wire(&self, node: &Node, index: usize, ip: Ipv4Addr) -> Result<()> {
-        let (bridge, gateway) = self.shape.attachment(index);
-        let port = underlay_port(index);
-        let u = &self.underlay;
-        let netns = node.netns();
-        u.ip(&[
-            "link",
-            "add",
-            &port,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
-        u.ip(&["link", "set", &port, "master", bridge, "up"])?;
-        netns.ip(&["addr", "add", &cidr(ip), "dev", "eth0"])?;
-        netns.ip(&["link", "set", "eth0", "up"])?;
-        netns.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
-        if self.routes_pod_cidrs() {
-            u.ip(&["route", "add", node.pod_cidr(), "via", &ip.to_string()])?;
-        }
-        Ok(())
+    /// The node plugged into the network; last, the route to its pod CIDR on the router, so
+    /// that nothing else is left when a step fails.
+    fn wire(&self, node: &Node, index: usize) -> Result<()> {
+        let ip = self.network.plug(node.netns(), index)?;
+        self.network.route_pod_cidr(node.pod_cidr(), ip)
     }
 
     fn put_node_object(&self, index: usize) -> Result<()> {
@@ -768,7 +850,8 @@ fn node_name(index: usize) -> String {
     format!("node{index}")
 }
 
-fn pod_cidr(index: usize) -> String {
+/// Node `index`'s pod CIDR; a benchmark's baselines give their nodes the same.
+pub(crate) fn pod_cidr(index: usize) -> String {
     format!("10.244.{index}.0/24")
 }
 

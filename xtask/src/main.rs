@@ -51,11 +51,13 @@ enum Command {
     /// Setup, build, then the demo: three pods on one node, connectivity and eBPF counters.
     Demo,
     /// Setup, release build, then every benchmark scenario: Myelin against a bare veth pair and
-    /// the reference bridge and ptp plugins, CNI latency, agent footprint, policy scale.
+    /// the reference bridge and ptp plugins, CNI latency, agent footprint, policy scale, and pod
+    /// to pod across nodes against the kernel's VXLAN as Flannel builds it and plain routes.
     /// Writes target/bench/report.json and report.md.
     Bench {
-        /// Fewer repetitions and shorter runs (about 3.5 minutes of measuring on two cores, plus
-        /// the release build when it is not current): what CI affords.
+        /// Fewer repetitions and shorter runs (about 4.5 minutes of measuring on two cores, one
+        /// of them across nodes, plus the release build when it is not current): what CI
+        /// affords.
         #[arg(long)]
         quick: bool,
         /// Run only these scenarios (comma-separated ids: same_node, cni, add_under_load, agent, policy,

@@ -88,6 +88,13 @@ impl CniPlugin {
             config,
         }
     }
+
+    /// The same plugin with `edit` applied to its network config (the keys a cluster sets
+    /// beyond [`CniPlugin::reference`]'s, such as the MTU or routes).
+    pub(crate) fn configured(mut self, edit: impl FnOnce(&mut Value)) -> Self {
+        edit(&mut self.config);
+        self
+    }
 }
 
 /// What a runtime creates before ADD: the pod's network namespace; its name is also the
@@ -374,21 +381,25 @@ impl PodPair {
     /// The pods' interface MTUs (client, server): a benchmark compares datapaths only when
     /// they are equal.
     pub fn mtus(&self) -> Result<(u32, u32)> {
-        Ok((eth0_mtu(&self.client.netns)?, eth0_mtu(&self.server.netns)?))
+        Ok((
+            link_mtu(&self.client.netns, "eth0")?,
+            link_mtu(&self.server.netns, "eth0")?,
+        ))
     }
 }
 
-fn eth0_mtu(netns: &Netns) -> Result<u32> {
-    let out = netns.ip(&["-j", "link", "show", "eth0"])?;
+/// The MTU of `dev` in `netns`.
+pub(crate) fn link_mtu(netns: &Netns, dev: &str) -> Result<u32> {
+    let out = netns.ip(&["-j", "link", "show", dev])?;
     let links: Value = serde_json::from_slice(&out.stdout).map_err(Error::json(format!(
-        "parsing `ip -j link show eth0` in {}",
+        "parsing `ip -j link show {dev}` in {}",
         netns.name()
     )))?;
     links[0]["mtu"]
         .as_u64()
         .and_then(|m| u32::try_from(m).ok())
         .ok_or_else(|| Error::Traffic {
-            what: format!("no MTU for eth0 in {}: {links}", netns.name()),
+            what: format!("no MTU for {dev} in {}: {links}", netns.name()),
         })
 }
 

@@ -4,7 +4,7 @@
 use myelin_tests::bench::stats::{Summary, percentile};
 
 use super::{
-    add_under_load, agent, cni,
+    add_under_load, agent, cni, cross_node,
     report::{BenchReport, Status},
     same_node,
 };
@@ -25,15 +25,43 @@ pub struct Goal {
 }
 
 pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
-    let ratio_to_bare = |metric: &str, floor: f64, name: &'static str| {
-        let measured = metric_of(report, same_node::ID, metric).and_then(|m| {
-            Summary::of(&m.ratio_samples(same_node::MYELIN, same_node::BARE)).map(|s| s.median)
-        });
+    // Myelin's variant over a baseline's, at least `floor` (median of the pairwise ratios).
+    let ratio = |scenario: &str,
+                 metric: &str,
+                 (myelin, baseline): (&str, &str),
+                 floor: f64,
+                 name: &'static str| {
+        let measured = metric_of(report, scenario, metric)
+            .and_then(|m| Summary::of(&m.ratio_samples(myelin, baseline)).map(|s| s.median));
         goal(
             name,
-            format!(">= {floor:.2} x bare veth (median of pairwise ratios)"),
+            format!(">= {floor:.2} x {baseline} (median of pairwise ratios)"),
             measured.map(|v| (v >= floor, format!("{v:.3} x"))),
-            scenario_state(report, same_node::ID),
+            scenario_state(report, scenario),
+        )
+    };
+    let ratio_to_bare = |metric: &str, floor: f64, name: &'static str| {
+        ratio(
+            same_node::ID,
+            metric,
+            (same_node::MYELIN, same_node::BARE),
+            floor,
+            name,
+        )
+    };
+    let tunnel = (cross_node::MYELIN_TUNNEL, cross_node::KERNEL_VXLAN);
+    let native = (cross_node::MYELIN_NATIVE, cross_node::PLAIN_ROUTES);
+    let cross = |metric: &str, pair: (&str, &str), floor: f64, name: &'static str| {
+        ratio(cross_node::ID, metric, pair, floor, name)
+    };
+    let join_p99 = |variant: &str, name: &'static str| {
+        let p99 = metric_of(report, cross_node::ID, cross_node::JOIN)
+            .and_then(|m| percentile(m.samples(variant), 0.99));
+        goal(
+            name,
+            "< 1 s (Node object written to the first answer from a pod on the new node)".into(),
+            p99.map(|v| (v < 1000.0, format!("{v:.0} ms"))),
+            scenario_state(report, cross_node::ID),
         )
     };
     let add_p50 = metric_of(report, cni::ID, cni::ADD_P50)
@@ -94,6 +122,50 @@ pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
             memory.map(|v| (v <= 64.0, format!("{v:.1} MiB"))),
             scenario_state(report, agent::ID),
         ),
+        cross(
+            cross_node::RR_1,
+            tunnel,
+            1.05,
+            "Cross-node request/response (1 flow): Myelin tunnel / kernel VXLAN (Flannel-style)",
+        ),
+        cross(
+            cross_node::RR_8,
+            tunnel,
+            1.05,
+            "Cross-node request/response (8 flows): Myelin tunnel / kernel VXLAN (Flannel-style)",
+        ),
+        cross(
+            cross_node::STREAM,
+            tunnel,
+            1.0,
+            "Cross-node stream: Myelin tunnel / kernel VXLAN (Flannel-style)",
+        ),
+        cross(
+            cross_node::RR_1,
+            native,
+            1.0,
+            "Cross-node request/response (1 flow): Myelin native / plain kernel routes",
+        ),
+        cross(
+            cross_node::RR_8,
+            native,
+            1.0,
+            "Cross-node request/response (8 flows): Myelin native / plain kernel routes",
+        ),
+        cross(
+            cross_node::STREAM,
+            native,
+            1.0,
+            "Cross-node stream: Myelin native / plain kernel routes",
+        ),
+        join_p99(
+            cross_node::MYELIN_TUNNEL,
+            "Node join to first packet p99 (tunnel mode)",
+        ),
+        join_p99(
+            cross_node::MYELIN_NATIVE,
+            "Node join to first packet p99 (native mode)",
+        ),
     ]
 }
 
@@ -110,7 +182,6 @@ fn scenario_state(report: &BenchReport, id: &str) -> String {
     match report.scenario(id).map(|s| &s.status) {
         None => "scenario not run".into(),
         Some(Status::Failed(_)) => "scenario failed".into(),
-        Some(Status::Placeholder(_)) => "placeholder".into(),
         Some(Status::Skipped) => "scenario not run".into(),
         Some(Status::Measured) => "no samples".into(),
     }
@@ -201,6 +272,46 @@ mod tests {
         assert_eq!(
             verdict("Agent memory"),
             Verdict::NotMeasured("scenario not run".into())
+        );
+    }
+
+    #[test]
+    fn cross_node_goals_compare_each_mode_with_its_baseline_and_time_joins() {
+        let mut cross = ScenarioReport::new(cross_node::ID, "cross node");
+        let mut rr = Metric::new(cross_node::RR_1, "rr", "round trips/s", Shape::Repeated);
+        // Tunnel / VXLAN: 1.07 and 1.04, median 1.055 (passes 1.05); native / routes: 0.99.
+        for (vxlan, tunnel) in [(100.0, 107.0), (100.0, 104.0)] {
+            rr.push(cross_node::KERNEL_VXLAN, vxlan);
+            rr.push(cross_node::MYELIN_TUNNEL, tunnel);
+            rr.push(cross_node::PLAIN_ROUTES, 100.0);
+            rr.push(cross_node::MYELIN_NATIVE, 99.0);
+        }
+        let mut join = Metric::new(cross_node::JOIN, "join", "ms", Shape::Distribution);
+        for v in 1..=10 {
+            join.push(cross_node::MYELIN_TUNNEL, f64::from(v) * 90.0);
+            join.push(cross_node::MYELIN_NATIVE, f64::from(v) * 110.0);
+        }
+        cross.metrics.extend([rr, join]);
+        let goals = evaluate(&report_with(vec![cross]));
+        let find = |prefix: &str| goals.iter().find(|g| g.name.starts_with(prefix)).unwrap();
+        let tunnel_rr = find("Cross-node request/response (1 flow): Myelin tunnel");
+        assert_eq!(tunnel_rr.verdict, Verdict::Pass, "{tunnel_rr:?}");
+        assert!(tunnel_rr.target.contains("kernel-vxlan"), "{tunnel_rr:?}");
+        assert_eq!(
+            find("Cross-node request/response (1 flow): Myelin native").verdict,
+            Verdict::FallShort
+        );
+        assert_eq!(
+            find("Cross-node stream: Myelin tunnel").verdict,
+            Verdict::NotMeasured("no samples".into())
+        );
+        // p99 of ten joins is the slowest: 900 ms passes, 1,100 ms falls short.
+        let tunnel_join = find("Node join to first packet p99 (tunnel");
+        assert_eq!(tunnel_join.verdict, Verdict::Pass);
+        assert_eq!(tunnel_join.measured, "900 ms");
+        assert_eq!(
+            find("Node join to first packet p99 (native").verdict,
+            Verdict::FallShort
         );
     }
 

@@ -71,6 +71,10 @@ pub struct Settings {
     pub watch_pods: usize,
     pub watch_namespaces: usize,
     pub label_changes: usize,
+    /// Cross-node repetitions per variant (request/response and stream).
+    pub cross_reps: usize,
+    /// Node joins per routing mode.
+    pub join_reps: usize,
 }
 
 impl Settings {
@@ -103,6 +107,8 @@ impl Settings {
             watch_pods: 5_000,
             watch_namespaces: 500,
             label_changes: 1_000,
+            cross_reps: if full { 4 } else { 2 },
+            join_reps: if full { 20 } else { 4 },
         }
     }
 
@@ -165,6 +171,8 @@ impl Settings {
                     report::count(self.watch_namespaces)
                 ),
             ),
+            ("cross-node repetitions", self.cross_reps.to_string()),
+            ("node joins per routing mode", self.join_reps.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -341,7 +349,6 @@ fn print_summary(report: &BenchReport, goals: &[goals::Goal], dir: &Path) {
         let (mark, note) = match &s.status {
             Status::Measured => ("✓", String::new()),
             Status::Failed(e) => ("✗", format!(": {}", e.lines().next().unwrap_or_default())),
-            Status::Placeholder(why) => ("-", format!(": {why}")),
             Status::Skipped => ("-", ": not run (--only)".to_string()),
         };
         println!("    {mark} {}{note}", s.title);
@@ -382,6 +389,7 @@ mod tests {
         let quick = Settings::new(Mode::Quick);
         let full = Settings::new(Mode::Full);
         assert!(quick.reps < full.reps && quick.rr <= full.rr);
+        assert!(quick.cross_reps < full.cross_reps && quick.join_reps < full.join_reps);
         // What the issues name stays the same in both modes.
         assert_eq!(quick.churn_pods, 200);
         assert_eq!(quick.policy_rules, full.policy_rules);

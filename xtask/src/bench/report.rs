@@ -40,8 +40,6 @@ pub struct Machine {
 pub enum Status {
     Measured,
     Failed(String),
-    /// A scenario another issue fills in.
-    Placeholder(String),
     /// Left out on request (`--only`).
     Skipped,
 }
@@ -245,7 +243,6 @@ fn status_json(status: &Status) -> Value {
     match status {
         Status::Measured => json!({ "status": "measured" }),
         Status::Failed(error) => json!({ "status": "failed", "error": error }),
-        Status::Placeholder(why) => json!({ "status": "placeholder", "note": why }),
         Status::Skipped => json!({ "status": "skipped" }),
     }
 }
@@ -334,9 +331,6 @@ fn scenario_markdown(md: &mut String, s: &ScenarioReport) {
                  failure):\n\n```\n{}\n```\n",
                 error.trim()
             );
-        }
-        Status::Placeholder(why) => {
-            let _ = writeln!(md, "Not measured yet: {why}\n");
         }
         Status::Skipped => {
             md.push_str("Not run in this run (left out with `--only`).\n\n");
