@@ -49,6 +49,16 @@ pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
             name,
         )
     };
+    // Myelin at least level with another pod CNI on one node.
+    let same = |metric: &str, baseline: &'static str, name: &'static str| {
+        ratio(
+            same_node::ID,
+            metric,
+            (same_node::MYELIN, baseline),
+            1.0,
+            name,
+        )
+    };
     let tunnel = (cross_node::MYELIN_TUNNEL, cross_node::KERNEL_VXLAN);
     let native = (cross_node::MYELIN_NATIVE, cross_node::PLAIN_ROUTES);
     let cross = |metric: &str, pair: (&str, &str), floor: f64, name: &'static str| {
@@ -78,15 +88,38 @@ pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
         .and_then(|s| s.figure(&agent::rss_figure(agent::GOAL_REMOTE_PODS)))
         .map(|f| f.value);
     vec![
+        // 0.95, not 0.97: a program on the host veth's tc hook costs more than 3 % on its own
+        // (a stripped program that only redirects left the pods at 0.91 x; see the README's
+        // Performance section); the other pod CNIs are the bar it must clear.
         ratio_to_bare(
             same_node::RR_1,
-            0.97,
+            0.95,
             "Same-node request/response (1 flow): Myelin / bare veth",
         ),
         ratio_to_bare(
             same_node::RR_8,
-            0.97,
+            0.95,
             "Same-node request/response (8 flows): Myelin / bare veth",
+        ),
+        same(
+            same_node::RR_1,
+            same_node::BRIDGE,
+            "Same-node request/response (1 flow): Myelin / bridge",
+        ),
+        same(
+            same_node::RR_8,
+            same_node::BRIDGE,
+            "Same-node request/response (8 flows): Myelin / bridge",
+        ),
+        same(
+            same_node::RR_1,
+            same_node::PTP,
+            "Same-node request/response (1 flow): Myelin / ptp",
+        ),
+        same(
+            same_node::RR_8,
+            same_node::PTP,
+            "Same-node request/response (8 flows): Myelin / ptp",
         ),
         ratio_to_bare(
             same_node::STREAM,
@@ -237,8 +270,10 @@ mod tests {
         let mut same = ScenarioReport::new(same_node::ID, "same node");
         let mut rr = Metric::new(same_node::RR_1, "rr", "round trips/s", Shape::Repeated);
         let mut stream = Metric::new(same_node::STREAM, "stream", "Gbit/s", Shape::Repeated);
-        for (bare, myelin) in [(100.0, 99.0), (100.0, 98.0), (100.0, 90.0)] {
+        for (bare, myelin) in [(100.0, 96.0), (100.0, 95.5), (100.0, 90.0)] {
             rr.push(same_node::BARE, bare);
+            rr.push(same_node::BRIDGE, 96.0);
+            rr.push(same_node::PTP, 90.0);
             rr.push(same_node::MYELIN, myelin);
             stream.push(same_node::BARE, bare);
             stream.push(same_node::MYELIN, myelin - 10.0);
@@ -255,9 +290,18 @@ mod tests {
                 .map(|g| g.verdict.clone())
                 .unwrap()
         };
-        // RR ratios 0.99, 0.98, 0.90: median 0.98 passes 0.97.
+        // RR ratios to bare 0.96, 0.955, 0.90: the median 0.955 passes 0.95.
         assert_eq!(
-            verdict("Same-node request/response (1 flow)"),
+            verdict("Same-node request/response (1 flow): Myelin / bare"),
+            Verdict::Pass
+        );
+        // To bridge 1.0, 0.995, 0.94: the median 0.995 falls short of 1.0; to ptp it passes.
+        assert_eq!(
+            verdict("Same-node request/response (1 flow): Myelin / bridge"),
+            Verdict::FallShort
+        );
+        assert_eq!(
+            verdict("Same-node request/response (1 flow): Myelin / ptp"),
             Verdict::Pass
         );
         assert_eq!(verdict("Same-node stream"), Verdict::FallShort);
