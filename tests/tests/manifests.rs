@@ -9,7 +9,7 @@
 use std::{collections::BTreeSet, fs};
 
 use myelin_tests::{
-    Result,
+    Binaries, Result,
     chart::{self, ChartTools},
     oci,
 };
@@ -145,10 +145,58 @@ fn values_outside_the_schema_are_refused() -> Result<()> {
         json!({ "bpffs": { "mount": "sometimes" } }),
         json!({ "metrics": { "port": 70000 } }),
         json!({ "podCIDR": "10.244.0.0/16" }),
+        json!({ "routingMode": "bgp" }),
+        json!({ "tunnelPort": 0 }),
+        json!({ "masquerade": "yes" }),
+        json!({ "nonMasqueradeCIDRs": ["10.0.0.0"] }),
+        json!({ "natPortRange": "61000" }),
+        json!({ "uplink": "eth0/../x" }),
     ] {
         assert!(
             tools.render(&values).is_err(),
             "values {values} were accepted"
+        );
+    }
+    Ok(())
+}
+
+/// The routing and masquerading values become the agent's flags, spelled as the agent parses
+/// them (checked against its `--help`, so a renamed flag fails here rather than on a node).
+#[test]
+fn routing_and_masquerading_values_become_the_agents_flags() -> Result<()> {
+    let rendered = ChartTools::from_current_exe()?.render(&json!({
+        "routingMode": "native",
+        "tunnelPort": 4789,
+        "uplink": "bond0",
+        "masquerade": false,
+        "nonMasqueradeCIDRs": ["10.0.0.0/8", "192.168.0.0/16"],
+        "natPortRange": "40000-50000",
+    }))?;
+    let objects = objects(&rendered);
+    let spec = &object(&objects, "DaemonSet")["spec"]["template"]["spec"];
+    let args = &container(spec, "containers", "agent")["args"];
+    assert_eq!(
+        *args,
+        json!([
+            "--source=kubernetes",
+            "--routing-mode=native",
+            "--tunnel-port=4789",
+            "--uplink=bond0",
+            "--masquerade=false",
+            "--non-masquerade-cidrs=10.0.0.0/8,192.168.0.0/16",
+            "--nat-port-range=40000-50000",
+        ])
+    );
+    let help = std::process::Command::new(Binaries::from_env()?.agent()?)
+        .arg("--help")
+        .output()
+        .map_err(myelin_tests::Error::io("running myelin-agent --help"))?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    for arg in args.as_array().into_iter().flatten() {
+        let flag = arg.as_str().and_then(|a| a.split('=').next()).unwrap_or("");
+        assert!(
+            help.contains(&format!("{flag} <")),
+            "myelin-agent has no flag {flag}:\n{help}"
         );
     }
     Ok(())
@@ -273,7 +321,15 @@ fn agent_runs_the_kubernetes_source_named_after_its_node() {
     let spec = pod_spec();
     let agent = container(&spec, "containers", "agent");
     assert_eq!(agent["command"], json!([oci::AGENT_PATH]));
-    assert_eq!(agent["args"], json!(["--source", "kubernetes"]));
+    assert_eq!(
+        agent["args"],
+        json!([
+            "--source=kubernetes",
+            "--routing-mode=tunnel",
+            "--tunnel-port=8472",
+            "--masquerade=true",
+        ])
+    );
     assert_eq!(
         env_value(agent, "MYELIN_NODE_NAME")["valueFrom"],
         json!({ "fieldRef": { "fieldPath": "spec.nodeName" } })
