@@ -410,3 +410,144 @@ fn both_modes_work_with_the_kubernetes_source() -> Result<()> {
     }
     Ok(())
 }
+
+/// Nodes that cannot be routed (no pod CIDR, no InternalIP, a pod CIDR that overlaps another
+/// node's) are left out with the reason `myelinctl nodes` shows; of two overlapping nodes
+/// neither is routed, so no pod's packet goes to the wrong one; once the overlap is gone the
+/// other node is routed again.
+#[test]
+fn nodes_that_cannot_be_routed_are_shown_with_why_and_never_routed_wrongly() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let c = cluster(&run, 2, "tunnel", Underlay::Switch)?;
+    let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
+    let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
+    c.wait_until_every_node_knows(b.ip())?;
+    talk(&a, &b)?;
+    let node1_cidr = c.node(1).pod_cidr().to_string();
+    let node = |name: &str, spec: serde_json::Value, addresses: serde_json::Value| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": name },
+            "spec": spec,
+            "status": { "addresses": addresses },
+        })
+    };
+    let internal = |ip: &str| json!([{ "type": "InternalIP", "address": ip }]);
+    // Inside node 1's CIDR: both claim 10.244.<1>.0/25.
+    let overlapping = node1_cidr.replace("/24", "/25");
+    c.apply(
+        "unroutable",
+        &[
+            node("nocidr", json!({}), internal("192.168.100.60")),
+            node(
+                "noip",
+                json!({ "podCIDR": "10.244.50.0/24" }),
+                json!([{ "type": "Hostname", "address": "noip" }]),
+            ),
+            node(
+                "overlap",
+                json!({ "podCIDR": overlapping }),
+                internal("192.168.100.61"),
+            ),
+        ],
+    )?;
+    let reasons = |node: &myelin_tests::Node| -> Result<Vec<(String, bool, String)>> {
+        let listed: serde_json::Value =
+            serde_json::from_str(&node.myelinctl(&["nodes", "--json"])?)
+                .map_err(myelin_tests::Error::json("myelinctl nodes --json"))?;
+        Ok(listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap_or_default().to_string(),
+                    n["routed"].as_bool().unwrap_or(true),
+                    n["reason"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect())
+    };
+    c.wait_for_every_node("the unroutable nodes listed with why", |node| {
+        let listed = reasons(node)?;
+        let why = |name: &str| {
+            listed
+                .iter()
+                .find(|(n, routed, _)| n == name && !routed)
+                .map(|(_, _, why)| why.clone())
+        };
+        Ok(why("nocidr").is_some_and(|w| w.contains("podCIDR"))
+            && why("noip").is_some_and(|w| w.contains("InternalIP"))
+            && why("overlap").is_some_and(|w| w.contains("overlaps")))
+    })?;
+    let listed = reasons(c.node(0))?;
+    let node1 = listed
+        .iter()
+        .find(|(n, _, _)| n == c.node(1).name())
+        .expect("node 0 lists node 1");
+    assert!(!node1.1, "node 1 overlaps and is not routed: {listed:?}");
+    assert!(
+        node1.2.contains("overlap"),
+        "and says with whom: {listed:?}"
+    );
+    let routes = c
+        .node(0)
+        .netns()
+        .ip(&["-4", "route", "show", "proto", "77"])?
+        .stdout_text();
+    let prefix = node1_cidr.rsplit_once('.').map_or("", |(p, _)| p);
+    assert!(
+        !routes.contains(prefix),
+        "no route to either overlapping CIDR: {routes}"
+    );
+    assert!(
+        !reaches(&a, &b),
+        "no packet goes to a node that may be wrong"
+    );
+
+    c.remove_applied("unroutable")?;
+    c.wait_for_every_node("node 1 routed again", |node| {
+        Ok(node.name() == c.node(1).name()
+            || reasons(node)?
+                .iter()
+                .any(|(n, routed, _)| n == c.node(1).name() && *routed))
+    })?;
+    eventually(&a, &b, true);
+    Ok(())
+}
+
+/// An InternalIP that no device of the node holds, or an `--uplink` that does not exist, stops
+/// the agent at start with an error that names it.
+#[test]
+fn an_uplink_that_cannot_be_found_stops_the_agent_naming_it() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let node = myelin_tests::Node::create(&run, myelin_tests::NodeSpec::new("lost"))?;
+    node.cluster().write(
+        "node",
+        &[myelin_tests::cluster::node_object_at(
+            node.name(),
+            node.pod_cidr(),
+            Ipv4Addr::new(192, 0, 2, 99),
+        )],
+    )?;
+    let out = node.run_second_agent(Duration::from_secs(20))?;
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the agent stopped: {said}");
+    assert!(said.contains("192.0.2.99"), "naming the address: {said}");
+
+    let mut node = node;
+    node.agent_args_mut()
+        .extend(["--uplink".to_string(), "nosuch0".to_string()]);
+    let out = node.run_second_agent(Duration::from_secs(20))?;
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the agent stopped: {said}");
+    assert!(said.contains("nosuch0"), "naming the device: {said}");
+    Ok(())
+}
