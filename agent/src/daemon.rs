@@ -410,12 +410,14 @@ async fn setup_network(
             .detach_uplink(uplink)
             .with_context(|| format!("detaching the masquerading programs from {uplink}"))?;
     }
-    datapath.set_routing(Routing {
+    let mut network = network;
+    network.routing = Routing {
         flags,
         node_ip,
         tunnel_ifindex: network.tunnel,
         uplink_ifindex: network.uplink.index,
-    })?;
+    };
+    datapath.set_routing(network.routing)?;
     Ok(Some(network))
 }
 

@@ -430,8 +430,11 @@ impl<D: DatapathOps> Owner<D> {
     /// Brings the routes to other nodes in line with the index (a no-op when the nodes did not
     /// change).
     async fn route_nodes(&mut self) {
-        if let Some(network) = self.inputs.network.as_mut() {
-            network.sync(self.agent.nodes()).await;
+        if let Some(network) = self.inputs.network.as_mut()
+            && let Some(routing) = network.sync(self.agent.nodes()).await
+            && let Err(e) = self.agent.set_routing(routing)
+        {
+            error!("writing this node's new address into the datapath config failed: {e}");
         }
     }
 

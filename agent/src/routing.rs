@@ -22,9 +22,9 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope},
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::{config::RoutingMode, desired::nodes::RemoteNode};
+use crate::{config::RoutingMode, datapath::Routing, desired::nodes::RemoteNode};
 
 /// The tunnel device.
 pub const TUNNEL_DEVICE: &str = "myelin_vxlan";
@@ -220,11 +220,13 @@ pub fn node_routes(
 }
 
 /// Makes Myelin's routes exactly `wanted`: adds the missing, replaces the changed, removes
-/// the rest. Node traffic through the tunnel leaves from `source` (the node's InternalIP).
+/// the rest; with `refresh`, writes every wanted one again (a new `source`). Node traffic
+/// through the tunnel leaves from `source` (the node's InternalIP).
 pub async fn sync_routes(
     handle: &Handle,
     wanted: &[NodeRoute],
     source: Ipv4Addr,
+    refresh: bool,
 ) -> Result<(), RoutingError> {
     let current = our_routes(handle).await?;
     for (route, message) in &current {
@@ -234,7 +236,7 @@ pub async fn sync_routes(
         }
     }
     for route in wanted {
-        if current.iter().any(|(r, _)| r == route) {
+        if !refresh && current.iter().any(|(r, _)| r == route) {
             continue;
         }
         let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
@@ -305,12 +307,19 @@ fn report_skipped(skipped: &[(String, crate::desired::nodes::Skipped)]) {
 pub struct NodeNetwork {
     handle: Handle,
     mode: RoutingMode,
+    /// `--uplink`, when given: the uplink is that device whatever the address.
+    uplink_by_name: Option<String>,
     pub uplink: Uplink,
     /// `myelin_vxlan`'s ifindex in tunnel mode, 0 in native mode.
     pub tunnel: u32,
     pub node_ip: Ipv4Addr,
+    /// What the datapath's config says of routing, kept so that a new address can be put in.
+    pub routing: Routing,
     /// The remote nodes the routes were last made for.
     routed: Option<Vec<RemoteNode>>,
+    /// An address this node's object moved to that could not be taken in place, so that it is
+    /// said once.
+    moved_to: Option<Ipv4Addr>,
 }
 
 impl NodeNetwork {
@@ -322,6 +331,7 @@ impl NodeNetwork {
         node_ip: Ipv4Addr,
         tunnel_port: u16,
     ) -> Result<Self, RoutingError> {
+        let uplink_by_name = uplink.map(str::to_string);
         let uplink = find_uplink(&handle, uplink, node_ip).await?;
         let tunnel = match mode {
             RoutingMode::Tunnel => {
@@ -336,11 +346,66 @@ impl NodeNetwork {
         Ok(Self {
             handle,
             mode,
+            uplink_by_name,
             uplink,
             tunnel,
             node_ip,
+            routing: Routing::default(),
             routed: None,
+            moved_to: None,
         })
+    }
+
+    /// Follows this node's Node object to a new InternalIP. When the uplink holds the new
+    /// address (a DHCP renewal, an address changed on the same device), the routes are made
+    /// again with it as their source and the new routing config is returned for the datapath
+    /// (masquerading's address). Otherwise (the address is on another device, or on none yet)
+    /// nothing can be moved in place: the agent says so, once per address, and goes on with the
+    /// old one until it is restarted.
+    async fn follow_move(&mut self, own_ip: Option<Ipv4Addr>) -> Option<Routing> {
+        let Some(ip) = own_ip.filter(|ip| *ip != self.node_ip) else {
+            self.moved_to = None;
+            return None;
+        };
+        if self.moved_to == Some(ip) {
+            return None;
+        }
+        match find_uplink(&self.handle, self.uplink_by_name.as_deref(), ip).await {
+            Ok(uplink)
+                if uplink.index == self.uplink.index
+                    && uplink.subnets.iter().any(|n| n.contains(&ip)) =>
+            {
+                info!(
+                    was = %self.node_ip, now = %ip, uplink = uplink.name,
+                    "this node's InternalIP changed; routes and masquerading follow"
+                );
+                self.node_ip = ip;
+                self.uplink = uplink;
+                self.routing.node_ip = ip;
+                self.moved_to = None;
+                // Every route again, with the new source (the kernel flushed those whose
+                // source was the old address, if it is gone).
+                self.routed = None;
+                Some(self.routing)
+            }
+            found => {
+                let why = match found {
+                    Ok(other) => format!(
+                        "it is on {}, not on the uplink {}",
+                        other.name, self.uplink.name
+                    ),
+                    Err(e) => e.to_string(),
+                };
+                error!(
+                    was = %self.node_ip, now = %ip,
+                    "this node's InternalIP changed from {} to {ip}, which cannot be taken in \
+                     place ({why}): the routes and masquerading still use {}; restart the agent",
+                    self.node_ip, self.node_ip
+                );
+                self.moved_to = Some(ip);
+                None
+            }
+        }
     }
 
     /// The MTU that fits the path to every other node.
@@ -351,16 +416,20 @@ impl NodeNetwork {
         }
     }
 
-    /// Routes to `nodes`, when they changed since the last time.
-    pub async fn sync(&mut self, nodes: &crate::desired::Nodes) {
+    /// Routes to `nodes`, when they changed since the last time. Returns the routing config
+    /// for the datapath when this node's address moved and was followed.
+    pub async fn sync(&mut self, nodes: &crate::desired::Nodes) -> Option<Routing> {
+        let moved = self.follow_move(nodes.own_ip).await;
         if self.routed.as_ref() == Some(&nodes.remote) {
-            return;
+            return moved;
         }
         report_skipped(&nodes.skipped);
         let wanted = node_routes(self.mode, &nodes.remote, self.tunnel, &self.uplink);
-        match sync_routes(&self.handle, &wanted, self.node_ip).await {
+        let refresh = moved.is_some();
+        match sync_routes(&self.handle, &wanted, self.node_ip, refresh).await {
             Ok(()) => self.routed = Some(nodes.remote.clone()),
             Err(e) => warn!(error = %e, "bringing the routes to other nodes in line failed"),
         }
+        moved
     }
 }

@@ -638,6 +638,27 @@ impl Cluster {
         joined
     }
 
+    /// Node `index` changes its InternalIP to `ip` (on the same subnet), as when a machine gets
+    /// a new address: its `eth0` and default route, the router's route to its pod CIDR, then its
+    /// Node object in every agent's view. Its own agent keeps running.
+    pub fn readdress_node(&mut self, index: usize, ip: Ipv4Addr) -> Result<()> {
+        let old = self.node_ip(index);
+        let (_, gateway) = self.network.shape().attachment(index);
+        let pod_cidr = pod_cidr(index);
+        let netns = self.live_node(index)?.netns();
+        // Old first: removing a primary address takes its secondaries with it.
+        netns.ip(&["addr", "del", &cidr(old), "dev", "eth0"])?;
+        netns.ip(&["addr", "add", &cidr(ip), "dev", "eth0"])?;
+        netns.ip(&["route", "replace", "default", "via", &gateway.to_string()])?;
+        if self.network.routes_pod_cidrs() {
+            self.network
+                .underlay()
+                .ip(&["route", "replace", &pod_cidr, "via", &ip.to_string()])?;
+        }
+        self.node_ips[index] = ip;
+        self.put_node_object(index)
+    }
+
     /// A node leaves: its agent stops and its namespace goes, then its Node object and its
     /// pods' objects go from every other agent's view (as once the control plane gave up on
     /// it), and the underlay forgets it (its port, the route to its pod CIDR).

@@ -8,12 +8,13 @@
 
 use std::{net::Ipv4Addr, thread, time::Duration};
 
+use myelin_common::identity::REMOTE_NODE;
 use myelin_tests::{
     AgentSource, Result, RunPrefix,
     bench::tcp::{EchoServer, time_until_flow_stops},
     multinode::{Cluster, ClusterSpec, Underlay, ipcache_identity},
     root_test,
-    traffic::{Host, ping, ping_within, tcp_bulk, tcp_echo, udp_echo},
+    traffic::{Host, ping, ping_within, tcp_bulk, tcp_echo, tcp_source_seen, udp_echo},
 };
 use serde_json::json;
 
@@ -549,5 +550,49 @@ fn an_uplink_that_cannot_be_found_stops_the_agent_naming_it() -> Result<()> {
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "the agent stopped: {said}");
     assert!(said.contains("nosuch0"), "naming the device: {said}");
+    Ok(())
+}
+
+/// A node that changes its address (on the same uplink) is reached at the new one within a
+/// second, in both modes: the other nodes' routes and ipcache follow its Node object, and a
+/// flow between two other nodes goes on untouched. Its own agent follows too, without a
+/// restart: its routes get the new source, and its pods and its own stack reach the others.
+#[test]
+fn a_node_that_changes_its_address_is_followed_without_disturbing_other_flows() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    for mode in ["tunnel", "native"] {
+        let mut c = cluster(&run, 3, mode, Underlay::Switch)?;
+        let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
+        let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
+        let far = c.add_pod(2, "default", "far", &[("app", "far")])?;
+        c.wait_until_every_node_knows(b.ip())?;
+        c.wait_until_every_node_knows(far.ip())?;
+        talk(&a, &b)?;
+        let moved = Ipv4Addr::new(192, 168, 100, 61);
+        let server = EchoServer::start(&far, 7000, 0)?;
+        let stopped = time_until_flow_stops(&a, &server, Duration::from_secs(2), || {
+            c.readdress_node(1, moved)?;
+            c.wait_for_every_node("node 1's new address taken in", |node| {
+                Ok(if node.name() == c.node(1).name() {
+                    node.status()?.routing.is_some_and(|r| r.node_ip == moved)
+                } else {
+                    ipcache_identity(node, moved)? == Some(REMOTE_NODE)
+                })
+            })
+        })?;
+        assert_eq!(stopped, None, "{mode}: the flow to node 2 kept running");
+        ping_within(&a, &b, Duration::from_secs(1))?;
+        talk(&a, &b)?;
+        talk(&b, &a)?;
+        talk(c.node(1), &a)?;
+        talk(c.node(0), &b)?;
+        assert_eq!(
+            *tcp_source_seen(&b, c.world(), 0)?.ip(),
+            moved,
+            "{mode}: the world sees node 1's new address"
+        );
+    }
     Ok(())
 }

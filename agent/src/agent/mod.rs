@@ -259,6 +259,16 @@ impl<D: DatapathOps> Agent<D> {
         }
     }
 
+    /// Routing as the datapath's config holds it, after this node's address moved; status
+    /// shows the new address.
+    pub fn set_routing(&mut self, routing: crate::datapath::Routing) -> Result<(), DatapathError> {
+        self.datapath.set_routing(routing)?;
+        if let Some(info) = self.routing.as_mut() {
+            info.node_ip = routing.node_ip;
+        }
+        Ok(())
+    }
+
     #[cfg(test)]
     pub fn datapath(&self) -> &D {
         &self.datapath
