@@ -18,6 +18,12 @@ use myelin_tests::{
 };
 use serde_json::json;
 
+/// Two subnets joined by a router that routes no pod CIDR (the world's view of a cloud
+/// network): only the tunnel, or masquerading, gets pods' packets across.
+const THROUGH_A_ROUTER: Underlay = Underlay::Router {
+    route_pod_cidrs: false,
+};
+
 /// A cluster of `nodes` in `mode` over `underlay`.
 fn cluster(run: &RunPrefix, nodes: usize, mode: &str, underlay: Underlay) -> Result<Cluster> {
     Cluster::start(
@@ -69,12 +75,7 @@ fn connectivity(mode: &str, underlay: Underlay) -> Result<()> {
 
 #[test]
 fn tunnel_mode_connects_everything_through_a_router() -> Result<()> {
-    connectivity(
-        "tunnel",
-        Underlay::Router {
-            route_pod_cidrs: false,
-        },
-    )
+    connectivity("tunnel", THROUGH_A_ROUTER)
 }
 
 #[test]
@@ -122,14 +123,7 @@ fn packets_fit_the_tunnel_and_a_megabyte_crosses() -> Result<()> {
     let Some(run) = root_test()? else {
         return Ok(());
     };
-    let c = cluster(
-        &run,
-        2,
-        "tunnel",
-        Underlay::Router {
-            route_pod_cidrs: false,
-        },
-    )?;
+    let c = cluster(&run, 2, "tunnel", THROUGH_A_ROUTER)?;
     let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
     let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
     c.wait_until_every_node_knows(b.ip())?;
@@ -280,14 +274,7 @@ fn the_vni_carries_the_identity_before_the_remote_pods_object_arrives() -> Resul
     let Some(run) = root_test()? else {
         return Ok(());
     };
-    let c = cluster(
-        &run,
-        2,
-        "tunnel",
-        Underlay::Router {
-            route_pod_cidrs: false,
-        },
-    )?;
+    let c = cluster(&run, 2, "tunnel", THROUGH_A_ROUTER)?;
     let db = c.add_pod(1, "default", "db", &[("app", "db")])?;
     let first = c.add_pod(0, "default", "api-1", &[("app", "api")])?;
     c.wait_until_every_node_knows(first.ip())?;
@@ -320,14 +307,7 @@ fn nodes_leave_and_join() -> Result<()> {
     let Some(run) = root_test()? else {
         return Ok(());
     };
-    let mut c = cluster(
-        &run,
-        3,
-        "tunnel",
-        Underlay::Router {
-            route_pod_cidrs: false,
-        },
-    )?;
+    let mut c = cluster(&run, 3, "tunnel", THROUGH_A_ROUTER)?;
     let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
     let gone = c.add_pod(2, "default", "gone", &[("app", "gone")])?;
     c.wait_until_every_node_knows(gone.ip())?;
@@ -367,14 +347,7 @@ fn an_agent_restart_keeps_cross_node_flows_alive() -> Result<()> {
     let Some(run) = root_test()? else {
         return Ok(());
     };
-    let mut c = cluster(
-        &run,
-        2,
-        "tunnel",
-        Underlay::Router {
-            route_pod_cidrs: false,
-        },
-    )?;
+    let mut c = cluster(&run, 2, "tunnel", THROUGH_A_ROUTER)?;
     let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
     let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
     c.wait_until_every_node_knows(b.ip())?;
