@@ -47,6 +47,12 @@ mod tests {
         let server = tcp::EchoServer::start(&pair.server, 7000, flow_cpu(0))?;
         let crr = tcp::tcp_crr(&pair.client, &server, Duration::from_millis(300))?;
         assert!(crr > 10.0, "{crr} connections/s");
+        // Spread over servers, a run ends once each had its share, however long it may run.
+        let other = tcp::EchoServer::start(&pair.server, 7001, flow_cpu(0))?;
+        let spread =
+            tcp::tcp_crr_spread(&pair.client, &[server, other], Duration::from_secs(60), 5)?;
+        assert_eq!(spread.connections, 10, "{spread:?}");
+        assert!(spread.elapsed < Duration::from_secs(10), "{spread:?}");
         Ok(())
     }
 
