@@ -51,17 +51,18 @@ enum Command {
     /// Setup, build, then the demo: three pods on one node, connectivity and eBPF counters.
     Demo,
     /// Setup, release build, then every benchmark scenario: Myelin against a bare veth pair and
-    /// the reference bridge and ptp plugins, CNI latency, agent footprint, policy scale, and pod
-    /// to pod across nodes against the kernel's VXLAN as Flannel builds it and plain routes.
+    /// the reference bridge and ptp plugins, CNI latency, agent footprint, policy scale, pod
+    /// to pod across nodes against the kernel's VXLAN as Flannel builds it and plain routes,
+    /// and masquerading to the world against an iptables MASQUERADE rule.
     /// Writes target/bench/report.json and report.md.
     Bench {
-        /// Fewer repetitions and shorter runs (about 4.5 minutes of measuring on two cores, one
-        /// of them across nodes, plus the release build when it is not current): what CI
-        /// affords.
+        /// Fewer repetitions and shorter runs (about 5 minutes of measuring on two cores, a
+        /// minute of it across nodes and 20 s masquerading, plus the release build when it is
+        /// not current): what CI affords.
         #[arg(long)]
         quick: bool,
         /// Run only these scenarios (comma-separated ids: same_node, cni, add_under_load, agent, policy,
-        /// kubernetes, cross_node); the report lists the others as not run.
+        /// kubernetes, cross_node, masquerade); the report lists the others as not run.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

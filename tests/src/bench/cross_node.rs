@@ -48,7 +48,7 @@ use crate::{
 };
 
 /// Every node's pod CIDR lies in it; pods route it to their gateway, as Flannel's pods do.
-const CLUSTER_CIDR: &str = "10.244.0.0/16";
+pub(crate) const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// Flannel's VXLAN device, `flannel.<VNI>` with its default VNI.
 pub const FLANNEL_DEVICE: &str = "flannel.1";
 const FLANNEL_VNI: &str = "1";
@@ -95,13 +95,14 @@ pub struct BaselineNode {
 
 impl BaselineNode {
     /// The namespace `<run>-node<index>`, plugged into `network` as node `index`.
-    fn plug(run: &RunPrefix, network: &Network, index: usize) -> Result<Self> {
+    pub(crate) fn plug(run: &RunPrefix, network: &Network, index: usize) -> Result<Self> {
         let netns = Netns::create(run.name(&format!("node{index}")))?;
         let ip = network.plug(&netns, index)?;
         Ok(Self { netns, ip, index })
     }
 
-    fn forward(&self) -> Result<()> {
+    /// `net.ipv4.ip_forward=1`, as on every Kubernetes node.
+    pub(crate) fn forward(&self) -> Result<()> {
         self.netns
             .run(|| fs::write("/proc/sys/net/ipv4/ip_forward", "1"))?
             .map_err(Error::io(format!(

@@ -1,11 +1,12 @@
-//! The iptables baseline for policy scale: the same rules as the benchmark's NetworkPolicy, as
-//! a chain in the FORWARD path of a node whose pods talk through the node's routing (the `ptp`
-//! plugin; a bridge would bypass iptables without br_netfilter, which this kernel cannot load).
+//! The iptables baselines: for policy scale, the same rules as the benchmark's NetworkPolicy,
+//! as a chain in the FORWARD path of a node whose pods talk through the node's routing (the
+//! `ptp` plugin; a bridge would bypass iptables without br_netfilter, which this kernel cannot
+//! load); for masquerading, one MASQUERADE rule in the node's POSTROUTING chain.
 //!
-//! The chain is built the way iptables-based policy engines build theirs: packets of tracked
-//! connections are accepted first, so only a connection's first packet walks the rules. That
-//! makes it stateful like Myelin's datapath (conntrack, then policy for new flows), so the two
-//! are compared on equal terms.
+//! The policy chain is built the way iptables-based policy engines build theirs: packets of
+//! tracked connections are accepted first, so only a connection's first packet walks the rules.
+//! That makes it stateful like Myelin's datapath (conntrack, then policy for new flows), so the
+//! two are compared on equal terms.
 
 use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
 
@@ -74,12 +75,30 @@ pub fn restore(node: &Netns, rules: &str) -> Result<()> {
 /// Packets the node's FORWARD chain sent to [`CHAIN`]: proof that the measured traffic really
 /// passes iptables (it would not on a bridge without br_netfilter).
 pub fn packets_through_chain(node: &Netns) -> Result<u64> {
+    packets_to(node, "filter", "FORWARD", CHAIN)
+}
+
+/// `iptables-restore --noflush` input for masquerading as a node does it with iptables: what
+/// `pod_cidr` sends anywhere outside `cluster_cidr` leaves with the node's address. Plain
+/// MASQUERADE keeps the pod's source port whenever that leaves the connection unique.
+pub fn masquerade_rules(pod_cidr: &str, cluster_cidr: &str) -> String {
+    format!("*nat\n-A POSTROUTING -s {pod_cidr} ! -d {cluster_cidr} -j MASQUERADE\nCOMMIT\n")
+}
+
+/// Packets the rules of [`masquerade_rules`] translated in `node`: the first packet of each
+/// masqueraded connection (the nat table sees no other).
+pub fn masqueraded_packets(node: &Netns) -> Result<u64> {
+    packets_to(node, "nat", "POSTROUTING", "MASQUERADE")
+}
+
+/// Packets that `table`'s `chain` in `node` sent to `target`.
+fn packets_to(node: &Netns, table: &str, chain: &str, target: &str) -> Result<u64> {
     let mut cmd = node.command("iptables")?;
-    cmd.args(["-w", "-n", "-v", "-x", "-L", "FORWARD"]);
+    cmd.args(["-w", "-t", table, "-n", "-v", "-x", "-L", chain]);
     let out = process::run_ok(cmd, TIMEOUT)?;
-    parse_jump_packets(&out.stdout_text(), CHAIN).ok_or_else(|| Error::Traffic {
+    parse_jump_packets(&out.stdout_text(), target).ok_or_else(|| Error::Traffic {
         what: format!(
-            "unexpected `iptables -L FORWARD` output in {}:\n{}",
+            "unexpected `iptables -t {table} -L {chain}` output in {}:\n{}",
             node.name(),
             out.stdout_text()
         ),
@@ -129,6 +148,14 @@ mod tests {
         assert_eq!(
             chain_rules(Ipv4Addr::new(10, 0, 0, 2), 0, 20_000, &[11111]),
             "*filter\n:MYELIN-BENCH - [0:0]\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn pods_are_masqueraded_outside_the_cluster_only() {
+        assert_eq!(
+            masquerade_rules("10.244.0.0/24", "10.244.0.0/16"),
+            "*nat\n-A POSTROUTING -s 10.244.0.0/24 ! -d 10.244.0.0/16 -j MASQUERADE\nCOMMIT\n"
         );
     }
 

@@ -1,8 +1,9 @@
-//! Pieces of `cargo xtask bench`: the datapaths Myelin is compared with (on one node, and
-//! across nodes in [`cross_node`]), one CNI driver for every plugin, traffic from iperf3 and
-//! from one-byte TCP loops of our own, the iptables baseline for policy, and what the agent
-//! costs. The scenarios themselves are composed in xtask; everything here follows the
-//! harness's rules (namespaces only, per-run names, guards).
+//! Pieces of `cargo xtask bench`: the datapaths Myelin is compared with (on one node, across
+//! nodes in [`cross_node`], masquerading to the world in [`masquerade`]), one CNI driver for
+//! every plugin, traffic from iperf3 and from one-byte TCP loops of our own, the iptables
+//! baselines for policy and masquerading, and what the agent costs. The scenarios themselves
+//! are composed in xtask; everything here follows the harness's rules (namespaces only,
+//! per-run names, guards).
 
 pub mod add_under_load;
 pub mod cni;
@@ -11,6 +12,7 @@ pub mod cross_node;
 pub mod footprint;
 pub mod iperf3;
 pub mod iptables;
+pub mod masquerade;
 pub mod ping;
 pub mod policy;
 pub mod program_cost;
@@ -47,6 +49,12 @@ mod tests {
         let server = tcp::EchoServer::start(&pair.server, 7000, flow_cpu(0))?;
         let crr = tcp::tcp_crr(&pair.client, &server, Duration::from_millis(300))?;
         assert!(crr > 10.0, "{crr} connections/s");
+        // Spread over servers, a run ends once each had its share, however long it may run.
+        let other = tcp::EchoServer::start(&pair.server, 7001, flow_cpu(0))?;
+        let spread =
+            tcp::tcp_crr_spread(&pair.client, &[server, other], Duration::from_secs(60), 5)?;
+        assert_eq!(spread.connections, 10, "{spread:?}");
+        assert!(spread.elapsed < Duration::from_secs(10), "{spread:?}");
         Ok(())
     }
 

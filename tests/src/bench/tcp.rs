@@ -214,25 +214,70 @@ fn round_trip(stream: &mut TcpStream, byte: &mut [u8; 1]) -> io::Result<()> {
 /// each way, close with a reset (so that neither side keeps TIME_WAIT state that would run
 /// the client out of ports). The client runs on the server's CPU.
 pub fn tcp_crr(client: &dyn Host, server: &EchoServer, duration: Duration) -> Result<f64> {
-    let (addr, cpu) = (server.addr, server.cpu);
-    let rate = client.netns().run(move || -> io::Result<f64> {
+    tcp_crr_spread(client, std::slice::from_ref(server), duration, u64::MAX).map(|r| r.rate())
+}
+
+/// What a connection-rate run did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConnectionRun {
+    pub connections: u64,
+    pub elapsed: Duration,
+}
+
+impl ConnectionRun {
+    /// Connections per second.
+    pub fn rate(&self) -> f64 {
+        self.connections as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Like [`tcp_crr`], with connection `i` to `servers[i % n]`, for `duration` or until every
+/// server had `per_server` connections, whichever comes first: for paths where each
+/// destination has a budget of connections (a NAT's ports per remote address and port). The
+/// client runs on the first server's CPU.
+pub fn tcp_crr_spread(
+    client: &dyn Host,
+    servers: &[EchoServer],
+    duration: Duration,
+    per_server: u64,
+) -> Result<ConnectionRun> {
+    let addrs: Vec<SocketAddrV4> = servers.iter().map(|s| s.addr).collect();
+    let (Some(first), Some(cpu)) = (addrs.first().copied(), servers.first().map(|s| s.cpu)) else {
+        return Err(Error::Traffic {
+            what: "a connection-rate run needs a server".into(),
+        });
+    };
+    let budget = per_server.saturating_mul(addrs.len() as u64);
+    let run = client.netns().run(|| -> io::Result<ConnectionRun> {
         pin_current_thread(cpu)?;
         let started = Instant::now();
-        let mut transactions = 0u64;
-        while started.elapsed() < duration {
-            let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(addr), CONNECT_TIMEOUT)?;
+        let mut connections = 0u64;
+        for addr in addrs.iter().cycle() {
+            if connections >= budget || started.elapsed() >= duration {
+                break;
+            }
+            let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(*addr), CONNECT_TIMEOUT)?;
             stream.set_nodelay(true)?;
             stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
             stream.write_all(&[1])?;
             let mut answer = [0u8; 1];
             stream.read_exact(&mut answer)?;
             reset_on_close(&stream)?;
-            transactions += 1;
+            connections += 1;
         }
-        Ok(transactions as f64 / started.elapsed().as_secs_f64())
+        Ok(ConnectionRun {
+            connections,
+            elapsed: started.elapsed(),
+        })
     })?;
-    rate.map_err(|e| Error::Traffic {
-        what: format!("connection rate from {} to {addr}: {e}", client.label()),
+    run.map_err(|e| {
+        let to = match addrs.len() {
+            1 => first.to_string(),
+            n => format!("{n} ports of {} from {}", first.ip(), first.port()),
+        };
+        Error::Traffic {
+            what: format!("connection rate from {} to {to}: {e}", client.label()),
+        }
     })
 }
 

@@ -4,7 +4,7 @@
 use myelin_tests::bench::stats::{Summary, percentile};
 
 use super::{
-    add_under_load, agent, cni, cross_node,
+    add_under_load, agent, cni, cross_node, masquerade,
     report::{BenchReport, Status},
     same_node,
 };
@@ -199,6 +199,13 @@ pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
             cross_node::MYELIN_NATIVE,
             "Node join to first packet p99 (native mode)",
         ),
+        ratio(
+            masquerade::ID,
+            masquerade::CRR,
+            (masquerade::MYELIN, masquerade::PTP_IPTABLES),
+            1.0,
+            "Masquerade new connections/s: Myelin eBPF SNAT / iptables MASQUERADE (ptp)",
+        ),
     ]
 }
 
@@ -356,6 +363,43 @@ mod tests {
         assert_eq!(
             find("Node join to first packet p99 (native").verdict,
             Verdict::FallShort
+        );
+    }
+
+    #[test]
+    fn the_masquerade_goal_compares_myelin_with_iptables_on_ptp_only() {
+        let goal_with = |myelin: f64, ptp: f64, myelin_iptables: f64| {
+            let mut masq = ScenarioReport::new(masquerade::ID, "masquerade");
+            let mut crr = Metric::new(masquerade::CRR, "crr", "connections/s", Shape::Repeated);
+            for _ in 0..2 {
+                crr.push(masquerade::PTP_IPTABLES, ptp);
+                crr.push(masquerade::MYELIN_IPTABLES, myelin_iptables);
+                crr.push(masquerade::MYELIN, myelin);
+            }
+            masq.metrics.push(crr);
+            evaluate(&report_with(vec![masq]))
+                .into_iter()
+                .find(|g| g.name.starts_with("Masquerade new connections/s"))
+                .unwrap()
+        };
+        // Level with iptables passes (at least 1.0), whatever Myelin's own path with iptables did.
+        let level = goal_with(5000.0, 5000.0, 9000.0);
+        assert_eq!(level.verdict, Verdict::Pass, "{level:?}");
+        assert_eq!(level.measured, "1.000 x");
+        assert!(level.target.contains("ptp-iptables"), "{level:?}");
+        assert_eq!(
+            goal_with(4900.0, 5000.0, 1000.0).verdict,
+            Verdict::FallShort
+        );
+        let mut failed = ScenarioReport::new(masquerade::ID, "masquerade");
+        failed.status = Status::Failed("no translation".into());
+        let missing = evaluate(&report_with(vec![failed]))
+            .into_iter()
+            .find(|g| g.name.starts_with("Masquerade new connections/s"))
+            .unwrap();
+        assert_eq!(
+            missing.verdict,
+            Verdict::NotMeasured("scenario failed".into())
         );
     }
 

@@ -13,6 +13,7 @@ mod cross_node;
 mod goals;
 mod kubernetes;
 mod machine;
+mod masquerade;
 mod policy;
 mod report;
 mod same_node;
@@ -75,6 +76,9 @@ pub struct Settings {
     pub cross_reps: usize,
     /// Node joins per routing mode.
     pub join_reps: usize,
+    /// Masquerade repetitions per variant (new connections and request/response), each on
+    /// freshly built variants.
+    pub masq_reps: usize,
 }
 
 impl Settings {
@@ -109,6 +113,7 @@ impl Settings {
             label_changes: 1_000,
             cross_reps: if full { 4 } else { 2 },
             join_reps: if full { 20 } else { 4 },
+            masq_reps: if full { 4 } else { 2 },
         }
     }
 
@@ -173,6 +178,7 @@ impl Settings {
             ),
             ("cross-node repetitions", self.cross_reps.to_string()),
             ("node joins per routing mode", self.join_reps.to_string()),
+            ("masquerade repetitions", self.masq_reps.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -222,7 +228,7 @@ pub fn rotated<T: Clone>(items: &[T], rep: usize) -> Vec<T> {
 }
 
 /// Every scenario, in running order: id, title, function.
-const SCENARIOS: [(&str, &str, Scenario); 7] = [
+const SCENARIOS: [(&str, &str, Scenario); 8] = [
     (same_node::ID, same_node::TITLE, same_node::run),
     (cni::ID, cni::TITLE, cni::run),
     (
@@ -234,6 +240,7 @@ const SCENARIOS: [(&str, &str, Scenario); 7] = [
     (policy::ID, policy::TITLE, policy::run),
     (kubernetes::ID, kubernetes::TITLE, kubernetes::run),
     (cross_node::ID, cross_node::TITLE, cross_node::run),
+    (masquerade::ID, masquerade::TITLE, masquerade::run),
 ];
 
 /// Runs every scenario, or those named in `only`.
@@ -390,6 +397,7 @@ mod tests {
         let full = Settings::new(Mode::Full);
         assert!(quick.reps < full.reps && quick.rr <= full.rr);
         assert!(quick.cross_reps < full.cross_reps && quick.join_reps < full.join_reps);
+        assert!(quick.masq_reps < full.masq_reps && quick.crr <= full.crr);
         // What the issues name stays the same in both modes.
         assert_eq!(quick.churn_pods, 200);
         assert_eq!(quick.policy_rules, full.policy_rules);
