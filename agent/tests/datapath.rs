@@ -28,7 +28,7 @@ use myelin_agent::{
 };
 use myelin_common::{
     Direction, DropReason, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
-    config::{CONFIG_F_MASQUERADE, CONFIG_F_TUNNEL, EVENTS_DROPS},
+    config::{CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_TUNNEL, EVENTS_DROPS},
     endpoint::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
@@ -1598,7 +1598,7 @@ fn the_uplink_gets_the_masquerading_filters_and_loses_them_again() {
     with_datapath(|f| {
         f.dp.detach_uplink("eth-a")
             .expect("nothing attached: nothing to detach");
-        f.dp.attach_uplink("eth-a").expect("attach");
+        f.dp.attach_uplink("eth-a", true).expect("attach");
         for (hook, program) in [
             (TcAttachType::Ingress, "from_uplink"),
             (TcAttachType::Egress, "to_uplink"),
@@ -1607,9 +1607,277 @@ fn the_uplink_gets_the_masquerading_filters_and_loses_them_again() {
             assert_eq!(ours.len(), 1, "{program}: {ours:?}");
             assert_eq!(others, [], "{program}");
         }
+        // Native routing without masquerading: only the ingress program stays.
+        f.dp.attach_uplink("eth-a", false).expect("attach");
+        let (ours, _) = split(filters("eth-a", TcAttachType::Ingress), "from_uplink");
+        assert_eq!(ours.len(), 1, "{ours:?}");
+        assert_eq!(filters("eth-a", TcAttachType::Egress), []);
         f.dp.detach_uplink("eth-a").expect("detach");
         for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
             assert_eq!(filters("eth-a", hook), []);
         }
+    });
+}
+
+// ---- native routing: other nodes' packets straight into the pods ------------------------
+
+/// The MAC of the uplink in the native routing tests, and of the next hop behind it.
+const UPLINK_MAC: [u8; 6] = [2, 0, 0, 0, 7, 1];
+const NEXT_HOP_MAC: [u8; 6] = [2, 0, 0, 0, 7, 2];
+
+fn ip(args: &str) {
+    let status = Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .expect("ip");
+    assert!(status.success(), "ip {args}");
+}
+
+impl Fixture {
+    /// Native routing as the agent sets it up: an uplink `up0` (192.168.7.1/24, UPLINK_MAC)
+    /// with a route to the other node's pods (10.9.0.0/24, identity 400) through a resolved
+    /// neighbour, forwarding on, this node's pods in 10.0.0.0/24. Returns the uplink's ifindex.
+    fn native_uplink(&mut self) -> u32 {
+        ip("link add up0 address 02:00:00:00:07:01 type veth peer name up0p");
+        for dev in ["up0", "up0p", "lxca", "eth-a", "lxcb", "eth-b"] {
+            ip(&format!("link set {dev} up"));
+        }
+        ip("addr add 192.168.7.1/24 dev up0");
+        ip("neigh replace 192.168.7.2 lladdr 02:00:00:00:07:02 dev up0 nud permanent");
+        ip("route add 10.9.0.0/24 via 192.168.7.2 dev up0");
+        // The test's own namespace: /proc/sys/net is the calling thread's.
+        for dev in ["all", "lxca", "lxcb", "up0"] {
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"), "1")
+                .expect("forwarding");
+        }
+        let uplink = nix::net::if_::if_nametoindex("up0").expect("ifindex");
+        self.dp
+            .set_pod_cidr("10.0.0.0/24".parse().unwrap())
+            .expect("set_pod_cidr");
+        self.dp
+            .set_routing(Routing {
+                flags: CONFIG_F_NATIVE,
+                node_ip: Ipv4Addr::new(192, 168, 7, 1),
+                tunnel_ifindex: 0,
+                uplink_ifindex: uplink,
+            })
+            .expect("set_routing");
+        self.behind("10.9.0.0/24", REMOTE_NODE_IP, 400);
+        uplink
+    }
+}
+
+/// `pod` as the sender of a frame arriving on the uplink: from the next hop, to the uplink.
+fn from_node(pod: Pod) -> Pod {
+    Pod {
+        mac: NEXT_HOP_MAC,
+        host_mac: UPLINK_MAC,
+        ..pod
+    }
+}
+
+#[test]
+fn native_routing_delivers_a_remote_pods_connection_straight_into_the_pod_and_back() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = from_node(remote_pod(7, 400));
+        let (verdict, out) = f.run(Program::FromUplink, &tcp(far, a, 40000, 80, SYN), uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the pod");
+        assert_eq!(&out[0..6], &a.mac, "destination MAC is the pod's");
+        assert_eq!(&out[6..12], &a.host_mac, "source MAC is the pod's gateway");
+        assert_eq!(out[14 + 8], 63, "TTL decremented: the node routed it");
+        assert_eq!(checksum(&out[14..34]), 0, "IP checksum still valid");
+
+        // The pod's answer leaves through the FIB, not the stack: the flow is not the stack's.
+        let (verdict, out) = f.send(a, &tcp(a, far, 80, 40000, SYN | ACK));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "out of the uplink");
+        assert_eq!(&out[0..6], &NEXT_HOP_MAC, "to the next hop");
+        assert_eq!(&out[6..12], &UPLINK_MAC, "from the uplink");
+        assert_eq!(out[14 + 8], 63, "TTL decremented");
+
+        // The rest of the flow, and a ping, take the same way in.
+        let (verdict, _) = f.run(Program::FromUplink, &tcp(far, a, 40000, 80, ACK), uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "an established flow");
+        let ping = icmp_echo(far, a, ICMP_ECHO_REQUEST, 9);
+        assert_eq!(f.run(Program::FromUplink, &ping, uplink).0, TC_ACT_REDIRECT);
+        let pong = icmp_echo(a, far, ICMP_ECHO_REPLY, 9);
+        assert_eq!(
+            f.send(a, &pong).0,
+            TC_ACT_REDIRECT,
+            "the echo reply leaves too"
+        );
+
+        // Counted once each way: nothing went through to_container as well.
+        let c = f.dp.endpoint_counters(a.id);
+        assert_eq!((c.rx_packets, c.tx_packets), (3, 2));
+    });
+}
+
+#[test]
+fn native_routing_delivers_the_answers_to_a_pods_own_connection() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = from_node(remote_pod(7, 400));
+        assert_eq!(f.send(a, &tcp(a, far, 40000, 80, SYN)).0, TC_ACT_REDIRECT);
+        let answer = tcp(far, a, 80, 40000, SYN | ACK);
+        assert_eq!(
+            f.run(Program::FromUplink, &answer, uplink).0,
+            TC_ACT_REDIRECT
+        );
+        let ping = icmp_echo(a, far, ICMP_ECHO_REQUEST, 5);
+        assert_eq!(f.send(a, &ping).0, TC_ACT_REDIRECT);
+        let pong = icmp_echo(far, a, ICMP_ECHO_REPLY, 5);
+        assert_eq!(f.run(Program::FromUplink, &pong, uplink).0, TC_ACT_REDIRECT);
+    });
+}
+
+#[test]
+fn native_routing_leaves_to_the_stack_what_it_cannot_tell_is_its_own() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = from_node(remote_pod(7, 400));
+        let mut passes = vec![
+            // Untracked and not opening anything: perhaps the answer to a connection the
+            // node translated (a Service), which the stack must translate back.
+            ("an untracked ACK", tcp(far, a, 40000, 80, ACK)),
+            ("an untracked SYN-ACK", tcp(far, a, 80, 40001, SYN | ACK)),
+            ("untracked UDP", udp(far, a, 5353, 53)),
+            (
+                "an untracked echo reply",
+                icmp_echo(far, a, ICMP_ECHO_REPLY, 3),
+            ),
+            // No endpoint at an address of the pod CIDR: the stack decides, as before.
+            (
+                "no endpoint",
+                tcp(far, outside(Ipv4Addr::new(10, 0, 0, 99)), 40000, 80, SYN),
+            ),
+            // A source among this node's own pods cannot come from another node.
+            (
+                "a local pod's source",
+                tcp(from_node(f.b), a, 40000, 80, SYN),
+            ),
+        ];
+        let mut other_host = tcp(far, a, 40000, 80, SYN);
+        other_host[0..6].copy_from_slice(&[2, 0, 0, 0, 7, 9]);
+        passes.push(("a frame for another host", other_host));
+        passes.push(("TTL 1", {
+            let mut p = tcp(far, a, 40000, 80, SYN);
+            p[14 + 8] = 1;
+            p[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+            let sum = checksum(&p[14..34]);
+            p[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+            p
+        }));
+        passes.push(("a first fragment", {
+            let mut p = tcp(far, a, 40000, 80, SYN);
+            set_fragment(&mut p, 77, true, 0);
+            p
+        }));
+        let taken: Vec<&str> = passes
+            .iter()
+            .filter(|(_, packet)| {
+                f.run(Program::FromUplink, packet, uplink) != (TC_ACT_OK, packet.clone())
+            })
+            .map(|(what, _)| *what)
+            .collect();
+        assert_eq!(taken, [] as [&str; 0], "to the stack, untouched");
+        // A tracked flow's fragments go to the stack too, where to_container lets them in.
+        assert_eq!(f.send(a, &udp(a, far, 40000, 53)).0, TC_ACT_REDIRECT);
+        let mut fragment = udp(far, a, 53, 40000);
+        set_fragment(&mut fragment, 78, true, 0);
+        assert_eq!(f.run(Program::FromUplink, &fragment, uplink).0, TC_ACT_OK);
+        assert_eq!(f.deliver(a, &fragment), TC_ACT_OK);
+        let c = f.dp.endpoint_counters(a.id);
+        assert_eq!(c.rx_packets, 1, "counted by to_container only");
+    });
+}
+
+#[test]
+fn native_routing_checks_the_pods_ingress_policy_against_the_senders_identity() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = from_node(remote_pod(7, 400));
+        let mut ring = f.dp.take_events().expect("ring buffer");
+        f.dp.set_event_mask(EVENTS_DROPS).unwrap();
+        f.isolate(a, ENDPOINT_F_INGRESS_ISOLATED);
+        let before = f.drops(DropReason::PolicyDeniedIngress);
+        let syn = tcp(far, a, 40000, 80, SYN);
+        assert_eq!(f.run(Program::FromUplink, &syn, uplink).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::PolicyDeniedIngress), before + 1);
+        let item = ring.next().expect("an event");
+        // SAFETY: the ring holds FlowEvent records written by the datapath.
+        let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        assert_eq!(e.kind, EVENT_DROP);
+        assert_eq!(e.reason, DropReason::PolicyDeniedIngress as u8);
+        assert_eq!(e.direction, Direction::Ingress as u8);
+        assert_eq!((e.saddr, e.daddr), (far.ip.octets(), a.ip.octets()));
+        assert_eq!((e.sport, e.dport, e.protocol), (40000, 80, TCP));
+        assert_eq!((e.src_endpoint, e.dst_endpoint), (0, a.id));
+        assert_eq!((e.src_identity, e.dst_identity), (far.identity, a.identity));
+        drop(item);
+        assert!(ring.next().is_none(), "one drop, one event");
+
+        // A rule for the sender's identity on the port lets that port in, and no other.
+        f.allow(a, Direction::Ingress, far.identity, TCP, 80);
+        assert_eq!(f.run(Program::FromUplink, &syn, uplink).0, TC_ACT_REDIRECT);
+        let other_port = tcp(far, a, 40001, 81, SYN);
+        assert_eq!(
+            f.run(Program::FromUplink, &other_port, uplink).0,
+            TC_ACT_SHOT
+        );
+        let ping = icmp_echo(far, a, ICMP_ECHO_REQUEST, 4);
+        assert_eq!(f.run(Program::FromUplink, &ping, uplink).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::PolicyDeniedIngress), before + 3);
+    });
+}
+
+#[test]
+fn without_native_routing_the_uplink_delivers_nothing_to_pods() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = from_node(remote_pod(7, 400));
+        let syn = tcp(far, a, 40000, 80, SYN);
+        for flags in [0, CONFIG_F_TUNNEL, CONFIG_F_MASQUERADE] {
+            f.dp.set_routing(Routing {
+                flags,
+                node_ip: Ipv4Addr::new(192, 168, 7, 1),
+                tunnel_ifindex: 0,
+                uplink_ifindex: uplink,
+            })
+            .unwrap();
+            assert_eq!(
+                f.run(Program::FromUplink, &syn, uplink),
+                (TC_ACT_OK, syn.clone()),
+                "flags {flags:#x}: up the stack, untouched"
+            );
+        }
+        let c = f.dp.endpoint_counters(a.id);
+        assert_eq!(c.rx_packets, 0);
+    });
+}
+
+#[test]
+fn native_routing_keeps_the_masquerading_reverse_path() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        f.routing(CONFIG_F_MASQUERADE | CONFIG_F_NATIVE);
+        let (a, world) = (f.a, outside(WORLD));
+        let packet = checksummed(tcp(a, world, 61000, 443, SYN));
+        let out = f.pod_sends(a, &packet);
+        assert_eq!(source(&out), (NODE_IP, 61000));
+        let back = f.world_sends(&reply_to(&out));
+        assert_eq!(
+            destination(&back),
+            source(&packet),
+            "translated back to the pod"
+        );
+        assert_eq!(source(&back), destination(&packet));
+        assert_checksums(&back);
+        assert_eq!(f.deliver(a, &back), TC_ACT_OK, "a reply the pod takes");
     });
 }

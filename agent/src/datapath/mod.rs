@@ -397,6 +397,16 @@ impl Datapath {
         )
     }
 
+    /// Tells the datapath which addresses are this node's pods' (native routing delivers
+    /// packets for them from the uplink; masquerading translates theirs).
+    pub fn set_pod_cidr(&mut self, pod_cidr: ipnet::Ipv4Net) -> Result<(), DatapathError> {
+        Ok(self.config.write(DatapathConfig {
+            pod_cidr: pod_cidr.network().octets(),
+            pod_cidr_mask: pod_cidr.netmask().octets(),
+            ..self.config.value
+        })?)
+    }
+
     /// Tells masquerading whose packets it translates and which ports it hands out; it runs
     /// once routing has `CONFIG_F_MASQUERADE` and the node's address (`set_routing`).
     pub fn set_masquerade(&mut self, masquerade: Masquerade) -> Result<(), DatapathError> {
@@ -469,19 +479,25 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the masquerading programs to the uplink `ifname`, replacing earlier ones. Always
+    /// Attaches the uplink programs to `ifname`, replacing earlier ones: `from_uplink` (replies
+    /// to masqueraded flows, and in native routing the packets for this node's pods) and, when
+    /// `masquerade`, `to_uplink`; without, an earlier agent's `to_uplink` is removed. Always
     /// clsact filters, whatever `--attach-mode`: one device, attached once per agent start.
-    pub fn attach_uplink(&mut self, ifname: &str) -> Result<(), DatapathError> {
+    pub fn attach_uplink(&mut self, ifname: &str, masquerade: bool) -> Result<(), DatapathError> {
         clsact::ensure_qdisc(ifname)?;
         for (program, hook) in UPLINK_HOOKS {
-            clsact::attach(classifier(&mut self.ebpf, program)?, program, ifname, hook)?;
+            if program == TO_UPLINK && !masquerade {
+                clsact::detach(ifname, hook, program)?;
+            } else {
+                clsact::attach(classifier(&mut self.ebpf, program)?, program, ifname, hook)?;
+            }
         }
-        debug!(ifname, "uplink programs attached");
+        debug!(ifname, masquerade, "uplink programs attached");
         Ok(())
     }
 
-    /// Removes the masquerading programs from `ifname` (with `--masquerade=false`, those an
-    /// earlier agent attached), and nothing else there.
+    /// Removes the uplink programs from `ifname` (with `--masquerade=false` in tunnel mode,
+    /// those an earlier agent attached), and nothing else there.
     pub fn detach_uplink(&mut self, ifname: &str) -> Result<(), DatapathError> {
         for (program, hook) in UPLINK_HOOKS {
             clsact::detach(ifname, hook, program)?;

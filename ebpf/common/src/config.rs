@@ -20,8 +20,10 @@ pub struct DatapathConfig {
     /// ifindex of the uplink (the device holding the node's InternalIP), 0 when unknown.
     pub uplink_ifindex: u32,
     /// This node's pod CIDR (network address and mask): masquerading translates packets whose
-    /// source it holds. A mask compare rather than an endpoint lookup keeps the node's own
-    /// traffic, tunnel packets included, at no map lookup on the uplink. All zero: unknown.
+    /// source it holds, and native routing delivers packets from the uplink whose destination
+    /// it holds straight into the pod. A mask compare rather than an endpoint lookup keeps the
+    /// node's own traffic, tunnel packets included, at no map lookup on the uplink. All zero:
+    /// unknown.
     pub pod_cidr: [u8; 4],
     pub pod_cidr_mask: [u8; 4],
     /// The ports masquerading allocates from, inclusive, host byte order.
