@@ -1881,3 +1881,79 @@ fn native_routing_keeps_the_masquerading_reverse_path() {
         assert_eq!(f.deliver(a, &back), TC_ACT_OK, "a reply the pod takes");
     });
 }
+
+// ---- cost per packet ---------------------------------------------------------------------
+
+/// Median over many runs of `program` on `packet`, as the kernel timed them. One run per
+/// call: with a repeat count the kernel runs the packet the previous run left, and a program
+/// that rewrites it (MACs, TTL) would measure something else from the second run on (
+/// `from_container` a drop for a spoofed source MAC). Each figure includes the timer's own
+/// cost: compare with the baseline printed first.
+fn ns_per_run(f: &mut Fixture, program: Program, packet: &[u8], ifindex: u32) -> f64 {
+    let mut samples: Vec<f64> = (0..20_000)
+        .map(|_| {
+            f.dp.time_run(program, packet, ifindex, 1)
+                .expect("timed run")
+                .as_nanos() as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+#[test]
+#[ignore = "a measurement, not a check: run with --ignored --nocapture"]
+fn cost_per_packet_on_established_flows() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        assert_eq!(f.send(a, &tcp(a, b, 40000, 80, SYN)).0, TC_ACT_REDIRECT);
+        assert_eq!(
+            f.send(b, &tcp(b, a, 80, 40000, SYN | ACK)).0,
+            TC_ACT_REDIRECT
+        );
+        // Baseline: a program that does nothing but read the config (from_uplink without a
+        // routing mode) - the timer's cost and the run's.
+        let idle = tcp(a, b, 40000, 80, ACK);
+        let r = ns_per_run(f, Program::FromUplink, &idle, 1);
+        println!("baseline (from_uplink, idle):       {r:.1} ns");
+        let fwd = tcp(a, b, 40000, 80, ACK);
+        let rev = tcp(b, a, 80, 40000, ACK);
+        let r = ns_per_run(f, Program::FromContainer, &fwd, a.ifindex);
+        println!("from_container, same node, forward: {r:.1} ns");
+        let r = ns_per_run(f, Program::FromContainer, &rev, b.ifindex);
+        println!("from_container, same node, reply:   {r:.1} ns");
+        let r = ns_per_run(f, Program::ToContainer, &fwd, b.ifindex);
+        println!("to_container, forward:              {r:.1} ns");
+
+        // Native routing: an uplink with a route to the remote pod CIDR through a resolved
+        // neighbour, so that the FIB answers.
+        let uplink = f.native_uplink();
+        let far = remote_pod(7, 400);
+        let (verdict, _) = f.send(a, &tcp(a, far, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "routed through the FIB");
+        let out = tcp(a, far, 40000, 80, ACK);
+        let (verdict, o) = f.send(a, &out);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "routed through the FIB");
+        assert_eq!(&o[0..6], &[2, 0, 0, 0, 7, 2], "to the next hop");
+        let r = ns_per_run(f, Program::FromContainer, &out, a.ifindex);
+        println!("from_container, native:             {r:.1} ns");
+        let into = tcp(from_node(far), a, 80, 40000, ACK);
+        let r = ns_per_run(f, Program::FromUplink, &into, uplink);
+        println!("from_uplink, native, into the pod:  {r:.1} ns");
+
+        let tunnel = tunnel_device();
+        ip("link set tun0 up");
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_TUNNEL,
+            node_ip: Ipv4Addr::new(192, 168, 7, 1),
+            tunnel_ifindex: tunnel,
+            uplink_ifindex: uplink,
+        })
+        .unwrap();
+        let r = ns_per_run(f, Program::FromContainer, &out, a.ifindex);
+        println!("from_container, tunnel:             {r:.1} ns");
+        let back = tcp(far, a, 80, 40000, ACK);
+        let r = ns_per_run(f, Program::ToContainer, &back, a.ifindex);
+        println!("to_container, from another node:    {r:.1} ns");
+    });
+}
