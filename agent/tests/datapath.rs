@@ -28,7 +28,9 @@ use myelin_agent::{
 };
 use myelin_common::{
     Direction, DropReason, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
-    config::{CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_TUNNEL, EVENTS_DROPS},
+    config::{
+        CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_TUNNEL, EVENTS_DROPS, MARK_ROUTED_TO_NODE,
+    },
     endpoint::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
@@ -1879,6 +1881,83 @@ fn native_routing_keeps_the_masquerading_reverse_path() {
         assert_eq!(source(&back), destination(&packet));
         assert_checksums(&back);
         assert_eq!(f.deliver(a, &back), TC_ACT_OK, "a reply the pod takes");
+    });
+}
+
+#[test]
+fn a_pods_packet_routed_to_another_node_passes_the_masquerading_uplink_without_a_lookup() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = remote_pod(7, 400);
+        let run = |f: &mut Fixture, program, packet: &[u8], ifindex, mark| {
+            f.dp.test_run_marked(program, packet, ifindex, mark)
+                .expect("test run")
+        };
+        // Without masquerading there is no to_uplink to clear a mark: none is set.
+        let (verdict, _, mark) = run(
+            f,
+            Program::FromContainer,
+            &tcp(a, far, 40000, 80, SYN),
+            a.ifindex,
+            0,
+        );
+        assert_eq!((verdict, mark), (TC_ACT_REDIRECT, 0));
+
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_NATIVE | CONFIG_F_MASQUERADE,
+            node_ip: Ipv4Addr::new(192, 168, 7, 1),
+            tunnel_ifindex: 0,
+            uplink_ifindex: uplink,
+        })
+        .unwrap();
+        f.dp.set_masquerade(Masquerade {
+            pod_cidr: "10.0.0.0/24".parse().unwrap(),
+            ports: NAT_PORTS,
+        })
+        .unwrap();
+        let (verdict, out, mark) = run(
+            f,
+            Program::FromContainer,
+            &tcp(a, far, 40000, 80, ACK),
+            a.ifindex,
+            0,
+        );
+        assert_eq!((verdict, mark), (TC_ACT_REDIRECT, MARK_ROUTED_TO_NODE));
+        let (verdict, left, mark) = run(f, Program::ToUplink, &out, uplink, MARK_ROUTED_TO_NODE);
+        assert_eq!(
+            (verdict, mark),
+            (TC_ACT_OK, 0),
+            "passed, and the mark cleared"
+        );
+        assert_eq!(left, out, "untranslated");
+
+        // What goes to the stack is never marked, and is masqueraded on the uplink.
+        let world = outside(WORLD);
+        let packet = checksummed(tcp(a, world, 40001, 443, SYN));
+        let (verdict, _, mark) = run(f, Program::FromContainer, &packet, a.ifindex, 0);
+        assert_eq!((verdict, mark), (TC_ACT_OK, 0));
+        let (verdict, left, _) = run(f, Program::ToUplink, &packet, uplink, 0);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            source(&left).0,
+            Ipv4Addr::new(192, 168, 7, 1),
+            "masqueraded"
+        );
+        // Someone else's mark is left alone, and means nothing to masquerading.
+        let packet = checksummed(tcp(a, world, 40002, 443, SYN));
+        let (verdict, left, mark) = run(f, Program::ToUplink, &packet, uplink, 0x4000);
+        assert_eq!((verdict, mark), (TC_ACT_OK, 0x4000));
+        assert_eq!(
+            source(&left).0,
+            Ipv4Addr::new(192, 168, 7, 1),
+            "masqueraded"
+        );
+        assert_eq!(
+            f.nat_entries(),
+            4,
+            "two flows translated, the routed one not"
+        );
     });
 }
 

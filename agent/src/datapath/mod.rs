@@ -434,10 +434,26 @@ impl Datapath {
         packet: &[u8],
         ifindex: u32,
     ) -> Result<(i32, Vec<u8>), DatapathError> {
+        let (verdict, out, _) = self.test_run_marked(program, packet, ifindex, 0)?;
+        Ok((verdict, out))
+    }
+
+    /// [`Datapath::test_run`] for a packet carrying `skb->mark` `mark`; also returns the mark
+    /// the program left.
+    pub fn test_run_marked(
+        &mut self,
+        program: Program,
+        packet: &[u8],
+        ifindex: u32,
+        mark: u32,
+    ) -> Result<(i32, Vec<u8>, u32), DatapathError> {
         use aya::programs::{TestRun as _, TestRunOptions};
-        // `struct __sk_buff` (uapi): only a few fields may be set; ifindex is at offset 40.
+        // `struct __sk_buff` (uapi): only a few fields may be set; mark is at offset 8,
+        // ifindex at 40.
         let mut ctx = [0u8; 192];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut ctx_out = [0u8; 192];
         let mut out = vec![0u8; packet.len() + 256];
         let name = program.name();
         let prog = classifier(&mut self.ebpf, name)?;
@@ -446,6 +462,7 @@ impl Datapath {
                 data_in: Some(packet),
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx),
+                ctx_out: Some(&mut ctx_out),
                 ..Default::default()
             })
             .map_err(|source| DatapathError::Program {
@@ -453,7 +470,8 @@ impl Datapath {
                 source,
             })?;
         out.truncate(result.data_size_out as usize);
-        Ok((result.return_value as i32, out))
+        let mark_out = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
+        Ok((result.return_value as i32, out, mark_out))
     }
 
     /// Runs one packet through a program `repeat` times in a row in the kernel

@@ -38,6 +38,13 @@ pub const CONFIG_F_NATIVE: u32 = 2;
 /// Pod traffic leaving the cluster is source-NATed to `node_ip` (`--masquerade`).
 pub const CONFIG_F_MASQUERADE: u32 = 4;
 
+/// `skb->mark` of a pod's packet that `from_container` routed to a pod on another node through
+/// the uplink itself (native routing, masquerading on): `to_uplink`, the first program on the
+/// uplink's egress, takes it as "not to be masqueraded", skips its lookup and clears the mark,
+/// so nothing after it sees the mark. Never set on packets that go to the node's stack (where
+/// marks steer routing and netfilter) or to another device.
+pub const MARK_ROUTED_TO_NODE: u32 = 0x6d79_0001;
+
 /// Emit an event for every dropped packet.
 pub const EVENTS_DROPS: u32 = 1;
 /// Emit an event for every new connection that policy allowed.

@@ -49,7 +49,7 @@ mod programs {
     };
     use myelin_common::{
         Direction, DropReason, EndpointInfo, IpcacheEntry,
-        config::{CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, DatapathConfig},
+        config::{CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, DatapathConfig, MARK_ROUTED_TO_NODE},
         conntrack::{CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CtKey},
         identity,
         proto::{ETH_P_ARP, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
@@ -262,7 +262,12 @@ mod programs {
         let ttl = unsafe { (*ip).ttl };
         let flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         let config = events::config();
-        let dst = endpoint::by_ip(flow.daddr);
+        // This node's pods are in its pod CIDR: an address outside it needs no lookup.
+        let dst = if config.pod_cidr_mask != [0; 4] && !endpoint::in_pod_cidr(&config, flow.daddr) {
+            None
+        } else {
+            endpoint::by_ip(flow.daddr)
+        };
         let mut verdict = Verdict {
             reason: 0,
             direction: Direction::Egress as u8,
@@ -514,6 +519,13 @@ mod programs {
     }
 
     fn try_to_uplink(ctx: &TcContext) -> Result<i32, i32> {
+        // A pod's packet that `from_container` routed here for a pod on another node: never
+        // masqueraded. The mark is this program's to clear (see `MARK_ROUTED_TO_NODE`).
+        // SAFETY: `skb` is the context pointer the kernel passed in; reading it is allowed.
+        if unsafe { (*ctx.skb.skb).mark } == MARK_ROUTED_TO_NODE {
+            ctx.set_mark(0);
+            return Ok(PASS);
+        }
         let config = events::config();
         if !nat::enabled(&config) {
             return Ok(PASS);
