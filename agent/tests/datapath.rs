@@ -1575,6 +1575,52 @@ fn expired_translations_are_collected_in_pairs_and_free_their_port() {
     });
 }
 
+/// A flow that expired frees its port at once, not only when the agent's collector next runs
+/// (every 30 s): a new flow to the same remote takes it over, and the expired flow, should it
+/// send again, does not send as the new one.
+#[test]
+fn an_expired_flows_port_is_free_before_it_is_collected() {
+    with_datapath(|f| {
+        f.masquerade(NatPorts {
+            min: 61000,
+            max: 61000,
+        });
+        let (a, b, world) = (f.a, f.b, outside(WORLD));
+        let a_syn = checksummed(tcp(a, world, 50000, 443, SYN));
+        f.pod_sends(a, &a_syn);
+        let b_syn = checksummed(tcp(b, world, 50000, 443, SYN));
+        assert_eq!(f.leave(&b_syn).0, TC_ACT_SHOT, "the only port is a's");
+
+        let pin = NatTable::pin_path(f.dp.pin_dir());
+        let mut map = aya::maps::HashMap::<
+            _,
+            myelin_common::nat::NatKey,
+            myelin_common::nat::NatEntry,
+        >::try_from(aya::maps::Map::LruHashMap(
+            aya::maps::MapData::from_pin(&pin).unwrap(),
+        ))
+        .unwrap();
+        let table = NatTable::open(&pin).unwrap();
+        for (k, mut e) in table.entries().unwrap() {
+            e.expires_ns = 1;
+            map.insert(k, e, 0).unwrap();
+        }
+        // No collection: the port is free all the same.
+        let out_b = f.pod_sends(b, &b_syn);
+        assert_eq!(source(&out_b), (NODE_IP, 61000));
+        let back = f.world_sends(&reply_to(&out_b));
+        assert_eq!(destination(&back), (b.ip, 50000), "the reply is b's");
+        // a's flow comes back to life: the port is b's now, and the only one.
+        assert_eq!(f.leave(&a_syn).0, TC_ACT_SHOT, "a must not send as b");
+        assert_eq!(f.drops(DropReason::NatPortExhausted), 2);
+        assert_eq!(
+            destination(&f.world_sends(&reply_to(&out_b))),
+            (b.ip, 50000),
+            "b keeps its port"
+        );
+    });
+}
+
 /// Policy decides on the pod's own packet, against the real destination, before anything is
 /// translated: a denied packet never reaches the uplink.
 #[test]

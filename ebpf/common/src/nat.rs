@@ -19,7 +19,10 @@
 //! with the same TCP states in `flags`), refreshed together at most once per
 //! [`crate::conntrack::timeout::REFRESH`]; a refresh also checks that the other entry is still
 //! there and still this flow's (the LRU map can evict one of a pair). The agent removes expired
-//! entries; until then their port stays taken.
+//! entries; before it does, a new flow that picks an expired flow's port takes it over (the
+//! `in` entry overwritten), so a port is free as soon as its flow expires, as in conntrack.
+//! Two CPUs taking over the same expired port at the same instant are not excluded; the loser
+//! finds its `in` entry taken at its first refresh and moves to another port.
 
 use crate::user_pod;
 

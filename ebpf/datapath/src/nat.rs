@@ -163,7 +163,7 @@ unsafe fn sync_twin(twin: &NatKey, e: *const NatEntry, addr: [u8; 4], port: u16)
 }
 
 /// A new mapping for the pod's flow `out`: the pod's own port when the range holds it (any
-/// port for ICMP and SCTP) and no flow to the same remote uses it, else random ports of the
+/// port for ICMP and SCTP) and no live flow to the same remote uses it, else random ports of the
 /// range, [`NAT_RETRIES`] tries in all. Returns the NAT port.
 #[inline(always)]
 fn allocate(config: &DatapathConfig, out: &NatKey, now: u64) -> Result<u16, DropReason> {
@@ -206,10 +206,18 @@ fn allocate(config: &DatapathConfig, out: &NatKey, now: u64) -> Result<u16, Drop
         // The atomic claim of the port: `BPF_NOEXIST` fails when any flow to this remote has it.
         if SNAT.insert(&k, reply, u64::from(BPF_NOEXIST)).is_err() {
             // SAFETY: copied out at once.
-            let holder = unsafe { SNAT.get(&k) }.map(|h| (h.addr, h.port));
-            // This flow itself, whose `out` entry was lost: it keeps its port.
-            if holder != Some((out.saddr, out.sport)) {
-                continue;
+            match unsafe { SNAT.get(&k) }.map(|h| (h.addr, h.port, h.expires_ns)) {
+                // This flow itself, whose `out` entry was lost: it keeps its port.
+                Some((addr, port, _)) if (addr, port) == (out.saddr, out.sport) => {}
+                // A flow that expired and waits for the collector: its port is free, as it
+                // would be after the next sweep. Should that flow send again, `sync_twin`
+                // finds its port taken and moves it to another.
+                Some((_, _, expires)) if expires < now => {
+                    if SNAT.insert(&k, reply, u64::from(BPF_ANY)).is_err() {
+                        continue;
+                    }
+                }
+                _ => continue,
             }
         }
         let mapping = NatEntry {

@@ -319,35 +319,36 @@ pub fn opens_connection(flow: &Flow) -> bool {
 }
 
 /// The tuple of the packet quoted in an ICMP error (its IP header and first 8 bytes).
+///
+/// Read with `bpf_skb_load_bytes` rather than through the packet pointers: the quote may lie
+/// beyond the linear part of the buffer (a driver that puts only the headers there), where
+/// direct access cannot reach, and an ICMP error whose quote could not be read would lose its
+/// flow (a "fragmentation needed" dropped as unrelated breaks path MTU discovery). ICMP errors
+/// are rare; the copy costs nothing on other packets.
 #[inline(always)]
 fn inner_tuple(ctx: &TcContext, offset: usize) -> Option<Tuple> {
-    let ip = ipv4_at(ctx, offset)?;
-    // SAFETY: validated by `ipv4_at`.
-    let (saddr, daddr, protocol) = unsafe { ((*ip).saddr, (*ip).daddr, (*ip).protocol) };
+    let ip: Ipv4Hdr = ctx.load(offset).ok()?;
+    if ip.version_ihl >> 4 != 4 || ip.version_ihl & 0x0f < 5 {
+        return None;
+    }
     let mut tuple = Tuple {
-        saddr,
-        daddr,
+        saddr: ip.saddr,
+        daddr: ip.daddr,
         sport: 0,
         dport: 0,
-        protocol,
+        protocol: ip.protocol,
     };
-    let l4 = offset + ihl(ip);
-    match protocol {
+    let l4 = offset + usize::from(ip.version_ihl & 0x0f) * 4;
+    match ip.protocol {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            let ports: *const Ports = ptr_at(ctx, l4)?;
-            // SAFETY: bounds-checked by `ptr_at`.
-            unsafe {
-                tuple.sport = (*ports).sport;
-                tuple.dport = (*ports).dport;
-            }
+            let ports: Ports = ctx.load(l4).ok()?;
+            tuple.sport = ports.sport;
+            tuple.dport = ports.dport;
         }
         IPPROTO_ICMP => {
-            let icmp: *const IcmpHdr = ptr_at(ctx, l4)?;
-            // SAFETY: bounds-checked by `ptr_at`.
-            unsafe {
-                if (*icmp).icmp_type == ICMP_ECHO_REQUEST {
-                    tuple.sport = (*icmp).id;
-                }
+            let icmp: IcmpHdr = ctx.load(l4).ok()?;
+            if icmp.icmp_type == ICMP_ECHO_REQUEST {
+                tuple.sport = icmp.id;
             }
         }
         _ => {}

@@ -52,9 +52,8 @@ pub const MYELIN_NAT_PORTS: RangeInclusive<u16> = 61000..=65535;
 /// World ports a connection-rate run spreads its connections over, in turn.
 ///
 /// A masquerading node gives out its ports per remote (address, port, protocol): Myelin from
-/// [`MYELIN_NAT_PORTS`], at random, holding each for 10 s after the connection's reset and
-/// then until its collector next runs (every 30 s by default); iptables keeps the pod's port
-/// (a conntrack entry lives 10 s after a reset). To one remote, a run at thousands of
+/// [`MYELIN_NAT_PORTS`], at random, holding each for 10 s after the connection's reset;
+/// iptables keeps the pod's port (a conntrack entry lives 10 s after a reset). To one remote, a run at thousands of
 /// connections per second would use up Myelin's range within a second and then measure
 /// dropped SYNs (tried here: about 4,000 connections, then about 100 a second); spread over
 /// these ports, each remote gets at most [`CRR_PER_DESTINATION`] connections. A whole run,

@@ -83,8 +83,7 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
              reset (no TIME_WAIT), one client on the servers' CPU, for {} s. A masquerading \
              node gives out ports per remote (address, port): Myelin picks them at random from \
              {}-{} ({} ports, above the node's ip_local_port_range) and holds each 10 s after \
-             the reset and until its collector's next sweep (every 30 s); iptables keeps the \
-             pod's port and its conntrack entry 10 s. To one world port, thousands of \
+             the reset; iptables keeps the pod's port and its conntrack entry 10 s. To one world port, thousands of \
              connections a second would exhaust Myelin's range within a second and measure \
              dropped SYNs; so the connections go to {} world ports in turn, at most {} to each \
              in a run (a run that reaches {} connections ends early, and the rate is what it \
