@@ -397,18 +397,23 @@ async fn setup_network(
         RoutingMode::Native => CONFIG_F_NATIVE,
     };
     let uplink = &network.uplink.name;
+    datapath.set_pod_cidr(pod_cidr)?;
     if config.masquerade {
         flags |= CONFIG_F_MASQUERADE;
         let ports = nat_ports(config)?;
         datapath.set_masquerade(Masquerade { pod_cidr, ports })?;
-        datapath
-            .attach_uplink(uplink)
-            .with_context(|| format!("attaching the masquerading programs to {uplink}"))?;
         info!(uplink, %ports, "masquerading pod traffic that leaves the cluster");
+    }
+    // Native routing needs `from_uplink` also without masquerading: it delivers other nodes'
+    // packets for this node's pods.
+    if config.masquerade || config.routing_mode == RoutingMode::Native {
+        datapath
+            .attach_uplink(uplink, config.masquerade)
+            .with_context(|| format!("attaching the uplink programs to {uplink}"))?;
     } else {
         datapath
             .detach_uplink(uplink)
-            .with_context(|| format!("detaching the masquerading programs from {uplink}"))?;
+            .with_context(|| format!("detaching the uplink programs from {uplink}"))?;
     }
     let mut network = network;
     network.routing = Routing {

@@ -28,7 +28,9 @@ use myelin_agent::{
 };
 use myelin_common::{
     Direction, DropReason, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
-    config::{CONFIG_F_MASQUERADE, CONFIG_F_TUNNEL, EVENTS_DROPS},
+    config::{
+        CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_TUNNEL, EVENTS_DROPS, MARK_ROUTED_TO_NODE,
+    },
     endpoint::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
@@ -1644,7 +1646,7 @@ fn the_uplink_gets_the_masquerading_filters_and_loses_them_again() {
     with_datapath(|f| {
         f.dp.detach_uplink("eth-a")
             .expect("nothing attached: nothing to detach");
-        f.dp.attach_uplink("eth-a").expect("attach");
+        f.dp.attach_uplink("eth-a", true).expect("attach");
         for (hook, program) in [
             (TcAttachType::Ingress, "from_uplink"),
             (TcAttachType::Egress, "to_uplink"),
@@ -1653,9 +1655,430 @@ fn the_uplink_gets_the_masquerading_filters_and_loses_them_again() {
             assert_eq!(ours.len(), 1, "{program}: {ours:?}");
             assert_eq!(others, [], "{program}");
         }
+        // Native routing without masquerading: only the ingress program stays.
+        f.dp.attach_uplink("eth-a", false).expect("attach");
+        let (ours, _) = split(filters("eth-a", TcAttachType::Ingress), "from_uplink");
+        assert_eq!(ours.len(), 1, "{ours:?}");
+        assert_eq!(filters("eth-a", TcAttachType::Egress), []);
         f.dp.detach_uplink("eth-a").expect("detach");
         for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
             assert_eq!(filters("eth-a", hook), []);
         }
+    });
+}
+
+// ---- native routing: other nodes' packets straight into the pods ------------------------
+
+/// The MAC of the uplink in the native routing tests, and of the next hop behind it.
+const UPLINK_MAC: [u8; 6] = [2, 0, 0, 0, 7, 1];
+const NEXT_HOP_MAC: [u8; 6] = [2, 0, 0, 0, 7, 2];
+
+fn ip(args: &str) {
+    let status = Command::new("ip")
+        .args(args.split_whitespace())
+        .status()
+        .expect("ip");
+    assert!(status.success(), "ip {args}");
+}
+
+impl Fixture {
+    /// Native routing as the agent sets it up: an uplink `up0` (192.168.7.1/24, UPLINK_MAC)
+    /// with a route to the other node's pods (10.9.0.0/24, identity 400) through a resolved
+    /// neighbour, forwarding on, this node's pods in 10.0.0.0/24. Returns the uplink's ifindex.
+    fn native_uplink(&mut self) -> u32 {
+        ip("link add up0 address 02:00:00:00:07:01 type veth peer name up0p");
+        for dev in ["up0", "up0p", "lxca", "eth-a", "lxcb", "eth-b"] {
+            ip(&format!("link set {dev} up"));
+        }
+        ip("addr add 192.168.7.1/24 dev up0");
+        ip("neigh replace 192.168.7.2 lladdr 02:00:00:00:07:02 dev up0 nud permanent");
+        ip("route add 10.9.0.0/24 via 192.168.7.2 dev up0");
+        // The test's own namespace: /proc/sys/net is the calling thread's.
+        for dev in ["all", "lxca", "lxcb", "up0"] {
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"), "1")
+                .expect("forwarding");
+        }
+        let uplink = nix::net::if_::if_nametoindex("up0").expect("ifindex");
+        self.dp
+            .set_pod_cidr("10.0.0.0/24".parse().unwrap())
+            .expect("set_pod_cidr");
+        self.dp
+            .set_routing(Routing {
+                flags: CONFIG_F_NATIVE,
+                node_ip: Ipv4Addr::new(192, 168, 7, 1),
+                tunnel_ifindex: 0,
+                uplink_ifindex: uplink,
+            })
+            .expect("set_routing");
+        self.behind("10.9.0.0/24", REMOTE_NODE_IP, 400);
+        uplink
+    }
+}
+
+/// `pod` as the sender of a frame arriving on the uplink: from the next hop, to the uplink.
+fn from_node(pod: Pod) -> Pod {
+    Pod {
+        mac: NEXT_HOP_MAC,
+        host_mac: UPLINK_MAC,
+        ..pod
+    }
+}
+
+#[test]
+fn native_routing_delivers_a_remote_pods_connection_straight_into_the_pod_and_back() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = from_node(remote_pod(7, 400));
+        let (verdict, out) = f.run(Program::FromUplink, &tcp(far, a, 40000, 80, SYN), uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the pod");
+        assert_eq!(&out[0..6], &a.mac, "destination MAC is the pod's");
+        assert_eq!(&out[6..12], &a.host_mac, "source MAC is the pod's gateway");
+        assert_eq!(out[14 + 8], 63, "TTL decremented: the node routed it");
+        assert_eq!(checksum(&out[14..34]), 0, "IP checksum still valid");
+
+        // The pod's answer leaves through the FIB, not the stack: the flow is not the stack's.
+        let (verdict, out) = f.send(a, &tcp(a, far, 80, 40000, SYN | ACK));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "out of the uplink");
+        assert_eq!(&out[0..6], &NEXT_HOP_MAC, "to the next hop");
+        assert_eq!(&out[6..12], &UPLINK_MAC, "from the uplink");
+        assert_eq!(out[14 + 8], 63, "TTL decremented");
+
+        // The rest of the flow, and a ping, take the same way in.
+        let (verdict, _) = f.run(Program::FromUplink, &tcp(far, a, 40000, 80, ACK), uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "an established flow");
+        let ping = icmp_echo(far, a, ICMP_ECHO_REQUEST, 9);
+        assert_eq!(f.run(Program::FromUplink, &ping, uplink).0, TC_ACT_REDIRECT);
+        let pong = icmp_echo(a, far, ICMP_ECHO_REPLY, 9);
+        assert_eq!(
+            f.send(a, &pong).0,
+            TC_ACT_REDIRECT,
+            "the echo reply leaves too"
+        );
+
+        // Counted once each way: nothing went through to_container as well.
+        let c = f.dp.endpoint_counters(a.id);
+        assert_eq!((c.rx_packets, c.tx_packets), (3, 2));
+    });
+}
+
+#[test]
+fn native_routing_delivers_the_answers_to_a_pods_own_connection() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = from_node(remote_pod(7, 400));
+        assert_eq!(f.send(a, &tcp(a, far, 40000, 80, SYN)).0, TC_ACT_REDIRECT);
+        let answer = tcp(far, a, 80, 40000, SYN | ACK);
+        assert_eq!(
+            f.run(Program::FromUplink, &answer, uplink).0,
+            TC_ACT_REDIRECT
+        );
+        let ping = icmp_echo(a, far, ICMP_ECHO_REQUEST, 5);
+        assert_eq!(f.send(a, &ping).0, TC_ACT_REDIRECT);
+        let pong = icmp_echo(far, a, ICMP_ECHO_REPLY, 5);
+        assert_eq!(f.run(Program::FromUplink, &pong, uplink).0, TC_ACT_REDIRECT);
+    });
+}
+
+#[test]
+fn native_routing_leaves_to_the_stack_what_it_cannot_tell_is_its_own() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = from_node(remote_pod(7, 400));
+        let mut passes = vec![
+            // Untracked and not opening anything: perhaps the answer to a connection the
+            // node translated (a Service), which the stack must translate back.
+            ("an untracked ACK", tcp(far, a, 40000, 80, ACK)),
+            ("an untracked SYN-ACK", tcp(far, a, 80, 40001, SYN | ACK)),
+            ("untracked UDP", udp(far, a, 5353, 53)),
+            (
+                "an untracked echo reply",
+                icmp_echo(far, a, ICMP_ECHO_REPLY, 3),
+            ),
+            // No endpoint at an address of the pod CIDR: the stack decides, as before.
+            (
+                "no endpoint",
+                tcp(far, outside(Ipv4Addr::new(10, 0, 0, 99)), 40000, 80, SYN),
+            ),
+            // A source among this node's own pods cannot come from another node.
+            (
+                "a local pod's source",
+                tcp(from_node(f.b), a, 40000, 80, SYN),
+            ),
+        ];
+        let mut other_host = tcp(far, a, 40000, 80, SYN);
+        other_host[0..6].copy_from_slice(&[2, 0, 0, 0, 7, 9]);
+        passes.push(("a frame for another host", other_host));
+        passes.push(("TTL 1", {
+            let mut p = tcp(far, a, 40000, 80, SYN);
+            p[14 + 8] = 1;
+            p[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+            let sum = checksum(&p[14..34]);
+            p[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+            p
+        }));
+        passes.push(("a first fragment", {
+            let mut p = tcp(far, a, 40000, 80, SYN);
+            set_fragment(&mut p, 77, true, 0);
+            p
+        }));
+        let taken: Vec<&str> = passes
+            .iter()
+            .filter(|(_, packet)| {
+                f.run(Program::FromUplink, packet, uplink) != (TC_ACT_OK, packet.clone())
+            })
+            .map(|(what, _)| *what)
+            .collect();
+        assert_eq!(taken, [] as [&str; 0], "to the stack, untouched");
+        // A tracked flow's fragments go to the stack too, where to_container lets them in.
+        assert_eq!(f.send(a, &udp(a, far, 40000, 53)).0, TC_ACT_REDIRECT);
+        let mut fragment = udp(far, a, 53, 40000);
+        set_fragment(&mut fragment, 78, true, 0);
+        assert_eq!(f.run(Program::FromUplink, &fragment, uplink).0, TC_ACT_OK);
+        assert_eq!(f.deliver(a, &fragment), TC_ACT_OK);
+        let c = f.dp.endpoint_counters(a.id);
+        assert_eq!(c.rx_packets, 1, "counted by to_container only");
+    });
+}
+
+#[test]
+fn native_routing_checks_the_pods_ingress_policy_against_the_senders_identity() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = from_node(remote_pod(7, 400));
+        let mut ring = f.dp.take_events().expect("ring buffer");
+        f.dp.set_event_mask(EVENTS_DROPS).unwrap();
+        f.isolate(a, ENDPOINT_F_INGRESS_ISOLATED);
+        let before = f.drops(DropReason::PolicyDeniedIngress);
+        let syn = tcp(far, a, 40000, 80, SYN);
+        assert_eq!(f.run(Program::FromUplink, &syn, uplink).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::PolicyDeniedIngress), before + 1);
+        let item = ring.next().expect("an event");
+        // SAFETY: the ring holds FlowEvent records written by the datapath.
+        let e: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        assert_eq!(e.kind, EVENT_DROP);
+        assert_eq!(e.reason, DropReason::PolicyDeniedIngress as u8);
+        assert_eq!(e.direction, Direction::Ingress as u8);
+        assert_eq!((e.saddr, e.daddr), (far.ip.octets(), a.ip.octets()));
+        assert_eq!((e.sport, e.dport, e.protocol), (40000, 80, TCP));
+        assert_eq!((e.src_endpoint, e.dst_endpoint), (0, a.id));
+        assert_eq!((e.src_identity, e.dst_identity), (far.identity, a.identity));
+        drop(item);
+        assert!(ring.next().is_none(), "one drop, one event");
+
+        // A rule for the sender's identity on the port lets that port in, and no other.
+        f.allow(a, Direction::Ingress, far.identity, TCP, 80);
+        assert_eq!(f.run(Program::FromUplink, &syn, uplink).0, TC_ACT_REDIRECT);
+        let other_port = tcp(far, a, 40001, 81, SYN);
+        assert_eq!(
+            f.run(Program::FromUplink, &other_port, uplink).0,
+            TC_ACT_SHOT
+        );
+        let ping = icmp_echo(far, a, ICMP_ECHO_REQUEST, 4);
+        assert_eq!(f.run(Program::FromUplink, &ping, uplink).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::PolicyDeniedIngress), before + 3);
+    });
+}
+
+#[test]
+fn without_native_routing_the_uplink_delivers_nothing_to_pods() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = from_node(remote_pod(7, 400));
+        let syn = tcp(far, a, 40000, 80, SYN);
+        for flags in [0, CONFIG_F_TUNNEL, CONFIG_F_MASQUERADE] {
+            f.dp.set_routing(Routing {
+                flags,
+                node_ip: Ipv4Addr::new(192, 168, 7, 1),
+                tunnel_ifindex: 0,
+                uplink_ifindex: uplink,
+            })
+            .unwrap();
+            assert_eq!(
+                f.run(Program::FromUplink, &syn, uplink),
+                (TC_ACT_OK, syn.clone()),
+                "flags {flags:#x}: up the stack, untouched"
+            );
+        }
+        let c = f.dp.endpoint_counters(a.id);
+        assert_eq!(c.rx_packets, 0);
+    });
+}
+
+#[test]
+fn native_routing_keeps_the_masquerading_reverse_path() {
+    with_datapath(|f| {
+        f.masquerade(NAT_PORTS);
+        f.routing(CONFIG_F_MASQUERADE | CONFIG_F_NATIVE);
+        let (a, world) = (f.a, outside(WORLD));
+        let packet = checksummed(tcp(a, world, 61000, 443, SYN));
+        let out = f.pod_sends(a, &packet);
+        assert_eq!(source(&out), (NODE_IP, 61000));
+        let back = f.world_sends(&reply_to(&out));
+        assert_eq!(
+            destination(&back),
+            source(&packet),
+            "translated back to the pod"
+        );
+        assert_eq!(source(&back), destination(&packet));
+        assert_checksums(&back);
+        assert_eq!(f.deliver(a, &back), TC_ACT_OK, "a reply the pod takes");
+    });
+}
+
+#[test]
+fn a_pods_packet_routed_to_another_node_passes_the_masquerading_uplink_without_a_lookup() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        let far = remote_pod(7, 400);
+        let run = |f: &mut Fixture, program, packet: &[u8], ifindex, mark| {
+            f.dp.test_run_marked(program, packet, ifindex, mark)
+                .expect("test run")
+        };
+        // Without masquerading there is no to_uplink to clear a mark: none is set.
+        let (verdict, _, mark) = run(
+            f,
+            Program::FromContainer,
+            &tcp(a, far, 40000, 80, SYN),
+            a.ifindex,
+            0,
+        );
+        assert_eq!((verdict, mark), (TC_ACT_REDIRECT, 0));
+
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_NATIVE | CONFIG_F_MASQUERADE,
+            node_ip: Ipv4Addr::new(192, 168, 7, 1),
+            tunnel_ifindex: 0,
+            uplink_ifindex: uplink,
+        })
+        .unwrap();
+        f.dp.set_masquerade(Masquerade {
+            pod_cidr: "10.0.0.0/24".parse().unwrap(),
+            ports: NAT_PORTS,
+        })
+        .unwrap();
+        let (verdict, out, mark) = run(
+            f,
+            Program::FromContainer,
+            &tcp(a, far, 40000, 80, ACK),
+            a.ifindex,
+            0,
+        );
+        assert_eq!((verdict, mark), (TC_ACT_REDIRECT, MARK_ROUTED_TO_NODE));
+        let (verdict, left, mark) = run(f, Program::ToUplink, &out, uplink, MARK_ROUTED_TO_NODE);
+        assert_eq!(
+            (verdict, mark),
+            (TC_ACT_OK, 0),
+            "passed, and the mark cleared"
+        );
+        assert_eq!(left, out, "untranslated");
+
+        // What goes to the stack is never marked, and is masqueraded on the uplink.
+        let world = outside(WORLD);
+        let packet = checksummed(tcp(a, world, 40001, 443, SYN));
+        let (verdict, _, mark) = run(f, Program::FromContainer, &packet, a.ifindex, 0);
+        assert_eq!((verdict, mark), (TC_ACT_OK, 0));
+        let (verdict, left, _) = run(f, Program::ToUplink, &packet, uplink, 0);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            source(&left).0,
+            Ipv4Addr::new(192, 168, 7, 1),
+            "masqueraded"
+        );
+        // Someone else's mark is left alone, and means nothing to masquerading.
+        let packet = checksummed(tcp(a, world, 40002, 443, SYN));
+        let (verdict, left, mark) = run(f, Program::ToUplink, &packet, uplink, 0x4000);
+        assert_eq!((verdict, mark), (TC_ACT_OK, 0x4000));
+        assert_eq!(
+            source(&left).0,
+            Ipv4Addr::new(192, 168, 7, 1),
+            "masqueraded"
+        );
+        assert_eq!(
+            f.nat_entries(),
+            4,
+            "two flows translated, the routed one not"
+        );
+    });
+}
+
+// ---- cost per packet ---------------------------------------------------------------------
+
+/// Median over many runs of `program` on `packet`, as the kernel timed them. One run per
+/// call: with a repeat count the kernel runs the packet the previous run left, and a program
+/// that rewrites it (MACs, TTL) would measure something else from the second run on (
+/// `from_container` a drop for a spoofed source MAC). Each figure includes the timer's own
+/// cost: compare with the baseline printed first.
+fn ns_per_run(f: &mut Fixture, program: Program, packet: &[u8], ifindex: u32) -> f64 {
+    let mut samples: Vec<f64> = (0..20_000)
+        .map(|_| {
+            f.dp.time_run(program, packet, ifindex, 1)
+                .expect("timed run")
+                .as_nanos() as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+#[test]
+#[ignore = "a measurement, not a check: run with --ignored --nocapture"]
+fn cost_per_packet_on_established_flows() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        assert_eq!(f.send(a, &tcp(a, b, 40000, 80, SYN)).0, TC_ACT_REDIRECT);
+        assert_eq!(
+            f.send(b, &tcp(b, a, 80, 40000, SYN | ACK)).0,
+            TC_ACT_REDIRECT
+        );
+        // Baseline: a program that does nothing but read the config (from_uplink without a
+        // routing mode) - the timer's cost and the run's.
+        let idle = tcp(a, b, 40000, 80, ACK);
+        let r = ns_per_run(f, Program::FromUplink, &idle, 1);
+        println!("baseline (from_uplink, idle):       {r:.1} ns");
+        let fwd = tcp(a, b, 40000, 80, ACK);
+        let rev = tcp(b, a, 80, 40000, ACK);
+        let r = ns_per_run(f, Program::FromContainer, &fwd, a.ifindex);
+        println!("from_container, same node, forward: {r:.1} ns");
+        let r = ns_per_run(f, Program::FromContainer, &rev, b.ifindex);
+        println!("from_container, same node, reply:   {r:.1} ns");
+        let r = ns_per_run(f, Program::ToContainer, &fwd, b.ifindex);
+        println!("to_container, forward:              {r:.1} ns");
+
+        // Native routing: an uplink with a route to the remote pod CIDR through a resolved
+        // neighbour, so that the FIB answers.
+        let uplink = f.native_uplink();
+        let far = remote_pod(7, 400);
+        let (verdict, _) = f.send(a, &tcp(a, far, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "routed through the FIB");
+        let out = tcp(a, far, 40000, 80, ACK);
+        let (verdict, o) = f.send(a, &out);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "routed through the FIB");
+        assert_eq!(&o[0..6], &[2, 0, 0, 0, 7, 2], "to the next hop");
+        let r = ns_per_run(f, Program::FromContainer, &out, a.ifindex);
+        println!("from_container, native:             {r:.1} ns");
+        let into = tcp(from_node(far), a, 80, 40000, ACK);
+        let r = ns_per_run(f, Program::FromUplink, &into, uplink);
+        println!("from_uplink, native, into the pod:  {r:.1} ns");
+
+        let tunnel = tunnel_device();
+        ip("link set tun0 up");
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_TUNNEL,
+            node_ip: Ipv4Addr::new(192, 168, 7, 1),
+            tunnel_ifindex: tunnel,
+            uplink_ifindex: uplink,
+        })
+        .unwrap();
+        let r = ns_per_run(f, Program::FromContainer, &out, a.ifindex);
+        println!("from_container, tunnel:             {r:.1} ns");
+        let back = tcp(far, a, 80, 40000, ACK);
+        let r = ns_per_run(f, Program::ToContainer, &back, a.ifindex);
+        println!("to_container, from another node:    {r:.1} ns");
     });
 }

@@ -98,6 +98,44 @@ fn native_mode_connects_everything_through_a_router_that_routes_pod_cidrs() -> R
     )
 }
 
+/// Native routing takes other nodes' connections into the pods past the node's stack: with
+/// the FORWARD policy of both nodes' netfilter at DROP, pings and TCP connections still cross,
+/// both ways (the pods' own packets left through the FIB already). A first UDP datagram is
+/// nothing the datapath can tell from an answer to a translated flow, so it still goes through
+/// the stack, and is dropped there: the proof that the DROP policy was in force.
+#[test]
+fn native_mode_delivers_connections_into_pods_past_the_nodes_forwarding() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let c = cluster(&run, 2, "native", Underlay::Switch)?;
+    let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
+    let d = c.add_pod(1, "default", "d", &[("app", "d")])?;
+    for pod in [&a, &d] {
+        c.wait_until_every_node_knows(pod.ip())?;
+    }
+    talk(&a, &d)?;
+    for node in 0..2 {
+        let status = c
+            .node(node)
+            .netns()
+            .command("iptables")?
+            .args(["-w", "-P", "FORWARD", "DROP"])
+            .status()
+            .expect("iptables");
+        assert!(status.success(), "iptables -P FORWARD DROP on node {node}");
+    }
+    for (from, to) in [(&a, &d), (&d, &a)] {
+        ping(from, to)?;
+        tcp_echo(from, to, 0)?;
+    }
+    assert!(
+        udp_echo(&a, &d, 0).is_err(),
+        "a first UDP datagram goes through the stack, whose FORWARD policy drops it"
+    );
+    Ok(())
+}
+
 /// `ping -M do -s <size>` from `from` to `to`: whether it was answered, and what ping said.
 fn ping_unfragmented(from: &dyn Host, to: &dyn Host, size: u32) -> Result<(bool, String)> {
     let mut cmd = from.netns().command("ping")?;

@@ -20,8 +20,10 @@ pub struct DatapathConfig {
     /// ifindex of the uplink (the device holding the node's InternalIP), 0 when unknown.
     pub uplink_ifindex: u32,
     /// This node's pod CIDR (network address and mask): masquerading translates packets whose
-    /// source it holds. A mask compare rather than an endpoint lookup keeps the node's own
-    /// traffic, tunnel packets included, at no map lookup on the uplink. All zero: unknown.
+    /// source it holds, and native routing delivers packets from the uplink whose destination
+    /// it holds straight into the pod. A mask compare rather than an endpoint lookup keeps the
+    /// node's own traffic, tunnel packets included, at no map lookup on the uplink. All zero:
+    /// unknown.
     pub pod_cidr: [u8; 4],
     pub pod_cidr_mask: [u8; 4],
     /// The ports masquerading allocates from, inclusive, host byte order.
@@ -35,6 +37,13 @@ pub const CONFIG_F_TUNNEL: u32 = 1;
 pub const CONFIG_F_NATIVE: u32 = 2;
 /// Pod traffic leaving the cluster is source-NATed to `node_ip` (`--masquerade`).
 pub const CONFIG_F_MASQUERADE: u32 = 4;
+
+/// `skb->mark` of a pod's packet that `from_container` routed to a pod on another node through
+/// the uplink itself (native routing, masquerading on): `to_uplink`, the first program on the
+/// uplink's egress, takes it as "not to be masqueraded", skips its lookup and clears the mark,
+/// so nothing after it sees the mark. Never set on packets that go to the node's stack (where
+/// marks steer routing and netfilter) or to another device.
+pub const MARK_ROUTED_TO_NODE: u32 = 0x6d79_0001;
 
 /// Emit an event for every dropped packet.
 pub const EVENTS_DROPS: u32 = 1;

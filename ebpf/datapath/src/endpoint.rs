@@ -4,7 +4,9 @@ use aya_ebpf::{
     btf_maps::{HashMap, PerCpuArray},
     macros::btf_map,
 };
-use myelin_common::{EndpointCounters, EndpointInfo, Ipv4Key, maps::DEFAULT_MAX_ENDPOINTS};
+use myelin_common::{
+    EndpointCounters, EndpointInfo, Ipv4Key, config::DatapathConfig, maps::DEFAULT_MAX_ENDPOINTS,
+};
 
 const MAX: usize = DEFAULT_MAX_ENDPOINTS as usize;
 
@@ -41,6 +43,14 @@ pub fn by_ifindex(ifindex: u32) -> Option<&'static EndpointInfo> {
 pub fn by_ip(addr: [u8; 4]) -> Option<&'static EndpointInfo> {
     // SAFETY: see above.
     unsafe { ENDPOINTS.get(Ipv4Key { addr }) }
+}
+
+/// Whether `addr` lies in this node's pod CIDR (never, while the agent has not said it): a
+/// mask compare that spares addresses elsewhere the endpoint lookup.
+#[inline(always)]
+pub fn in_pod_cidr(config: &DatapathConfig, addr: [u8; 4]) -> bool {
+    let mask = u32::from_ne_bytes(config.pod_cidr_mask);
+    mask != 0 && u32::from_ne_bytes(addr) & mask == u32::from_ne_bytes(config.pod_cidr)
 }
 
 #[inline(always)]

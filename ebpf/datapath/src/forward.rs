@@ -24,7 +24,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use myelin_common::{
-    config::{CONFIG_F_NATIVE, CONFIG_F_TUNNEL, DatapathConfig},
+    config::{
+        CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_TUNNEL, DatapathConfig, MARK_ROUTED_TO_NODE,
+    },
     identity,
 };
 
@@ -108,14 +110,21 @@ pub fn to_node(
         return unsafe { bpf_redirect(config.tunnel_ifindex, 0) } as i32;
     }
     if config.flags & CONFIG_F_NATIVE != 0 {
-        return fib_redirect(ctx, eth, ip);
+        return fib_redirect(ctx, config, eth, ip);
     }
     TC_ACT_OK as i32
 }
 
 /// Native routing: the FIB's next hop for the packet's destination, and a redirect there.
+/// Through the uplink with masquerading on, the packet is marked [`MARK_ROUTED_TO_NODE`]: it
+/// goes to a pod of the cluster, and `to_uplink` can let it pass without its lookup.
 #[inline(always)]
-fn fib_redirect(ctx: &TcContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> i32 {
+fn fib_redirect(
+    ctx: &TcContext,
+    config: &DatapathConfig,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+) -> i32 {
     // SAFETY: `ip` was bounds-checked by the caller.
     let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
     // SAFETY: an all-zero bpf_fib_lookup is a valid value of that plain C struct.
@@ -133,7 +142,7 @@ fn fib_redirect(ctx: &TcContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> i32 {
             0,
         )
     };
-    if ret == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+    let redirected = if ret == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         // SAFETY: `eth` and `ip` were bounds-checked by the caller and nothing resized the
         // packet.
         unsafe {
@@ -141,17 +150,21 @@ fn fib_redirect(ctx: &TcContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr) -> i32 {
             packet::set_macs(eth, &params.dmac, &params.smac);
         }
         // SAFETY: plain helper call.
-        return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
-    }
-    if ret == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        unsafe { bpf_redirect(params.ifindex, 0) }
+    } else if ret == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         // The kernel resolves the neighbour (and routes) itself.
         // SAFETY: as above.
         unsafe { packet::decrement_ttl(ip) };
         // SAFETY: no parameters: the helper looks the next hop up.
-        let ret = unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) };
-        if ret == i64::from(TC_ACT_REDIRECT) {
-            return TC_ACT_REDIRECT as i32;
-        }
+        unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) }
+    } else {
+        return TC_ACT_OK as i32;
+    };
+    if redirected != i64::from(TC_ACT_REDIRECT) {
+        return TC_ACT_OK as i32;
     }
-    TC_ACT_OK as i32
+    if config.flags & CONFIG_F_MASQUERADE != 0 && params.ifindex == config.uplink_ifindex {
+        ctx.set_mark(MARK_ROUTED_TO_NODE);
+    }
+    TC_ACT_REDIRECT as i32
 }

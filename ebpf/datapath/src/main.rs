@@ -8,7 +8,9 @@
 //!   and enforces that pod's ingress policy on it.
 //!
 //! - `to_uplink` and `from_uplink` (tc egress and ingress of the uplink, the device holding the
-//!   node's InternalIP) masquerade pods' traffic leaving the cluster (see `nat`).
+//!   node's InternalIP) masquerade pods' traffic leaving the cluster (see `nat`). In native
+//!   routing, `from_uplink` also delivers other nodes' packets for this node's pods straight
+//!   into them (`deliver_from_uplink`).
 //!
 //! Pod-to-pod traffic on one node never reaches the destination's `to_container` (the redirect
 //! skips it), so `from_container` checks both the sender's egress and the receiver's ingress
@@ -47,7 +49,7 @@ mod programs {
     };
     use myelin_common::{
         Direction, DropReason, EndpointInfo, IpcacheEntry,
-        config::DatapathConfig,
+        config::{CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, DatapathConfig, MARK_ROUTED_TO_NODE},
         conntrack::{CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CtKey},
         identity,
         proto::{ETH_P_ARP, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
@@ -59,7 +61,7 @@ mod programs {
         endpoint,
         events::{self, Verdict},
         forward, ipcache, nat,
-        packet::{self, Flow},
+        packet::{self, EthHdr, Flow, Ipv4Hdr},
         policy::{self, Peers},
     };
 
@@ -109,7 +111,37 @@ mod programs {
         src_identity: Option<u32>,
     ) -> Result<bool, i32> {
         let now = conntrack::now();
-        let (entry, key, is_reply) = match conntrack::lookup(flow, now) {
+        let state = conntrack::lookup(flow, now);
+        admit_tracked(
+            ctx,
+            config,
+            flow,
+            src,
+            dst,
+            verdict,
+            create_flags,
+            src_identity,
+            now,
+            state,
+        )
+    }
+
+    /// [`admit`] for a packet whose conntrack state the caller looked up already (at `now`).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn admit_tracked(
+        ctx: &TcContext,
+        config: &DatapathConfig,
+        flow: &Flow,
+        src: Option<&EndpointInfo>,
+        dst: Option<&EndpointInfo>,
+        verdict: &mut Verdict,
+        create_flags: u32,
+        src_identity: Option<u32>,
+        now: u64,
+        state: State,
+    ) -> Result<bool, i32> {
+        let (entry, key, is_reply) = match state {
             State::Related => return Ok(false),
             State::New => {
                 return match policy::evaluate(
@@ -230,7 +262,12 @@ mod programs {
         let ttl = unsafe { (*ip).ttl };
         let flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         let config = events::config();
-        let dst = endpoint::by_ip(flow.daddr);
+        // This node's pods are in its pod CIDR: an address outside it needs no lookup.
+        let dst = if config.pod_cidr_mask != [0; 4] && !endpoint::in_pod_cidr(&config, flow.daddr) {
+            None
+        } else {
+            endpoint::by_ip(flow.daddr)
+        };
         let mut verdict = Verdict {
             reason: 0,
             direction: Direction::Egress as u8,
@@ -482,6 +519,13 @@ mod programs {
     }
 
     fn try_to_uplink(ctx: &TcContext) -> Result<i32, i32> {
+        // A pod's packet that `from_container` routed here for a pod on another node: never
+        // masqueraded. The mark is this program's to clear (see `MARK_ROUTED_TO_NODE`).
+        // SAFETY: `skb` is the context pointer the kernel passed in; reading it is allowed.
+        if unsafe { (*ctx.skb.skb).mark } == MARK_ROUTED_TO_NODE {
+            ctx.set_mark(0);
+            return Ok(PASS);
+        }
         let config = events::config();
         if !nat::enabled(&config) {
             return Ok(PASS);
@@ -513,6 +557,8 @@ mod programs {
     /// tc ingress of the uplink: replies to masqueraded flows, and ICMP errors about them, go
     /// back to the pod. Only packets to the node's address can be such replies, and of TCP and
     /// UDP only those to a port of the NAT range: everything else passes without a map lookup.
+    /// In native routing, packets for this node's pods go straight into them
+    /// (`deliver_from_uplink`); a mask compare sorts them out.
     #[classifier]
     pub fn from_uplink(ctx: TcContext) -> i32 {
         match try_from_uplink(&ctx) {
@@ -522,7 +568,7 @@ mod programs {
 
     fn try_from_uplink(ctx: &TcContext) -> Result<i32, i32> {
         let config = events::config();
-        if !nat::enabled(&config) {
+        if config.flags & (CONFIG_F_MASQUERADE | CONFIG_F_NATIVE) == 0 {
             return Ok(PASS);
         }
         let Some(eth) = packet::eth(ctx) else {
@@ -537,7 +583,10 @@ mod programs {
         };
         // SAFETY: bounds-checked by `packet::ipv4`.
         let (daddr, protocol) = unsafe { ((*ip).daddr, (*ip).protocol) };
-        if daddr != config.node_ip {
+        if config.flags & CONFIG_F_NATIVE != 0 && endpoint::in_pod_cidr(&config, daddr) {
+            return deliver_from_uplink(ctx, &config, eth, ip);
+        }
+        if !nat::enabled(&config) || daddr != config.node_ip {
             return Ok(PASS);
         }
         let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
@@ -557,6 +606,96 @@ mod programs {
         nat::reverse(ctx, &flow, l4, later_fragment)
             .map_err(|reason| drop_nat(ctx, &config, reason, &flow, Direction::Ingress))?;
         Ok(PASS)
+    }
+
+    /// Native routing: a packet from another node for one of this node's pods goes straight
+    /// into the pod, as `from_tunnel` delivers in tunnel mode, instead of up the node's stack,
+    /// through its routing table and `to_container`. The checks are `to_container`'s (the
+    /// destination's ingress policy against the sender's ipcache identity), the TTL drops by
+    /// one as in the stack's forwarding, and the flow is tracked as not having come through the
+    /// stack, so that the pod's replies leave through the FIB as well (`from_container`).
+    ///
+    /// Only what the stack could not have had a say in goes past it: packets of flows the
+    /// datapath tracks, and the first packet of a connection (a TCP SYN, an echo request).
+    /// Anything else that conntrack does not know may be the answer to a connection this node
+    /// translated (a local pod's connection to a Service, DNATed by kube-proxy to a pod on
+    /// another node, is tracked under the Service's address, and its backend's answer must go
+    /// through the stack to be translated back): the stack and `to_container` get it, as before.
+    #[inline(always)]
+    fn deliver_from_uplink(
+        ctx: &TcContext,
+        config: &DatapathConfig,
+        eth: *mut EthHdr,
+        ip: *mut Ipv4Hdr,
+    ) -> Result<i32, i32> {
+        // Frames for another host's MAC reach the uplink only in promiscuous mode; the stack
+        // discards them, and so must a shortcut past it.
+        // SAFETY: `skb` is the context pointer the kernel passed in; reading it is allowed.
+        if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+            return Ok(PASS);
+        }
+        // SAFETY: bounds-checked by `packet::ipv4`.
+        let (ttl, saddr) = unsafe { ((*ip).ttl, (*ip).saddr) };
+        // An expiring TTL: the stack answers with ICMP time exceeded.
+        if ttl <= 1 {
+            return Ok(PASS);
+        }
+        // One of this node's own pods cannot be the sender of what arrives from outside: the
+        // stack (its reverse path filter) decides about such a packet, as before, and no
+        // ipcache lookup lends it a local pod's identity.
+        if endpoint::in_pod_cidr(config, saddr) {
+            return Ok(PASS);
+        }
+        // A fragmented datagram takes one way, the stack's: it may be reassembling (when
+        // netfilter's conntrack is in use) and would wait in vain for fragments that went past
+        // it, and later fragments carry no TCP flags or ICMP type to go by.
+        if packet::is_fragment(ip) {
+            return Ok(PASS);
+        }
+        let Some(flow) = packet::flow(ctx, ip) else {
+            return Ok(PASS);
+        };
+        let Some(dst) = endpoint::by_ip(flow.daddr) else {
+            return Ok(PASS);
+        };
+        let now = conntrack::now();
+        let state = conntrack::lookup(&flow, now);
+        if matches!(state, State::New) && !packet::opens_connection(&flow) {
+            return Ok(PASS);
+        }
+        endpoint::account_rx(dst.id, ctx.len());
+        let mut verdict = Verdict {
+            reason: 0,
+            direction: Direction::Ingress as u8,
+            src_endpoint: 0,
+            dst_endpoint: dst.id,
+            peers: unknown_peers(),
+            ifindex: packet::ifindex(ctx),
+        };
+        admit_tracked(
+            ctx,
+            config,
+            &flow,
+            None,
+            Some(dst),
+            &mut verdict,
+            0,
+            None,
+            now,
+            state,
+        )?;
+        // SAFETY: `eth` and `ip` are still within bounds: nothing resized the packet.
+        unsafe {
+            packet::decrement_ttl(ip);
+            packet::set_macs(eth, &dst.mac, &dst.host_mac);
+        }
+        // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
+        let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
+        if ret == i64::from(TC_ACT_REDIRECT) {
+            Ok(TC_ACT_REDIRECT as i32)
+        } else {
+            Ok(PASS)
+        }
     }
 }
 

@@ -28,7 +28,7 @@ use myelin_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack, endpoint,
     packet::{
         ETH_HLEN, Flow, ICMP_ECHO_REQUEST, Icmp, IcmpHdr, Ipv4Hdr, Ports, TCP_FIN, TCP_RST, TcpHdr,
         UdpHdr,
@@ -72,9 +72,7 @@ pub fn enabled(config: &DatapathConfig) -> bool {
 /// traffic (tunnel packets included) costs no map lookup.
 #[inline(always)]
 pub fn masquerades(config: &DatapathConfig, saddr: [u8; 4], daddr: [u8; 4]) -> bool {
-    let mask = u32::from_ne_bytes(config.pod_cidr_mask);
-    mask != 0
-        && u32::from_ne_bytes(saddr) & mask == u32::from_ne_bytes(config.pod_cidr)
+    endpoint::in_pod_cidr(config, saddr)
         && MASQ_EXCLUDE
             .get(&Key::new(32, Ipv4Key { addr: daddr }))
             .is_none()

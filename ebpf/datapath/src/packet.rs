@@ -25,7 +25,9 @@ const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
 pub const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 #[repr(C)]
 pub struct EthHdr {
@@ -204,6 +206,13 @@ pub fn l4_offset(ip: *const Ipv4Hdr) -> usize {
     ETH_HLEN + ihl(ip)
 }
 
+/// Whether the packet is a fragment of a datagram, the first one included.
+#[inline(always)]
+pub fn is_fragment(ip: *const Ipv4Hdr) -> bool {
+    // SAFETY: the caller validated the header.
+    u16::from_be(unsafe { (*ip).frag_off }) & (IP_MF | IP_OFFSET) != 0
+}
+
 /// Whether the packet is a fragment other than the first: it carries no transport header.
 #[inline(always)]
 pub fn later_fragment(ip: *const Ipv4Hdr) -> bool {
@@ -297,6 +306,16 @@ pub fn flow(ctx: &TcContext, ip: *const Ipv4Hdr) -> Option<Flow> {
         _ => {}
     }
     Some(flow)
+}
+
+/// Whether the packet can only be the first of a connection: a TCP SYN without ACK, or an
+/// ICMP echo request. Never an answer to anything.
+#[inline(always)]
+pub fn opens_connection(flow: &Flow) -> bool {
+    match flow.protocol {
+        IPPROTO_TCP => flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN,
+        _ => flow.icmp == Icmp::EchoRequest,
+    }
 }
 
 /// The tuple of the packet quoted in an ICMP error (its IP header and first 8 bytes).
