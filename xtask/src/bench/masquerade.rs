@@ -66,8 +66,8 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
          -j MASQUERADE` (plain MASQUERADE keeps the pod's port when it can; Flannel and \
          Calico add --random-fully)"
             .into(),
-        "myelin-iptables: the release build's agent with --masquerade=false (no programs on \
-         the uplink) and the same rule: iptables' translation on Myelin's own pod datapath. \
+        "myelin-iptables: the release build's agent with --masquerade=false (no to_uplink; \
+         native routing's from_uplink stays) and the same rule: iptables' translation on Myelin's own pod datapath. \
          myelin: Myelin's eBPF SNAT (to_uplink and from_uplink on the uplink), no iptables \
          rule, so netfilter tracks nothing in the node. Both with --routing-mode native \
          (masquerading is the same in both modes; native gives pods the uplink's MTU, as ptp \
