@@ -146,8 +146,11 @@ fn sweeper_removes_what_a_killed_run_left() -> Result<()> {
         .arg("300")
         .spawn()
         .map_err(Error::io("spawning sleep"))?;
+    // `read` rather than `sleep`: sh would exec a lone external command and the dir would
+    // leave its command line before the sweep looks (a race that failed under load).
     let mut named = Command::new("sh")
-        .args(["-c", "sleep 300", &dir.display().to_string()])
+        .args(["-c", "read -r _", &dir.display().to_string()])
+        .stdin(std::process::Stdio::piped())
         .spawn()
         .map_err(Error::io("spawning sh"))?;
     std::mem::forget(netns);
