@@ -428,8 +428,12 @@ impl<D: DatapathOps> Owner<D> {
     }
 
     /// Brings the routes to other nodes in line with the index (a no-op when the nodes did not
-    /// change).
+    /// change). Not before the first full sync: until then the index may hold only part of the
+    /// nodes, and the routes a restarted agent finds are what carries the pods' traffic.
     async fn route_nodes(&mut self) {
+        if !self.agent.is_synced() {
+            return;
+        }
         if let Some(network) = self.inputs.network.as_mut()
             && let Some(routing) = network.sync(self.agent.nodes()).await
             && let Err(e) = self.agent.set_routing(routing)

@@ -18,7 +18,7 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::{
     AddressFamily,
     address::AddressAttribute,
-    link::{LinkAttribute, LinkFlags, LinkMessage},
+    link::{InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope},
 };
 use rtnetlink::{Handle, LinkUnspec, LinkVxlan, RouteMessageBuilder};
@@ -124,47 +124,46 @@ async fn ipv4_addresses(handle: &Handle) -> Result<Vec<(u32, Ipv4Net)>, RoutingE
         .collect())
 }
 
-/// Creates `myelin_vxlan` (or recreates it when its port or MTU differs), up, without ARP (its
-/// peers are known from the ipcache), and returns its ifindex.
+/// Makes sure `myelin_vxlan` is there, up, without ARP (its peers are known from the ipcache),
+/// with MTU `mtu`, and returns its ifindex.
+///
+/// The device an earlier agent made is kept when it is what this one would make (collect
+/// metadata, no learning, UDP port `port`): deleting it would take its routes and tc filters
+/// with it, and every packet into or out of the tunnel would be lost until they are back. Only
+/// a device made differently is recreated (a VXLAN device's port cannot be changed in place);
+/// its MTU can, and is.
 pub async fn ensure_tunnel(handle: &Handle, port: u16, mtu: u32) -> Result<u32, RoutingError> {
-    let existing: Option<LinkMessage> = match handle
-        .link()
-        .get()
-        .match_name(TUNNEL_DEVICE.to_string())
-        .execute()
-        .try_next()
-        .await
-    {
-        Ok(link) => link,
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => None,
-        Err(e) => return Err(e.into()),
+    let index = match tunnel_link(handle).await? {
+        Some(link) if is_tunnel_for(&link, port) => {
+            info!(device = TUNNEL_DEVICE, "keeping the tunnel device");
+            link.header.index
+        }
+        existing => {
+            if let Some(link) = existing {
+                warn!(
+                    device = TUNNEL_DEVICE,
+                    port, "recreating the tunnel device: it was made with other settings"
+                );
+                handle.link().del(link.header.index).execute().await?;
+            }
+            handle
+                .link()
+                .add(
+                    LinkVxlan::new(TUNNEL_DEVICE, 0)
+                        .port(port)
+                        .collect_metadata(true)
+                        .learning(false)
+                        .build(),
+                )
+                .execute()
+                .await?;
+            tunnel_link(handle)
+                .await?
+                .ok_or(RoutingError::TunnelVanished(TUNNEL_DEVICE))?
+                .header
+                .index
+        }
     };
-    if let Some(link) = existing {
-        // Recreated rather than changed: a VXLAN device's port cannot be changed in place.
-        handle.link().del(link.header.index).execute().await?;
-    }
-    handle
-        .link()
-        .add(
-            LinkVxlan::new(TUNNEL_DEVICE, 0)
-                .port(port)
-                .collect_metadata(true)
-                .learning(false)
-                .build(),
-        )
-        .execute()
-        .await?;
-    let link: Option<LinkMessage> = handle
-        .link()
-        .get()
-        .match_name(TUNNEL_DEVICE.to_string())
-        .execute()
-        .try_next()
-        .await?;
-    let index = link
-        .ok_or(RoutingError::TunnelVanished(TUNNEL_DEVICE))?
-        .header
-        .index;
     let mut set = LinkUnspec::new_with_index(index).mtu(mtu).up().build();
     set.header.flags |= LinkFlags::Noarp;
     set.header.change_mask |= LinkFlags::Noarp;
@@ -177,6 +176,39 @@ pub async fn ensure_tunnel(handle: &Handle, port: u16, mtu: u32) -> Result<u32, 
     );
     info!(device = TUNNEL_DEVICE, port, mtu, "tunnel ready");
     Ok(index)
+}
+
+/// `myelin_vxlan` as the kernel reports it, if there is one.
+async fn tunnel_link(handle: &Handle) -> Result<Option<LinkMessage>, RoutingError> {
+    match handle
+        .link()
+        .get()
+        .match_name(TUNNEL_DEVICE.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(link) => Ok(link),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `link` is a VXLAN device as [`ensure_tunnel`] makes it for `port`.
+fn is_tunnel_for(link: &LinkMessage, port: u16) -> bool {
+    let Some(vxlan) = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(vxlan)) => Some(vxlan),
+            _ => None,
+        }),
+        _ => None,
+    }) else {
+        return false;
+    };
+    let has = |wanted: &InfoVxlan| vxlan.contains(wanted);
+    has(&InfoVxlan::CollectMetadata(true))
+        && has(&InfoVxlan::Learning(false))
+        && has(&InfoVxlan::Port(port))
 }
 
 /// A route to another node's pods.

@@ -115,6 +115,20 @@ impl Netns {
             .collect())
     }
 
+    /// The ifindex of the link `name` in this namespace, `None` when there is none: a device
+    /// deleted and created again under the same name gets a new one.
+    pub fn link_index(&self, name: &str) -> Result<Option<u32>> {
+        let out = self.ip(&["-j", "link", "show"])?;
+        let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).map_err(
+            Error::json(format!("parsing `ip -j link` in {}", self.name)),
+        )?;
+        Ok(links
+            .iter()
+            .find(|l| l.get("ifname").and_then(|n| n.as_str()) == Some(name))
+            .and_then(|l| l.get("ifindex")?.as_u64())
+            .and_then(|i| u32::try_from(i).ok()))
+    }
+
     fn open(&self) -> Result<File> {
         let path = self.path();
         File::open(&path).map_err(Error::io(format!("opening {}", path.display())))
