@@ -21,6 +21,7 @@ use myelin_common::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
     identity,
+    lb::{LbEntry, LbKey},
     nat::{MASQ_EXCLUDE_CONFIGURED, MASQ_EXCLUDE_NODE, MASQ_EXCLUDE_POD_CIDR, MasqExclude},
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PORT, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
 };
@@ -45,6 +46,9 @@ pub struct DesiredState {
     pub ipcache: BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
     pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
     pub masq_exclude: BTreeMap<LpmKey<Ipv4Key>, MasqExclude>,
+    /// Services' frontends and their backends' slots (`--kube-proxy-replacement`; see
+    /// `myelin_common::lb`). Empty when Services are left to kube-proxy.
+    pub lb_services: BTreeMap<LbKey, LbEntry>,
     /// Leave the ipcache, policy and masq_exclude maps as they are (the cluster state is not
     /// known yet).
     pub keep_policy_state: bool,

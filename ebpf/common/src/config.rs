@@ -38,6 +38,8 @@ pub const CONFIG_F_NATIVE: u32 = 2;
 /// Pod traffic leaving the cluster is source-NATed to `node_ip` (`--masquerade`).
 pub const CONFIG_F_MASQUERADE: u32 = 4;
 
+/// Services are translated in eBPF (`--kube-proxy-replacement`; see `crate::lb`).
+pub const CONFIG_F_SERVICES: u32 = 8;
 /// `skb->mark` of a pod's packet that `from_container` routed to a pod on another node through
 /// the uplink itself (native routing, masquerading on): `to_uplink`, the first program on the
 /// uplink's egress, takes it as "not to be masqueraded", skips its lookup and clears the mark,

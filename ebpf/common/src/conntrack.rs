@@ -56,6 +56,10 @@ pub const CT_F_DENIED_INGRESS: u32 = 8;
 /// ...or by the source's egress policy.
 pub const CT_F_DENIED_EGRESS: u32 = 16;
 
+/// The flow was translated from a Service's frontend to a backend (see `crate::lb`): its replies
+/// are translated back from the `in` entry of `lb_flows`.
+pub const CT_F_SERVICE: u32 = 32;
+
 /// Lifetimes, refreshed by every packet.
 pub mod timeout {
     const SECOND: u64 = 1_000_000_000;

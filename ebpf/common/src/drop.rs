@@ -31,11 +31,17 @@ pub enum DropReason {
     /// Masquerading found no free port for a new flow to that remote address and port (or, for
     /// SCTP, whose checksum covers the ports, the pod's own port was taken).
     NatPortExhausted = 11,
+    /// A new connection to a Service frontend that has no usable backend: refused (TCP reset,
+    /// ICMP port unreachable) rather than left to time out.
+    NoServiceBackend = 12,
+    /// A reply of a translated connection whose translation is gone (evicted from `lb_flows`):
+    /// it cannot be turned back into the frontend's.
+    ServiceTranslationLost = 13,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::NoEndpoint,
         DropReason::SpoofedSourceIp,
         DropReason::SpoofedSourceMac,
@@ -47,6 +53,8 @@ impl DropReason {
         DropReason::TunnelPeerUnknown,
         DropReason::TunnelNoNode,
         DropReason::NatPortExhausted,
+        DropReason::NoServiceBackend,
+        DropReason::ServiceTranslationLost,
     ];
     /// Capacity of the `drops` array: room for reasons added later.
     pub const MAX: u32 = 64;
@@ -76,6 +84,8 @@ impl DropReason {
             DropReason::TunnelPeerUnknown => "tunnel-peer-unknown",
             DropReason::TunnelNoNode => "tunnel-no-node",
             DropReason::NatPortExhausted => "nat-port-exhausted",
+            DropReason::NoServiceBackend => "no-service-backend",
+            DropReason::ServiceTranslationLost => "service-translation-lost",
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod drop;
 pub mod endpoint;
 pub mod event;
 pub mod ipcache;
+pub mod lb;
 pub mod maps;
 pub mod nat;
 pub mod policy;

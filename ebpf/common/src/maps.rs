@@ -13,9 +13,12 @@ pub const CONFIG: &str = "config";
 pub const EVENTS: &str = "events";
 pub const SNAT: &str = "snat";
 pub const MASQ_EXCLUDE: &str = "masq_exclude";
+pub const LB_SERVICES: &str = "lb_services";
+pub const LB_FLOWS: &str = "lb_flows";
+pub const LB_AFFINITY: &str = "lb_affinity";
 
 /// Every map the agent pins.
-pub const PINNED: [&str; 11] = [
+pub const PINNED: [&str; 14] = [
     ENDPOINTS,
     ENDPOINTS_BY_IF,
     COUNTERS,
@@ -27,6 +30,9 @@ pub const PINNED: [&str; 11] = [
     EVENTS,
     SNAT,
     MASQ_EXCLUDE,
+    LB_SERVICES,
+    LB_FLOWS,
+    LB_AFFINITY,
 ];
 
 /// Default capacities (each has an agent flag).
@@ -36,6 +42,12 @@ pub const DEFAULT_MAX_POLICY: u32 = 65_536;
 pub const DEFAULT_MAX_CONNTRACK: u32 = 131_072;
 /// Two entries per masqueraded flow.
 pub const DEFAULT_MAX_NAT: u32 = 131_072;
+/// Frontend slots: one per frontend (a Service's address, port and protocol) plus one per
+/// backend of it.
+pub const DEFAULT_MAX_LB_SLOTS: u32 = 131_072;
+/// Two entries per translated connection.
+pub const DEFAULT_MAX_LB_FLOWS: u32 = 131_072;
+pub const DEFAULT_MAX_LB_AFFINITY: u32 = 65_536;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
