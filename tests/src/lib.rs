@@ -42,6 +42,7 @@ pub mod probe;
 mod process;
 pub mod progress;
 mod run;
+pub mod services;
 mod sweep;
 pub mod tc;
 pub mod traffic;

@@ -1,0 +1,378 @@
+//! Services as their clients see them: servers in backend pods that answer with the address of
+//! the pod they run in, clients that ask a frontend (a ClusterIP and a port) which backend
+//! answered, and the Service and EndpointSlice objects the cluster holds.
+//!
+//! A client's question is one TCP connection (the server writes its pod's address and closes)
+//! or one UDP datagram (answered with the address), so every question is a new connection and
+//! goes through backend selection.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Read as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::{Error, Result, traffic::Host};
+
+/// How often a server thread looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(50);
+/// How long a question may take before it counts as unanswered: well above a round trip here,
+/// well below TCP's first SYN retransmission (1 s), so a refusal is told from silence.
+const ANSWER_TIMEOUT: Duration = Duration::from_millis(800);
+/// UDP questions are sent this many times before they count as unanswered.
+const UDP_TRIES: u32 = 3;
+
+/// The protocol of a Service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+/// What a client got when it asked a frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The backend with this address answered, on this port.
+    Backend(SocketAddrV4),
+    /// The connection was refused (TCP reset, ICMP port unreachable).
+    Refused,
+    /// Nothing came back in time.
+    Silence,
+}
+
+/// Servers answering with their pod's address and their port, on TCP and UDP `port`, in each
+/// backend pod, until dropped.
+pub struct BackendServers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl BackendServers {
+    pub fn start(backends: &[&dyn Host], port: u16) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut servers = Self {
+            stop: Arc::clone(&stop),
+            threads: Vec::new(),
+        };
+        for backend in backends {
+            let ip = SocketAddrV4::new(backend.ip(), port);
+            let bound = backend
+                .netns()
+                .run(|| -> io::Result<(TcpListener, UdpSocket)> {
+                    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                    listener.set_nonblocking(true)?;
+                    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+                    socket.set_read_timeout(Some(STOP_POLL))?;
+                    Ok((listener, socket))
+                })?;
+            let (listener, socket) = bound.map_err(Error::io(format!(
+                "binding port {port} in {}",
+                backend.label()
+            )))?;
+            let tcp_stop = Arc::clone(&stop);
+            servers
+                .threads
+                .push(thread::spawn(move || serve_tcp(&listener, ip, &tcp_stop)));
+            let udp_stop = Arc::clone(&stop);
+            servers
+                .threads
+                .push(thread::spawn(move || serve_udp(&socket, ip, &udp_stop)));
+        }
+        Ok(servers)
+    }
+}
+
+impl Drop for BackendServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_tcp(listener: &TcpListener, ip: SocketAddrV4, stop: &AtomicBool) {
+    let answer = format!("{ip}\n");
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                // The client reads until the server closes.
+                let _ = io::Write::write_all(&mut stream, answer.as_bytes());
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(2))
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+            Err(e) => {
+                eprintln!("backend server {ip}: accept failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn serve_udp(socket: &UdpSocket, ip: SocketAddrV4, stop: &AtomicBool) {
+    let answer = format!("{ip}\n");
+    let mut buf = [0u8; 512];
+    while !stop.load(Ordering::Relaxed) {
+        match socket.recv_from(&mut buf) {
+            Ok((_, peer)) => {
+                let _ = socket.send_to(answer.as_bytes(), peer);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) => {
+                eprintln!("backend server {ip}: receiving failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// `from` asks `frontend` once, on a new connection.
+pub fn ask(from: &dyn Host, frontend: SocketAddrV4, protocol: Protocol) -> Result<Answer> {
+    Ok(ask_many(from, frontend, protocol, 1)?[0])
+}
+
+/// `from` asks `frontend` `times` times, each on a new connection (a new source port).
+pub fn ask_many(
+    from: &dyn Host,
+    frontend: SocketAddrV4,
+    protocol: Protocol,
+    times: usize,
+) -> Result<Vec<Answer>> {
+    let answers = from.netns().run(|| {
+        (0..times)
+            .map(|_| match protocol {
+                Protocol::Tcp => ask_tcp(frontend),
+                Protocol::Udp => ask_udp(frontend),
+            })
+            .collect::<io::Result<Vec<Answer>>>()
+    })?;
+    answers.map_err(|e| Error::Traffic {
+        what: format!("{} asking {protocol:?} {frontend}: {e}", from.label()),
+    })
+}
+
+/// How many of `answers` each backend gave; any other answer is an error naming it.
+pub fn tally(answers: &[Answer]) -> Result<BTreeMap<SocketAddrV4, usize>> {
+    let mut by_backend = BTreeMap::new();
+    for (i, answer) in answers.iter().enumerate() {
+        match answer {
+            Answer::Backend(ip) => *by_backend.entry(*ip).or_insert(0) += 1,
+            other => {
+                return Err(Error::Traffic {
+                    what: format!("question {i} of {} got {other:?}", answers.len()),
+                });
+            }
+        }
+    }
+    Ok(by_backend)
+}
+
+fn ask_tcp(frontend: SocketAddrV4) -> io::Result<Answer> {
+    let mut stream = match TcpStream::connect_timeout(&SocketAddr::V4(frontend), ANSWER_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(Answer::Refused),
+        Err(e) if is_timeout(&e) => return Ok(Answer::Silence),
+        Err(e) => return Err(e),
+    };
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    let mut text = String::new();
+    match stream.read_to_string(&mut text) {
+        Ok(_) => parse_answer(&text),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(Answer::Refused),
+        Err(e) if is_timeout(&e) => Ok(Answer::Silence),
+        Err(e) => Err(e),
+    }
+}
+
+fn ask_udp(frontend: SocketAddrV4) -> io::Result<Answer> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    // Connected, so that an ICMP port unreachable comes back as ECONNREFUSED.
+    socket.connect(frontend)?;
+    socket.set_read_timeout(Some(ANSWER_TIMEOUT / UDP_TRIES))?;
+    let mut buf = [0u8; 64];
+    for _ in 0..UDP_TRIES {
+        socket.send(b"?")?;
+        match socket.recv(&mut buf) {
+            Ok(n) => return parse_answer(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(Answer::Refused),
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Answer::Silence)
+}
+
+fn parse_answer(text: &str) -> io::Result<Answer> {
+    text.trim().parse().map(Answer::Backend).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("answer {text:?} is not an address"),
+        )
+    })
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Asks until `done` holds for the answer, failing after `within`: the agents take a moment to
+/// see a change.
+pub fn ask_until(
+    from: &dyn Host,
+    frontend: SocketAddrV4,
+    protocol: Protocol,
+    within: Duration,
+    done: impl Fn(Answer) -> bool,
+) -> Result<Answer> {
+    let deadline = Instant::now() + within;
+    loop {
+        let answer = ask(from, frontend, protocol)?;
+        if done(answer) {
+            return Ok(answer);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Traffic {
+                what: format!(
+                    "{} asking {protocol:?} {frontend}: still {answer:?} after {within:?}",
+                    from.label()
+                ),
+            });
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A port of a Service, and the port its backends listen on.
+#[derive(Debug, Clone, Copy)]
+pub struct ServicePort<'a> {
+    pub name: &'a str,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// A Service of type ClusterIP with `ports`, as the API server stores it (the ClusterIP
+/// allocated); `spec` is merged into its spec (`sessionAffinity`, `internalTrafficPolicy`, ...).
+pub fn service_object(
+    namespace: &str,
+    name: &str,
+    cluster_ip: Ipv4Addr,
+    ports: &[ServicePort<'_>],
+    spec: Value,
+) -> Value {
+    let mut object = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip.to_string(),
+            "clusterIPs": [cluster_ip.to_string()],
+            "ports": ports.iter().map(|p| json!({
+                "name": p.name,
+                "protocol": p.protocol.as_str(),
+                "port": p.port,
+                "targetPort": p.target_port,
+            })).collect::<Vec<_>>(),
+        },
+    });
+    if let (Some(spec), Value::Object(extra)) = (object["spec"].as_object_mut(), spec) {
+        spec.extend(extra);
+    }
+    object
+}
+
+/// A backend as an EndpointSlice lists it.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub ip: Ipv4Addr,
+    pub node: String,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Backend {
+    /// A running, ready backend on `node`.
+    pub fn ready(ip: Ipv4Addr, node: &str) -> Self {
+        Self {
+            ip,
+            node: node.to_string(),
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+
+    /// A backend shutting down that still serves (graceful termination).
+    pub fn terminating(ip: Ipv4Addr, node: &str) -> Self {
+        Self {
+            ready: false,
+            terminating: true,
+            ..Self::ready(ip, node)
+        }
+    }
+}
+
+/// The EndpointSlice the endpointslice controller writes for Service `service`: its ports by
+/// the Service ports' names, with the target ports.
+pub fn endpoint_slice_object(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    ports: &[ServicePort<'_>],
+    backends: &[Backend],
+) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": "IPv4",
+        "ports": ports.iter().map(|p| json!({
+            "name": p.name,
+            "protocol": p.protocol.as_str(),
+            "port": p.target_port,
+        })).collect::<Vec<_>>(),
+        "endpoints": backends.iter().map(|b| json!({
+            "addresses": [b.ip.to_string()],
+            "conditions": {
+                "ready": b.ready,
+                "serving": b.serving,
+                "terminating": b.terminating,
+            },
+            "nodeName": b.node,
+        })).collect::<Vec<_>>(),
+    })
+}
