@@ -15,6 +15,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "iptables",
+    // kube-proxy's nftables mode, the Services benchmark's second baseline.
+    "nftables",
     "iperf3",
     "sockperf",
     "containerd",

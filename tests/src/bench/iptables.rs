@@ -57,7 +57,12 @@ pub fn hook_forward(node: &Netns, server: Ipv4Addr) -> Result<()> {
 
 /// Replaces [`CHAIN`]'s rules in `node` with `rules` (from [`chain_rules`]).
 pub fn restore(node: &Netns, rules: &str) -> Result<()> {
-    let mut cmd = node.command("iptables-restore")?;
+    restore_with("iptables-restore", node, rules)
+}
+
+/// `program` (`iptables-restore`, `iptables-legacy-restore`) `--noflush` of `rules` in `node`.
+pub fn restore_with(program: &str, node: &Netns, rules: &str) -> Result<()> {
+    let mut cmd = node.command(program)?;
     cmd.args(["--noflush", "-w"]);
     let command = process::describe(&cmd);
     let out = process::run(cmd, rules.as_bytes(), TIMEOUT)?;

@@ -16,6 +16,7 @@ pub mod masquerade;
 pub mod ping;
 pub mod policy;
 pub mod program_cost;
+pub mod services;
 pub mod stats;
 pub mod tcp;
 pub mod usage;

@@ -179,6 +179,22 @@ pub fn tcp_rr(
     Ok(total)
 }
 
+/// Round trips per second of one connection from `client` to `addr` (a server started
+/// elsewhere, or an address translated to one: a Service), client pinned to `cpu`.
+pub fn tcp_rr_to(
+    client: &dyn Host,
+    addr: SocketAddrV4,
+    cpu: usize,
+    duration: Duration,
+) -> Result<f64> {
+    client
+        .netns()
+        .run(|| rr_flow(addr, cpu, duration))?
+        .map_err(|e| Error::Traffic {
+            what: format!("request/response from {} to {addr}: {e}", client.label()),
+        })
+}
+
 fn rr_flow(server: SocketAddrV4, cpu: usize, duration: Duration) -> io::Result<f64> {
     pin_current_thread(cpu)?;
     let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(server), CONNECT_TIMEOUT)?;
@@ -242,12 +258,29 @@ pub fn tcp_crr_spread(
     per_server: u64,
 ) -> Result<ConnectionRun> {
     let addrs: Vec<SocketAddrV4> = servers.iter().map(|s| s.addr).collect();
-    let (Some(first), Some(cpu)) = (addrs.first().copied(), servers.first().map(|s| s.cpu)) else {
+    let Some(cpu) = servers.first().map(|s| s.cpu) else {
         return Err(Error::Traffic {
             what: "a connection-rate run needs a server".into(),
         });
     };
-    let budget = per_server.saturating_mul(addrs.len() as u64);
+    tcp_crr_to(client, &addrs, cpu, duration, per_server)
+}
+
+/// Like [`tcp_crr_spread`], to addresses (servers started elsewhere, or addresses translated
+/// to them: a Service), the client pinned to `cpu`.
+pub fn tcp_crr_to(
+    client: &dyn Host,
+    addrs: &[SocketAddrV4],
+    cpu: usize,
+    duration: Duration,
+    per_addr: u64,
+) -> Result<ConnectionRun> {
+    let Some(first) = addrs.first().copied() else {
+        return Err(Error::Traffic {
+            what: "a connection-rate run needs an address".into(),
+        });
+    };
+    let budget = per_addr.saturating_mul(addrs.len() as u64);
     let run = client.netns().run(|| -> io::Result<ConnectionRun> {
         pin_current_thread(cpu)?;
         let started = Instant::now();

@@ -6,7 +6,7 @@ use myelin_tests::bench::stats::{Summary, percentile};
 use super::{
     add_under_load, agent, cni, cross_node, masquerade,
     report::{BenchReport, Status},
-    same_node,
+    same_node, services,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +86,10 @@ pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
     let memory = report
         .scenario(agent::ID)
         .and_then(|s| s.figure(&agent::rss_figure(agent::GOAL_REMOTE_PODS)))
+        .map(|f| f.value);
+    let service_memory = report
+        .scenario(services::ID)
+        .and_then(|s| s.figure(&services::memory_figure(services::GOAL_SERVICES)))
         .map(|f| f.value);
     vec![
         // 0.95, not 0.97: a program on the host veth's tc hook costs more than 3 % on its own
@@ -205,6 +209,40 @@ pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
             (masquerade::MYELIN, masquerade::PTP_IPTABLES),
             1.0,
             "Masquerade new connections/s: Myelin eBPF SNAT / iptables MASQUERADE (ptp)",
+        ),
+        ratio(
+            services::ID,
+            &services::crr_metric(services::GOAL_SERVICES),
+            (services::MYELIN, services::KUBE_PROXY_IPTABLES),
+            3.0,
+            "ClusterIP new connections/s, 10,000 Services: Myelin / kube-proxy iptables mode",
+        ),
+        ratio(
+            services::ID,
+            &services::crr_metric(services::GOAL_SERVICES),
+            (services::MYELIN, services::KUBE_PROXY_NFTABLES),
+            1.0,
+            "ClusterIP new connections/s, 10,000 Services: Myelin / kube-proxy nftables mode",
+        ),
+        ratio(
+            services::ID,
+            &services::rr_metric(services::GOAL_SERVICES),
+            (services::MYELIN, services::KUBE_PROXY_IPTABLES),
+            1.0,
+            "ClusterIP request/response, 10,000 Services: Myelin / kube-proxy iptables mode",
+        ),
+        ratio(
+            services::ID,
+            &services::rr_metric(services::GOAL_SERVICES),
+            (services::MYELIN, services::KUBE_PROXY_NFTABLES),
+            1.0,
+            "ClusterIP request/response, 10,000 Services: Myelin / kube-proxy nftables mode",
+        ),
+        goal(
+            "Agent memory with 10,000 Services x 10 backends",
+            "<= 96 MiB resident (VmRSS once the ClusterIP answers)".into(),
+            service_memory.map(|v| (v <= 96.0, format!("{v:.1} MiB"))),
+            scenario_state(report, services::ID),
         ),
     ]
 }

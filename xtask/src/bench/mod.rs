@@ -17,6 +17,7 @@ mod masquerade;
 mod policy;
 mod report;
 mod same_node;
+mod services;
 
 use std::{
     fs,
@@ -79,6 +80,10 @@ pub struct Settings {
     /// Masquerade repetitions per variant (new connections and request/response), each on
     /// freshly built variants.
     pub masq_reps: usize,
+    /// Services in the datapath, one measurement series per count.
+    pub service_counts: Vec<usize>,
+    /// Services repetitions per variant and count (the variants are built once per count).
+    pub service_reps: usize,
 }
 
 impl Settings {
@@ -114,6 +119,8 @@ impl Settings {
             cross_reps: if full { 4 } else { 2 },
             join_reps: if full { 20 } else { 4 },
             masq_reps: if full { 4 } else { 2 },
+            service_counts: vec![1, 1_000, 10_000],
+            service_reps: if full { 4 } else { 2 },
         }
     }
 
@@ -179,6 +186,8 @@ impl Settings {
             ("cross-node repetitions", self.cross_reps.to_string()),
             ("node joins per routing mode", self.join_reps.to_string()),
             ("masquerade repetitions", self.masq_reps.to_string()),
+            ("Services in the datapath", list(&self.service_counts)),
+            ("Services repetitions", self.service_reps.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -228,7 +237,7 @@ pub fn rotated<T: Clone>(items: &[T], rep: usize) -> Vec<T> {
 }
 
 /// Every scenario, in running order: id, title, function.
-const SCENARIOS: [(&str, &str, Scenario); 8] = [
+const SCENARIOS: [(&str, &str, Scenario); 9] = [
     (same_node::ID, same_node::TITLE, same_node::run),
     (cni::ID, cni::TITLE, cni::run),
     (
@@ -241,6 +250,7 @@ const SCENARIOS: [(&str, &str, Scenario); 8] = [
     (kubernetes::ID, kubernetes::TITLE, kubernetes::run),
     (cross_node::ID, cross_node::TITLE, cross_node::run),
     (masquerade::ID, masquerade::TITLE, masquerade::run),
+    (services::ID, services::TITLE, services::run),
 ];
 
 /// Runs every scenario, or those named in `only`.

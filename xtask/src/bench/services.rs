@@ -1,0 +1,185 @@
+//! Scenario 4e: a pod reaching a ClusterIP. New connections per second and TCP
+//! request/response (1 flow) through a Service with 1, 1,000 and 10,000 Services in the
+//! datapath: Myelin's eBPF translation (`--kube-proxy-replacement`) against kube-proxy's
+//! iptables and nftables modes, written in kube-proxy's shapes (the variants are
+//! `myelin_tests::bench::services`), and the agent's memory with the most Services.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use myelin_tests::{
+    RunPrefix,
+    bench::services::{BACKENDS, CLUSTER_IP, Proxy, SERVICE_PORT, ServicePath, TARGET_PORT},
+};
+
+use super::{
+    Context,
+    report::{Metric, ScenarioReport, Shape, count, number, repetitions},
+    rotated,
+};
+
+pub const ID: &str = "services";
+pub const TITLE: &str = "4e. Services (ClusterIP)";
+
+pub const KUBE_PROXY_IPTABLES: &str = "kube-proxy-iptables";
+pub const KUBE_PROXY_NFTABLES: &str = "kube-proxy-nftables";
+pub const MYELIN: &str = "myelin";
+
+const VARIANTS: [(&str, Proxy); 3] = [
+    (KUBE_PROXY_IPTABLES, Proxy::KubeProxyIptables),
+    (KUBE_PROXY_NFTABLES, Proxy::KubeProxyNftables),
+    (MYELIN, Proxy::Myelin),
+];
+
+/// The Service count the goals are set at.
+pub const GOAL_SERVICES: usize = 10_000;
+
+/// The metric of new connections per second with `services` Services.
+pub fn crr_metric(services: usize) -> String {
+    format!("svc_crr_{services}")
+}
+
+/// The metric of request/response with `services` Services.
+pub fn rr_metric(services: usize) -> String {
+    format!("svc_rr_{services}")
+}
+
+/// The figure of the agent's memory with `services` Services.
+pub fn memory_figure(services: usize) -> String {
+    format!("agent VmRSS with {} Services", count(services))
+}
+
+pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
+    let s = ctx.settings;
+    out.method = vec![
+        format!(
+            "every variant is one node namespace plugged into a switch (the node at \
+             192.168.100.10, pods in 10.244.0.0/24) with a client pod and {BACKENDS} backend \
+             pods, and the same Services: the measured one, {CLUSTER_IP}:{SERVICE_PORT}/TCP -> \
+             the backends' port {TARGET_PORT}, in the middle of the list, and the others with \
+             {BACKENDS} backends each at addresses no pod has. Nothing listens on the \
+             ClusterIP: before a variant is measured, a connection to it must be answered"
+        ),
+        "kube-proxy-iptables: the rules kube-proxy's iptables mode writes (nat PREROUTING and \
+         OUTPUT -> KUBE-SERVICES, one rule per Service port -> KUBE-SVC-* with a KUBE-MARK-MASQ \
+         rule for traffic from outside the cluster CIDR and one `statistic --mode random` rule \
+         per backend -> KUBE-SEP-* with the hairpin mark and the DNAT; KUBE-POSTROUTING \
+         masquerades marked traffic), loaded with iptables-legacy-restore (the nf_tables \
+         backend took over a minute at 10,000 Services); pods through the reference ptp plugin, \
+         so every packet passes the node's netfilter hooks"
+            .into(),
+        "kube-proxy-nftables: the table kube-proxy's nftables mode writes (a `service-ips` \
+         verdict map of address . protocol . port, a chain per Service port choosing a backend \
+         with `numgen random mod n` in a verdict map, a chain per endpoint with the DNAT, the \
+         masquerade mark), loaded with `nft -f`; pods through ptp"
+            .into(),
+        "myelin: the release build's agent with --kube-proxy-replacement and --routing-mode \
+         native, the Services and their EndpointSlices in its cluster directory; the pods \
+         through Myelin"
+            .into(),
+        format!(
+            "connection rate: a new TCP connection per 1-byte request/response to the \
+             ClusterIP, closed with a reset, client and servers on one CPU, for {} s; \
+             request/response: one connection, one byte each way, {} s after 0.2 s of warm-up",
+            s.crr.as_secs_f64(),
+            s.rr.as_secs_f64()
+        ),
+        format!(
+            "the variants are built once per Service count; {}; in each, every variant runs \
+             once per measurement in a rotating order, and ratios are taken pair by pair",
+            repetitions(s.service_reps)
+        ),
+    ];
+    let order: Vec<usize> = (0..VARIANTS.len()).collect();
+    for &services in &s.service_counts {
+        let mut crr = with_ratios(Metric::new(
+            &crr_metric(services),
+            &format!(
+                "New connections to a ClusterIP, {} Services",
+                count(services)
+            ),
+            "connections/s",
+            Shape::Repeated,
+        ));
+        let mut rr = with_ratios(Metric::new(
+            &rr_metric(services),
+            &format!(
+                "TCP request/response through a ClusterIP, {} Services",
+                count(services)
+            ),
+            "round trips/s",
+            Shape::Repeated,
+        ));
+        let measured = measure(ctx, out, services, &order, &mut crr, &mut rr);
+        // What a failed size measured so far is reported with it.
+        out.metrics.push(crr);
+        out.metrics.push(rr);
+        measured?;
+    }
+    Ok(())
+}
+
+/// Builds every variant with `services` Services, then measures them repetition by
+/// repetition.
+fn measure(
+    ctx: &Context<'_>,
+    out: &mut ScenarioReport,
+    services: usize,
+    order: &[usize],
+    crr: &mut Metric,
+    rr: &mut Metric,
+) -> Result<()> {
+    let s = ctx.settings;
+    let mut paths = Vec::with_capacity(VARIANTS.len());
+    for (name, proxy) in VARIANTS {
+        ctx.check()?;
+        let run = RunPrefix::new();
+        let started = Instant::now();
+        let path = ServicePath::build(&run, proxy, services, Some(ctx.binaries.clone()))?;
+        println!(
+            "    {name}: {} Services, built and answering in {:.1} s (resources named {}-*)",
+            count(services),
+            started.elapsed().as_secs_f64(),
+            run.as_str()
+        );
+        if let Some((rss, _)) = path.agent_memory_kib()? {
+            out.add_figure(&memory_figure(services), rss as f64 / 1024.0, "MiB");
+        }
+        paths.push(path);
+    }
+    for rep in 0..s.service_reps {
+        let progress = format!(
+            "[{} Services {}/{}]",
+            count(services),
+            rep + 1,
+            s.service_reps
+        );
+        for i in rotated(order, rep) {
+            ctx.check()?;
+            let (name, path) = (VARIANTS[i].0, &paths[i]);
+            let run = path.connection_rate(s.crr)?;
+            println!(
+                "    {progress} crr {name:<20} {:>10} connections/s",
+                number(run.rate())
+            );
+            crr.push(name, run.rate());
+        }
+        for i in rotated(order, rep) {
+            ctx.check()?;
+            let (name, path) = (VARIANTS[i].0, &paths[i]);
+            let value = path.request_response(s.rr)?;
+            println!(
+                "    {progress} rr  {name:<20} {:>10} round trips/s",
+                number(value)
+            );
+            rr.push(name, value);
+        }
+    }
+    Ok(())
+}
+
+fn with_ratios(metric: Metric) -> Metric {
+    metric
+        .ratio(MYELIN, KUBE_PROXY_IPTABLES)
+        .ratio(MYELIN, KUBE_PROXY_NFTABLES)
+}
