@@ -2,7 +2,9 @@
 //! router; an embedded cluster of three pods created through the real `myelin` plugin, on both
 //! nodes; a connectivity matrix (ping and TCP between every ordered pair, on one node and
 //! across the tunnel) and the eBPF per-endpoint counters before and after; then an embedded
-//! NetworkPolicy, the matrix again with the verdicts it implies, the drop counters that prove
+//! Service (`--kube-proxy-replacement`: no kube-proxy anywhere) with three replicas on both
+//! nodes, load-balanced by the datapath, then one replica taken out of its EndpointSlice; then
+//! an embedded NetworkPolicy, the matrix again with the verdicts it implies, the drop counters that prove
 //! the datapath denied the rest and an excerpt of the drop events; then every pod is deleted
 //! and everything removed, also on failure or Ctrl-C (the guards do that).
 
@@ -27,6 +29,10 @@ use crate::{
     policy_lab::{policy_names, wait_for_policies},
     progress::step,
     run::RunPrefix,
+    services::{
+        Answer, Backend, BackendServers, Protocol, ServicePort, ask_many, ask_until,
+        endpoint_slice_object, service_object, tally,
+    },
     sweep::sweep_leftovers,
     traffic::{Host, ping, tcp_echo},
 };
@@ -37,6 +43,19 @@ pub const CLUSTER_YAML: &str = include_str!("demo/cluster.yaml");
 
 /// The NetworkPolicy the demo applies after the open matrix.
 pub const POLICY_YAML: &str = include_str!("demo/policy.yaml");
+
+/// The demo's Service: `demo/api`, this ClusterIP, port 80 to its replicas' 8080.
+const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const SERVICE_PORT: ServicePort<'static> = ServicePort {
+    name: "http",
+    protocol: Protocol::Tcp,
+    port: 80,
+    target_port: 8080,
+};
+/// The Service's replicas: name and node index.
+const REPLICAS: [(&str, usize); 3] = [("api-0", 0), ("api-1", 1), ("api-2", 1)];
+/// New connections the frontend opens to the Service per look.
+const SERVICE_QUESTIONS: usize = 30;
 
 /// How many drop events the demo shows.
 const EVENT_EXCERPT: usize = 8;
@@ -89,7 +108,11 @@ pub fn run(binaries: Binaries, interrupted: &AtomicBool) -> Result<()> {
     let underlay = Underlay::Router {
         route_pod_cidrs: false,
     };
-    let mut spec = ClusterSpec::new(NODES, underlay).agent_args(&["--routing-mode", "tunnel"]);
+    let mut spec = ClusterSpec::new(NODES, underlay).agent_args(&[
+        "--routing-mode",
+        "tunnel",
+        "--kube-proxy-replacement=true",
+    ]);
     spec.binaries = Some(binaries);
     spec.echo_agent_logs_on_drop = false;
     let title = format!(
@@ -197,6 +220,7 @@ impl Demo<'_> {
             .iter()
             .map(|c| format!("without policy: {} -> {}", c.from, c.to))
             .collect();
+        unexpected.extend(self.service_step(&pods)?);
         let with_policy = self.policy_step(&pods)?;
         unexpected.extend(
             with_policy
@@ -205,7 +229,8 @@ impl Demo<'_> {
                 .map(|c| format!("with the policy: {} -> {}", c.from, c.to)),
         );
         step("delete the pods (CNI DEL)", || self.delete_pods(pods))?;
-        let checks = 2 * (matrix.checks.len() + with_policy.checks.len());
+        // Two per pair of each matrix, and the Service's two looks.
+        let checks = 2 * (matrix.checks.len() + with_policy.checks.len()) + 2;
         if unexpected.is_empty() {
             println!("==> all {checks} checks as expected");
             Ok(())
@@ -356,6 +381,118 @@ impl Demo<'_> {
             );
         }
         Ok(())
+    }
+
+    /// Three replicas of `api` behind a ClusterIP: the frontend's new connections spread over
+    /// them, across both nodes; then api-2 leaves the EndpointSlice and gets no more. Returns
+    /// what did not go as expected.
+    fn service_step(&self, pods: &[DemoPod]) -> Result<Vec<String>> {
+        let frontend = pods
+            .iter()
+            .find(|p| p.pod.name() == "frontend")
+            .ok_or_else(|| Error::Demo("the demo cluster has no frontend pod".into()))?;
+        let replicas = step(
+            "Service demo/api: three replicas (CNI ADD), their EndpointSlice and the Service",
+            || -> Result<Vec<ClusterPod>> {
+                let replicas = REPLICAS
+                    .iter()
+                    .map(|(name, node)| {
+                        self.cluster.add_pod(*node, "demo", name, &[("app", "api")])
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                for r in &replicas {
+                    self.cluster.wait_until_every_node_knows(r.ip())?;
+                }
+                Ok(replicas)
+            },
+        )?;
+        let hosts: Vec<&dyn Host> = replicas.iter().map(|r| r as &dyn Host).collect();
+        let servers = BackendServers::start(&hosts, SERVICE_PORT.target_port)?;
+        let frontend_addr = std::net::SocketAddrV4::new(SERVICE_IP, SERVICE_PORT.port);
+        let apply = |members: &[&ClusterPod]| {
+            let backends: Vec<Backend> = members
+                .iter()
+                .map(|r| Backend::ready(r.ip(), self.cluster.node(r.node()).name()))
+                .collect();
+            self.cluster.apply(
+                "service-api",
+                &[
+                    service_object(
+                        "demo",
+                        "api",
+                        SERVICE_IP,
+                        &[SERVICE_PORT],
+                        serde_json::json!({}),
+                    ),
+                    endpoint_slice_object("demo", "api-1", "api", &[SERVICE_PORT], &backends),
+                ],
+            )
+        };
+        let all: Vec<&ClusterPod> = replicas.iter().collect();
+        apply(&all)?;
+        ask_until(
+            &frontend.pod,
+            frontend_addr,
+            Protocol::Tcp,
+            Duration::from_secs(10),
+            |a| matches!(a, Answer::Backend(_)),
+        )?;
+        let mut unexpected = Vec::new();
+        let mut look = |title: &str, members: &[&ClusterPod]| -> Result<()> {
+            println!(
+                "==> {title}: {SERVICE_QUESTIONS} new connections from the frontend to {frontend_addr}"
+            );
+            let answers = tally(&ask_many(
+                &frontend.pod,
+                frontend_addr,
+                Protocol::Tcp,
+                SERVICE_QUESTIONS,
+            )?)?;
+            for r in &replicas {
+                let at = std::net::SocketAddrV4::new(r.ip(), SERVICE_PORT.target_port);
+                let n = answers.get(&at).copied().unwrap_or(0);
+                let member = members.iter().any(|m| m.ip() == r.ip());
+                println!(
+                    "    {:<6} on {:<6} {:<15} {:>3} connections{}",
+                    r.name(),
+                    self.cluster.node(r.node()).name(),
+                    at.to_string(),
+                    n,
+                    if member {
+                        ""
+                    } else {
+                        "   (not in the EndpointSlice)"
+                    }
+                );
+                if member != (n > 0) {
+                    unexpected.push(format!("{title}: {} took {n} connections", r.name()));
+                }
+            }
+            Ok(())
+        };
+        look("load-balanced by the datapath", &all)?;
+        println!("==> myelinctl services (node0)");
+        for line in self.cluster.node(0).myelinctl(&["services"])?.lines() {
+            println!("    {line}");
+        }
+        let remaining: Vec<&ClusterPod> = replicas.iter().take(2).collect();
+        apply(&remaining)?;
+        // Until no new connection reaches the replica that left (the agents take a moment).
+        let gone = std::net::SocketAddrV4::new(replicas[2].ip(), SERVICE_PORT.target_port);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline
+            && tally(&ask_many(&frontend.pod, frontend_addr, Protocol::Tcp, 10)?)?
+                .contains_key(&gone)
+        {
+            thread::sleep(Duration::from_millis(200));
+        }
+        look("api-2 taken out of the EndpointSlice", &remaining)?;
+        self.cluster.remove_applied("service-api")?;
+        drop(servers);
+        for r in replicas {
+            self.cluster.delete_pod(r)?;
+        }
+        Ok(unexpected)
     }
 
     fn check_interrupted(&self) -> Result<()> {
