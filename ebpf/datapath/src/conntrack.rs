@@ -160,6 +160,32 @@ pub fn create(flow: &Flow, revision: u32, flags: u32, now: u64) -> Result<(), ()
     CONNTRACK.insert(k, entry, 0).map_err(|_| ())
 }
 
+/// A flow's state and lifetime after a packet, by conntrack's rules: `None` when neither moved
+/// enough to be written (see `CtEntry`). Masquerading's and Services' tables follow the same
+/// rules with this.
+#[inline(always)]
+pub fn advance(
+    flags: u32,
+    expires_ns: u64,
+    protocol: u8,
+    tcp_flags: u8,
+    is_reply: bool,
+    now: u64,
+) -> Option<(u32, u64)> {
+    let mut new = flags;
+    if is_reply {
+        new |= CT_F_SEEN_REPLY;
+    }
+    if protocol == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        new |= CT_F_CLOSING;
+    }
+    let expires = now + lifetime(protocol, new);
+    if new == flags && expires <= expires_ns + timeout::REFRESH {
+        return None;
+    }
+    Some((new, expires))
+}
+
 /// Extends a tracked flow's life, writing only when something changes by more than
 /// [`timeout::REFRESH`] (see `CtEntry`).
 ///
@@ -168,19 +194,15 @@ pub fn create(flow: &Flow, revision: u32, flags: u32, now: u64) -> Result<(), ()
 #[inline(always)]
 pub unsafe fn refresh(e: *mut CtEntry, protocol: u8, tcp_flags: u8, is_reply: bool, now: u64) {
     unsafe {
-        let old = (*e).flags;
-        let mut flags = old;
-        if is_reply {
-            flags |= CT_F_SEEN_REPLY;
-        }
-        if protocol == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            flags |= CT_F_CLOSING;
-        }
-        let expires = now + lifetime(protocol, flags);
-        if flags != old {
+        if let Some((flags, expires)) = advance(
+            (*e).flags,
+            (*e).expires_ns,
+            protocol,
+            tcp_flags,
+            is_reply,
+            now,
+        ) {
             (*e).flags = flags;
-            (*e).expires_ns = expires;
-        } else if expires > (*e).expires_ns + timeout::REFRESH {
             (*e).expires_ns = expires;
         }
     }
