@@ -2000,6 +2000,31 @@ fn a_reply_whose_translation_was_evicted_is_dropped_as_service_translation_lost(
     });
 }
 
+#[test]
+fn a_backend_outside_the_pods_is_left_to_the_stack_and_its_reply_translated_in_to_container() {
+    with_datapath(|f| {
+        let a = f.a;
+        f.services_on(0, 0);
+        f.service(443, TCP, &[(WORLD, 8443)], 0);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 443, SYN));
+        assert_eq!(
+            verdict, TC_ACT_OK,
+            "the stack routes it (and masquerading translates it)"
+        );
+        assert_eq!(destination(&out), (WORLD, 8443));
+        assert_checksums(&out);
+        // The answer comes back through the stack, into the client's veth.
+        let (verdict, back) = f.run(Program::ToContainer, &reply_to(&out), a.ifindex);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            source(&back),
+            (CLUSTER_IP, 443),
+            "from the frontend it addressed"
+        );
+        assert_checksums(&back);
+    });
+}
+
 // ---- native routing: other nodes' packets straight into the pods ------------------------
 
 /// The MAC of the uplink in the native routing tests, and of the next hop behind it.
@@ -2340,6 +2365,29 @@ fn a_pods_packet_routed_to_another_node_passes_the_masquerading_uplink_without_a
     });
 }
 
+#[test]
+fn native_routing_turns_a_remote_backends_reply_back_into_the_frontend() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        f.services_on(CONFIG_F_NATIVE, 0);
+        let far = from_node(remote_pod(7, 400));
+        f.service(80, TCP, &[(far.ip, 8080)], 0);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "out of the uplink");
+        assert_eq!(destination(&out), (far.ip, 8080));
+        let mut answer = reply_to(&out);
+        answer[0..6].copy_from_slice(&UPLINK_MAC);
+        answer[6..12].copy_from_slice(&NEXT_HOP_MAC);
+        let (verdict, back) = f.run(Program::FromUplink, &answer, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "straight into the client");
+        assert_eq!(source(&back), (CLUSTER_IP, 80));
+        assert_eq!(&back[0..6], &a.mac);
+        assert_eq!(back[14 + 8], answer[14 + 8] - 1, "TTL decremented");
+        assert_checksums(&back);
+    });
+}
+
 // ---- cost per packet ---------------------------------------------------------------------
 
 /// Median over many runs of `program` on `packet`, as the kernel timed them. One run per
@@ -2382,6 +2430,28 @@ fn cost_per_packet_on_established_flows() {
         println!("from_container, same node, reply:   {r:.1} ns");
         let r = ns_per_run(f, Program::ToContainer, &fwd, b.ifindex);
         println!("to_container, forward:              {r:.1} ns");
+
+        // Services on: the same flow pays the frontend lookup; a Service's connection its
+        // translation both ways.
+        f.services_on(0, 0);
+        let r = ns_per_run(f, Program::FromContainer, &fwd, a.ifindex);
+        println!("from_container, services on, fwd:   {r:.1} ns");
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40001, 80, SYN));
+        assert_eq!(
+            (verdict, destination(&out)),
+            (TC_ACT_REDIRECT, (b.ip, 8080))
+        );
+        let (verdict, _) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let to_service = to_cluster_ip(a, 40001, 80, ACK);
+        let r = ns_per_run(f, Program::FromContainer, &to_service, a.ifindex);
+        println!("from_container, to a ClusterIP:     {r:.1} ns");
+        let (_, out) = f.send(a, &to_service);
+        let from_backend = sent_by(b, reply_to(&out));
+        let r = ns_per_run(f, Program::FromContainer, &from_backend, b.ifindex);
+        println!("from_container, backend's reply:    {r:.1} ns");
+        f.dp.set_routing(Routing::default()).unwrap();
 
         // Native routing: an uplink with a route to the remote pod CIDR through a resolved
         // neighbour, so that the FIB answers.
