@@ -731,16 +731,7 @@ mod tests {
         }
     }
 
-    fn lb_tables(
-        capacity: u32,
-    ) -> Tables<
-        FakeMap<Ipv4Key, EndpointInfo>,
-        FakeMap<u32, EndpointInfo>,
-        FakeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
-        FakeMap<LpmKey<PolicyKey>, PolicyEntry>,
-        FakeMap<LpmKey<Ipv4Key>, MasqExclude>,
-        FakeMap<LbKey, LbEntry>,
-    > {
+    fn lb_tables(capacity: u32) -> crate::datapath::fake::FakeTables {
         Tables::new(
             FakeMap::new("endpoints", 4),
             FakeMap::new("endpoints_by_if", 4),
