@@ -2001,6 +2001,38 @@ fn a_reply_whose_translation_was_evicted_is_dropped_as_service_translation_lost(
 }
 
 #[test]
+fn a_pod_reaching_itself_through_a_service_gets_the_hairpin_address_as_source() {
+    with_datapath(|f| {
+        let a = f.a;
+        let hairpin = Ipv4Addr::new(169, 254, 42, 1);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(a.ip, 8080)], 0);
+        // Its policies do not apply, as to a pod reaching itself directly.
+        f.isolate(a, ENDPOINT_F_INGRESS_ISOLATED | ENDPOINT_F_EGRESS_ISOLATED);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "back into the pod");
+        assert_eq!(destination(&out), (a.ip, 8080));
+        assert_eq!(
+            source(&out),
+            (hairpin, 40000),
+            "not its own address: its stack would drop that as martian"
+        );
+        assert_eq!(&out[0..6], &a.mac);
+        assert_checksums(&out);
+        let (verdict, back) = f.send(a, &sent_by(a, reply_to(&out)));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the pod, as the client");
+        assert_eq!(source(&back), (CLUSTER_IP, 80));
+        assert_eq!(destination(&back), (a.ip, 40000));
+        assert_eq!(&back[0..6], &a.mac);
+        assert_checksums(&back);
+        // A policy change re-checks the flow: still the pod's own.
+        f.allow(a, Direction::Egress, identity::WORLD, UDP, 53);
+        let (verdict, _) = f.send(a, &to_cluster_ip(a, 40000, 80, ACK));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+    });
+}
+
+#[test]
 fn a_backend_outside_the_pods_is_left_to_the_stack_and_its_reply_translated_in_to_container() {
     with_datapath(|f| {
         let a = f.a;

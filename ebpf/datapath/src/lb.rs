@@ -52,6 +52,18 @@ static LB_AFFINITY: LruHashMap<LbAffinityKey, LbAffinity, { DEFAULT_MAX_LB_AFFIN
 
 const NS_PER_SECOND: u64 = 1_000_000_000;
 
+/// The source a pod's packet gets when the backend chosen for it is the pod itself (hairpin):
+/// with its own address as the source its stack would drop the packet as martian. A reserved
+/// link-local address, Cilium's; the backend's replies go to it and get the pod back.
+pub const HAIRPIN: [u8; 4] = [169, 254, 42, 1];
+
+/// Where the backend's replies to `client` go: the client, or [`HAIRPIN`] when it is the
+/// backend itself.
+#[inline(always)]
+fn reply_peer(client: [u8; 4], backend: [u8; 4]) -> [u8; 4] {
+    if client == backend { HAIRPIN } else { client }
+}
+
 /// What [`translate`] did to a packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Translation {
@@ -59,6 +71,8 @@ pub enum Translation {
     None,
     /// Translated to a backend; the flow now names it.
     Backend,
+    /// Translated to the sending pod itself, from [`HAIRPIN`]; the flow names both.
+    Hairpin,
     /// To a frontend without a usable backend: to be refused.
     NoBackend,
 }
@@ -275,7 +289,8 @@ pub fn translate(
             let (backend, port) = unsafe { ((*e).addr, (*e).port) };
             // SAFETY: as above.
             if unsafe { refresh(e, flow, false, now) } {
-                let twin = flow_key(backend, flow.saddr, port, flow.sport, flow.protocol, LB_IN);
+                let peer = reply_peer(flow.saddr, backend);
+                let twin = flow_key(backend, peer, port, flow.sport, flow.protocol, LB_IN);
                 // SAFETY: as above.
                 unsafe { sync_twin(&twin, e, flow.daddr, flow.dport) };
             }
@@ -303,7 +318,8 @@ pub fn translate(
                 port: flow.dport,
                 ..to_backend
             };
-            let twin = flow_key(backend, flow.saddr, port, flow.sport, flow.protocol, LB_IN);
+            let peer = reply_peer(flow.saddr, backend);
+            let twin = flow_key(backend, peer, port, flow.sport, flow.protocol, LB_IN);
             // The reply's entry first: a reply can only come once the backend got a packet.
             LB_FLOWS
                 .insert(&twin, to_frontend, u64::from(BPF_ANY))
@@ -325,12 +341,26 @@ pub fn translate(
     )?;
     flow.daddr = backend;
     flow.dport = port;
-    Ok(Translation::Backend)
+    if flow.saddr != backend {
+        return Ok(Translation::Backend);
+    }
+    nat::rewrite(
+        ctx,
+        End::Source,
+        flow.protocol,
+        l4,
+        later_fragment,
+        (flow.saddr, HAIRPIN),
+        (flow.sport, flow.sport),
+    )?;
+    flow.saddr = HAIRPIN;
+    Ok(Translation::Hairpin)
 }
 
 /// A reply of a translated connection (its conntrack entry carries `CT_F_SERVICE`): its source,
-/// the backend, becomes the frontend the client addressed. `Err(ServiceTranslationLost)` when
-/// the `in` entry is gone: the client could not tell the packet for its connection's.
+/// the backend, becomes the frontend the client addressed (and a hairpin reply's destination,
+/// [`HAIRPIN`], the pod again). `Err(ServiceTranslationLost)` when the `in` entry is gone: the
+/// client could not tell the packet for its connection's.
 #[inline(always)]
 pub fn reverse(
     ctx: &TcContext,
@@ -352,16 +382,11 @@ pub fn reverse(
     // SAFETY: pointer from the lookup just above.
     let (frontend, port) = unsafe { ((*e).addr, (*e).port) };
     let now = conntrack::now();
+    let hairpin = flow.daddr == HAIRPIN;
+    let client = if hairpin { flow.saddr } else { flow.daddr };
     // SAFETY: as above.
     if unsafe { refresh(e, flow, true, now) } {
-        let twin = flow_key(
-            flow.daddr,
-            frontend,
-            flow.dport,
-            port,
-            flow.protocol,
-            LB_OUT,
-        );
+        let twin = flow_key(client, frontend, flow.dport, port, flow.protocol, LB_OUT);
         // SAFETY: as above.
         unsafe { sync_twin(&twin, e, flow.saddr, flow.sport) };
     }
@@ -376,6 +401,18 @@ pub fn reverse(
     )?;
     flow.saddr = frontend;
     flow.sport = port;
+    if hairpin {
+        nat::rewrite(
+            ctx,
+            End::Destination,
+            flow.protocol,
+            l4,
+            later_fragment,
+            (HAIRPIN, client),
+            (flow.dport, flow.dport),
+        )?;
+        flow.daddr = client;
+    }
     Ok(())
 }
 

@@ -270,6 +270,10 @@ mod programs {
     /// Re-checks a tracked flow, in the direction it started, after a policy change.
     #[inline(always)]
     fn recheck(k: &CtKey) -> Result<Peers, (DropReason, Peers)> {
+        // A pod reaching itself through a Service (see `from_container`).
+        if k.saddr == lb::HAIRPIN {
+            return Ok(unknown_peers());
+        }
         let src = endpoint::by_ip(k.saddr);
         let dst = endpoint::by_ip(k.daddr);
         policy::evaluate(k.saddr, k.daddr, k.protocol, k.dport, src, dst, None)
@@ -381,15 +385,21 @@ mod programs {
         // Services: the frontend becomes a backend before anything else looks at the packet, so
         // that policy, conntrack and forwarding see the backend (as upstream specifies).
         let (mut eth, mut ip, mut create_flags) = (eth, ip, 0);
+        // A pod reaching itself through a Service is not subject to its policies, as it is
+        // not when it reaches itself directly.
+        let mut policy_src = Some(src);
         if config.flags & CONFIG_F_SERVICES != 0 {
             let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
             match lb::translate(ctx, &mut flow, l4, later_fragment) {
                 Ok(Translation::None) => {}
-                Ok(Translation::Backend) => {
+                Ok(t @ (Translation::Backend | Translation::Hairpin)) => {
                     create_flags = CT_F_SERVICE;
                     dst = local_endpoint(&config, flow.daddr);
                     verdict.dst_endpoint = dst.map_or(0, |d| d.id);
                     (eth, ip) = headers(ctx)?;
+                    if t == Translation::Hairpin {
+                        policy_src = None;
+                    }
                 }
                 Ok(Translation::NoBackend) => {
                     return Ok(refuse(ctx, &config, src, &flow, &mut verdict));
@@ -404,14 +414,18 @@ mod programs {
             ctx,
             &config,
             &flow,
-            Some(src),
-            dst,
+            policy_src,
+            if policy_src.is_some() { dst } else { None },
             &mut verdict,
             create_flags,
             None,
         )?;
         if untranslate_reply(ctx, &config, reply, ip, &mut flow, &mut verdict)? {
             (eth, ip) = headers(ctx)?;
+            // A hairpin reply was addressed to `lb::HAIRPIN`: now to the pod.
+            if dst.is_none() {
+                dst = local_endpoint(&config, flow.daddr);
+            }
         }
         let via_stack = reply & CT_F_FROM_STACK != 0;
         let Some(dst) = dst else {
