@@ -2001,6 +2001,41 @@ fn a_reply_whose_translation_was_evicted_is_dropped_as_service_translation_lost(
 }
 
 #[test]
+fn an_icmp_error_from_the_backend_reaches_the_client_about_the_frontend() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(53, UDP, &[(b.ip, 5353)], 0);
+        let query = checksummed(udp(a, outside(CLUSTER_IP), 40000, 53));
+        let (_, out) = f.send(a, &query);
+        assert_eq!(destination(&out), (b.ip, 5353));
+        // Nothing listens on the backend's port: it answers with port unreachable.
+        let error = sent_by(
+            b,
+            icmp_error(b.ip, a.ip, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &out),
+        );
+        let (verdict, back) = f.send(b, &error);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the client");
+        assert_eq!(source(&back).0, CLUSTER_IP, "from the frontend");
+        assert_eq!(
+            destination(&quoted(&back)),
+            (CLUSTER_IP, 53),
+            "about the packet the client sent"
+        );
+        assert_eq!(source(&quoted(&back)), (a.ip, 40000));
+        assert_checksums(&back);
+
+        // A router on the way (through the node's stack): its own address stays.
+        let error = icmp_error(ROUTER, a.ip, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, &out);
+        let (verdict, back) = f.run(Program::ToContainer, &error, a.ifindex);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(source(&back).0, ROUTER);
+        assert_eq!(destination(&quoted(&back)), (CLUSTER_IP, 53));
+        assert_checksums(&back);
+    });
+}
+
+#[test]
 fn a_pod_reaching_itself_through_a_service_gets_the_hairpin_address_as_source() {
     with_datapath(|f| {
         let a = f.a;

@@ -26,8 +26,8 @@ pub enum State {
     Established(*mut CtEntry, CtKey),
     /// A packet in the other direction.
     Reply(*mut CtEntry, CtKey),
-    /// An ICMP error about a tracked flow.
-    Related,
+    /// An ICMP error about a tracked flow, with that flow's `CT_F_*` flags.
+    Related(u32),
 }
 
 #[inline(always)]
@@ -96,8 +96,10 @@ pub fn lookup(flow: &Flow, now: u64) -> State {
                 None => State::New,
             }
         }
-        Icmp::Error if related(&flow.inner, now) => State::Related,
-        Icmp::Error => State::New,
+        Icmp::Error => match related(&flow.inner, now) {
+            Some(flags) => State::Related(flags),
+            None => State::New,
+        },
         _ => {
             let fwd = forward_key(flow);
             if let Some(e) = live(&fwd, now) {
@@ -124,15 +126,18 @@ pub fn is_reply(flow: &Flow, now: u64) -> bool {
     matches!(lookup(flow, now), State::Reply(..))
 }
 
-/// Whether the packet an ICMP error quotes belongs to a tracked flow, in either direction.
+/// The flags of the tracked flow the packet an ICMP error quotes belongs to, in either
+/// direction.
 #[inline(always)]
-fn related(t: &Tuple, now: u64) -> bool {
+fn related(t: &Tuple, now: u64) -> Option<u32> {
     let (sport, dport) = match t.protocol {
         IPPROTO_ICMP => (t.sport, 0),
         _ => (t.sport, t.dport),
     };
-    live(&key(t.saddr, t.daddr, sport, dport, t.protocol), now).is_some()
-        || live(&key(t.daddr, t.saddr, dport, sport, t.protocol), now).is_some()
+    let e = live(&key(t.saddr, t.daddr, sport, dport, t.protocol), now)
+        .or_else(|| live(&key(t.daddr, t.saddr, dport, sport, t.protocol), now))?;
+    // SAFETY: pointer from a successful lookup during this run.
+    Some(unsafe { (*e).flags })
 }
 
 /// How long a flow lives without packets, by its `CT_F_*` state (masquerading's entries live

@@ -416,6 +416,32 @@ pub fn reverse(
     Ok(())
 }
 
+/// An ICMP error about a translated connection, on its way to the client (its quote is the
+/// client's packet as the backend got it): the quote's destination, the backend, becomes the
+/// frontend the client addressed, so that the client's socket recognises its connection, and
+/// so does the outer source when the backend itself sent the error (a router's address on
+/// the way stays). Hairpin connections' errors are left as they are.
+#[inline(always)]
+pub fn reverse_icmp_error(ctx: &TcContext, flow: &mut Flow, icmp: usize) -> Result<(), DropReason> {
+    let Some(q) = nat::quote(ctx, icmp) else {
+        return Ok(());
+    };
+    if !matches!(q.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return Ok(());
+    }
+    let k = flow_key(q.daddr, q.saddr, q.dport, q.sport, q.protocol, LB_IN);
+    // SAFETY: copied out at once.
+    let Some((frontend, port)) = (unsafe { LB_FLOWS.get(&k) }).map(|e| (e.addr, e.port)) else {
+        return Ok(());
+    };
+    let outer = flow.saddr == q.daddr;
+    nat::translate_icmp_error(ctx, End::Source, icmp, &q, frontend, port, outer)?;
+    if outer {
+        flow.saddr = frontend;
+    }
+    Ok(())
+}
+
 /// Folds a one's complement sum of 16-bit words into a checksum.
 #[inline(always)]
 fn fold(mut sum: u32) -> u16 {

@@ -70,7 +70,7 @@ mod programs {
         forward, ipcache,
         lb::{self, Translation},
         nat,
-        packet::{self, EthHdr, Flow, Ipv4Hdr},
+        packet::{self, EthHdr, Flow, Icmp, Ipv4Hdr},
         policy::{self, Peers},
     };
 
@@ -154,7 +154,8 @@ mod programs {
         state: State,
     ) -> Result<u32, i32> {
         let (entry, key, is_reply) = match state {
-            State::Related => return Ok(0),
+            // Only the Service's flag: an ICMP error about a translated flow is translated too.
+            State::Related(flags) => return Ok(flags & CT_F_SERVICE),
             State::New => {
                 return match policy::evaluate(
                     flow.saddr,
@@ -220,8 +221,8 @@ mod programs {
         Ok(if is_reply { flags } else { 0 })
     }
 
-    /// A reply of a Service's connection (`CT_F_SERVICE` in `reply_flags`, from [`admit`])
-    /// leaves with the frontend as its source; `Ok(true)` when it was translated, which moved
+    /// A reply of a Service's connection (`CT_F_SERVICE` in `reply_flags`, from [`admit`]), or
+    /// an ICMP error about one, leaves with the frontend as its source; `Ok(true)` when it was translated, which moved
     /// the packet's data (the caller's header pointers must be fetched again).
     #[inline(always)]
     fn untranslate_reply(
@@ -236,8 +237,12 @@ mod programs {
             return Ok(false);
         }
         let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
-        lb::reverse(ctx, flow, l4, later_fragment)
-            .map_err(|reason| drop_flow(ctx, config, reason, flow, verdict))?;
+        if flow.icmp == Icmp::Error {
+            lb::reverse_icmp_error(ctx, flow, l4)
+        } else {
+            lb::reverse(ctx, flow, l4, later_fragment)
+        }
+        .map_err(|reason| drop_flow(ctx, config, reason, flow, verdict))?;
         Ok(true)
     }
 

@@ -406,18 +406,19 @@ pub fn rewrite(
 
 /// The packet an ICMP error quotes: where its headers are and its tuple. Read with
 /// `bpf_skb_load_bytes`, which also reaches beyond the linear part.
-struct Quote {
+pub struct Quote {
     ip: usize,
     l4: usize,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: u16,
-    dport: u16,
-    protocol: u8,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
 }
 
+/// The packet quoted by the ICMP error whose header is at `icmp`.
 #[inline(always)]
-fn quote(ctx: &TcContext, icmp: usize) -> Option<Quote> {
+pub fn quote(ctx: &TcContext, icmp: usize) -> Option<Quote> {
     let ip = icmp + ICMP_HLEN;
     let version_ihl: u8 = ctx.load(ip).ok()?;
     if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
@@ -476,6 +477,24 @@ fn icmp_error(ctx: &TcContext, end: End, icmp: usize) -> Result<(), DropReason> 
     let Some((addr, port)) = (unsafe { SNAT.get(&k) }).map(|e| (e.addr, e.port)) else {
         return Ok(());
     };
+    translate_icmp_error(ctx, end, icmp, &q, addr, port, true)
+}
+
+/// Rewrites an ICMP error whose quoted packet `q` was translated: inside the quote, its source
+/// (`end` Destination: the error goes to the host that sent the quoted packet) or its
+/// destination (`end` Source: the error comes from the host the quoted packet went to) becomes
+/// `addr`/`port`, and with `outer` the outer header's end at `end` too (the same host as the
+/// quote's). Every checksum is kept right. Services' replies use it too (`crate::lb`).
+#[inline(always)]
+pub fn translate_icmp_error(
+    ctx: &TcContext,
+    end: End,
+    icmp: usize,
+    q: &Quote,
+    addr: [u8; 4],
+    port: u16,
+    outer: bool,
+) -> Result<(), DropReason> {
     // The quoted end to rewrite: the source of what the node sent, the destination of what
     // the pod was sent.
     let (q_addr_at, q_port_at, old_addr, old_port) = match (end, q.protocol) {
@@ -529,6 +548,9 @@ fn icmp_error(ctx: &TcContext, end: End, icmp: usize) -> Result<(), DropReason> 
     ctx.store(q_port_at, &port, 0).map_err(malformed)?;
     ctx.store(icmp_check_at, &icmp_check, 0)
         .map_err(malformed)?;
+    if !outer {
+        return Ok(());
+    }
     // The outer header: the node's address for the pod's, or the other way round.
     let outer_at = ETH_HLEN
         + if end == End::Destination {
