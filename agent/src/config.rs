@@ -84,6 +84,21 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_MAX_NAT", default_value_t = myelin_common::maps::DEFAULT_MAX_NAT)]
     pub max_nat: u32,
 
+    /// Capacity of the Services table (`lb_services`): one slot per frontend (a Service's
+    /// address, port and protocol) plus one per backend of it.
+    #[arg(long, env = "MYELIN_MAX_LB_SLOTS", default_value_t = myelin_common::maps::DEFAULT_MAX_LB_SLOTS)]
+    pub max_lb_slots: u32,
+
+    /// Capacity of the table of Service connections (`lb_flows`): two entries per connection
+    /// translated to a backend (least recently used connections are evicted when full).
+    #[arg(long, env = "MYELIN_MAX_LB_FLOWS", default_value_t = myelin_common::maps::DEFAULT_MAX_LB_FLOWS)]
+    pub max_lb_flows: u32,
+
+    /// Capacity of the session affinity table (`lb_affinity`): one entry per client and
+    /// frontend with `sessionAffinity: ClientIP` (least recently used evicted when full).
+    #[arg(long, env = "MYELIN_MAX_LB_AFFINITY", default_value_t = myelin_common::maps::DEFAULT_MAX_LB_AFFINITY)]
+    pub max_lb_affinity: u32,
+
     /// How programs are attached to pod interfaces (see `AttachMode` for why tc is the
     /// default).
     #[arg(long, env = "MYELIN_ATTACH_MODE", value_enum, default_value = "tc")]
@@ -210,6 +225,9 @@ impl AgentConfig {
             policy: self.max_policy_entries,
             conntrack: self.max_conntrack,
             nat: self.max_nat,
+            lb_slots: self.max_lb_slots,
+            lb_flows: self.max_lb_flows,
+            lb_affinity: self.max_lb_affinity,
         }
     }
 
@@ -244,6 +262,10 @@ mod tests {
         assert!(c.non_masquerade_cidrs.is_empty());
         assert_eq!(c.nat_port_range, None);
         assert_eq!(c.max_nat, 131_072);
+        assert_eq!(
+            (c.max_lb_slots, c.max_lb_flows, c.max_lb_affinity),
+            (131_072, 131_072, 65_536)
+        );
         assert_eq!(c.uplink, None);
         assert_eq!(c.max_object_file_size, 16 << 20);
     }

@@ -22,6 +22,7 @@ use myelin_agent::{
         AttachMode, Datapath, DatapathError, DatapathOps, Limits, Program, Routing,
         clsact::{self, ClsactError, Filter},
         conntrack::{ConntrackTable, Expiring as _},
+        lb::LbFlowTable,
         nat::{Masquerade, NatPorts, NatTable},
     },
     desired::{DesiredState, LpmKey, port_blocks},
@@ -29,13 +30,15 @@ use myelin_agent::{
 use myelin_common::{
     Direction, DropReason, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
     config::{
-        CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_TUNNEL, EVENTS_DROPS, MARK_ROUTED_TO_NODE,
+        CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_SERVICES, CONFIG_F_TUNNEL, EVENTS_DROPS,
+        MARK_ROUTED_TO_NODE,
     },
     endpoint::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
     event::{EVENT_DROP, FlowEvent},
     identity,
+    lb::{LB_IN, LbEntry, LbFlow, LbFlowKey, LbKey},
     nat::{MASQ_EXCLUDE_CONFIGURED, MASQ_EXCLUDE_NODE, MASQ_EXCLUDE_POD_CIDR, MasqExclude, NAT_IN},
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
     proto::{IPPROTO_ICMP as ICMP, IPPROTO_SCTP as SCTP, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP},
@@ -126,6 +129,7 @@ struct Fixture {
     /// Addresses on other nodes (ipcache entries besides the pods' and the gateway's).
     remote: BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
     masq_exclude: BTreeMap<LpmKey<Ipv4Key>, MasqExclude>,
+    lb_services: BTreeMap<LbKey, LbEntry>,
     bpffs: PrivateBpffs,
 }
 
@@ -162,6 +166,7 @@ fn with_datapath(body: impl FnOnce(&mut Fixture) + Send + 'static) {
             policy: BTreeMap::new(),
             remote: BTreeMap::new(),
             masq_exclude: BTreeMap::new(),
+            lb_services: BTreeMap::new(),
             bpffs,
         };
         f.sync();
@@ -214,6 +219,7 @@ impl Fixture {
         desired.ipcache.extend(self.remote.clone());
         desired.policy = self.policy.clone();
         desired.masq_exclude = self.masq_exclude.clone();
+        desired.lb_services = self.lb_services.clone();
         self.dp.apply(&desired).expect("apply");
     }
 
@@ -1667,6 +1673,425 @@ fn the_uplink_gets_the_masquerading_filters_and_loses_them_again() {
     });
 }
 
+// ---- Services in eBPF ----------------------------------------------------------------------
+
+/// A Service's ClusterIP, and an address of the pod CIDR that no pod holds (a backend the node's
+/// stack takes care of, as for a pod being deleted).
+const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NO_POD: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 9);
+const RST: u8 = 0x04;
+
+fn lb_key(frontend: Ipv4Addr, port: u16, protocol: u8, slot: u16) -> LbKey {
+    LbKey {
+        addr: frontend.octets(),
+        port: port.to_be(),
+        protocol,
+        _pad0: 0,
+        slot,
+        _pad1: 0,
+    }
+}
+
+impl Fixture {
+    /// Services translated in eBPF (`CONFIG_F_SERVICES`), besides the routing `flags`.
+    fn services_on(&mut self, flags: u32, tunnel_ifindex: u32) {
+        self.dp
+            .set_routing(Routing {
+                flags: CONFIG_F_SERVICES | flags,
+                node_ip: NODE_IP,
+                tunnel_ifindex,
+                uplink_ifindex: 0,
+            })
+            .expect("set_routing");
+    }
+
+    /// The frontend CLUSTER_IP:`port`/`protocol` with `backends`, as the agent writes it
+    /// (replacing the frontend's earlier slots).
+    fn service(&mut self, port: u16, protocol: u8, backends: &[(Ipv4Addr, u16)], affinity_s: u32) {
+        self.lb_services.retain(|k, _| {
+            (k.addr, k.port, k.protocol) != (CLUSTER_IP.octets(), port.to_be(), protocol)
+        });
+        self.lb_services.insert(
+            lb_key(CLUSTER_IP, port, protocol, 0),
+            LbEntry {
+                count: backends.len() as u16,
+                affinity_timeout_s: affinity_s,
+                ..LbEntry::default()
+            },
+        );
+        for (i, (addr, target)) in backends.iter().enumerate() {
+            self.lb_services.insert(
+                lb_key(CLUSTER_IP, port, protocol, i as u16 + 1),
+                LbEntry {
+                    backend: addr.octets(),
+                    backend_port: target.to_be(),
+                    ..LbEntry::default()
+                },
+            );
+        }
+        self.sync();
+    }
+}
+
+/// A TCP packet from `from` to CLUSTER_IP:`dport`, with valid checksums.
+fn to_cluster_ip(from: Pod, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    checksummed(tcp(from, outside(CLUSTER_IP), sport, dport, flags))
+}
+
+/// `p` as the pod `from` sends it: its MACs.
+fn sent_by(from: Pod, mut p: Vec<u8>) -> Vec<u8> {
+    p[0..6].copy_from_slice(&from.host_mac);
+    p[6..12].copy_from_slice(&from.mac);
+    p
+}
+
+#[test]
+fn a_syn_to_a_cluster_ip_is_translated_to_a_local_backend_and_redirected_into_it() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        let syn = to_cluster_ip(a, 40000, 80, SYN);
+        let (verdict, out) = f.send(a, &syn);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the backend pod");
+        assert_eq!(
+            destination(&out),
+            (b.ip, 8080),
+            "the backend and its target port"
+        );
+        assert_eq!(source(&out), (a.ip, 40000), "the client stays the source");
+        assert_eq!(&out[0..6], &b.mac, "destination MAC is the backend's");
+        assert_checksums(&out);
+        assert_eq!(f.dp.endpoint_counters(b.id).rx_packets, 1);
+    });
+}
+
+#[test]
+fn the_backends_reply_is_translated_back_to_the_frontend() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        let (_, out) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        let (verdict, back) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the client");
+        assert_eq!(
+            source(&back),
+            (CLUSTER_IP, 80),
+            "from the frontend it addressed"
+        );
+        assert_eq!(destination(&back), (a.ip, 40000));
+        assert_eq!(&back[0..6], &a.mac);
+        assert_checksums(&back);
+        // The rest of the connection goes the same ways.
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 80, ACK));
+        assert_eq!(
+            (verdict, destination(&out)),
+            (TC_ACT_REDIRECT, (b.ip, 8080))
+        );
+        let (verdict, back) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(
+            (verdict, source(&back)),
+            (TC_ACT_REDIRECT, (CLUSTER_IP, 80))
+        );
+    });
+}
+
+#[test]
+fn an_established_connection_keeps_its_backend_after_the_slots_change() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        let (_, out) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        assert_eq!(destination(&out), (b.ip, 8080));
+        f.service(80, TCP, &[(NO_POD, 9090)], 0);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 80, ACK));
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "still into the backend it started with"
+        );
+        assert_eq!(destination(&out), (b.ip, 8080));
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40001, 80, SYN));
+        assert_eq!(
+            verdict, TC_ACT_OK,
+            "a new connection: the new backend, through the stack"
+        );
+        assert_eq!(destination(&out), (NO_POD, 9090));
+        assert_checksums(&out);
+    });
+}
+
+#[test]
+fn tcp_and_udp_on_the_same_port_are_separate_frontends() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(53, TCP, &[(b.ip, 5353)], 0);
+        f.service(53, UDP, &[(NO_POD, 5354)], 0);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 53, SYN));
+        assert_eq!(
+            (verdict, destination(&out)),
+            (TC_ACT_REDIRECT, (b.ip, 5353))
+        );
+        let query = checksummed(udp(a, outside(CLUSTER_IP), 40000, 53));
+        let (verdict, out) = f.send(a, &query);
+        assert_eq!((verdict, destination(&out)), (TC_ACT_OK, (NO_POD, 5354)));
+        assert_checksums(&out);
+        // Another port of the same address is no frontend: left alone.
+        let other = to_cluster_ip(a, 40000, 443, SYN);
+        let (verdict, out) = f.send(a, &other);
+        assert_eq!((verdict, out), (TC_ACT_OK, other));
+    });
+}
+
+#[test]
+fn a_frontend_without_backends_answers_a_syn_with_a_reset_and_counts_the_drop() {
+    with_datapath(|f| {
+        let a = f.a;
+        f.services_on(0, 0);
+        f.service(80, TCP, &[], 0);
+        f.service(80, UDP, &[], 0);
+        let mut syn = tcp(a, outside(CLUSTER_IP), 40000, 80, SYN);
+        let seq_at = l4(&syn) + 4;
+        syn[seq_at..seq_at + 4].copy_from_slice(&1000u32.to_be_bytes());
+        let syn = checksummed(syn);
+        let before = f.drops(DropReason::NoServiceBackend);
+        let (verdict, rst) = f.send(a, &syn);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "back into the pod that sent it");
+        assert_eq!(rst.len(), 14 + 20 + 20, "headers only");
+        assert_eq!(&rst[0..6], &a.mac, "to the pod");
+        assert_eq!(&rst[6..12], &a.host_mac, "from its gateway");
+        assert_eq!(
+            source(&rst),
+            (CLUSTER_IP, 80),
+            "from the frontend it addressed"
+        );
+        assert_eq!(destination(&rst), (a.ip, 40000));
+        let tcp_at = l4(&rst);
+        assert_eq!(rst[tcp_at + 13], RST | ACK, "RST|ACK");
+        assert_eq!(
+            &rst[tcp_at + 4..tcp_at + 8],
+            &[0; 4],
+            "sequence 0: the SYN had no ACK"
+        );
+        assert_eq!(
+            u32::from_be_bytes(rst[tcp_at + 8..tcp_at + 12].try_into().unwrap()),
+            1001,
+            "acknowledges the SYN"
+        );
+        assert_eq!(
+            usize::from(u16::from_be_bytes([rst[16], rst[17]])),
+            40,
+            "IP total length"
+        );
+        assert_checksums(&rst);
+        assert_eq!(f.drops(DropReason::NoServiceBackend), before + 1);
+
+        // UDP: dropped (no ICMP port unreachable yet), counted too.
+        let query = checksummed(udp(a, outside(CLUSTER_IP), 40000, 80));
+        assert_eq!(f.send(a, &query).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::NoServiceBackend), before + 2);
+    });
+}
+
+#[test]
+fn egress_policy_is_checked_against_the_backend_and_its_port_not_the_service_port() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        f.isolate(a, ENDPOINT_F_EGRESS_ISOLATED);
+        f.allow(a, Direction::Egress, b.identity, TCP, 80);
+        let before = f.drops(DropReason::PolicyDeniedEgress);
+        assert_eq!(f.send(a, &to_cluster_ip(a, 40000, 80, SYN)).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::PolicyDeniedEgress), before + 1);
+        f.allow(a, Direction::Egress, b.identity, TCP, 8080);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40001, 80, SYN));
+        assert_eq!(
+            (verdict, destination(&out)),
+            (TC_ACT_REDIRECT, (b.ip, 8080))
+        );
+    });
+}
+
+#[test]
+fn session_affinity_returns_the_same_backend() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        let backends = [(b.ip, 8080), (NO_POD, 8080)];
+        let chosen = |f: &mut Fixture, sports: std::ops::Range<u16>| {
+            sports
+                .map(|sport| destination(&f.send(a, &to_cluster_ip(a, sport, 80, SYN)).1).0)
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        // Without affinity, connections spread over both (all 64 on one: p = 2^-63).
+        f.service(80, TCP, &backends, 0);
+        assert_eq!(chosen(f, 40000..40064).len(), 2, "spread over the backends");
+        f.service(80, TCP, &backends, 3600);
+        assert_eq!(
+            chosen(f, 41000..41032).len(),
+            1,
+            "one backend for the client"
+        );
+    });
+}
+
+#[test]
+fn a_backend_on_another_node_goes_into_the_tunnel_with_the_backend_as_inner_destination() {
+    with_datapath(|f| {
+        let a = f.a;
+        let far = remote_pod(7, 400);
+        f.behind("10.9.0.0/24", REMOTE_NODE_IP, identity::WORLD);
+        f.behind("10.9.0.7/32", REMOTE_NODE_IP, far.identity);
+        let tunnel = tunnel_device();
+        f.services_on(CONFIG_F_TUNNEL, tunnel);
+        f.service(80, TCP, &[(far.ip, 8080)], 0);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the tunnel device");
+        assert_eq!(destination(&out), (far.ip, 8080));
+        assert_eq!(out[14 + 8], 63, "TTL decremented: the node routed it");
+        assert_checksums(&out);
+    });
+}
+
+#[test]
+fn without_the_services_flag_nothing_is_translated() {
+    with_datapath(|f| {
+        let b = f.b;
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        let syn = to_cluster_ip(f.a, 40000, 80, SYN);
+        let (verdict, out) = f.send(f.a, &syn);
+        assert_eq!((verdict, out), (TC_ACT_OK, syn), "the stack's, untouched");
+    });
+}
+
+#[test]
+fn a_reply_whose_translation_was_evicted_is_dropped_as_service_translation_lost() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        let (_, out) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        let pin = LbFlowTable::pin_path(f.dp.pin_dir());
+        let data = aya::maps::MapData::from_pin(&pin).expect("lb_flows pin");
+        let mut flows: aya::maps::HashMap<_, LbFlowKey, LbFlow> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("lb_flows");
+        let reply_key = LbFlowKey {
+            saddr: b.ip.octets(),
+            daddr: a.ip.octets(),
+            sport: 8080u16.to_be(),
+            dport: 40000u16.to_be(),
+            protocol: TCP,
+            direction: LB_IN,
+            _pad: 0,
+        };
+        flows
+            .remove(&reply_key)
+            .expect("the reply's translation was there");
+        let before = f.drops(DropReason::ServiceTranslationLost);
+        let (verdict, _) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(
+            verdict, TC_ACT_SHOT,
+            "the client could not tell it for its own"
+        );
+        assert_eq!(f.drops(DropReason::ServiceTranslationLost), before + 1);
+    });
+}
+
+#[test]
+fn an_icmp_error_from_the_backend_reaches_the_client_about_the_frontend() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(53, UDP, &[(b.ip, 5353)], 0);
+        let query = checksummed(udp(a, outside(CLUSTER_IP), 40000, 53));
+        let (_, out) = f.send(a, &query);
+        assert_eq!(destination(&out), (b.ip, 5353));
+        // Nothing listens on the backend's port: it answers with port unreachable.
+        let error = sent_by(
+            b,
+            icmp_error(b.ip, a.ip, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &out),
+        );
+        let (verdict, back) = f.send(b, &error);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the client");
+        assert_eq!(source(&back).0, CLUSTER_IP, "from the frontend");
+        assert_eq!(
+            destination(&quoted(&back)),
+            (CLUSTER_IP, 53),
+            "about the packet the client sent"
+        );
+        assert_eq!(source(&quoted(&back)), (a.ip, 40000));
+        assert_checksums(&back);
+
+        // A router on the way (through the node's stack): its own address stays.
+        let error = icmp_error(ROUTER, a.ip, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, &out);
+        let (verdict, back) = f.run(Program::ToContainer, &error, a.ifindex);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(source(&back).0, ROUTER);
+        assert_eq!(destination(&quoted(&back)), (CLUSTER_IP, 53));
+        assert_checksums(&back);
+    });
+}
+
+#[test]
+fn a_pod_reaching_itself_through_a_service_gets_the_hairpin_address_as_source() {
+    with_datapath(|f| {
+        let a = f.a;
+        let hairpin = Ipv4Addr::new(169, 254, 42, 1);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(a.ip, 8080)], 0);
+        // Its policies do not apply, as to a pod reaching itself directly.
+        f.isolate(a, ENDPOINT_F_INGRESS_ISOLATED | ENDPOINT_F_EGRESS_ISOLATED);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "back into the pod");
+        assert_eq!(destination(&out), (a.ip, 8080));
+        assert_eq!(
+            source(&out),
+            (hairpin, 40000),
+            "not its own address: its stack would drop that as martian"
+        );
+        assert_eq!(&out[0..6], &a.mac);
+        assert_checksums(&out);
+        let (verdict, back) = f.send(a, &sent_by(a, reply_to(&out)));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the pod, as the client");
+        assert_eq!(source(&back), (CLUSTER_IP, 80));
+        assert_eq!(destination(&back), (a.ip, 40000));
+        assert_eq!(&back[0..6], &a.mac);
+        assert_checksums(&back);
+        // A policy change re-checks the flow: still the pod's own.
+        f.allow(a, Direction::Egress, identity::WORLD, UDP, 53);
+        let (verdict, _) = f.send(a, &to_cluster_ip(a, 40000, 80, ACK));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+    });
+}
+
+#[test]
+fn a_backend_outside_the_pods_is_left_to_the_stack_and_its_reply_translated_in_to_container() {
+    with_datapath(|f| {
+        let a = f.a;
+        f.services_on(0, 0);
+        f.service(443, TCP, &[(WORLD, 8443)], 0);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 443, SYN));
+        assert_eq!(
+            verdict, TC_ACT_OK,
+            "the stack routes it (and masquerading translates it)"
+        );
+        assert_eq!(destination(&out), (WORLD, 8443));
+        assert_checksums(&out);
+        // The answer comes back through the stack, into the client's veth.
+        let (verdict, back) = f.run(Program::ToContainer, &reply_to(&out), a.ifindex);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            source(&back),
+            (CLUSTER_IP, 443),
+            "from the frontend it addressed"
+        );
+        assert_checksums(&back);
+    });
+}
+
 // ---- native routing: other nodes' packets straight into the pods ------------------------
 
 /// The MAC of the uplink in the native routing tests, and of the next hop behind it.
@@ -2007,6 +2432,29 @@ fn a_pods_packet_routed_to_another_node_passes_the_masquerading_uplink_without_a
     });
 }
 
+#[test]
+fn native_routing_turns_a_remote_backends_reply_back_into_the_frontend() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        f.services_on(CONFIG_F_NATIVE, 0);
+        let far = from_node(remote_pod(7, 400));
+        f.service(80, TCP, &[(far.ip, 8080)], 0);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "out of the uplink");
+        assert_eq!(destination(&out), (far.ip, 8080));
+        let mut answer = reply_to(&out);
+        answer[0..6].copy_from_slice(&UPLINK_MAC);
+        answer[6..12].copy_from_slice(&NEXT_HOP_MAC);
+        let (verdict, back) = f.run(Program::FromUplink, &answer, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "straight into the client");
+        assert_eq!(source(&back), (CLUSTER_IP, 80));
+        assert_eq!(&back[0..6], &a.mac);
+        assert_eq!(back[14 + 8], answer[14 + 8] - 1, "TTL decremented");
+        assert_checksums(&back);
+    });
+}
+
 // ---- cost per packet ---------------------------------------------------------------------
 
 /// Median over many runs of `program` on `packet`, as the kernel timed them. One run per
@@ -2049,6 +2497,28 @@ fn cost_per_packet_on_established_flows() {
         println!("from_container, same node, reply:   {r:.1} ns");
         let r = ns_per_run(f, Program::ToContainer, &fwd, b.ifindex);
         println!("to_container, forward:              {r:.1} ns");
+
+        // Services on: the same flow pays the frontend lookup; a Service's connection its
+        // translation both ways.
+        f.services_on(0, 0);
+        let r = ns_per_run(f, Program::FromContainer, &fwd, a.ifindex);
+        println!("from_container, services on, fwd:   {r:.1} ns");
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40001, 80, SYN));
+        assert_eq!(
+            (verdict, destination(&out)),
+            (TC_ACT_REDIRECT, (b.ip, 8080))
+        );
+        let (verdict, _) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let to_service = to_cluster_ip(a, 40001, 80, ACK);
+        let r = ns_per_run(f, Program::FromContainer, &to_service, a.ifindex);
+        println!("from_container, to a ClusterIP:     {r:.1} ns");
+        let (_, out) = f.send(a, &to_service);
+        let from_backend = sent_by(b, reply_to(&out));
+        let r = ns_per_run(f, Program::FromContainer, &from_backend, b.ifindex);
+        println!("from_container, backend's reply:    {r:.1} ns");
+        f.dp.set_routing(Routing::default()).unwrap();
 
         // Native routing: an uplink with a route to the remote pod CIDR through a resolved
         // neighbour, so that the FIB answers.

@@ -2,7 +2,8 @@
 //! up to `--max-conntrack` entries one syscall at a time, so they never run on the task that owns
 //! the agent's state: each opens the pinned map on its own thread and the owner never waits.
 //! The collector paces itself so that a sweep of a full table never holds a CPU for long. The
-//! NAT table's collector (`super::nat`) is the same code over another map.
+//! NAT table's collector (`super::nat`) and the Services' (`super::lb`) are the same code over
+//! other maps.
 
 use std::{
     net::Ipv4Addr,
@@ -95,7 +96,7 @@ impl Expiring for ConntrackTable {
     }
 
     fn collect_garbage(&mut self) -> Result<Sweep, TableError> {
-        collect_expired(&mut self.map, Self::MAP, |e| e.expires_ns)
+        collect_expired(&mut self.map, Self::MAP, |_, e| e.expires_ns)
     }
 }
 
@@ -116,14 +117,14 @@ pub trait Expiring: Sized {
     fn collect_garbage(&mut self) -> Result<Sweep, TableError>;
 }
 
-/// Removes the entries of `map` that expired by `expires_ns`. The keys are read first
+/// Removes the entries of `map` that expired by `expires_ns` (of key and value). The keys are read first
 /// (deleting the key a walk stands on makes the kernel restart the walk), then looked up and
 /// removed in batches with a pause between them. An entry refreshed meanwhile is looked up
 /// again just before its removal, so a live flow is never cut.
 pub(super) fn collect_expired<K: Pod, V: Pod>(
     map: &mut BpfHashMap<MapData, K, V>,
     name: &'static str,
-    expires_ns: impl Fn(&V) -> u64,
+    expires_ns: impl Fn(&K, &V) -> u64,
 ) -> Result<Sweep, TableError> {
     let map_err = |source| TableError::Map { map: name, source };
     let keys: Vec<K> = map.keys().collect::<Result<_, _>>().map_err(map_err)?;
@@ -133,7 +134,7 @@ pub(super) fn collect_expired<K: Pod, V: Pod>(
         for key in batch {
             // Gone already (LRU eviction, or the datapath removed it) is fine.
             if let Ok(entry) = map.get(key, 0)
-                && expires_ns(&entry) < now
+                && expires_ns(key, &entry) < now
                 && map.remove(key).is_ok()
             {
                 removed += 1;

@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 
 use myelin_common::{
-    EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey, nat::MasqExclude,
+    EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
+    lb::{LbEntry, LbKey},
+    nat::MasqExclude,
 };
 
 use super::{
@@ -19,6 +21,7 @@ pub type FakeTables = Tables<
     FakeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
     FakeMap<LpmKey<PolicyKey>, PolicyEntry>,
     FakeMap<LpmKey<Ipv4Key>, MasqExclude>,
+    FakeMap<LbKey, LbEntry>,
 >;
 
 pub struct FakeDatapath {
@@ -60,6 +63,7 @@ impl FakeDatapath {
                 FakeMap::new("ipcache", 4096),
                 FakeMap::new("policy", 4096),
                 FakeMap::new("masq_exclude", 4096),
+                FakeMap::new("lb_services", 4096),
             )
             .expect("fake maps cannot fail"),
             state: FakeState::default(),

@@ -14,6 +14,7 @@ pub mod conntrack;
 pub mod counters;
 #[cfg(test)]
 pub mod fake;
+pub mod lb;
 pub mod nat;
 pub mod table;
 
@@ -35,7 +36,10 @@ use aya::{
 };
 use myelin_common::{
     EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
-    config::DatapathConfig, maps, nat::MasqExclude,
+    config::DatapathConfig,
+    lb::{LbEntry, LbKey},
+    maps,
+    nat::MasqExclude,
 };
 use tracing::{debug, info, warn};
 
@@ -43,6 +47,7 @@ pub use self::counters::Counters;
 use self::table::{ApplyHooks, Diff, KernelHash, KernelLpm, TableError, Tables};
 use self::{
     conntrack::{ConntrackTable, Fill},
+    lb::{LbAffinityTable, LbFlowTable},
     nat::{Masquerade, NatTable},
 };
 use crate::desired::DesiredState;
@@ -199,6 +204,12 @@ pub struct Limits {
     pub conntrack: u32,
     /// The NAT table (two entries per masqueraded flow).
     pub nat: u32,
+    /// Services' frontend and backend slots.
+    pub lb_slots: u32,
+    /// Services' connections (two entries per translated connection).
+    pub lb_flows: u32,
+    /// Session affinity: one entry per client and frontend.
+    pub lb_affinity: u32,
 }
 
 impl Default for Limits {
@@ -209,6 +220,9 @@ impl Default for Limits {
             policy: maps::DEFAULT_MAX_POLICY,
             conntrack: maps::DEFAULT_MAX_CONNTRACK,
             nat: maps::DEFAULT_MAX_NAT,
+            lb_slots: maps::DEFAULT_MAX_LB_SLOTS,
+            lb_flows: maps::DEFAULT_MAX_LB_FLOWS,
+            lb_affinity: maps::DEFAULT_MAX_LB_AFFINITY,
         }
     }
 }
@@ -248,6 +262,7 @@ pub type KernelTables = Tables<
     KernelLpm<Ipv4Key, IpcacheEntry>,
     KernelLpm<PolicyKey, PolicyEntry>,
     KernelLpm<Ipv4Key, MasqExclude>,
+    KernelHash<LbKey, LbEntry>,
 >;
 
 pub struct Datapath {
@@ -259,7 +274,7 @@ pub struct Datapath {
     config: ConfigCell,
     events: Option<RingBuf<MapData>>,
     /// The tables the datapath fills and collectors empty: (map, capacity, fill).
-    collected: [(&'static str, u32, Fill); 2],
+    collected: [(&'static str, u32, Fill); 4],
 }
 
 /// The one-entry `config` array and the value last written to it.
@@ -328,6 +343,9 @@ impl Datapath {
             (maps::SNAT, limits.nat),
             // Node addresses and pod CIDRs, which the ipcache holds too.
             (maps::MASQ_EXCLUDE, limits.ipcache),
+            (maps::LB_SERVICES, limits.lb_slots),
+            (maps::LB_FLOWS, limits.lb_flows),
+            (maps::LB_AFFINITY, limits.lb_affinity),
         ]
         .into_iter()
         .collect();
@@ -356,6 +374,7 @@ impl Datapath {
             KernelLpm::new(maps::IPCACHE, take(maps::IPCACHE)?)?,
             KernelLpm::new(maps::POLICY, take(maps::POLICY)?)?,
             KernelLpm::new(maps::MASQ_EXCLUDE, take(maps::MASQ_EXCLUDE)?)?,
+            KernelHash::new(maps::LB_SERVICES, take(maps::LB_SERVICES)?)?,
         )?;
         let counters = Counters::new(take(maps::COUNTERS)?, take(maps::DROPS)?)?;
         let aya_err = |map: &'static str| move |source| TableError::Map { map, source };
@@ -377,14 +396,22 @@ impl Datapath {
             collected: [
                 (maps::CONNTRACK, limits.conntrack, Fill::default()),
                 (maps::SNAT, limits.nat, Fill::default()),
+                (maps::LB_FLOWS, limits.lb_flows, Fill::default()),
+                (maps::LB_AFFINITY, limits.lb_affinity, Fill::default()),
             ],
         })
     }
 
-    /// Starts the threads that remove expired conntrack and NAT entries every `interval` (and
-    /// count what is left, for [`DatapathOps::map_usage`]).
+    /// Starts the threads that remove expired conntrack, NAT and Service connection and
+    /// affinity entries every `interval` (and count what is left, for
+    /// [`DatapathOps::map_usage`]).
     pub fn spawn_collectors(&self, interval: std::time::Duration) -> io::Result<()> {
-        let [(_, _, conntrack), (_, _, nat)] = &self.collected;
+        let [
+            (_, _, conntrack),
+            (_, _, nat),
+            (_, _, lb_flows),
+            (_, _, lb_affinity),
+        ] = &self.collected;
         conntrack::spawn_collector::<ConntrackTable>(
             ConntrackTable::pin_path(&self.pin_dir),
             interval,
@@ -394,6 +421,16 @@ impl Datapath {
             NatTable::pin_path(&self.pin_dir),
             interval,
             nat.clone(),
+        )?;
+        conntrack::spawn_collector::<LbFlowTable>(
+            LbFlowTable::pin_path(&self.pin_dir),
+            interval,
+            lb_flows.clone(),
+        )?;
+        conntrack::spawn_collector::<LbAffinityTable>(
+            LbAffinityTable::pin_path(&self.pin_dir),
+            interval,
+            lb_affinity.clone(),
         )
     }
 

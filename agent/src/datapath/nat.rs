@@ -182,7 +182,7 @@ impl Expiring for NatTable {
     /// a sweep removes pairs; one it finds alone is put back, or the port given out again, by
     /// the datapath on the flow's next packet.
     fn collect_garbage(&mut self) -> Result<Sweep, TableError> {
-        collect_expired(&mut self.map, Self::MAP, |e| e.expires_ns)
+        collect_expired(&mut self.map, Self::MAP, |_, e| e.expires_ns)
     }
 }
 

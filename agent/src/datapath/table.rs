@@ -18,7 +18,9 @@ use aya::{
     },
 };
 use myelin_common::{
-    EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey, nat::MasqExclude,
+    EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
+    lb::{LbEntry, LbKey},
+    nat::MasqExclude,
 };
 
 use crate::desired::DesiredState;
@@ -198,13 +200,16 @@ impl<K: Pod, V: Pod> MapBackend<LpmKey<K>, V> for KernelLpm<K, V> {
     }
 }
 
-/// In-memory twin of a kernel map, counting writes.
+/// In-memory twin of a kernel map, counting writes and recording them in order.
 #[derive(Debug)]
 pub struct FakeMap<K, V> {
     pub name: &'static str,
     pub capacity: u32,
     pub entries: BTreeMap<K, V>,
     pub writes: usize,
+    /// Every write, in order: the key and the value written (`None`: removed). What a
+    /// program reading the map concurrently could have seen after each.
+    pub journal: Vec<(K, Option<V>)>,
 }
 
 impl<K, V> FakeMap<K, V> {
@@ -214,6 +219,7 @@ impl<K, V> FakeMap<K, V> {
             capacity,
             entries: BTreeMap::new(),
             writes: 0,
+            journal: Vec::new(),
         }
     }
 }
@@ -243,12 +249,14 @@ impl<K: Ord + Clone, V: Clone> MapBackend<K, V> for FakeMap<K, V> {
             });
         }
         self.writes += 1;
+        self.journal.push((key.clone(), Some(value.clone())));
         self.entries.insert(key, value);
         Ok(())
     }
 
     fn remove(&mut self, key: &K) -> Result<(), TableError> {
         self.writes += 1;
+        self.journal.push((key.clone(), None));
         self.entries.remove(key);
         Ok(())
     }
@@ -325,20 +333,74 @@ where
         }
         let mut first_error = None;
         for (key, value) in changed {
-            let is_update = self.current.contains_key(key);
-            match self.map.insert(key.clone(), value.clone()) {
-                Ok(()) => {
-                    self.current.insert(key.clone(), value.clone());
-                    if is_update {
-                        diff.updated += 1;
-                    } else {
-                        diff.inserted += 1;
-                    }
-                }
-                // Keep going: one full map must not stop unrelated updates.
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+            // Keep going: one full map must not stop unrelated updates.
+            if let Err(e) = self.write(key, value, &mut diff) {
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(diff),
+        }
+    }
+
+    /// Writes one entry and records it.
+    fn write(&mut self, key: &K, value: &V, diff: &mut Diff) -> Result<(), TableError> {
+        let is_update = self.current.contains_key(key);
+        self.map.insert(key.clone(), value.clone())?;
+        self.current.insert(key.clone(), value.clone());
+        if is_update {
+            diff.updated += 1;
+        } else {
+            diff.inserted += 1;
+        }
+        Ok(())
+    }
+
+    /// Removes one entry and records it.
+    fn erase(&mut self, key: &K, diff: &mut Diff) -> Result<(), TableError> {
+        self.map.remove(key)?;
+        self.current.remove(key);
+        diff.removed += 1;
+        Ok(())
+    }
+}
+
+impl<M: MapBackend<LbKey, LbEntry>> Reconciler<LbKey, LbEntry, M> {
+    /// Services' slots, written in the order the datapath relies on: it reads a frontend's
+    /// slot 0 (`count`), then one of the slots `1..=count`, which must be there. So:
+    ///
+    /// 1. frontends that go lose their slot 0 first, and are no longer found;
+    /// 2. backend slots are written before the slot 0 whose count makes them visible;
+    /// 3. then the slots 0 (new frontends, new counts, flags and affinity);
+    /// 4. last, the slots beyond a count that shrank, and those of the frontends gone.
+    ///
+    /// A frontend one of whose slots could not be written (a full map) keeps its slot 0 and
+    /// its surplus slots as they were, so that it never counts a slot that is not there; the
+    /// next pass retries.
+    pub fn apply_slots(&mut self, desired: &BTreeMap<LbKey, LbEntry>) -> Result<Diff, TableError> {
+        let (stale, changed) = differences(&self.current, desired);
+        let frontend = |k: &LbKey| (k.addr, k.port, k.protocol);
+        let mut diff = Diff::default();
+        for key in stale.iter().filter(|k| k.slot == 0) {
+            self.erase(key, &mut diff)?;
+        }
+        let mut held = BTreeSet::new();
+        let mut first_error = None;
+        let (backends, services): (Vec<_>, Vec<_>) =
+            changed.into_iter().partition(|(k, _)| k.slot != 0);
+        for (key, value) in backends.into_iter().chain(services) {
+            if held.contains(&frontend(key)) {
+                continue;
+            }
+            if let Err(e) = self.write(key, value, &mut diff) {
+                held.insert(frontend(key));
+                first_error.get_or_insert(e);
+            }
+        }
+        for key in stale.iter().filter(|k| k.slot != 0) {
+            if !held.contains(&frontend(key)) {
+                self.erase(key, &mut diff)?;
             }
         }
         match first_error {
@@ -404,21 +466,23 @@ pub trait ApplyHooks {
 /// The maps the agent reconciles, over the kernel's maps or in-memory fakes: both datapaths
 /// apply a desired state through [`Tables::apply`], so the order the programs rely on is
 /// written once and unit-tested.
-pub struct Tables<E, B, I, P, M> {
+pub struct Tables<E, B, I, P, M, S> {
     pub endpoints: Reconciler<Ipv4Key, EndpointInfo, E>,
     pub endpoints_by_if: Reconciler<u32, EndpointInfo, B>,
     pub ipcache: Reconciler<LpmKey<Ipv4Key>, IpcacheEntry, I>,
     pub policy: Reconciler<LpmKey<PolicyKey>, PolicyEntry, P>,
     pub masq_exclude: Reconciler<LpmKey<Ipv4Key>, MasqExclude, M>,
+    pub lb_services: Reconciler<LbKey, LbEntry, S>,
 }
 
-impl<E, B, I, P, M> Tables<E, B, I, P, M>
+impl<E, B, I, P, M, S> Tables<E, B, I, P, M, S>
 where
     E: MapBackend<Ipv4Key, EndpointInfo>,
     B: MapBackend<u32, EndpointInfo>,
     I: MapBackend<LpmKey<Ipv4Key>, IpcacheEntry>,
     P: MapBackend<LpmKey<PolicyKey>, PolicyEntry>,
     M: MapBackend<LpmKey<Ipv4Key>, MasqExclude>,
+    S: MapBackend<LbKey, LbEntry>,
 {
     /// Reads each map once (see [`Reconciler::new`]).
     pub fn new(
@@ -427,6 +491,7 @@ where
         ipcache: I,
         policy: P,
         masq_exclude: M,
+        lb_services: S,
     ) -> Result<Self, TableError> {
         Ok(Self {
             endpoints: Reconciler::new(endpoints)?,
@@ -434,6 +499,7 @@ where
             ipcache: Reconciler::new(ipcache)?,
             policy: Reconciler::new(policy)?,
             masq_exclude: Reconciler::new(masq_exclude)?,
+            lb_services: Reconciler::new(lb_services)?,
         })
     }
 
@@ -441,8 +507,9 @@ where
     /// policy entries go first and endpoints last: a program that finds an endpoint (and its
     /// isolation flags) must find everything they refer to. When anything policy depends on
     /// changed, the policy revision is bumped last, so tracked connections are re-checked
-    /// against the new state. `masq_exclude` follows the cluster state like the ipcache; no
-    /// verdict depends on it.
+    /// against the new state. `masq_exclude` and `lb_services` follow the cluster state like the
+    /// ipcache (kept as they are until it is known); no verdict depends on them: policy sees
+    /// a Service's backend, whatever the slots were when it was chosen.
     pub fn apply(
         &mut self,
         desired: &DesiredState,
@@ -453,7 +520,8 @@ where
         let mut masq = Diff::default();
         if !desired.keep_policy_state {
             diff = self.ipcache.apply(&desired.ipcache)? + self.policy.apply(&desired.policy)?;
-            masq = self.masq_exclude.apply(&desired.masq_exclude)?;
+            masq = self.masq_exclude.apply(&desired.masq_exclude)?
+                + self.lb_services.apply_slots(&desired.lb_services)?;
         }
         let diff = diff
             + self.endpoints.apply(&desired.endpoints)?
@@ -499,6 +567,11 @@ where
                 self.masq_exclude.map().name(),
                 self.masq_exclude.current().len(),
                 self.masq_exclude.map().capacity(),
+            ),
+            (
+                self.lb_services.map().name(),
+                self.lb_services.current().len(),
+                self.lb_services.map().capacity(),
             ),
         ]
     }
@@ -575,6 +648,7 @@ mod tests {
             FakeMap::new("ipcache", 4),
             FakeMap::new("policy", 4),
             FakeMap::new("masq_exclude", 4),
+            FakeMap::new("lb_services", 4),
         )
         .unwrap();
         let key = LpmKey {
@@ -601,6 +675,127 @@ mod tests {
             hooks.0, 0,
             "no verdict depends on it: flows are not re-checked"
         );
+    }
+
+    /// Slots of frontends 10.96.0.10:`port`/TCP, each with backends 10.0.0.`n`:8080.
+    fn slots(frontends: &[(u16, &[u8])]) -> BTreeMap<LbKey, LbEntry> {
+        let key = |port: u16, slot: u16| LbKey {
+            addr: [10, 96, 0, 10],
+            port: port.to_be(),
+            protocol: 6,
+            _pad0: 0,
+            slot,
+            _pad1: 0,
+        };
+        let mut out = BTreeMap::new();
+        for &(port, backends) in frontends {
+            let service = LbEntry {
+                count: backends.len() as u16,
+                ..LbEntry::default()
+            };
+            out.insert(key(port, 0), service);
+            for (i, &n) in backends.iter().enumerate() {
+                let backend = LbEntry {
+                    backend: [10, 0, 0, n],
+                    backend_port: 8080u16.to_be(),
+                    ..LbEntry::default()
+                };
+                out.insert(key(port, i as u16 + 1), backend);
+            }
+        }
+        out
+    }
+
+    /// Replays `journal` over `start` and checks, after every single write, what the datapath
+    /// relies on: every slot 0 counts only slots that the map holds.
+    fn assert_every_counted_slot_is_there(
+        start: &BTreeMap<LbKey, LbEntry>,
+        journal: &[(LbKey, Option<LbEntry>)],
+    ) {
+        let mut map = start.clone();
+        for (i, (key, value)) in journal.iter().enumerate() {
+            match value {
+                Some(v) => map.insert(*key, *v),
+                None => map.remove(key),
+            };
+            for (k, service) in map.iter().filter(|(k, _)| k.slot == 0) {
+                for n in 1..=service.count {
+                    assert!(
+                        map.contains_key(&LbKey { slot: n, ..*k }),
+                        "after write {i} ({key:?} -> {value:?}) port {} counts slot {n}, which \
+                         is missing",
+                        u16::from_be(k.port)
+                    );
+                }
+            }
+        }
+    }
+
+    fn lb_tables(capacity: u32) -> crate::datapath::fake::FakeTables {
+        Tables::new(
+            FakeMap::new("endpoints", 4),
+            FakeMap::new("endpoints_by_if", 4),
+            FakeMap::new("ipcache", 4),
+            FakeMap::new("policy", 4),
+            FakeMap::new("masq_exclude", 4),
+            FakeMap::new("lb_services", capacity),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn service_slots_are_written_in_the_order_the_datapath_reads_them() {
+        let mut tables = lb_tables(64);
+        let mut hooks = Revisions::default();
+        // Each step: a frontend grows, shrinks, goes while another comes, changes a backend in
+        // place, and all go.
+        let steps: [&[(u16, &[u8])]; 6] = [
+            &[(80, &[1])],
+            &[(80, &[1, 2, 3])],
+            &[(80, &[2])],
+            &[(443, &[4, 5])],
+            &[(443, &[6, 5]), (53, &[7, 8, 9])],
+            &[],
+        ];
+        for step in steps {
+            let desired = DesiredState {
+                lb_services: slots(step),
+                ..DesiredState::default()
+            };
+            let before = tables.lb_services.current().clone();
+            tables.lb_services.map.journal.clear();
+            let diff = tables.apply(&desired, &mut hooks).unwrap();
+            assert_eq!(diff.writes(), tables.lb_services.map().journal.len());
+            assert_every_counted_slot_is_there(&before, &tables.lb_services.map().journal);
+            assert_eq!(tables.lb_services.map().entries, desired.lb_services);
+            assert!(
+                tables.apply(&desired, &mut hooks).unwrap().is_empty(),
+                "unchanged slots are not written again"
+            );
+        }
+        assert_eq!(
+            hooks.0, 0,
+            "Services never re-check policy: it is checked against the backend"
+        );
+    }
+
+    #[test]
+    fn a_frontend_whose_new_slots_do_not_fit_keeps_its_old_count() {
+        let mut tables = lb_tables(3);
+        let mut hooks = Revisions::default();
+        let desired = |step| DesiredState {
+            lb_services: slots(step),
+            ..DesiredState::default()
+        };
+        tables.apply(&desired(&[(80, &[1])]), &mut hooks).unwrap();
+        let before = tables.lb_services.current().clone();
+        let err = tables
+            .apply(&desired(&[(80, &[1, 2, 3])]), &mut hooks)
+            .unwrap_err();
+        assert!(matches!(err, TableError::Full { .. }), "{err}");
+        assert_every_counted_slot_is_there(&before, &tables.lb_services.map().journal);
+        let service = tables.lb_services.map().entries.values().next().unwrap();
+        assert_eq!(service.count, 1, "the count that the map's slots back");
     }
 
     #[test]

@@ -124,7 +124,9 @@ pub struct LbAffinity {
     pub backend: [u8; 4],
     /// Network byte order.
     pub backend_port: u16,
-    pub _pad: u16,
+    /// The slot the backend was chosen from: the datapath keeps the client there only while
+    /// that slot still holds this backend (one lookup, no scan of the slots).
+    pub slot: u16,
 }
 
 const _: () = assert!(core::mem::size_of::<LbKey>() == 12);

@@ -26,8 +26,8 @@ pub enum State {
     Established(*mut CtEntry, CtKey),
     /// A packet in the other direction.
     Reply(*mut CtEntry, CtKey),
-    /// An ICMP error about a tracked flow.
-    Related,
+    /// An ICMP error about a tracked flow, with that flow's `CT_F_*` flags.
+    Related(u32),
 }
 
 #[inline(always)]
@@ -96,8 +96,10 @@ pub fn lookup(flow: &Flow, now: u64) -> State {
                 None => State::New,
             }
         }
-        Icmp::Error if related(&flow.inner, now) => State::Related,
-        Icmp::Error => State::New,
+        Icmp::Error => match related(&flow.inner, now) {
+            Some(flags) => State::Related(flags),
+            None => State::New,
+        },
         _ => {
             let fwd = forward_key(flow);
             if let Some(e) = live(&fwd, now) {
@@ -124,15 +126,18 @@ pub fn is_reply(flow: &Flow, now: u64) -> bool {
     matches!(lookup(flow, now), State::Reply(..))
 }
 
-/// Whether the packet an ICMP error quotes belongs to a tracked flow, in either direction.
+/// The flags of the tracked flow the packet an ICMP error quotes belongs to, in either
+/// direction.
 #[inline(always)]
-fn related(t: &Tuple, now: u64) -> bool {
+fn related(t: &Tuple, now: u64) -> Option<u32> {
     let (sport, dport) = match t.protocol {
         IPPROTO_ICMP => (t.sport, 0),
         _ => (t.sport, t.dport),
     };
-    live(&key(t.saddr, t.daddr, sport, dport, t.protocol), now).is_some()
-        || live(&key(t.daddr, t.saddr, dport, sport, t.protocol), now).is_some()
+    let e = live(&key(t.saddr, t.daddr, sport, dport, t.protocol), now)
+        .or_else(|| live(&key(t.daddr, t.saddr, dport, sport, t.protocol), now))?;
+    // SAFETY: pointer from a successful lookup during this run.
+    Some(unsafe { (*e).flags })
 }
 
 /// How long a flow lives without packets, by its `CT_F_*` state (masquerading's entries live
@@ -160,6 +165,32 @@ pub fn create(flow: &Flow, revision: u32, flags: u32, now: u64) -> Result<(), ()
     CONNTRACK.insert(k, entry, 0).map_err(|_| ())
 }
 
+/// A flow's state and lifetime after a packet, by conntrack's rules: `None` when neither moved
+/// enough to be written (see `CtEntry`). Masquerading's and Services' tables follow the same
+/// rules with this.
+#[inline(always)]
+pub fn advance(
+    flags: u32,
+    expires_ns: u64,
+    protocol: u8,
+    tcp_flags: u8,
+    is_reply: bool,
+    now: u64,
+) -> Option<(u32, u64)> {
+    let mut new = flags;
+    if is_reply {
+        new |= CT_F_SEEN_REPLY;
+    }
+    if protocol == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        new |= CT_F_CLOSING;
+    }
+    let expires = now + lifetime(protocol, new);
+    if new == flags && expires <= expires_ns + timeout::REFRESH {
+        return None;
+    }
+    Some((new, expires))
+}
+
 /// Extends a tracked flow's life, writing only when something changes by more than
 /// [`timeout::REFRESH`] (see `CtEntry`).
 ///
@@ -168,19 +199,15 @@ pub fn create(flow: &Flow, revision: u32, flags: u32, now: u64) -> Result<(), ()
 #[inline(always)]
 pub unsafe fn refresh(e: *mut CtEntry, protocol: u8, tcp_flags: u8, is_reply: bool, now: u64) {
     unsafe {
-        let old = (*e).flags;
-        let mut flags = old;
-        if is_reply {
-            flags |= CT_F_SEEN_REPLY;
-        }
-        if protocol == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            flags |= CT_F_CLOSING;
-        }
-        let expires = now + lifetime(protocol, flags);
-        if flags != old {
+        if let Some((flags, expires)) = advance(
+            (*e).flags,
+            (*e).expires_ns,
+            protocol,
+            tcp_flags,
+            is_reply,
+            now,
+        ) {
             (*e).flags = flags;
-            (*e).expires_ns = expires;
-        } else if expires > (*e).expires_ns + timeout::REFRESH {
             (*e).expires_ns = expires;
         }
     }

@@ -33,6 +33,8 @@ mod fragments;
 #[cfg(target_arch = "bpf")]
 mod ipcache;
 #[cfg(target_arch = "bpf")]
+mod lb;
+#[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod packet;
@@ -49,8 +51,13 @@ mod programs {
     };
     use myelin_common::{
         Direction, DropReason, EndpointInfo, IpcacheEntry,
-        config::{CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, DatapathConfig, MARK_ROUTED_TO_NODE},
-        conntrack::{CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CtKey},
+        config::{
+            CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_SERVICES, DatapathConfig,
+            MARK_ROUTED_TO_NODE,
+        },
+        conntrack::{
+            CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CT_F_SERVICE, CtKey,
+        },
         identity,
         proto::{ETH_P_ARP, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     };
@@ -60,8 +67,10 @@ mod programs {
         drop::drop,
         endpoint,
         events::{self, Verdict},
-        forward, ipcache, nat,
-        packet::{self, EthHdr, Flow, Ipv4Hdr},
+        forward, ipcache,
+        lb::{self, Translation},
+        nat,
+        packet::{self, EthHdr, Flow, Icmp, Ipv4Hdr},
         policy::{self, Peers},
     };
 
@@ -95,9 +104,12 @@ mod programs {
         drop(ctx, reason)
     }
 
-    /// Conntrack, then policy for new flows. `Ok(true)` when the packet is a reply that must go
-    /// back through the node's stack (its flow entered the pod from there). `src_identity`:
-    /// the sender's identity when the packet says it (the tunnel's VNI), else the ipcache's.
+    /// Conntrack, then policy for new flows. `Ok(flags)`: the conntrack entry's `CT_F_*` flags
+    /// when the packet is a reply, else 0; `CT_F_FROM_STACK` says that it must go back through
+    /// the node's stack (its flow entered the pod from there), `CT_F_SERVICE` that its source
+    /// is to be turned back into a Service's frontend. Read from the entry conntrack found
+    /// anyway: other flows pay no lookup for either. `src_identity`: the sender's identity when
+    /// the packet says it (the tunnel's VNI), else the ipcache's.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn admit(
@@ -109,7 +121,7 @@ mod programs {
         verdict: &mut Verdict,
         create_flags: u32,
         src_identity: Option<u32>,
-    ) -> Result<bool, i32> {
+    ) -> Result<u32, i32> {
         let now = conntrack::now();
         let state = conntrack::lookup(flow, now);
         admit_tracked(
@@ -140,9 +152,10 @@ mod programs {
         src_identity: Option<u32>,
         now: u64,
         state: State,
-    ) -> Result<bool, i32> {
+    ) -> Result<u32, i32> {
         let (entry, key, is_reply) = match state {
-            State::Related => return Ok(false),
+            // Only the Service's flag: an ICMP error about a translated flow is translated too.
+            State::Related(flags) => return Ok(flags & CT_F_SERVICE),
             State::New => {
                 return match policy::evaluate(
                     flow.saddr,
@@ -167,7 +180,7 @@ mod programs {
                             ));
                         }
                         events::allowed_event(config, flow, verdict);
-                        Ok(false)
+                        Ok(0)
                     }
                     Err((reason, peers)) => {
                         verdict.peers = peers;
@@ -205,12 +218,67 @@ mod programs {
         }
         // SAFETY: as above.
         unsafe { conntrack::refresh(entry, flow.protocol, flow.tcp_flags, is_reply, now) };
-        Ok(is_reply && flags & CT_F_FROM_STACK != 0)
+        Ok(if is_reply { flags } else { 0 })
+    }
+
+    /// A reply of a Service's connection (`CT_F_SERVICE` in `reply_flags`, from [`admit`]), or
+    /// an ICMP error about one, leaves with the frontend as its source; `Ok(true)` when it was translated, which moved
+    /// the packet's data (the caller's header pointers must be fetched again).
+    #[inline(always)]
+    fn untranslate_reply(
+        ctx: &TcContext,
+        config: &DatapathConfig,
+        reply_flags: u32,
+        ip: *const Ipv4Hdr,
+        flow: &mut Flow,
+        verdict: &mut Verdict,
+    ) -> Result<bool, i32> {
+        if reply_flags & CT_F_SERVICE == 0 {
+            return Ok(false);
+        }
+        let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
+        if flow.icmp == Icmp::Error {
+            lb::reverse_icmp_error(ctx, flow, l4)
+        } else {
+            lb::reverse(ctx, flow, l4, later_fragment)
+        }
+        .map_err(|reason| drop_flow(ctx, config, reason, flow, verdict))?;
+        Ok(true)
+    }
+
+    /// A new connection to a frontend without backends is refused at once rather than left to
+    /// time out, and counted as a drop: a TCP SYN gets a RST back into the pod; anything else
+    /// is dropped (no ICMP port unreachable is built for UDP yet).
+    #[inline(always)]
+    fn refuse(
+        ctx: &TcContext,
+        config: &DatapathConfig,
+        src: &EndpointInfo,
+        flow: &Flow,
+        verdict: &mut Verdict,
+    ) -> i32 {
+        let shot = drop_flow(ctx, config, DropReason::NoServiceBackend, flow, verdict);
+        if flow.protocol != IPPROTO_TCP || !packet::opens_connection(flow) || !lb::into_reset(ctx) {
+            return shot;
+        }
+        endpoint::account_rx(src.id, ctx.len());
+        // SAFETY: plain helper call; from tc ingress of the pod's host veth, redirecting to that
+        // same veth's peer delivers into the pod that sent the SYN.
+        let ret = unsafe { bpf_redirect_peer(src.ifindex, 0) };
+        if ret == i64::from(TC_ACT_REDIRECT) {
+            TC_ACT_REDIRECT as i32
+        } else {
+            shot
+        }
     }
 
     /// Re-checks a tracked flow, in the direction it started, after a policy change.
     #[inline(always)]
     fn recheck(k: &CtKey) -> Result<Peers, (DropReason, Peers)> {
+        // A pod reaching itself through a Service (see `from_container`).
+        if k.saddr == lb::HAIRPIN {
+            return Ok(unknown_peers());
+        }
         let src = endpoint::by_ip(k.saddr);
         let dst = endpoint::by_ip(k.daddr);
         policy::evaluate(k.saddr, k.daddr, k.protocol, k.dport, src, dst, None)
@@ -221,6 +289,26 @@ mod programs {
             DropReason::PolicyDeniedIngress => Direction::Ingress as u8,
             _ => Direction::Egress as u8,
         }
+    }
+
+    /// The local pod at `addr`. This node's pods are in its pod CIDR: an address outside it
+    /// needs no lookup.
+    #[inline(always)]
+    fn local_endpoint(config: &DatapathConfig, addr: [u8; 4]) -> Option<&'static EndpointInfo> {
+        if config.pod_cidr_mask != [0; 4] && !endpoint::in_pod_cidr(config, addr) {
+            None
+        } else {
+            endpoint::by_ip(addr)
+        }
+    }
+
+    /// The Ethernet and IPv4 headers again, after a helper rewrote the packet (which ends the
+    /// verifier's trust in earlier pointers).
+    #[inline(always)]
+    fn headers(ctx: &TcContext) -> Result<(*mut EthHdr, *mut Ipv4Hdr), i32> {
+        let eth = packet::eth(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        Ok((eth, ip))
     }
 
     #[classifier]
@@ -260,14 +348,9 @@ mod programs {
         let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         // SAFETY: bounds-checked by `packet::ipv4`.
         let ttl = unsafe { (*ip).ttl };
-        let flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let mut flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         let config = events::config();
-        // This node's pods are in its pod CIDR: an address outside it needs no lookup.
-        let dst = if config.pod_cidr_mask != [0; 4] && !endpoint::in_pod_cidr(&config, flow.daddr) {
-            None
-        } else {
-            endpoint::by_ip(flow.daddr)
-        };
+        let mut dst = local_endpoint(&config, flow.daddr);
         let mut verdict = Verdict {
             reason: 0,
             direction: Direction::Egress as u8,
@@ -304,7 +387,52 @@ mod programs {
             ));
         }
 
-        let via_stack = admit(ctx, &config, &flow, Some(src), dst, &mut verdict, 0, None)?;
+        // Services: the frontend becomes a backend before anything else looks at the packet, so
+        // that policy, conntrack and forwarding see the backend (as upstream specifies).
+        let (mut eth, mut ip, mut create_flags) = (eth, ip, 0);
+        // A pod reaching itself through a Service is not subject to its policies, as it is
+        // not when it reaches itself directly.
+        let mut policy_src = Some(src);
+        if config.flags & CONFIG_F_SERVICES != 0 {
+            let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
+            match lb::translate(ctx, &mut flow, l4, later_fragment) {
+                Ok(Translation::None) => {}
+                Ok(t @ (Translation::Backend | Translation::Hairpin)) => {
+                    create_flags = CT_F_SERVICE;
+                    dst = local_endpoint(&config, flow.daddr);
+                    verdict.dst_endpoint = dst.map_or(0, |d| d.id);
+                    (eth, ip) = headers(ctx)?;
+                    if t == Translation::Hairpin {
+                        policy_src = None;
+                    }
+                }
+                Ok(Translation::NoBackend) => {
+                    return Ok(refuse(ctx, &config, src, &flow, &mut verdict));
+                }
+                Err(reason) => {
+                    return Err(drop_flow(ctx, &config, reason, &flow, &mut verdict));
+                }
+            }
+        }
+
+        let reply = admit(
+            ctx,
+            &config,
+            &flow,
+            policy_src,
+            if policy_src.is_some() { dst } else { None },
+            &mut verdict,
+            create_flags,
+            None,
+        )?;
+        if untranslate_reply(ctx, &config, reply, ip, &mut flow, &mut verdict)? {
+            (eth, ip) = headers(ctx)?;
+            // A hairpin reply was addressed to `lb::HAIRPIN`: now to the pod.
+            if dst.is_none() {
+                dst = local_endpoint(&config, flow.daddr);
+            }
+        }
+        let via_stack = reply & CT_F_FROM_STACK != 0;
         let Some(dst) = dst else {
             if via_stack || ttl <= 1 {
                 return Ok(PASS);
@@ -329,7 +457,7 @@ mod programs {
         if via_stack || ttl <= 1 {
             return Ok(PASS);
         }
-        // SAFETY: `eth` and `ip` are still within bounds: nothing resized the packet.
+        // SAFETY: `eth` and `ip` are within bounds: checked after the last change to the packet.
         unsafe {
             packet::decrement_ttl(ip);
             packet::set_macs(eth, &dst.mac, &dst.host_mac);
@@ -363,7 +491,7 @@ mod programs {
             return Ok(PASS);
         }
         let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
-        let flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let mut flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         let config = events::config();
         // A local pod's packet reaches another local pod through the stack only after a
         // translation (a Service): its egress policy is checked here, against the real backend.
@@ -376,7 +504,7 @@ mod programs {
             peers: unknown_peers(),
             ifindex,
         };
-        admit(
+        let reply = admit(
             ctx,
             &config,
             &flow,
@@ -386,6 +514,9 @@ mod programs {
             CT_F_FROM_STACK,
             None,
         )?;
+        // The answer of a Service's backend that is the node itself or outside the cluster
+        // comes through the stack.
+        untranslate_reply(ctx, &config, reply, ip, &mut flow, &mut verdict)?;
         Ok(PASS)
     }
 
@@ -414,7 +545,7 @@ mod programs {
             return Err(drop(ctx, DropReason::Malformed));
         }
         let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
-        let flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let mut flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         let Some(dst) = endpoint::by_ip(flow.daddr) else {
             // For the node itself (a remote pod reaching one of its addresses).
             let _ = ctx.change_type(PACKET_HOST);
@@ -431,7 +562,7 @@ mod programs {
             ifindex: packet::ifindex(ctx),
         };
         let src_identity = forward::identity_from_vni(key.tunnel_id);
-        admit(
+        let reply = admit(
             ctx,
             &config,
             &flow,
@@ -441,7 +572,13 @@ mod programs {
             0,
             Some(src_identity),
         )?;
-        // SAFETY: `eth` is still within bounds: nothing resized the packet.
+        // A Service's backend on another node answering this node's pod.
+        let eth = if untranslate_reply(ctx, &config, reply, ip, &mut flow, &mut verdict)? {
+            headers(ctx)?.0
+        } else {
+            eth
+        };
+        // SAFETY: `eth` is within bounds: checked after the last change to the packet.
         unsafe { packet::set_macs(eth, &dst.mac, &dst.host_mac) };
         // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
         let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
@@ -652,7 +789,7 @@ mod programs {
         if packet::is_fragment(ip) {
             return Ok(PASS);
         }
-        let Some(flow) = packet::flow(ctx, ip) else {
+        let Some(mut flow) = packet::flow(ctx, ip) else {
             return Ok(PASS);
         };
         let Some(dst) = endpoint::by_ip(flow.daddr) else {
@@ -672,7 +809,7 @@ mod programs {
             peers: unknown_peers(),
             ifindex: packet::ifindex(ctx),
         };
-        admit_tracked(
+        let reply = admit_tracked(
             ctx,
             config,
             &flow,
@@ -684,7 +821,13 @@ mod programs {
             now,
             state,
         )?;
-        // SAFETY: `eth` and `ip` are still within bounds: nothing resized the packet.
+        // A Service's backend on another node answering this node's pod.
+        let (eth, ip) = if untranslate_reply(ctx, config, reply, ip, &mut flow, &mut verdict)? {
+            headers(ctx)?
+        } else {
+            (eth, ip)
+        };
+        // SAFETY: `eth` and `ip` are within bounds: checked after the last change to the packet.
         unsafe {
             packet::decrement_ttl(ip);
             packet::set_macs(eth, &dst.mac, &dst.host_mac);

@@ -21,7 +21,7 @@ use aya_ebpf::{
 use myelin_common::{
     DropReason, Ipv4Key,
     config::{CONFIG_F_MASQUERADE, DatapathConfig},
-    conntrack::{CT_F_CLOSING, CT_F_SEEN_REPLY, timeout},
+    conntrack::timeout,
     maps::{DEFAULT_MAX_IPCACHE, DEFAULT_MAX_NAT},
     nat::{MasqExclude, NAT_IN, NAT_OUT, NAT_RETRIES, NatEntry, NatKey},
     proto::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
@@ -29,10 +29,7 @@ use myelin_common::{
 
 use crate::{
     conntrack, endpoint,
-    packet::{
-        ETH_HLEN, Flow, ICMP_ECHO_REQUEST, Icmp, IcmpHdr, Ipv4Hdr, Ports, TCP_FIN, TCP_RST, TcpHdr,
-        UdpHdr,
-    },
+    packet::{ETH_HLEN, Flow, ICMP_ECHO_REQUEST, Icmp, IcmpHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr},
 };
 
 /// Both directions of every masqueraded flow. Capacity: `--max-nat`.
@@ -54,10 +51,12 @@ const DPORT: usize = offset_of!(Ports, dport);
 
 /// Which end of a packet a translation rewrites.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// The source (`to_uplink`: the pod becomes the node).
+pub enum End {
+    /// The source (`to_uplink`: the pod becomes the node; a Service's reply: the backend
+    /// becomes the frontend).
     Source,
-    /// The destination (`from_uplink`: the node becomes the pod).
+    /// The destination (`from_uplink`: the node becomes the pod; a Service's frontend becomes
+    /// the backend).
     Destination,
 }
 
@@ -110,19 +109,17 @@ fn key(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, protocol: u8, dir
 unsafe fn refresh(e: *mut NatEntry, protocol: u8, tcp_flags: u8, is_reply: bool, now: u64) -> bool {
     // SAFETY: the caller's pointer is valid for this run.
     unsafe {
-        let old = (*e).flags;
-        let mut flags = old;
-        if is_reply {
-            flags |= CT_F_SEEN_REPLY as u16;
-        }
-        if protocol == IPPROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            flags |= CT_F_CLOSING as u16;
-        }
-        let expires = now + conntrack::lifetime(protocol, u32::from(flags));
-        if flags == old && expires <= (*e).expires_ns + timeout::REFRESH {
+        let Some((flags, expires)) = conntrack::advance(
+            u32::from((*e).flags),
+            (*e).expires_ns,
+            protocol,
+            tcp_flags,
+            is_reply,
+            now,
+        ) else {
             return false;
-        }
-        (*e).flags = flags;
+        };
+        (*e).flags = flags as u16;
         (*e).expires_ns = expires;
         true
     }
@@ -346,8 +343,9 @@ pub fn reverse(
 
 /// Rewrites one end of a packet: its address, and its port (the identifier for ICMP echo),
 /// with the checksums that cover them. `addrs` and `ports` are (from, to), as on the wire.
+/// Services' translation (`crate::lb`) uses it too.
 #[inline(always)]
-fn rewrite(
+pub fn rewrite(
     ctx: &TcContext,
     end: End,
     protocol: u8,
@@ -408,18 +406,19 @@ fn rewrite(
 
 /// The packet an ICMP error quotes: where its headers are and its tuple. Read with
 /// `bpf_skb_load_bytes`, which also reaches beyond the linear part.
-struct Quote {
+pub struct Quote {
     ip: usize,
     l4: usize,
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: u16,
-    dport: u16,
-    protocol: u8,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
 }
 
+/// The packet quoted by the ICMP error whose header is at `icmp`.
 #[inline(always)]
-fn quote(ctx: &TcContext, icmp: usize) -> Option<Quote> {
+pub fn quote(ctx: &TcContext, icmp: usize) -> Option<Quote> {
     let ip = icmp + ICMP_HLEN;
     let version_ihl: u8 = ctx.load(ip).ok()?;
     if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
@@ -478,6 +477,24 @@ fn icmp_error(ctx: &TcContext, end: End, icmp: usize) -> Result<(), DropReason> 
     let Some((addr, port)) = (unsafe { SNAT.get(&k) }).map(|e| (e.addr, e.port)) else {
         return Ok(());
     };
+    translate_icmp_error(ctx, end, icmp, &q, addr, port, true)
+}
+
+/// Rewrites an ICMP error whose quoted packet `q` was translated: inside the quote, its source
+/// (`end` Destination: the error goes to the host that sent the quoted packet) or its
+/// destination (`end` Source: the error comes from the host the quoted packet went to) becomes
+/// `addr`/`port`, and with `outer` the outer header's end at `end` too (the same host as the
+/// quote's). Every checksum is kept right. Services' replies use it too (`crate::lb`).
+#[inline(always)]
+pub fn translate_icmp_error(
+    ctx: &TcContext,
+    end: End,
+    icmp: usize,
+    q: &Quote,
+    addr: [u8; 4],
+    port: u16,
+    outer: bool,
+) -> Result<(), DropReason> {
     // The quoted end to rewrite: the source of what the node sent, the destination of what
     // the pod was sent.
     let (q_addr_at, q_port_at, old_addr, old_port) = match (end, q.protocol) {
@@ -531,6 +548,9 @@ fn icmp_error(ctx: &TcContext, end: End, icmp: usize) -> Result<(), DropReason> 
     ctx.store(q_port_at, &port, 0).map_err(malformed)?;
     ctx.store(icmp_check_at, &icmp_check, 0)
         .map_err(malformed)?;
+    if !outer {
+        return Ok(());
+    }
     // The outer header: the node's address for the pod's, or the other way round.
     let outer_at = ETH_HLEN
         + if end == End::Destination {

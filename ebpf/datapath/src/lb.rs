@@ -1,0 +1,537 @@
+//! Services in eBPF: a pod's packet to a Service's frontend is translated to one of its backends
+//! in `from_container`, before policy and conntrack see it, and the backend's replies are
+//! translated back wherever they reach the client's node (see `myelin_common::lb` for the
+//! maps' layout).
+//!
+//! A connection keeps its backend in `lb_flows` (`out`), so it stays there while the slots
+//! change; its replies find the frontend in the `in` entry. Both entries live by conntrack's
+//! rules, refreshed together as masquerading's pairs are (`crate::nat`). The translated flow's
+//! conntrack entry carries `CT_F_SERVICE`: only replies of translated flows look `in` up. Other
+//! traffic pays one hash lookup per TCP, UDP or SCTP packet a pod sends (is its destination a
+//! frontend?) while `CONFIG_F_SERVICES` is on, and nothing while it is off.
+//!
+//! Addresses and ports are rewritten by masquerading's `nat::rewrite`, which keeps every
+//! checksum right (`CHECKSUM_PARTIAL`, UDP's zero checksum). SCTP keeps its port: its CRC32c
+//! covers the ports, so an SCTP frontend whose backend listens on another port is refused.
+
+use core::mem::offset_of;
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    btf_maps::{HashMap, LruHashMap},
+    helpers::generated::{bpf_get_prandom_u32, bpf_skb_change_tail},
+    macros::btf_map,
+    programs::TcContext,
+};
+use myelin_common::{
+    DropReason,
+    lb::{LB_IN, LB_OUT, LbAffinity, LbAffinityKey, LbEntry, LbFlow, LbFlowKey, LbKey},
+    maps::{DEFAULT_MAX_LB_AFFINITY, DEFAULT_MAX_LB_FLOWS, DEFAULT_MAX_LB_SLOTS},
+    proto::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
+};
+
+use crate::{
+    conntrack,
+    nat::{self, End},
+    packet::{self, ETH_HLEN, EthHdr, Flow, Ipv4Hdr, TCP_ACK, TCP_RST, TcpHdr},
+};
+
+/// Every frontend's slots. Capacity: `--max-lb-slots`.
+#[btf_map(name = "lb_services")]
+static LB_SERVICES: HashMap<LbKey, LbEntry, { DEFAULT_MAX_LB_SLOTS as usize }> = HashMap::new();
+
+/// Both directions of every translated connection. Capacity: `--max-lb-flows`.
+#[btf_map(name = "lb_flows")]
+static LB_FLOWS: LruHashMap<LbFlowKey, LbFlow, { DEFAULT_MAX_LB_FLOWS as usize }> =
+    LruHashMap::new();
+
+/// `sessionAffinity: ClientIP`: a client's backend per frontend. Capacity: `--max-lb-affinity`.
+#[btf_map(name = "lb_affinity")]
+static LB_AFFINITY: LruHashMap<LbAffinityKey, LbAffinity, { DEFAULT_MAX_LB_AFFINITY as usize }> =
+    LruHashMap::new();
+
+const NS_PER_SECOND: u64 = 1_000_000_000;
+
+/// The source a pod's packet gets when the backend chosen for it is the pod itself (hairpin):
+/// with its own address as the source its stack would drop the packet as martian. A reserved
+/// link-local address, Cilium's; the backend's replies go to it and get the pod back.
+pub const HAIRPIN: [u8; 4] = [169, 254, 42, 1];
+
+/// Where the backend's replies to `client` go: the client, or [`HAIRPIN`] when it is the
+/// backend itself.
+#[inline(always)]
+fn reply_peer(client: [u8; 4], backend: [u8; 4]) -> [u8; 4] {
+    if client == backend { HAIRPIN } else { client }
+}
+
+/// What [`translate`] did to a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Translation {
+    /// Not to a frontend: left as it was.
+    None,
+    /// Translated to a backend; the flow now names it.
+    Backend,
+    /// Translated to the sending pod itself, from [`HAIRPIN`]; the flow names both.
+    Hairpin,
+    /// To a frontend without a usable backend: to be refused.
+    NoBackend,
+}
+
+#[inline(always)]
+fn slot(addr: [u8; 4], port: u16, protocol: u8, slot: u16) -> LbKey {
+    LbKey {
+        addr,
+        port,
+        protocol,
+        _pad0: 0,
+        slot,
+        _pad1: 0,
+    }
+}
+
+#[inline(always)]
+fn flow_key(
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
+    protocol: u8,
+    direction: u8,
+) -> LbFlowKey {
+    LbFlowKey {
+        saddr,
+        daddr,
+        sport,
+        dport,
+        protocol,
+        direction,
+        _pad: 0,
+    }
+}
+
+/// Extends an entry's life by conntrack's rules; whether it wrote (the twin must follow).
+///
+/// # Safety
+/// `e` must come from a lookup during this program run.
+#[inline(always)]
+unsafe fn refresh(e: *mut LbFlow, flow: &Flow, is_reply: bool, now: u64) -> bool {
+    // SAFETY: the caller's pointer is valid for this run.
+    unsafe {
+        let Some((flags, expires)) = conntrack::advance(
+            u32::from((*e).flags),
+            (*e).expires_ns,
+            flow.protocol,
+            flow.tcp_flags,
+            is_reply,
+            now,
+        ) else {
+            return false;
+        };
+        (*e).flags = flags as u16;
+        (*e).expires_ns = expires;
+        true
+    }
+}
+
+/// Gives the other entry of a pair (`twin`, which must map to `addr`/`port`) `e`'s lifetime and
+/// state, or puts it back when the LRU map evicted it. One that maps elsewhere belongs to
+/// another connection (a client reusing its port towards another frontend that chose the same
+/// backend) and is left alone.
+///
+/// # Safety
+/// `e` must come from a lookup during this program run.
+#[inline(always)]
+unsafe fn sync_twin(twin: &LbFlowKey, e: *const LbFlow, addr: [u8; 4], port: u16) {
+    // SAFETY: the caller's pointer is valid for this run.
+    let (expires_ns, flags) = unsafe { ((*e).expires_ns, (*e).flags) };
+    match LB_FLOWS.get_ptr_mut(twin) {
+        Some(t) => {
+            // SAFETY: pointer from the lookup just above.
+            unsafe {
+                if (*t).addr == addr && (*t).port == port {
+                    (*t).expires_ns = expires_ns;
+                    (*t).flags = flags;
+                }
+            }
+        }
+        None => {
+            let entry = LbFlow {
+                expires_ns,
+                addr,
+                port,
+                flags,
+            };
+            let _ = LB_FLOWS.insert(twin, entry, u64::from(BPF_NOEXIST));
+        }
+    }
+}
+
+/// The backend of a live `lb_affinity` entry of the client for the frontend, if that backend
+/// still holds the slot it was chosen from.
+#[inline(always)]
+fn affine_backend(
+    key: &LbAffinityKey,
+    frontend: &LbKey,
+    service: &LbEntry,
+    now: u64,
+) -> Option<(u16, [u8; 4], u16)> {
+    // SAFETY: copied out at once.
+    let a = unsafe { LB_AFFINITY.get(key) }.copied()?;
+    if now > a.used_ns + u64::from(service.affinity_timeout_s) * NS_PER_SECOND
+        || a.slot == 0
+        || a.slot > service.count
+    {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let b = unsafe {
+        LB_SERVICES.get(slot(
+            frontend.addr,
+            frontend.port,
+            frontend.protocol,
+            a.slot,
+        ))
+    }
+    .copied()?;
+    (b.backend == a.backend && b.backend_port == a.backend_port).then_some((
+        a.slot,
+        a.backend,
+        a.backend_port,
+    ))
+}
+
+/// Chooses a backend for a new connection to `frontend`: the client's affine one, else a random
+/// slot. `None` when the frontend has no usable backend.
+#[inline(always)]
+fn choose(flow: &Flow, frontend: &LbKey, service: &LbEntry, now: u64) -> Option<([u8; 4], u16)> {
+    if service.count == 0 {
+        return None;
+    }
+    let affinity = LbAffinityKey {
+        client: flow.saddr,
+        frontend: frontend.addr,
+        port: frontend.port,
+        protocol: frontend.protocol,
+        _pad: 0,
+    };
+    if service.affinity_timeout_s != 0
+        && let Some((n, backend, port)) = affine_backend(&affinity, frontend, service, now)
+    {
+        let _ = LB_AFFINITY.insert(
+            &affinity,
+            LbAffinity {
+                used_ns: now,
+                backend,
+                backend_port: port,
+                slot: n,
+            },
+            u64::from(BPF_ANY),
+        );
+        return Some((backend, port));
+    }
+    // SAFETY: plain helper call.
+    let n = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(service.count)) as u16;
+    // SAFETY: copied out at once. A slot the count promises but the map lacks cannot happen
+    // with the agent's write order; treated as no backend rather than trusted.
+    let b = unsafe { LB_SERVICES.get(slot(frontend.addr, frontend.port, frontend.protocol, n)) }
+        .copied()?;
+    if service.affinity_timeout_s != 0 {
+        let _ = LB_AFFINITY.insert(
+            &affinity,
+            LbAffinity {
+                used_ns: now,
+                backend: b.backend,
+                backend_port: b.backend_port,
+                slot: n,
+            },
+            u64::from(BPF_ANY),
+        );
+    }
+    Some((b.backend, b.backend_port))
+}
+
+/// `from_container`, with `CONFIG_F_SERVICES`: a TCP, UDP or SCTP packet to a frontend is
+/// translated to its connection's backend (chosen on its first packet), and `flow` updated so
+/// that endpoint lookup, policy, conntrack and forwarding see the backend. Anything else costs
+/// the frontend lookup and is left alone. `l4`: the transport header's offset.
+#[inline(always)]
+pub fn translate(
+    ctx: &TcContext,
+    flow: &mut Flow,
+    l4: usize,
+    later_fragment: bool,
+) -> Result<Translation, DropReason> {
+    if !matches!(flow.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return Ok(Translation::None);
+    }
+    let frontend = slot(flow.daddr, flow.dport, flow.protocol, 0);
+    // SAFETY: copied out at once.
+    let Some(service) = (unsafe { LB_SERVICES.get(&frontend) }).copied() else {
+        return Ok(Translation::None);
+    };
+    let now = conntrack::now();
+    let out = flow_key(
+        flow.saddr,
+        flow.daddr,
+        flow.sport,
+        flow.dport,
+        flow.protocol,
+        LB_OUT,
+    );
+    let known = match LB_FLOWS.get_ptr_mut(&out) {
+        // SAFETY: pointer from the lookup just above.
+        Some(e) if unsafe { (*e).expires_ns } >= now => Some(e),
+        _ => None,
+    };
+    let (backend, port) = match known {
+        Some(e) => {
+            // SAFETY: as above.
+            let (backend, port) = unsafe { ((*e).addr, (*e).port) };
+            // SAFETY: as above.
+            if unsafe { refresh(e, flow, false, now) } {
+                let peer = reply_peer(flow.saddr, backend);
+                let twin = flow_key(backend, peer, port, flow.sport, flow.protocol, LB_IN);
+                // SAFETY: as above.
+                unsafe { sync_twin(&twin, e, flow.daddr, flow.dport) };
+            }
+            (backend, port)
+        }
+        // A later fragment whose first fragment was not translated: nothing to go by; the
+        // node's stack gets it as it is.
+        None if later_fragment => return Ok(Translation::None),
+        None => {
+            let Some((backend, port)) = choose(flow, &frontend, &service, now) else {
+                return Ok(Translation::NoBackend);
+            };
+            if flow.protocol == IPPROTO_SCTP && port != flow.dport {
+                return Ok(Translation::NoBackend);
+            }
+            let expires_ns = now + conntrack::lifetime(flow.protocol, 0);
+            let to_backend = LbFlow {
+                expires_ns,
+                addr: backend,
+                port,
+                flags: 0,
+            };
+            let to_frontend = LbFlow {
+                addr: flow.daddr,
+                port: flow.dport,
+                ..to_backend
+            };
+            let peer = reply_peer(flow.saddr, backend);
+            let twin = flow_key(backend, peer, port, flow.sport, flow.protocol, LB_IN);
+            // The reply's entry first: a reply can only come once the backend got a packet.
+            LB_FLOWS
+                .insert(&twin, to_frontend, u64::from(BPF_ANY))
+                .map_err(|_| DropReason::ServiceTranslationLost)?;
+            LB_FLOWS
+                .insert(&out, to_backend, u64::from(BPF_ANY))
+                .map_err(|_| DropReason::ServiceTranslationLost)?;
+            (backend, port)
+        }
+    };
+    nat::rewrite(
+        ctx,
+        End::Destination,
+        flow.protocol,
+        l4,
+        later_fragment,
+        (flow.daddr, backend),
+        (flow.dport, port),
+    )?;
+    flow.daddr = backend;
+    flow.dport = port;
+    if flow.saddr != backend {
+        return Ok(Translation::Backend);
+    }
+    nat::rewrite(
+        ctx,
+        End::Source,
+        flow.protocol,
+        l4,
+        later_fragment,
+        (flow.saddr, HAIRPIN),
+        (flow.sport, flow.sport),
+    )?;
+    flow.saddr = HAIRPIN;
+    Ok(Translation::Hairpin)
+}
+
+/// A reply of a translated connection (its conntrack entry carries `CT_F_SERVICE`): its source,
+/// the backend, becomes the frontend the client addressed (and a hairpin reply's destination,
+/// [`HAIRPIN`], the pod again). `Err(ServiceTranslationLost)` when the `in` entry is gone: the
+/// client could not tell the packet for its connection's.
+#[inline(always)]
+pub fn reverse(
+    ctx: &TcContext,
+    flow: &mut Flow,
+    l4: usize,
+    later_fragment: bool,
+) -> Result<(), DropReason> {
+    let k = flow_key(
+        flow.saddr,
+        flow.daddr,
+        flow.sport,
+        flow.dport,
+        flow.protocol,
+        LB_IN,
+    );
+    let e = LB_FLOWS
+        .get_ptr_mut(&k)
+        .ok_or(DropReason::ServiceTranslationLost)?;
+    // SAFETY: pointer from the lookup just above.
+    let (frontend, port) = unsafe { ((*e).addr, (*e).port) };
+    let now = conntrack::now();
+    let hairpin = flow.daddr == HAIRPIN;
+    let client = if hairpin { flow.saddr } else { flow.daddr };
+    // SAFETY: as above.
+    if unsafe { refresh(e, flow, true, now) } {
+        let twin = flow_key(client, frontend, flow.dport, port, flow.protocol, LB_OUT);
+        // SAFETY: as above.
+        unsafe { sync_twin(&twin, e, flow.saddr, flow.sport) };
+    }
+    nat::rewrite(
+        ctx,
+        End::Source,
+        flow.protocol,
+        l4,
+        later_fragment,
+        (flow.saddr, frontend),
+        (flow.sport, port),
+    )?;
+    flow.saddr = frontend;
+    flow.sport = port;
+    if hairpin {
+        nat::rewrite(
+            ctx,
+            End::Destination,
+            flow.protocol,
+            l4,
+            later_fragment,
+            (HAIRPIN, client),
+            (flow.dport, flow.dport),
+        )?;
+        flow.daddr = client;
+    }
+    Ok(())
+}
+
+/// An ICMP error about a translated connection, on its way to the client (its quote is the
+/// client's packet as the backend got it): the quote's destination, the backend, becomes the
+/// frontend the client addressed, so that the client's socket recognises its connection, and
+/// so does the outer source when the backend itself sent the error (a router's address on
+/// the way stays). Hairpin connections' errors are left as they are.
+#[inline(always)]
+pub fn reverse_icmp_error(ctx: &TcContext, flow: &mut Flow, icmp: usize) -> Result<(), DropReason> {
+    let Some(q) = nat::quote(ctx, icmp) else {
+        return Ok(());
+    };
+    if !matches!(q.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return Ok(());
+    }
+    let k = flow_key(q.daddr, q.saddr, q.dport, q.sport, q.protocol, LB_IN);
+    // SAFETY: copied out at once.
+    let Some((frontend, port)) = (unsafe { LB_FLOWS.get(&k) }).map(|e| (e.addr, e.port)) else {
+        return Ok(());
+    };
+    let outer = flow.saddr == q.daddr;
+    nat::translate_icmp_error(ctx, End::Source, icmp, &q, frontend, port, outer)?;
+    if outer {
+        flow.saddr = frontend;
+    }
+    Ok(())
+}
+
+/// Folds a one's complement sum of 16-bit words into a checksum.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The sum of an address's two 16-bit words.
+#[inline(always)]
+fn addr_sum(a: [u8; 4]) -> u32 {
+    u32::from(u16::from_be_bytes([a[0], a[1]])) + u32::from(u16::from_be_bytes([a[2], a[3]]))
+}
+
+/// Turns the TCP SYN in `ctx` (to a frontend without backends) into the RST|ACK that refuses it,
+/// addressed back to its sender from the frontend, as a host with nothing listening answers
+/// (RFC 9293 3.10.7.1: no ACK in the SYN, so sequence 0 and acknowledgment SEG.SEQ + SEG.LEN).
+/// Its headers are rewritten in place, its options and payload cut off, and both checksums
+/// computed afresh. `false` when the SYN's headers are not the plain ones this can rewrite
+/// (IP options): the caller drops it.
+#[inline(always)]
+pub fn into_reset(ctx: &TcContext) -> bool {
+    const IP_LEN: usize = 20;
+    const TCP_LEN: usize = 20;
+    let Some(eth) = packet::ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    let Some(ip) = packet::ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return false;
+    };
+    let Some(tcp) = packet::ptr_at::<TcpHdr>(ctx, ETH_HLEN + IP_LEN) else {
+        return false;
+    };
+    // SAFETY: all three headers were bounds-checked just above.
+    unsafe {
+        if (*ip).version_ihl != 0x45 {
+            return false;
+        }
+        let doff = usize::from((*tcp).doff >> 4) * 4;
+        let total = usize::from(u16::from_be((*ip).tot_len));
+        if doff < TCP_LEN || total < IP_LEN + doff {
+            return false;
+        }
+        // SYN counts as one.
+        let ack = u32::from_be_bytes((*tcp).seq)
+            .wrapping_add(1)
+            .wrapping_add((total - IP_LEN - doff) as u32);
+        let (saddr, daddr) = ((*ip).daddr, (*ip).saddr);
+        let (sport, dport) = ((*tcp).ports.dport, (*tcp).ports.sport);
+        let (src_mac, dst_mac) = ((*eth).dst, (*eth).src);
+        packet::set_macs(eth, &dst_mac, &src_mac);
+
+        const TTL: u8 = 64;
+        const DONT_FRAGMENT: u16 = 0x4000;
+        (*ip).tos = 0;
+        (*ip).tot_len = ((IP_LEN + TCP_LEN) as u16).to_be();
+        (*ip).id = 0;
+        (*ip).frag_off = DONT_FRAGMENT.to_be();
+        (*ip).ttl = TTL;
+        (*ip).saddr = saddr;
+        (*ip).daddr = daddr;
+        let ip_sum = 0x4500
+            + (IP_LEN + TCP_LEN) as u32
+            + u32::from(DONT_FRAGMENT)
+            + (u32::from(TTL) << 8 | u32::from(IPPROTO_TCP))
+            + addr_sum(saddr)
+            + addr_sum(daddr);
+        (*ip).check = fold(ip_sum).to_be();
+
+        let flags = TCP_RST | TCP_ACK;
+        (*tcp).ports.sport = sport;
+        (*tcp).ports.dport = dport;
+        (*tcp).seq = [0; 4];
+        (*tcp).ack_seq = ack.to_be_bytes();
+        (*tcp).doff = ((TCP_LEN / 4) as u8) << 4;
+        (*tcp).flags = flags;
+        (*tcp).window = 0;
+        (*tcp).urg_ptr = 0;
+        let tcp_sum = addr_sum(saddr)
+            + addr_sum(daddr)
+            + u32::from(IPPROTO_TCP)
+            + TCP_LEN as u32
+            + u32::from(u16::from_be(sport))
+            + u32::from(u16::from_be(dport))
+            + (ack >> 16)
+            + (ack & 0xffff)
+            + (u32::from((*tcp).doff) << 8 | u32::from(flags));
+        (*tcp).check = fold(tcp_sum).to_be();
+    }
+    const _: () = assert!(offset_of!(TcpHdr, check) == 16);
+    // SAFETY: plain helper call; the packet pointers above are not used after it.
+    unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + IP_LEN + TCP_LEN) as u32, 0) == 0 }
+}
