@@ -464,6 +464,23 @@ impl ClusterIndex {
         self.services.values()
     }
 
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceInfo> {
+        self.services
+            .get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Every EndpointSlice labelled for a Service: (namespace, Service, slice name).
+    pub fn endpoint_slices_with_service(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.endpoint_slices
+            .by_service
+            .iter()
+            .flat_map(|((namespace, service), names)| {
+                names
+                    .iter()
+                    .map(move |name| (namespace.as_str(), service.as_str(), name.as_str()))
+            })
+    }
+
     pub fn service_count(&self) -> usize {
         self.services.len()
     }
