@@ -159,6 +159,13 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_NAT_PORT_RANGE")]
     pub nat_port_range: Option<NatPorts>,
 
+    /// Translate Services in eBPF instead of leaving them to kube-proxy: the agent watches
+    /// Services and EndpointSlices and gives the datapath every Service's frontends and
+    /// backends. `false` (the default): traffic to Services goes through the node's stack and
+    /// kube-proxy, as without this flag. `true` or `false`.
+    #[arg(long, env = "MYELIN_KUBE_PROXY_REPLACEMENT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub kube_proxy_replacement: bool,
+
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -243,6 +250,8 @@ impl AgentConfig {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory as _;
+
     use super::*;
 
     #[test]
@@ -268,6 +277,27 @@ mod tests {
         );
         assert_eq!(c.uplink, None);
         assert_eq!(c.max_object_file_size, 16 << 20);
+        assert!(!c.kube_proxy_replacement, "Services are left to kube-proxy");
+    }
+
+    #[test]
+    fn kube_proxy_replacement_is_a_flag_and_an_env_var() {
+        let on = AgentConfig::try_parse_from(["myelin-agent", "--kube-proxy-replacement", "true"])
+            .unwrap();
+        assert!(on.kube_proxy_replacement);
+        let off = AgentConfig::try_parse_from(["myelin-agent", "--kube-proxy-replacement=false"])
+            .unwrap();
+        assert!(!off.kube_proxy_replacement);
+        assert!(
+            AgentConfig::try_parse_from(["myelin-agent", "--kube-proxy-replacement", "yes"])
+                .is_err()
+        );
+        let env = AgentConfig::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "kube_proxy_replacement")
+            .and_then(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned());
+        assert_eq!(env.as_deref(), Some("MYELIN_KUBE_PROXY_REPLACEMENT"));
     }
 
     #[test]

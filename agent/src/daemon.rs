@@ -24,7 +24,10 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use myelin_common::config::{CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_TUNNEL};
+use myelin_cluster::Kind;
+use myelin_common::config::{
+    CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_SERVICES, CONFIG_F_TUNNEL,
+};
 
 use crate::{
     agent::{Agent, SystemInterfaces},
@@ -96,12 +99,14 @@ fn claim_node(config: &AgentConfig) -> anyhow::Result<[AgentLock; 2]> {
 /// Phase 2a: the cluster-state source, feeding a channel.
 async fn start_source(config: &AgentConfig) -> anyhow::Result<mpsc::Receiver<SourceEvent>> {
     let (tx, rx) = mpsc::channel::<SourceEvent>(64);
+    let kinds = Kind::used(config.kube_proxy_replacement);
     match &config.source {
         SourceSpec::Dir(path) => {
             if !path.is_dir() {
                 bail!("--source dir:{}: not a directory", path.display());
             }
             DirSource::new(path.clone(), config.max_object_file_size)
+                .reading(kinds)
                 .spawn(tx)
                 .context("starting the directory source's thread")?;
         }
@@ -119,7 +124,7 @@ async fn start_source(config: &AgentConfig) -> anyhow::Result<mpsc::Receiver<Sou
                         .enable_all()
                         .build()
                     {
-                        Ok(rt) => rt.block_on(KubernetesSource::new(client).run(tx)),
+                        Ok(rt) => rt.block_on(KubernetesSource::new(client, kinds).run(tx)),
                         Err(e) => error!("starting the Kubernetes source's runtime failed: {e}"),
                     }
                 })
@@ -318,6 +323,9 @@ async fn start_datapath(
     if matches!(config.source, SourceSpec::Kubernetes) {
         agent = agent.expecting_pod_objects();
     }
+    if config.kube_proxy_replacement {
+        agent = agent.translating_services();
+    }
     agent = agent.with_non_masquerade_cidrs(config.non_masquerade_cidrs.clone());
     agent = agent.with_routing(network.as_ref().map(|n| myelin_api::RoutingInfo {
         mode: match config.routing_mode {
@@ -375,7 +383,10 @@ async fn setup_network(
             node = node_name,
             "the Node object gives no InternalIP: this node reaches no other node"
         );
-        datapath.set_routing(Routing::default())?;
+        datapath.set_routing(Routing {
+            flags: services_flag(config),
+            ..Routing::default()
+        })?;
         return Ok(None);
     };
     let network = NodeNetwork::setup(
@@ -392,10 +403,11 @@ async fn setup_network(
             .attach_tunnel(routing::TUNNEL_DEVICE)
             .context("attaching the tunnel's programs")?;
     }
-    let mut flags = match config.routing_mode {
-        RoutingMode::Tunnel => CONFIG_F_TUNNEL,
-        RoutingMode::Native => CONFIG_F_NATIVE,
-    };
+    let mut flags = services_flag(config)
+        | match config.routing_mode {
+            RoutingMode::Tunnel => CONFIG_F_TUNNEL,
+            RoutingMode::Native => CONFIG_F_NATIVE,
+        };
     let uplink = &network.uplink.name;
     datapath.set_pod_cidr(pod_cidr)?;
     if config.masquerade {
@@ -424,6 +436,15 @@ async fn setup_network(
     };
     datapath.set_routing(network.routing)?;
     Ok(Some(network))
+}
+
+/// `CONFIG_F_SERVICES` with `--kube-proxy-replacement`: the datapath translates Services.
+fn services_flag(config: &AgentConfig) -> u32 {
+    if config.kube_proxy_replacement {
+        CONFIG_F_SERVICES
+    } else {
+        0
+    }
 }
 
 /// `--nat-port-range`, or the ports above the node's `ip_local_port_range`.

@@ -32,6 +32,7 @@ use myelin_cluster::{
 };
 
 pub mod nodes;
+pub mod services;
 
 pub use self::nodes::Nodes;
 use crate::endpoint::EndpointRecord;

@@ -54,13 +54,18 @@ struct Watched {
 }
 
 impl Watched {
+    /// The kinds an agent without `--kube-proxy-replacement` watches.
     async fn start(server: &ApiServer) -> Self {
+        Self::start_with(server, Kind::used(false)).await
+    }
+
+    async fn start_with(server: &ApiServer, kinds: &'static [Kind]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         server.write_kubeconfig(&kubeconfig).unwrap();
         let client = kubernetes::client(Some(&kubeconfig)).await.unwrap();
         let (tx, rx) = mpsc::channel(64);
-        let task = tokio::spawn(KubernetesSource::new(client).run(tx));
+        let task = tokio::spawn(KubernetesSource::new(client, kinds).run(tx));
         Self {
             rx,
             task,
@@ -576,4 +581,121 @@ async fn a_policy_the_api_server_accepts_but_myelin_cannot_enforce_is_rejected_n
             ("b-from-a".to_string(), port_80, Some(Fallback::LastGood)),
         ]
     );
+}
+
+fn service(name: &str, cluster_ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": name, "namespace": "default" },
+        "spec": {
+            "clusterIP": cluster_ip,
+            "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080 }],
+        },
+    })
+}
+
+fn endpoint_slice(name: &str, service: &str, addresses: &[&str]) -> Value {
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|a| json!({ "addresses": [a], "conditions": { "ready": true }, "nodeName": "node-1" }))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+    })
+}
+
+fn slice_addresses(index: &ClusterIndex, service: &str) -> Vec<String> {
+    index
+        .endpoint_slices_of("default", service)
+        .flat_map(|s| s.endpoints.iter().map(|e| e.address.to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn services_and_endpoint_slices_are_listed_and_watched_with_kube_proxy_replacement() {
+    let server = ApiServer::start().unwrap();
+    small_cluster(&server);
+    server.apply(service("web", "10.96.0.10")).unwrap();
+    server
+        .apply(endpoint_slice("web-1", "web", &["10.244.1.2"]))
+        .unwrap();
+    let mut watched = Watched::start_with(&server, Kind::used(true)).await;
+    watched.synced().await;
+    for kind in [Kind::Service, Kind::EndpointSlice] {
+        assert_eq!(watched.replaced(kind), 1, "{kind:?} listed before Synced");
+    }
+    let web = watched.index.service("default", "web").unwrap();
+    assert_eq!(
+        web.cluster_ips,
+        ["10.96.0.10".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    assert_eq!(slice_addresses(&watched.index, "web"), ["10.244.1.2"]);
+
+    // A slice of a Service not created yet, then the Service; then a deletion.
+    server
+        .apply(endpoint_slice("api-1", "api", &["10.244.1.3"]))
+        .unwrap();
+    server.apply(service("api", "10.96.0.11")).unwrap();
+    watched
+        .until(PROMPT, "the api Service and its slice", |index, _| {
+            index.service("default", "api").is_some()
+                && slice_addresses(index, "api") == ["10.244.1.3"]
+        })
+        .await;
+    server
+        .apply(endpoint_slice(
+            "web-1",
+            "web",
+            &["10.244.1.2", "10.244.1.3"],
+        ))
+        .unwrap();
+    server.delete(Resource::Service, "default", "api").unwrap();
+    watched
+        .until(
+            PROMPT,
+            "the slice MODIFIED and the Service DELETED",
+            |index, _| {
+                index.service("default", "api").is_none()
+                    && slice_addresses(index, "web").len() == 2
+            },
+        )
+        .await;
+
+    // A malformed Service (the real API server would refuse it) is skipped: the last good
+    // version stays.
+    server.apply(service("web", "10.96.0.300")).unwrap();
+    server.apply(service("marker", "10.96.0.12")).unwrap();
+    watched
+        .until(PROMPT, "the Service after the malformed one", |index, _| {
+            index.service("default", "marker").is_some()
+        })
+        .await;
+    assert_eq!(
+        watched.index.service("default", "web").unwrap().cluster_ips,
+        ["10.96.0.10".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+}
+
+#[tokio::test]
+async fn without_kube_proxy_replacement_services_are_never_requested() {
+    let server = ApiServer::start().unwrap();
+    small_cluster(&server);
+    server.apply(service("web", "10.96.0.10")).unwrap();
+    let mut watched = Watched::start(&server).await;
+    watched.synced().await;
+    assert_eq!(watched.index.service_count(), 0);
+    for resource in [Resource::Service, Resource::EndpointSlice] {
+        let stats = server.stats(resource);
+        assert_eq!((stats.lists, stats.watches), (0, 0), "{resource:?}");
+    }
 }

@@ -4,8 +4,9 @@
 //!
 //! What it does implement is the list/watch protocol, as kube-rs's watcher uses it, on the real
 //! paths and with the real JSON:
-//! - `GET /api/v1/nodes`, `/api/v1/namespaces`, `/api/v1/pods` and
-//!   `/apis/networking.k8s.io/v1/networkpolicies` (cluster-wide);
+//! - `GET /api/v1/nodes`, `/api/v1/namespaces`, `/api/v1/pods`, `/api/v1/services`,
+//!   `/apis/networking.k8s.io/v1/networkpolicies` and
+//!   `/apis/discovery.k8s.io/v1/endpointslices` (cluster-wide);
 //! - LIST with `limit` and `continue` (pages of one consistent snapshot) and
 //!   `metadata.resourceVersion`;
 //! - WATCH (`watch=true&resourceVersion=N&allowWatchBookmarks=true&timeoutSeconds=S`) as a
@@ -74,14 +75,18 @@ pub enum Resource {
     Namespace,
     Pod,
     NetworkPolicy,
+    Service,
+    EndpointSlice,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 4] = [
+    pub const ALL: [Resource; 6] = [
         Resource::Node,
         Resource::Namespace,
         Resource::Pod,
         Resource::NetworkPolicy,
+        Resource::Service,
+        Resource::EndpointSlice,
     ];
 
     pub fn kind(self) -> &'static str {
@@ -90,12 +95,15 @@ impl Resource {
             Resource::Namespace => "Namespace",
             Resource::Pod => "Pod",
             Resource::NetworkPolicy => "NetworkPolicy",
+            Resource::Service => "Service",
+            Resource::EndpointSlice => "EndpointSlice",
         }
     }
 
     pub fn api_version(self) -> &'static str {
         match self {
             Resource::NetworkPolicy => "networking.k8s.io/v1",
+            Resource::EndpointSlice => "discovery.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -107,11 +115,13 @@ impl Resource {
             Resource::Namespace => "/api/v1/namespaces",
             Resource::Pod => "/api/v1/pods",
             Resource::NetworkPolicy => "/apis/networking.k8s.io/v1/networkpolicies",
+            Resource::Service => "/api/v1/services",
+            Resource::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
         }
     }
 
     pub fn namespaced(self) -> bool {
-        matches!(self, Resource::Pod | Resource::NetworkPolicy)
+        !matches!(self, Resource::Node | Resource::Namespace)
     }
 
     fn from_path(path: &str) -> Option<Self> {
@@ -807,9 +817,14 @@ mod tests {
         assert_eq!(list["kind"], "NamespaceList");
         assert_eq!(list["metadata"]["resourceVersion"], "1");
         assert_eq!(list["items"][0]["metadata"]["name"], "team");
-        let (code, _) = get(&server, "/apis/networking.k8s.io/v1/networkpolicies");
-        assert_eq!(code, 200);
-        let (code, response) = get(&server, "/api/v1/services");
+        for path in [
+            "/apis/networking.k8s.io/v1/networkpolicies",
+            "/api/v1/services",
+            "/apis/discovery.k8s.io/v1/endpointslices",
+        ] {
+            assert_eq!(get(&server, path).0, 200, "{path}");
+        }
+        let (code, response) = get(&server, "/api/v1/configmaps");
         assert_eq!(code, 404);
         assert_eq!(body_json(&response)["kind"], "Status");
         let (code, _) = get(&server, "/api/v1/pods?labelSelector=app%3Dweb");

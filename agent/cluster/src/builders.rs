@@ -5,8 +5,9 @@ use k8s_openapi::{
     api::{
         core::v1::{
             Container, ContainerPort as K8sPort, Namespace, Node, NodeAddress, NodeSpec,
-            NodeStatus, Pod, PodSpec, PodStatus,
+            NodeStatus, Pod, PodSpec, PodStatus, Service,
         },
+        discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -81,4 +82,25 @@ pub fn node(name: &str, pod_cidr: Option<&str>, internal_ip: &str) -> Node {
 /// A NetworkPolicy from YAML, exactly as users write it.
 pub fn policy(yaml: &str) -> NetworkPolicy {
     serde_yaml::from_str(yaml).expect("test policy YAML")
+}
+
+/// A Service `ns/name` whose `spec` (and anything else but metadata) is `yaml`, as users write
+/// it: `"spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}"`.
+pub fn service(ns: &str, name: &str, yaml: &str) -> Service {
+    let text = format!(
+        "kind: Service\napiVersion: v1\nmetadata: {{name: {name}, namespace: {ns}}}\n{yaml}"
+    );
+    serde_yaml::from_str(&text).expect("test Service YAML")
+}
+
+/// An EndpointSlice `ns/name` of Service `service` (its `kubernetes.io/service-name` label),
+/// with `yaml` for the rest: `addressType`, `endpoints`, `ports`.
+pub fn endpoint_slice(ns: &str, name: &str, service: Option<&str>, yaml: &str) -> EndpointSlice {
+    let labels = service
+        .map(|s| format!(", labels: {{kubernetes.io/service-name: {s}}}"))
+        .unwrap_or_default();
+    let text = format!(
+        "kind: EndpointSlice\napiVersion: discovery.k8s.io/v1\nmetadata: {{name: {name}, namespace: {ns}{labels}}}\n{yaml}"
+    );
+    serde_yaml::from_str(&text).expect("test EndpointSlice YAML")
 }

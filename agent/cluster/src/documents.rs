@@ -5,12 +5,16 @@
 //! serde_yaml parses it.
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use serde::{Deserialize as _, de::DeserializeOwned};
 
-use crate::objects::{NamespaceInfo, NodeInfo, Object, PodInfo};
+use crate::{
+    objects::{Kind, NamespaceInfo, NodeInfo, Object, PodInfo},
+    service::{EndpointSliceInfo, ServiceInfo},
+};
 
 /// How deep mappings and sequences may nest in one document. Kubernetes objects stay well below
 /// it: a Pod with affinity terms and managedFields reaches about 12 levels, and a CRD's schema
@@ -25,8 +29,18 @@ pub const MAX_NESTING_DEPTH: usize = 64;
 /// `kind: List` of several thousand Pods still fits; larger lists belong in several files.
 pub const MAX_DOCUMENT_NODES: usize = 1_000_000;
 
-/// Parses a multi-document YAML text. Errors carry the 1-based document number.
+/// Parses a multi-document YAML text, every kind the agent can use. Errors carry the 1-based
+/// document number.
 pub fn parse_documents(text: &str) -> Result<(Vec<Object>, Vec<String>), (usize, String)> {
+    parse_documents_of(text, &Kind::ALL)
+}
+
+/// Parses a multi-document YAML text, converting only objects of `kinds`: the others are
+/// skipped unread, like kinds the agent never uses.
+pub fn parse_documents_of(
+    text: &str,
+    kinds: &[Kind],
+) -> Result<(Vec<Object>, Vec<String>), (usize, String)> {
     check_nesting(text, MAX_NESTING_DEPTH, MAX_DOCUMENT_NODES)?;
     let mut objects = Vec::new();
     let mut warnings = Vec::new();
@@ -45,7 +59,7 @@ pub fn parse_documents(text: &str) -> Result<(Vec<Object>, Vec<String>), (usize,
             _ => vec![value],
         };
         for item in items {
-            if let Some(object) = convert(&item, &mut warnings).map_err(|m| (n, m))? {
+            if let Some(object) = convert(&item, kinds, &mut warnings).map_err(|m| (n, m))? {
                 objects.push(object);
             }
         }
@@ -187,14 +201,18 @@ fn typed<T: DeserializeOwned>(value: &serde_yaml::Value, kind: &str) -> Result<T
     serde_yaml::from_value(value.clone()).map_err(|e| format!("invalid {kind}: {e}"))
 }
 
-/// One object in its slim form; `None` for kinds the agent does not use.
+/// One object in its slim form; `None` for kinds the agent does not use (or not in `kinds`).
 fn convert(
     value: &serde_yaml::Value,
+    kinds: &[Kind],
     warnings: &mut Vec<String>,
 ) -> Result<Option<Object>, String> {
     let Some(kind) = kind_of(value) else {
         return Err("object has no `kind`".to_string());
     };
+    if !kinds.iter().any(|k| k.as_str() == kind) {
+        return Ok(None);
+    }
     let object = match kind.as_str() {
         "Node" => {
             let (node, w) =
@@ -216,6 +234,13 @@ fn convert(
         // (and logs); the file's other objects still apply.
         "NetworkPolicy" => Object::from_network_policy(&typed::<NetworkPolicy>(value, &kind)?)
             .map_err(|e| e.to_string())?,
+        "Service" => Object::Service(
+            ServiceInfo::from_k8s(&typed::<Service>(value, &kind)?).map_err(|e| e.to_string())?,
+        ),
+        "EndpointSlice" => Object::EndpointSlice(
+            EndpointSliceInfo::from_k8s(&typed::<EndpointSlice>(value, &kind)?)
+                .map_err(|e| e.to_string())?,
+        ),
         _ => return Ok(None),
     };
     Ok(Some(object))
@@ -394,5 +419,85 @@ metadata: {name: ignored}
             parse_promptly(nested(MAX_NESTING_DEPTH + 1)),
             Err((1, too_deep()))
         );
+    }
+
+    const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc12
+  namespace: demo
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.1.2]
+  conditions: {ready: true}
+  nodeName: node-1
+ports: [{name: http, port: 8080, protocol: TCP}]
+"#;
+
+    #[test]
+    fn parses_services_and_endpoint_slices() {
+        let (objects, warnings) = parse_documents(SERVICES).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let [Object::Service(web), Object::EndpointSlice(slice)] = &objects[..] else {
+            panic!("{objects:?}")
+        };
+        assert_eq!(web.ports[0].node_port, Some(30080));
+        assert_eq!(slice.service.as_deref(), Some("web"));
+        assert_eq!(slice.ports[0].port, 8080);
+    }
+
+    #[test]
+    fn services_are_skipped_unread_when_not_used() {
+        let broken = format!(
+            "{SERVICES}---\nkind: Service\nmetadata: {{name: bad, namespace: demo}}\nspec: {{clusterIP: not-an-ip}}\n"
+        );
+        let (objects, _) = parse_documents_of(&broken, &Kind::WITHOUT_SERVICES).unwrap();
+        assert!(objects.is_empty(), "{objects:?}");
+        let (doc, message) = parse_documents(&broken).unwrap_err();
+        assert_eq!(doc, 3);
+        assert_eq!(
+            message,
+            "Service demo/bad: spec.clusterIP: \"not-an-ip\" is not an IP address"
+        );
+    }
+
+    #[test]
+    fn a_malformed_service_or_slice_makes_its_file_invalid() {
+        for (text, doc, expected) in [
+            (
+                "kind: Service\nmetadata: {name: s}\n",
+                1,
+                "Service s has no metadata.namespace",
+            ),
+            (
+                "kind: Service\nmetadata: {name: s, namespace: a}\nspec: {ports: [{port: http}]}\n",
+                1,
+                "invalid Service",
+            ),
+            (
+                "kind: Namespace\nmetadata: {name: a}\n---\nkind: EndpointSlice\nmetadata: {name: e, namespace: a}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.256]}]\n",
+                2,
+                "EndpointSlice a/e: endpoints[0].addresses[0]",
+            ),
+            (
+                "kind: EndpointSlice\nmetadata: {name: e, namespace: a}\nendpoints: []\n",
+                1,
+                "EndpointSlice a/e: addressType: \"\" is not IPv4",
+            ),
+        ] {
+            let (n, message) = parse_documents(text).unwrap_err();
+            assert_eq!(n, doc, "{text}");
+            assert!(message.contains(expected), "{text}: {message}");
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! a restart, a policy that is still invalid is enforced as a deny.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     sync::Arc,
 };
@@ -20,6 +20,7 @@ use crate::{
         Change, Kind, Labels, NAMESPACE_NAME_LABEL, NamespaceInfo, NodeInfo, Object, PodInfo,
     },
     policy::{PolicyInfo, PolicyRejection},
+    service::{EndpointSliceInfo, ServiceInfo},
 };
 
 /// The index itself. Every mutation reports whether anything changed, so that callers only
@@ -30,7 +31,83 @@ pub struct ClusterIndex {
     namespaces: BTreeMap<String, NamespaceInfo>,
     pods: BTreeMap<(String, String), PodInfo>,
     policies: BTreeMap<(String, String), IndexedPolicy>,
+    services: BTreeMap<(String, String), ServiceInfo>,
+    endpoint_slices: EndpointSlices,
     label_sets: LabelSets,
+}
+
+/// Every EndpointSlice, and which belong to each Service: a Service's backends are found
+/// without looking at the slices of every other Service.
+#[derive(Debug, Default, Clone)]
+struct EndpointSlices {
+    by_name: BTreeMap<(String, String), EndpointSliceInfo>,
+    /// (namespace, Service name) -> the names of its slices.
+    by_service: BTreeMap<(String, String), BTreeSet<String>>,
+}
+
+impl EndpointSlices {
+    fn service_key(slice: &EndpointSliceInfo) -> Option<(String, String)> {
+        Some((slice.namespace.clone(), slice.service.clone()?))
+    }
+
+    fn unlink(&mut self, slice: &EndpointSliceInfo) {
+        let Some(key) = Self::service_key(slice) else {
+            return;
+        };
+        if let Some(names) = self.by_service.get_mut(&key) {
+            names.remove(&slice.name);
+            if names.is_empty() {
+                self.by_service.remove(&key);
+            }
+        }
+    }
+
+    fn link(&mut self, slice: &EndpointSliceInfo) {
+        if let Some(key) = Self::service_key(slice) {
+            self.by_service
+                .entry(key)
+                .or_default()
+                .insert(slice.name.clone());
+        }
+    }
+
+    fn upsert(&mut self, slice: EndpointSliceInfo) -> bool {
+        let key = (slice.namespace.clone(), slice.name.clone());
+        if self.by_name.get(&key) == Some(&slice) {
+            return false;
+        }
+        if let Some(old) = self.by_name.remove(&key) {
+            self.unlink(&old);
+        }
+        self.link(&slice);
+        self.by_name.insert(key, slice);
+        true
+    }
+
+    fn remove(&mut self, namespace: String, name: String) -> bool {
+        match self.by_name.remove(&(namespace, name)) {
+            Some(old) => {
+                self.unlink(&old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn replace_all(&mut self, slices: impl Iterator<Item = EndpointSliceInfo>) -> bool {
+        let changed = replace_all(
+            &mut self.by_name,
+            slices.map(|s| ((s.namespace.clone(), s.name.clone()), s)),
+        );
+        if changed {
+            self.by_service.clear();
+            let slices: Vec<EndpointSliceInfo> = self.by_name.values().cloned().collect();
+            for slice in &slices {
+                self.link(slice);
+            }
+        }
+        changed
+    }
 }
 
 /// A NetworkPolicy as the index holds it: what is enforced for it, and whether its latest
@@ -263,6 +340,8 @@ impl ClusterIndex {
                 Kind::Namespace => self.namespaces.remove(&name).is_some(),
                 Kind::Pod => self.pods.remove(&(namespace, name)).is_some(),
                 Kind::NetworkPolicy => self.policies.remove(&(namespace, name)).is_some(),
+                Kind::Service => self.services.remove(&(namespace, name)).is_some(),
+                Kind::EndpointSlice => self.endpoint_slices.remove(namespace, name),
             },
             Change::Replace { kind, objects } => {
                 let of_kind = objects.into_iter().filter(|o| o.kind() == kind);
@@ -306,6 +385,20 @@ impl ClusterIndex {
                         }
                         replace_all(&mut self.policies, listed.into_iter())
                     }
+                    Kind::Service => replace_all(
+                        &mut self.services,
+                        of_kind.filter_map(|o| match o {
+                            Object::Service(s) => Some(((s.namespace.clone(), s.name.clone()), s)),
+                            _ => None,
+                        }),
+                    ),
+                    Kind::EndpointSlice => {
+                        self.endpoint_slices
+                            .replace_all(of_kind.filter_map(|o| match o {
+                                Object::EndpointSlice(s) => Some(s),
+                                _ => None,
+                            }))
+                    }
                 }
             }
         }
@@ -318,6 +411,10 @@ impl ClusterIndex {
             Object::Pod(p) => replace(&mut self.pods, (p.namespace.clone(), p.name.clone()), p),
             Object::NetworkPolicy(p) => self.upsert_policy(Ok(p)),
             Object::RejectedNetworkPolicy(r) => self.upsert_policy(Err(r)),
+            Object::Service(s) => {
+                replace(&mut self.services, (s.namespace.clone(), s.name.clone()), s)
+            }
+            Object::EndpointSlice(s) => self.endpoint_slices.upsert(s),
         }
     }
 
@@ -360,6 +457,50 @@ impl ClusterIndex {
             .values()
             .filter(|p| p.rejected.is_some())
             .count()
+    }
+
+    /// Every Service, in namespace and name order.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceInfo> {
+        self.services.values()
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceInfo> {
+        self.services
+            .get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Every EndpointSlice labelled for a Service: (namespace, Service, slice name).
+    pub fn endpoint_slices_with_service(&self) -> impl Iterator<Item = (&str, &str, &str)> {
+        self.endpoint_slices
+            .by_service
+            .iter()
+            .flat_map(|((namespace, service), names)| {
+                names
+                    .iter()
+                    .map(move |name| (namespace.as_str(), service.as_str(), name.as_str()))
+            })
+    }
+
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// The EndpointSlices labelled as `namespace/service`'s, whether or not that Service exists.
+    pub fn endpoint_slices_of<'a>(
+        &'a self,
+        namespace: &str,
+        service: &str,
+    ) -> impl Iterator<Item = &'a EndpointSliceInfo> + 'a {
+        let names = self
+            .endpoint_slices
+            .by_service
+            .get(&(namespace.to_string(), service.to_string()));
+        let namespace = namespace.to_string();
+        names.into_iter().flatten().filter_map(move |name| {
+            self.endpoint_slices
+                .by_name
+                .get(&(namespace.clone(), name.clone()))
+        })
     }
 
     pub fn namespaces(&self) -> impl Iterator<Item = &NamespaceInfo> {
@@ -736,5 +877,89 @@ mod tests {
         let after = index.identity_labels_of_pod("team", "web");
         assert_eq!(after.namespace_labels["env"], "prod");
         assert_ne!(before, after);
+    }
+
+    fn apply_slice(index: &mut ClusterIndex, name: &str, service: Option<&str>) -> bool {
+        let slice = crate::service::EndpointSliceInfo::from_k8s(&endpoint_slice(
+            "default",
+            name,
+            service,
+            "addressType: IPv4\nendpoints: [{addresses: [10.0.0.5]}]",
+        ))
+        .unwrap();
+        index.apply(Change::Apply(Object::EndpointSlice(slice)))
+    }
+
+    fn slices_of(index: &ClusterIndex, service: &str) -> Vec<String> {
+        index
+            .endpoint_slices_of("default", service)
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn endpoint_slices_are_found_by_their_service_label() {
+        let mut index = ClusterIndex::default();
+        assert!(apply_slice(&mut index, "web-1", Some("web")));
+        assert!(apply_slice(&mut index, "web-2", Some("web")));
+        assert!(apply_slice(&mut index, "orphan", None));
+        assert!(!apply_slice(&mut index, "web-1", Some("web")), "unchanged");
+        assert_eq!(slices_of(&index, "web"), ["web-1", "web-2"]);
+        assert!(
+            index.endpoint_slices_of("other", "web").next().is_none(),
+            "a Service's slices are in its namespace"
+        );
+        // Relabelled to another Service: it moves.
+        apply_slice(&mut index, "web-2", Some("api"));
+        assert_eq!(slices_of(&index, "web"), ["web-1"]);
+        assert_eq!(slices_of(&index, "api"), ["web-2"]);
+        assert!(index.apply(Change::Delete {
+            kind: Kind::EndpointSlice,
+            namespace: "default".into(),
+            name: "web-1".into(),
+        }));
+        assert!(slices_of(&index, "web").is_empty());
+        // A list replaces them all, and the lookup follows.
+        let listed = crate::service::EndpointSliceInfo::from_k8s(&endpoint_slice(
+            "default",
+            "web-3",
+            Some("web"),
+            "addressType: IPv4\nendpoints: []",
+        ))
+        .unwrap();
+        assert!(index.apply(Change::Replace {
+            kind: Kind::EndpointSlice,
+            objects: vec![Object::EndpointSlice(listed)],
+        }));
+        assert_eq!(slices_of(&index, "web"), ["web-3"]);
+        assert!(slices_of(&index, "api").is_empty());
+    }
+
+    #[test]
+    fn services_are_applied_replaced_and_deleted() {
+        let mut index = ClusterIndex::default();
+        let web = |ip: &str| {
+            Object::Service(
+                crate::service::ServiceInfo::from_k8s(&service(
+                    "default",
+                    "web",
+                    &format!("spec: {{clusterIP: {ip}}}"),
+                ))
+                .unwrap(),
+            )
+        };
+        assert!(index.apply(Change::Apply(web("10.96.0.1"))));
+        assert!(!index.apply(Change::Apply(web("10.96.0.1"))));
+        assert!(index.apply(Change::Replace {
+            kind: Kind::Service,
+            objects: vec![web("10.96.0.2")],
+        }));
+        assert_eq!(index.service_count(), 1);
+        assert!(index.apply(Change::Delete {
+            kind: Kind::Service,
+            namespace: "default".into(),
+            name: "web".into(),
+        }));
+        assert_eq!(index.services().count(), 0);
     }
 }

@@ -1,6 +1,6 @@
 //! Cluster state as Myelin's agent computes with it, free of I/O and of the datapath: the slim
 //! records Kubernetes objects are converted into ([`objects`]), NetworkPolicy in validated form
-//! ([`policy`]), the index both sources feed ([`index`]), security identities ([`identity`]) and
+//! ([`policy`]), Services and EndpointSlices ([`service`]), the index both sources feed ([`index`]), security identities ([`identity`]) and
 //! the multi-document YAML of the directory source ([`documents`]).
 //!
 //! A crate of its own so that everything that parses input from outside the agent can be
@@ -13,6 +13,7 @@ pub mod identity;
 pub mod index;
 pub mod objects;
 pub mod policy;
+pub mod service;
 
 pub use identity::{Identities, IdentityLabels};
 pub use index::ClusterIndex;
@@ -21,3 +22,4 @@ pub use objects::{
     ObjectError, PodInfo, Warnings,
 };
 pub use policy::{PolicyInfo, PolicyRejection, Protocol};
+pub use service::{EndpointSliceInfo, ServiceInfo};

@@ -14,7 +14,10 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 
-use crate::policy::{PolicyInfo, PolicyRejection, Protocol};
+use crate::{
+    policy::{PolicyInfo, PolicyRejection, Protocol},
+    service::{EndpointSliceInfo, ServiceInfo},
+};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -30,6 +33,15 @@ pub enum ObjectError {
     NoNamespace { kind: &'static str, name: String },
     #[error(transparent)]
     InvalidPolicy(#[from] PolicyRejection),
+    /// A field the API server would have refused.
+    #[error("{kind} {namespace}/{name}: {field}: {problem}")]
+    Invalid {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        field: String,
+        problem: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -38,11 +50,36 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    Service,
+    EndpointSlice,
 }
 
 impl Kind {
-    /// Every kind the agent watches.
-    pub const ALL: [Kind; 4] = [Kind::Node, Kind::Namespace, Kind::Pod, Kind::NetworkPolicy];
+    /// Every kind the agent can watch.
+    pub const ALL: [Kind; 6] = [
+        Kind::Node,
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::NetworkPolicy,
+        Kind::Service,
+        Kind::EndpointSlice,
+    ];
+    /// What the agent needs for pods, nodes and policy; Services only with
+    /// `--kube-proxy-replacement` (see [`Kind::used`]).
+    pub const WITHOUT_SERVICES: [Kind; 4] =
+        [Kind::Node, Kind::Namespace, Kind::Pod, Kind::NetworkPolicy];
+
+    /// The kinds an agent uses: Services and EndpointSlices only when it translates Services.
+    /// Without it they are neither watched nor read, so an agent that leaves Services to
+    /// kube-proxy needs no permission on them, keeps no memory for them, and a malformed
+    /// Service in its directory source changes nothing.
+    pub fn used(translates_services: bool) -> &'static [Kind] {
+        if translates_services {
+            &Kind::ALL
+        } else {
+            &Kind::WITHOUT_SERVICES
+        }
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -50,6 +87,8 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
         }
     }
 }
@@ -97,6 +136,8 @@ pub enum Object {
     NetworkPolicy(PolicyInfo),
     /// A NetworkPolicy that cannot be enforced as written: the index fails closed with it.
     RejectedNetworkPolicy(PolicyRejection),
+    Service(ServiceInfo),
+    EndpointSlice(EndpointSliceInfo),
 }
 
 impl Object {
@@ -106,6 +147,8 @@ impl Object {
             Object::Namespace(_) => Kind::Namespace,
             Object::Pod(_) => Kind::Pod,
             Object::NetworkPolicy(_) | Object::RejectedNetworkPolicy(_) => Kind::NetworkPolicy,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
         }
     }
 

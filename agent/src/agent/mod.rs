@@ -76,6 +76,14 @@ pub struct Agent<D> {
     pod_hosts: (u64, BTreeMap<Ipv4Addr, u32>),
     /// The other nodes as routing sees them, as of the generation.
     nodes: (u64, desired::Nodes),
+    /// `--kube-proxy-replacement`: Services are translated in eBPF. Off, `lb_services` stays
+    /// empty and kube-proxy translates them, as before.
+    translates_services: bool,
+    /// Every Service's translation as of the generation: it depends on the index alone, so an
+    /// ADD or DEL does not recompute it.
+    services: (u64, desired::services::Services),
+    /// The translation's warnings already logged.
+    reported_service_warnings: BTreeSet<String>,
     /// `--non-masquerade-cidrs`: destinations pods reach with their own address, besides the
     /// cluster's pod CIDRs and nodes.
     non_masquerade_cidrs: Vec<Ipv4Net>,
@@ -160,6 +168,9 @@ impl<D: DatapathOps> Agent<D> {
             cluster_generation: 1,
             pod_hosts: (0, BTreeMap::new()),
             nodes: (0, desired::Nodes::default()),
+            translates_services: false,
+            services: (0, desired::services::Services::default()),
+            reported_service_warnings: BTreeSet::new(),
             non_masquerade_cidrs: Vec::new(),
             datapath,
             interfaces,
@@ -193,6 +204,13 @@ impl<D: DatapathOps> Agent<D> {
     pub fn with_routing(mut self, routing: Option<myelin_api::RoutingInfo>) -> Self {
         self.pod_mtu = routing.as_ref().map(|r| r.pod_mtu);
         self.routing = routing;
+        self
+    }
+
+    /// Translates Services in eBPF (`--kube-proxy-replacement`): `lb_services` holds every
+    /// Service's frontends and backends.
+    pub fn translating_services(mut self) -> Self {
+        self.translates_services = true;
         self
     }
 
@@ -365,7 +383,32 @@ impl<D: DatapathOps> Agent<D> {
         &self.nodes.1
     }
 
+    /// Every Service's translation (empty unless Services are translated), as of the latest
+    /// cluster state. Its warnings are logged once each, after the first sync (before it, a
+    /// slice listed ahead of its Service is no news).
+    pub fn services(&mut self) -> &desired::services::Services {
+        if self.translates_services && self.services.0 != self.cluster_generation {
+            self.services = (
+                self.cluster_generation,
+                desired::services::translate(&self.index, &self.node_name),
+            );
+        }
+        if self.synced && self.reported_service_warnings != self.services.1.warnings {
+            for warning in self
+                .services
+                .1
+                .warnings
+                .difference(&self.reported_service_warnings)
+            {
+                warn!("{warning}");
+            }
+            self.reported_service_warnings = self.services.1.warnings.clone();
+        }
+        &self.services.1
+    }
+
     pub fn desired_state(&mut self) -> DesiredState {
+        let lb_services = self.services().slots.clone();
         if self.pod_hosts.0 != self.cluster_generation {
             self.pod_hosts = (
                 self.cluster_generation,
@@ -393,7 +436,7 @@ impl<D: DatapathOps> Agent<D> {
                 }
             })
             .collect();
-        desired::compute(&Inputs {
+        let mut desired = desired::compute(&Inputs {
             node_name: &self.node_name,
             pod_cidr: self.ipam.cidr(),
             gateway: self.ipam.gateway(),
@@ -404,7 +447,9 @@ impl<D: DatapathOps> Agent<D> {
             nodes: &self.nodes.1,
             policy_capacity: self.datapath.policy_capacity(),
             non_masquerade_cidrs: &self.non_masquerade_cidrs,
-        })
+        });
+        desired.lb_services = lb_services;
+        desired
     }
 
     fn sync_datapath(&mut self) -> Result<Diff, DatapathError> {

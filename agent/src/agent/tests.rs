@@ -685,3 +685,62 @@ fn masq_exclude_follows_the_nodes_once_synced() {
     assert!(excluded(&a).contains(&prefix("10.244.1.0/24")));
     assert!(excluded(&a).contains(&prefix("192.168.1.11/32")));
 }
+
+/// A Service `default/web` on 10.96.0.10:80 with one ready endpoint, as a source hands it over.
+fn web_service_changes() -> Vec<Change> {
+    let service = myelin_cluster::ServiceInfo::from_k8s(&builders::service(
+        "default",
+        "web",
+        "spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}",
+    ))
+    .unwrap();
+    let slice = myelin_cluster::EndpointSliceInfo::from_k8s(&builders::endpoint_slice(
+        "default",
+        "web-1",
+        Some("web"),
+        "addressType: IPv4\nendpoints: [{addresses: [10.244.0.9]}]\nports: [{name: http, port: 8080}]",
+    ))
+    .unwrap();
+    vec![
+        Change::Apply(Object::Service(service)),
+        Change::Apply(Object::EndpointSlice(slice)),
+    ]
+}
+
+#[test]
+fn without_kube_proxy_replacement_no_service_is_translated() {
+    let mut a = agent();
+    a.apply_cluster_changes(web_service_changes()).unwrap();
+    assert!(a.desired_state().lb_services.is_empty());
+    assert!(a.services().services.is_empty());
+}
+
+#[test]
+fn with_kube_proxy_replacement_services_are_translated_and_their_addresses_are_no_pods() {
+    let mut a = agent().translating_services();
+    a.apply_cluster_changes(web_service_changes()).unwrap();
+    let desired = a.desired_state();
+    let frontend = myelin_common::lb::LbKey {
+        addr: [10, 96, 0, 10],
+        port: 80u16.to_be(),
+        protocol: myelin_common::proto::IPPROTO_TCP,
+        _pad0: 0,
+        slot: 0,
+        _pad1: 0,
+    };
+    assert_eq!(desired.lb_services[&frontend].count, 1);
+    assert_eq!(desired.lb_services.len(), 2);
+    let in_ipcache = desired
+        .ipcache
+        .keys()
+        .any(|k| k.data.addr == [10, 96, 0, 10]);
+    assert!(!in_ipcache, "a ClusterIP is not a pod: no identity");
+    // The Service goes: so do its slots.
+    a.apply_cluster_changes([Change::Delete {
+        kind: myelin_cluster::Kind::Service,
+        namespace: "default".into(),
+        name: "web".into(),
+    }])
+    .unwrap();
+    assert!(a.desired_state().lb_services.is_empty());
+}

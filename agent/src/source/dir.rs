@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
 use super::SourceEvent;
-use myelin_cluster::{Change, Kind, Object, documents::parse_documents};
+use myelin_cluster::{Change, Kind, Object, documents::parse_documents_of};
 
 /// How long a burst of file events is allowed to settle before rescanning (editors write a file
 /// in several steps).
@@ -72,16 +72,26 @@ pub struct DirSource {
     root: PathBuf,
     /// Larger files are refused (`--max-object-file-size`).
     max_file_size: u64,
+    /// The kinds read ([`Kind::used`]); objects of others are skipped unread.
+    kinds: &'static [Kind],
     last_good: BTreeMap<PathBuf, Vec<Object>>,
 }
 
 impl DirSource {
+    /// A source of every kind; see [`DirSource::reading`].
     pub fn new(root: PathBuf, max_file_size: u64) -> Self {
         Self {
             root,
             max_file_size,
+            kinds: &Kind::ALL,
             last_good: BTreeMap::new(),
         }
+    }
+
+    /// Reads only objects of `kinds`.
+    pub fn reading(mut self, kinds: &'static [Kind]) -> Self {
+        self.kinds = kinds;
+        self
     }
 
     /// Reads every file; returns one `Replace` per kind, and the errors of files that were
@@ -93,7 +103,7 @@ impl DirSource {
         files.sort();
         let mut current = BTreeMap::new();
         for path in files {
-            match parse_file(&path, self.max_file_size) {
+            match parse_file(&path, self.max_file_size, self.kinds) {
                 Ok((objects, warnings)) => {
                     for w in warnings {
                         warn!(path = %path.display(), "{w}");
@@ -112,7 +122,7 @@ impl DirSource {
         // Every kind gets its list, empty or not: a kind whose last object went away must
         // still be replaced (with nothing).
         let mut by_kind: BTreeMap<Kind, Vec<Object>> =
-            Kind::ALL.into_iter().map(|k| (k, Vec::new())).collect();
+            self.kinds.iter().map(|k| (*k, Vec::new())).collect();
 
         for object in self.last_good.values().flatten() {
             by_kind
@@ -244,9 +254,13 @@ fn collect_yaml_files(
 
 /// Parses one file; any invalid document makes the whole file invalid, so a half-edited file
 /// never applies half of its objects.
-fn parse_file(path: &Path, max_size: u64) -> Result<(Vec<Object>, Vec<String>), DirError> {
+fn parse_file(
+    path: &Path,
+    max_size: u64,
+    kinds: &[Kind],
+) -> Result<(Vec<Object>, Vec<String>), DirError> {
     let text = read_regular_file(path, max_size)?;
-    parse_documents(&text).map_err(|(doc, message)| DirError::Invalid {
+    parse_documents_of(&text, kinds).map_err(|(doc, message)| DirError::Invalid {
         path: path.to_owned(),
         doc,
         message,
@@ -393,6 +407,45 @@ mod tests {
             assert!(count(&second, kind).is_some(), "{kind:?} not replaced");
         }
         assert_eq!(count(&second, Kind::NetworkPolicy), Some(0));
+    }
+
+    #[test]
+    fn services_are_read_only_by_an_agent_that_translates_them() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("app.yaml"),
+            "kind: Namespace\nmetadata: {name: demo}\n---\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {clusterIP: 10.96.0.300}\n",
+        )
+        .unwrap();
+        let kinds_replaced = |changes: &[Change]| -> Vec<Kind> {
+            changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Replace { kind, .. } => Some(*kind),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut without = DirSource::new(dir.path().to_owned(), CAP).reading(Kind::used(false));
+        let (changes, errors) = without.scan().unwrap();
+        assert!(
+            errors.is_empty(),
+            "the malformed Service is not read: {errors:?}"
+        );
+        assert_eq!(namespace_names(&changes), ["demo"]);
+        assert_eq!(kinds_replaced(&changes), Kind::used(false));
+
+        let mut with = DirSource::new(dir.path().to_owned(), CAP).reading(Kind::used(true));
+        let (changes, errors) = with.scan().unwrap();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].to_string().ends_with(
+                "document 2: Service demo/web: spec.clusterIP: \"10.96.0.300\" is not an IP address"
+            ),
+            "{}",
+            errors[0]
+        );
+        assert_eq!(kinds_replaced(&changes), Kind::ALL);
     }
 
     #[tokio::test]

@@ -18,7 +18,8 @@ use std::{
 
 use futures::{StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use kube::{
@@ -32,7 +33,8 @@ use tracing::{info, warn};
 
 use super::SourceEvent;
 use myelin_cluster::{
-    Change, Kind, NamespaceInfo, NodeInfo, Object, ObjectError, PodInfo, Warnings,
+    Change, EndpointSliceInfo, Kind, NamespaceInfo, NodeInfo, Object, ObjectError, PodInfo,
+    ServiceInfo, Warnings,
 };
 
 /// Objects per list page. A page is parsed into full Kubernetes objects before they are
@@ -95,17 +97,22 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError
 
 pub struct KubernetesSource {
     client: Client,
+    /// The kinds watched ([`Kind::used`]); the agent is synced once each has been listed.
+    kinds: &'static [Kind],
 }
 
 impl KubernetesSource {
-    pub fn new(client: Client) -> Self {
-        Self { client }
+    pub fn new(client: Client, kinds: &'static [Kind]) -> Self {
+        Self { client, kinds }
     }
 
     /// Watches every kind until the receiver is dropped. Never fails: watch errors are logged
     /// and retried with backoff, and the agent keeps its last state meanwhile.
     pub async fn run(self, tx: mpsc::Sender<SourceEvent>) {
-        let watches = watches(&self.client);
+        let watches: Vec<KindWatch> = watches(&self.client)
+            .into_iter()
+            .filter(|(kind, _)| self.kinds.contains(kind))
+            .collect();
         let mut mapper = EventMapper::new(watches.iter().map(|(kind, _)| *kind));
         let mut batches = futures::stream::select_all(watches.into_iter().map(|(_, s)| s))
             .ready_chunks(MAX_BATCH);
@@ -122,7 +129,8 @@ impl KubernetesSource {
 /// One kind's watch, its events already converted.
 type KindWatch = (Kind, BoxStream<'static, (Kind, KindEvent)>);
 
-/// Every kind the agent watches, and how each is converted. One more kind is one more line.
+/// Every kind the agent can watch, and how each is converted. One more kind is one more line.
+/// Nothing is requested before the stream is polled: kinds left out cost nothing.
 fn watches(client: &Client) -> Vec<KindWatch> {
     vec![
         watch(Kind::Node, Api::<Node>::all(client.clone()), |node| {
@@ -140,6 +148,14 @@ fn watches(client: &Client) -> Vec<KindWatch> {
             Kind::NetworkPolicy,
             Api::<NetworkPolicy>::all(client.clone()),
             |np| Object::from_network_policy(np).map(|p| (p, Warnings::new())),
+        ),
+        watch(Kind::Service, Api::<Service>::all(client.clone()), |s| {
+            ServiceInfo::from_k8s(s).map(|s| (Object::Service(s), Warnings::new()))
+        }),
+        watch(
+            Kind::EndpointSlice,
+            Api::<EndpointSlice>::all(client.clone()),
+            |s| EndpointSliceInfo::from_k8s(s).map(|s| (Object::EndpointSlice(s), Warnings::new())),
         ),
     ]
 }

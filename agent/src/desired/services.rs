@@ -1,0 +1,361 @@
+//! Services as the datapath translates them (`--kube-proxy-replacement`): every frontend of
+//! every Service with the backends it sends to, as `lb_services` slots (see
+//! `myelin_common::lb`). A pure function of the index and this node's name, following
+//! kube-proxy's reading of the API:
+//!
+//! - A Service without a ClusterIP (headless, `clusterIP: None`) or of type ExternalName is not
+//!   translated. LoadBalancer is its ClusterIP and NodePort parts.
+//! - Frontends, per Service port (the protocol is part of every key: TCP and UDP on one port
+//!   are two frontends with their own backends): each ClusterIP, each external IP
+//!   ([`LB_F_EXTERNAL_IP`]) and, for NodePort and LoadBalancer Services, this node's
+//!   InternalIP on the node port ([`LB_F_NODEPORT`]).
+//! - Backends: the endpoints of the Service's IPv4 EndpointSlices (label
+//!   `kubernetes.io/service-name`, same namespace), on the slice port with the Service port's
+//!   name and protocol (the EndpointSlice controller has resolved named target ports). The ready
+//!   ones; when none is ready, the serving and terminating ones (graceful termination); none at
+//!   all leaves the frontend with count 0, and the datapath refuses its connections.
+//! - `internalTrafficPolicy: Local` limits ClusterIP frontends, `externalTrafficPolicy: Local`
+//!   (NodePort and LoadBalancer Services only, as in Kubernetes) limits node port and external
+//!   IP frontends, to the endpoints on this node ([`LB_F_LOCAL`]); the fallback to terminating
+//!   endpoints is then among this node's.
+//! - `sessionAffinity: ClientIP` gives every frontend of the Service its timeout.
+//!
+//! Backends are deduplicated (an endpoint in two slices counts once, with its best condition)
+//! and sorted by address and port, so that an unchanged set keeps its slots and a change
+//! rewrites few. A frontend uses at most [`MAX_BACKENDS_PER_FRONTEND`].
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use myelin_cluster::{
+    ClusterIndex, Protocol,
+    service::{AddressType, ServiceInfo, ServicePort, ServiceType, TrafficPolicy},
+};
+use myelin_common::lb::{LB_F_EXTERNAL_IP, LB_F_LOCAL, LB_F_NODEPORT, LbEntry, LbKey};
+
+/// The most backends one frontend sends to: the first ones in address order. Bounds the slots
+/// one Service can take (the map is shared by every Service) well above what a Deployment
+/// reaches; a DaemonSet's Service on a larger cluster is cut, with a warning naming it.
+pub const MAX_BACKENDS_PER_FRONTEND: usize = 4_096;
+
+/// What an endpoint is to its Service, from its conditions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Condition {
+    /// Ready: a backend wherever its node fits the traffic policy.
+    Ready,
+    /// Not ready, but serving while it terminates: a backend only while no ready one is.
+    ServingTerminating,
+    /// Neither: never a backend.
+    NotUsed,
+}
+
+/// An endpoint of a Service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub condition: Condition,
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FrontendKind {
+    ClusterIp,
+    ExternalIp,
+    NodePort,
+}
+
+/// An address, port and protocol the datapath translates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frontend {
+    pub kind: FrontendKind,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// Only this node's endpoints (a `Local` traffic policy).
+    pub local: bool,
+    /// The backends it sends to, in slot order: address and port.
+    pub backends: Vec<(Ipv4Addr, u16)>,
+}
+
+/// One Service port: its frontends and every endpoint it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortTranslation {
+    pub port: ServicePort,
+    pub frontends: Vec<Frontend>,
+    pub endpoints: Vec<Backend>,
+}
+
+/// A Service as this node translates it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceTranslation {
+    pub namespace: String,
+    pub name: String,
+    pub type_: ServiceType,
+    pub affinity_timeout_s: Option<u32>,
+    pub internal_traffic_policy: TrafficPolicy,
+    pub external_traffic_policy: TrafficPolicy,
+    /// Why it is not translated (headless, ExternalName, no IPv4 ClusterIP).
+    pub not_translated: Option<&'static str>,
+    pub ports: Vec<PortTranslation>,
+}
+
+/// Every Service's translation, and the slots that carry it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Services {
+    pub slots: BTreeMap<LbKey, LbEntry>,
+    pub services: Vec<ServiceTranslation>,
+    /// What could not be translated as written, naming the object: a frontend another Service
+    /// holds, backends beyond the cap, an EndpointSlice of a Service that does not exist.
+    pub warnings: BTreeSet<String>,
+}
+
+/// The translation of every Service of `index`, on node `node_name`.
+pub fn translate(index: &ClusterIndex, node_name: &str) -> Services {
+    let node_ip = index
+        .node(node_name)
+        .and_then(|n| n.addresses.first().copied());
+    let mut out = Services::default();
+    // Which Service holds each frontend: two Services cannot share one (external IPs and the
+    // directory source are not checked by an API server); the first in name order keeps it.
+    let mut holders: BTreeMap<LbKey, String> = BTreeMap::new();
+    for service in index.services() {
+        let translation = translate_service(index, service, node_name, node_ip);
+        let id = format!("{}/{}", service.namespace, service.name);
+        for port in &translation.ports {
+            let usable = usable_count(&port.endpoints);
+            if usable > MAX_BACKENDS_PER_FRONTEND {
+                out.warnings.insert(format!(
+                    "Service {id} port {}/{:?}: {usable} usable endpoints, only the first {MAX_BACKENDS_PER_FRONTEND} in address order are used",
+                    port.port.port, port.port.protocol
+                ));
+            }
+            for frontend in &port.frontends {
+                let key = frontend_key(frontend, port.port.protocol);
+                if let Some(holder) = holders.get(&key) {
+                    out.warnings.insert(format!(
+                        "Service {id}: frontend {}:{}/{:?} is Service {holder}'s already; not translated for {id}",
+                        frontend.addr, frontend.port, port.port.protocol
+                    ));
+                    continue;
+                }
+                holders.insert(key, id.clone());
+                write_slots(&mut out.slots, key, frontend, service);
+            }
+        }
+        out.services.push(translation);
+    }
+    for (namespace, service, slice) in index.endpoint_slices_with_service() {
+        if index.service(namespace, service).is_none() {
+            out.warnings.insert(format!(
+                "EndpointSlice {namespace}/{slice} is labelled for Service {namespace}/{service}, which does not exist: its endpoints are not used"
+            ));
+        }
+    }
+    out
+}
+
+/// Endpoints that could be a backend somewhere (before traffic policies).
+fn usable_count(endpoints: &[Backend]) -> usize {
+    let ready = endpoints
+        .iter()
+        .filter(|b| b.condition == Condition::Ready)
+        .count();
+    if ready > 0 {
+        ready
+    } else {
+        endpoints
+            .iter()
+            .filter(|b| b.condition == Condition::ServingTerminating)
+            .count()
+    }
+}
+
+fn translate_service(
+    index: &ClusterIndex,
+    service: &ServiceInfo,
+    node_name: &str,
+    node_ip: Option<Ipv4Addr>,
+) -> ServiceTranslation {
+    let not_translated = if service.headless {
+        Some("headless (clusterIP: None)")
+    } else if service.type_ == ServiceType::ExternalName {
+        Some("ExternalName")
+    } else if service.cluster_ips.is_empty() {
+        Some("no IPv4 ClusterIP")
+    } else {
+        None
+    };
+    let mut translation = ServiceTranslation {
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+        type_: service.type_,
+        affinity_timeout_s: service.affinity_timeout_s,
+        internal_traffic_policy: service.internal_traffic_policy,
+        external_traffic_policy: service.external_traffic_policy,
+        not_translated,
+        ports: Vec::new(),
+    };
+    if not_translated.is_some() {
+        return translation;
+    }
+    // Kubernetes applies externalTrafficPolicy to NodePort and LoadBalancer Services only.
+    let internal_local = service.internal_traffic_policy == TrafficPolicy::Local;
+    let external_local =
+        service.type_.has_node_ports() && service.external_traffic_policy == TrafficPolicy::Local;
+    for port in &service.ports {
+        let endpoints = endpoints_of(index, service, port);
+        let frontend = |kind, addr, number, local| Frontend {
+            kind,
+            addr,
+            port: number,
+            local,
+            backends: backends_for(&endpoints, local, node_name),
+        };
+        let mut frontends: Vec<Frontend> = service
+            .cluster_ips
+            .iter()
+            .map(|ip| frontend(FrontendKind::ClusterIp, *ip, port.port, internal_local))
+            .collect();
+        frontends.extend(
+            service
+                .external_ips
+                .iter()
+                .map(|ip| frontend(FrontendKind::ExternalIp, *ip, port.port, external_local)),
+        );
+        if service.type_.has_node_ports()
+            && let (Some(node_port), Some(ip)) = (port.node_port, node_ip)
+        {
+            frontends.push(frontend(
+                FrontendKind::NodePort,
+                ip,
+                node_port,
+                external_local,
+            ));
+        }
+        translation.ports.push(PortTranslation {
+            port: port.clone(),
+            frontends,
+            endpoints,
+        });
+    }
+    translation
+}
+
+/// Every endpoint of `port` in the Service's IPv4 slices, once each (with the best condition
+/// any slice gives it), in address and port order.
+fn endpoints_of(index: &ClusterIndex, service: &ServiceInfo, port: &ServicePort) -> Vec<Backend> {
+    let mut by_address: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
+    let slices = index
+        .endpoint_slices_of(&service.namespace, &service.name)
+        .filter(|s| s.address_type == AddressType::Ipv4);
+    for slice in slices {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == port.protocol)
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let c = endpoint.conditions;
+            let condition = if c.ready {
+                Condition::Ready
+            } else if c.serving && c.terminating {
+                Condition::ServingTerminating
+            } else {
+                Condition::NotUsed
+            };
+            let backend = Backend {
+                addr: endpoint.address,
+                port: slice_port.port,
+                condition,
+                node: endpoint.node_name.clone(),
+            };
+            by_address
+                .entry((backend.addr, backend.port))
+                .and_modify(|known| {
+                    if backend.condition < known.condition {
+                        *known = backend.clone();
+                    }
+                })
+                .or_insert(backend);
+        }
+    }
+    by_address.into_values().collect()
+}
+
+/// The backends of a frontend: the ready endpoints (this node's only, when `local`), else the
+/// serving and terminating ones among the same, at most [`MAX_BACKENDS_PER_FRONTEND`].
+fn backends_for(endpoints: &[Backend], local: bool, node_name: &str) -> Vec<(Ipv4Addr, u16)> {
+    let eligible = || {
+        endpoints
+            .iter()
+            .filter(move |b| !local || b.node.as_deref() == Some(node_name))
+    };
+    let with = |condition| {
+        eligible()
+            .filter(|b| b.condition == condition)
+            .map(|b| (b.addr, b.port))
+            .take(MAX_BACKENDS_PER_FRONTEND)
+            .collect::<Vec<_>>()
+    };
+    let ready = with(Condition::Ready);
+    if ready.is_empty() {
+        with(Condition::ServingTerminating)
+    } else {
+        ready
+    }
+}
+
+fn frontend_key(frontend: &Frontend, protocol: Protocol) -> LbKey {
+    LbKey {
+        addr: frontend.addr.octets(),
+        port: frontend.port.to_be(),
+        protocol: protocol.number(),
+        _pad0: 0,
+        slot: 0,
+        _pad1: 0,
+    }
+}
+
+/// Slot 0, the service, and slots 1..=n, its backends.
+fn write_slots(
+    slots: &mut BTreeMap<LbKey, LbEntry>,
+    key: LbKey,
+    frontend: &Frontend,
+    service: &ServiceInfo,
+) {
+    let mut flags = match frontend.kind {
+        FrontendKind::ClusterIp => 0,
+        FrontendKind::ExternalIp => LB_F_EXTERNAL_IP,
+        FrontendKind::NodePort => LB_F_NODEPORT,
+    };
+    if frontend.local {
+        flags |= LB_F_LOCAL;
+    }
+    slots.insert(
+        key,
+        LbEntry {
+            // At most MAX_BACKENDS_PER_FRONTEND, far below u16::MAX.
+            count: frontend.backends.len() as u16,
+            flags,
+            affinity_timeout_s: service.affinity_timeout_s.unwrap_or(0),
+            ..LbEntry::default()
+        },
+    );
+    for (slot, (addr, port)) in (1u16..).zip(&frontend.backends) {
+        slots.insert(
+            LbKey { slot, ..key },
+            LbEntry {
+                backend: addr.octets(),
+                backend_port: port.to_be(),
+                ..LbEntry::default()
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;
