@@ -55,6 +55,9 @@ pub enum Answer {
     Refused,
     /// Nothing came back in time.
     Silence,
+    /// An ICMP network or host unreachable came back: the address is routed nowhere (a
+    /// ClusterIP before the agents have its Service, on a node without a default route).
+    Unreachable,
 }
 
 /// Servers answering with their pod's address and their port, on TCP and UDP `port`, in each
@@ -197,6 +200,7 @@ fn ask_tcp(frontend: SocketAddrV4) -> io::Result<Answer> {
         Ok(s) => s,
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(Answer::Refused),
         Err(e) if is_timeout(&e) => return Ok(Answer::Silence),
+        Err(e) if is_unreachable(&e) => return Ok(Answer::Unreachable),
         Err(e) => return Err(e),
     };
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
@@ -221,6 +225,7 @@ fn ask_udp(frontend: SocketAddrV4) -> io::Result<Answer> {
             Ok(n) => return parse_answer(&String::from_utf8_lossy(&buf[..n])),
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(Answer::Refused),
             Err(e) if is_timeout(&e) => {}
+            Err(e) if is_unreachable(&e) => return Ok(Answer::Unreachable),
             Err(e) => return Err(e),
         }
     }
@@ -234,6 +239,13 @@ fn parse_answer(text: &str) -> io::Result<Answer> {
             format!("answer {text:?} is not an address"),
         )
     })
+}
+
+fn is_unreachable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NetworkUnreachable | io::ErrorKind::HostUnreachable
+    )
 }
 
 fn is_timeout(e: &io::Error) -> bool {
