@@ -1738,6 +1738,18 @@ fn to_cluster_ip(from: Pod, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     checksummed(tcp(from, outside(CLUSTER_IP), sport, dport, flags))
 }
 
+/// A frame whose payload grew: its IP total length and UDP length follow.
+fn fix_lengths(mut p: Vec<u8>) -> Vec<u8> {
+    let total = (p.len() - 14) as u16;
+    p[16..18].copy_from_slice(&total.to_be_bytes());
+    if p[23] == UDP {
+        let at = l4(&p);
+        let len = (p.len() - at) as u16;
+        p[at + 4..at + 6].copy_from_slice(&len.to_be_bytes());
+    }
+    p
+}
+
 /// `p` as the pod `from` sends it: its MACs.
 fn sent_by(from: Pod, mut p: Vec<u8>) -> Vec<u8> {
     p[0..6].copy_from_slice(&from.host_mac);
@@ -1846,7 +1858,7 @@ fn tcp_and_udp_on_the_same_port_are_separate_frontends() {
 }
 
 #[test]
-fn a_frontend_without_backends_answers_a_syn_with_a_reset_and_counts_the_drop() {
+fn a_frontend_without_backends_answers_a_syn_with_a_reset_and_udp_with_port_unreachable() {
     with_datapath(|f| {
         let a = f.a;
         f.services_on(0, 0);
@@ -1888,9 +1900,31 @@ fn a_frontend_without_backends_answers_a_syn_with_a_reset_and_counts_the_drop() 
         assert_checksums(&rst);
         assert_eq!(f.drops(DropReason::NoServiceBackend), before + 1);
 
-        // UDP: dropped (no ICMP port unreachable yet), counted too.
-        let query = checksummed(udp(a, outside(CLUSTER_IP), 40000, 80));
-        assert_eq!(f.send(a, &query).0, TC_ACT_SHOT);
+        // UDP: an ICMP port unreachable quoting the datagram as the pod sent it.
+        let mut query = udp(a, outside(CLUSTER_IP), 40000, 80);
+        query.extend_from_slice(&[7; 100]);
+        let query = checksummed(fix_lengths(query));
+        let (verdict, error) = f.send(a, &query);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "back into the pod that sent it");
+        assert_eq!(
+            error.len(),
+            14 + 20 + 8 + 20 + 8,
+            "the IP header and 8 bytes quoted"
+        );
+        assert_eq!((&error[0..6], &error[6..12]), (&a.mac[..], &a.host_mac[..]));
+        assert_eq!(error[23], ICMP);
+        assert_eq!(
+            (source(&error).0, destination(&error).0),
+            (CLUSTER_IP, a.ip)
+        );
+        let icmp_at = l4(&error);
+        assert_eq!(
+            (error[icmp_at], error[icmp_at + 1]),
+            (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
+        );
+        assert_eq!(&error[icmp_at + 8..], &query[14..14 + 28], "the quote");
+        assert_eq!(checksum(&error[14..34]), 0, "IP header checksum");
+        assert_eq!(transport_sum(&error[14..]), 0, "ICMP checksum");
         assert_eq!(f.drops(DropReason::NoServiceBackend), before + 2);
     });
 }

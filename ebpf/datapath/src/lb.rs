@@ -17,7 +17,7 @@
 use core::mem::offset_of;
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_NOEXIST, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     btf_maps::{HashMap, LruHashMap},
     helpers::generated::{bpf_get_prandom_u32, bpf_skb_change_tail},
     macros::btf_map,
@@ -27,13 +27,13 @@ use myelin_common::{
     DropReason,
     lb::{LB_IN, LB_OUT, LbAffinity, LbAffinityKey, LbEntry, LbFlow, LbFlowKey, LbKey},
     maps::{DEFAULT_MAX_LB_AFFINITY, DEFAULT_MAX_LB_FLOWS, DEFAULT_MAX_LB_SLOTS},
-    proto::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
+    proto::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{
     conntrack,
     nat::{self, End},
-    packet::{self, ETH_HLEN, EthHdr, Flow, Ipv4Hdr, TCP_ACK, TCP_RST, TcpHdr},
+    packet::{self, ETH_HLEN, EthHdr, Flow, IcmpHdr, Ipv4Hdr, TCP_ACK, TCP_RST, TcpHdr},
 };
 
 /// Every frontend's slots. Capacity: `--max-lb-slots`.
@@ -534,4 +534,102 @@ pub fn into_reset(ctx: &TcContext) -> bool {
     const _: () = assert!(offset_of!(TcpHdr, check) == 16);
     // SAFETY: plain helper call; the packet pointers above are not used after it.
     unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + IP_LEN + TCP_LEN) as u32, 0) == 0 }
+}
+
+/// Fills in a fresh IPv4 header without options (TTL 64, no fragmentation) of a packet of
+/// `total` bytes from `saddr` to `daddr`, with its checksum.
+///
+/// # Safety
+/// `ip` must point to a bounds-checked, writable IPv4 header.
+#[inline(always)]
+unsafe fn fresh_ipv4(ip: *mut Ipv4Hdr, total: u16, protocol: u8, saddr: [u8; 4], daddr: [u8; 4]) {
+    const TTL: u8 = 64;
+    // SAFETY: the caller guarantees a writable header.
+    unsafe {
+        (*ip).version_ihl = 0x45;
+        (*ip).tos = 0;
+        (*ip).tot_len = total.to_be();
+        (*ip).id = 0;
+        (*ip).frag_off = 0;
+        (*ip).ttl = TTL;
+        (*ip).protocol = protocol;
+        (*ip).saddr = saddr;
+        (*ip).daddr = daddr;
+        let sum = 0x4500
+            + u32::from(total)
+            + (u32::from(TTL) << 8 | u32::from(protocol))
+            + addr_sum(saddr)
+            + addr_sum(daddr);
+        (*ip).check = fold(sum).to_be();
+    }
+}
+
+/// Turns the UDP datagram in `ctx` (to a frontend without backends) into the ICMP port
+/// unreachable that refuses it, from the frontend back to its sender, as a host with nothing
+/// listening answers: a new IP and ICMP header go in front of the datagram's IP header, and
+/// of the datagram only that header and the first 8 bytes stay, the quote RFC 792 asks for
+/// (and that the sender's stack matches against its socket). `false` when the datagram's
+/// headers are not the plain ones this can quote (IP options, a short datagram): the caller
+/// drops it.
+#[inline(always)]
+pub fn into_port_unreachable(ctx: &TcContext) -> bool {
+    const IP_LEN: usize = 20;
+    const ICMP_LEN: usize = 8;
+    const QUOTE: usize = IP_LEN + 8;
+    const TOTAL: usize = IP_LEN + ICMP_LEN + QUOTE;
+    const DEST_UNREACH: u8 = 3;
+    const PORT_UNREACH: u8 = 3;
+    let Some(eth) = packet::ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    let Some(ip) = packet::ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return false;
+    };
+    if packet::ptr_at::<[u8; QUOTE]>(ctx, ETH_HLEN).is_none() {
+        return false;
+    }
+    // SAFETY: both headers were bounds-checked just above.
+    let (client, frontend, pod_mac, gateway_mac) = unsafe {
+        if (*ip).version_ihl != 0x45 || usize::from(u16::from_be((*ip).tot_len)) < QUOTE {
+            return false;
+        }
+        ((*ip).saddr, (*ip).daddr, (*eth).src, (*eth).dst)
+    };
+    if ctx
+        .adjust_room((IP_LEN + ICMP_LEN) as i32, BPF_ADJ_ROOM_MAC, 0)
+        .is_err()
+    {
+        return false;
+    }
+    // SAFETY: plain helper call; the packet pointers above are not used after it.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + TOTAL) as u32, 0) } != 0 {
+        return false;
+    }
+    let Some(eth) = packet::ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    let Some(ip) = packet::ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return false;
+    };
+    let Some(icmp) = packet::ptr_at::<IcmpHdr>(ctx, ETH_HLEN + IP_LEN) else {
+        return false;
+    };
+    let Some(quote) = packet::ptr_at::<[u16; QUOTE / 2]>(ctx, ETH_HLEN + IP_LEN + ICMP_LEN) else {
+        return false;
+    };
+    // SAFETY: all four were bounds-checked just above, after the last resize.
+    unsafe {
+        packet::set_macs(eth, &pod_mac, &gateway_mac);
+        fresh_ipv4(ip, TOTAL as u16, IPPROTO_ICMP, frontend, client);
+        (*icmp).icmp_type = DEST_UNREACH;
+        (*icmp).code = PORT_UNREACH;
+        (*icmp).id = 0;
+        (*icmp).seq = 0;
+        let mut sum = u32::from(DEST_UNREACH) << 8 | u32::from(PORT_UNREACH);
+        for word in (*quote).iter() {
+            sum += u32::from(u16::from_be(*word));
+        }
+        (*icmp).check = fold(sum).to_be();
+    }
+    true
 }

@@ -247,8 +247,8 @@ mod programs {
     }
 
     /// A new connection to a frontend without backends is refused at once rather than left to
-    /// time out, and counted as a drop: a TCP SYN gets a RST back into the pod; anything else
-    /// is dropped (no ICMP port unreachable is built for UDP yet).
+    /// time out, and counted as a drop: a TCP SYN gets a RST back into the pod, a UDP datagram
+    /// an ICMP port unreachable; anything else is dropped.
     #[inline(always)]
     fn refuse(
         ctx: &TcContext,
@@ -258,12 +258,17 @@ mod programs {
         verdict: &mut Verdict,
     ) -> i32 {
         let shot = drop_flow(ctx, config, DropReason::NoServiceBackend, flow, verdict);
-        if flow.protocol != IPPROTO_TCP || !packet::opens_connection(flow) || !lb::into_reset(ctx) {
+        let refused = match flow.protocol {
+            IPPROTO_TCP => packet::opens_connection(flow) && lb::into_reset(ctx),
+            IPPROTO_UDP => lb::into_port_unreachable(ctx),
+            _ => false,
+        };
+        if !refused {
             return shot;
         }
         endpoint::account_rx(src.id, ctx.len());
         // SAFETY: plain helper call; from tc ingress of the pod's host veth, redirecting to that
-        // same veth's peer delivers into the pod that sent the SYN.
+        // same veth's peer delivers into the pod that sent the packet.
         let ret = unsafe { bpf_redirect_peer(src.ifindex, 0) };
         if ret == i64::from(TC_ACT_REDIRECT) {
             TC_ACT_REDIRECT as i32
