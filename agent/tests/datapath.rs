@@ -1929,6 +1929,73 @@ fn a_frontend_without_backends_answers_a_syn_with_a_reset_and_udp_with_port_unre
     });
 }
 
+/// The refusals as a pod's own sockets see them: pod a's end of its veth moved into a
+/// namespace of its own (addresses, MACs and routes as the plugin sets them), `from_container`
+/// attached to its host end for real.
+#[test]
+fn a_pods_socket_is_refused_at_once_by_a_frontend_without_backends() {
+    with_datapath(|f| {
+        let a = f.a;
+        f.services_on(0, 0);
+        f.service(80, TCP, &[], 0);
+        f.service(53, UDP, &[], 0);
+        let pod = myelin_tests::Netns::create(format!("myelin-t{}-lbpod", std::process::id()))
+            .expect("pod namespace");
+        let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+        ip(&format!("link set lxca address {} up", mac(a.host_mac)));
+        ip(&format!(
+            "link set eth-a address {} netns {}",
+            mac(a.mac),
+            pod.name()
+        ));
+        for args in [
+            "link set eth-a up".to_string(),
+            format!("addr add {}/32 dev eth-a", a.ip),
+            format!(
+                "neigh replace {GATEWAY} lladdr {} dev eth-a nud permanent",
+                mac(a.host_mac)
+            ),
+            format!("route add {GATEWAY} dev eth-a scope link"),
+            format!("route add default via {GATEWAY} dev eth-a"),
+        ] {
+            pod.ip(&args.split_whitespace().collect::<Vec<_>>())
+                .expect("pod setup");
+        }
+        f.dp.attach("lxca").expect("attach");
+        let before = f.drops(DropReason::NoServiceBackend);
+        let (tcp, udp) = pod
+            .run(|| {
+                let frontend = std::net::SocketAddr::from((CLUSTER_IP, 80));
+                let tcp = std::net::TcpStream::connect_timeout(
+                    &frontend,
+                    std::time::Duration::from_secs(3),
+                )
+                .map(drop)
+                .map_err(|e| e.kind());
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+                socket
+                    .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                    .unwrap();
+                socket.connect((CLUSTER_IP, 53)).expect("connect");
+                socket.send(b"query").expect("send");
+                let udp = socket.recv(&mut [0; 64]).map(drop).map_err(|e| e.kind());
+                (tcp, udp)
+            })
+            .expect("in the pod");
+        assert_eq!(
+            tcp,
+            Err(std::io::ErrorKind::ConnectionRefused),
+            "TCP: the RST"
+        );
+        assert_eq!(
+            udp,
+            Err(std::io::ErrorKind::ConnectionRefused),
+            "UDP: port unreachable"
+        );
+        assert_eq!(f.drops(DropReason::NoServiceBackend), before + 2);
+    });
+}
+
 #[test]
 fn egress_policy_is_checked_against_the_backend_and_its_port_not_the_service_port() {
     with_datapath(|f| {
