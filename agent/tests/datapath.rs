@@ -22,7 +22,7 @@ use myelin_agent::{
         AttachMode, Datapath, DatapathError, DatapathOps, Limits, Program, Routing,
         clsact::{self, ClsactError, Filter},
         conntrack::{ConntrackTable, Expiring as _},
-        lb::LbFlowTable,
+        lb::{LbAffinityTable, LbFlowTable},
         nat::{Masquerade, NatPorts, NatTable},
     },
     desired::{DesiredState, LpmKey, port_blocks},
@@ -1939,28 +1939,7 @@ fn a_pods_socket_is_refused_at_once_by_a_frontend_without_backends() {
         f.services_on(0, 0);
         f.service(80, TCP, &[], 0);
         f.service(53, UDP, &[], 0);
-        let pod = myelin_tests::Netns::create(format!("myelin-t{}-lbpod", std::process::id()))
-            .expect("pod namespace");
-        let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
-        ip(&format!("link set lxca address {} up", mac(a.host_mac)));
-        ip(&format!(
-            "link set eth-a address {} netns {}",
-            mac(a.mac),
-            pod.name()
-        ));
-        for args in [
-            "link set eth-a up".to_string(),
-            format!("addr add {}/32 dev eth-a", a.ip),
-            format!(
-                "neigh replace {GATEWAY} lladdr {} dev eth-a nud permanent",
-                mac(a.host_mac)
-            ),
-            format!("route add {GATEWAY} dev eth-a scope link"),
-            format!("route add default via {GATEWAY} dev eth-a"),
-        ] {
-            pod.ip(&args.split_whitespace().collect::<Vec<_>>())
-                .expect("pod setup");
-        }
+        let pod = pod_namespace(a, "lxca", "eth-a");
         f.dp.attach("lxca").expect("attach");
         let before = f.drops(DropReason::NoServiceBackend);
         let (tcp, udp) = pod
@@ -1993,6 +1972,131 @@ fn a_pods_socket_is_refused_at_once_by_a_frontend_without_backends() {
             "UDP: port unreachable"
         );
         assert_eq!(f.drops(DropReason::NoServiceBackend), before + 2);
+    });
+}
+
+#[test]
+fn expired_service_connections_and_affinities_are_collected() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 3600);
+        f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        let pin = LbFlowTable::pin_path(f.dp.pin_dir());
+        let mut flows = LbFlowTable::open(&pin).unwrap();
+        let mut affinity =
+            LbAffinityTable::open(&LbAffinityTable::pin_path(f.dp.pin_dir())).unwrap();
+        let live = flows.collect_garbage().unwrap();
+        assert_eq!(
+            (live.removed, live.kept),
+            (0, 2),
+            "both ways of the live connection"
+        );
+        let live = affinity.collect_garbage().unwrap();
+        assert_eq!(
+            (live.removed, live.kept),
+            (0, 1),
+            "used just now, kept for an hour"
+        );
+
+        // A connection that never saw a reply lives 60 s: age both entries past that.
+        let mut map = aya::maps::HashMap::<_, LbFlowKey, LbFlow>::try_from(
+            aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(&pin).unwrap()),
+        )
+        .unwrap();
+        for (k, mut e) in flows.entries().unwrap() {
+            e.expires_ns = 1;
+            map.insert(k, e, 0).unwrap();
+        }
+        let swept = flows.collect_garbage().unwrap();
+        assert_eq!((swept.removed, swept.kept), (2, 0));
+        // The frontend goes: its clients' affinities go with it.
+        f.lb_services.clear();
+        f.sync();
+        let swept = affinity.collect_garbage().unwrap();
+        assert_eq!((swept.removed, swept.kept), (1, 0));
+    });
+}
+
+/// Pod `pod`'s end of its veth (`peer`, host end `host`) moved into a namespace of its own,
+/// with its address, MAC and routes as the plugin sets them.
+fn pod_namespace(pod: Pod, host: &str, peer: &str) -> myelin_tests::Netns {
+    let netns = myelin_tests::Netns::create(format!("myelin-t{}-{peer}", std::process::id()))
+        .expect("pod namespace");
+    let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+    ip(&format!("link set {host} address {} up", mac(pod.host_mac)));
+    ip(&format!(
+        "link set {peer} address {} netns {}",
+        mac(pod.mac),
+        netns.name()
+    ));
+    for args in [
+        format!("link set {peer} up"),
+        format!("addr add {}/32 dev {peer}", pod.ip),
+        format!(
+            "neigh replace {GATEWAY} lladdr {} dev {peer} nud permanent",
+            mac(pod.host_mac)
+        ),
+        format!("route add {GATEWAY} dev {peer} scope link"),
+        format!("route add default via {GATEWAY} dev {peer}"),
+    ] {
+        netns
+            .ip(&args.split_whitespace().collect::<Vec<_>>())
+            .expect("pod setup");
+    }
+    netns
+}
+
+#[test]
+fn a_pods_socket_reaches_the_backend_pod_through_the_cluster_ip() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        let (client, server) = (
+            pod_namespace(a, "lxca", "eth-a"),
+            pod_namespace(b, "lxcb", "eth-b"),
+        );
+        f.dp.attach("lxca").expect("attach");
+        f.dp.attach("lxcb").expect("attach");
+        let listener = server
+            .run(|| std::net::TcpListener::bind((b.ip, 8080)).expect("listen"))
+            .expect("in the backend pod");
+        let serve = std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            let (mut conn, peer) = listener.accept().expect("accept");
+            let mut buf = [0; 5];
+            conn.read_exact(&mut buf).expect("read");
+            conn.write_all(&buf).expect("write");
+            peer
+        });
+        let echoed = client
+            .run(|| {
+                use std::io::{Read as _, Write as _};
+                let frontend = std::net::SocketAddr::from((CLUSTER_IP, 80));
+                let mut conn = std::net::TcpStream::connect_timeout(
+                    &frontend,
+                    std::time::Duration::from_secs(3),
+                )
+                .expect("connected through the ClusterIP");
+                conn.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                    .unwrap();
+                conn.write_all(b"hello").expect("write");
+                let mut buf = [0; 5];
+                conn.read_exact(&mut buf).expect("the backend's answer");
+                (buf, conn.peer_addr().unwrap())
+            })
+            .expect("in the client pod");
+        assert_eq!(
+            echoed,
+            (*b"hello", std::net::SocketAddr::from((CLUSTER_IP, 80)))
+        );
+        let peer = serve.join().unwrap();
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::V4(a.ip),
+            "the backend sees the client"
+        );
     });
 }
 
