@@ -2241,6 +2241,40 @@ fn an_icmp_error_from_the_backend_reaches_the_client_about_the_frontend() {
 }
 
 #[test]
+fn a_clients_icmp_error_about_a_backends_reply_reaches_the_backend_about_its_own_packet() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(53, UDP, &[(b.ip, 5353)], 0);
+        let query = checksummed(udp(a, outside(CLUSTER_IP), 40000, 53));
+        let (_, out) = f.send(a, &query);
+        let (_, answer) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(source(&answer), (CLUSTER_IP, 53));
+        // The client's socket is gone: port unreachable, about the answer as the client got it.
+        let error = sent_by(
+            a,
+            icmp_error(
+                a.ip,
+                CLUSTER_IP,
+                ICMP_DEST_UNREACH,
+                ICMP_PORT_UNREACH,
+                &answer,
+            ),
+        );
+        let (verdict, to_backend) = f.send(a, &error);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the backend");
+        assert_eq!(destination(&to_backend).0, b.ip);
+        assert_eq!(
+            source(&quoted(&to_backend)),
+            (b.ip, 5353),
+            "about what it sent"
+        );
+        assert_eq!(destination(&quoted(&to_backend)), (a.ip, 40000));
+        assert_checksums(&to_backend);
+    });
+}
+
+#[test]
 fn a_pod_reaching_itself_through_a_service_gets_the_hairpin_address_as_source() {
     with_datapath(|f| {
         let a = f.a;

@@ -33,7 +33,7 @@ use myelin_common::{
 use crate::{
     conntrack,
     nat::{self, End},
-    packet::{self, ETH_HLEN, EthHdr, Flow, IcmpHdr, Ipv4Hdr, TCP_ACK, TCP_RST, TcpHdr},
+    packet::{self, ETH_HLEN, EthHdr, Flow, Icmp, IcmpHdr, Ipv4Hdr, TCP_ACK, TCP_RST, TcpHdr},
 };
 
 /// Every frontend's slots. Capacity: `--max-lb-slots`.
@@ -261,6 +261,9 @@ pub fn translate(
     l4: usize,
     later_fragment: bool,
 ) -> Result<Translation, DropReason> {
+    if flow.icmp == Icmp::Error {
+        return translate_icmp_error(ctx, flow, l4);
+    }
     if !matches!(flow.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return Ok(Translation::None);
     }
@@ -355,6 +358,53 @@ pub fn translate(
     )?;
     flow.saddr = HAIRPIN;
     Ok(Translation::Hairpin)
+}
+
+/// An ICMP error a client sends about a reply it got from a frontend (its quote's source): it
+/// goes to the backend that really sent the reply, about that reply as the backend sent it
+/// (the outer destination, the quote's source address and port, every checksum), so that
+/// conntrack relates it to the connection and the backend's stack to its socket. Errors about
+/// anything else cost nothing beyond the frontend lookup. Hairpin connections' are left alone.
+#[inline(always)]
+fn translate_icmp_error(
+    ctx: &TcContext,
+    flow: &mut Flow,
+    icmp: usize,
+) -> Result<Translation, DropReason> {
+    let inner = flow.inner;
+    if !matches!(inner.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+        || flow.daddr != inner.saddr
+    {
+        return Ok(Translation::None);
+    }
+    let frontend = slot(inner.saddr, inner.sport, inner.protocol, 0);
+    // SAFETY: only whether it is there.
+    if unsafe { LB_SERVICES.get(&frontend) }.is_none() {
+        return Ok(Translation::None);
+    }
+    let out = flow_key(
+        inner.daddr,
+        inner.saddr,
+        inner.dport,
+        inner.sport,
+        inner.protocol,
+        LB_OUT,
+    );
+    // SAFETY: copied out at once.
+    let Some((backend, port)) = (unsafe { LB_FLOWS.get(&out) }).map(|e| (e.addr, e.port)) else {
+        return Ok(Translation::None);
+    };
+    if backend == flow.saddr {
+        return Ok(Translation::None);
+    }
+    let Some(q) = nat::quote(ctx, icmp) else {
+        return Ok(Translation::None);
+    };
+    nat::translate_icmp_error(ctx, End::Destination, icmp, &q, backend, port, true)?;
+    flow.daddr = backend;
+    flow.inner.saddr = backend;
+    flow.inner.sport = port;
+    Ok(Translation::Backend)
 }
 
 /// A reply of a translated connection (its conntrack entry carries `CT_F_SERVICE`): its source,
