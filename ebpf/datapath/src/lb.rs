@@ -14,8 +14,6 @@
 //! checksum right (`CHECKSUM_PARTIAL`, UDP's zero checksum). SCTP keeps its port: its CRC32c
 //! covers the ports, so an SCTP frontend whose backend listens on another port is refused.
 
-use core::mem::offset_of;
-
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     btf_maps::{HashMap, LruHashMap},
@@ -544,23 +542,7 @@ pub fn into_reset(ctx: &TcContext) -> bool {
         let (src_mac, dst_mac) = ((*eth).dst, (*eth).src);
         packet::set_macs(eth, &dst_mac, &src_mac);
 
-        const TTL: u8 = 64;
-        const DONT_FRAGMENT: u16 = 0x4000;
-        (*ip).tos = 0;
-        (*ip).tot_len = ((IP_LEN + TCP_LEN) as u16).to_be();
-        (*ip).id = 0;
-        (*ip).frag_off = DONT_FRAGMENT.to_be();
-        (*ip).ttl = TTL;
-        (*ip).saddr = saddr;
-        (*ip).daddr = daddr;
-        let ip_sum = 0x4500
-            + (IP_LEN + TCP_LEN) as u32
-            + u32::from(DONT_FRAGMENT)
-            + (u32::from(TTL) << 8 | u32::from(IPPROTO_TCP))
-            + addr_sum(saddr)
-            + addr_sum(daddr);
-        (*ip).check = fold(ip_sum).to_be();
-
+        fresh_ipv4(ip, (IP_LEN + TCP_LEN) as u16, IPPROTO_TCP, saddr, daddr);
         let flags = TCP_RST | TCP_ACK;
         (*tcp).ports.sport = sport;
         (*tcp).ports.dport = dport;
@@ -581,7 +563,6 @@ pub fn into_reset(ctx: &TcContext) -> bool {
             + (u32::from((*tcp).doff) << 8 | u32::from(flags));
         (*tcp).check = fold(tcp_sum).to_be();
     }
-    const _: () = assert!(offset_of!(TcpHdr, check) == 16);
     // SAFETY: plain helper call; the packet pointers above are not used after it.
     unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + IP_LEN + TCP_LEN) as u32, 0) == 0 }
 }

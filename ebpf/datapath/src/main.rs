@@ -6,6 +6,10 @@
 //!   `bpf_redirect_peer`: no bridge, no routing table. Everything else goes to the node's stack.
 //! - `to_container` (tc egress of the host veth) sees what the node's stack delivers to a pod,
 //!   and enforces that pod's ingress policy on it.
+//! - With Services in eBPF on, `from_container` first translates a packet to a Service's
+//!   frontend into one for its backend (see `lb`), so that everything after it sees the
+//!   backend; replies of translated connections get the frontend back wherever they reach the
+//!   client's node (`from_container`, `to_container`, `from_tunnel`, `deliver_from_uplink`).
 //!
 //! - `to_uplink` and `from_uplink` (tc egress and ingress of the uplink, the device holding the
 //!   node's InternalIP) masquerade pods' traffic leaving the cluster (see `nat`). In native
@@ -222,8 +226,9 @@ mod programs {
     }
 
     /// A reply of a Service's connection (`CT_F_SERVICE` in `reply_flags`, from [`admit`]), or
-    /// an ICMP error about one, leaves with the frontend as its source; `Ok(true)` when it was translated, which moved
-    /// the packet's data (the caller's header pointers must be fetched again).
+    /// an ICMP error about one, leaves with the frontend as its source. `Ok(true)` when it was
+    /// translated, which moved the packet's data: the caller's header pointers must be fetched
+    /// again.
     #[inline(always)]
     fn untranslate_reply(
         ctx: &TcContext,
