@@ -2021,7 +2021,10 @@ fn expired_service_connections_and_affinities_are_collected() {
 /// Pod `pod`'s end of its veth (`peer`, host end `host`) moved into a namespace of its own,
 /// with its address, MAC and routes as the plugin sets them.
 fn pod_namespace(pod: Pod, host: &str, peer: &str) -> myelin_tests::Netns {
-    let netns = myelin_tests::Netns::create(format!("myelin-t{}-{peer}", std::process::id()))
+    // Tests run in parallel: each namespace gets a number of its own.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let netns = myelin_tests::Netns::create(format!("myelin-t{}-pod{n}", std::process::id()))
         .expect("pod namespace");
     let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
     ip(&format!("link set {host} address {} up", mac(pod.host_mac)));

@@ -212,46 +212,40 @@ fn choose(flow: &Flow, frontend: &LbKey, service: &LbEntry, now: u64) -> Option<
         protocol: frontend.protocol,
         _pad: 0,
     };
-    if service.affinity_timeout_s != 0
-        && let Some((n, backend, port)) = affine_backend(&affinity, frontend, service, now)
-    {
-        let _ = LB_AFFINITY.insert(
-            &affinity,
-            LbAffinity {
-                used_ns: now,
-                backend,
-                backend_port: port,
-                slot: n,
-            },
-            u64::from(BPF_ANY),
-        );
-        return Some((backend, port));
-    }
-    // SAFETY: plain helper call.
-    let n = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(service.count)) as u16;
-    // SAFETY: copied out at once. A slot the count promises but the map lacks cannot happen
-    // with the agent's write order; treated as no backend rather than trusted.
-    let b = unsafe { LB_SERVICES.get(slot(frontend.addr, frontend.port, frontend.protocol, n)) }
-        .copied()?;
+    let affine = if service.affinity_timeout_s != 0 {
+        affine_backend(&affinity, frontend, service, now)
+    } else {
+        None
+    };
+    let (n, backend, port) = match affine {
+        Some(chosen) => chosen,
+        None => {
+            // SAFETY: plain helper call.
+            let n = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(service.count)) as u16;
+            let key = slot(frontend.addr, frontend.port, frontend.protocol, n);
+            // SAFETY: copied out at once. A slot the count promises but the map lacks cannot
+            // happen with the agent's write order; treated as no backend rather than trusted.
+            let b = unsafe { LB_SERVICES.get(key) }.copied()?;
+            (n, b.backend, b.backend_port)
+        }
+    };
     if service.affinity_timeout_s != 0 {
-        let _ = LB_AFFINITY.insert(
-            &affinity,
-            LbAffinity {
-                used_ns: now,
-                backend: b.backend,
-                backend_port: b.backend_port,
-                slot: n,
-            },
-            u64::from(BPF_ANY),
-        );
+        let used = LbAffinity {
+            used_ns: now,
+            backend,
+            backend_port: port,
+            slot: n,
+        };
+        let _ = LB_AFFINITY.insert(&affinity, used, u64::from(BPF_ANY));
     }
-    Some((b.backend, b.backend_port))
+    Some((backend, port))
 }
 
 /// `from_container`, with `CONFIG_F_SERVICES`: a TCP, UDP or SCTP packet to a frontend is
 /// translated to its connection's backend (chosen on its first packet), and `flow` updated so
-/// that endpoint lookup, policy, conntrack and forwarding see the backend. Anything else costs
-/// the frontend lookup and is left alone. `l4`: the transport header's offset.
+/// that endpoint lookup, policy, conntrack and forwarding see the backend; so is an ICMP error
+/// about a frontend's reply ([`translate_icmp_error`]). Anything else costs at most the
+/// frontend lookup and is left alone. `l4`: the transport header's offset.
 #[inline(always)]
 pub fn translate(
     ctx: &TcContext,
