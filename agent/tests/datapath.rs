@@ -2138,11 +2138,41 @@ fn session_affinity_returns_the_same_backend() {
         f.service(80, TCP, &backends, 0);
         assert_eq!(chosen(f, 40000..40064).len(), 2, "spread over the backends");
         f.service(80, TCP, &backends, 3600);
+        let once = chosen(f, 41000..41032);
+        assert_eq!(once.len(), 1, "one backend for the client");
+        // That backend goes: the client gets one that is still there.
+        let gone = *once.first().unwrap();
+        let left: Vec<_> = backends
+            .iter()
+            .copied()
+            .filter(|(ip, _)| *ip != gone)
+            .collect();
+        f.service(80, TCP, &left, 3600);
+        let now = chosen(f, 42000..42008);
+        assert_eq!(now.into_iter().collect::<Vec<_>>(), vec![left[0].0]);
+    });
+}
+
+#[test]
+fn later_fragments_of_a_translated_datagram_follow_their_first_fragment() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(53, UDP, &[(b.ip, 5353)], 0);
+        let mut first = udp(a, outside(CLUSTER_IP), 40000, 53);
+        set_fragment(&mut first, 77, true, 0);
+        let (verdict, out) = f.send(a, &first);
         assert_eq!(
-            chosen(f, 41000..41032).len(),
-            1,
-            "one backend for the client"
+            (verdict, destination(&out)),
+            (TC_ACT_REDIRECT, (b.ip, 5353))
         );
+        let mut later = tcp(a, outside(CLUSTER_IP), 0, 0, 0);
+        later[23] = UDP;
+        set_fragment(&mut later, 77, false, 3);
+        let (verdict, out) = f.send(a, &later);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the same backend");
+        assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), b.ip);
+        assert_eq!(checksum(&out[14..34]), 0, "IP header checksum");
     });
 }
 
