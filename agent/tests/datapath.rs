@@ -2140,6 +2140,24 @@ fn session_affinity_returns_the_same_backend() {
         f.service(80, TCP, &backends, 3600);
         let once = chosen(f, 41000..41032);
         assert_eq!(once.len(), 1, "one backend for the client");
+        // Other backends come before it: the client keeps it in its new slot (each round a
+        // random choice would hit it at 1 in 3 to 1 in 6).
+        let mine = *once.first().unwrap();
+        for extra in 1..=4u8 {
+            let mut moved: Vec<_> = (0..extra)
+                .map(|i| (Ipv4Addr::new(10, 0, 0, 20 + i), 8080))
+                .collect();
+            moved.extend(backends);
+            f.service(80, TCP, &moved, 3600);
+            let sport = 43000 + 100 * u16::from(extra);
+            let kept = chosen(f, sport..sport + 4);
+            assert_eq!(
+                kept.into_iter().collect::<Vec<_>>(),
+                vec![mine],
+                "{extra} ahead"
+            );
+        }
+        f.service(80, TCP, &backends, 3600);
         // That backend goes: the client gets one that is still there.
         let gone = *once.first().unwrap();
         let left: Vec<_> = backends

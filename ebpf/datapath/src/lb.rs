@@ -164,8 +164,13 @@ unsafe fn sync_twin(twin: &LbFlowKey, e: *const LbFlow, addr: [u8; 4], port: u16
     }
 }
 
-/// The backend of a live `lb_affinity` entry of the client for the frontend, if that backend
-/// still holds the slot it was chosen from.
+/// How many slots a client's affine backend is looked for in when it is no longer in the slot
+/// it was chosen from (the agent keeps backends in order: one that goes moves those after it).
+const AFFINITY_SCAN: u16 = 32;
+
+/// The backend of a live `lb_affinity` entry of the client for the frontend, if the slots still
+/// hold it: in the slot it was chosen from (one lookup), else in one of the first
+/// [`AFFINITY_SCAN`] slots. Returns its slot too.
 #[inline(always)]
 fn affine_backend(
     key: &LbAffinityKey,
@@ -175,27 +180,22 @@ fn affine_backend(
 ) -> Option<(u16, [u8; 4], u16)> {
     // SAFETY: copied out at once.
     let a = unsafe { LB_AFFINITY.get(key) }.copied()?;
-    if now > a.used_ns + u64::from(service.affinity_timeout_s) * NS_PER_SECOND
-        || a.slot == 0
-        || a.slot > service.count
-    {
+    if now > a.used_ns + u64::from(service.affinity_timeout_s) * NS_PER_SECOND {
         return None;
     }
-    // SAFETY: copied out at once.
-    let b = unsafe {
-        LB_SERVICES.get(slot(
-            frontend.addr,
-            frontend.port,
-            frontend.protocol,
-            a.slot,
-        ))
+    let holds = |n: u16| {
+        let k = slot(frontend.addr, frontend.port, frontend.protocol, n);
+        // SAFETY: read at once.
+        unsafe { LB_SERVICES.get(k) }
+            .is_some_and(|b| b.backend == a.backend && b.backend_port == a.backend_port)
+    };
+    if a.slot != 0 && a.slot <= service.count && holds(a.slot) {
+        return Some((a.slot, a.backend, a.backend_port));
     }
-    .copied()?;
-    (b.backend == a.backend && b.backend_port == a.backend_port).then_some((
-        a.slot,
-        a.backend,
-        a.backend_port,
-    ))
+    let last = service.count.min(AFFINITY_SCAN);
+    (1..=last)
+        .find(|&n| n != a.slot && holds(n))
+        .map(|n| (n, a.backend, a.backend_port))
 }
 
 /// Chooses a backend for a new connection to `frontend`: the client's affine one, else a random
