@@ -22,7 +22,7 @@ use myelin_agent::{
         AttachMode, Datapath, DatapathError, DatapathOps, Limits, Program, Routing,
         clsact::{self, ClsactError, Filter},
         conntrack::{ConntrackTable, Expiring as _},
-        lb::LbFlowTable,
+        lb::{LbAffinityTable, LbFlowTable},
         nat::{Masquerade, NatPorts, NatTable},
     },
     desired::{DesiredState, LpmKey, port_blocks},
@@ -1738,6 +1738,18 @@ fn to_cluster_ip(from: Pod, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     checksummed(tcp(from, outside(CLUSTER_IP), sport, dport, flags))
 }
 
+/// A frame whose payload grew: its IP total length and UDP length follow.
+fn fix_lengths(mut p: Vec<u8>) -> Vec<u8> {
+    let total = (p.len() - 14) as u16;
+    p[16..18].copy_from_slice(&total.to_be_bytes());
+    if p[23] == UDP {
+        let at = l4(&p);
+        let len = (p.len() - at) as u16;
+        p[at + 4..at + 6].copy_from_slice(&len.to_be_bytes());
+    }
+    p
+}
+
 /// `p` as the pod `from` sends it: its MACs.
 fn sent_by(from: Pod, mut p: Vec<u8>) -> Vec<u8> {
     p[0..6].copy_from_slice(&from.host_mac);
@@ -1846,7 +1858,7 @@ fn tcp_and_udp_on_the_same_port_are_separate_frontends() {
 }
 
 #[test]
-fn a_frontend_without_backends_answers_a_syn_with_a_reset_and_counts_the_drop() {
+fn a_frontend_without_backends_answers_a_syn_with_a_reset_and_udp_with_port_unreachable() {
     with_datapath(|f| {
         let a = f.a;
         f.services_on(0, 0);
@@ -1888,10 +1900,206 @@ fn a_frontend_without_backends_answers_a_syn_with_a_reset_and_counts_the_drop() 
         assert_checksums(&rst);
         assert_eq!(f.drops(DropReason::NoServiceBackend), before + 1);
 
-        // UDP: dropped (no ICMP port unreachable yet), counted too.
-        let query = checksummed(udp(a, outside(CLUSTER_IP), 40000, 80));
-        assert_eq!(f.send(a, &query).0, TC_ACT_SHOT);
+        // UDP: an ICMP port unreachable quoting the datagram as the pod sent it.
+        let mut query = udp(a, outside(CLUSTER_IP), 40000, 80);
+        query.extend_from_slice(&[7; 100]);
+        let query = checksummed(fix_lengths(query));
+        let (verdict, error) = f.send(a, &query);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "back into the pod that sent it");
+        assert_eq!(
+            error.len(),
+            14 + 20 + 8 + 20 + 8,
+            "the IP header and 8 bytes quoted"
+        );
+        assert_eq!((&error[0..6], &error[6..12]), (&a.mac[..], &a.host_mac[..]));
+        assert_eq!(error[23], ICMP);
+        assert_eq!(
+            (source(&error).0, destination(&error).0),
+            (CLUSTER_IP, a.ip)
+        );
+        let icmp_at = l4(&error);
+        assert_eq!(
+            (error[icmp_at], error[icmp_at + 1]),
+            (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
+        );
+        assert_eq!(&error[icmp_at + 8..], &query[14..14 + 28], "the quote");
+        assert_eq!(checksum(&error[14..34]), 0, "IP header checksum");
+        assert_eq!(transport_sum(&error[14..]), 0, "ICMP checksum");
         assert_eq!(f.drops(DropReason::NoServiceBackend), before + 2);
+    });
+}
+
+/// The refusals as a pod's own sockets see them: pod a's end of its veth moved into a
+/// namespace of its own (addresses, MACs and routes as the plugin sets them), `from_container`
+/// attached to its host end for real.
+#[test]
+fn a_pods_socket_is_refused_at_once_by_a_frontend_without_backends() {
+    with_datapath(|f| {
+        let a = f.a;
+        f.services_on(0, 0);
+        f.service(80, TCP, &[], 0);
+        f.service(53, UDP, &[], 0);
+        let pod = pod_namespace(a, "lxca", "eth-a");
+        f.dp.attach("lxca").expect("attach");
+        let before = f.drops(DropReason::NoServiceBackend);
+        let (tcp, udp) = pod
+            .run(|| {
+                let frontend = std::net::SocketAddr::from((CLUSTER_IP, 80));
+                let tcp = std::net::TcpStream::connect_timeout(
+                    &frontend,
+                    std::time::Duration::from_secs(3),
+                )
+                .map(drop)
+                .map_err(|e| e.kind());
+                let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+                socket
+                    .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                    .unwrap();
+                socket.connect((CLUSTER_IP, 53)).expect("connect");
+                socket.send(b"query").expect("send");
+                let udp = socket.recv(&mut [0; 64]).map(drop).map_err(|e| e.kind());
+                (tcp, udp)
+            })
+            .expect("in the pod");
+        assert_eq!(
+            tcp,
+            Err(std::io::ErrorKind::ConnectionRefused),
+            "TCP: the RST"
+        );
+        assert_eq!(
+            udp,
+            Err(std::io::ErrorKind::ConnectionRefused),
+            "UDP: port unreachable"
+        );
+        assert_eq!(f.drops(DropReason::NoServiceBackend), before + 2);
+    });
+}
+
+#[test]
+fn expired_service_connections_and_affinities_are_collected() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 3600);
+        f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        let pin = LbFlowTable::pin_path(f.dp.pin_dir());
+        let mut flows = LbFlowTable::open(&pin).unwrap();
+        let mut affinity =
+            LbAffinityTable::open(&LbAffinityTable::pin_path(f.dp.pin_dir())).unwrap();
+        let live = flows.collect_garbage().unwrap();
+        assert_eq!(
+            (live.removed, live.kept),
+            (0, 2),
+            "both ways of the live connection"
+        );
+        let live = affinity.collect_garbage().unwrap();
+        assert_eq!(
+            (live.removed, live.kept),
+            (0, 1),
+            "used just now, kept for an hour"
+        );
+
+        // A connection that never saw a reply lives 60 s: age both entries past that.
+        let mut map = aya::maps::HashMap::<_, LbFlowKey, LbFlow>::try_from(
+            aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(&pin).unwrap()),
+        )
+        .unwrap();
+        for (k, mut e) in flows.entries().unwrap() {
+            e.expires_ns = 1;
+            map.insert(k, e, 0).unwrap();
+        }
+        let swept = flows.collect_garbage().unwrap();
+        assert_eq!((swept.removed, swept.kept), (2, 0));
+        // The frontend goes: its clients' affinities go with it.
+        f.lb_services.clear();
+        f.sync();
+        let swept = affinity.collect_garbage().unwrap();
+        assert_eq!((swept.removed, swept.kept), (1, 0));
+    });
+}
+
+/// Pod `pod`'s end of its veth (`peer`, host end `host`) moved into a namespace of its own,
+/// with its address, MAC and routes as the plugin sets them.
+fn pod_namespace(pod: Pod, host: &str, peer: &str) -> myelin_tests::Netns {
+    // Tests run in parallel: each namespace gets a number of its own.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let netns = myelin_tests::Netns::create(format!("myelin-t{}-pod{n}", std::process::id()))
+        .expect("pod namespace");
+    let mac = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+    ip(&format!("link set {host} address {} up", mac(pod.host_mac)));
+    ip(&format!(
+        "link set {peer} address {} netns {}",
+        mac(pod.mac),
+        netns.name()
+    ));
+    for args in [
+        format!("link set {peer} up"),
+        format!("addr add {}/32 dev {peer}", pod.ip),
+        format!(
+            "neigh replace {GATEWAY} lladdr {} dev {peer} nud permanent",
+            mac(pod.host_mac)
+        ),
+        format!("route add {GATEWAY} dev {peer} scope link"),
+        format!("route add default via {GATEWAY} dev {peer}"),
+    ] {
+        netns
+            .ip(&args.split_whitespace().collect::<Vec<_>>())
+            .expect("pod setup");
+    }
+    netns
+}
+
+#[test]
+fn a_pods_socket_reaches_the_backend_pod_through_the_cluster_ip() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        let (client, server) = (
+            pod_namespace(a, "lxca", "eth-a"),
+            pod_namespace(b, "lxcb", "eth-b"),
+        );
+        f.dp.attach("lxca").expect("attach");
+        f.dp.attach("lxcb").expect("attach");
+        let listener = server
+            .run(|| std::net::TcpListener::bind((b.ip, 8080)).expect("listen"))
+            .expect("in the backend pod");
+        let serve = std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            let (mut conn, peer) = listener.accept().expect("accept");
+            let mut buf = [0; 5];
+            conn.read_exact(&mut buf).expect("read");
+            conn.write_all(&buf).expect("write");
+            peer
+        });
+        let echoed = client
+            .run(|| {
+                use std::io::{Read as _, Write as _};
+                let frontend = std::net::SocketAddr::from((CLUSTER_IP, 80));
+                let mut conn = std::net::TcpStream::connect_timeout(
+                    &frontend,
+                    std::time::Duration::from_secs(3),
+                )
+                .expect("connected through the ClusterIP");
+                conn.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                    .unwrap();
+                conn.write_all(b"hello").expect("write");
+                let mut buf = [0; 5];
+                conn.read_exact(&mut buf).expect("the backend's answer");
+                (buf, conn.peer_addr().unwrap())
+            })
+            .expect("in the client pod");
+        assert_eq!(
+            echoed,
+            (*b"hello", std::net::SocketAddr::from((CLUSTER_IP, 80)))
+        );
+        let peer = serve.join().unwrap();
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::V4(a.ip),
+            "the backend sees the client"
+        );
     });
 }
 
@@ -1930,11 +2138,59 @@ fn session_affinity_returns_the_same_backend() {
         f.service(80, TCP, &backends, 0);
         assert_eq!(chosen(f, 40000..40064).len(), 2, "spread over the backends");
         f.service(80, TCP, &backends, 3600);
+        let once = chosen(f, 41000..41032);
+        assert_eq!(once.len(), 1, "one backend for the client");
+        // Other backends come before it: the client keeps it in its new slot (each round a
+        // random choice would hit it at 1 in 3 to 1 in 6).
+        let mine = *once.first().unwrap();
+        for extra in 1..=4u8 {
+            let mut moved: Vec<_> = (0..extra)
+                .map(|i| (Ipv4Addr::new(10, 0, 0, 20 + i), 8080))
+                .collect();
+            moved.extend(backends);
+            f.service(80, TCP, &moved, 3600);
+            let sport = 43000 + 100 * u16::from(extra);
+            let kept = chosen(f, sport..sport + 4);
+            assert_eq!(
+                kept.into_iter().collect::<Vec<_>>(),
+                vec![mine],
+                "{extra} ahead"
+            );
+        }
+        f.service(80, TCP, &backends, 3600);
+        // That backend goes: the client gets one that is still there.
+        let gone = *once.first().unwrap();
+        let left: Vec<_> = backends
+            .iter()
+            .copied()
+            .filter(|(ip, _)| *ip != gone)
+            .collect();
+        f.service(80, TCP, &left, 3600);
+        let now = chosen(f, 42000..42008);
+        assert_eq!(now.into_iter().collect::<Vec<_>>(), vec![left[0].0]);
+    });
+}
+
+#[test]
+fn later_fragments_of_a_translated_datagram_follow_their_first_fragment() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(53, UDP, &[(b.ip, 5353)], 0);
+        let mut first = udp(a, outside(CLUSTER_IP), 40000, 53);
+        set_fragment(&mut first, 77, true, 0);
+        let (verdict, out) = f.send(a, &first);
         assert_eq!(
-            chosen(f, 41000..41032).len(),
-            1,
-            "one backend for the client"
+            (verdict, destination(&out)),
+            (TC_ACT_REDIRECT, (b.ip, 5353))
         );
+        let mut later = tcp(a, outside(CLUSTER_IP), 0, 0, 0);
+        later[23] = UDP;
+        set_fragment(&mut later, 77, false, 3);
+        let (verdict, out) = f.send(a, &later);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the same backend");
+        assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), b.ip);
+        assert_eq!(checksum(&out[14..34]), 0, "IP header checksum");
     });
 }
 
@@ -2032,6 +2288,40 @@ fn an_icmp_error_from_the_backend_reaches_the_client_about_the_frontend() {
         assert_eq!(source(&back).0, ROUTER);
         assert_eq!(destination(&quoted(&back)), (CLUSTER_IP, 53));
         assert_checksums(&back);
+    });
+}
+
+#[test]
+fn a_clients_icmp_error_about_a_backends_reply_reaches_the_backend_about_its_own_packet() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(53, UDP, &[(b.ip, 5353)], 0);
+        let query = checksummed(udp(a, outside(CLUSTER_IP), 40000, 53));
+        let (_, out) = f.send(a, &query);
+        let (_, answer) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(source(&answer), (CLUSTER_IP, 53));
+        // The client's socket is gone: port unreachable, about the answer as the client got it.
+        let error = sent_by(
+            a,
+            icmp_error(
+                a.ip,
+                CLUSTER_IP,
+                ICMP_DEST_UNREACH,
+                ICMP_PORT_UNREACH,
+                &answer,
+            ),
+        );
+        let (verdict, to_backend) = f.send(a, &error);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the backend");
+        assert_eq!(destination(&to_backend).0, b.ip);
+        assert_eq!(
+            source(&quoted(&to_backend)),
+            (b.ip, 5353),
+            "about what it sent"
+        );
+        assert_eq!(destination(&quoted(&to_backend)), (a.ip, 40000));
+        assert_checksums(&to_backend);
     });
 }
 

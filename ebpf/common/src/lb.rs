@@ -124,8 +124,8 @@ pub struct LbAffinity {
     pub backend: [u8; 4],
     /// Network byte order.
     pub backend_port: u16,
-    /// The slot the backend was chosen from: the datapath keeps the client there only while
-    /// that slot still holds this backend (one lookup, no scan of the slots).
+    /// The slot the backend was last found in: where the datapath looks for it first (one
+    /// lookup), before a bounded look through the slots.
     pub slot: u16,
 }
 

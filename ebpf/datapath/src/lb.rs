@@ -14,10 +14,8 @@
 //! checksum right (`CHECKSUM_PARTIAL`, UDP's zero checksum). SCTP keeps its port: its CRC32c
 //! covers the ports, so an SCTP frontend whose backend listens on another port is refused.
 
-use core::mem::offset_of;
-
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::{BPF_ANY, BPF_NOEXIST, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
     btf_maps::{HashMap, LruHashMap},
     helpers::generated::{bpf_get_prandom_u32, bpf_skb_change_tail},
     macros::btf_map,
@@ -27,13 +25,13 @@ use myelin_common::{
     DropReason,
     lb::{LB_IN, LB_OUT, LbAffinity, LbAffinityKey, LbEntry, LbFlow, LbFlowKey, LbKey},
     maps::{DEFAULT_MAX_LB_AFFINITY, DEFAULT_MAX_LB_FLOWS, DEFAULT_MAX_LB_SLOTS},
-    proto::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
+    proto::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
 use crate::{
     conntrack,
     nat::{self, End},
-    packet::{self, ETH_HLEN, EthHdr, Flow, Ipv4Hdr, TCP_ACK, TCP_RST, TcpHdr},
+    packet::{self, ETH_HLEN, EthHdr, Flow, Icmp, IcmpHdr, Ipv4Hdr, TCP_ACK, TCP_RST, TcpHdr},
 };
 
 /// Every frontend's slots. Capacity: `--max-lb-slots`.
@@ -166,8 +164,13 @@ unsafe fn sync_twin(twin: &LbFlowKey, e: *const LbFlow, addr: [u8; 4], port: u16
     }
 }
 
-/// The backend of a live `lb_affinity` entry of the client for the frontend, if that backend
-/// still holds the slot it was chosen from.
+/// How many slots a client's affine backend is looked for in when it is no longer in the slot
+/// it was chosen from (the agent keeps backends in order: one that goes moves those after it).
+const AFFINITY_SCAN: u16 = 32;
+
+/// The backend of a live `lb_affinity` entry of the client for the frontend, if the slots still
+/// hold it: in the slot it was chosen from (one lookup), else in one of the first
+/// [`AFFINITY_SCAN`] slots. Returns its slot too.
 #[inline(always)]
 fn affine_backend(
     key: &LbAffinityKey,
@@ -177,27 +180,22 @@ fn affine_backend(
 ) -> Option<(u16, [u8; 4], u16)> {
     // SAFETY: copied out at once.
     let a = unsafe { LB_AFFINITY.get(key) }.copied()?;
-    if now > a.used_ns + u64::from(service.affinity_timeout_s) * NS_PER_SECOND
-        || a.slot == 0
-        || a.slot > service.count
-    {
+    if now > a.used_ns + u64::from(service.affinity_timeout_s) * NS_PER_SECOND {
         return None;
     }
-    // SAFETY: copied out at once.
-    let b = unsafe {
-        LB_SERVICES.get(slot(
-            frontend.addr,
-            frontend.port,
-            frontend.protocol,
-            a.slot,
-        ))
+    let holds = |n: u16| {
+        let k = slot(frontend.addr, frontend.port, frontend.protocol, n);
+        // SAFETY: read at once.
+        unsafe { LB_SERVICES.get(k) }
+            .is_some_and(|b| b.backend == a.backend && b.backend_port == a.backend_port)
+    };
+    if a.slot != 0 && a.slot <= service.count && holds(a.slot) {
+        return Some((a.slot, a.backend, a.backend_port));
     }
-    .copied()?;
-    (b.backend == a.backend && b.backend_port == a.backend_port).then_some((
-        a.slot,
-        a.backend,
-        a.backend_port,
-    ))
+    let last = service.count.min(AFFINITY_SCAN);
+    (1..=last)
+        .find(|&n| n != a.slot && holds(n))
+        .map(|n| (n, a.backend, a.backend_port))
 }
 
 /// Chooses a backend for a new connection to `frontend`: the client's affine one, else a random
@@ -214,46 +212,40 @@ fn choose(flow: &Flow, frontend: &LbKey, service: &LbEntry, now: u64) -> Option<
         protocol: frontend.protocol,
         _pad: 0,
     };
-    if service.affinity_timeout_s != 0
-        && let Some((n, backend, port)) = affine_backend(&affinity, frontend, service, now)
-    {
-        let _ = LB_AFFINITY.insert(
-            &affinity,
-            LbAffinity {
-                used_ns: now,
-                backend,
-                backend_port: port,
-                slot: n,
-            },
-            u64::from(BPF_ANY),
-        );
-        return Some((backend, port));
-    }
-    // SAFETY: plain helper call.
-    let n = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(service.count)) as u16;
-    // SAFETY: copied out at once. A slot the count promises but the map lacks cannot happen
-    // with the agent's write order; treated as no backend rather than trusted.
-    let b = unsafe { LB_SERVICES.get(slot(frontend.addr, frontend.port, frontend.protocol, n)) }
-        .copied()?;
+    let affine = if service.affinity_timeout_s != 0 {
+        affine_backend(&affinity, frontend, service, now)
+    } else {
+        None
+    };
+    let (n, backend, port) = match affine {
+        Some(chosen) => chosen,
+        None => {
+            // SAFETY: plain helper call.
+            let n = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(service.count)) as u16;
+            let key = slot(frontend.addr, frontend.port, frontend.protocol, n);
+            // SAFETY: copied out at once. A slot the count promises but the map lacks cannot
+            // happen with the agent's write order; treated as no backend rather than trusted.
+            let b = unsafe { LB_SERVICES.get(key) }.copied()?;
+            (n, b.backend, b.backend_port)
+        }
+    };
     if service.affinity_timeout_s != 0 {
-        let _ = LB_AFFINITY.insert(
-            &affinity,
-            LbAffinity {
-                used_ns: now,
-                backend: b.backend,
-                backend_port: b.backend_port,
-                slot: n,
-            },
-            u64::from(BPF_ANY),
-        );
+        let used = LbAffinity {
+            used_ns: now,
+            backend,
+            backend_port: port,
+            slot: n,
+        };
+        let _ = LB_AFFINITY.insert(&affinity, used, u64::from(BPF_ANY));
     }
-    Some((b.backend, b.backend_port))
+    Some((backend, port))
 }
 
 /// `from_container`, with `CONFIG_F_SERVICES`: a TCP, UDP or SCTP packet to a frontend is
 /// translated to its connection's backend (chosen on its first packet), and `flow` updated so
-/// that endpoint lookup, policy, conntrack and forwarding see the backend. Anything else costs
-/// the frontend lookup and is left alone. `l4`: the transport header's offset.
+/// that endpoint lookup, policy, conntrack and forwarding see the backend; so is an ICMP error
+/// about a frontend's reply ([`translate_icmp_error`]). Anything else costs at most the
+/// frontend lookup and is left alone. `l4`: the transport header's offset.
 #[inline(always)]
 pub fn translate(
     ctx: &TcContext,
@@ -261,6 +253,9 @@ pub fn translate(
     l4: usize,
     later_fragment: bool,
 ) -> Result<Translation, DropReason> {
+    if flow.icmp == Icmp::Error {
+        return translate_icmp_error(ctx, flow, l4);
+    }
     if !matches!(flow.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
         return Ok(Translation::None);
     }
@@ -355,6 +350,53 @@ pub fn translate(
     )?;
     flow.saddr = HAIRPIN;
     Ok(Translation::Hairpin)
+}
+
+/// An ICMP error a client sends about a reply it got from a frontend (its quote's source): it
+/// goes to the backend that really sent the reply, about that reply as the backend sent it
+/// (the outer destination, the quote's source address and port, every checksum), so that
+/// conntrack relates it to the connection and the backend's stack to its socket. Errors about
+/// anything else cost nothing beyond the frontend lookup. Hairpin connections' are left alone.
+#[inline(always)]
+fn translate_icmp_error(
+    ctx: &TcContext,
+    flow: &mut Flow,
+    icmp: usize,
+) -> Result<Translation, DropReason> {
+    let inner = flow.inner;
+    if !matches!(inner.protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+        || flow.daddr != inner.saddr
+    {
+        return Ok(Translation::None);
+    }
+    let frontend = slot(inner.saddr, inner.sport, inner.protocol, 0);
+    // SAFETY: only whether it is there.
+    if unsafe { LB_SERVICES.get(&frontend) }.is_none() {
+        return Ok(Translation::None);
+    }
+    let out = flow_key(
+        inner.daddr,
+        inner.saddr,
+        inner.dport,
+        inner.sport,
+        inner.protocol,
+        LB_OUT,
+    );
+    // SAFETY: copied out at once.
+    let Some((backend, port)) = (unsafe { LB_FLOWS.get(&out) }).map(|e| (e.addr, e.port)) else {
+        return Ok(Translation::None);
+    };
+    if backend == flow.saddr {
+        return Ok(Translation::None);
+    }
+    let Some(q) = nat::quote(ctx, icmp) else {
+        return Ok(Translation::None);
+    };
+    nat::translate_icmp_error(ctx, End::Destination, icmp, &q, backend, port, true)?;
+    flow.daddr = backend;
+    flow.inner.saddr = backend;
+    flow.inner.sport = port;
+    Ok(Translation::Backend)
 }
 
 /// A reply of a translated connection (its conntrack entry carries `CT_F_SERVICE`): its source,
@@ -494,23 +536,7 @@ pub fn into_reset(ctx: &TcContext) -> bool {
         let (src_mac, dst_mac) = ((*eth).dst, (*eth).src);
         packet::set_macs(eth, &dst_mac, &src_mac);
 
-        const TTL: u8 = 64;
-        const DONT_FRAGMENT: u16 = 0x4000;
-        (*ip).tos = 0;
-        (*ip).tot_len = ((IP_LEN + TCP_LEN) as u16).to_be();
-        (*ip).id = 0;
-        (*ip).frag_off = DONT_FRAGMENT.to_be();
-        (*ip).ttl = TTL;
-        (*ip).saddr = saddr;
-        (*ip).daddr = daddr;
-        let ip_sum = 0x4500
-            + (IP_LEN + TCP_LEN) as u32
-            + u32::from(DONT_FRAGMENT)
-            + (u32::from(TTL) << 8 | u32::from(IPPROTO_TCP))
-            + addr_sum(saddr)
-            + addr_sum(daddr);
-        (*ip).check = fold(ip_sum).to_be();
-
+        fresh_ipv4(ip, (IP_LEN + TCP_LEN) as u16, IPPROTO_TCP, saddr, daddr);
         let flags = TCP_RST | TCP_ACK;
         (*tcp).ports.sport = sport;
         (*tcp).ports.dport = dport;
@@ -531,7 +557,104 @@ pub fn into_reset(ctx: &TcContext) -> bool {
             + (u32::from((*tcp).doff) << 8 | u32::from(flags));
         (*tcp).check = fold(tcp_sum).to_be();
     }
-    const _: () = assert!(offset_of!(TcpHdr, check) == 16);
     // SAFETY: plain helper call; the packet pointers above are not used after it.
     unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + IP_LEN + TCP_LEN) as u32, 0) == 0 }
+}
+
+/// Fills in a fresh IPv4 header without options (TTL 64, no fragmentation) of a packet of
+/// `total` bytes from `saddr` to `daddr`, with its checksum.
+///
+/// # Safety
+/// `ip` must point to a bounds-checked, writable IPv4 header.
+#[inline(always)]
+unsafe fn fresh_ipv4(ip: *mut Ipv4Hdr, total: u16, protocol: u8, saddr: [u8; 4], daddr: [u8; 4]) {
+    const TTL: u8 = 64;
+    // SAFETY: the caller guarantees a writable header.
+    unsafe {
+        (*ip).version_ihl = 0x45;
+        (*ip).tos = 0;
+        (*ip).tot_len = total.to_be();
+        (*ip).id = 0;
+        (*ip).frag_off = 0;
+        (*ip).ttl = TTL;
+        (*ip).protocol = protocol;
+        (*ip).saddr = saddr;
+        (*ip).daddr = daddr;
+        let sum = 0x4500
+            + u32::from(total)
+            + (u32::from(TTL) << 8 | u32::from(protocol))
+            + addr_sum(saddr)
+            + addr_sum(daddr);
+        (*ip).check = fold(sum).to_be();
+    }
+}
+
+/// Turns the UDP datagram in `ctx` (to a frontend without backends) into the ICMP port
+/// unreachable that refuses it, from the frontend back to its sender, as a host with nothing
+/// listening answers: a new IP and ICMP header go in front of the datagram's IP header, and
+/// of the datagram only that header and the first 8 bytes stay, the quote RFC 792 asks for
+/// (and that the sender's stack matches against its socket). `false` when the datagram's
+/// headers are not the plain ones this can quote (IP options, a short datagram): the caller
+/// drops it.
+#[inline(always)]
+pub fn into_port_unreachable(ctx: &TcContext) -> bool {
+    const IP_LEN: usize = 20;
+    const ICMP_LEN: usize = 8;
+    const QUOTE: usize = IP_LEN + 8;
+    const TOTAL: usize = IP_LEN + ICMP_LEN + QUOTE;
+    const DEST_UNREACH: u8 = 3;
+    const PORT_UNREACH: u8 = 3;
+    let Some(eth) = packet::ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    let Some(ip) = packet::ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return false;
+    };
+    if packet::ptr_at::<[u8; QUOTE]>(ctx, ETH_HLEN).is_none() {
+        return false;
+    }
+    // SAFETY: both headers were bounds-checked just above.
+    let (client, frontend, pod_mac, gateway_mac) = unsafe {
+        if (*ip).version_ihl != 0x45 || usize::from(u16::from_be((*ip).tot_len)) < QUOTE {
+            return false;
+        }
+        ((*ip).saddr, (*ip).daddr, (*eth).src, (*eth).dst)
+    };
+    if ctx
+        .adjust_room((IP_LEN + ICMP_LEN) as i32, BPF_ADJ_ROOM_MAC, 0)
+        .is_err()
+    {
+        return false;
+    }
+    // SAFETY: plain helper call; the packet pointers above are not used after it.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + TOTAL) as u32, 0) } != 0 {
+        return false;
+    }
+    let Some(eth) = packet::ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    let Some(ip) = packet::ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return false;
+    };
+    let Some(icmp) = packet::ptr_at::<IcmpHdr>(ctx, ETH_HLEN + IP_LEN) else {
+        return false;
+    };
+    let Some(quote) = packet::ptr_at::<[u16; QUOTE / 2]>(ctx, ETH_HLEN + IP_LEN + ICMP_LEN) else {
+        return false;
+    };
+    // SAFETY: all four were bounds-checked just above, after the last resize.
+    unsafe {
+        packet::set_macs(eth, &pod_mac, &gateway_mac);
+        fresh_ipv4(ip, TOTAL as u16, IPPROTO_ICMP, frontend, client);
+        (*icmp).icmp_type = DEST_UNREACH;
+        (*icmp).code = PORT_UNREACH;
+        (*icmp).id = 0;
+        (*icmp).seq = 0;
+        let mut sum = u32::from(DEST_UNREACH) << 8 | u32::from(PORT_UNREACH);
+        for word in (*quote).iter() {
+            sum += u32::from(u16::from_be(*word));
+        }
+        (*icmp).check = fold(sum).to_be();
+    }
+    true
 }

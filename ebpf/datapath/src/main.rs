@@ -6,6 +6,10 @@
 //!   `bpf_redirect_peer`: no bridge, no routing table. Everything else goes to the node's stack.
 //! - `to_container` (tc egress of the host veth) sees what the node's stack delivers to a pod,
 //!   and enforces that pod's ingress policy on it.
+//! - With Services in eBPF on, `from_container` first translates a packet to a Service's
+//!   frontend into one for its backend (see `lb`), so that everything after it sees the
+//!   backend; replies of translated connections get the frontend back wherever they reach the
+//!   client's node (`from_container`, `to_container`, `from_tunnel`, `deliver_from_uplink`).
 //!
 //! - `to_uplink` and `from_uplink` (tc egress and ingress of the uplink, the device holding the
 //!   node's InternalIP) masquerade pods' traffic leaving the cluster (see `nat`). In native
@@ -222,8 +226,9 @@ mod programs {
     }
 
     /// A reply of a Service's connection (`CT_F_SERVICE` in `reply_flags`, from [`admit`]), or
-    /// an ICMP error about one, leaves with the frontend as its source; `Ok(true)` when it was translated, which moved
-    /// the packet's data (the caller's header pointers must be fetched again).
+    /// an ICMP error about one, leaves with the frontend as its source. `Ok(true)` when it was
+    /// translated, which moved the packet's data: the caller's header pointers must be fetched
+    /// again.
     #[inline(always)]
     fn untranslate_reply(
         ctx: &TcContext,
@@ -247,8 +252,8 @@ mod programs {
     }
 
     /// A new connection to a frontend without backends is refused at once rather than left to
-    /// time out, and counted as a drop: a TCP SYN gets a RST back into the pod; anything else
-    /// is dropped (no ICMP port unreachable is built for UDP yet).
+    /// time out, and counted as a drop: a TCP SYN gets a RST back into the pod, a UDP datagram
+    /// an ICMP port unreachable; anything else is dropped.
     #[inline(always)]
     fn refuse(
         ctx: &TcContext,
@@ -258,12 +263,17 @@ mod programs {
         verdict: &mut Verdict,
     ) -> i32 {
         let shot = drop_flow(ctx, config, DropReason::NoServiceBackend, flow, verdict);
-        if flow.protocol != IPPROTO_TCP || !packet::opens_connection(flow) || !lb::into_reset(ctx) {
+        let refused = match flow.protocol {
+            IPPROTO_TCP => packet::opens_connection(flow) && lb::into_reset(ctx),
+            IPPROTO_UDP => lb::into_port_unreachable(ctx),
+            _ => false,
+        };
+        if !refused {
             return shot;
         }
         endpoint::account_rx(src.id, ctx.len());
         // SAFETY: plain helper call; from tc ingress of the pod's host veth, redirecting to that
-        // same veth's peer delivers into the pod that sent the SYN.
+        // same veth's peer delivers into the pod that sent the packet.
         let ret = unsafe { bpf_redirect_peer(src.ifindex, 0) };
         if ret == i64::from(TC_ACT_REDIRECT) {
             TC_ACT_REDIRECT as i32
