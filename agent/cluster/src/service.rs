@@ -234,8 +234,9 @@ impl ServiceInfo {
                 return Err(bad(
                     &at("port"),
                     format!(
-                        "{}/{:?} is spec.ports[{j}] already",
-                        port.port, port.protocol
+                        "{}/{} is spec.ports[{j}] already",
+                        port.port,
+                        port.protocol.as_str()
                     ),
                 ));
             }
@@ -417,7 +418,7 @@ impl EndpointSliceInfo {
             if !seen.insert((port_name.clone(), protocol)) {
                 return Err(bad(
                     format!("ports[{i}].name"),
-                    format!("{port_name:?}/{protocol:?} is listed twice"),
+                    format!("{port_name:?}/{} is listed twice", protocol.as_str()),
                 ));
             }
             ports.push(SlicePort {
@@ -524,7 +525,7 @@ mod tests {
             ),
             (
                 "{ports: [{name: a, port: 80}, {name: b, port: 80}]}",
-                "spec.ports[1].port: 80/Tcp is spec.ports[0] already",
+                "spec.ports[1].port: 80/TCP is spec.ports[0] already",
             ),
             (
                 "{ports: [{name: a, port: 80}, {name: a, port: 81}]}",

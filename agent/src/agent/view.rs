@@ -1,10 +1,11 @@
 //! What the API and the metrics show of the agent's state.
 
-use std::sync::Arc;
+use std::{net::SocketAddrV4, sync::Arc};
 
 use myelin_api::{
-    AttachmentId, DropCount, Endpoint, PodRef, PolicyFallback, PolicyRejected, PolicyStatus,
-    PolicySummary, Status,
+    AttachmentId, BackendSummary, DropCount, Endpoint, FrontendSummary, PodRef, PolicyFallback,
+    PolicyRejected, PolicyStatus, PolicySummary, ServicePortSummary, ServiceStatus, ServiceSummary,
+    Status,
 };
 use myelin_cluster::{IdentityLabels, index::Fallback};
 use myelin_common::endpoint::ENDPOINT_F_POLICY_INCOMPLETE;
@@ -132,6 +133,64 @@ impl<D: DatapathOps> Agent<D> {
                 .filter(|(_, _, flags)| flags & ENDPOINT_F_POLICY_INCOMPLETE != 0)
                 .map(|(pod, _, _)| pod.clone())
                 .collect(),
+        }
+    }
+
+    /// Every Service this node translates, with its frontends, the backends each sends to
+    /// and every endpoint's state; nothing when Services are left to kube-proxy.
+    pub fn service_status(&mut self) -> ServiceStatus {
+        let translates = self.translates_services;
+        let services = self
+            .services()
+            .services
+            .iter()
+            .map(|s| ServiceSummary {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                type_: s.type_.as_str().to_string(),
+                not_translated: s.not_translated.map(str::to_string),
+                affinity_timeout_seconds: s.affinity_timeout_s,
+                internal_traffic_policy: s.internal_traffic_policy.as_str().to_string(),
+                external_traffic_policy: s.external_traffic_policy.as_str().to_string(),
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| ServicePortSummary {
+                        name: p.port.name.clone(),
+                        protocol: p.port.protocol.as_str().to_string(),
+                        port: p.port.port,
+                        frontends: p
+                            .frontends
+                            .iter()
+                            .map(|f| FrontendSummary {
+                                kind: f.kind,
+                                address: f.addr,
+                                port: f.port,
+                                local: f.local,
+                                backends: f
+                                    .backends
+                                    .iter()
+                                    .map(|(addr, port)| SocketAddrV4::new(*addr, *port))
+                                    .collect(),
+                            })
+                            .collect(),
+                        endpoints: p
+                            .endpoints
+                            .iter()
+                            .map(|b| BackendSummary {
+                                address: b.addr,
+                                port: b.port,
+                                state: b.condition,
+                                node: b.node.clone(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        ServiceStatus {
+            kube_proxy_replacement: translates,
+            services,
         }
     }
 
