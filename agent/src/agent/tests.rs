@@ -739,7 +739,10 @@ fn with_kube_proxy_replacement_services_are_translated_and_their_addresses_are_n
     assert!(status.kube_proxy_replacement);
     let frontend = &status.services[0].ports[0].frontends[0];
     assert_eq!(
-        (frontend.address.to_string(), frontend.backends[0].to_string()),
+        (
+            frontend.address.to_string(),
+            frontend.backends[0].to_string()
+        ),
         ("10.96.0.10".into(), "10.244.0.9:8080".into()),
         "the API shows what the slots hold"
     );
