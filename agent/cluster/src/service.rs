@@ -17,7 +17,10 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::{objects::ObjectError, policy::Protocol};
+use crate::{
+    objects::{ObjectError, namespaced_name},
+    policy::Protocol,
+};
 
 /// The label the EndpointSlice controller puts on a slice: the name of its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -130,22 +133,6 @@ fn invalid(
         field,
         problem,
     }
-}
-
-/// `metadata.namespace` and `metadata.name`, both required.
-fn namespaced_name(
-    kind: &'static str,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Result<(String, String), ObjectError> {
-    let name = meta.name.clone().ok_or(ObjectError::NoName { kind })?;
-    let namespace = meta
-        .namespace
-        .clone()
-        .ok_or_else(|| ObjectError::NoNamespace {
-            kind,
-            name: name.clone(),
-        })?;
-    Ok((namespace, name))
 }
 
 /// An IP address field: `Some` for IPv4, `None` for IPv6 (not translated), an error otherwise.
