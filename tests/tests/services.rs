@@ -115,6 +115,7 @@ fn services_in_the_directory_reach_myelinctl_services_with_their_backends() -> R
     let web = wait_for_web(&node, "web with its ready backend", |web| {
         backends_of(web, 80, FrontendKind::ClusterIp) == Some(vec![format!("{a}:8080")])
     })?;
+    assert!(node.status()?.kube_proxy_replacement);
     assert_eq!(web.type_, "NodePort");
     assert_eq!(web.affinity_timeout_seconds, Some(10_800));
     let http = &web.ports[0];
@@ -189,6 +190,7 @@ fn without_kube_proxy_replacement_services_are_not_read() -> Result<()> {
     )?;
     thread::sleep(Duration::from_millis(500));
     assert_eq!(services(&node)?, ServiceStatus::default());
+    assert!(!node.status()?.kube_proxy_replacement);
     let table = node.myelinctl(&["services"])?;
     assert!(
         table.starts_with("kube-proxy replacement is off"),

@@ -280,6 +280,10 @@ pub struct Status {
     /// How this node reaches the others; absent when its Node object gives no InternalIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<RoutingInfo>,
+    /// Services are translated in eBPF (`--kube-proxy-replacement`); false: left to
+    /// kube-proxy. False from older agents.
+    #[serde(default)]
+    pub kube_proxy_replacement: bool,
 }
 
 /// How a node reaches the other nodes (`Status::routing`).

@@ -713,6 +713,7 @@ fn without_kube_proxy_replacement_no_service_is_translated() {
     a.apply_cluster_changes(web_service_changes()).unwrap();
     assert!(a.desired_state().lb_services.is_empty());
     assert_eq!(a.service_status(), myelin_api::ServiceStatus::default());
+    assert!(!a.status().kube_proxy_replacement);
 }
 
 #[test]
@@ -735,6 +736,7 @@ fn with_kube_proxy_replacement_services_are_translated_and_their_addresses_are_n
         .keys()
         .any(|k| k.data.addr == [10, 96, 0, 10]);
     assert!(!in_ipcache, "a ClusterIP is not a pod: no identity");
+    assert!(a.status().kube_proxy_replacement);
     let status = a.service_status();
     assert!(status.kube_proxy_replacement);
     let frontend = &status.services[0].ports[0].frontends[0];

@@ -55,6 +55,7 @@ impl<D: DatapathOps> Agent<D> {
             attach_mode: self.datapath.mode().as_str().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             routing: self.routing.clone(),
+            kube_proxy_replacement: self.translates_services,
         }
     }
 

@@ -76,6 +76,12 @@ fn main() -> anyhow::Result<()> {
                     }
                     None => println!("routing:        none (the Node object gives no InternalIP)"),
                 }
+                let services = if s.kube_proxy_replacement {
+                    "translated in eBPF (kube-proxy replacement)"
+                } else {
+                    "left to kube-proxy"
+                };
+                println!("services:       {services}");
                 println!("version:        {}", s.version);
             }
         }
