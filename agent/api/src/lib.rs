@@ -436,6 +436,10 @@ pub struct FrontendSummary {
     pub local: bool,
     /// The backends it sends to, in slot order. Empty: its connections are refused.
     pub backends: Vec<SocketAddrV4>,
+    /// Another Service (`namespace/name`) holds the same address, port and protocol: this
+    /// frontend is not translated for this Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_by: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -710,6 +714,7 @@ mod tests {
                     port: 30080,
                     local: true,
                     backends: vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 5), 8080)],
+                    taken_by: None,
                 }],
                 endpoints: vec![BackendSummary {
                     address: Ipv4Addr::new(10, 244, 1, 5),

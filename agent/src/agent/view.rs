@@ -173,6 +173,7 @@ impl<D: DatapathOps> Agent<D> {
                                     .iter()
                                     .map(|(addr, port)| SocketAddrV4::new(*addr, *port))
                                     .collect(),
+                                taken_by: f.taken_by.clone(),
                             })
                             .collect(),
                         endpoints: p

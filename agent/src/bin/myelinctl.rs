@@ -265,7 +265,9 @@ fn services_table(status: &myelin_api::ServiceStatus) -> String {
         let mut first = true;
         for port in &s.ports {
             for f in &port.frontends {
-                let backends = if f.backends.is_empty() {
+                let backends = if let Some(holder) = &f.taken_by {
+                    format!("NOT TRANSLATED: Service {holder} holds it")
+                } else if f.backends.is_empty() {
                     "NO BACKEND (connections refused)".to_string()
                 } else {
                     f.backends
@@ -365,6 +367,7 @@ mod tests {
                         port: 80,
                         local: false,
                         backends: vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 7), 8080)],
+                        taken_by: None,
                     },
                     FrontendSummary {
                         kind: FrontendKind::NodePort,
@@ -372,6 +375,7 @@ mod tests {
                         port: 30080,
                         local: true,
                         backends: vec![],
+                        taken_by: None,
                     },
                 ],
                 endpoints: vec![BackendSummary {

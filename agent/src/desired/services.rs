@@ -63,6 +63,8 @@ pub struct Frontend {
     pub local: bool,
     /// The backends it sends to, in slot order: address and port.
     pub backends: Vec<(Ipv4Addr, u16)>,
+    /// Another Service (`namespace/name`) holds the same frontend: this one is not translated.
+    pub taken_by: Option<String>,
 }
 
 /// One Service port: its frontends and every endpoint it has.
@@ -107,9 +109,9 @@ pub fn translate(index: &ClusterIndex, node_name: &str) -> Services {
     // directory source are not checked by an API server); the first in name order keeps it.
     let mut holders: BTreeMap<LbKey, String> = BTreeMap::new();
     for service in index.services() {
-        let translation = translate_service(index, service, node_name, node_ip);
+        let mut translation = translate_service(index, service, node_name, node_ip);
         let id = format!("{}/{}", service.namespace, service.name);
-        for port in &translation.ports {
+        for port in &mut translation.ports {
             let usable = usable_count(&port.endpoints);
             if usable > MAX_BACKENDS_PER_FRONTEND {
                 out.warnings.insert(format!(
@@ -118,9 +120,10 @@ pub fn translate(index: &ClusterIndex, node_name: &str) -> Services {
                     port.port.protocol.as_str()
                 ));
             }
-            for frontend in &port.frontends {
+            for frontend in &mut port.frontends {
                 let key = frontend_key(frontend, port.port.protocol);
                 if let Some(holder) = holders.get(&key) {
+                    frontend.taken_by = Some(holder.clone());
                     out.warnings.insert(format!(
                         "Service {id}: frontend {}:{}/{} is Service {holder}'s already; not translated for {id}",
                         frontend.addr,
@@ -201,6 +204,7 @@ fn translate_service(
             port: number,
             local,
             backends: backends_for(&endpoints, local, node_name),
+            taken_by: None,
         };
         let mut frontends: Vec<Frontend> = service
             .cluster_ips

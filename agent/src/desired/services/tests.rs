@@ -579,6 +579,13 @@ fn a_frontend_two_services_claim_stays_with_the_first_and_the_second_is_named() 
         "{:?}",
         translated.warnings
     );
+    let b = &translated.services[1].ports[0];
+    let taken: Vec<Option<&str>> = b.frontends.iter().map(|f| f.taken_by.as_deref()).collect();
+    assert_eq!(
+        taken,
+        [None, Some("default/a")],
+        "the view says which one is not translated"
+    );
 }
 
 #[test]
