@@ -16,6 +16,7 @@ use myelin_tests::{
     Error, Node, NodeSpec, Result,
     apiserver::{KubernetesNode, Resource},
     cluster::{endpoint_slice_object, service_object, slice_endpoint},
+    metrics::samples,
     root_test,
 };
 use serde_json::{Value, json};
@@ -149,6 +150,14 @@ fn services_in_the_directory_reach_myelinctl_services_with_their_backends() -> R
     assert!(
         table.contains("default/web") && table.contains("10.96.0.10:53/UDP -> NO BACKEND"),
         "{table}"
+    );
+    let (_, body) = node.metrics_get("/metrics")?;
+    let metrics = samples(&body);
+    assert_eq!(metrics.get("myelin_services"), Some(&1.0), "{body}");
+    assert_eq!(
+        metrics.get("myelin_service_frontends_without_backend"),
+        Some(&1.0),
+        "UDP 53: {body}"
     );
 
     // A malformed edit is refused; the last good state stays.

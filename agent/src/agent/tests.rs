@@ -737,6 +737,11 @@ fn with_kube_proxy_replacement_services_are_translated_and_their_addresses_are_n
         .any(|k| k.data.addr == [10, 96, 0, 10]);
     assert!(!in_ipcache, "a ClusterIP is not a pod: no identity");
     assert!(a.status().kube_proxy_replacement);
+    let metrics = a.metrics_snapshot();
+    assert_eq!(
+        (metrics.services, metrics.frontends_without_backend),
+        (1, 0)
+    );
     let status = a.service_status();
     assert!(status.kube_proxy_replacement);
     let frontend = &status.services[0].ports[0].frontends[0];

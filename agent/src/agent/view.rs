@@ -210,6 +210,7 @@ impl<D: DatapathOps> Agent<D> {
 
     /// Values for the metrics endpoint.
     pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let translated = &self.services.1;
         crate::metrics::Snapshot {
             ready: self.synced,
             endpoints: self.endpoints.len(),
@@ -217,6 +218,20 @@ impl<D: DatapathOps> Agent<D> {
             free_addresses: self.ipam.free(),
             pods_indexed: self.index.pod_count(),
             policies_rejected: self.index.rejected_policy_count(),
+            // The translation as of the last computation of the maps, which follows every
+            // change of the index.
+            services: translated
+                .services
+                .iter()
+                .filter(|s| s.not_translated.is_none())
+                .count(),
+            frontends_without_backend: translated
+                .services
+                .iter()
+                .flat_map(|s| &s.ports)
+                .flat_map(|p| &p.frontends)
+                .filter(|f| f.backends.is_empty() && f.taken_by.is_none())
+                .count(),
             drops: self
                 .datapath
                 .drops()
