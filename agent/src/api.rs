@@ -191,6 +191,7 @@ pub fn router<D: DatapathOps + 'static>(state: ApiState<D>) -> Router {
         .route("/v1/status", get(status::<D>))
         .route("/v1/nodes", get(nodes::<D>))
         .route("/v1/policies", get(policies::<D>))
+        .route("/v1/services", get(services::<D>))
         .route("/v1/drops", get(drops::<D>))
         .route("/v1/conntrack", get(conntrack::<D>))
         .route("/v1/events", get(events::<D>))
@@ -277,6 +278,15 @@ async fn policies<D: DatapathOps + 'static>(
     ClientDeadline(deadline): ClientDeadline,
 ) -> ApiResult<myelin_api::PolicyStatus> {
     Ok(Json(s.agent.read(deadline, |a| a.policies()).await?))
+}
+
+async fn services<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
+) -> ApiResult<myelin_api::ServiceStatus> {
+    Ok(Json(
+        s.agent.run(deadline, |a| Ok(a.service_status())).await?,
+    ))
 }
 
 async fn drops<D: DatapathOps + 'static>(
@@ -611,5 +621,20 @@ mod tests {
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn services_are_listed_and_say_whether_kube_proxy_is_replaced() {
+        let s = default_server();
+        let (answer, _) = exchange(
+            &s.socket,
+            b"GET /v1/services HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let status: myelin_api::ServiceStatus = serde_json::from_str(body).unwrap();
+        assert_eq!(status, myelin_api::ServiceStatus::default());
     }
 }

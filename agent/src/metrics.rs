@@ -35,6 +35,10 @@ pub struct Snapshot {
     pub pods_indexed: usize,
     /// NetworkPolicies whose latest version is rejected (each fails closed).
     pub policies_rejected: usize,
+    /// Services translated in eBPF (`--kube-proxy-replacement`).
+    pub services: usize,
+    /// Their frontends that have no backend (their connections are refused).
+    pub frontends_without_backend: usize,
     /// (reason, packets, bytes)
     pub drops: Vec<(&'static str, u64, u64)>,
     /// (map, entries, capacity)
@@ -112,6 +116,17 @@ impl Collector for SnapshotCollector {
                 "NetworkPolicies whose latest version is rejected: each keeps its last good \
                  version in force, or isolates the pods it selects",
                 s.policies_rejected as i64,
+            ),
+            (
+                "myelin_services",
+                "Services translated in eBPF (--kube-proxy-replacement; 0 without it)",
+                s.services as i64,
+            ),
+            (
+                "myelin_service_frontends_without_backend",
+                "Frontends of translated Services with no usable endpoint: their connections \
+                 are refused (myelinctl services names them)",
+                s.frontends_without_backend as i64,
             ),
         ] {
             let gauge = ConstGauge::new(value);
@@ -252,6 +267,26 @@ async fn scrape(State(e): State<Arc<Exporter>>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn services_and_frontends_without_backend_are_gauges() {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(SnapshotCollector(Arc::new(Mutex::new(
+            Snapshot {
+                services: 3,
+                frontends_without_backend: 1,
+                ..Snapshot::default()
+            },
+        )))));
+        let mut body = String::new();
+        prometheus_client::encoding::text::encode(&mut body, &registry).unwrap();
+        for line in [
+            "myelin_services 3",
+            "myelin_service_frontends_without_backend 1",
+        ] {
+            assert!(body.lines().any(|l| l == line), "{line}: {body}");
+        }
+    }
 
     #[test]
     fn rejected_policies_are_a_gauge() {

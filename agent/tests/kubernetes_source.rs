@@ -14,7 +14,10 @@ use myelin_agent::source::{
 use myelin_cluster::{Change, ClusterIndex, Kind, index::Fallback, policy::PortMatch};
 use myelin_tests::{
     apiserver::{ApiServer, Fault, Resource, generated_cluster},
-    cluster::{namespace_object, node_object, pod_object},
+    cluster::{
+        endpoint_slice_object, namespace_object, node_object, pod_object, service_object,
+        slice_endpoint,
+    },
 };
 use serde_json::{Value, json};
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
@@ -584,34 +587,28 @@ async fn a_policy_the_api_server_accepts_but_myelin_cannot_enforce_is_rejected_n
 }
 
 fn service(name: &str, cluster_ip: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": { "name": name, "namespace": "default" },
-        "spec": {
+    service_object(
+        "default",
+        name,
+        json!({
             "clusterIP": cluster_ip,
             "ports": [{ "name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080 }],
-        },
-    })
+        }),
+    )
 }
 
 fn endpoint_slice(name: &str, service: &str, addresses: &[&str]) -> Value {
-    let endpoints: Vec<Value> = addresses
+    let endpoints = addresses
         .iter()
-        .map(|a| json!({ "addresses": [a], "conditions": { "ready": true }, "nodeName": "node-1" }))
+        .map(|a| slice_endpoint(a, true, false, "node-1"))
         .collect();
-    json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": { "kubernetes.io/service-name": service },
-        },
-        "addressType": "IPv4",
-        "endpoints": endpoints,
-        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
-    })
+    endpoint_slice_object(
+        "default",
+        name,
+        service,
+        endpoints,
+        &[("http", 8080, "TCP")],
+    )
 }
 
 fn slice_addresses(index: &ClusterIndex, service: &str) -> Vec<String> {

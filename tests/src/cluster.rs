@@ -116,6 +116,53 @@ pub fn pod_object(
     })
 }
 
+/// A Service `namespace/name` with `spec` as given (`clusterIP`, `ports`, `type`, ...).
+pub fn service_object(namespace: &str, name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": spec,
+    })
+}
+
+/// An endpoint of an EndpointSlice, as the EndpointSlice controller writes it: ready, or
+/// terminating (then serving while `ready` is false), on `node`.
+pub fn slice_endpoint(address: &str, ready: bool, terminating: bool, node: &str) -> Value {
+    json!({
+        "addresses": [address],
+        "conditions": { "ready": ready, "serving": ready || terminating, "terminating": terminating },
+        "nodeName": node,
+    })
+}
+
+/// An IPv4 EndpointSlice of Service `namespace/service` (its `kubernetes.io/service-name`
+/// label) with `endpoints` and `ports` (name, port, protocol).
+pub fn endpoint_slice_object(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    endpoints: Vec<Value>,
+    ports: &[(&str, u16, &str)],
+) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p, protocol)| json!({ "name": n, "port": p, "protocol": protocol }))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": ports,
+    })
+}
+
 /// The `status` kubelet reports for a running pod: its address and its node's.
 pub fn running_pod_status(pod_ip: Ipv4Addr, host_ip: Ipv4Addr) -> Value {
     json!({

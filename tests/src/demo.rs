@@ -31,7 +31,7 @@ use crate::{
     run::RunPrefix,
     services::{
         Answer, Backend, BackendServers, Protocol, ServicePort, ask_many, ask_until,
-        endpoint_slice_object, service_object, tally,
+        cluster_ip_service, endpoint_slice, tally,
     },
     sweep::sweep_leftovers,
     traffic::{Host, ping, tcp_echo},
@@ -417,14 +417,14 @@ impl Demo<'_> {
             self.cluster.apply(
                 "service-api",
                 &[
-                    service_object(
+                    cluster_ip_service(
                         "demo",
                         "api",
                         SERVICE_IP,
                         &[SERVICE_PORT],
                         serde_json::json!({}),
                     ),
-                    endpoint_slice_object("demo", "api-1", "api", &[SERVICE_PORT], &backends),
+                    endpoint_slice("demo", "api-1", "api", &[SERVICE_PORT], &backends),
                 ],
             )
         };

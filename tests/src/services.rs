@@ -20,7 +20,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::{Error, Result, traffic::Host};
+use crate::{Error, Result, cluster, traffic::Host};
 
 /// How often a server thread looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
@@ -38,7 +38,7 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
@@ -293,33 +293,28 @@ pub struct ServicePort<'a> {
 
 /// A Service of type ClusterIP with `ports`, as the API server stores it (the ClusterIP
 /// allocated); `spec` is merged into its spec (`sessionAffinity`, `internalTrafficPolicy`, ...).
-pub fn service_object(
+pub fn cluster_ip_service(
     namespace: &str,
     name: &str,
     cluster_ip: Ipv4Addr,
     ports: &[ServicePort<'_>],
     spec: Value,
 ) -> Value {
-    let mut object = json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": { "name": name, "namespace": namespace },
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": cluster_ip.to_string(),
-            "clusterIPs": [cluster_ip.to_string()],
-            "ports": ports.iter().map(|p| json!({
-                "name": p.name,
-                "protocol": p.protocol.as_str(),
-                "port": p.port,
-                "targetPort": p.target_port,
-            })).collect::<Vec<_>>(),
-        },
+    let mut full = json!({
+        "type": "ClusterIP",
+        "clusterIP": cluster_ip.to_string(),
+        "clusterIPs": [cluster_ip.to_string()],
+        "ports": ports.iter().map(|p| json!({
+            "name": p.name,
+            "protocol": p.protocol.as_str(),
+            "port": p.port,
+            "targetPort": p.target_port,
+        })).collect::<Vec<_>>(),
     });
-    if let (Some(spec), Value::Object(extra)) = (object["spec"].as_object_mut(), spec) {
-        spec.extend(extra);
+    if let (Some(full), Value::Object(extra)) = (full.as_object_mut(), spec) {
+        full.extend(extra);
     }
-    object
+    cluster::service_object(namespace, name, full)
 }
 
 /// A backend as an EndpointSlice lists it.
@@ -328,7 +323,7 @@ pub struct Backend {
     pub ip: Ipv4Addr,
     pub node: String,
     pub ready: bool,
-    pub serving: bool,
+    /// Shutting down; it still serves (`serving` is `ready || terminating`).
     pub terminating: bool,
 }
 
@@ -339,7 +334,6 @@ impl Backend {
             ip,
             node: node.to_string(),
             ready: true,
-            serving: true,
             terminating: false,
         }
     }
@@ -352,39 +346,32 @@ impl Backend {
             ..Self::ready(ip, node)
         }
     }
+
+    /// Neither ready nor serving (failing its readiness probe).
+    pub fn unready(ip: Ipv4Addr, node: &str) -> Self {
+        Self {
+            ready: false,
+            ..Self::ready(ip, node)
+        }
+    }
 }
 
 /// The EndpointSlice the endpointslice controller writes for Service `service`: its ports by
 /// the Service ports' names, with the target ports.
-pub fn endpoint_slice_object(
+pub fn endpoint_slice(
     namespace: &str,
     name: &str,
     service: &str,
     ports: &[ServicePort<'_>],
     backends: &[Backend],
 ) -> Value {
-    json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": { "kubernetes.io/service-name": service },
-        },
-        "addressType": "IPv4",
-        "ports": ports.iter().map(|p| json!({
-            "name": p.name,
-            "protocol": p.protocol.as_str(),
-            "port": p.target_port,
-        })).collect::<Vec<_>>(),
-        "endpoints": backends.iter().map(|b| json!({
-            "addresses": [b.ip.to_string()],
-            "conditions": {
-                "ready": b.ready,
-                "serving": b.serving,
-                "terminating": b.terminating,
-            },
-            "nodeName": b.node,
-        })).collect::<Vec<_>>(),
-    })
+    let endpoints = backends
+        .iter()
+        .map(|b| cluster::slice_endpoint(&b.ip.to_string(), b.ready, b.terminating, &b.node))
+        .collect();
+    let ports: Vec<(&str, u16, &str)> = ports
+        .iter()
+        .map(|p| (p.name, p.target_port, p.protocol.as_str()))
+        .collect();
+    cluster::endpoint_slice_object(namespace, name, service, endpoints, &ports)
 }

@@ -121,6 +121,7 @@ fn every_rendered_object_validates_against_the_kubernetes_schemas() -> Result<()
             "cni": { "binDir": "/usr/libexec/cni", "confDir": "/etc/cni/conf.d" },
             "resources": { "requests": { "cpu": "50m" }, "limits": { "memory": "1Gi" } },
             "priorityClassName": "",
+            "kubeProxyReplacement": true,
         }),
     ] {
         let rendered = tools.render(&values)?;
@@ -151,6 +152,7 @@ fn values_outside_the_schema_are_refused() -> Result<()> {
         json!({ "nonMasqueradeCIDRs": ["10.0.0.0"] }),
         json!({ "natPortRange": "61000" }),
         json!({ "uplink": "eth0/../x" }),
+        json!({ "kubeProxyReplacement": "yes" }),
     ] {
         assert!(
             tools.render(&values).is_err(),
@@ -160,10 +162,11 @@ fn values_outside_the_schema_are_refused() -> Result<()> {
     Ok(())
 }
 
-/// The routing and masquerading values become the agent's flags, spelled as the agent parses
-/// them (checked against its `--help`, so a renamed flag fails here rather than on a node).
+/// The routing, masquerading and Service values become the agent's flags, spelled as the agent
+/// parses them (checked against its `--help`, so a renamed flag fails here rather than on a
+/// node).
 #[test]
-fn routing_and_masquerading_values_become_the_agents_flags() -> Result<()> {
+fn routing_masquerading_and_service_values_become_the_agents_flags() -> Result<()> {
     let rendered = ChartTools::from_current_exe()?.render(&json!({
         "routingMode": "native",
         "tunnelPort": 4789,
@@ -171,6 +174,7 @@ fn routing_and_masquerading_values_become_the_agents_flags() -> Result<()> {
         "masquerade": false,
         "nonMasqueradeCIDRs": ["10.0.0.0/8", "192.168.0.0/16"],
         "natPortRange": "40000-50000",
+        "kubeProxyReplacement": true,
     }))?;
     let objects = objects(&rendered);
     let spec = &object(&objects, "DaemonSet")["spec"]["template"]["spec"];
@@ -185,6 +189,7 @@ fn routing_and_masquerading_values_become_the_agents_flags() -> Result<()> {
             "--masquerade=false",
             "--non-masquerade-cidrs=10.0.0.0/8,192.168.0.0/16",
             "--nat-port-range=40000-50000",
+            "--kube-proxy-replacement=true",
         ])
     );
     let help = std::process::Command::new(Binaries::from_env()?.agent()?)
@@ -328,6 +333,7 @@ fn agent_runs_the_kubernetes_source_named_after_its_node() {
             "--routing-mode=tunnel",
             "--tunnel-port=8472",
             "--masquerade=true",
+            "--kube-proxy-replacement=false",
         ])
     );
     assert_eq!(
@@ -357,10 +363,8 @@ fn installer_writes_the_conflist_with_cni_version_1_0_0() {
     );
 }
 
-#[test]
-fn cluster_role_only_reads_what_the_agent_watches() {
-    let objects = objects(&install_yaml());
-    let role = object(&objects, "ClusterRole");
+/// What a rendered ClusterRole grants: (API group, resource), every rule read only.
+fn granted(role: &Value) -> BTreeSet<(String, String)> {
     let mut granted = BTreeSet::new();
     for rule in role["rules"].as_array().expect("rules") {
         assert_eq!(
@@ -375,16 +379,45 @@ fn cluster_role_only_reads_what_the_agent_watches() {
             }
         }
     }
-    // The kinds agent/src/source/kubernetes.rs watches.
-    let watched: BTreeSet<(String, String)> = [
-        ("", "nodes"),
-        ("", "namespaces"),
-        ("", "pods"),
-        ("networking.k8s.io", "networkpolicies"),
-    ]
-    .map(|(g, r)| (g.to_string(), r.to_string()))
-    .into();
-    assert_eq!(granted, watched);
+    granted
+}
+
+fn resources(list: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+    list.iter()
+        .map(|(g, r)| (g.to_string(), r.to_string()))
+        .collect()
+}
+
+/// The kinds agent/src/source/kubernetes.rs watches without --kube-proxy-replacement.
+const WATCHED: [(&str, &str); 4] = [
+    ("", "nodes"),
+    ("", "namespaces"),
+    ("", "pods"),
+    ("networking.k8s.io", "networkpolicies"),
+];
+
+/// With kubeProxyReplacement (and only then) the agent watches Services and EndpointSlices, and
+/// may read them.
+#[test]
+fn cluster_role_reads_services_and_endpoint_slices_only_with_kube_proxy_replacement() -> Result<()>
+{
+    let rendered =
+        ChartTools::from_current_exe()?.render(&json!({ "kubeProxyReplacement": true }))?;
+    let objects = objects(&rendered);
+    let mut watched = resources(&WATCHED);
+    watched.extend(resources(&[
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+    ]));
+    assert_eq!(granted(object(&objects, "ClusterRole")), watched);
+    Ok(())
+}
+
+#[test]
+fn cluster_role_only_reads_what_the_agent_watches() {
+    let objects = objects(&install_yaml());
+    let role = object(&objects, "ClusterRole");
+    assert_eq!(granted(role), resources(&WATCHED));
 
     let binding = object(&objects, "ClusterRoleBinding");
     let account = object(&objects, "ServiceAccount");

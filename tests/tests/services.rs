@@ -22,7 +22,7 @@ use myelin_tests::{
     root_test,
     services::{
         Answer, Backend, BackendServers, Protocol, ServicePort, ask, ask_many, ask_until,
-        endpoint_slice_object, service_object, tally,
+        cluster_ip_service, endpoint_slice, tally,
     },
     traffic::Host,
 };
@@ -69,8 +69,8 @@ fn web(c: &Cluster, ports: &[ServicePort<'_>], spec: Value, backends: &[Backend]
     c.apply(
         "web",
         &[
-            service_object("default", "web", CLUSTER_IP, ports, spec),
-            endpoint_slice_object("default", "web-1", "web", ports, backends),
+            cluster_ip_service("default", "web", CLUSTER_IP, ports, spec),
+            endpoint_slice("default", "web-1", "web", ports, backends),
         ],
     )
 }
@@ -166,9 +166,7 @@ fn a_frontend_without_backends_refuses_at_once() -> Result<()> {
     web(&c, &[WEB_TCP], json!({}), &ready(&c, &[&b0]))?;
     wait_for_service(&client, WEB_TCP)?;
 
-    let mut unready = ready(&c, &[&b0]);
-    unready[0].ready = false;
-    unready[0].serving = false;
+    let unready = [Backend::unready(b0.ip(), c.node(1).name())];
     web(&c, &[WEB_TCP], json!({}), &unready)?;
     ask_until(&client, frontend(WEB_TCP), Protocol::Tcp, CONVERGE, |a| {
         a == Answer::Refused
@@ -177,7 +175,7 @@ fn a_frontend_without_backends_refuses_at_once() -> Result<()> {
     // No slice at all.
     c.apply(
         "web",
-        &[service_object(
+        &[cluster_ip_service(
             "default",
             "web",
             CLUSTER_IP,

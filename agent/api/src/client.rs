@@ -15,7 +15,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::{
     AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, DropCount, Endpoint,
     EndpointRequest, FlowEvent, GcRequest, GcResponse, NodeSummary, PolicyStatus, ReleaseResponse,
-    Status, TrackedFlow,
+    ServiceStatus, Status, TrackedFlow,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +126,10 @@ impl Client {
 
     pub fn policies(&self) -> Result<PolicyStatus, ClientError> {
         self.request::<(), _>("GET", "/v1/policies", None)
+    }
+
+    pub fn services(&self) -> Result<ServiceStatus, ClientError> {
+        self.request::<(), _>("GET", "/v1/services", None)
     }
 
     pub fn drops(&self) -> Result<Vec<DropCount>, ClientError> {

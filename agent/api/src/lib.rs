@@ -14,6 +14,7 @@
 //! | `GET` | `/v1/status` | | [`Status`] |
 //! | `GET` | `/v1/nodes` | | `[`[`NodeSummary`]`]` |
 //! | `GET` | `/v1/policies` | | [`PolicyStatus`] |
+//! | `GET` | `/v1/services` | | [`ServiceStatus`] |
 //! | `GET` | `/v1/drops` | | `[`[`DropCount`]`]` |
 //! | `GET` | `/v1/conntrack` | | `[`[`TrackedFlow`]`]` |
 //! | `GET` | `/v1/events` | | newline-delimited [`FlowEvent`]s, streamed until closed |
@@ -26,7 +27,7 @@ mod client;
 mod mac;
 pub mod pending;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
@@ -279,6 +280,10 @@ pub struct Status {
     /// How this node reaches the others; absent when its Node object gives no InternalIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<RoutingInfo>,
+    /// Services are translated in eBPF (`--kube-proxy-replacement`); false: left to
+    /// kube-proxy. False from older agents.
+    #[serde(default)]
+    pub kube_proxy_replacement: bool,
 }
 
 /// How a node reaches the other nodes (`Status::routing`).
@@ -374,6 +379,120 @@ pub struct PolicyStatus {
     pub capacity: usize,
     /// Local pods whose entries did not fit: their new connections are dropped.
     pub incomplete: Vec<PodRef>,
+}
+
+/// `GET /v1/services`: the Services this node translates (`--kube-proxy-replacement`), with
+/// what the datapath's `lb_services` holds for each.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    /// Off: Services are left to kube-proxy, and none is listed.
+    pub kube_proxy_replacement: bool,
+    pub services: Vec<ServiceSummary>,
+}
+
+/// A Service as this node translates it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSummary {
+    pub namespace: String,
+    pub name: String,
+    /// `ClusterIP`, `NodePort`, `LoadBalancer` or `ExternalName`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Why it is not translated (headless, ExternalName, no IPv4 ClusterIP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_translated: Option<String>,
+    /// `sessionAffinity: ClientIP`: its timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_seconds: Option<u32>,
+    /// `Cluster` or `Local`.
+    pub internal_traffic_policy: String,
+    pub external_traffic_policy: String,
+    pub ports: Vec<ServicePortSummary>,
+}
+
+/// One port of a Service: its frontends and its endpoints.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortSummary {
+    pub name: String,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    pub port: u16,
+    pub frontends: Vec<FrontendSummary>,
+    /// Every endpoint of the port in the Service's IPv4 EndpointSlices.
+    pub endpoints: Vec<BackendSummary>,
+}
+
+/// An address, port and protocol the datapath translates.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FrontendSummary {
+    pub kind: FrontendKind,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    /// A `Local` traffic policy: only this node's endpoints.
+    pub local: bool,
+    /// The backends it sends to, in slot order. Empty: its connections are refused.
+    pub backends: Vec<SocketAddrV4>,
+    /// Another Service (`namespace/name`) holds the same address, port and protocol: this
+    /// frontend is not translated for this Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_by: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum FrontendKind {
+    ClusterIp,
+    ExternalIp,
+    /// This node's InternalIP on the Service's node port.
+    NodePort,
+}
+
+impl std::fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::ClusterIp => "cluster-ip",
+            Self::ExternalIp => "external-ip",
+            Self::NodePort => "node-port",
+        })
+    }
+}
+
+/// An endpoint of a Service port.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendSummary {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub state: BackendState,
+    /// The endpoint's `nodeName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// What an endpoint's conditions make of it. In order of preference.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendState {
+    /// Ready: a backend of every frontend whose traffic policy its node fits.
+    Ready,
+    /// Not ready but serving while it terminates: a backend only while no ready one is.
+    ServingTerminating,
+    /// Neither: never a backend.
+    NotUsed,
+}
+
+impl std::fmt::Display for BackendState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Ready => "ready",
+            Self::ServingTerminating => "serving-terminating",
+            Self::NotUsed => "not-used",
+        })
+    }
 }
 
 /// Packets dropped for one reason, since the datapath was loaded the first time.
@@ -572,6 +691,55 @@ mod tests {
         assert_eq!(
             serde_json::from_value::<PolicySummary>(json).unwrap(),
             rejected
+        );
+    }
+
+    #[test]
+    fn a_service_summary_is_camel_case_json_with_kebab_case_states() {
+        let summary = ServiceSummary {
+            namespace: "default".into(),
+            name: "web".into(),
+            type_: "NodePort".into(),
+            not_translated: None,
+            affinity_timeout_seconds: Some(10_800),
+            internal_traffic_policy: "Cluster".into(),
+            external_traffic_policy: "Local".into(),
+            ports: vec![ServicePortSummary {
+                name: "http".into(),
+                protocol: "TCP".into(),
+                port: 80,
+                frontends: vec![FrontendSummary {
+                    kind: FrontendKind::NodePort,
+                    address: Ipv4Addr::new(192, 168, 1, 10),
+                    port: 30080,
+                    local: true,
+                    backends: vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 5), 8080)],
+                    taken_by: None,
+                }],
+                endpoints: vec![BackendSummary {
+                    address: Ipv4Addr::new(10, 244, 1, 5),
+                    port: 8080,
+                    state: BackendState::ServingTerminating,
+                    node: Some("node-1".into()),
+                }],
+            }],
+        };
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["type"], "NodePort");
+        assert_eq!(json["affinityTimeoutSeconds"], 10_800);
+        assert_eq!(json["ports"][0]["frontends"][0]["kind"], "node-port");
+        assert_eq!(
+            json["ports"][0]["frontends"][0]["backends"][0],
+            "10.244.1.5:8080"
+        );
+        assert_eq!(
+            json["ports"][0]["endpoints"][0]["state"],
+            "serving-terminating"
+        );
+        assert!(json.get("notTranslated").is_none());
+        assert_eq!(
+            serde_json::from_value::<ServiceSummary>(json).unwrap(),
+            summary
         );
     }
 

@@ -33,6 +33,8 @@ pub struct ClusterIndex {
     policies: BTreeMap<(String, String), IndexedPolicy>,
     services: BTreeMap<(String, String), ServiceInfo>,
     endpoint_slices: EndpointSlices,
+    /// See [`ClusterIndex::services_generation`].
+    services_generation: u64,
     label_sets: LabelSets,
 }
 
@@ -271,11 +273,25 @@ impl ClusterIndex {
             } => Touched::All,
             _ => Touched::Nothing,
         };
+        let kind = match &change {
+            Change::Apply(object) => object.kind(),
+            Change::Delete { kind, .. } | Change::Replace { kind, .. } => *kind,
+        };
         let changed = self.apply_objects(change);
         if changed {
             self.refresh_label_sets(touched);
+            if matches!(kind, Kind::Service | Kind::EndpointSlice | Kind::Node) {
+                self.services_generation += 1;
+            }
         }
         changed
+    }
+
+    /// Changes whenever a Service, an EndpointSlice or a Node changes: what translating
+    /// Services depends on (a node's address is its node ports' frontend). Pods coming and
+    /// going do not change it.
+    pub fn services_generation(&self) -> u64 {
+        self.services_generation
     }
 
     fn refresh_label_sets(&mut self, touched: Touched) {
@@ -933,6 +949,26 @@ mod tests {
         }));
         assert_eq!(slices_of(&index, "web"), ["web-3"]);
         assert!(slices_of(&index, "api").is_empty());
+    }
+
+    #[test]
+    fn the_services_generation_follows_services_slices_and_nodes_only() {
+        let mut index = ClusterIndex::default();
+        let start = index.services_generation();
+        apply_pod(&mut index, &pod("default", "web", &[], Some("10.0.0.5")));
+        assert_eq!(
+            index.services_generation(),
+            start,
+            "a pod changes no Service"
+        );
+        apply_slice(&mut index, "web-1", Some("web"));
+        let after_slice = index.services_generation();
+        assert_ne!(after_slice, start);
+        apply_slice(&mut index, "web-1", Some("web"));
+        assert_eq!(index.services_generation(), after_slice, "unchanged");
+        let (node, _) = NodeInfo::from_k8s(&node("n1", None, "192.168.0.1")).unwrap();
+        index.apply(Change::Apply(Object::Node(node)));
+        assert_ne!(index.services_generation(), after_slice);
     }
 
     #[test]

@@ -181,6 +181,22 @@ pub enum Change {
     Replace { kind: Kind, objects: Vec<Object> },
 }
 
+/// `metadata.namespace` and `metadata.name` of a namespaced object, both required.
+pub(crate) fn namespaced_name(
+    kind: &'static str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<(String, String), ObjectError> {
+    let name = meta.name.clone().ok_or(ObjectError::NoName { kind })?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .ok_or_else(|| ObjectError::NoNamespace {
+            kind,
+            name: name.clone(),
+        })?;
+    Ok((namespace, name))
+}
+
 /// Warnings about fields that were present but unusable; the object is still indexed.
 pub type Warnings = Vec<String>;
 
@@ -242,19 +258,7 @@ impl NamespaceInfo {
 
 impl PodInfo {
     pub fn from_k8s(pod: &Pod) -> Result<(Self, Warnings), ObjectError> {
-        let name = pod
-            .metadata
-            .name
-            .clone()
-            .ok_or(ObjectError::NoName { kind: "Pod" })?;
-        let namespace = pod
-            .metadata
-            .namespace
-            .clone()
-            .ok_or_else(|| ObjectError::NoNamespace {
-                kind: "Pod",
-                name: name.clone(),
-            })?;
+        let (namespace, name) = namespaced_name("Pod", &pod.metadata)?;
         let mut warnings = Vec::new();
         // A pod that has terminated (phase Succeeded or Failed) no longer holds its address:
         // the runtime tore its sandbox down and the address may already be another pod's.

@@ -88,6 +88,15 @@ impl Protocol {
         }
     }
 
+    /// As Kubernetes spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
     /// As a container port or a policy port spells it; absent means TCP.
     pub fn parse(s: Option<&str>) -> Result<Self, String> {
         match s.unwrap_or("TCP") {

@@ -17,7 +17,10 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::{objects::ObjectError, policy::Protocol};
+use crate::{
+    objects::{ObjectError, namespaced_name},
+    policy::Protocol,
+};
 
 /// The label the EndpointSlice controller puts on a slice: the name of its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -132,22 +135,6 @@ fn invalid(
     }
 }
 
-/// `metadata.namespace` and `metadata.name`, both required.
-fn namespaced_name(
-    kind: &'static str,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> Result<(String, String), ObjectError> {
-    let name = meta.name.clone().ok_or(ObjectError::NoName { kind })?;
-    let namespace = meta
-        .namespace
-        .clone()
-        .ok_or_else(|| ObjectError::NoNamespace {
-            kind,
-            name: name.clone(),
-        })?;
-    Ok((namespace, name))
-}
-
 /// An IP address field: `Some` for IPv4, `None` for IPv6 (not translated), an error otherwise.
 fn ip_field(value: &str) -> Result<Option<Ipv4Addr>, String> {
     match value.parse::<IpAddr>() {
@@ -234,8 +221,9 @@ impl ServiceInfo {
                 return Err(bad(
                     &at("port"),
                     format!(
-                        "{}/{:?} is spec.ports[{j}] already",
-                        port.port, port.protocol
+                        "{}/{} is spec.ports[{j}] already",
+                        port.port,
+                        port.protocol.as_str()
                     ),
                 ));
             }
@@ -417,7 +405,7 @@ impl EndpointSliceInfo {
             if !seen.insert((port_name.clone(), protocol)) {
                 return Err(bad(
                     format!("ports[{i}].name"),
-                    format!("{port_name:?}/{protocol:?} is listed twice"),
+                    format!("{port_name:?}/{} is listed twice", protocol.as_str()),
                 ));
             }
             ports.push(SlicePort {
@@ -524,7 +512,7 @@ mod tests {
             ),
             (
                 "{ports: [{name: a, port: 80}, {name: b, port: 80}]}",
-                "spec.ports[1].port: 80/Tcp is spec.ports[0] already",
+                "spec.ports[1].port: 80/TCP is spec.ports[0] already",
             ),
             (
                 "{ports: [{name: a, port: 80}, {name: a, port: 81}]}",

@@ -79,8 +79,9 @@ pub struct Agent<D> {
     /// `--kube-proxy-replacement`: Services are translated in eBPF. Off, `lb_services` stays
     /// empty and kube-proxy translates them, as before.
     translates_services: bool,
-    /// Every Service's translation as of the generation: it depends on the index alone, so an
-    /// ADD or DEL does not recompute it.
+    /// Every Service's translation as of the index's services generation: it depends on
+    /// Services, EndpointSlices and Nodes alone, so neither an ADD or DEL nor a pod's change
+    /// recomputes it.
     services: (u64, desired::services::Services),
     /// The translation's warnings already logged.
     reported_service_warnings: BTreeSet<String>,
@@ -169,7 +170,8 @@ impl<D: DatapathOps> Agent<D> {
             pod_hosts: (0, BTreeMap::new()),
             nodes: (0, desired::Nodes::default()),
             translates_services: false,
-            services: (0, desired::services::Services::default()),
+            // Never a generation the index reports: the first call computes.
+            services: (u64::MAX, desired::services::Services::default()),
             reported_service_warnings: BTreeSet::new(),
             non_masquerade_cidrs: Vec::new(),
             datapath,
@@ -387,9 +389,10 @@ impl<D: DatapathOps> Agent<D> {
     /// cluster state. Its warnings are logged once each, after the first sync (before it, a
     /// slice listed ahead of its Service is no news).
     pub fn services(&mut self) -> &desired::services::Services {
-        if self.translates_services && self.services.0 != self.cluster_generation {
+        let generation = self.index.services_generation();
+        if self.translates_services && self.services.0 != generation {
             self.services = (
-                self.cluster_generation,
+                generation,
                 desired::services::translate(&self.index, &self.node_name),
             );
         }

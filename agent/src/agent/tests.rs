@@ -712,7 +712,8 @@ fn without_kube_proxy_replacement_no_service_is_translated() {
     let mut a = agent();
     a.apply_cluster_changes(web_service_changes()).unwrap();
     assert!(a.desired_state().lb_services.is_empty());
-    assert!(a.services().services.is_empty());
+    assert_eq!(a.service_status(), myelin_api::ServiceStatus::default());
+    assert!(!a.status().kube_proxy_replacement);
 }
 
 #[test]
@@ -735,6 +736,23 @@ fn with_kube_proxy_replacement_services_are_translated_and_their_addresses_are_n
         .keys()
         .any(|k| k.data.addr == [10, 96, 0, 10]);
     assert!(!in_ipcache, "a ClusterIP is not a pod: no identity");
+    assert!(a.status().kube_proxy_replacement);
+    let metrics = a.metrics_snapshot();
+    assert_eq!(
+        (metrics.services, metrics.frontends_without_backend),
+        (1, 0)
+    );
+    let status = a.service_status();
+    assert!(status.kube_proxy_replacement);
+    let frontend = &status.services[0].ports[0].frontends[0];
+    assert_eq!(
+        (
+            frontend.address.to_string(),
+            frontend.backends[0].to_string()
+        ),
+        ("10.96.0.10".into(), "10.244.0.9:8080".into()),
+        "the API shows what the slots hold"
+    );
     // The Service goes: so do its slots.
     a.apply_cluster_changes([Change::Delete {
         kind: myelin_cluster::Kind::Service,

@@ -1,10 +1,11 @@
 //! What the API and the metrics show of the agent's state.
 
-use std::sync::Arc;
+use std::{net::SocketAddrV4, sync::Arc};
 
 use myelin_api::{
-    AttachmentId, DropCount, Endpoint, PodRef, PolicyFallback, PolicyRejected, PolicyStatus,
-    PolicySummary, Status,
+    AttachmentId, BackendSummary, DropCount, Endpoint, FrontendSummary, PodRef, PolicyFallback,
+    PolicyRejected, PolicyStatus, PolicySummary, ServicePortSummary, ServiceStatus, ServiceSummary,
+    Status,
 };
 use myelin_cluster::{IdentityLabels, index::Fallback};
 use myelin_common::endpoint::ENDPOINT_F_POLICY_INCOMPLETE;
@@ -54,6 +55,7 @@ impl<D: DatapathOps> Agent<D> {
             attach_mode: self.datapath.mode().as_str().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             routing: self.routing.clone(),
+            kube_proxy_replacement: self.translates_services,
         }
     }
 
@@ -135,6 +137,65 @@ impl<D: DatapathOps> Agent<D> {
         }
     }
 
+    /// Every Service this node translates, with its frontends, the backends each sends to
+    /// and every endpoint's state; nothing when Services are left to kube-proxy.
+    pub fn service_status(&mut self) -> ServiceStatus {
+        let translates = self.translates_services;
+        let services = self
+            .services()
+            .services
+            .iter()
+            .map(|s| ServiceSummary {
+                namespace: s.namespace.clone(),
+                name: s.name.clone(),
+                type_: s.type_.as_str().to_string(),
+                not_translated: s.not_translated.map(str::to_string),
+                affinity_timeout_seconds: s.affinity_timeout_s,
+                internal_traffic_policy: s.internal_traffic_policy.as_str().to_string(),
+                external_traffic_policy: s.external_traffic_policy.as_str().to_string(),
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| ServicePortSummary {
+                        name: p.port.name.clone(),
+                        protocol: p.port.protocol.as_str().to_string(),
+                        port: p.port.port,
+                        frontends: p
+                            .frontends
+                            .iter()
+                            .map(|f| FrontendSummary {
+                                kind: f.kind,
+                                address: f.addr,
+                                port: f.port,
+                                local: f.local,
+                                backends: f
+                                    .backends
+                                    .iter()
+                                    .map(|(addr, port)| SocketAddrV4::new(*addr, *port))
+                                    .collect(),
+                                taken_by: f.taken_by.clone(),
+                            })
+                            .collect(),
+                        endpoints: p
+                            .endpoints
+                            .iter()
+                            .map(|b| BackendSummary {
+                                address: b.addr,
+                                port: b.port,
+                                state: b.condition,
+                                node: b.node.clone(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        ServiceStatus {
+            kube_proxy_replacement: translates,
+            services,
+        }
+    }
+
     pub fn drops(&self) -> Vec<DropCount> {
         self.datapath
             .drops()
@@ -149,6 +210,7 @@ impl<D: DatapathOps> Agent<D> {
 
     /// Values for the metrics endpoint.
     pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let translated = &self.services.1;
         crate::metrics::Snapshot {
             ready: self.synced,
             endpoints: self.endpoints.len(),
@@ -156,6 +218,20 @@ impl<D: DatapathOps> Agent<D> {
             free_addresses: self.ipam.free(),
             pods_indexed: self.index.pod_count(),
             policies_rejected: self.index.rejected_policy_count(),
+            // The translation as of the last computation of the maps, which follows every
+            // change of the index.
+            services: translated
+                .services
+                .iter()
+                .filter(|s| s.not_translated.is_none())
+                .count(),
+            frontends_without_backend: translated
+                .services
+                .iter()
+                .flat_map(|s| &s.ports)
+                .flat_map(|p| &p.frontends)
+                .filter(|f| f.backends.is_empty() && f.taken_by.is_none())
+                .count(),
             drops: self
                 .datapath
                 .drops()

@@ -33,6 +33,9 @@ enum Command {
     Endpoints,
     /// NetworkPolicies in force, the local pods each selects, and rejected versions.
     Policies,
+    /// Services this node translates (--kube-proxy-replacement): frontends, the backends each
+    /// sends to, every endpoint's state and node.
+    Services,
     /// Packets dropped by the datapath, by reason.
     Drops,
     /// Connections conntrack is tracking.
@@ -73,6 +76,12 @@ fn main() -> anyhow::Result<()> {
                     }
                     None => println!("routing:        none (the Node object gives no InternalIP)"),
                 }
+                let services = if s.kube_proxy_replacement {
+                    "translated in eBPF (kube-proxy replacement)"
+                } else {
+                    "left to kube-proxy"
+                };
+                println!("services:       {services}");
                 println!("version:        {}", s.version);
             }
         }
@@ -169,6 +178,16 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Services => {
+            let status = client
+                .services()
+                .context("asking the agent for its Services")?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", services_table(&status));
+            }
+        }
         Command::Drops => {
             let drops = client
                 .drops()
@@ -218,4 +237,192 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `myelinctl services`: per Service, a line for it, one per frontend with the backends it
+/// sends to (or that it refuses connections), and one per port with every endpoint's state.
+fn services_table(status: &myelin_api::ServiceStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if !status.kube_proxy_replacement {
+        out.push_str(
+            "kube-proxy replacement is off (--kube-proxy-replacement): Services go through the \
+             node's stack and kube-proxy\n",
+        );
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<40} {:<13} {:<16} FRONTEND -> BACKENDS",
+        "SERVICE", "TYPE", "KIND"
+    );
+    for s in &status.services {
+        let id = format!("{}/{}", s.namespace, s.name);
+        if let Some(why) = &s.not_translated {
+            let _ = writeln!(out, "{id:<40} {:<13} not translated: {why}", s.type_);
+            continue;
+        }
+        let mut first = true;
+        for port in &s.ports {
+            for f in &port.frontends {
+                let backends = if let Some(holder) = &f.taken_by {
+                    format!("NOT TRANSLATED: Service {holder} holds it")
+                } else if f.backends.is_empty() {
+                    "NO BACKEND (connections refused)".to_string()
+                } else {
+                    f.backends
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                let kind = format!("{}{}", f.kind, if f.local { ",local" } else { "" });
+                let (name, type_) = if first {
+                    (id.as_str(), s.type_.as_str())
+                } else {
+                    ("", "")
+                };
+                first = false;
+                let _ = writeln!(
+                    out,
+                    "{name:<40} {type_:<13} {kind:<16} {}:{}/{} -> {backends}",
+                    f.address, f.port, port.protocol
+                );
+            }
+        }
+        if first {
+            let _ = writeln!(out, "{id:<40} {:<13} no ports", s.type_);
+        }
+        let affinity = s
+            .affinity_timeout_seconds
+            .map_or("None".to_string(), |t| format!("ClientIP {t}s"));
+        let _ = writeln!(
+            out,
+            "  sessionAffinity {affinity}, internalTrafficPolicy {}, externalTrafficPolicy {}",
+            s.internal_traffic_policy, s.external_traffic_policy
+        );
+        for port in &s.ports {
+            let endpoints: Vec<String> = port
+                .endpoints
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}:{} {} {}",
+                        e.address,
+                        e.port,
+                        e.state,
+                        e.node.as_deref().unwrap_or("-")
+                    )
+                })
+                .collect();
+            let name = if port.name.is_empty() {
+                "-"
+            } else {
+                &port.name
+            };
+            let listed = if endpoints.is_empty() {
+                "none".to_string()
+            } else {
+                endpoints.join(", ")
+            };
+            let _ = writeln!(
+                out,
+                "  port {name} {}/{} endpoints: {listed}",
+                port.port, port.protocol
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use myelin_api::{
+        BackendState, BackendSummary, FrontendKind, FrontendSummary, ServicePortSummary,
+        ServiceStatus, ServiceSummary,
+    };
+
+    use super::services_table;
+
+    #[test]
+    fn the_services_table_shows_frontends_backends_and_endpoint_states() {
+        let web = ServiceSummary {
+            namespace: "default".into(),
+            name: "web".into(),
+            type_: "NodePort".into(),
+            not_translated: None,
+            affinity_timeout_seconds: Some(600),
+            internal_traffic_policy: "Cluster".into(),
+            external_traffic_policy: "Local".into(),
+            ports: vec![ServicePortSummary {
+                name: "http".into(),
+                protocol: "TCP".into(),
+                port: 80,
+                frontends: vec![
+                    FrontendSummary {
+                        kind: FrontendKind::ClusterIp,
+                        address: Ipv4Addr::new(10, 96, 0, 10),
+                        port: 80,
+                        local: false,
+                        backends: vec![SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 7), 8080)],
+                        taken_by: None,
+                    },
+                    FrontendSummary {
+                        kind: FrontendKind::NodePort,
+                        address: Ipv4Addr::new(192, 168, 1, 10),
+                        port: 30080,
+                        local: true,
+                        backends: vec![],
+                        taken_by: None,
+                    },
+                ],
+                endpoints: vec![BackendSummary {
+                    address: Ipv4Addr::new(10, 244, 2, 7),
+                    port: 8080,
+                    state: BackendState::Ready,
+                    node: Some("node-2".into()),
+                }],
+            }],
+        };
+        let headless = ServiceSummary {
+            name: "db".into(),
+            type_: "ClusterIP".into(),
+            not_translated: Some("headless (clusterIP: None)".into()),
+            ports: vec![],
+            ..web.clone()
+        };
+        let table = services_table(&ServiceStatus {
+            kube_proxy_replacement: true,
+            services: vec![headless, web],
+        });
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[1].starts_with("default/db")
+                && lines[1].ends_with("not translated: headless (clusterIP: None)"),
+            "{table}"
+        );
+        assert!(
+            lines[2].starts_with("default/web")
+                && lines[2].ends_with("cluster-ip       10.96.0.10:80/TCP -> 10.244.2.7:8080"),
+            "{table}"
+        );
+        assert!(
+            lines[3].ends_with(
+                "node-port,local  192.168.1.10:30080/TCP -> NO BACKEND (connections refused)"
+            ),
+            "{table}"
+        );
+        assert_eq!(
+            lines[4],
+            "  sessionAffinity ClientIP 600s, internalTrafficPolicy Cluster, externalTrafficPolicy Local"
+        );
+        assert_eq!(
+            lines[5],
+            "  port http 80/TCP endpoints: 10.244.2.7:8080 ready node-2"
+        );
+        let off = services_table(&ServiceStatus::default());
+        assert!(off.starts_with("kube-proxy replacement is off"), "{off}");
+    }
 }

@@ -35,21 +35,14 @@ use myelin_cluster::{
 };
 use myelin_common::lb::{LB_F_EXTERNAL_IP, LB_F_LOCAL, LB_F_NODEPORT, LbEntry, LbKey};
 
+/// What an endpoint's conditions make of it, and the kinds of frontends: the API's own types,
+/// so that what `myelinctl services` shows is what was computed.
+pub use myelin_api::{BackendState as Condition, FrontendKind};
+
 /// The most backends one frontend sends to: the first ones in address order. Bounds the slots
 /// one Service can take (the map is shared by every Service) well above what a Deployment
 /// reaches; a DaemonSet's Service on a larger cluster is cut, with a warning naming it.
 pub const MAX_BACKENDS_PER_FRONTEND: usize = 4_096;
-
-/// What an endpoint is to its Service, from its conditions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Condition {
-    /// Ready: a backend wherever its node fits the traffic policy.
-    Ready,
-    /// Not ready, but serving while it terminates: a backend only while no ready one is.
-    ServingTerminating,
-    /// Neither: never a backend.
-    NotUsed,
-}
 
 /// An endpoint of a Service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,13 +51,6 @@ pub struct Backend {
     pub port: u16,
     pub condition: Condition,
     pub node: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum FrontendKind {
-    ClusterIp,
-    ExternalIp,
-    NodePort,
 }
 
 /// An address, port and protocol the datapath translates.
@@ -77,6 +63,8 @@ pub struct Frontend {
     pub local: bool,
     /// The backends it sends to, in slot order: address and port.
     pub backends: Vec<(Ipv4Addr, u16)>,
+    /// Another Service (`namespace/name`) holds the same frontend: this one is not translated.
+    pub taken_by: Option<String>,
 }
 
 /// One Service port: its frontends and every endpoint it has.
@@ -121,22 +109,26 @@ pub fn translate(index: &ClusterIndex, node_name: &str) -> Services {
     // directory source are not checked by an API server); the first in name order keeps it.
     let mut holders: BTreeMap<LbKey, String> = BTreeMap::new();
     for service in index.services() {
-        let translation = translate_service(index, service, node_name, node_ip);
+        let mut translation = translate_service(index, service, node_name, node_ip);
         let id = format!("{}/{}", service.namespace, service.name);
-        for port in &translation.ports {
+        for port in &mut translation.ports {
             let usable = usable_count(&port.endpoints);
             if usable > MAX_BACKENDS_PER_FRONTEND {
                 out.warnings.insert(format!(
-                    "Service {id} port {}/{:?}: {usable} usable endpoints, only the first {MAX_BACKENDS_PER_FRONTEND} in address order are used",
-                    port.port.port, port.port.protocol
+                    "Service {id} port {}/{}: {usable} usable endpoints, only the first {MAX_BACKENDS_PER_FRONTEND} in address order are used",
+                    port.port.port,
+                    port.port.protocol.as_str()
                 ));
             }
-            for frontend in &port.frontends {
+            for frontend in &mut port.frontends {
                 let key = frontend_key(frontend, port.port.protocol);
                 if let Some(holder) = holders.get(&key) {
+                    frontend.taken_by = Some(holder.clone());
                     out.warnings.insert(format!(
-                        "Service {id}: frontend {}:{}/{:?} is Service {holder}'s already; not translated for {id}",
-                        frontend.addr, frontend.port, port.port.protocol
+                        "Service {id}: frontend {}:{}/{} is Service {holder}'s already; not translated for {id}",
+                        frontend.addr,
+                        frontend.port,
+                        port.port.protocol.as_str()
                     ));
                     continue;
                 }
@@ -212,6 +204,7 @@ fn translate_service(
             port: number,
             local,
             backends: backends_for(&endpoints, local, node_name),
+            taken_by: None,
         };
         let mut frontends: Vec<Frontend> = service
             .cluster_ips

@@ -523,6 +523,7 @@ fn handle(state: &mut AgentState, method: &str, target: &str, body: &[u8]) -> (u
                 attach_mode: "tcx".into(),
                 version: "test".into(),
                 routing: None,
+                kube_proxy_replacement: false,
             },
         ),
         _ => api_error(ErrorKind::NotFound, "no such route"),

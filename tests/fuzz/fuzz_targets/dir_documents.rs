@@ -71,6 +71,15 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(watched.pod(&pod.namespace, &pod.name), Some(pod));
     }
     assert_eq!(watched.pod_count(), scanned.pod_count());
+    // Services and EndpointSlices, and which slices each Service has, end the same both ways.
+    assert_eq!(
+        watched.services().collect::<Vec<_>>(),
+        scanned.services().collect::<Vec<_>>()
+    );
+    assert_eq!(slices(&watched), slices(&scanned));
+    for service in scanned.services() {
+        check_accepted_service(service);
+    }
 
     identities(&scanned);
 
@@ -90,7 +99,50 @@ fuzz_target!(|data: &[u8]| {
         0,
         "label sets outlive their pods"
     );
+    let listed: Vec<(String, String)> = slices(&scanned)
+        .into_iter()
+        .map(|(namespace, _, name)| (namespace, name))
+        .collect();
+    for (namespace, name) in listed {
+        scanned.apply(Change::Delete {
+            kind: Kind::EndpointSlice,
+            namespace,
+            name,
+        });
+    }
+    assert!(
+        scanned.endpoint_slices_with_service().next().is_none(),
+        "a Service's slices outlive them"
+    );
 });
+
+/// (namespace, Service, slice) of every EndpointSlice labelled for a Service.
+fn slices(index: &ClusterIndex) -> Vec<(String, String, String)> {
+    index
+        .endpoint_slices_with_service()
+        .map(|(ns, service, name)| (ns.to_string(), service.to_string(), name.to_string()))
+        .collect()
+}
+
+/// What validation promises of an accepted Service.
+fn check_accepted_service(service: &myelin_cluster::ServiceInfo) {
+    assert!(service.ports.len() <= myelin_cluster::service::MAX_PORTS);
+    for (i, port) in service.ports.iter().enumerate() {
+        assert_ne!(port.port, 0);
+        assert_ne!(port.node_port, Some(0));
+        for other in &service.ports[..i] {
+            assert!(other.name != port.name, "{service:?}");
+            assert!(
+                (other.port, other.protocol) != (port.port, port.protocol),
+                "{service:?}"
+            );
+        }
+    }
+    if let Some(timeout) = service.affinity_timeout_s {
+        assert!((1..=myelin_cluster::service::MAX_AFFINITY_TIMEOUT_S).contains(&timeout));
+    }
+    assert!(!service.headless || service.cluster_ips.is_empty());
+}
 
 fn label_sets(index: &ClusterIndex) -> Vec<Arc<IdentityLabels>> {
     let mut sets: Vec<_> = index.label_sets().cloned().collect();

@@ -39,7 +39,7 @@ use crate::{
     multinode::{Cluster, ClusterPod, ClusterSpec, Network, Underlay, pod_cidr},
     netns::Netns,
     process,
-    services::{Backend, Protocol, ServicePort, endpoint_slice_object, service_object},
+    services::{Backend, Protocol, ServicePort, cluster_ip_service, endpoint_slice},
     traffic::Host,
 };
 
@@ -490,8 +490,8 @@ fn write_services(cluster: &Cluster, services: &[BenchService]) -> Result<()> {
                     .map(|ip| Backend::ready(*ip, cluster.node(NODE).name()))
                     .collect();
                 [
-                    service_object("default", &svc.name, svc.cluster_ip, &[PORT], json!({})),
-                    endpoint_slice_object(
+                    cluster_ip_service("default", &svc.name, svc.cluster_ip, &[PORT], json!({})),
+                    endpoint_slice(
                         "default",
                         &format!("{}-1", svc.name),
                         &svc.name,

@@ -575,9 +575,16 @@ fn a_frontend_two_services_claim_stays_with_the_first_and_the_second_is_named() 
     );
     assert!(
         translated.warnings.iter().any(|w| w
-            .starts_with("Service default/b: frontend 192.0.2.7:80/Tcp is Service default/a's")),
+            .starts_with("Service default/b: frontend 192.0.2.7:80/TCP is Service default/a's")),
         "{:?}",
         translated.warnings
+    );
+    let b = &translated.services[1].ports[0];
+    let taken: Vec<Option<&str>> = b.frontends.iter().map(|f| f.taken_by.as_deref()).collect();
+    assert_eq!(
+        taken,
+        [None, Some("default/a")],
+        "the view says which one is not translated"
     );
 }
 
@@ -613,7 +620,7 @@ fn backends_beyond_the_cap_are_left_out_with_a_warning_naming_the_service() {
         translated
             .warnings
             .iter()
-            .any(|w| w.starts_with("Service default/big port 80/Tcp: 4106 usable endpoints")),
+            .any(|w| w.starts_with("Service default/big port 80/TCP: 4106 usable endpoints")),
         "{:?}",
         translated.warnings
     );
