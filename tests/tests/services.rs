@@ -12,6 +12,7 @@ use std::{
 };
 
 use myelin_api::{BackendState, FrontendKind, ServiceStatus, ServiceSummary};
+use myelin_common::config::CONFIG_F_SERVICES;
 use myelin_tests::{
     Error, Node, NodeSpec, Result,
     apiserver::{KubernetesNode, Resource},
@@ -47,6 +48,16 @@ fn web_slice(node: &str, endpoints: &[(&str, bool, bool)]) -> Value {
         .map(|(a, ready, terminating)| slice_endpoint(a, *ready, *terminating, node))
         .collect();
     endpoint_slice_object("default", "web-abc12", "web", endpoints, &[("http", 8080)])
+}
+
+/// The `CONFIG_F_*` flags of the node's pinned datapath config.
+fn datapath_flags(node: &Node) -> Result<u64> {
+    node.dump_map("config")?
+        .iter()
+        // bpftool puts the BTF-decoded entry under "formatted" when it also prints raw bytes.
+        .map(|e| e.get("formatted").unwrap_or(e))
+        .find_map(|e| e["value"]["flags"].as_u64())
+        .ok_or_else(|| Error::Cluster("the config map has no flags".into()))
 }
 
 fn services(node: &Node) -> Result<ServiceStatus> {
@@ -117,6 +128,11 @@ fn services_in_the_directory_reach_myelinctl_services_with_their_backends() -> R
         backends_of(web, 80, FrontendKind::ClusterIp) == Some(vec![format!("{a}:8080")])
     })?;
     assert!(node.status()?.kube_proxy_replacement);
+    assert_ne!(
+        datapath_flags(&node)? & u64::from(CONFIG_F_SERVICES),
+        0,
+        "the datapath is told to translate"
+    );
     assert_eq!(web.type_, "NodePort");
     assert_eq!(web.affinity_timeout_seconds, Some(10_800));
     let http = &web.ports[0];
@@ -200,6 +216,7 @@ fn without_kube_proxy_replacement_services_are_not_read() -> Result<()> {
     thread::sleep(Duration::from_millis(500));
     assert_eq!(services(&node)?, ServiceStatus::default());
     assert!(!node.status()?.kube_proxy_replacement);
+    assert_eq!(datapath_flags(&node)? & u64::from(CONFIG_F_SERVICES), 0);
     let table = node.myelinctl(&["services"])?;
     assert!(
         table.starts_with("kube-proxy replacement is off"),
