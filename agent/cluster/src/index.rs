@@ -47,6 +47,16 @@ struct EndpointSlices {
     by_service: BTreeMap<(String, String), BTreeSet<String>>,
 }
 
+/// Records `slice` under its Service.
+fn link(by_service: &mut BTreeMap<(String, String), BTreeSet<String>>, slice: &EndpointSliceInfo) {
+    if let Some(key) = EndpointSlices::service_key(slice) {
+        by_service
+            .entry(key)
+            .or_default()
+            .insert(slice.name.clone());
+    }
+}
+
 impl EndpointSlices {
     fn service_key(slice: &EndpointSliceInfo) -> Option<(String, String)> {
         Some((slice.namespace.clone(), slice.service.clone()?))
@@ -65,12 +75,7 @@ impl EndpointSlices {
     }
 
     fn link(&mut self, slice: &EndpointSliceInfo) {
-        if let Some(key) = Self::service_key(slice) {
-            self.by_service
-                .entry(key)
-                .or_default()
-                .insert(slice.name.clone());
-        }
+        link(&mut self.by_service, slice);
     }
 
     fn upsert(&mut self, slice: EndpointSliceInfo) -> bool {
@@ -103,9 +108,8 @@ impl EndpointSlices {
         );
         if changed {
             self.by_service.clear();
-            let slices: Vec<EndpointSliceInfo> = self.by_name.values().cloned().collect();
-            for slice in &slices {
-                self.link(slice);
+            for slice in self.by_name.values() {
+                link(&mut self.by_service, slice);
             }
         }
         changed
