@@ -278,8 +278,14 @@ impl Network {
             self.underlay.ip(&["route", "del", pod_cidr])?;
         }
         let port = underlay_port(index);
-        if self.underlay.link_names()?.contains(&port) {
-            self.underlay.ip(&["link", "del", &port])?;
+        // The node's namespace is gone, and with it its end of the pair; the kernel takes the
+        // underlay's end away in the background (namespace cleanup runs in a work queue), so
+        // it may vanish between the listing and the delete: only one still there is an error.
+        if self.underlay.link_names()?.contains(&port)
+            && let Err(e) = self.underlay.ip(&["link", "del", &port])
+            && self.underlay.link_names()?.contains(&port)
+        {
+            return Err(e);
         }
         Ok(())
     }
