@@ -87,8 +87,13 @@ pub fn run(mut cmd: Command, stdin: &[u8], timeout: Duration) -> Result<Output> 
 
 /// Like [`run`] with no input, but a non-zero exit is an error carrying the child's stderr.
 pub fn run_ok(cmd: Command, timeout: Duration) -> Result<Output> {
+    run_ok_with_input(cmd, &[], timeout)
+}
+
+/// [`run`] with `stdin`, failing on a non-zero exit with the command and its stderr.
+pub fn run_ok_with_input(cmd: Command, stdin: &[u8], timeout: Duration) -> Result<Output> {
     let command = describe(&cmd);
-    let output = run(cmd, &[], timeout)?;
+    let output = run(cmd, stdin, timeout)?;
     if output.status.success() {
         Ok(output)
     } else {

@@ -64,17 +64,7 @@ pub fn restore(node: &Netns, rules: &str) -> Result<()> {
 pub fn restore_with(program: &str, node: &Netns, rules: &str) -> Result<()> {
     let mut cmd = node.command(program)?;
     cmd.args(["--noflush", "-w"]);
-    let command = process::describe(&cmd);
-    let out = process::run(cmd, rules.as_bytes(), TIMEOUT)?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::CommandFailed {
-            command,
-            status: out.status.to_string(),
-            stderr: out.stderr_text().trim().to_string(),
-        })
-    }
+    process::run_ok_with_input(cmd, rules.as_bytes(), TIMEOUT).map(drop)
 }
 
 /// Packets the node's FORWARD chain sent to [`CHAIN`]: proof that the measured traffic really

@@ -464,17 +464,7 @@ impl ServicePath {
 fn nft_load(node: &Netns, rules: &str) -> Result<()> {
     let mut cmd = node.command("nft")?;
     cmd.args(["-f", "-"]);
-    let command = process::describe(&cmd);
-    let out = process::run(cmd, rules.as_bytes(), RULES_TIMEOUT)?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::CommandFailed {
-            command,
-            status: out.status.to_string(),
-            stderr: out.stderr_text().trim().chars().take(2000).collect(),
-        })
-    }
+    process::run_ok_with_input(cmd, rules.as_bytes(), RULES_TIMEOUT).map(drop)
 }
 
 /// The Services and their EndpointSlices into the cluster directory, [`SERVICES_PER_FILE`] per
