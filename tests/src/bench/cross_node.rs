@@ -112,6 +112,51 @@ impl BaselineNode {
     }
 }
 
+/// Node `index` of a switch of its own, forwarding, whose pods come from the reference `ptp`
+/// plugin with host-local and a default route via the node: every pod packet that leaves the
+/// pod passes the node's routing and netfilter hooks (masquerading's and Services' baselines).
+/// Fields drop in order: the node before the network.
+pub(crate) struct PtpNode {
+    pub node: BaselineNode,
+    pub network: Network,
+    plugin: CniPlugin,
+    /// host-local's state.
+    _ipam: TempDir,
+}
+
+impl PtpNode {
+    pub(crate) fn build(run: &RunPrefix, index: usize) -> Result<Self> {
+        // Locals drop in reverse: on a failed step the node goes before the network.
+        let network = Network::build(run, Underlay::Switch)?;
+        let node = BaselineNode::plug(run, &network, index)?;
+        node.forward()?;
+        let ipam = tempfile::Builder::new()
+            .prefix(&format!("{}-", run.name("ipam")))
+            .tempdir()
+            .map_err(Error::io("creating host-local's temp dir"))?;
+        let plugin = CniPlugin::reference(
+            ReferencePlugin::Ptp,
+            &pod_cidr(index),
+            &ipam.path().join(format!("node{index}")),
+        )
+        .configured(|config| {
+            config["ipam"]["routes"] = json!([{ "dst": "0.0.0.0/0" }]);
+        });
+        Ok(Self {
+            node,
+            network,
+            plugin,
+            _ipam: ipam,
+        })
+    }
+
+    /// A pod `name` (namespace `default`) on the node, through the plugin.
+    pub(crate) fn add_pod(&self, run: &RunPrefix, name: &str) -> Result<BenchPod> {
+        let sandbox = Sandbox::create(run, "default", name)?;
+        BenchPod::attach(&CniDriver::new(self.node.netns(), &self.plugin), sandbox)
+    }
+}
+
 impl Host for BaselineNode {
     fn label(&self) -> String {
         format!("node{} ({})", self.index, self.ip)

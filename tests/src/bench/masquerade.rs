@@ -25,19 +25,16 @@ use std::{
     time::Duration,
 };
 
-use serde_json::json;
-use tempfile::TempDir;
-
 use super::{
-    cni::{BenchPod, CniDriver, CniPlugin, ReferencePlugin, Sandbox, link_mtu},
+    cni::{BenchPod, link_mtu},
     cpus::flow_cpu,
-    cross_node::{BaselineNode, CLUSTER_CIDR},
+    cross_node::{CLUSTER_CIDR, PtpNode},
     iptables,
     tcp::{ConnectionRun, EchoServer, tcp_crr_spread},
 };
 use crate::{
     Binaries, Error, Result, RunPrefix,
-    multinode::{Cluster, ClusterPod, ClusterSpec, Network, Underlay, World, pod_cidr},
+    multinode::{Cluster, ClusterPod, ClusterSpec, Underlay, World, pod_cidr},
     netns::Netns,
     traffic::{Host, tcp_source_seen},
 };
@@ -84,10 +81,7 @@ pub struct MasqueradePath {
 enum Variant {
     Baseline {
         pod: BenchPod,
-        node: BaselineNode,
-        network: Network,
-        /// host-local's state.
-        _ipam: TempDir,
+        node: PtpNode,
     },
     Myelin {
         pod: ClusterPod,
@@ -115,31 +109,10 @@ impl MasqueradePath {
     }
 
     fn ptp_iptables(run: &RunPrefix) -> Result<Variant> {
-        // Locals drop in reverse: on a failed step the pod goes first, the network last.
-        let network = Network::build(run, Underlay::Switch)?;
-        let node = BaselineNode::plug(run, &network, NODE)?;
-        node.forward()?;
-        let ipam = tempfile::Builder::new()
-            .prefix(&format!("{}-", run.name("ipam")))
-            .tempdir()
-            .map_err(Error::io("creating host-local's temp dir"))?;
-        let plugin = CniPlugin::reference(
-            ReferencePlugin::Ptp,
-            &pod_cidr(NODE),
-            &ipam.path().join(format!("node{NODE}")),
-        )
-        .configured(|config| {
-            config["ipam"]["routes"] = json!([{ "dst": "0.0.0.0/0" }]);
-        });
-        let sandbox = Sandbox::create(run, "default", &format!("node{NODE}-client"))?;
-        let pod = BenchPod::attach(&CniDriver::new(node.netns(), &plugin), sandbox)?;
-        masquerade_with_iptables(node.netns())?;
-        Ok(Variant::Baseline {
-            pod,
-            node,
-            network,
-            _ipam: ipam,
-        })
+        let node = PtpNode::build(run, NODE)?;
+        let pod = node.add_pod(run, &format!("node{NODE}-client"))?;
+        masquerade_with_iptables(node.node.netns())?;
+        Ok(Variant::Baseline { pod, node })
     }
 
     fn myelin(run: &RunPrefix, ebpf: bool, binaries: Option<Binaries>) -> Result<Variant> {
@@ -174,7 +147,7 @@ impl MasqueradePath {
 
     pub fn world(&self) -> &World {
         match &self.variant {
-            Variant::Baseline { network, .. } => network.world(),
+            Variant::Baseline { node, .. } => node.network.world(),
             Variant::Myelin { cluster, .. } => cluster.world(),
         }
     }
@@ -182,7 +155,7 @@ impl MasqueradePath {
     /// The node's address on the underlay: what the world must see.
     pub fn node_ip(&self) -> Ipv4Addr {
         match &self.variant {
-            Variant::Baseline { node, .. } => node.ip(),
+            Variant::Baseline { node, .. } => node.node.ip(),
             Variant::Myelin { cluster, .. } => cluster.node_ip(NODE),
         }
     }
@@ -190,7 +163,7 @@ impl MasqueradePath {
     /// The node's namespace, where the translation happens.
     pub fn node_netns(&self) -> &Netns {
         match &self.variant {
-            Variant::Baseline { node, .. } => node.netns(),
+            Variant::Baseline { node, .. } => node.node.netns(),
             Variant::Myelin { cluster, .. } => cluster.node(NODE).netns(),
         }
     }

@@ -25,18 +25,17 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use tempfile::TempDir;
 
 use super::{
-    cni::{BenchPod, CniDriver, CniPlugin, ReferencePlugin, Sandbox},
+    cni::BenchPod,
     cpus::flow_cpu,
-    cross_node::{BaselineNode, CLUSTER_CIDR},
+    cross_node::{CLUSTER_CIDR, PtpNode},
     iptables,
     tcp::{ConnectionRun, EchoServer, tcp_crr_to, tcp_rr_to},
 };
 use crate::{
     Binaries, Error, Result, RunPrefix,
-    multinode::{Cluster, ClusterPod, ClusterSpec, Network, Underlay, pod_cidr},
+    multinode::{Cluster, ClusterPod, ClusterSpec, Underlay},
     netns::Netns,
     process,
     services::{Backend, Protocol, ServicePort, cluster_ip_service, endpoint_slice},
@@ -256,9 +255,7 @@ enum Variant {
     Baseline {
         client: BenchPod,
         backends: Vec<BenchPod>,
-        node: BaselineNode,
-        _network: Network,
-        _ipam: TempDir,
+        node: PtpNode,
     },
     Myelin {
         client: ClusterPod,
@@ -299,10 +296,10 @@ impl ServicePath {
             Variant::Baseline { node, .. } => match proxy {
                 Proxy::KubeProxyIptables => iptables::restore_with(
                     IPTABLES_RESTORE,
-                    node.netns(),
+                    node.node.netns(),
                     &kube_proxy_iptables_rules(&services),
                 )?,
-                _ => nft_load(node.netns(), &kube_proxy_nft_rules(&services))?,
+                _ => nft_load(node.node.netns(), &kube_proxy_nft_rules(&services))?,
             },
             Variant::Myelin { cluster, .. } => write_services(cluster, &services)?,
         }
@@ -311,37 +308,15 @@ impl ServicePath {
     }
 
     fn baseline(run: &RunPrefix) -> Result<Variant> {
-        let network = Network::build(run, Underlay::Switch)?;
-        let node = BaselineNode::plug(run, &network, NODE)?;
-        node.forward()?;
-        let ipam = tempfile::Builder::new()
-            .prefix(&format!("{}-", run.name("ipam")))
-            .tempdir()
-            .map_err(Error::io("creating host-local's temp dir"))?;
-        let plugin = CniPlugin::reference(
-            ReferencePlugin::Ptp,
-            &pod_cidr(NODE),
-            &ipam.path().join(format!("node{NODE}")),
-        )
-        .configured(|config| {
-            config["ipam"]["routes"] = json!([{ "dst": "0.0.0.0/0" }]);
-        });
-        let driver = CniDriver::new(node.netns(), &plugin);
-        let client = BenchPod::attach(&driver, Sandbox::create(run, "default", "client")?)?;
+        let node = PtpNode::build(run, NODE)?;
+        let client = node.add_pod(run, "client")?;
         let backends = (0..BACKENDS)
-            .map(|i| {
-                BenchPod::attach(
-                    &driver,
-                    Sandbox::create(run, "default", &format!("web-{i}"))?,
-                )
-            })
+            .map(|i| node.add_pod(run, &format!("web-{i}")))
             .collect::<Result<Vec<_>>>()?;
         Ok(Variant::Baseline {
             client,
             backends,
             node,
-            _network: network,
-            _ipam: ipam,
         })
     }
 
@@ -391,7 +366,7 @@ impl ServicePath {
     /// The node's namespace, where the translation happens.
     pub fn node_netns(&self) -> &Netns {
         match &self.variant {
-            Variant::Baseline { node, .. } => node.netns(),
+            Variant::Baseline { node, .. } => node.node.netns(),
             Variant::Myelin { cluster, .. } => cluster.node(NODE).netns(),
         }
     }
