@@ -70,39 +70,17 @@ pub const LB_F_NODEPORT: u32 = 2;
 pub const LB_F_EXTERNAL_IP: u32 = 4;
 
 /// The key of a client's packet, before translation.
-pub const LB_OUT: u8 = 1;
+pub const LB_OUT: u8 = crate::nat::NAT_OUT;
 /// The key of a backend's reply, before translation back.
-pub const LB_IN: u8 = 2;
+pub const LB_IN: u8 = crate::nat::NAT_IN;
 
-/// `lb_flows`' key: a packet's tuple as it carries it (the layout of `crate::nat::NatKey`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LbFlowKey {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
-    /// Network byte order.
-    pub sport: u16,
-    /// Network byte order.
-    pub dport: u16,
-    pub protocol: u8,
-    /// [`LB_OUT`] or [`LB_IN`].
-    pub direction: u8,
-    pub _pad: u16,
-}
+/// `lb_flows`' key: a packet's tuple as it carries it, direction [`LB_OUT`] or [`LB_IN`]. The
+/// masquerading table's key: both tables hold translation pairs of the same shape.
+pub type LbFlowKey = crate::nat::NatKey;
 
-/// `lb_flows`' value: what the packet's destination (`out`) or source (`in`) becomes.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LbFlow {
-    /// `bpf_ktime_get_coarse_ns()` after which the entry is dead (conntrack's clock and
-    /// lifetimes).
-    pub expires_ns: u64,
-    pub addr: [u8; 4],
-    /// Network byte order.
-    pub port: u16,
-    /// conntrack's `CT_F_SEEN_REPLY` and `CT_F_CLOSING`.
-    pub flags: u16,
-}
+/// `lb_flows`' value: what the packet's destination (`out`) or source (`in`) becomes, with
+/// conntrack's lifetime and `CT_F_SEEN_REPLY`/`CT_F_CLOSING`. The masquerading table's value.
+pub type LbFlow = crate::nat::NatEntry;
 
 /// `lb_affinity`'s key: a client and a frontend.
 #[repr(C)]
@@ -131,9 +109,7 @@ pub struct LbAffinity {
 
 const _: () = assert!(core::mem::size_of::<LbKey>() == 12);
 const _: () = assert!(core::mem::size_of::<LbEntry>() == 16);
-const _: () = assert!(core::mem::size_of::<LbFlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<LbFlow>() == 16);
 const _: () = assert!(core::mem::size_of::<LbAffinityKey>() == 12);
 const _: () = assert!(core::mem::size_of::<LbAffinity>() == 16);
 
-user_pod!(LbKey, LbEntry, LbFlowKey, LbFlow, LbAffinityKey, LbAffinity);
+user_pod!(LbKey, LbEntry, LbAffinityKey, LbAffinity);

@@ -107,30 +107,6 @@ fn flow_key(
     }
 }
 
-/// Extends an entry's life by conntrack's rules; whether it wrote (the twin must follow).
-///
-/// # Safety
-/// `e` must come from a lookup during this program run.
-#[inline(always)]
-unsafe fn refresh(e: *mut LbFlow, flow: &Flow, is_reply: bool, now: u64) -> bool {
-    // SAFETY: the caller's pointer is valid for this run.
-    unsafe {
-        let Some((flags, expires)) = conntrack::advance(
-            u32::from((*e).flags),
-            (*e).expires_ns,
-            flow.protocol,
-            flow.tcp_flags,
-            is_reply,
-            now,
-        ) else {
-            return false;
-        };
-        (*e).flags = flags as u16;
-        (*e).expires_ns = expires;
-        true
-    }
-}
-
 /// Gives the other entry of a pair (`twin`, which must map to `addr`/`port`) `e`'s lifetime and
 /// state, or puts it back when the LRU map evicted it. One that maps elsewhere belongs to
 /// another connection (a client reusing its port towards another frontend that chose the same
@@ -283,7 +259,7 @@ pub fn translate(
             // SAFETY: as above.
             let (backend, port) = unsafe { ((*e).addr, (*e).port) };
             // SAFETY: as above.
-            if unsafe { refresh(e, flow, false, now) } {
+            if unsafe { nat::refresh(e, flow.protocol, flow.tcp_flags, false, now) } {
                 let peer = reply_peer(flow.saddr, backend);
                 let twin = flow_key(backend, peer, port, flow.sport, flow.protocol, LB_IN);
                 // SAFETY: as above.
@@ -427,7 +403,7 @@ pub fn reverse(
     let hairpin = flow.daddr == HAIRPIN;
     let client = if hairpin { flow.saddr } else { flow.daddr };
     // SAFETY: as above.
-    if unsafe { refresh(e, flow, true, now) } {
+    if unsafe { nat::refresh(e, flow.protocol, flow.tcp_flags, true, now) } {
         let twin = flow_key(client, frontend, flow.dport, port, flow.protocol, LB_OUT);
         // SAFETY: as above.
         unsafe { sync_twin(&twin, e, flow.saddr, flow.sport) };

@@ -106,7 +106,13 @@ fn key(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, protocol: u8, dir
 /// # Safety
 /// `e` must come from a lookup during this program run.
 #[inline(always)]
-unsafe fn refresh(e: *mut NatEntry, protocol: u8, tcp_flags: u8, is_reply: bool, now: u64) -> bool {
+pub(crate) unsafe fn refresh(
+    e: *mut NatEntry,
+    protocol: u8,
+    tcp_flags: u8,
+    is_reply: bool,
+    now: u64,
+) -> bool {
     // SAFETY: the caller's pointer is valid for this run.
     unsafe {
         let Some((flags, expires)) = conntrack::advance(
