@@ -19,7 +19,7 @@ use aya::programs::TcAttachType;
 use myelin_agent::{
     bpffs,
     datapath::{
-        AttachMode, Datapath, DatapathError, DatapathOps, Limits, Program, Routing,
+        AttachMode, Datapath, DatapathError, DatapathOps, Features, Limits, Program, Routing,
         clsact::{self, ClsactError, Filter},
         conntrack::{ConntrackTable, Expiring as _},
         lb::{LbAffinityTable, LbFlowTable},
@@ -149,7 +149,13 @@ fn with_datapath(body: impl FnOnce(&mut Fixture) + Send + 'static) {
         }
         let index = |name: &str| nix::net::if_::if_nametoindex(name).expect("ifindex");
         let bpffs = PrivateBpffs::new();
-        let dp = Datapath::load(&bpffs.path(), AttachMode::Tc, Limits::default()).expect("load");
+        let dp = Datapath::load(
+            &bpffs.path(),
+            AttachMode::Tc,
+            Limits::default(),
+            Features::default(),
+        )
+        .expect("load");
         let pod = |n: u8, ifname: &str, identity: u32| Pod {
             ip: Ipv4Addr::new(10, 0, 0, n),
             mac: [2, 0, 0, 0, 0, n],
@@ -908,8 +914,13 @@ fn tc_attach_leaves_foreign_filters_alone_and_replaces_its_own_in_place() {
         }
 
         // What a restarted agent does: fresh programs, swapped into the same filters.
-        let mut restarted =
-            Datapath::load(&f.bpffs.path(), AttachMode::Tc, Limits::default()).expect("load");
+        let mut restarted = Datapath::load(
+            &f.bpffs.path(),
+            AttachMode::Tc,
+            Limits::default(),
+            Features::default(),
+        )
+        .expect("load");
         restarted.attach("lxca").expect("attach again");
         for (((hook, name, program), foreign), before) in
             HOOKS.into_iter().zip(&foreign).zip(&attached)

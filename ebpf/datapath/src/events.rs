@@ -1,12 +1,13 @@
 //! Node-wide settings (`config`) and the `events` ring buffer.
 
 use aya_ebpf::{
+    Global,
     btf_maps::{Array, RingBuf},
     helpers::generated::bpf_ktime_get_ns,
     macros::btf_map,
 };
 use myelin_common::{
-    config::{DatapathConfig, EVENTS_DROPS, EVENTS_VERDICTS},
+    config::{DatapathConfig, EVENTS_DROPS, EVENTS_VERDICTS, FEATURE_SERVICES},
     event::{EVENT_ALLOWED, EVENT_DROP, FlowEvent},
     maps::EVENTS_BYTES,
 };
@@ -18,6 +19,17 @@ static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 #[btf_map(name = "events")]
 static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// `FEATURE_*` bits (see `myelin_common::config::FEATURES_GLOBAL`): in `.rodata`, which the
+/// loader freezes, so the verifier reads it as a constant.
+#[unsafe(no_mangle)]
+static MYELIN_FEATURES: Global<u32> = Global::new(0);
+
+/// Whether the programs were loaded with Services in eBPF.
+#[inline(always)]
+pub fn services_loaded() -> bool {
+    MYELIN_FEATURES.load() & FEATURE_SERVICES != 0
+}
 
 #[inline(always)]
 pub fn config() -> DatapathConfig {
