@@ -278,6 +278,11 @@ pub trait DatapathOps: Send {
     /// Fill of each map the agent writes: (name, entries, capacity).
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)>;
     fn mode(&self) -> AttachMode;
+    /// The frontends the last [`Self::apply`] could not write to `lb_services` (a full map),
+    /// with the error.
+    fn services_unwritten(&self) -> Option<&table::Unwritten> {
+        None
+    }
 }
 
 /// The reconciled maps over the kernel's maps.
@@ -782,6 +787,10 @@ impl DatapathOps for Datapath {
             .into_iter()
             .map(|(r, c)| (r, c.packets, c.bytes))
             .collect()
+    }
+
+    fn services_unwritten(&self) -> Option<&table::Unwritten> {
+        self.tables.lb_unwritten.as_ref()
     }
 
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
