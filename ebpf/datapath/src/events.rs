@@ -44,6 +44,9 @@ pub struct Verdict {
     pub dst_endpoint: u32,
     pub peers: Peers,
     pub ifindex: u32,
+    /// The Service frontend the flow was translated from (address, port in network order),
+    /// zero when it was not.
+    pub service: ([u8; 4], u16),
 }
 
 #[inline(always)]
@@ -64,7 +67,9 @@ fn emit(kind: u8, flow: &Flow, v: &Verdict) {
         src_identity: v.peers.src.identity,
         dst_identity: v.peers.dst.identity,
         ifindex: v.ifindex,
-        _pad: 0,
+        service_addr: v.service.0,
+        service_port: u16::from_be(v.service.1),
+        _pad: [0; 6],
     };
     // A full ring drops the event, never the packet.
     let _ = EVENTS.output(&event, 0);

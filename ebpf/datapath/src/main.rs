@@ -379,6 +379,7 @@ mod programs {
             dst_endpoint: dst.map_or(0, |d| d.id),
             peers: unknown_peers(),
             ifindex,
+            service: ([0; 4], 0),
         };
         let Some(src) = src else {
             return Err(drop_flow(
@@ -398,7 +399,7 @@ mod programs {
                 &mut verdict,
             ));
         }
-        let hairpin = handoff.is_some_and(|h| h & tail::HANDOFF_HAIRPIN != 0);
+        let hairpin = handoff.is_some_and(|h| h.flags & tail::HANDOFF_HAIRPIN != 0);
         // A hairpin connection's packets carry `lb::HAIRPIN` as their source.
         if flow.saddr != src.ip && !(hairpin && flow.saddr == lb::HAIRPIN) {
             return Err(drop_flow(
@@ -415,8 +416,9 @@ mod programs {
         // translation is `from_container_lb`'s, which hands the packet back here.
         let mut create_flags = 0;
         if let Some(h) = handoff {
-            if h & tail::HANDOFF_TRANSLATED != 0 {
+            if h.flags & tail::HANDOFF_TRANSLATED != 0 {
                 create_flags = CT_F_SERVICE;
+                verdict.service = (h.frontend, h.frontend_port);
             }
         } else if events::services_loaded()
             && config.flags & CONFIG_F_SERVICES != 0
@@ -520,8 +522,11 @@ mod programs {
             dst_endpoint: 0,
             peers: unknown_peers(),
             ifindex,
+            service: ([0; 4], 0),
         };
         let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
+        let frontend = (flow.daddr, flow.dport);
+        verdict.service = frontend;
         let flags = match lb::translate(ctx, &mut flow, l4, later_fragment) {
             // No longer a frontend (removed a moment ago): the packet is what it says.
             Ok(Translation::None) => 0,
@@ -532,7 +537,7 @@ mod programs {
             }
             Err(reason) => return Err(drop_flow(ctx, &config, reason, &flow, &mut verdict)),
         };
-        tail::hand_back(ctx, ifindex, flags);
+        tail::hand_back(ctx, ifindex, flags, frontend);
         Err(drop_flow(
             ctx,
             &config,
@@ -571,6 +576,7 @@ mod programs {
             dst_endpoint: dst.id,
             peers: unknown_peers(),
             ifindex,
+            service: ([0; 4], 0),
         };
         let reply = admit(
             ctx,
@@ -628,6 +634,7 @@ mod programs {
             dst_endpoint: dst.id,
             peers: unknown_peers(),
             ifindex: packet::ifindex(ctx),
+            service: ([0; 4], 0),
         };
         let src_identity = forward::identity_from_vni(key.tunnel_id);
         let reply = admit(
@@ -708,6 +715,7 @@ mod programs {
             dst_endpoint: 0,
             peers: unknown_peers(),
             ifindex: packet::ifindex(ctx),
+            service: ([0; 4], 0),
         };
         drop_flow(ctx, config, reason, flow, &mut verdict)
     }
@@ -876,6 +884,7 @@ mod programs {
             dst_endpoint: dst.id,
             peers: unknown_peers(),
             ifindex: packet::ifindex(ctx),
+            service: ([0; 4], 0),
         };
         let reply = admit_tracked(
             ctx,

@@ -26,7 +26,12 @@ pub struct Handoff {
     /// The pod's host veth the packet came in on: a handoff is only for a packet of it.
     ifindex: u32,
     /// `HANDOFF_*` bits; 0: the slot is empty.
-    flags: u32,
+    pub flags: u32,
+    /// The frontend the packet was addressed to (for events).
+    pub frontend: [u8; 4],
+    /// Network byte order.
+    pub frontend_port: u16,
+    _pad: u16,
 }
 
 /// The slot holds a handoff.
@@ -49,7 +54,12 @@ pub fn to_translator<C: EbpfContext>(ctx: &C) {
 /// Hands the packet back to `from_container` with `flags` (`HANDOFF_*`). Returns only when
 /// the jump failed, with the slot emptied again.
 #[inline(always)]
-pub fn hand_back<C: EbpfContext>(ctx: &C, ifindex: u32, flags: u32) {
+pub fn hand_back<C: EbpfContext>(
+    ctx: &C,
+    ifindex: u32,
+    flags: u32,
+    (frontend, frontend_port): ([u8; 4], u16),
+) {
     let Some(slot) = HANDOFF.get_ptr_mut(0) else {
         return;
     };
@@ -58,6 +68,9 @@ pub fn hand_back<C: EbpfContext>(ctx: &C, ifindex: u32, flags: u32) {
         *slot = Handoff {
             ifindex,
             flags: flags | HANDOFF_SET,
+            frontend,
+            frontend_port,
+            _pad: 0,
         }
     };
     // SAFETY: as in `to_translator`.
@@ -69,7 +82,7 @@ pub fn hand_back<C: EbpfContext>(ctx: &C, ifindex: u32, flags: u32) {
 /// The handoff for a packet of `ifindex`, if the packet comes from `from_container_lb`;
 /// the slot is emptied either way.
 #[inline(always)]
-pub fn take_handoff(ifindex: u32) -> Option<u32> {
+pub fn take_handoff(ifindex: u32) -> Option<Handoff> {
     let slot = HANDOFF.get_ptr_mut(0)?;
     // SAFETY: the lookup's pointer, to this CPU's value.
     let h = unsafe { *slot };
@@ -78,5 +91,5 @@ pub fn take_handoff(ifindex: u32) -> Option<u32> {
     }
     // SAFETY: as above.
     unsafe { (*slot).flags = 0 };
-    (h.ifindex == ifindex).then_some(h.flags)
+    (h.ifindex == ifindex).then_some(h)
 }
