@@ -48,8 +48,10 @@ pub struct DesiredState {
     pub policy: BTreeMap<LpmKey<PolicyKey>, PolicyEntry>,
     pub masq_exclude: BTreeMap<LpmKey<Ipv4Key>, MasqExclude>,
     /// Services' frontends and their backends' slots (`--kube-proxy-replacement`; see
-    /// `myelin_common::lb`). Empty when Services are left to kube-proxy.
-    pub lb_services: BTreeMap<LbKey, LbEntry>,
+    /// `myelin_common::lb`). Empty when Services are left to kube-proxy. Shared with the
+    /// translation it comes from, so that a state computed for a pod's change hands over the
+    /// same slots, which the reconciler then knows to be applied already.
+    pub lb_services: Arc<BTreeMap<LbKey, LbEntry>>,
     /// Leave the ipcache, policy and masq_exclude maps as they are (the cluster state is not
     /// known yet).
     pub keep_policy_state: bool,

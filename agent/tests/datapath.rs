@@ -225,7 +225,7 @@ impl Fixture {
         desired.ipcache.extend(self.remote.clone());
         desired.policy = self.policy.clone();
         desired.masq_exclude = self.masq_exclude.clone();
-        desired.lb_services = self.lb_services.clone();
+        desired.lb_services = self.lb_services.clone().into();
         self.dp.apply(&desired).expect("apply");
     }
 

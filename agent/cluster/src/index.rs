@@ -35,7 +35,27 @@ pub struct ClusterIndex {
     endpoint_slices: EndpointSlices,
     /// See [`ClusterIndex::services_generation`].
     services_generation: u64,
+    /// See [`ClusterIndex::take_changed_services`].
+    changed_services: ChangedServices,
     label_sets: LabelSets,
+}
+
+/// The Services whose translation may have changed since it was last taken
+/// ([`ClusterIndex::take_changed_services`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangedServices {
+    /// These (namespace, name): a Service, or the Service an EndpointSlice is (or was)
+    /// labelled for, whether or not it exists.
+    Some(BTreeSet<(String, String)>),
+    /// Any of them: a Node changed (node ports, `Local` traffic policies), or a kind was
+    /// listed again.
+    All,
+}
+
+impl Default for ChangedServices {
+    fn default() -> Self {
+        Self::Some(BTreeSet::new())
+    }
 }
 
 /// Every EndpointSlice, and which belong to each Service: a Service's backends are found
@@ -281,14 +301,58 @@ impl ClusterIndex {
             Change::Apply(object) => object.kind(),
             Change::Delete { kind, .. } | Change::Replace { kind, .. } => *kind,
         };
+        let services = self.services_of(&change);
         let changed = self.apply_objects(change);
         if changed {
             self.refresh_label_sets(touched);
             if matches!(kind, Kind::Service | Kind::EndpointSlice | Kind::Node) {
                 self.services_generation += 1;
+                match (&mut self.changed_services, services) {
+                    (ChangedServices::Some(keys), Some(more)) => keys.extend(more),
+                    (changed, None) => *changed = ChangedServices::All,
+                    (ChangedServices::All, Some(_)) => {}
+                }
             }
         }
         changed
+    }
+
+    /// The Services whose translation `change` may change, before it is applied (a slice's
+    /// old Service too); `None`: any.
+    fn services_of(&self, change: &Change) -> Option<Vec<(String, String)>> {
+        let slice_service = |namespace: &str, name: &str| {
+            self.endpoint_slices
+                .by_name
+                .get(&(namespace.to_string(), name.to_string()))
+                .and_then(EndpointSlices::service_key)
+        };
+        match change {
+            Change::Apply(Object::Service(s)) => Some(vec![(s.namespace.clone(), s.name.clone())]),
+            Change::Delete {
+                kind: Kind::Service,
+                namespace,
+                name,
+            } => Some(vec![(namespace.clone(), name.clone())]),
+            Change::Apply(Object::EndpointSlice(s)) => Some(
+                EndpointSlices::service_key(s)
+                    .into_iter()
+                    .chain(slice_service(&s.namespace, &s.name))
+                    .collect(),
+            ),
+            Change::Delete {
+                kind: Kind::EndpointSlice,
+                namespace,
+                name,
+            } => Some(slice_service(namespace, name).into_iter().collect()),
+            _ => None,
+        }
+    }
+
+    /// The Services changed since the last call ([`ChangedServices`]), and starts over: what
+    /// translating Services incrementally needs. Without a caller, the set only grows up to
+    /// every Service.
+    pub fn take_changed_services(&mut self) -> ChangedServices {
+        std::mem::take(&mut self.changed_services)
     }
 
     /// Changes whenever a Service, an EndpointSlice or a Node changes: what translating

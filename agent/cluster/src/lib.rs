@@ -16,7 +16,7 @@ pub mod policy;
 pub mod service;
 
 pub use identity::{Identities, IdentityLabels};
-pub use index::ClusterIndex;
+pub use index::{ChangedServices, ClusterIndex};
 pub use objects::{
     Change, ContainerPort, Kind, Labels, NAMESPACE_NAME_LABEL, NamespaceInfo, NodeInfo, Object,
     ObjectError, PodInfo, Warnings,

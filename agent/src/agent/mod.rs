@@ -27,7 +27,7 @@ use myelin_common::{
 };
 
 use ipnet::Ipv4Net;
-use myelin_cluster::{Change, ClusterIndex, Identities, IdentityLabels, Labels};
+use myelin_cluster::{Change, ChangedServices, ClusterIndex, Identities, IdentityLabels, Labels};
 use tracing::{info, warn};
 
 use crate::{
@@ -393,11 +393,25 @@ impl<D: DatapathOps> Agent<D> {
     /// slice listed ahead of its Service is no news).
     pub fn services(&mut self) -> &desired::services::Services {
         let generation = self.index.services_generation();
+        // Taken even when nothing is translated, so that it never grows.
+        let changed = self.index.take_changed_services();
         if self.translates_services && self.services.0 != generation {
-            self.services = (
-                generation,
-                desired::services::translate(&self.index, &self.node_name),
-            );
+            // Only the Services that changed, once there is a translation to start from.
+            let updated = match &changed {
+                ChangedServices::Some(keys) if self.services.0 != u64::MAX => {
+                    desired::services::update(
+                        &mut self.services.1,
+                        &self.index,
+                        &self.node_name,
+                        keys,
+                    )
+                }
+                _ => false,
+            };
+            if !updated {
+                self.services.1 = desired::services::translate(&self.index, &self.node_name);
+            }
+            self.services.0 = generation;
         }
         if self.synced && self.reported_service_warnings != self.services.1.warnings {
             for warning in self
@@ -414,7 +428,7 @@ impl<D: DatapathOps> Agent<D> {
     }
 
     pub fn desired_state(&mut self) -> DesiredState {
-        let lb_services = self.services().slots.clone();
+        let lb_services = Arc::clone(&self.services().slots);
         if self.pod_hosts.0 != self.cluster_generation {
             self.pod_hosts = (
                 self.cluster_generation,
@@ -518,7 +532,7 @@ impl<D: DatapathOps> Agent<D> {
     /// `namespace/name addr:port/PROTO` of a frontend, for the log.
     fn service_of_frontend(&self, addr: [u8; 4], port: u16, protocol: u8) -> String {
         let addr = Ipv4Addr::from(addr);
-        let owner = self.services.1.services.iter().find(|s| {
+        let owner = self.services.1.services.values().find(|s| {
             s.ports.iter().any(|p| {
                 p.port.protocol.number() == protocol
                     && p.frontends.iter().any(|f| f.addr == addr && f.port == port)

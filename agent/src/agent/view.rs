@@ -144,7 +144,7 @@ impl<D: DatapathOps> Agent<D> {
         let services = self
             .services()
             .services
-            .iter()
+            .values()
             .map(|s| ServiceSummary {
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
@@ -222,12 +222,12 @@ impl<D: DatapathOps> Agent<D> {
             // change of the index.
             services: translated
                 .services
-                .iter()
+                .values()
                 .filter(|s| s.not_translated.is_none())
                 .count(),
             frontends_without_backend: translated
                 .services
-                .iter()
+                .values()
                 .flat_map(|s| &s.ports)
                 .flat_map(|p| &p.frontends)
                 .filter(|f| f.backends.is_empty() && f.taken_by.is_none())

@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use aya::{
@@ -554,6 +555,9 @@ pub struct Tables<E, B, I, P, M, S> {
     pub lb_services: Reconciler<LbKey, LbEntry, S>,
     /// The frontends the last pass over `lb_services` could not write.
     pub lb_unwritten: Option<Unwritten>,
+    /// The slots `lb_services` holds, all of them written: the same slots again (a state
+    /// computed for a pod's change) need no pass over the map.
+    lb_applied: Option<Arc<BTreeMap<LbKey, LbEntry>>>,
 }
 
 impl<E, B, I, P, M, S> Tables<E, B, I, P, M, S>
@@ -582,6 +586,7 @@ where
             masq_exclude: Reconciler::new(masq_exclude)?,
             lb_services: Reconciler::new(lb_services)?,
             lb_unwritten: None,
+            lb_applied: None,
         })
     }
 
@@ -604,8 +609,20 @@ where
             diff = self.ipcache.apply(&desired.ipcache)? + self.policy.apply(&desired.policy)?;
             // Services that do not fit never hold back pods: they are reported, and the rest
             // is written.
-            let (slots, unwritten) = self.lb_services.apply_slots(&desired.lb_services)?;
-            self.lb_unwritten = unwritten;
+            let applied = self
+                .lb_applied
+                .as_ref()
+                .is_some_and(|a| Arc::ptr_eq(a, &desired.lb_services));
+            let mut slots = Diff::default();
+            if !applied {
+                self.lb_applied = None;
+                let unwritten;
+                (slots, unwritten) = self.lb_services.apply_slots(&desired.lb_services)?;
+                if unwritten.is_none() {
+                    self.lb_applied = Some(Arc::clone(&desired.lb_services));
+                }
+                self.lb_unwritten = unwritten;
+            }
             masq = self.masq_exclude.apply(&desired.masq_exclude)? + slots;
         }
         let diff = diff
@@ -844,7 +861,7 @@ mod tests {
         ];
         for step in steps {
             let desired = DesiredState {
-                lb_services: slots(step),
+                lb_services: slots(step).into(),
                 ..DesiredState::default()
             };
             let before = tables.lb_services.current().clone();
@@ -852,7 +869,7 @@ mod tests {
             let diff = tables.apply(&desired, &mut hooks).unwrap();
             assert_eq!(diff.writes(), tables.lb_services.map().journal.len());
             assert_every_counted_slot_is_there(&before, &tables.lb_services.map().journal);
-            assert_eq!(tables.lb_services.map().entries, desired.lb_services);
+            assert_eq!(tables.lb_services.map().entries, *desired.lb_services);
             assert!(
                 tables.apply(&desired, &mut hooks).unwrap().is_empty(),
                 "unchanged slots are not written again"
@@ -869,7 +886,7 @@ mod tests {
         let mut tables = lb_tables(3);
         let mut hooks = Revisions::default();
         let desired = |step| DesiredState {
-            lb_services: slots(step),
+            lb_services: slots(step).into(),
             ..DesiredState::default()
         };
         tables.apply(&desired(&[(80, &[1])]), &mut hooks).unwrap();
@@ -903,7 +920,7 @@ mod tests {
             host_mac: [2, 0, 0, 0, 1, 5],
         };
         let desired = |frontends| DesiredState {
-            lb_services: slots(frontends),
+            lb_services: slots(frontends).into(),
             endpoints: [(Ipv4Key { addr: pod.ip }, pod)].into(),
             ..DesiredState::default()
         };

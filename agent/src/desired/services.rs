@@ -27,6 +27,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use myelin_cluster::{
@@ -92,39 +93,44 @@ pub struct ServiceTranslation {
 /// Every Service's translation, and the slots that carry it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Services {
-    pub slots: BTreeMap<LbKey, LbEntry>,
-    pub services: Vec<ServiceTranslation>,
+    pub slots: Arc<BTreeMap<LbKey, LbEntry>>,
+    /// Every Service's translation, by namespace and name.
+    pub services: BTreeMap<(String, String), ServiceTranslation>,
     /// What could not be translated as written, naming the object: a frontend another Service
     /// holds, backends beyond the cap, an EndpointSlice of a Service that does not exist.
     pub warnings: BTreeSet<String>,
+    /// The warnings by the Service they are about (an EndpointSlice's: the Service it names).
+    warnings_of: BTreeMap<(String, String), BTreeSet<String>>,
+    /// Some frontend is claimed by two Services: [`update`] cannot tell who keeps it.
+    contested: bool,
+}
+
+impl Services {
+    fn collect_warnings(&mut self) {
+        self.warnings = self.warnings_of.values().flatten().cloned().collect();
+    }
 }
 
 /// The translation of every Service of `index`, on node `node_name`.
 pub fn translate(index: &ClusterIndex, node_name: &str) -> Services {
-    let node_ip = index
-        .node(node_name)
-        .and_then(|n| n.addresses.first().copied());
+    let node_ip = node_ip(index, node_name);
     let mut out = Services::default();
+    let mut slots = BTreeMap::new();
     // Which Service holds each frontend: two Services cannot share one (external IPs and the
     // directory source are not checked by an API server); the first in name order keeps it.
     let mut holders: BTreeMap<LbKey, String> = BTreeMap::new();
     for service in index.services() {
+        let key = (service.namespace.clone(), service.name.clone());
         let mut translation = translate_service(index, service, node_name, node_ip);
         let id = format!("{}/{}", service.namespace, service.name);
+        let mut warnings = cap_warnings(&id, &translation);
         for port in &mut translation.ports {
-            let usable = usable_count(&port.endpoints);
-            if usable > MAX_BACKENDS_PER_FRONTEND {
-                out.warnings.insert(format!(
-                    "Service {id} port {}/{}: {usable} usable endpoints, only the first {MAX_BACKENDS_PER_FRONTEND} in address order are used",
-                    port.port.port,
-                    port.port.protocol.as_str()
-                ));
-            }
             for frontend in &mut port.frontends {
                 let key = frontend_key(frontend, port.port.protocol);
                 if let Some(holder) = holders.get(&key) {
                     frontend.taken_by = Some(holder.clone());
-                    out.warnings.insert(format!(
+                    out.contested = true;
+                    warnings.insert(format!(
                         "Service {id}: frontend {}:{}/{} is Service {holder}'s already; not translated for {id}",
                         frontend.addr,
                         frontend.port,
@@ -133,19 +139,124 @@ pub fn translate(index: &ClusterIndex, node_name: &str) -> Services {
                     continue;
                 }
                 holders.insert(key, id.clone());
-                write_slots(&mut out.slots, key, frontend, service);
+                write_slots(&mut slots, key, frontend, service);
             }
         }
-        out.services.push(translation);
+        if !warnings.is_empty() {
+            out.warnings_of.insert(key.clone(), warnings);
+        }
+        out.services.insert(key, translation);
     }
+    out.slots = Arc::new(slots);
     for (namespace, service, slice) in index.endpoint_slices_with_service() {
         if index.service(namespace, service).is_none() {
-            out.warnings.insert(format!(
-                "EndpointSlice {namespace}/{slice} is labelled for Service {namespace}/{service}, which does not exist: its endpoints are not used"
-            ));
+            out.warnings_of
+                .entry((namespace.to_string(), service.to_string()))
+                .or_default()
+                .insert(orphan_warning(namespace, service, slice));
         }
     }
+    out.collect_warnings();
     out
+}
+
+/// Brings `services` (a translation of an earlier state of `index`) up to date after changes
+/// to the Services in `changed` alone (see `ClusterIndex::take_changed_services`), touching
+/// only their translations and slots: a change of one Service of many costs that Service, not
+/// all of them. `false` when it cannot (a frontend two Services claim, before or after): then
+/// `services` is left half-done and only [`translate`] gives the right answer.
+pub fn update(
+    services: &mut Services,
+    index: &ClusterIndex,
+    node_name: &str,
+    changed: &BTreeSet<(String, String)>,
+) -> bool {
+    if services.contested {
+        return false;
+    }
+    let node_ip = node_ip(index, node_name);
+    let slots = Arc::make_mut(&mut services.slots);
+    for key in changed {
+        services.warnings_of.remove(key);
+        let Some(old) = services.services.remove(key) else {
+            continue;
+        };
+        for port in &old.ports {
+            for frontend in port.frontends.iter().filter(|f| f.taken_by.is_none()) {
+                let first = frontend_key(frontend, port.port.protocol);
+                let last = LbKey {
+                    slot: u16::MAX,
+                    _pad1: u16::MAX,
+                    ..first
+                };
+                let gone: Vec<LbKey> = slots.range(first..=last).map(|(k, _)| *k).collect();
+                for k in gone {
+                    slots.remove(&k);
+                }
+            }
+        }
+    }
+    for key in changed {
+        let (namespace, name) = key;
+        let Some(service) = index.service(namespace, name) else {
+            let orphans: BTreeSet<String> = index
+                .endpoint_slices_of(namespace, name)
+                .map(|slice| orphan_warning(namespace, name, &slice.name))
+                .collect();
+            if !orphans.is_empty() {
+                services.warnings_of.insert(key.clone(), orphans);
+            }
+            continue;
+        };
+        let translation = translate_service(index, service, node_name, node_ip);
+        let warnings = cap_warnings(&format!("{namespace}/{name}"), &translation);
+        for port in &translation.ports {
+            for frontend in &port.frontends {
+                let slot0 = frontend_key(frontend, port.port.protocol);
+                if slots.contains_key(&slot0) {
+                    return false;
+                }
+                write_slots(slots, slot0, frontend, service);
+            }
+        }
+        if !warnings.is_empty() {
+            services.warnings_of.insert(key.clone(), warnings);
+        }
+        services.services.insert(key.clone(), translation);
+    }
+    services.collect_warnings();
+    true
+}
+
+/// This node's InternalIP: its node ports' frontend.
+fn node_ip(index: &ClusterIndex, node_name: &str) -> Option<Ipv4Addr> {
+    index
+        .node(node_name)
+        .and_then(|n| n.addresses.first().copied())
+}
+
+/// A Service port with more usable endpoints than one frontend takes.
+fn cap_warnings(id: &str, translation: &ServiceTranslation) -> BTreeSet<String> {
+    translation
+        .ports
+        .iter()
+        .filter_map(|port| {
+            let usable = usable_count(&port.endpoints);
+            (usable > MAX_BACKENDS_PER_FRONTEND).then(|| {
+                format!(
+                    "Service {id} port {}/{}: {usable} usable endpoints, only the first {MAX_BACKENDS_PER_FRONTEND} in address order are used",
+                    port.port.port,
+                    port.port.protocol.as_str()
+                )
+            })
+        })
+        .collect()
+}
+
+fn orphan_warning(namespace: &str, service: &str, slice: &str) -> String {
+    format!(
+        "EndpointSlice {namespace}/{slice} is labelled for Service {namespace}/{service}, which does not exist: its endpoints are not used"
+    )
 }
 
 /// Endpoints that could be a backend somewhere (before traffic policies).

@@ -365,7 +365,7 @@ fn headless_and_external_name_services_are_not_translated() {
     assert!(translated.slots.is_empty());
     let why: Vec<_> = translated
         .services
-        .iter()
+        .values()
         .map(|s| s.not_translated)
         .collect();
     assert_eq!(
@@ -579,7 +579,7 @@ fn a_frontend_two_services_claim_stays_with_the_first_and_the_second_is_named() 
         "{:?}",
         translated.warnings
     );
-    let b = &translated.services[1].ports[0];
+    let b = &translated.services.values().nth(1).unwrap().ports[0];
     let taken: Vec<Option<&str>> = b.frontends.iter().map(|f| f.taken_by.as_deref()).collect();
     assert_eq!(
         taken,
@@ -673,7 +673,7 @@ fn the_view_shows_every_endpoint_with_its_condition_and_node() {
         ]),
     );
     let translated = c.translate();
-    let port = &translated.services[0].ports[0];
+    let port = &translated.services.values().next().unwrap().ports[0];
     let seen: Vec<(Ipv4Addr, Condition, Option<&str>)> = port
         .endpoints
         .iter()
@@ -695,5 +695,165 @@ fn the_view_shows_every_endpoint_with_its_condition_and_node() {
     assert_eq!(
         port.frontends[0].backends,
         backends(&[("10.244.2.7", 8080)])
+    );
+}
+
+/// After every change of a sequence, the incremental [`update`] of the previous translation
+/// equals a full [`translate`]: slots, translations and warnings, for Services coming, going
+/// and changing, slices moving between Services, orphan slices, and a frontend two Services
+/// claim (where it gives way to the full translation).
+#[test]
+fn incremental_updates_equal_a_full_translation() {
+    use myelin_cluster::{ChangedServices, Kind};
+    let mut c = Cluster::new();
+    let slice = |ip: &str| {
+        format!(
+            "addressType: IPv4\nendpoints: [{{addresses: [{ip}], nodeName: node-1}}]\nports: [{{name: http, port: 8080}}]"
+        )
+    };
+    c.service(
+        "a",
+        "{clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}",
+    )
+    .slice("a-1", "a", &slice("10.244.1.1"));
+    c.index.take_changed_services();
+    let mut current = c.translate();
+    type Step = Box<dyn Fn(&mut Cluster)>;
+    let steps: Vec<(&str, Step)> = vec![
+        (
+            "a new Service",
+            Box::new(|c| {
+                c.service(
+                    "b",
+                    "{clusterIP: 10.96.0.2, ports: [{name: http, port: 80}]}",
+                );
+            }),
+        ),
+        (
+            "its slice",
+            Box::new(move |c| {
+                c.slice("b-1", "b", &slice("10.244.1.2"));
+            }),
+        ),
+        (
+            "a second slice",
+            Box::new(move |c| {
+                c.slice("b-2", "b", &slice("10.244.1.3"));
+            }),
+        ),
+        (
+            "a slice moves to another Service",
+            Box::new(move |c| {
+                c.slice("b-2", "a", &slice("10.244.1.3"));
+            }),
+        ),
+        (
+            "an orphan slice",
+            Box::new(move |c| {
+                c.slice("x-1", "x", &slice("10.244.1.9"));
+            }),
+        ),
+        (
+            "its Service arrives",
+            Box::new(|c| {
+                c.service(
+                    "x",
+                    "{clusterIP: 10.96.0.9, ports: [{name: http, port: 80}]}",
+                );
+            }),
+        ),
+        (
+            "a Service changes its port",
+            Box::new(|c| {
+                c.service(
+                    "a",
+                    "{clusterIP: 10.96.0.1, ports: [{name: http, port: 8080}]}",
+                );
+            }),
+        ),
+        (
+            "a Service goes, its slice stays",
+            Box::new(|c| {
+                c.delete(Kind::Service, "b");
+            }),
+        ),
+        (
+            "a slice goes",
+            Box::new(|c| {
+                c.delete(Kind::EndpointSlice, "b-1");
+            }),
+        ),
+        (
+            "two Services claim one external IP",
+            Box::new(|c| {
+                c.service("y", "{clusterIP: 10.96.0.10, externalIPs: [10.96.0.1], ports: [{name: http, port: 8080}]}");
+            }),
+        ),
+        (
+            "the claim goes away",
+            Box::new(|c| {
+                c.delete(Kind::Service, "y");
+            }),
+        ),
+        (
+            "after the conflict",
+            Box::new(move |c| {
+                c.slice("a-1", "a", &slice("10.244.1.5"));
+            }),
+        ),
+        (
+            "every slice of a Service goes",
+            Box::new(|c| {
+                c.delete(Kind::EndpointSlice, "a-1")
+                    .delete(Kind::EndpointSlice, "b-2");
+            }),
+        ),
+    ];
+    let mut incremental = 0;
+    for (what, step) in steps {
+        step(&mut c);
+        let full = c.translate();
+        match c.index.take_changed_services() {
+            ChangedServices::Some(keys) => {
+                if update(&mut current, &c.index, "node-1", &keys) {
+                    incremental += 1;
+                } else {
+                    current = c.translate();
+                }
+            }
+            ChangedServices::All => current = c.translate(),
+        }
+        assert_eq!(current, full, "after: {what}");
+    }
+    assert!(
+        incremental >= 10,
+        "most steps are incremental: {incremental}"
+    );
+}
+
+#[test]
+fn a_node_change_marks_every_service_changed() {
+    use myelin_cluster::ChangedServices;
+    let mut c = Cluster::new();
+    assert_eq!(
+        c.index.take_changed_services(),
+        ChangedServices::All,
+        "nodes"
+    );
+    c.service(
+        "a",
+        "{clusterIP: 10.96.0.1, ports: [{name: http, port: 80}]}",
+    );
+    assert_eq!(
+        c.index.take_changed_services(),
+        ChangedServices::Some([("default".to_string(), "a".to_string())].into())
+    );
+    let (node, _) = NodeInfo::from_k8s(&builders::node("node-1", None, "192.168.1.20")).unwrap();
+    c.index.apply(Change::Apply(Object::Node(node)));
+    assert_eq!(c.index.take_changed_services(), ChangedServices::All);
+    assert_eq!(
+        c.index.take_changed_services(),
+        ChangedServices::Some(Default::default()),
+        "taken: it starts over"
     );
 }
