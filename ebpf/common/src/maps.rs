@@ -16,9 +16,11 @@ pub const MASQ_EXCLUDE: &str = "masq_exclude";
 pub const LB_SERVICES: &str = "lb_services";
 pub const LB_FLOWS: &str = "lb_flows";
 pub const LB_AFFINITY: &str = "lb_affinity";
+pub const LB_REVERSE_SK: &str = "lb_reverse_sk";
+pub const SOCK_LB: &str = "sock_lb";
 
 /// Every map the agent pins.
-pub const PINNED: [&str; 14] = [
+pub const PINNED: [&str; 16] = [
     ENDPOINTS,
     ENDPOINTS_BY_IF,
     COUNTERS,
@@ -33,6 +35,8 @@ pub const PINNED: [&str; 14] = [
     LB_SERVICES,
     LB_FLOWS,
     LB_AFFINITY,
+    LB_REVERSE_SK,
+    SOCK_LB,
 ];
 
 /// Default capacities (each has an agent flag).

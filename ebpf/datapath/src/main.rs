@@ -44,6 +44,8 @@ mod nat;
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod policy;
+#[cfg(target_arch = "bpf")]
+mod sock;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -849,6 +851,36 @@ mod programs {
         } else {
             Ok(PASS)
         }
+    }
+}
+
+/// Socket-level load balancing (see `sock`): cgroup programs the agent attaches to
+/// `--cgroup-root`, in the same object so that they share `lb_services` and `lb_affinity` with
+/// the TC programs.
+#[cfg(target_arch = "bpf")]
+mod socket_programs {
+    use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+    use crate::sock;
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+        sock::translate(&ctx)
+    }
+
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+        sock::translate(&ctx)
+    }
+
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+        sock::reverse(&ctx)
+    }
+
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+        sock::reverse(&ctx)
     }
 }
 
