@@ -166,6 +166,15 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_KUBE_PROXY_REPLACEMENT", default_value_t = false, action = clap::ArgAction::Set)]
     pub kube_proxy_replacement: bool,
 
+    /// Socket-level load balancing (with `--kube-proxy-replacement`): a cgroup v2 directory
+    /// (the host's cgroup2 mount, or a cgroup below it) to which the agent attaches programs
+    /// that translate a Service's address to a backend at `connect()` and `sendmsg()` for the
+    /// sockets of the node's network namespace (the node's processes, host-network pods) in
+    /// that cgroup, so their connections pay nothing per packet. Unset (the default): no
+    /// socket programs, and those an earlier agent attached are detached.
+    #[arg(long, env = "MYELIN_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -278,6 +287,7 @@ mod tests {
         assert_eq!(c.uplink, None);
         assert_eq!(c.max_object_file_size, 16 << 20);
         assert!(!c.kube_proxy_replacement, "Services are left to kube-proxy");
+        assert_eq!(c.cgroup_root, None, "no socket-level load balancing");
     }
 
     #[test]

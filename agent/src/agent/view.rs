@@ -56,6 +56,7 @@ impl<D: DatapathOps> Agent<D> {
             version: env!("CARGO_PKG_VERSION").to_string(),
             routing: self.routing.clone(),
             kube_proxy_replacement: self.translates_services,
+            socket_lb: self.socket_lb.clone(),
         }
     }
 

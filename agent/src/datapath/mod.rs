@@ -16,6 +16,7 @@ pub mod counters;
 pub mod fake;
 pub mod lb;
 pub mod nat;
+pub mod sock;
 pub mod table;
 
 use std::{
@@ -346,6 +347,8 @@ impl Datapath {
             (maps::LB_SERVICES, limits.lb_slots),
             (maps::LB_FLOWS, limits.lb_flows),
             (maps::LB_AFFINITY, limits.lb_affinity),
+            // One entry per socket translated by the socket programs.
+            (maps::LB_REVERSE_SK, limits.lb_flows),
         ]
         .into_iter()
         .collect();
@@ -544,6 +547,22 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Socket-level load balancing: attaches the socket programs to `root` for this network
+    /// namespace's sockets, replacing the programs of links an earlier agent pinned for it and
+    /// detaching those of any other cgroup (see [`sock`]).
+    pub fn attach_socket_lb(
+        &mut self,
+        root: &sock::CgroupRoot,
+    ) -> Result<sock::Attached, sock::SockLbError> {
+        sock::attach(&mut self.ebpf, &self.pin_dir, root)
+    }
+
+    /// Detaches the socket programs an earlier agent attached (`--cgroup-root` no longer
+    /// given); returns how many links went.
+    pub fn detach_socket_lb(&mut self) -> Result<usize, sock::SockLbError> {
+        sock::detach(&mut self.ebpf, &self.pin_dir)
     }
 
     fn link_pin(&self, ifname: &str, direction: &str) -> PathBuf {

@@ -1,0 +1,367 @@
+//! Socket-level load balancing's attachments (`--cgroup-root`): the datapath object's four
+//! cgroup programs (`lb_connect4`, `lb_sendmsg4`, `lb_recvmsg4`, `lb_getpeername4`; see
+//! `ebpf/datapath/src/sock.rs`) attached with BPF links to one cgroup v2, each link pinned at
+//! `<bpffs>/myelin/cgroup/<cgroup id>-<program>`.
+//!
+//! The pins keep the programs attached while the agent is down, so sockets are translated
+//! without a gap across restarts and upgrades. A restarted agent swaps its freshly loaded
+//! programs into the links it finds pinned for the same cgroup (`BPF_LINK_UPDATE`, atomic: the
+//! cgroup never runs neither or both), so restarts never pile up attachments. Links of another
+//! cgroup (`--cgroup-root` changed) are unpinned, which detaches them, after the new ones are
+//! in place; without `--cgroup-root` every pin goes.
+//!
+//! The cgroup id in the pin's name is the cgroup directory's inode number (what the kernel
+//! reports as the cgroup id): a cgroup removed and made again under the same path is a new
+//! cgroup.
+
+use std::{
+    ffi::CString,
+    fs::{self, File},
+    io,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    },
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::Array,
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use myelin_common::{maps, sock::SockLbConfig};
+use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, fstatfs};
+use tracing::{debug, info};
+
+/// The socket programs, in the order they are attached.
+pub const PROGRAMS: [&str; 4] = [
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+    "lb_getpeername4",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SockLbError {
+    #[error("--cgroup-root {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "--cgroup-root {path} is not a cgroup v2 directory (its filesystem is not cgroup2): give \
+         the cgroup2 mount (e.g. /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a \
+         hybrid one) or a cgroup below it"
+    )]
+    NotCgroup2 { path: PathBuf },
+    #[error("the agent's network namespace cookie (SO_NETNS_COOKIE, Linux 5.14+): {0}")]
+    NetnsCookie(#[source] io::Error),
+    #[error("the eBPF object has no socket program {0}")]
+    Missing(&'static str),
+    #[error("socket program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "writing the node's network namespace cookie to {}: {source}",
+        maps::SOCK_LB
+    )]
+    Config {
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("socket program {program}, link pinned at {pin}: {source}")]
+    Link {
+        program: &'static str,
+        pin: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("removing the pinned link {pin}: {source}")]
+    Unpin {
+        pin: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `--cgroup-root`, opened and checked to be a cgroup v2 directory.
+#[derive(Debug)]
+pub struct CgroupRoot {
+    path: PathBuf,
+    dir: File,
+    id: u64,
+}
+
+impl CgroupRoot {
+    pub fn open(path: &Path) -> Result<Self, SockLbError> {
+        let open = |source| SockLbError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let dir = File::open(path).map_err(open)?;
+        let meta = dir.metadata().map_err(open)?;
+        let fs = fstatfs(&dir).map_err(|e| open(e.into()))?;
+        if !meta.is_dir() || fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+            return Err(SockLbError::NotCgroup2 {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            dir,
+            id: meta.ino(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The kernel's id of the cgroup (as `bpftool cgroup show` and link info report it).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// Where the socket programs are attached, and which programs run there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    /// (program, kernel program id).
+    pub programs: Vec<(&'static str, u32)>,
+}
+
+/// The cookie of the calling thread's network namespace.
+pub fn netns_cookie() -> Result<u64, SockLbError> {
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| SockLbError::NetnsCookie(e.into()))?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(SockLbError::NetnsCookie(io::Error::last_os_error()));
+    }
+    Ok(cookie)
+}
+
+fn pin_dir(bpf_pin_dir: &Path) -> PathBuf {
+    bpf_pin_dir.join("cgroup")
+}
+
+fn pin_path(bpf_pin_dir: &Path, cgroup_id: u64, program: &str) -> PathBuf {
+    pin_dir(bpf_pin_dir).join(format!("{cgroup_id}-{program}"))
+}
+
+/// Loads the socket programs, tells them the node's network namespace, and attaches them to
+/// `root`: into the links pinned for it, else with new pinned links. Then removes the pins of
+/// any other cgroup.
+pub(super) fn attach(
+    ebpf: &mut Ebpf,
+    bpf_pin_dir: &Path,
+    root: &CgroupRoot,
+) -> Result<Attached, SockLbError> {
+    let cookie = netns_cookie()?;
+    let map = ebpf
+        .map_mut(maps::SOCK_LB)
+        .ok_or(SockLbError::Missing(maps::SOCK_LB))?;
+    let mut config: Array<_, SockLbConfig> =
+        Array::try_from(map).map_err(|source| SockLbError::Config { source })?;
+    config
+        .set(
+            0,
+            SockLbConfig {
+                netns_cookie: cookie,
+            },
+            0,
+        )
+        .map_err(|source| SockLbError::Config { source })?;
+    let dir = pin_dir(bpf_pin_dir);
+    fs::create_dir_all(&dir).map_err(|source| SockLbError::Unpin {
+        pin: dir.clone(),
+        source,
+    })?;
+    let mut programs = Vec::new();
+    for program in PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(program)
+            .ok_or(SockLbError::Missing(program))?
+            .try_into()
+            .map_err(|source| SockLbError::Program { program, source })?;
+        prog.load()
+            .map_err(|source| SockLbError::Program { program, source })?;
+        let pin = pin_path(bpf_pin_dir, root.id, program);
+        let link_err = |source: Box<dyn std::error::Error + Send + Sync>| SockLbError::Link {
+            program,
+            pin: pin.clone(),
+            source,
+        };
+        match obj_get(&pin) {
+            Ok(link) => {
+                let prog_fd = prog
+                    .fd()
+                    .map_err(|source| SockLbError::Program { program, source })?;
+                link_update(link.as_fd(), prog_fd.as_fd()).map_err(|e| link_err(e.into()))?;
+                debug!(program, pin = %pin.display(), "socket program swapped into its pinned link");
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let id = prog
+                    .attach(&root.dir, CgroupAttachMode::Single)
+                    .map_err(|e| link_err(e.into()))?;
+                let link = prog.take_link(id).map_err(|e| link_err(e.into()))?;
+                let link = FdLink::try_from(link).map_err(|e| link_err(e.into()))?;
+                link.pin(&pin).map_err(|e| link_err(e.into()))?;
+                debug!(program, pin = %pin.display(), "socket program attached");
+            }
+            Err(e) => return Err(link_err(e.into())),
+        }
+        let id = prog
+            .info()
+            .map_err(|source| SockLbError::Program { program, source })?
+            .id();
+        programs.push((program, id));
+    }
+    let keep: Vec<PathBuf> = PROGRAMS
+        .iter()
+        .map(|p| pin_path(bpf_pin_dir, root.id, p))
+        .collect();
+    let removed = unpin_all(bpf_pin_dir, |pin| keep.iter().any(|k| k == pin))?;
+    if removed > 0 {
+        info!(
+            removed,
+            "detached the socket programs from the cgroup an earlier agent used"
+        );
+    }
+    info!(cgroup = %root.path.display(), cgroup_id = root.id, "socket-level load balancing attached");
+    Ok(Attached {
+        cgroup: root.path.clone(),
+        cgroup_id: root.id,
+        programs,
+    })
+}
+
+/// Removes every pinned socket program link (which detaches it), and clears the node's
+/// network namespace cookie so that a program still attached elsewhere translates nothing.
+/// Returns how many links there were.
+pub(super) fn detach(ebpf: &mut Ebpf, bpf_pin_dir: &Path) -> Result<usize, SockLbError> {
+    if let Some(map) = ebpf.map_mut(maps::SOCK_LB) {
+        let mut config: Array<_, SockLbConfig> =
+            Array::try_from(map).map_err(|source| SockLbError::Config { source })?;
+        config
+            .set(0, SockLbConfig::default(), 0)
+            .map_err(|source| SockLbError::Config { source })?;
+    }
+    unpin_all(bpf_pin_dir, |_| false)
+}
+
+/// Removes the pins under `<pin dir>/cgroup/` that `keep` does not want.
+fn unpin_all(bpf_pin_dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<usize, SockLbError> {
+    let dir = pin_dir(bpf_pin_dir);
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(SockLbError::Unpin { pin: dir, source }),
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let pin = entry.path();
+        if keep(&pin) {
+            continue;
+        }
+        match fs::remove_file(&pin) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(SockLbError::Unpin { pin, source }),
+        }
+    }
+    Ok(removed)
+}
+
+/// `BPF_OBJ_GET`: the object pinned at `path` (aya's `PinnedLink` hides the descriptor that
+/// [`link_update`] needs).
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        // No padding the kernel would find non-zero.
+        _pad: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let attr = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: the bpf syscall reads `size_of::<ObjGet>()` bytes of `attr`, whose path pointer
+    // lives until the call returns.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: `prog` replaces the program of `link`, atomically.
+fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let attr = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: the bpf syscall reads `size_of::<LinkUpdate>()` bytes of `attr`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const attr,
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
