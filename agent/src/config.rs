@@ -311,6 +311,19 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_root_is_a_path_flag_and_an_env_var() {
+        let c = AgentConfig::try_parse_from(["myelin-agent", "--cgroup-root", "/sys/fs/cgroup"])
+            .unwrap();
+        assert_eq!(c.cgroup_root, Some(PathBuf::from("/sys/fs/cgroup")));
+        let env = AgentConfig::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "cgroup_root")
+            .and_then(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned());
+        assert_eq!(env.as_deref(), Some("MYELIN_CGROUP_ROOT"));
+    }
+
+    #[test]
     fn durations_need_a_unit_and_must_not_be_zero() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));

@@ -16,6 +16,10 @@
 //!   routing, `from_uplink` also delivers other nodes' packets for this node's pods straight
 //!   into them (`deliver_from_uplink`).
 //!
+//! - `lb_connect4`, `lb_sendmsg4`, `lb_recvmsg4` and `lb_getpeername4` (cgroup `sock_addr`
+//!   hooks of `--cgroup-root`) translate Services for the node's own sockets at `connect()` and
+//!   `sendmsg()`, and show the frontend again to `getpeername()` and `recvfrom()` (see `sock`).
+//!
 //! Pod-to-pod traffic on one node never reaches the destination's `to_container` (the redirect
 //! skips it), so `from_container` checks both the sender's egress and the receiver's ingress
 //! policy. Every drop is counted under a [`DropReason`] and can be reported as an event.
