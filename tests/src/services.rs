@@ -495,3 +495,94 @@ pub fn ask_from_process(
         })
         .collect())
 }
+
+/// A client process that connects a UDP socket to a frontend, asks once, then keeps the socket
+/// and waits for up to 10 s for an error on it (`ECONNABORTED` when the socket is destroyed).
+const HELD_UDP_CLIENT: &str = r#"
+import errno, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.8)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"?")
+print(s.recv(64).decode().strip(), flush=True)
+s.settimeout(0.2)
+result = "timeout"
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    try:
+        s.recv(64)
+    except socket.timeout:
+        continue
+    except OSError as e:
+        result = errno.errorcode.get(e.errno, str(e))
+        break
+print(result, flush=True)
+"#;
+
+/// A connected UDP socket held by a client process ([`HELD_UDP_CLIENT`]), in `from`'s network
+/// namespace and, when given, in `cgroup`.
+pub struct HeldUdpClient {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// The backend that answered its question.
+    pub backend: SocketAddrV4,
+}
+
+impl HeldUdpClient {
+    pub fn start(
+        from: &dyn Host,
+        cgroup: Option<&crate::cgroup::TestCgroup>,
+        frontend: SocketAddrV4,
+    ) -> Result<Self> {
+        use std::io::BufRead as _;
+        let mut cmd = from.netns().command("python3")?;
+        if let Some(cgroup) = cgroup {
+            cgroup.enter(&mut cmd)?;
+        }
+        cmd.arg("-c")
+            .arg(HELD_UDP_CLIENT)
+            .arg(frontend.ip().to_string())
+            .arg(frontend.port().to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            command: "python3 (held UDP client)".into(),
+            source,
+        })?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().transpose().ok().flatten().unwrap_or_default();
+        let backend = match first.parse() {
+            Ok(backend) => backend,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Traffic {
+                    what: format!("a held UDP client to {frontend} got no answer: {first:?}"),
+                });
+            }
+        };
+        Ok(Self {
+            child,
+            lines,
+            backend,
+        })
+    }
+
+    /// What happened to its socket: the error name it got (`ECONNABORTED`), or `timeout` when
+    /// nothing did within its 10 s.
+    pub fn outcome(mut self) -> Result<String> {
+        let line = self.lines.next().transpose().ok().flatten();
+        let _ = self.child.wait();
+        line.ok_or_else(|| Error::Traffic {
+            what: "a held UDP client ended without saying what happened".into(),
+        })
+    }
+}
+
+impl Drop for HeldUdpClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

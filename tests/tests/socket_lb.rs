@@ -22,8 +22,9 @@ use myelin_tests::{
     multinode::{Cluster, ClusterPod, ClusterSpec, Underlay},
     root_test,
     services::{
-        Answer, Backend, BackendServers, Protocol, ServicePort, SocketAnswer, SocketQuestion,
-        ask_from_process, ask_many, ask_until, cluster_ip_service, endpoint_slice, tally,
+        Answer, Backend, BackendServers, HeldUdpClient, Protocol, ServicePort, SocketAnswer,
+        SocketQuestion, ask_from_process, ask_many, ask_until, cluster_ip_service, endpoint_slice,
+        tally,
     },
     traffic::Host,
 };
@@ -315,6 +316,38 @@ fn only_the_nodes_own_sockets_in_the_cgroup_are_translated_at_the_socket() -> Re
             a.answer, None,
             "a node process outside the cgroup is not translated: {outside:?}"
         );
+    }
+    Ok(())
+}
+
+/// Connected UDP sockets the socket programs gave a backend that is then removed from the
+/// Service are destroyed (their owners get ECONNABORTED and can reconnect); those on the
+/// backends that stay are left alone.
+#[test]
+fn sockets_connected_to_a_removed_backend_are_destroyed() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let cgroup = TestCgroup::create(&run, "sock")?;
+    let w = Web::start(&run, Some(&cgroup))?;
+    let clients = (0..6)
+        .map(|_| HeldUdpClient::start(w.c.node(0), Some(&cgroup), frontend(WEB_UDP)))
+        .collect::<Result<Vec<_>>>()?;
+    let removed = clients[0].backend;
+    let kept: Vec<&ClusterPod> = w
+        .backends
+        .iter()
+        .filter(|b| backend_at(b, WEB_UDP) != removed)
+        .collect();
+    web(&w.c, &[WEB_TCP, WEB_UDP], &ready(&w.c, &kept))?;
+    for client in clients {
+        let backend = client.backend;
+        let outcome = client.outcome()?;
+        if backend == removed {
+            assert_eq!(outcome, "ECONNABORTED", "a socket on the removed {backend}");
+        } else {
+            assert_eq!(outcome, "timeout", "a socket on {backend}, which stays");
+        }
     }
     Ok(())
 }

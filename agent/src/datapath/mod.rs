@@ -276,6 +276,9 @@ pub struct Datapath {
     events: Option<RingBuf<MapData>>,
     /// The tables the datapath fills and collectors empty: (map, capacity, fill).
     collected: [(&'static str, u32, Fill); 4],
+    /// The socket programs are attached (`--cgroup-root`): sockets they connected to a backend
+    /// that goes are destroyed.
+    socket_lb: bool,
 }
 
 /// The one-entry `config` array and the value last written to it.
@@ -402,6 +405,7 @@ impl Datapath {
                 (maps::LB_FLOWS, limits.lb_flows, Fill::default()),
                 (maps::LB_AFFINITY, limits.lb_affinity, Fill::default()),
             ],
+            socket_lb: false,
         })
     }
 
@@ -556,13 +560,30 @@ impl Datapath {
         &mut self,
         root: &sock::CgroupRoot,
     ) -> Result<sock::Attached, sock::SockLbError> {
-        sock::attach(&mut self.ebpf, &self.pin_dir, root)
+        let attached = sock::attach(&mut self.ebpf, &self.pin_dir, root)?;
+        self.socket_lb = true;
+        Ok(attached)
     }
 
     /// Detaches the socket programs an earlier agent attached (`--cgroup-root` no longer
     /// given); returns how many links went.
     pub fn detach_socket_lb(&mut self) -> Result<usize, sock::SockLbError> {
+        self.socket_lb = false;
         sock::detach(&mut self.ebpf, &self.pin_dir)
+    }
+
+    /// The backends `desired` drops from every frontend, while the socket programs are attached
+    /// (else none: nothing to destroy).
+    fn backends_gone(&self, desired: &DesiredState) -> BTreeSet<sock::BackendAddr> {
+        let current = self.tables.lb_services.current();
+        if !self.socket_lb || *current == desired.lb_services {
+            return BTreeSet::new();
+        }
+        let kept = sock::backends(&desired.lb_services);
+        sock::backends(current)
+            .into_iter()
+            .filter(|b| !kept.contains(b))
+            .collect()
     }
 
     fn link_pin(&self, ifname: &str, direction: &str) -> PathBuf {
@@ -702,11 +723,28 @@ impl DatapathOps for Datapath {
     }
 
     fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError> {
+        let gone = self.backends_gone(desired);
         let mut hooks = KernelHooks {
             counters: &mut self.counters,
             config: &mut self.config,
         };
-        Ok(self.tables.apply(desired, &mut hooks)?)
+        let diff = self.tables.apply(desired, &mut hooks)?;
+        // Once the slots no longer hold them: a client that reconnects gets another backend.
+        if !gone.is_empty() {
+            match sock::destroy_connected(&self.ebpf, &gone) {
+                Ok(0) => {}
+                Ok(destroyed) => info!(
+                    destroyed,
+                    backends = gone.len(),
+                    "destroyed the sockets the socket programs had connected to removed backends"
+                ),
+                Err(e) => warn!(
+                    "destroying sockets connected to removed backends failed: {e}; they keep \
+                     their backend until they close"
+                ),
+            }
+        }
+        Ok(diff)
     }
 
     fn policy_capacity(&self) -> usize {

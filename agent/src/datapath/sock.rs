@@ -287,6 +287,11 @@ fn unpin_all(bpf_pin_dir: &Path, keep: impl Fn(&Path) -> bool) -> Result<usize, 
         if keep(&pin) {
             continue;
         }
+        // Detached now rather than when the kernel gets round to releasing the unpinned link
+        // (a deferred work item): status and `bpftool cgroup show` are right at once.
+        if let Ok(link) = obj_get(&pin) {
+            let _ = link_detach(link.as_fd());
+        }
         match fs::remove_file(&pin) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -335,6 +340,26 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// `BPF_LINK_DETACH`: the link's program leaves its hook now; the link itself lives on,
+/// defunct, until its last reference goes.
+fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let link_fd = link.as_raw_fd() as u32;
+    // SAFETY: the bpf syscall reads 4 bytes: `link_detach.link_fd`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &raw const link_fd,
+            std::mem::size_of::<u32>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `BPF_LINK_UPDATE`: `prog` replaces the program of `link`, atomically.
 fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
     #[repr(C)]
@@ -364,4 +389,274 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A backend as `lb_services` lists it: address, port (network byte order), protocol.
+pub type BackendAddr = ([u8; 4], u16, u8);
+
+/// Every backend some frontend of `slots` sends to.
+pub fn backends(
+    slots: &std::collections::BTreeMap<myelin_common::lb::LbKey, myelin_common::lb::LbEntry>,
+) -> std::collections::BTreeSet<BackendAddr> {
+    slots
+        .iter()
+        .filter(|(k, _)| k.slot != 0)
+        .map(|(k, e)| (e.backend, e.backend_port, k.protocol))
+        .collect()
+}
+
+/// Destroys the sockets of this network namespace that the socket programs connected to one of
+/// `gone` (backends no frontend sends to any more): a TCP or connected UDP socket whose peer is
+/// such a backend and whose `lb_reverse_sk` entry says the socket programs gave it that
+/// backend. Its owner gets `ECONNABORTED` and reconnects through the Service, instead of
+/// sending into a void. Done the way `ss -K` does it (`SOCK_DESTROY` over sock_diag, which
+/// calls the same `diag_destroy` as the `bpf_sock_destroy` kfunc: aya 0.14 cannot load kfunc
+/// calls). Sockets connected to a backend directly are left alone. Returns how many went.
+pub(super) fn destroy_connected(
+    ebpf: &Ebpf,
+    gone: &std::collections::BTreeSet<BackendAddr>,
+) -> io::Result<usize> {
+    use myelin_common::{
+        proto::{IPPROTO_TCP, IPPROTO_UDP},
+        sock::{LbSockFrontend, LbSockKey},
+    };
+    let Some(map) = ebpf.map(maps::LB_REVERSE_SK) else {
+        return Ok(0);
+    };
+    let reverse: aya::maps::HashMap<_, LbSockKey, LbSockFrontend> =
+        aya::maps::HashMap::try_from(map).map_err(io::Error::other)?;
+    let diag = diag::SockDiag::open()?;
+    let mut destroyed = 0;
+    for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
+        if !gone.iter().any(|(_, _, p)| *p == protocol) {
+            continue;
+        }
+        for id in diag.dump(protocol)? {
+            let peer: [u8; 4] = id.dst[..4].try_into().expect("4 bytes");
+            let port = u16::from_ne_bytes(id.dport);
+            if !gone.contains(&(peer, port, protocol)) {
+                continue;
+            }
+            let key = LbSockKey {
+                cookie: u64::from(id.cookie[0]) | u64::from(id.cookie[1]) << 32,
+                backend: peer,
+                backend_port: port,
+                _pad: 0,
+            };
+            if reverse.get(&key, 0).is_err() {
+                continue;
+            }
+            match diag.destroy(protocol, &id) {
+                Ok(()) => destroyed += 1,
+                // Closed meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(destroyed)
+}
+
+/// The little of sock_diag (`NETLINK_SOCK_DIAG`, `inet_diag`) that finding and destroying
+/// connected IPv4 sockets takes.
+mod diag {
+    use std::{
+        io,
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    };
+
+    const NETLINK_SOCK_DIAG: i32 = 4;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const SOCK_DESTROY: u16 = 21;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const HDR: usize = std::mem::size_of::<NlMsgHdr>();
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct NlMsgHdr {
+        len: u32,
+        ty: u16,
+        flags: u16,
+        seq: u32,
+        pid: u32,
+    }
+
+    /// `struct inet_diag_sockid`: ports and addresses in network byte order.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default, Debug)]
+    pub struct SockId {
+        pub sport: [u8; 2],
+        pub dport: [u8; 2],
+        pub src: [u8; 16],
+        pub dst: [u8; 16],
+        pub ifindex: u32,
+        pub cookie: [u32; 2],
+    }
+
+    /// `struct inet_diag_req_v2`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Request {
+        family: u8,
+        protocol: u8,
+        ext: u8,
+        pad: u8,
+        states: u32,
+        id: SockId,
+    }
+
+    /// The start of `struct inet_diag_msg`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Msg {
+        family: u8,
+        state: u8,
+        timer: u8,
+        retrans: u8,
+        id: SockId,
+    }
+
+    #[repr(C)]
+    struct Message {
+        hdr: NlMsgHdr,
+        req: Request,
+    }
+
+    pub struct SockDiag {
+        fd: OwnedFd,
+    }
+
+    impl SockDiag {
+        pub fn open() -> io::Result<Self> {
+            // SAFETY: plain syscall; the descriptor is owned below.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_NETLINK,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    NETLINK_SOCK_DIAG,
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a new descriptor nothing else owns.
+            Ok(Self {
+                fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            })
+        }
+
+        fn send(&self, ty: u16, flags: u16, req: Request) -> io::Result<()> {
+            let message = Message {
+                hdr: NlMsgHdr {
+                    len: std::mem::size_of::<Message>() as u32,
+                    ty,
+                    flags,
+                    seq: 1,
+                    pid: 0,
+                },
+                req,
+            };
+            // SAFETY: sends the bytes of a plain `repr(C)` struct without padding.
+            let sent = unsafe {
+                libc::send(
+                    self.fd.as_raw_fd(),
+                    (&raw const message).cast(),
+                    std::mem::size_of::<Message>(),
+                    0,
+                )
+            };
+            if sent < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        }
+
+        /// Receives messages until `done` says the answer is complete; `each` gets every
+        /// message's type and payload.
+        fn receive(&self, mut each: impl FnMut(u16, &[u8]) -> io::Result<bool>) -> io::Result<()> {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                // SAFETY: receives into a buffer of that length.
+                let n = unsafe {
+                    libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let mut data = &buf[..n as usize];
+                while data.len() >= HDR {
+                    // SAFETY: at least a header's bytes; read unaligned.
+                    let hdr: NlMsgHdr = unsafe { std::ptr::read_unaligned(data.as_ptr().cast()) };
+                    let len = (hdr.len as usize).clamp(HDR, data.len());
+                    if !each(hdr.ty, &data[HDR..len])? {
+                        return Ok(());
+                    }
+                    data = &data[(len + 3) & !3..];
+                    if data.len() < HDR {
+                        break;
+                    }
+                }
+            }
+        }
+
+        /// The IPv4 sockets of `protocol` in this network namespace, in every state.
+        pub fn dump(&self, protocol: u8) -> io::Result<Vec<SockId>> {
+            self.send(
+                SOCK_DIAG_BY_FAMILY,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                Request {
+                    family: libc::AF_INET as u8,
+                    protocol,
+                    states: u32::MAX,
+                    ..Request::default()
+                },
+            )?;
+            let mut sockets = Vec::new();
+            self.receive(|ty, payload| match ty {
+                NLMSG_DONE => Ok(false),
+                NLMSG_ERROR => Err(error_of(payload).unwrap_or_else(|| io::Error::other("dump"))),
+                _ if payload.len() >= std::mem::size_of::<Msg>() => {
+                    // SAFETY: at least a message's bytes; read unaligned.
+                    let msg: Msg = unsafe { std::ptr::read_unaligned(payload.as_ptr().cast()) };
+                    sockets.push(msg.id);
+                    Ok(true)
+                }
+                _ => Ok(true),
+            })?;
+            Ok(sockets)
+        }
+
+        /// `SOCK_DESTROY` of the socket `id` names (its tuple and cookie, as dumped).
+        pub fn destroy(&self, protocol: u8, id: &SockId) -> io::Result<()> {
+            self.send(
+                SOCK_DESTROY,
+                NLM_F_REQUEST | NLM_F_ACK,
+                Request {
+                    family: libc::AF_INET as u8,
+                    protocol,
+                    states: u32::MAX,
+                    id: *id,
+                    ..Request::default()
+                },
+            )?;
+            let mut result = Ok(());
+            self.receive(|ty, payload| {
+                if ty == NLMSG_ERROR {
+                    result = error_of(payload).map_or(Ok(()), Err);
+                }
+                Ok(false)
+            })?;
+            result
+        }
+    }
+
+    /// The error an `NLMSG_ERROR` carries; `None` for an acknowledgement (error 0).
+    fn error_of(payload: &[u8]) -> Option<io::Error> {
+        let code = i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?);
+        (code != 0).then(|| io::Error::from_raw_os_error(-code))
+    }
 }
