@@ -276,8 +276,8 @@ pub struct Datapath {
     events: Option<RingBuf<MapData>>,
     /// The tables the datapath fills and collectors empty: (map, capacity, fill).
     collected: [(&'static str, u32, Fill); 4],
-    /// The socket programs are attached (`--cgroup-root`): sockets they connected to a backend
-    /// that goes are destroyed.
+    /// The socket programs are attached (`--cgroup-root`): connected UDP sockets they gave a
+    /// backend that goes are destroyed.
     socket_lb: bool,
 }
 
@@ -736,7 +736,7 @@ impl DatapathOps for Datapath {
                 Ok(destroyed) => info!(
                     destroyed,
                     backends = gone.len(),
-                    "destroyed the sockets the socket programs had connected to removed backends"
+                    "destroyed the UDP sockets the socket programs had connected to removed backends"
                 ),
                 Err(e) => warn!(
                     "destroying sockets connected to removed backends failed: {e}; they keep \

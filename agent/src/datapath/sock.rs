@@ -405,21 +405,27 @@ pub fn backends(
         .collect()
 }
 
-/// Destroys the sockets of this network namespace that the socket programs connected to one of
-/// `gone` (backends no frontend sends to any more): a TCP or connected UDP socket whose peer is
-/// such a backend and whose `lb_reverse_sk` entry says the socket programs gave it that
-/// backend. Its owner gets `ECONNABORTED` and reconnects through the Service, instead of
-/// sending into a void. Done the way `ss -K` does it (`SOCK_DESTROY` over sock_diag, which
-/// calls the same `diag_destroy` as the `bpf_sock_destroy` kfunc: aya 0.14 cannot load kfunc
-/// calls). Sockets connected to a backend directly are left alone. Returns how many went.
+/// Destroys the connected UDP sockets of this network namespace that the socket programs
+/// connected to one of `gone` (backends no frontend sends to any more): the socket's peer is
+/// such a backend and its `lb_reverse_sk` entry says the socket programs gave it that backend.
+/// Its owner gets `ECONNABORTED` and reconnects through the Service instead of sending into a
+/// void (a DNS client, typically). TCP connections are left to drain: a backend leaves the
+/// slots as soon as it is terminating while others are ready, and its connections may finish;
+/// once it is really gone its stack's reset or the client's timeout ends them. Done the way
+/// `ss -K` does it (`SOCK_DESTROY` over sock_diag, which calls the same `diag_destroy` as the
+/// `bpf_sock_destroy` kfunc: aya 0.14 cannot load kfunc calls). Sockets connected to a backend
+/// directly are left alone. Returns how many went.
 pub(super) fn destroy_connected(
     ebpf: &Ebpf,
     gone: &std::collections::BTreeSet<BackendAddr>,
 ) -> io::Result<usize> {
     use myelin_common::{
-        proto::{IPPROTO_TCP, IPPROTO_UDP},
+        proto::IPPROTO_UDP,
         sock::{LbSockFrontend, LbSockKey},
     };
+    if !gone.iter().any(|(_, _, p)| *p == IPPROTO_UDP) {
+        return Ok(0);
+    }
     let Some(map) = ebpf.map(maps::LB_REVERSE_SK) else {
         return Ok(0);
     };
@@ -427,38 +433,33 @@ pub(super) fn destroy_connected(
         aya::maps::HashMap::try_from(map).map_err(io::Error::other)?;
     let diag = diag::SockDiag::open()?;
     let mut destroyed = 0;
-    for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
-        if !gone.iter().any(|(_, _, p)| *p == protocol) {
+    for id in diag.dump(IPPROTO_UDP)? {
+        let peer: [u8; 4] = id.dst[..4].try_into().expect("4 bytes");
+        let port = u16::from_ne_bytes(id.dport);
+        if !gone.contains(&(peer, port, IPPROTO_UDP)) {
             continue;
         }
-        for id in diag.dump(protocol)? {
-            let peer: [u8; 4] = id.dst[..4].try_into().expect("4 bytes");
-            let port = u16::from_ne_bytes(id.dport);
-            if !gone.contains(&(peer, port, protocol)) {
-                continue;
-            }
-            let key = LbSockKey {
-                cookie: u64::from(id.cookie[0]) | u64::from(id.cookie[1]) << 32,
-                backend: peer,
-                backend_port: port,
-                _pad: 0,
-            };
-            if reverse.get(&key, 0).is_err() {
-                continue;
-            }
-            match diag.destroy(protocol, &id) {
-                Ok(()) => destroyed += 1,
-                // Closed meanwhile.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(e),
-            }
+        let key = LbSockKey {
+            cookie: u64::from(id.cookie[0]) | u64::from(id.cookie[1]) << 32,
+            backend: peer,
+            backend_port: port,
+            _pad: 0,
+        };
+        if reverse.get(&key, 0).is_err() {
+            continue;
+        }
+        match diag.destroy(IPPROTO_UDP, &id) {
+            Ok(()) => destroyed += 1,
+            // Closed meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(destroyed)
 }
 
 /// The little of sock_diag (`NETLINK_SOCK_DIAG`, `inet_diag`) that finding and destroying
-/// connected IPv4 sockets takes.
+/// IPv4 sockets takes.
 mod diag {
     use std::{
         io,
