@@ -247,6 +247,12 @@ impl AgentConfig {
         }
     }
 
+    pub fn features(&self) -> crate::datapath::Features {
+        crate::datapath::Features {
+            services: self.kube_proxy_replacement,
+        }
+    }
+
     pub fn node_name(&self) -> String {
         self.node_name.clone().unwrap_or_else(|| {
             nix::unistd::gethostname()

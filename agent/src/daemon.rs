@@ -278,8 +278,13 @@ async fn start_datapath(
         .await
         .context("setting up the node's network")?;
     bpffs::ensure_mounted(&config.bpffs)?;
-    let mut datapath = Datapath::load(&config.bpffs, config.attach_mode, config.limits())
-        .context("loading the eBPF datapath")?;
+    let mut datapath = Datapath::load(
+        &config.bpffs,
+        config.attach_mode,
+        config.limits(),
+        config.features(),
+    )
+    .context("loading the eBPF datapath")?;
     let pin_dir = datapath.pin_dir().to_path_buf();
     let (events, _) = tokio::sync::broadcast::channel(events::STREAM_BUFFER);
     if let Some(ring) = datapath.take_events() {

@@ -58,6 +58,8 @@ pub fn to_api(e: &RawEvent) -> myelin_api::FlowEvent {
         dst_endpoint: e.dst_endpoint,
         src_identity: e.src_identity,
         dst_identity: e.dst_identity,
+        service: (e.service_addr != [0; 4])
+            .then(|| endpoint(Ipv4Addr::from(e.service_addr), e.service_port, e.protocol)),
     }
 }
 
@@ -135,6 +137,20 @@ mod tests {
         assert_eq!(
             (icmp.kind.as_str(), icmp.reason, icmp.dst.as_str()),
             ("allowed", None, "10.0.0.3")
+        );
+        assert_eq!(e.service, None);
+        let translated = to_api(&RawEvent {
+            kind: EVENT_ALLOWED,
+            service_addr: [10, 96, 0, 10],
+            service_port: 443,
+            ..raw
+        });
+        assert_eq!(translated.service.as_deref(), Some("10.96.0.10:443"));
+        assert!(
+            translated
+                .to_string()
+                .ends_with("(service 10.96.0.10:443 -> 10.0.0.3:80)"),
+            "{translated}"
         );
     }
 }

@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub services: usize,
     /// Their frontends that have no backend (their connections are refused).
     pub frontends_without_backend: usize,
+    /// Their frontends that do not fit in `lb_services`.
+    pub frontends_unwritten: usize,
     /// (reason, packets, bytes)
     pub drops: Vec<(&'static str, u64, u64)>,
     /// (map, entries, capacity)
@@ -127,6 +129,12 @@ impl Collector for SnapshotCollector {
                 "Frontends of translated Services with no usable endpoint: their connections \
                  are refused (myelinctl services names them)",
                 s.frontends_without_backend as i64,
+            ),
+            (
+                "myelin_service_frontends_unwritten",
+                "Frontends of Services that do not fit in the lb_services map (--max-lb-slots): \
+                 not translated, or still with their earlier backends",
+                s.frontends_unwritten as i64,
             ),
         ] {
             let gauge = ConstGauge::new(value);
@@ -275,6 +283,7 @@ mod tests {
             Snapshot {
                 services: 3,
                 frontends_without_backend: 1,
+                frontends_unwritten: 2,
                 ..Snapshot::default()
             },
         )))));
@@ -283,6 +292,7 @@ mod tests {
         for line in [
             "myelin_services 3",
             "myelin_service_frontends_without_backend 1",
+            "myelin_service_frontends_unwritten 2",
         ] {
             assert!(body.lines().any(|l| l == line), "{line}: {body}");
         }

@@ -19,7 +19,7 @@ use aya::programs::TcAttachType;
 use myelin_agent::{
     bpffs,
     datapath::{
-        AttachMode, Datapath, DatapathError, DatapathOps, Limits, Program, Routing,
+        AttachMode, Datapath, DatapathError, DatapathOps, Features, Limits, Program, Routing,
         clsact::{self, ClsactError, Filter},
         conntrack::{ConntrackTable, Expiring as _},
         lb::{LbAffinityTable, LbFlowTable},
@@ -31,12 +31,12 @@ use myelin_common::{
     Direction, DropReason, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
     config::{
         CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_SERVICES, CONFIG_F_TUNNEL, EVENTS_DROPS,
-        MARK_ROUTED_TO_NODE,
+        EVENTS_VERDICTS, MARK_ROUTED_TO_NODE,
     },
     endpoint::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
-    event::{EVENT_DROP, FlowEvent},
+    event::{EVENT_ALLOWED, EVENT_DROP, FlowEvent},
     identity,
     lb::{LB_IN, LbEntry, LbFlow, LbFlowKey, LbKey},
     nat::{MASQ_EXCLUDE_CONFIGURED, MASQ_EXCLUDE_NODE, MASQ_EXCLUDE_POD_CIDR, MasqExclude, NAT_IN},
@@ -149,7 +149,13 @@ fn with_datapath(body: impl FnOnce(&mut Fixture) + Send + 'static) {
         }
         let index = |name: &str| nix::net::if_::if_nametoindex(name).expect("ifindex");
         let bpffs = PrivateBpffs::new();
-        let dp = Datapath::load(&bpffs.path(), AttachMode::Tc, Limits::default()).expect("load");
+        let dp = Datapath::load(
+            &bpffs.path(),
+            AttachMode::Tc,
+            Limits::default(),
+            Features::default(),
+        )
+        .expect("load");
         let pod = |n: u8, ifname: &str, identity: u32| Pod {
             ip: Ipv4Addr::new(10, 0, 0, n),
             mac: [2, 0, 0, 0, 0, n],
@@ -908,8 +914,13 @@ fn tc_attach_leaves_foreign_filters_alone_and_replaces_its_own_in_place() {
         }
 
         // What a restarted agent does: fresh programs, swapped into the same filters.
-        let mut restarted =
-            Datapath::load(&f.bpffs.path(), AttachMode::Tc, Limits::default()).expect("load");
+        let mut restarted = Datapath::load(
+            &f.bpffs.path(),
+            AttachMode::Tc,
+            Limits::default(),
+            Features::default(),
+        )
+        .expect("load");
         restarted.attach("lxca").expect("attach again");
         for (((hook, name, program), foreign), before) in
             HOOKS.into_iter().zip(&foreign).zip(&attached)
@@ -1806,6 +1817,45 @@ fn the_backends_reply_is_translated_back_to_the_frontend() {
             (verdict, source(&back)),
             (TC_ACT_REDIRECT, (CLUSTER_IP, 80))
         );
+    });
+}
+
+#[test]
+fn events_of_a_translated_connection_name_its_service() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        f.service(81, TCP, &[], 0);
+        let mut ring = f.dp.take_events().expect("ring buffer");
+        f.dp.set_event_mask(EVENTS_DROPS | EVENTS_VERDICTS).unwrap();
+        let mut next = || {
+            let item = ring.next().expect("an event");
+            // SAFETY: the ring holds FlowEvent records written by the datapath.
+            unsafe { std::ptr::read_unaligned::<FlowEvent>(item.as_ptr().cast()) }
+        };
+        let (verdict, _) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let e = next();
+        assert_eq!(e.kind, EVENT_ALLOWED, "the new connection");
+        assert_eq!((e.daddr, e.dport), (b.ip.octets(), 8080), "to the backend");
+        assert_eq!(
+            (e.service_addr, e.service_port),
+            (CLUSTER_IP.octets(), 80),
+            "addressed to the frontend"
+        );
+        // A frontend without backends: the refusal's drop names it too.
+        f.send(a, &to_cluster_ip(a, 40001, 81, SYN));
+        let e = next();
+        assert_eq!(
+            (e.kind, e.reason),
+            (EVENT_DROP, DropReason::NoServiceBackend as u8)
+        );
+        assert_eq!((e.service_addr, e.service_port), (CLUSTER_IP.octets(), 81));
+        // A connection to a pod's own address is no Service's.
+        f.send(a, &tcp(a, b, 40002, 8080, SYN));
+        let e = next();
+        assert_eq!((e.kind, e.service_addr), (EVENT_ALLOWED, [0; 4]));
     });
 }
 

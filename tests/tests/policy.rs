@@ -1942,6 +1942,7 @@ ingress:
         dst_endpoint: of(A_DB).0,
         src_identity: of(B_API).1,
         dst_identity: of(A_DB).1,
+        service: None,
     };
     let got = await_event(&events, TRAFFIC_TIMEOUT, |e| e.src == expected.src);
     assert_eq!(got.as_ref().ok(), Some(&expected), "events: {got:?}");
@@ -1958,6 +1959,7 @@ ingress:
         dst_endpoint: of(A_WEB).0,
         src_identity: of(B_WEB).1,
         dst_identity: of(A_WEB).1,
+        service: None,
     };
     let got = await_event(&events, TRAFFIC_TIMEOUT, |e| e.src == expected.src);
     assert_eq!(got.as_ref().ok(), Some(&expected), "events: {got:?}");

@@ -561,10 +561,14 @@ pub struct FlowEvent {
     pub dst_endpoint: u32,
     pub src_identity: u32,
     pub dst_identity: u32,
+    /// `ip:port` of the Service frontend the connection was addressed to, when the datapath
+    /// translated it to `dst` (`--kube-proxy-replacement`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// One line as `myelinctl monitor` prints it: kind, protocol, source -> destination,
-/// direction, reason.
+/// direction, reason, and the Service a translated connection was addressed to.
 impl std::fmt::Display for FlowEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -576,7 +580,11 @@ impl std::fmt::Display for FlowEvent {
             self.dst,
             self.direction,
             self.reason.as_deref().unwrap_or_default()
-        )
+        )?;
+        match &self.service {
+            Some(service) => write!(f, " (service {service} -> {})", self.dst),
+            None => Ok(()),
+        }
     }
 }
 

@@ -87,6 +87,8 @@ pub struct Agent<D> {
     services: (u64, desired::services::Services),
     /// The translation's warnings already logged.
     reported_service_warnings: BTreeSet<String>,
+    /// The frontends last reported as not fitting in `lb_services`.
+    unwritten_services: BTreeSet<([u8; 4], u16, u8)>,
     /// `--non-masquerade-cidrs`: destinations pods reach with their own address, besides the
     /// cluster's pod CIDRs and nodes.
     non_masquerade_cidrs: Vec<Ipv4Net>,
@@ -175,6 +177,7 @@ impl<D: DatapathOps> Agent<D> {
             socket_lb: None,
             // Never a generation the index reports: the first call computes.
             services: (u64::MAX, desired::services::Services::default()),
+            unwritten_services: BTreeSet::new(),
             reported_service_warnings: BTreeSet::new(),
             non_masquerade_cidrs: Vec::new(),
             datapath,
@@ -483,7 +486,63 @@ impl<D: DatapathOps> Agent<D> {
                 }
             }
         }
-        self.datapath.apply(&desired)
+        let result = self.datapath.apply(&desired);
+        self.report_unwritten_services();
+        result
+    }
+
+    /// Logs, once per change, the Services' frontends that do not fit in `lb_services`: they
+    /// are not translated (or keep the backends they had), while the rest are.
+    fn report_unwritten_services(&mut self) {
+        let unwritten = self.datapath.services_unwritten();
+        let now: BTreeSet<_> = unwritten
+            .map(|u| u.frontends.iter().copied().collect())
+            .unwrap_or_default();
+        if now == self.unwritten_services {
+            return;
+        }
+        match unwritten {
+            Some(u) => {
+                let names: Vec<String> = u
+                    .frontends
+                    .iter()
+                    .take(5)
+                    .map(|&(addr, port, protocol)| {
+                        self.service_of_frontend(addr, u16::from_be(port), protocol)
+                    })
+                    .collect();
+                warn!(
+                    error = %u.error,
+                    frontends = u.frontends.len(),
+                    first = %names.join(", "),
+                    "Services' frontends that do not fit in lb_services are not translated \
+                     (or keep their earlier backends); the others are: raise --max-lb-slots"
+                );
+            }
+            None => info!("every Service's frontend is in lb_services again"),
+        }
+        self.unwritten_services = now;
+    }
+
+    /// `namespace/name addr:port/PROTO` of a frontend, for the log.
+    fn service_of_frontend(&self, addr: [u8; 4], port: u16, protocol: u8) -> String {
+        let addr = Ipv4Addr::from(addr);
+        let owner = self.services.1.services.iter().find(|s| {
+            s.ports.iter().any(|p| {
+                p.port.protocol.number() == protocol
+                    && p.frontends.iter().any(|f| f.addr == addr && f.port == port)
+            })
+        });
+        let proto = match protocol {
+            6 => "TCP",
+            17 => "UDP",
+            132 => "SCTP",
+            _ => "?",
+        };
+        match owner {
+            Some(s) => format!("{}/{} {addr}:{port}/{proto}", s.namespace, s.name),
+            None => format!("{addr}:{port}/{proto}"),
+        }
     }
 
     pub fn allocate(&mut self, req: &AllocateRequest) -> Result<Allocation, ApiError> {

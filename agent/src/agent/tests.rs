@@ -708,6 +708,47 @@ fn web_service_changes() -> Vec<Change> {
 }
 
 #[test]
+fn a_full_lb_services_map_holds_back_only_the_services_that_do_not_fit() {
+    let mut a = Agent::new(
+        "node-1".into(),
+        Ipam::in_memory("10.244.0.0/24".parse().unwrap()).unwrap(),
+        EndpointStore::in_memory(16),
+        ClusterIndex::default(),
+        FakeDatapath::new(16).with_lb_capacity(3),
+        Box::new(FakeInterfaces([("lxca".to_string(), 10)].into())),
+    )
+    .translating_services();
+    a.set_synced().unwrap();
+    let big = myelin_cluster::ServiceInfo::from_k8s(&builders::service(
+        "default",
+        "big",
+        "spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}",
+    ))
+    .unwrap();
+    let big_slice = myelin_cluster::EndpointSliceInfo::from_k8s(&builders::endpoint_slice(
+        "default",
+        "big-1",
+        Some("big"),
+        "addressType: IPv4\nendpoints: [{addresses: [10.244.0.20]}, {addresses: [10.244.0.21]}, \
+         {addresses: [10.244.0.22]}]\nports: [{name: http, port: 8080}]",
+    ))
+    .unwrap();
+    let mut changes = web_service_changes();
+    changes.push(Change::Apply(Object::Service(big)));
+    changes.push(Change::Apply(Object::EndpointSlice(big_slice)));
+    a.apply_cluster_changes(changes)
+        .expect("Services that do not fit are no error");
+    // web (two slots) fits, big (four) does not.
+    let slots = a.datapath().tables.lb_services.current();
+    assert_eq!(slots.len(), 2, "{slots:?}");
+    assert!(slots.keys().all(|k| k.addr == [10, 96, 0, 10]));
+    assert_eq!(a.metrics_snapshot().frontends_unwritten, 1);
+    // Pods still get their network.
+    add(&mut a, "a", "lxca", 10).expect("an ADD with a full lb_services");
+    assert_eq!(a.metrics_snapshot().frontends_unwritten, 1);
+}
+
+#[test]
 fn without_kube_proxy_replacement_no_service_is_translated() {
     let mut a = agent();
     a.apply_cluster_changes(web_service_changes()).unwrap();

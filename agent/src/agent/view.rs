@@ -233,6 +233,10 @@ impl<D: DatapathOps> Agent<D> {
                 .flat_map(|p| &p.frontends)
                 .filter(|f| f.backends.is_empty() && f.taken_by.is_none())
                 .count(),
+            frontends_unwritten: self
+                .datapath
+                .services_unwritten()
+                .map_or(0, |u| u.frontends.len()),
             drops: self
                 .datapath
                 .drops()

@@ -73,6 +73,16 @@ impl FakeDatapath {
     }
 }
 
+impl FakeDatapath {
+    /// With an `lb_services` of `capacity` slots.
+    pub fn with_lb_capacity(mut self, capacity: u32) -> Self {
+        self.tables.lb_services =
+            super::table::Reconciler::new(FakeMap::new("lb_services", capacity))
+                .expect("fake maps cannot fail");
+        self
+    }
+}
+
 impl DatapathOps for FakeDatapath {
     fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
         if self.fail_attach.contains(ifname) {
@@ -132,6 +142,10 @@ impl DatapathOps for FakeDatapath {
 
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
         self.tables.usage()
+    }
+
+    fn services_unwritten(&self) -> Option<&super::table::Unwritten> {
+        self.tables.lb_unwritten.as_ref()
     }
 
     fn mode(&self) -> AttachMode {

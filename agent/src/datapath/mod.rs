@@ -27,7 +27,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, RingBuf},
+    maps::{Array, MapData, ProgramArray, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -37,7 +37,7 @@ use aya::{
 };
 use myelin_common::{
     EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
-    config::DatapathConfig,
+    config::{DatapathConfig, FEATURE_SERVICES, FEATURES_GLOBAL},
     lb::{LbEntry, LbKey},
     maps,
     nat::MasqExclude,
@@ -63,6 +63,8 @@ const FROM_TUNNEL: &str = "from_tunnel";
 const TO_TUNNEL: &str = "to_tunnel";
 const FROM_UPLINK: &str = "from_uplink";
 const TO_UPLINK: &str = "to_uplink";
+/// Tail-called by `from_container` for packets to a Service's frontend; never attached.
+const FROM_CONTAINER_LB: &str = "from_container_lb";
 
 /// The uplink's programs and their hooks.
 const UPLINK_HOOKS: [(&str, TcAttachType); 2] = [
@@ -228,6 +230,29 @@ impl Default for Limits {
     }
 }
 
+/// The features the programs are loaded with. One that is off is not in the programs the
+/// kernel runs at all: the verifier skips its code (a constant it knows, see
+/// `myelin_common::config::FEATURES_GLOBAL`), which keeps the load, and so a node's start, short.
+/// Its `CONFIG_F_*` flag, where it has one, then cannot turn it on until the next start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// Services in eBPF (`--kube-proxy-replacement`).
+    pub services: bool,
+}
+
+impl Default for Features {
+    /// Everything: what tests of the programs load.
+    fn default() -> Self {
+        Self { services: true }
+    }
+}
+
+impl Features {
+    fn bits(self) -> u32 {
+        if self.services { FEATURE_SERVICES } else { 0 }
+    }
+}
+
 /// The operations the agent needs from the kernel; [`Datapath`] is the real one, and
 /// `fake::FakeDatapath` the in-memory twin for unit tests of the agent's logic.
 pub trait DatapathOps: Send {
@@ -254,6 +279,11 @@ pub trait DatapathOps: Send {
     /// Fill of each map the agent writes: (name, entries, capacity).
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)>;
     fn mode(&self) -> AttachMode;
+    /// The frontends the last [`Self::apply`] could not write to `lb_services` (a full map),
+    /// with the error.
+    fn services_unwritten(&self) -> Option<&table::Unwritten> {
+        None
+    }
 }
 
 /// The reconciled maps over the kernel's maps.
@@ -323,7 +353,12 @@ impl ApplyHooks for KernelHooks<'_> {
 impl Datapath {
     /// Loads the programs, reusing maps pinned by an earlier agent when their layout still
     /// matches (a map whose layout changed with an upgrade is replaced; the reconciler refills it).
-    pub fn load(bpffs: &Path, mode: AttachMode, limits: Limits) -> Result<Self, DatapathError> {
+    pub fn load(
+        bpffs: &Path,
+        mode: AttachMode,
+        limits: Limits,
+        features: Features,
+    ) -> Result<Self, DatapathError> {
         // First: a start refused for the kernel must leave the pins of the agent before it (and
         // the maps its programs still run on) as they are.
         if mode == AttachMode::Tcx
@@ -358,6 +393,8 @@ impl Datapath {
         drop_incompatible_pins(&pin_dir, &sizes)?;
 
         let mut loader = EbpfLoader::new();
+        let bits = features.bits();
+        loader.override_global(FEATURES_GLOBAL, &bits, true);
         for name in maps::PINNED {
             loader.map_pin_path(name, pin_dir.join(name));
         }
@@ -365,13 +402,28 @@ impl Datapath {
             loader.map_max_entries(name, *size);
         }
         let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
-        for name in Program::ALL.map(Program::name) {
+        let tail_targets: &[&'static str] = if features.services {
+            &[FROM_CONTAINER_LB]
+        } else {
+            &[]
+        };
+        for &name in Program::ALL.map(Program::name).iter().chain(tail_targets) {
+            // The verifier's time: most of a node's start-up, and so of its join time.
+            let started = std::time::Instant::now();
             classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program {
                     program: name,
                     source,
                 })?;
+            debug!(
+                program = name,
+                ms = started.elapsed().as_millis() as u64,
+                "program verified and loaded"
+            );
+        }
+        if features.services {
+            fill_tail_calls(&mut ebpf)?;
         }
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DatapathError::Missing(name));
         let tables = Tables::new(
@@ -572,18 +624,11 @@ impl Datapath {
         sock::detach(&mut self.ebpf, &self.pin_dir)
     }
 
-    /// The backends `desired` drops from every frontend, while the socket programs are attached
-    /// (else none: nothing to destroy).
-    fn backends_gone(&self, desired: &DesiredState) -> BTreeSet<sock::BackendAddr> {
+    /// The backends `lb_services` holds now, when the socket programs are attached and `desired`
+    /// would change its slots (else none: nothing to compare).
+    fn backends_before(&self, desired: &DesiredState) -> Option<BTreeSet<sock::BackendAddr>> {
         let current = self.tables.lb_services.current();
-        if !self.socket_lb || *current == desired.lb_services {
-            return BTreeSet::new();
-        }
-        let kept = sock::backends(&desired.lb_services);
-        sock::backends(current)
-            .into_iter()
-            .filter(|b| !kept.contains(b))
-            .collect()
+        (self.socket_lb && *current != desired.lb_services).then(|| sock::backends(current))
     }
 
     fn link_pin(&self, ifname: &str, direction: &str) -> PathBuf {
@@ -723,13 +768,21 @@ impl DatapathOps for Datapath {
     }
 
     fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError> {
-        let gone = self.backends_gone(desired);
+        let before = self.backends_before(desired);
         let mut hooks = KernelHooks {
             counters: &mut self.counters,
             config: &mut self.config,
         };
         let diff = self.tables.apply(desired, &mut hooks)?;
-        // Once the slots no longer hold them: a client that reconnects gets another backend.
+        // The backends the map no longer holds (what it holds, not what was desired: a full map
+        // keeps a changed frontend's old backends), once gone from it: a client that reconnects
+        // gets another backend.
+        let gone: BTreeSet<_> = before
+            .map(|before| {
+                let after = sock::backends(self.tables.lb_services.current());
+                before.difference(&after).copied().collect()
+            })
+            .unwrap_or_default();
         if !gone.is_empty() {
             match sock::destroy_connected(&self.ebpf, &gone) {
                 Ok(0) => {}
@@ -794,6 +847,10 @@ impl DatapathOps for Datapath {
             .collect()
     }
 
+    fn services_unwritten(&self) -> Option<&table::Unwritten> {
+        self.tables.lb_unwritten.as_ref()
+    }
+
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
         let mut usage = self.tables.usage();
         usage.extend(
@@ -841,6 +898,42 @@ fn attach_tcx(
             let link = FdLink::try_from(prog.take_link(id)?)?;
             link.pin(pin)?;
         }
+    }
+    Ok(())
+}
+
+/// Points `tail_calls` at its programs (`myelin_common::maps::TAIL_*`). The map stays with
+/// `ebpf`, and with the programs that use it.
+fn fill_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let targets = [
+        (maps::TAIL_FROM_CONTAINER_LB, FROM_CONTAINER_LB),
+        (maps::TAIL_FROM_CONTAINER, FROM_CONTAINER),
+    ];
+    let fds = targets
+        .into_iter()
+        .map(|(index, name)| {
+            let error = |source| DatapathError::Program {
+                program: name,
+                source,
+            };
+            let fd = classifier(ebpf, name)?
+                .fd()
+                .map_err(error)?
+                .try_clone()
+                .map_err(|e| error(e.into()))?;
+            Ok((index, fd))
+        })
+        .collect::<Result<Vec<_>, DatapathError>>()?;
+    let aya_err = |source| TableError::Map {
+        map: maps::TAIL_CALLS,
+        source,
+    };
+    let map = ebpf
+        .map_mut(maps::TAIL_CALLS)
+        .ok_or(DatapathError::Missing(maps::TAIL_CALLS))?;
+    let mut calls = ProgramArray::try_from(map).map_err(aya_err)?;
+    for (index, fd) in &fds {
+        calls.set(*index, fd, 0).map_err(aya_err)?;
     }
     Ok(())
 }

@@ -370,44 +370,123 @@ impl<M: MapBackend<LbKey, LbEntry>> Reconciler<LbKey, LbEntry, M> {
     /// Services' slots, written in the order the datapath relies on: it reads a frontend's
     /// slot 0 (`count`), then one of the slots `1..=count`, which must be there. So:
     ///
-    /// 1. frontends that go lose their slot 0 first, and are no longer found;
-    /// 2. backend slots are written before the slot 0 whose count makes them visible;
-    /// 3. then the slots 0 (new frontends, new counts, flags and affinity);
-    /// 4. last, the slots beyond a count that shrank, and those of the frontends gone.
+    /// 1. frontends that go lose their slot 0 first, and are no longer found, then their other
+    ///    slots (a packet that read the count a moment before finds no backend: refused, as
+    ///    it would be a moment later);
+    /// 2. frontend by frontend, backend slots are written before the slot 0 whose count makes
+    ///    them visible (new frontends, new counts, flags and affinity);
+    /// 3. last, the slots beyond a count that shrank.
     ///
-    /// A frontend one of whose slots could not be written (a full map) keeps its slot 0 and
-    /// its surplus slots as they were, so that it never counts a slot that is not there; the
-    /// next pass retries.
-    pub fn apply_slots(&mut self, desired: &BTreeMap<LbKey, LbEntry>) -> Result<Diff, TableError> {
+    /// A frontend that does not fit in the map as a whole is not begun, and one of whose slots
+    /// could not be written keeps its slot 0 and its surplus slots as they were, so that it
+    /// never counts a slot that is not there; either is reported in [`Unwritten`], and the
+    /// other frontends are written all the same (a smaller one after it may fit). Those held
+    /// back get a second try once the pass has removed what it removes; later passes retry
+    /// them too. `Err` only for a slot that could not be removed.
+    pub fn apply_slots(
+        &mut self,
+        desired: &BTreeMap<LbKey, LbEntry>,
+    ) -> Result<(Diff, Option<Unwritten>), TableError> {
         let (stale, changed) = differences(&self.current, desired);
-        let frontend = |k: &LbKey| (k.addr, k.port, k.protocol);
         let mut diff = Diff::default();
+        let gone: BTreeSet<_> = stale
+            .iter()
+            .filter(|k| k.slot == 0 && !desired.contains_key(*k))
+            .map(frontend_of)
+            .collect();
         for key in stale.iter().filter(|k| k.slot == 0) {
             self.erase(key, &mut diff)?;
         }
-        let mut held = BTreeSet::new();
-        let mut first_error = None;
-        let (backends, services): (Vec<_>, Vec<_>) =
-            changed.into_iter().partition(|(k, _)| k.slot != 0);
-        for (key, value) in backends.into_iter().chain(services) {
-            if held.contains(&frontend(key)) {
-                continue;
-            }
-            if let Err(e) = self.write(key, value, &mut diff) {
-                held.insert(frontend(key));
-                first_error.get_or_insert(e);
-            }
-        }
-        for key in stale.iter().filter(|k| k.slot != 0) {
-            if !held.contains(&frontend(key)) {
+        for key in stale.iter().filter(|k| gone.contains(&frontend_of(k))) {
+            if k_is_backend(key) {
                 self.erase(key, &mut diff)?;
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(diff),
+        let mut first_error = None;
+        let held = self.write_frontends(&changed, &mut diff, &mut first_error);
+        for key in stale.iter().filter(|k| k_is_backend(k)) {
+            if !held.contains(&frontend_of(key)) && self.current.contains_key(key) {
+                self.erase(key, &mut diff)?;
+            }
         }
+        let held = if held.is_empty() {
+            held
+        } else {
+            let again: Vec<_> = changed
+                .iter()
+                .copied()
+                .filter(|(k, _)| held.contains(&frontend_of(k)))
+                .collect();
+            first_error = None;
+            self.write_frontends(&again, &mut diff, &mut first_error)
+        };
+        let unwritten = first_error.map(|error| Unwritten {
+            error,
+            frontends: held.into_iter().collect(),
+        });
+        Ok((diff, unwritten))
     }
+
+    /// Writes `changed` (sorted by key: frontend by frontend, slot 0 first) in the order of
+    /// [`Self::apply_slots`]; returns the frontends held back.
+    fn write_frontends(
+        &mut self,
+        changed: &[(&LbKey, &LbEntry)],
+        diff: &mut Diff,
+        first_error: &mut Option<TableError>,
+    ) -> BTreeSet<([u8; 4], u16, u8)> {
+        let mut held = BTreeSet::new();
+        let capacity = self.map.capacity() as usize;
+        let mut rest = changed;
+        while let Some((first, _)) = rest.first() {
+            let end = rest
+                .iter()
+                .position(|(k, _)| frontend_of(k) != frontend_of(first))
+                .unwrap_or(rest.len());
+            let (group, after) = rest.split_at(end);
+            rest = after;
+            let new = group
+                .iter()
+                .filter(|(k, _)| !self.current.contains_key(*k))
+                .count();
+            if self.current.len() + new > capacity {
+                held.insert(frontend_of(first));
+                first_error.get_or_insert(TableError::Full {
+                    map: self.map.name(),
+                    capacity: capacity as u32,
+                });
+                continue;
+            }
+            let (service, backends): (Vec<_>, Vec<_>) =
+                group.iter().partition(|(k, _)| k.slot == 0);
+            for (key, value) in backends.into_iter().chain(service) {
+                if let Err(e) = self.write(key, value, diff) {
+                    held.insert(frontend_of(key));
+                    first_error.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        held
+    }
+}
+
+/// The frontend a slot belongs to.
+fn frontend_of(k: &LbKey) -> ([u8; 4], u16, u8) {
+    (k.addr, k.port, k.protocol)
+}
+
+fn k_is_backend(k: &LbKey) -> bool {
+    k.slot != 0
+}
+
+/// Frontends whose slots [`Reconciler::apply_slots`] could not write (as `(address, port in
+/// network order, protocol)`), and the first error: a full `lb_services` above all. They are
+/// not translated, or still with their earlier backends.
+#[derive(Debug)]
+pub struct Unwritten {
+    pub error: TableError,
+    pub frontends: Vec<([u8; 4], u16, u8)>,
 }
 
 /// Keys of `current` that `desired` lacks, and the entries of `desired` that `current` lacks or
@@ -473,6 +552,8 @@ pub struct Tables<E, B, I, P, M, S> {
     pub policy: Reconciler<LpmKey<PolicyKey>, PolicyEntry, P>,
     pub masq_exclude: Reconciler<LpmKey<Ipv4Key>, MasqExclude, M>,
     pub lb_services: Reconciler<LbKey, LbEntry, S>,
+    /// The frontends the last pass over `lb_services` could not write.
+    pub lb_unwritten: Option<Unwritten>,
 }
 
 impl<E, B, I, P, M, S> Tables<E, B, I, P, M, S>
@@ -500,6 +581,7 @@ where
             policy: Reconciler::new(policy)?,
             masq_exclude: Reconciler::new(masq_exclude)?,
             lb_services: Reconciler::new(lb_services)?,
+            lb_unwritten: None,
         })
     }
 
@@ -520,8 +602,11 @@ where
         let mut masq = Diff::default();
         if !desired.keep_policy_state {
             diff = self.ipcache.apply(&desired.ipcache)? + self.policy.apply(&desired.policy)?;
-            masq = self.masq_exclude.apply(&desired.masq_exclude)?
-                + self.lb_services.apply_slots(&desired.lb_services)?;
+            // Services that do not fit never hold back pods: they are reported, and the rest
+            // is written.
+            let (slots, unwritten) = self.lb_services.apply_slots(&desired.lb_services)?;
+            self.lb_unwritten = unwritten;
+            masq = self.masq_exclude.apply(&desired.masq_exclude)? + slots;
         }
         let diff = diff
             + self.endpoints.apply(&desired.endpoints)?
@@ -789,13 +874,81 @@ mod tests {
         };
         tables.apply(&desired(&[(80, &[1])]), &mut hooks).unwrap();
         let before = tables.lb_services.current().clone();
-        let err = tables
+        tables
             .apply(&desired(&[(80, &[1, 2, 3])]), &mut hooks)
-            .unwrap_err();
-        assert!(matches!(err, TableError::Full { .. }), "{err}");
+            .unwrap();
+        let unwritten = tables.lb_unwritten.as_ref().expect("reported");
+        assert!(
+            matches!(unwritten.error, TableError::Full { .. }),
+            "{}",
+            unwritten.error
+        );
+        assert_eq!(unwritten.frontends, [([10, 96, 0, 10], 80u16.to_be(), 6)]);
         assert_every_counted_slot_is_there(&before, &tables.lb_services.map().journal);
         let service = tables.lb_services.map().entries.values().next().unwrap();
         assert_eq!(service.count, 1, "the count that the map's slots back");
+    }
+
+    #[test]
+    fn services_that_do_not_fit_never_hold_back_pods_or_services_that_fit() {
+        let mut tables = lb_tables(4);
+        let mut hooks = Revisions::default();
+        let pod = EndpointInfo {
+            ifindex: 7,
+            id: 1,
+            identity: 256,
+            flags: 0,
+            ip: [10, 0, 0, 5],
+            mac: [2, 0, 0, 0, 0, 5],
+            host_mac: [2, 0, 0, 0, 1, 5],
+        };
+        let desired = |frontends| DesiredState {
+            lb_services: slots(frontends),
+            endpoints: [(Ipv4Key { addr: pod.ip }, pod)].into(),
+            ..DesiredState::default()
+        };
+        // Port 53 (two slots), 80 (three), 443 (two): the map takes four slots, and 80 does
+        // not fit once 53 is in.
+        let diff = tables
+            .apply(
+                &desired(&[(53, &[1]), (80, &[2, 3]), (443, &[4])]),
+                &mut hooks,
+            )
+            .expect("a full lb_services is no error for the rest");
+        assert!(diff.inserted >= 1);
+        assert_eq!(
+            tables.endpoints.map().entries.len(),
+            1,
+            "the pod's endpoint is written"
+        );
+        let unwritten = tables.lb_unwritten.as_ref().expect("reported");
+        assert_eq!(unwritten.frontends, [([10, 96, 0, 10], 80u16.to_be(), 6)]);
+        let services = &tables.lb_services.map().entries;
+        assert_eq!(
+            services.len(),
+            4,
+            "nothing of port 80 is begun: {services:?}"
+        );
+        for port in [53u16, 443] {
+            let key = LbKey {
+                addr: [10, 96, 0, 10],
+                port: port.to_be(),
+                protocol: 6,
+                _pad0: 0,
+                slot: 0,
+                _pad1: 0,
+            };
+            assert!(
+                services.contains_key(&key),
+                "port {port} fits and is written"
+            );
+        }
+        // Once a Service goes, the one that did not fit is written.
+        tables
+            .apply(&desired(&[(80, &[2, 3])]), &mut hooks)
+            .unwrap();
+        assert!(tables.lb_unwritten.is_none());
+        assert_eq!(tables.lb_services.map().entries, slots(&[(80, &[2, 3])]));
     }
 
     #[test]

@@ -47,6 +47,15 @@ pub const CONFIG_F_SERVICES: u32 = 8;
 /// marks steer routing and netfilter) or to another device.
 pub const MARK_ROUTED_TO_NODE: u32 = 0x6d79_0001;
 
+/// The name of the datapath's read-only global that holds its `FEATURE_*` bits, set by the
+/// agent when it loads the programs. Being constant for the verifier, it lets it skip the code
+/// of a feature that is off altogether: that code costs no verification time at load (a node's
+/// start, and so its join time), where a `CONFIG_F_*` flag would leave every path to be checked.
+pub const FEATURES_GLOBAL: &str = "MYELIN_FEATURES";
+/// Services in eBPF (translation and translation back) are in the programs: the agent loads
+/// them with it under `--kube-proxy-replacement`. `CONFIG_F_SERVICES` still turns them on.
+pub const FEATURE_SERVICES: u32 = 1;
+
 /// Emit an event for every dropped packet.
 pub const EVENTS_DROPS: u32 = 1;
 /// Emit an event for every new connection that policy allowed.

@@ -28,12 +28,17 @@ pub struct FlowEvent {
     pub dst_identity: u32,
     /// Interface the program ran on.
     pub ifindex: u32,
-    pub _pad: u32,
+    /// A connection translated from a Service's frontend (with `--kube-proxy-replacement`):
+    /// the frontend the client addressed, whose backend `daddr`/`dport` are. Zero otherwise.
+    pub service_addr: [u8; 4],
+    /// Host byte order.
+    pub service_port: u16,
+    pub _pad: [u8; 6],
 }
 
 pub const EVENT_DROP: u8 = 1;
 pub const EVENT_ALLOWED: u8 = 2;
 
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
 
 user_pod!(FlowEvent);

@@ -19,6 +19,14 @@ pub const LB_AFFINITY: &str = "lb_affinity";
 pub const LB_REVERSE_SK: &str = "lb_reverse_sk";
 pub const SOCK_LB: &str = "sock_lb";
 
+/// The programs `bpf_tail_call` jumps to, at the `TAIL_*` indices. Not pinned: every load of
+/// the programs has its own, so programs of one agent never jump into another's.
+pub const TAIL_CALLS: &str = "tail_calls";
+/// `tail_calls`: `from_container_lb`, which translates a pod's packet to a Service's frontend.
+pub const TAIL_FROM_CONTAINER_LB: u32 = 0;
+/// `tail_calls`: `from_container`, which `from_container_lb` hands the translated packet back to.
+pub const TAIL_FROM_CONTAINER: u32 = 1;
+
 /// Every map the agent pins.
 pub const PINNED: [&str; 16] = [
     ENDPOINTS,

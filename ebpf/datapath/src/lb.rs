@@ -224,7 +224,28 @@ pub(crate) fn choose(
     Some((backend, port))
 }
 
-/// `from_container`, with `CONFIG_F_SERVICES`: a TCP, UDP or SCTP packet to a frontend is
+/// Whether `from_container` must hand the packet to `from_container_lb` ([`translate`]): a
+/// TCP, UDP or SCTP packet to a frontend, or an ICMP error about a reply from one. One hash
+/// lookup for those protocols, none for the rest.
+#[inline(always)]
+pub fn wants(flow: &Flow) -> bool {
+    let (addr, port, protocol) = if flow.icmp == Icmp::Error {
+        let inner = flow.inner;
+        if flow.daddr != inner.saddr {
+            return false;
+        }
+        (inner.saddr, inner.sport, inner.protocol)
+    } else {
+        (flow.daddr, flow.dport, flow.protocol)
+    };
+    if !matches!(protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return false;
+    }
+    // SAFETY: only whether it is there.
+    unsafe { LB_SERVICES.get(&slot(addr, port, protocol, 0)) }.is_some()
+}
+
+/// `from_container_lb`: a TCP, UDP or SCTP packet to a frontend is
 /// translated to its connection's backend (chosen on its first packet), and `flow` updated so
 /// that endpoint lookup, policy, conntrack and forwarding see the backend; so is an ICMP error
 /// about a frontend's reply ([`translate_icmp_error`]). Anything else costs at most the

@@ -50,6 +50,8 @@ mod packet;
 mod policy;
 #[cfg(target_arch = "bpf")]
 mod sock;
+#[cfg(target_arch = "bpf")]
+mod tail;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -82,6 +84,7 @@ mod programs {
         nat,
         packet::{self, EthHdr, Flow, Icmp, Ipv4Hdr},
         policy::{self, Peers},
+        tail,
     };
 
     const PASS: i32 = TC_ACT_OK as i32;
@@ -244,7 +247,7 @@ mod programs {
         flow: &mut Flow,
         verdict: &mut Verdict,
     ) -> Result<bool, i32> {
-        if reply_flags & CT_F_SERVICE == 0 {
+        if !events::services_loaded() || reply_flags & CT_F_SERVICE == 0 {
             return Ok(false);
         }
         let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
@@ -336,8 +339,16 @@ mod programs {
 
     fn try_from_container(ctx: &TcContext) -> Result<i32, i32> {
         let ifindex = packet::ifindex(ctx);
+        // A packet back from `from_container_lb`, translated (see `tail`): counted already.
+        let handoff = if events::services_loaded() {
+            tail::take_handoff(ifindex)
+        } else {
+            None
+        };
         let src = endpoint::by_ifindex(ifindex);
-        if let Some(s) = &src {
+        if let Some(s) = &src
+            && handoff.is_none()
+        {
             endpoint::account_tx(s.id, ctx.len());
         }
         let eth = packet::eth(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
@@ -374,6 +385,7 @@ mod programs {
             dst_endpoint: dst.map_or(0, |d| d.id),
             peers: unknown_peers(),
             ifindex,
+            service: ([0; 4], 0),
         };
         let Some(src) = src else {
             return Err(drop_flow(
@@ -393,7 +405,9 @@ mod programs {
                 &mut verdict,
             ));
         }
-        if flow.saddr != src.ip {
+        let hairpin = handoff.is_some_and(|h| h.flags & tail::HANDOFF_HAIRPIN != 0);
+        // A hairpin connection's packets carry `lb::HAIRPIN` as their source.
+        if flow.saddr != src.ip && !(hairpin && flow.saddr == lb::HAIRPIN) {
             return Err(drop_flow(
                 ctx,
                 &config,
@@ -404,32 +418,32 @@ mod programs {
         }
 
         // Services: the frontend becomes a backend before anything else looks at the packet, so
-        // that policy, conntrack and forwarding see the backend (as upstream specifies).
-        let (mut eth, mut ip, mut create_flags) = (eth, ip, 0);
+        // that policy, conntrack and forwarding see the backend (as upstream specifies). The
+        // translation is `from_container_lb`'s, which hands the packet back here.
+        let mut create_flags = 0;
+        if let Some(h) = handoff {
+            if h.flags & tail::HANDOFF_TRANSLATED != 0 {
+                create_flags = CT_F_SERVICE;
+                verdict.service = (h.frontend, h.frontend_port);
+            }
+        } else if events::services_loaded()
+            && config.flags & CONFIG_F_SERVICES != 0
+            && lb::wants(&flow)
+        {
+            tail::to_translator(ctx);
+            // Only when the translator is not there: fail closed.
+            return Err(drop_flow(
+                ctx,
+                &config,
+                DropReason::ServiceTranslationLost,
+                &flow,
+                &mut verdict,
+            ));
+        }
         // A pod reaching itself through a Service is not subject to its policies, as it is
         // not when it reaches itself directly.
-        let mut policy_src = Some(src);
-        if config.flags & CONFIG_F_SERVICES != 0 {
-            let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
-            match lb::translate(ctx, &mut flow, l4, later_fragment) {
-                Ok(Translation::None) => {}
-                Ok(t @ (Translation::Backend | Translation::Hairpin)) => {
-                    create_flags = CT_F_SERVICE;
-                    dst = local_endpoint(&config, flow.daddr);
-                    verdict.dst_endpoint = dst.map_or(0, |d| d.id);
-                    (eth, ip) = headers(ctx)?;
-                    if t == Translation::Hairpin {
-                        policy_src = None;
-                    }
-                }
-                Ok(Translation::NoBackend) => {
-                    return Ok(refuse(ctx, &config, src, &flow, &mut verdict));
-                }
-                Err(reason) => {
-                    return Err(drop_flow(ctx, &config, reason, &flow, &mut verdict));
-                }
-            }
-        }
+        let policy_src = if hairpin { None } else { Some(src) };
+        let (mut eth, mut ip) = (eth, ip);
 
         let reply = admit(
             ctx,
@@ -490,6 +504,55 @@ mod programs {
         }
     }
 
+    /// Tail-called by `from_container` for a pod's packet to a Service's frontend (see
+    /// `tail`): translates it to its connection's backend and hands it back to
+    /// `from_container`, which then treats it as the backend's; refuses it when the frontend
+    /// has no backend. Never attached to a device.
+    #[classifier]
+    pub fn from_container_lb(ctx: TcContext) -> i32 {
+        match try_from_container_lb(&ctx) {
+            Ok(action) | Err(action) => action,
+        }
+    }
+
+    fn try_from_container_lb(ctx: &TcContext) -> Result<i32, i32> {
+        let ifindex = packet::ifindex(ctx);
+        let src = endpoint::by_ifindex(ifindex).ok_or_else(|| drop(ctx, DropReason::NoEndpoint))?;
+        let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let mut flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let config = events::config();
+        let mut verdict = Verdict {
+            reason: 0,
+            direction: Direction::Egress as u8,
+            src_endpoint: src.id,
+            dst_endpoint: 0,
+            peers: unknown_peers(),
+            ifindex,
+            service: ([0; 4], 0),
+        };
+        let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
+        let frontend = (flow.daddr, flow.dport);
+        verdict.service = frontend;
+        let flags = match lb::translate(ctx, &mut flow, l4, later_fragment) {
+            // No longer a frontend (removed a moment ago): the packet is what it says.
+            Ok(Translation::None) => 0,
+            Ok(Translation::Backend) => tail::HANDOFF_TRANSLATED,
+            Ok(Translation::Hairpin) => tail::HANDOFF_TRANSLATED | tail::HANDOFF_HAIRPIN,
+            Ok(Translation::NoBackend) => {
+                return Ok(refuse(ctx, &config, src, &flow, &mut verdict));
+            }
+            Err(reason) => return Err(drop_flow(ctx, &config, reason, &flow, &mut verdict)),
+        };
+        tail::hand_back(ctx, ifindex, flags, frontend);
+        Err(drop_flow(
+            ctx,
+            &config,
+            DropReason::ServiceTranslationLost,
+            &flow,
+            &mut verdict,
+        ))
+    }
+
     #[classifier]
     pub fn to_container(ctx: TcContext) -> i32 {
         match try_to_container(&ctx) {
@@ -519,6 +582,7 @@ mod programs {
             dst_endpoint: dst.id,
             peers: unknown_peers(),
             ifindex,
+            service: ([0; 4], 0),
         };
         let reply = admit(
             ctx,
@@ -576,6 +640,7 @@ mod programs {
             dst_endpoint: dst.id,
             peers: unknown_peers(),
             ifindex: packet::ifindex(ctx),
+            service: ([0; 4], 0),
         };
         let src_identity = forward::identity_from_vni(key.tunnel_id);
         let reply = admit(
@@ -656,6 +721,7 @@ mod programs {
             dst_endpoint: 0,
             peers: unknown_peers(),
             ifindex: packet::ifindex(ctx),
+            service: ([0; 4], 0),
         };
         drop_flow(ctx, config, reason, flow, &mut verdict)
     }
@@ -824,6 +890,7 @@ mod programs {
             dst_endpoint: dst.id,
             peers: unknown_peers(),
             ifindex: packet::ifindex(ctx),
+            service: ([0; 4], 0),
         };
         let reply = admit_tracked(
             ctx,

@@ -21,7 +21,6 @@ use aya_ebpf::{
 use myelin_common::{
     DropReason, Ipv4Key,
     config::{CONFIG_F_MASQUERADE, DatapathConfig},
-    conntrack::timeout,
     maps::{DEFAULT_MAX_IPCACHE, DEFAULT_MAX_NAT},
     nat::{MasqExclude, NAT_IN, NAT_OUT, NAT_RETRIES, NatEntry, NatKey},
     proto::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
@@ -100,8 +99,8 @@ fn key(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, protocol: u8, dir
 }
 
 /// Extends an entry's life by conntrack's rules, writing only when its state changes or its
-/// lifetime moved by more than [`timeout::REFRESH`]. Returns whether it wrote: the other
-/// entry of the pair must then follow.
+/// lifetime moved by more than [`myelin_common::conntrack::timeout::REFRESH`]. Returns whether
+/// it wrote: the other entry of the pair must then follow.
 ///
 /// # Safety
 /// `e` must come from a lookup during this program run.

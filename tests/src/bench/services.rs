@@ -14,8 +14,14 @@
 //!
 //! The baselines' pods come from the reference `ptp` plugin (a default route via the node, the
 //! node forwarding), so that every packet to a ClusterIP passes the node's netfilter hooks, as
-//! on a kube-proxy node. Myelin's agent runs with `--kube-proxy-replacement` and the Services
-//! and EndpointSlices in its cluster directory.
+//! on a kube-proxy node. Myelin's agent runs with `--kube-proxy-replacement` and watches the
+//! Services and EndpointSlices in a test API server, as on a cluster.
+//!
+//! A backend change ([`ServicePath::backend_change`]) takes the measured Service from all its
+//! endpoints to none or back, the way each proxy gets it: an EndpointSlice update in the API
+//! server for Myelin; for the baselines, the rules kube-proxy writes for that change (its
+//! iptables mode's partial sync, its nftables mode's transaction), loaded by the bench itself,
+//! so their figures leave out kube-proxy's watch and its sync period.
 
 use std::{
     fmt::Write as _,
@@ -37,6 +43,7 @@ use crate::{
     Binaries, Error, Result, RunPrefix,
     multinode::{Cluster, ClusterPod, ClusterSpec, Underlay},
     netns::Netns,
+    node::AgentSource,
     process,
     services::{Backend, Protocol, ServicePort, cluster_ip_service, endpoint_slice},
     traffic::Host,
@@ -56,6 +63,11 @@ const SERVICES_PER_FILE: usize = 1_000;
 /// How long the agent may take to have every Service in its maps.
 const SERVICES_READY: Duration = Duration::from_secs(120);
 const RULES_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a backend change may take to show in the datapath before the bench gives up.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection attempt while waiting for a change: an answer or a refusal comes at once, so
+/// this only bounds a packet lost on the way.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(50);
 /// kube-proxy's iptables mode through the legacy (x_tables) backend: it loads a ruleset as one
 /// table blob, in seconds at 10,000 Services, where the nf_tables backend (this machine's
 /// `iptables`) took more than a minute. Both evaluate the rules one by one.
@@ -120,6 +132,15 @@ fn service_set(count: usize, real_backends: &[Ipv4Addr]) -> Vec<BenchService> {
 fn kube_proxy_iptables_rules(services: &[BenchService]) -> String {
     let mut chains = String::new();
     let mut rules = String::new();
+    // Services without endpoints are rejected in the filter table, as kube-proxy does.
+    let _ = writeln!(
+        chains,
+        "*filter\n\
+         :KUBE-SERVICES - [0:0]\n\
+         -A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         COMMIT"
+    );
     let _ = writeln!(chains, "*nat");
     for chain in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
         let _ = writeln!(chains, ":{chain} - [0:0]");
@@ -136,42 +157,131 @@ fn kube_proxy_iptables_rules(services: &[BenchService]) -> String {
          -j MASQUERADE --random-fully"
     );
     for (i, svc) in services.iter().enumerate() {
-        let svc_chain = format!("KUBE-SVC-{i:016X}");
-        let _ = writeln!(chains, ":{svc_chain} - [0:0]");
-        let comment = format!("default/{}:http", svc.name);
-        let _ = writeln!(
-            rules,
-            "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"{comment} cluster IP\" \
-             -m tcp --dport {SERVICE_PORT} -j {svc_chain}\n\
-             -A {svc_chain} ! -s {CLUSTER_CIDR} -d {ip}/32 -p tcp -m comment --comment \
-             \"{comment} cluster IP\" -m tcp --dport {SERVICE_PORT} -j KUBE-MARK-MASQ",
-            ip = svc.cluster_ip
-        );
-        let n = svc.backends.len();
-        for (j, backend) in svc.backends.iter().enumerate() {
-            let sep_chain = format!("KUBE-SEP-{i:012X}{j:04X}");
-            let _ = writeln!(chains, ":{sep_chain} - [0:0]");
-            let to = format!("{backend}:{TARGET_PORT}");
-            let statistic = if j + 1 < n {
-                format!(
-                    " -m statistic --mode random --probability {:.11}",
-                    1.0 / (n - j) as f64
-                )
-            } else {
-                String::new()
-            };
-            let _ = writeln!(
-                rules,
-                "-A {svc_chain} -m comment --comment \"{comment} -> {to}\"{statistic} -j {sep_chain}\n\
-                 -A {sep_chain} -s {backend}/32 -m comment --comment \"{comment}\" -j KUBE-MARK-MASQ\n\
-                 -A {sep_chain} -p tcp -m comment --comment \"{comment}\" -m tcp -j DNAT \
-                 --to-destination {to}"
-            );
-        }
+        rules.push_str(&kube_services_rule(i, svc));
+    }
+    for (i, svc) in services.iter().enumerate() {
+        service_chains(i, svc, &mut chains, &mut rules);
     }
     chains.push_str(&rules);
     chains.push_str("COMMIT\n");
     chains
+}
+
+/// `KUBE-SVC-*` of the `i`th Service.
+fn svc_chain(i: usize) -> String {
+    format!("KUBE-SVC-{i:016X}")
+}
+
+/// `KUBE-SEP-*` of the `i`th Service's `j`th endpoint.
+fn sep_chain(i: usize, j: usize) -> String {
+    format!("KUBE-SEP-{i:012X}{j:04X}")
+}
+
+/// The `i`th Service's rule in the nat table's `KUBE-SERVICES` (none without endpoints).
+fn kube_services_rule(i: usize, svc: &BenchService) -> String {
+    if svc.backends.is_empty() {
+        return String::new();
+    }
+    format!(
+        "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"default/{name}:http cluster IP\" \
+         -m tcp --dport {SERVICE_PORT} -j {chain}\n",
+        ip = svc.cluster_ip,
+        name = svc.name,
+        chain = svc_chain(i)
+    )
+}
+
+/// The `i`th Service's `KUBE-SVC-*` and `KUBE-SEP-*` chains: declarations into `chains`,
+/// rules into `rules`.
+fn service_chains(i: usize, svc: &BenchService, chains: &mut String, rules: &mut String) {
+    let svc_chain = svc_chain(i);
+    let _ = writeln!(chains, ":{svc_chain} - [0:0]");
+    let comment = format!("default/{}:http", svc.name);
+    let _ = writeln!(
+        rules,
+        "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {ip}/32 -p tcp -m comment --comment \
+         \"{comment} cluster IP\" -m tcp --dport {SERVICE_PORT} -j KUBE-MARK-MASQ",
+        ip = svc.cluster_ip
+    );
+    let n = svc.backends.len();
+    for (j, backend) in svc.backends.iter().enumerate() {
+        let sep_chain = sep_chain(i, j);
+        let _ = writeln!(chains, ":{sep_chain} - [0:0]");
+        let to = format!("{backend}:{TARGET_PORT}");
+        let statistic = if j + 1 < n {
+            format!(
+                " -m statistic --mode random --probability {:.11}",
+                1.0 / (n - j) as f64
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            rules,
+            "-A {svc_chain} -m comment --comment \"{comment} -> {to}\"{statistic} -j {sep_chain}\n\
+             -A {sep_chain} -s {backend}/32 -m comment --comment \"{comment}\" -j KUBE-MARK-MASQ\n\
+             -A {sep_chain} -p tcp -m comment --comment \"{comment}\" -m tcp -j DNAT \
+             --to-destination {to}"
+        );
+    }
+}
+
+/// What kube-proxy's iptables mode writes (`iptables-restore --noflush`, its partial sync)
+/// when the `measured`th of `services` gets `backends` (all its endpoints or none): the
+/// filter table's `KUBE-SERVICES` with a reject rule for a Service without endpoints, the nat
+/// table's `KUBE-SERVICES` rewritten whole, and the Service's own chains rewritten, or
+/// deleted with its endpoints'.
+fn kube_proxy_iptables_change(
+    services: &[BenchService],
+    measured: usize,
+    backends: &[Ipv4Addr],
+) -> String {
+    let svc = &services[measured];
+    let changed = BenchService {
+        name: svc.name.clone(),
+        cluster_ip: svc.cluster_ip,
+        backends: backends.to_vec(),
+    };
+    let mut text = String::from("*filter\n:KUBE-SERVICES - [0:0]\n");
+    if backends.is_empty() {
+        let _ = writeln!(
+            text,
+            "-A KUBE-SERVICES -d {ip}/32 -p tcp -m comment --comment \"default/{name}:http has no \
+             endpoints\" -m tcp --dport {SERVICE_PORT} -j REJECT --reject-with icmp-port-unreachable",
+            ip = changed.cluster_ip,
+            name = changed.name
+        );
+    }
+    text.push_str("COMMIT\n*nat\n:KUBE-SERVICES - [0:0]\n");
+    let mut chains = String::new();
+    let mut rules = String::new();
+    for (i, s) in services.iter().enumerate() {
+        rules.push_str(&kube_services_rule(
+            i,
+            if i == measured { &changed } else { s },
+        ));
+    }
+    // Every chain the Service ever had is declared (so flushed) first; those it no longer
+    // needs are deleted after the rules that stopped jumping to them.
+    let _ = writeln!(chains, ":{} - [0:0]", svc_chain(measured));
+    for j in 0..svc.backends.len().max(backends.len()) {
+        let _ = writeln!(chains, ":{} - [0:0]", sep_chain(measured, j));
+    }
+    let mut deletions = String::new();
+    if backends.is_empty() {
+        for j in 0..svc.backends.len() {
+            let _ = writeln!(deletions, "-X {}", sep_chain(measured, j));
+        }
+        let _ = writeln!(deletions, "-X {}", svc_chain(measured));
+    } else {
+        let mut ignored = String::new();
+        service_chains(measured, &changed, &mut ignored, &mut rules);
+    }
+    text.push_str(&chains);
+    text.push_str(&rules);
+    text.push_str(&deletions);
+    text.push_str("COMMIT\n");
+    text
 }
 
 /// kube-proxy's nftables mode for `services` (`nft -f` input), as
@@ -192,11 +302,16 @@ fn kube_proxy_nft_rules(services: &[BenchService]) -> String {
          \t}}\n\
          \tchain nat-prerouting {{ type nat hook prerouting priority dstnat; policy accept; jump services; }}\n\
          \tchain nat-output {{ type nat hook output priority -100; policy accept; jump services; }}\n\
-         \tchain nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump masquerading; }}"
+         \tchain nat-postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump masquerading; }}\n\
+         \tchain reject-chain {{ reject; }}\n\
+         \tmap no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n\
+         \tchain endpoints-check {{ ip daddr . meta l4proto . th dport vmap @no-endpoint-services; }}\n\
+         \tchain filter-forward {{ type filter hook forward priority -110; policy accept; ct state new jump endpoints-check; }}\n\
+         \tchain filter-output {{ type filter hook output priority -110; policy accept; ct state new jump endpoints-check; }}"
     );
     let mut elements = Vec::with_capacity(services.len());
     for (i, svc) in services.iter().enumerate() {
-        let svc_chain = format!("service-{i:08X}-default/{}/tcp/http", svc.name);
+        let svc_chain = nft_service_chain(i, svc);
         elements.push(format!(
             "{} . tcp . {SERVICE_PORT} : goto {svc_chain}",
             svc.cluster_ip
@@ -240,11 +355,49 @@ fn kube_proxy_nft_rules(services: &[BenchService]) -> String {
     text
 }
 
+/// The chain of the `i`th Service in kube-proxy's nftables mode.
+fn nft_service_chain(i: usize, svc: &BenchService) -> String {
+    format!("service-{i:08X}-default/{}/tcp/http", svc.name)
+}
+
+/// What kube-proxy's nftables mode writes (`nft -f`, one transaction) when the `measured`th
+/// of `services` loses all its endpoints (`serving` false: its `service-ips` element gives way
+/// to one in `no-endpoint-services` that rejects) or gets them back (the other way round; its
+/// chains stayed).
+fn kube_proxy_nft_change(services: &[BenchService], measured: usize, serving: bool) -> String {
+    let svc = &services[measured];
+    let key = format!("{} . tcp . {SERVICE_PORT}", svc.cluster_ip);
+    let to_service = format!("{key} : goto {}", nft_service_chain(measured, svc));
+    let to_reject = format!("{key} : goto reject-chain");
+    let (from, from_map, to, to_map) = if serving {
+        (
+            key.clone(),
+            "no-endpoint-services",
+            to_service,
+            "service-ips",
+        )
+    } else {
+        (
+            key.clone(),
+            "service-ips",
+            to_reject,
+            "no-endpoint-services",
+        )
+    };
+    format!(
+        "delete element ip kube-proxy {from_map} {{ {from} }}\n\
+         add element ip kube-proxy {to_map} {{ {to} }}\n"
+    )
+}
+
 /// A client pod, backend pods with servers, and `count` Services on one node, translated by
 /// one [`Proxy`].
 pub struct ServicePath {
     proxy: Proxy,
     count: usize,
+    /// Every Service in the datapath, as first written; the measured one at `measured`.
+    services: Vec<BenchService>,
+    measured: usize,
     /// Servers go before the pods they run in.
     servers: Vec<EchoServer>,
     variant: Variant,
@@ -280,6 +433,8 @@ impl ServicePath {
         let mut path = Self {
             proxy,
             count,
+            services: Vec::new(),
+            measured: 0,
             servers: Vec::new(),
             variant,
         };
@@ -292,6 +447,10 @@ impl ServicePath {
         let real: Vec<Ipv4Addr> = backends.iter().map(|b| b.ip()).collect();
         path.servers = servers;
         let services = service_set(count, &real);
+        path.measured = services
+            .iter()
+            .position(|s| s.cluster_ip == CLUSTER_IP)
+            .unwrap_or_default();
         match &path.variant {
             Variant::Baseline { node, .. } => match proxy {
                 Proxy::KubeProxyIptables => iptables::restore_with(
@@ -303,6 +462,7 @@ impl ServicePath {
             },
             Variant::Myelin { cluster, .. } => write_services(cluster, &services)?,
         }
+        path.services = services;
         path.wait_until_translated()?;
         Ok(path)
     }
@@ -321,11 +481,9 @@ impl ServicePath {
     }
 
     fn myelin(run: &RunPrefix, binaries: Option<Binaries>) -> Result<Variant> {
-        let mut spec = ClusterSpec::new(1, Underlay::Switch).agent_args(&[
-            "--routing-mode",
-            "native",
-            "--kube-proxy-replacement=true",
-        ]);
+        let mut spec = ClusterSpec::new(1, Underlay::Switch)
+            .agent_args(&["--routing-mode", "native", "--kube-proxy-replacement=true"])
+            .source(AgentSource::Kubernetes);
         spec.binaries = binaries;
         spec.echo_agent_logs_on_drop = false;
         let cluster = Box::new(Cluster::start(run, spec)?);
@@ -417,6 +575,88 @@ impl ServicePath {
         }
     }
 
+    /// Gives the measured Service all its endpoints (`serving`) or none, the way the proxy
+    /// gets the change (see the module's documentation), and returns how long it took until
+    /// the datapath used it: until a new connection to the frontend is answered (`serving`)
+    /// or refused. The clock starts before the change is handed over.
+    pub fn backend_change(&self, serving: bool) -> Result<Duration> {
+        let backends: Vec<Ipv4Addr> = if serving {
+            self.services[self.measured].backends.clone()
+        } else {
+            Vec::new()
+        };
+        let started = Instant::now();
+        match &self.variant {
+            Variant::Myelin { cluster, .. } => {
+                let api = cluster.api_server().ok_or_else(|| Error::Traffic {
+                    what: "Myelin's Services path has no API server".into(),
+                })?;
+                let node = cluster.node(NODE).name();
+                let backends: Vec<Backend> = backends
+                    .iter()
+                    .map(|ip| Backend::ready(*ip, node))
+                    .collect();
+                let svc = &self.services[self.measured];
+                api.apply(endpoint_slice(
+                    "default",
+                    &format!("{}-1", svc.name),
+                    &svc.name,
+                    &[PORT],
+                    &backends,
+                ))?;
+            }
+            Variant::Baseline { node, .. } => match self.proxy {
+                Proxy::KubeProxyIptables => iptables::restore_with(
+                    IPTABLES_RESTORE,
+                    node.node.netns(),
+                    &kube_proxy_iptables_change(&self.services, self.measured, &backends),
+                )?,
+                _ => nft_load(
+                    node.node.netns(),
+                    &kube_proxy_nft_change(&self.services, self.measured, serving),
+                )?,
+            },
+        }
+        self.wait_for(serving, started)?;
+        Ok(started.elapsed())
+    }
+
+    /// Tries new connections to the frontend, one after the other, until one is answered
+    /// (`serving`) or one fails.
+    fn wait_for(&self, serving: bool, started: Instant) -> Result<()> {
+        let frontend = self.frontend();
+        let seen = self.client().netns().run(|| {
+            loop {
+                let answered = (|| -> io::Result<()> {
+                    let mut stream = TcpStream::connect_timeout(&frontend.into(), ATTEMPT_TIMEOUT)?;
+                    stream.set_read_timeout(Some(ATTEMPT_TIMEOUT))?;
+                    stream.write_all(&[1])?;
+                    stream.read_exact(&mut [0u8; 1])
+                })()
+                .is_ok();
+                if answered == serving {
+                    return true;
+                }
+                if started.elapsed() > CHANGE_TIMEOUT {
+                    return false;
+                }
+            }
+        })?;
+        if seen {
+            Ok(())
+        } else {
+            Err(Error::Traffic {
+                what: format!(
+                    "{:?} with {} Services: {frontend} still {} {CHANGE_TIMEOUT:?} after its \
+                     endpoints changed",
+                    self.proxy,
+                    self.count,
+                    if serving { "fails" } else { "answers" }
+                ),
+            })
+        }
+    }
+
     /// New connections per second to the frontend (connect, one byte each way, reset), client
     /// and servers on one CPU.
     pub fn connection_rate(&self, duration: Duration) -> Result<ConnectionRun> {
@@ -442,33 +682,43 @@ fn nft_load(node: &Netns, rules: &str) -> Result<()> {
     process::run_ok_with_input(cmd, rules.as_bytes(), RULES_TIMEOUT).map(drop)
 }
 
-/// The Services and their EndpointSlices into the cluster directory, [`SERVICES_PER_FILE`] per
-/// file.
+/// The Services and their EndpointSlices into the API server (all at once), or into the cluster
+/// directory, [`SERVICES_PER_FILE`] per file.
 fn write_services(cluster: &Cluster, services: &[BenchService]) -> Result<()> {
+    if let Some(api) = cluster.api_server() {
+        return api.store_all(
+            services
+                .iter()
+                .flat_map(|svc| service_objects(cluster, svc)),
+        );
+    }
     for (k, chunk) in services.chunks(SERVICES_PER_FILE).enumerate() {
         let objects: Vec<Value> = chunk
             .iter()
-            .flat_map(|svc| {
-                let backends: Vec<Backend> = svc
-                    .backends
-                    .iter()
-                    .map(|ip| Backend::ready(*ip, cluster.node(NODE).name()))
-                    .collect();
-                [
-                    cluster_ip_service("default", &svc.name, svc.cluster_ip, &[PORT], json!({})),
-                    endpoint_slice(
-                        "default",
-                        &format!("{}-1", svc.name),
-                        &svc.name,
-                        &[PORT],
-                        &backends,
-                    ),
-                ]
-            })
+            .flat_map(|svc| service_objects(cluster, svc))
             .collect();
         cluster.apply(&format!("services-{k}"), &objects)?;
     }
     Ok(())
+}
+
+/// A Service and its EndpointSlice, every backend ready on the node.
+fn service_objects(cluster: &Cluster, svc: &BenchService) -> [Value; 2] {
+    let backends: Vec<Backend> = svc
+        .backends
+        .iter()
+        .map(|ip| Backend::ready(*ip, cluster.node(NODE).name()))
+        .collect();
+    [
+        cluster_ip_service("default", &svc.name, svc.cluster_ip, &[PORT], json!({})),
+        endpoint_slice(
+            "default",
+            &format!("{}-1", svc.name),
+            &svc.name,
+            &[PORT],
+            &backends,
+        ),
+    ]
 }
 
 #[cfg(test)]
@@ -487,6 +737,11 @@ mod tests {
         assert!(rate.rate() > 10.0, "{proxy:?}: {rate:?}");
         let rr = path.request_response(Duration::from_millis(300))?;
         assert!(rr > 100.0, "{proxy:?}: {rr} round trips/s");
+        // Endpoints gone, then back: refused, then answered again (each wait fails otherwise).
+        for serving in [false, true, false, true] {
+            let took = path.backend_change(serving)?;
+            assert!(took < CHANGE_TIMEOUT, "{proxy:?}: {took:?}");
+        }
         Ok(())
     }
 
@@ -521,6 +776,37 @@ mod tests {
             2 * (BACKENDS - 1) + 1
         );
         assert!(rules.ends_with("COMMIT\n"));
+    }
+
+    #[test]
+    fn kube_proxys_iptables_change_rewrites_kube_services_and_the_services_chains() {
+        let real = [Ipv4Addr::new(10, 244, 0, 5), Ipv4Addr::new(10, 244, 0, 6)];
+        let services = service_set(3, &real);
+        let none = kube_proxy_iptables_change(&services, 1, &[]);
+        assert_eq!(none.matches("-A KUBE-SERVICES -d").count(), 3, "{none}");
+        assert!(none.contains("has no endpoints\" -m tcp --dport 80 -j REJECT"));
+        assert!(none.contains("-X KUBE-SEP-0000000000010001\n-X KUBE-SVC-0000000000000001\n"));
+        let back = kube_proxy_iptables_change(&services, 1, &real);
+        assert!(!back.contains("REJECT") && !back.contains("-X "));
+        assert!(back.contains("--to-destination 10.244.0.6:8080"));
+        assert!(
+            !back.contains("10.245.0.0:8080"),
+            "only the measured Service's chains"
+        );
+    }
+
+    #[test]
+    fn kube_proxys_nft_change_moves_the_service_between_maps() {
+        let services = service_set(3, &[Ipv4Addr::new(10, 244, 0, 5)]);
+        let none = kube_proxy_nft_change(&services, 1, false);
+        assert!(
+            none.starts_with("delete element ip kube-proxy service-ips { 10.96.0.10 . tcp . 80 }")
+        );
+        assert!(
+            none.contains("no-endpoint-services { 10.96.0.10 . tcp . 80 : goto reject-chain }")
+        );
+        let back = kube_proxy_nft_change(&services, 1, true);
+        assert!(back.contains("service-ips { 10.96.0.10 . tcp . 80 : goto service-00000001-"));
     }
 
     #[test]

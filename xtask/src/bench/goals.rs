@@ -239,6 +239,18 @@ pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
             "ClusterIP request/response, 10,000 Services: Myelin / kube-proxy nftables mode",
         ),
         goal(
+            "Backend change with 10,000 Services: EndpointSlice update to the datapath using it",
+            "p99 < 100 ms".into(),
+            metric_of(
+                report,
+                services::ID,
+                &services::change_metric(services::GOAL_SERVICES),
+            )
+            .and_then(|m| percentile(m.samples(services::MYELIN), 0.99))
+            .map(|v| (v < 100.0, format!("{v:.1} ms"))),
+            scenario_state(report, services::ID),
+        ),
+        goal(
             "Agent memory with 10,000 Services x 10 backends",
             "<= 96 MiB resident (VmRSS once the ClusterIP answers)".into(),
             service_memory.map(|v| (v <= 96.0, format!("{v:.1} MiB"))),

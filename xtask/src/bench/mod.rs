@@ -84,6 +84,8 @@ pub struct Settings {
     pub service_counts: Vec<usize>,
     /// Services repetitions per variant and count (the variants are built once per count).
     pub service_reps: usize,
+    /// Backend changes per variant and count, each way (all endpoints gone, back).
+    pub service_changes: usize,
 }
 
 impl Settings {
@@ -121,6 +123,7 @@ impl Settings {
             masq_reps: if full { 4 } else { 2 },
             service_counts: vec![1, 1_000, 10_000],
             service_reps: if full { 4 } else { 2 },
+            service_changes: if full { 25 } else { 5 },
         }
     }
 
@@ -188,6 +191,10 @@ impl Settings {
             ("masquerade repetitions", self.masq_reps.to_string()),
             ("Services in the datapath", list(&self.service_counts)),
             ("Services repetitions", self.service_reps.to_string()),
+            (
+                "Services backend changes, each way",
+                self.service_changes.to_string(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -44,6 +44,11 @@ pub fn rr_metric(services: usize) -> String {
     format!("svc_rr_{services}")
 }
 
+/// The metric of backend changes with `services` Services.
+pub fn change_metric(services: usize) -> String {
+    format!("svc_change_{services}")
+}
+
 /// The figure of the agent's memory with `services` Services.
 pub fn memory_figure(services: usize) -> String {
     format!("agent VmRSS with {} Services", count(services))
@@ -89,6 +94,21 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
              once per measurement in a rotating order, and ratios are taken pair by pair",
             repetitions(s.service_reps)
         ),
+        format!(
+            "backend change: the measured Service loses all its endpoints, then gets them back, \
+             {} times each way per variant; the time runs from handing the change over to the \
+             first new connection that the datapath treats the new way (refused, answered: \
+             connections are tried one after the other). Myelin gets an EndpointSlice update \
+             in the test API server its agent watches, so its figure covers the watch, the \
+             agent and the maps; the baselines get the rules kube-proxy writes for the change \
+             (iptables mode: its partial sync through iptables-legacy-restore --noflush, the \
+             nat table's KUBE-SERVICES rewritten whole, the Service's chains rewritten or \
+             deleted, a REJECT in the filter table while it has no endpoints; nftables mode: \
+             its element moved between service-ips and no-endpoint-services in one nft \
+             transaction), so theirs leave out kube-proxy's watch and its sync period \
+             (minSyncPeriod, 1 s by default)",
+            s.service_changes
+        ),
     ];
     let order: Vec<usize> = (0..VARIANTS.len()).collect();
     for &services in &s.service_counts {
@@ -110,10 +130,20 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
             "round trips/s",
             Shape::Repeated,
         ));
-        let measured = measure(ctx, out, services, &order, &mut crr, &mut rr);
+        let mut change = Metric::new(
+            &change_metric(services),
+            &format!(
+                "Backend change to the datapath using it, {} Services",
+                count(services)
+            ),
+            "ms",
+            Shape::Distribution,
+        );
+        let measured = measure(ctx, out, services, &order, &mut crr, &mut rr, &mut change);
         // What a failed size measured so far is reported with it.
         out.metrics.push(crr);
         out.metrics.push(rr);
+        out.metrics.push(change);
         measured?;
     }
     Ok(())
@@ -128,6 +158,7 @@ fn measure(
     order: &[usize],
     crr: &mut Metric,
     rr: &mut Metric,
+    change: &mut Metric,
 ) -> Result<()> {
     let s = ctx.settings;
     let mut paths = Vec::with_capacity(VARIANTS.len());
@@ -174,6 +205,26 @@ fn measure(
             );
             rr.push(name, value);
         }
+    }
+    for i in rotated(order, 0) {
+        ctx.check()?;
+        let (name, path) = (VARIANTS[i].0, &paths[i]);
+        let mut taken = Vec::with_capacity(2 * s.service_changes);
+        for _ in 0..s.service_changes {
+            for serving in [false, true] {
+                let took = path.backend_change(serving)?;
+                taken.push(took.as_secs_f64() * 1000.0);
+                change.push(name, took.as_secs_f64() * 1000.0);
+            }
+        }
+        taken.sort_by(f64::total_cmp);
+        println!(
+            "    [{} Services] backend change {name:<20} p50 {:.1} ms, max {:.1} ms ({} changes)",
+            count(services),
+            taken[taken.len() / 2],
+            taken[taken.len() - 1],
+            taken.len()
+        );
     }
     Ok(())
 }
