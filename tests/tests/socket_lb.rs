@@ -261,7 +261,7 @@ fn a_frontend_without_backends_is_refused_at_connect() -> Result<()> {
                 Some("ECONNREFUSED"),
                 "{question:?}: {answers:?}"
             );
-            assert!(a.millis < 200, "{question:?}: refused at once: {answers:?}");
+            assert!(a.millis < 500, "{question:?}: refused at once: {answers:?}");
         }
     }
     Ok(())
@@ -352,10 +352,6 @@ fn sockets_connected_to_a_removed_backend_are_destroyed() -> Result<()> {
     Ok(())
 }
 
-fn attached(cgroup: &TestCgroup) -> Result<Vec<(String, String, u64)>> {
-    cgroup.attached_programs()
-}
-
 /// How many programs of each hook the cgroup has.
 fn per_hook(programs: &[(String, String, u64)]) -> Vec<usize> {
     HOOKS
@@ -375,7 +371,7 @@ fn agent_restart_keeps_translating_without_duplicate_attachments() -> Result<()>
     };
     let cgroup = TestCgroup::create(&run, "sock")?;
     let mut w = Web::start(&run, Some(&cgroup))?;
-    let before = attached(&cgroup)?;
+    let before = cgroup.attached_programs()?;
     assert_eq!(
         per_hook(&before),
         vec![2; 4],
@@ -415,7 +411,7 @@ fn agent_restart_keeps_translating_without_duplicate_attachments() -> Result<()>
     ask(&w, "while the agent is down")?;
     w.c.node_mut(0).start_agent()?;
     ask(&w, "after the restart")?;
-    let after = attached(&cgroup)?;
+    let after = cgroup.attached_programs()?;
     assert_eq!(per_hook(&after), vec![2; 4], "no duplicates: {after:?}");
     let new_ids: BTreeSet<u64> =
         w.c.node(0)
@@ -451,7 +447,7 @@ fn agent_restart_keeps_translating_without_duplicate_attachments() -> Result<()>
     args.drain(at..at + 2);
     node.start_agent()?;
     assert_eq!(node.status()?.socket_lb, None);
-    let left = attached(&cgroup)?;
+    let left = cgroup.attached_programs()?;
     assert_eq!(per_hook(&left), vec![1; 4], "node 1's only: {left:?}");
     assert!(
         left.iter().all(|(_, _, id)| !new_ids.contains(id)),
@@ -487,7 +483,7 @@ fn without_the_flag_nothing_is_attached_and_a_bad_cgroup_root_is_refused() -> Re
         "{}",
         node.agent_log()
     );
-    assert_eq!(attached(&cgroup)?, vec![], "nothing attached");
+    assert_eq!(cgroup.attached_programs()?, vec![], "nothing attached");
     drop(node);
 
     let not_cgroup = tempfile::tempdir().expect("temp dir");

@@ -94,6 +94,8 @@ pub enum SockLbError {
 pub struct CgroupRoot {
     path: PathBuf,
     dir: File,
+    /// The kernel's id of the cgroup (the directory's inode number), as `bpftool cgroup show`
+    /// and link info report it.
     id: u64,
 }
 
@@ -120,11 +122,6 @@ impl CgroupRoot {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// The kernel's id of the cgroup (as `bpftool cgroup show` and link info report it).
-    pub fn id(&self) -> u64 {
-        self.id
     }
 }
 
