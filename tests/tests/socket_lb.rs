@@ -19,6 +19,7 @@ use std::{
 use myelin_tests::{
     Node, NodeSpec, Result, RunPrefix,
     cgroup::TestCgroup,
+    metrics,
     multinode::{Cluster, ClusterPod, ClusterSpec, Underlay},
     root_test,
     services::{
@@ -228,6 +229,11 @@ fn node_processes_in_the_cgroup_reach_every_backend_and_see_the_cluster_ip() -> 
     let status = node.status()?;
     let socket_lb = status.socket_lb.expect("status shows the socket programs");
     assert_eq!(socket_lb.cgroup_root, cgroup.path().display().to_string());
+    let (_, body) = node.metrics_get("/metrics")?;
+    assert_eq!(
+        metrics::samples(&body).get("myelin_socket_lb_attached"),
+        Some(&1.0)
+    );
     Ok(())
 }
 

@@ -237,6 +237,7 @@ impl<D: DatapathOps> Agent<D> {
                 .datapath
                 .services_unwritten()
                 .map_or(0, |u| u.frontends.len()),
+            socket_lb: self.socket_lb.is_some(),
             drops: self
                 .datapath
                 .drops()
