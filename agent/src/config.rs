@@ -90,7 +90,9 @@ pub struct AgentConfig {
     pub max_lb_slots: u32,
 
     /// Capacity of the table of Service connections (`lb_flows`): two entries per connection
-    /// translated to a backend (least recently used connections are evicted when full).
+    /// translated to a backend (least recently used connections are evicted when full). Also
+    /// the capacity of `lb_reverse_sk`, one entry per socket the socket programs translated
+    /// (`--cgroup-root`).
     #[arg(long, env = "MYELIN_MAX_LB_FLOWS", default_value_t = myelin_common::maps::DEFAULT_MAX_LB_FLOWS)]
     pub max_lb_flows: u32,
 
