@@ -81,6 +81,12 @@ pub enum SockLbError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("creating the pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("removing the pinned link {pin}: {source}")]
     Unpin {
         pin: PathBuf,
@@ -193,8 +199,8 @@ pub(super) fn attach(
         )
         .map_err(|source| SockLbError::Config { source })?;
     let dir = pin_dir(bpf_pin_dir);
-    fs::create_dir_all(&dir).map_err(|source| SockLbError::Unpin {
-        pin: dir.clone(),
+    fs::create_dir_all(&dir).map_err(|source| SockLbError::PinDir {
+        path: dir.clone(),
         source,
     })?;
     let mut programs = Vec::new();
