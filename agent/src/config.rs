@@ -90,7 +90,9 @@ pub struct AgentConfig {
     pub max_lb_slots: u32,
 
     /// Capacity of the table of Service connections (`lb_flows`): two entries per connection
-    /// translated to a backend (least recently used connections are evicted when full).
+    /// translated to a backend (least recently used connections are evicted when full). Also
+    /// the capacity of `lb_reverse_sk`, one entry per socket the socket programs translated
+    /// (`--cgroup-root`).
     #[arg(long, env = "MYELIN_MAX_LB_FLOWS", default_value_t = myelin_common::maps::DEFAULT_MAX_LB_FLOWS)]
     pub max_lb_flows: u32,
 
@@ -165,6 +167,15 @@ pub struct AgentConfig {
     /// kube-proxy, as without this flag. `true` or `false`.
     #[arg(long, env = "MYELIN_KUBE_PROXY_REPLACEMENT", default_value_t = false, action = clap::ArgAction::Set)]
     pub kube_proxy_replacement: bool,
+
+    /// Socket-level load balancing (with `--kube-proxy-replacement`): a cgroup v2 directory
+    /// (the host's cgroup2 mount, or a cgroup below it) to which the agent attaches programs
+    /// that translate a Service's address to a backend at `connect()` and `sendmsg()` for the
+    /// sockets of the node's network namespace (the node's processes, host-network pods) in
+    /// that cgroup, so their connections pay nothing per packet. Unset (the default): no
+    /// socket programs, and those an earlier agent attached are detached.
+    #[arg(long, env = "MYELIN_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
 
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
@@ -284,6 +295,7 @@ mod tests {
         assert_eq!(c.uplink, None);
         assert_eq!(c.max_object_file_size, 16 << 20);
         assert!(!c.kube_proxy_replacement, "Services are left to kube-proxy");
+        assert_eq!(c.cgroup_root, None, "no socket-level load balancing");
     }
 
     #[test]
@@ -304,6 +316,19 @@ mod tests {
             .and_then(|a| a.get_env())
             .map(|e| e.to_string_lossy().into_owned());
         assert_eq!(env.as_deref(), Some("MYELIN_KUBE_PROXY_REPLACEMENT"));
+    }
+
+    #[test]
+    fn cgroup_root_is_a_path_flag_and_an_env_var() {
+        let c = AgentConfig::try_parse_from(["myelin-agent", "--cgroup-root", "/sys/fs/cgroup"])
+            .unwrap();
+        assert_eq!(c.cgroup_root, Some(PathBuf::from("/sys/fs/cgroup")));
+        let env = AgentConfig::command()
+            .get_arguments()
+            .find(|a| a.get_id() == "cgroup_root")
+            .and_then(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned());
+        assert_eq!(env.as_deref(), Some("MYELIN_CGROUP_ROOT"));
     }
 
     #[test]

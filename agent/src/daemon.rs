@@ -37,6 +37,7 @@ use crate::{
         Datapath, DatapathOps as _, Routing,
         conntrack::ConntrackTable,
         nat::{self, Masquerade, NatPorts},
+        sock,
     },
     endpoint::{EndpointStore, EndpointStoreError},
     events,
@@ -299,6 +300,7 @@ async fn start_datapath(
         &mut datapath,
     )
     .await?;
+    let socket_lb = socket_lb(config, &mut datapath)?;
     datapath
         .spawn_collectors(config.conntrack_gc_interval)
         .context("starting the conntrack and NAT collectors")?;
@@ -331,6 +333,7 @@ async fn start_datapath(
     if config.kube_proxy_replacement {
         agent = agent.translating_services();
     }
+    agent = agent.with_socket_lb(socket_lb);
     agent = agent.with_non_masquerade_cidrs(config.non_masquerade_cidrs.clone());
     agent = agent.with_routing(network.as_ref().map(|n| myelin_api::RoutingInfo {
         mode: match config.routing_mode {
@@ -441,6 +444,53 @@ async fn setup_network(
     };
     datapath.set_routing(network.routing)?;
     Ok(Some(network))
+}
+
+/// Socket-level load balancing: with `--cgroup-root` and `--kube-proxy-replacement`, the socket
+/// programs attached to that cgroup (into the links an earlier agent pinned, so that sockets
+/// are translated throughout a restart); otherwise whatever an earlier agent attached is
+/// detached.
+fn socket_lb(
+    config: &AgentConfig,
+    datapath: &mut Datapath,
+) -> anyhow::Result<Option<myelin_api::SocketLbInfo>> {
+    let root = match (&config.cgroup_root, config.kube_proxy_replacement) {
+        (Some(path), true) => path,
+        (root, _) => {
+            if let Some(path) = root {
+                warn!(
+                    cgroup_root = %path.display(),
+                    "--cgroup-root is ignored without --kube-proxy-replacement: no socket-level load balancing"
+                );
+            }
+            let removed = datapath
+                .detach_socket_lb()
+                .context("detaching the socket programs")?;
+            if removed > 0 {
+                info!(
+                    removed,
+                    "detached the socket programs an earlier agent attached"
+                );
+            }
+            return Ok(None);
+        }
+    };
+    let root = sock::CgroupRoot::open(root)?;
+    let attached = datapath
+        .attach_socket_lb(&root)
+        .with_context(|| format!("attaching the socket programs to {}", root.path().display()))?;
+    Ok(Some(myelin_api::SocketLbInfo {
+        cgroup_root: attached.cgroup.display().to_string(),
+        cgroup_id: attached.cgroup_id,
+        programs: attached
+            .programs
+            .into_iter()
+            .map(|(name, id)| myelin_api::SocketLbProgram {
+                name: name.to_string(),
+                id,
+            })
+            .collect(),
+    }))
 }
 
 /// `CONFIG_F_SERVICES` with `--kube-proxy-replacement`: the datapath translates Services.

@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub frontends_without_backend: usize,
     /// Their frontends that do not fit in `lb_services`.
     pub frontends_unwritten: usize,
+    /// The socket programs are attached (`--cgroup-root`).
+    pub socket_lb: bool,
     /// (reason, packets, bytes)
     pub drops: Vec<(&'static str, u64, u64)>,
     /// (map, entries, capacity)
@@ -135,6 +137,12 @@ impl Collector for SnapshotCollector {
                 "Frontends of Services that do not fit in the lb_services map (--max-lb-slots): \
                  not translated, or still with their earlier backends",
                 s.frontends_unwritten as i64,
+            ),
+            (
+                "myelin_socket_lb_attached",
+                "1 when the socket-level load balancing programs are attached (--cgroup-root; \
+                 myelinctl status says where), else 0",
+                i64::from(s.socket_lb),
             ),
         ] {
             let gauge = ConstGauge::new(value);
@@ -284,6 +292,7 @@ mod tests {
                 services: 3,
                 frontends_without_backend: 1,
                 frontends_unwritten: 2,
+                socket_lb: true,
                 ..Snapshot::default()
             },
         )))));
@@ -293,6 +302,7 @@ mod tests {
             "myelin_services 3",
             "myelin_service_frontends_without_backend 1",
             "myelin_service_frontends_unwritten 2",
+            "myelin_socket_lb_attached 1",
         ] {
             assert!(body.lines().any(|l| l == line), "{line}: {body}");
         }

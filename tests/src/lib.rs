@@ -25,6 +25,7 @@
 pub mod apiserver;
 pub mod bench;
 mod bins;
+pub mod cgroup;
 pub mod chart;
 pub mod cluster;
 mod cni;

@@ -375,3 +375,214 @@ pub fn endpoint_slice(
         .collect();
     cluster::endpoint_slice_object(namespace, name, service, endpoints, &ports)
 }
+
+/// How a client process asks a frontend ([`ask_from_process`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketQuestion {
+    /// `connect()`, `getpeername()`, read the answer until the server closes.
+    Tcp,
+    /// `connect()` a UDP socket, `getpeername()`, `send()`, `recvfrom()`.
+    ConnectedUdp,
+    /// `sendto()` on an unconnected UDP socket, `recvfrom()`.
+    UnconnectedUdp,
+}
+
+impl SocketQuestion {
+    fn as_str(self) -> &'static str {
+        match self {
+            SocketQuestion::Tcp => "tcp",
+            SocketQuestion::ConnectedUdp => "udp-connected",
+            SocketQuestion::UnconnectedUdp => "udp",
+        }
+    }
+}
+
+/// What a client process saw for one question: the answer (the backend's address and port),
+/// the peer `getpeername()` reported, the source `recvfrom()` reported, or the error (an errno
+/// name such as `ECONNREFUSED`, or `timeout`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SocketAnswer {
+    pub answer: Option<SocketAddrV4>,
+    pub peer: Option<SocketAddrV4>,
+    pub source: Option<SocketAddrV4>,
+    pub error: Option<String>,
+    /// How long the question took, in milliseconds.
+    pub millis: u64,
+}
+
+/// The client: one process asking `times` times, each on a new socket, printing one JSON list.
+/// A process, not a thread of the harness: the socket programs act on the sockets of
+/// processes in a cgroup, and a thread cannot be moved into one alone.
+const SOCKET_CLIENT: &str = r#"
+import errno, json, socket, sys, time
+mode, host, port, times = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+def addr(a):
+    return "%s:%d" % (a[0], a[1])
+out = []
+for _ in range(times):
+    r = {}
+    start = time.monotonic()
+    try:
+        if mode == "tcp":
+            s = socket.create_connection((host, port), timeout=0.8)
+            r["peer"] = addr(s.getpeername())
+            data = b""
+            while True:
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                data += chunk
+            r["answer"] = data.decode().strip()
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(0.8)
+            if mode == "udp-connected":
+                s.connect((host, port))
+                r["peer"] = addr(s.getpeername())
+                s.send(b"?")
+            else:
+                s.sendto(b"?", (host, port))
+            data, source = s.recvfrom(64)
+            r["answer"] = data.decode().strip()
+            r["source"] = addr(source)
+        s.close()
+    except socket.timeout:
+        r["error"] = "timeout"
+    except OSError as e:
+        r["error"] = errno.errorcode.get(e.errno, str(e))
+    r["millis"] = int((time.monotonic() - start) * 1000)
+    out.append(r)
+print(json.dumps(out))
+"#;
+
+/// Asks `frontend` `times` times from a new process in `from`'s network namespace, moved into
+/// `cgroup` when given (see [`crate::cgroup::TestCgroup`]).
+pub fn ask_from_process(
+    from: &dyn Host,
+    cgroup: Option<&crate::cgroup::TestCgroup>,
+    question: SocketQuestion,
+    frontend: SocketAddrV4,
+    times: usize,
+) -> Result<Vec<SocketAnswer>> {
+    let mut cmd = from.netns().command("python3")?;
+    if let Some(cgroup) = cgroup {
+        cgroup.enter(&mut cmd)?;
+    }
+    cmd.arg("-c")
+        .arg(SOCKET_CLIENT)
+        .arg(question.as_str())
+        .arg(frontend.ip().to_string())
+        .arg(frontend.port().to_string())
+        .arg(times.to_string());
+    let out = crate::process::run_ok(cmd, Duration::from_secs(5 + 2 * times as u64))?;
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).map_err(Error::json(format!(
+        "parsing the answers {} got from {frontend}",
+        from.label()
+    )))?;
+    let address = |v: &Value, key: &str| -> Option<SocketAddrV4> {
+        v.get(key)
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+    };
+    Ok(listed
+        .iter()
+        .map(|v| SocketAnswer {
+            answer: address(v, "answer"),
+            peer: address(v, "peer"),
+            source: address(v, "source"),
+            error: v.get("error").and_then(Value::as_str).map(str::to_string),
+            millis: v.get("millis").and_then(Value::as_u64).unwrap_or(0),
+        })
+        .collect())
+}
+
+/// A client process that connects a UDP socket to a frontend, asks once, then keeps the socket
+/// and waits for up to 10 s for an error on it (`ECONNABORTED` when the socket is destroyed).
+const HELD_UDP_CLIENT: &str = r#"
+import errno, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.8)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"?")
+print(s.recv(64).decode().strip(), flush=True)
+s.settimeout(0.2)
+result = "timeout"
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    try:
+        s.recv(64)
+    except socket.timeout:
+        continue
+    except OSError as e:
+        result = errno.errorcode.get(e.errno, str(e))
+        break
+print(result, flush=True)
+"#;
+
+/// A connected UDP socket held by a client process ([`HELD_UDP_CLIENT`]), in `from`'s network
+/// namespace and, when given, in `cgroup`.
+pub struct HeldUdpClient {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// The backend that answered its question.
+    pub backend: SocketAddrV4,
+}
+
+impl HeldUdpClient {
+    pub fn start(
+        from: &dyn Host,
+        cgroup: Option<&crate::cgroup::TestCgroup>,
+        frontend: SocketAddrV4,
+    ) -> Result<Self> {
+        use std::io::BufRead as _;
+        let mut cmd = from.netns().command("python3")?;
+        if let Some(cgroup) = cgroup {
+            cgroup.enter(&mut cmd)?;
+        }
+        cmd.arg("-c")
+            .arg(HELD_UDP_CLIENT)
+            .arg(frontend.ip().to_string())
+            .arg(frontend.port().to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            command: "python3 (held UDP client)".into(),
+            source,
+        })?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().transpose().ok().flatten().unwrap_or_default();
+        let backend = match first.parse() {
+            Ok(backend) => backend,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Traffic {
+                    what: format!("a held UDP client to {frontend} got no answer: {first:?}"),
+                });
+            }
+        };
+        Ok(Self {
+            child,
+            lines,
+            backend,
+        })
+    }
+
+    /// What happened to its socket: the error name it got (`ECONNABORTED`), or `timeout` when
+    /// nothing did within its 10 s.
+    pub fn outcome(mut self) -> Result<String> {
+        let line = self.lines.next().transpose().ok().flatten();
+        let _ = self.child.wait();
+        line.ok_or_else(|| Error::Traffic {
+            what: "a held UDP client ended without saying what happened".into(),
+        })
+    }
+}
+
+impl Drop for HeldUdpClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

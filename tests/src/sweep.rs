@@ -1,7 +1,8 @@
 //! Removing what earlier runs left behind when they were killed before their guards ran:
 //! network namespaces and temp dirs named `myelin-t<pid>-...` whose pid is gone, the mounts
 //! under those dirs (bpffs, containerd snapshots) and the processes still using them (agents,
-//! containerd, shims, containers).
+//! containerd, shims, containers), and cgroups of the socket-level load balancing tests
+//! (`<cgroup2 mount>/myelin-t<pid>-...`, with the client processes left in them).
 
 use std::{
     collections::HashSet,
@@ -18,7 +19,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{Error, Result, process, run::NAME_PREFIX};
+use crate::{Error, Result, cgroup, process, run::NAME_PREFIX};
 
 /// Where `ip netns add` puts its namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -30,6 +31,7 @@ pub struct SweepReport {
     pub dirs: Vec<PathBuf>,
     pub processes: Vec<i32>,
     pub mounts: Vec<PathBuf>,
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl SweepReport {
@@ -38,19 +40,22 @@ impl SweepReport {
             && self.dirs.is_empty()
             && self.processes.is_empty()
             && self.mounts.is_empty()
+            && self.cgroups.is_empty()
     }
 
     pub fn print_if_any(&self) {
         if !self.is_empty() {
             eprintln!(
                 "swept leftovers of earlier runs: {} namespaces {:?}, {} processes, {} mounts, \
-                 {} dirs {:?}",
+                 {} dirs {:?}, {} cgroups {:?}",
                 self.namespaces.len(),
                 self.namespaces,
                 self.processes.len(),
                 self.mounts.len(),
                 self.dirs.len(),
-                self.dirs
+                self.dirs,
+                self.cgroups.len(),
+                self.cgroups
             );
         }
     }
@@ -81,6 +86,14 @@ pub fn sweep_leftovers() -> Result<SweepReport> {
         .map(|name| temp_dir.join(name))
         .collect();
     let mut report = SweepReport::default();
+    // A test's cgroup holds only the client processes it moved there: they go with it.
+    if let Ok(mount) = cgroup::cgroup2_mount() {
+        for name in leftover_entries(&mount)? {
+            let path = mount.join(name);
+            cgroup::remove(&path)?;
+            report.cgroups.push(path);
+        }
+    }
     if namespaces.is_empty() && dirs.is_empty() {
         return Ok(report);
     }

@@ -153,6 +153,7 @@ fn values_outside_the_schema_are_refused() -> Result<()> {
         json!({ "natPortRange": "61000" }),
         json!({ "uplink": "eth0/../x" }),
         json!({ "kubeProxyReplacement": "yes" }),
+        json!({ "cgroupRoot": "sys/fs/cgroup" }),
     ] {
         assert!(
             tools.render(&values).is_err(),
@@ -190,6 +191,7 @@ fn routing_masquerading_and_service_values_become_the_agents_flags() -> Result<(
             "--non-masquerade-cidrs=10.0.0.0/8,192.168.0.0/16",
             "--nat-port-range=40000-50000",
             "--kube-proxy-replacement=true",
+            "--cgroup-root=/host/cgroup2",
         ])
     );
     let help = std::process::Command::new(Binaries::from_env()?.agent()?)
@@ -203,6 +205,63 @@ fn routing_masquerading_and_service_values_become_the_agents_flags() -> Result<(
             help.contains(&format!("{flag} <")),
             "myelin-agent has no flag {flag}:\n{help}"
         );
+    }
+    Ok(())
+}
+
+/// Socket-level load balancing: with kubeProxyReplacement, the host's cgroup2 mount
+/// (`cgroupRoot`) is mounted read-only at /host/cgroup2 and given to the agent; without
+/// kubeProxyReplacement, or with `cgroupRoot: ""`, neither.
+#[test]
+fn the_hosts_cgroup2_is_the_agents_cgroup_root_only_with_kube_proxy_replacement() -> Result<()> {
+    let tools = ChartTools::from_current_exe()?;
+    for (values, host_path) in [
+        (
+            json!({ "kubeProxyReplacement": true }),
+            Some("/sys/fs/cgroup"),
+        ),
+        (
+            json!({ "kubeProxyReplacement": true, "cgroupRoot": "/sys/fs/cgroup/unified" }),
+            Some("/sys/fs/cgroup/unified"),
+        ),
+        (
+            json!({ "kubeProxyReplacement": true, "cgroupRoot": "" }),
+            None,
+        ),
+        (json!({}), None),
+    ] {
+        let rendered = tools.render(&values)?;
+        let objects = objects(&rendered);
+        let spec = &object(&objects, "DaemonSet")["spec"]["template"]["spec"];
+        let agent = container(spec, "containers", "agent");
+        let flag = strings(&agent["args"])
+            .into_iter()
+            .find(|a| a.starts_with("--cgroup-root"));
+        let volume = spec["volumes"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "cgroup2"));
+        let mount = agent["volumeMounts"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == "cgroup2"));
+        match host_path {
+            Some(path) => {
+                assert_eq!(
+                    flag.as_deref(),
+                    Some("--cgroup-root=/host/cgroup2"),
+                    "{values}"
+                );
+                let volume = volume.expect("a cgroup2 volume");
+                assert_eq!(volume["hostPath"]["path"], path, "{values}");
+                assert_eq!(volume["hostPath"]["type"], "Directory");
+                let mount = mount.expect("the agent mounts it");
+                assert_eq!(mount["mountPath"], "/host/cgroup2");
+                assert_eq!(mount["readOnly"], true);
+            }
+            None => assert!(
+                flag.is_none() && volume.is_none() && mount.is_none(),
+                "{values}: {flag:?} {volume:?} {mount:?}"
+            ),
+        }
     }
     Ok(())
 }

@@ -284,6 +284,29 @@ pub struct Status {
     /// kube-proxy. False from older agents.
     #[serde(default)]
     pub kube_proxy_replacement: bool,
+    /// Socket-level load balancing (`--cgroup-root`): where its programs are attached; absent
+    /// when off (and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_lb: Option<SocketLbInfo>,
+}
+
+/// Where the socket-level load balancing programs are attached (`Status::socket_lb`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SocketLbInfo {
+    /// The cgroup v2 directory (`--cgroup-root`).
+    pub cgroup_root: String,
+    /// Its cgroup id, as `bpftool cgroup show` and link info report it.
+    pub cgroup_id: u64,
+    /// Each program attached there, with its kernel id.
+    pub programs: Vec<SocketLbProgram>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SocketLbProgram {
+    pub name: String,
+    pub id: u32,
 }
 
 /// How a node reaches the other nodes (`Status::routing`).

@@ -79,6 +79,8 @@ pub struct Agent<D> {
     /// `--kube-proxy-replacement`: Services are translated in eBPF. Off, `lb_services` stays
     /// empty and kube-proxy translates them, as before.
     translates_services: bool,
+    /// Socket-level load balancing: where its programs are attached (`--cgroup-root`).
+    socket_lb: Option<myelin_api::SocketLbInfo>,
     /// Every Service's translation as of the index's services generation: it depends on
     /// Services, EndpointSlices and Nodes alone, so neither an ADD or DEL nor a pod's change
     /// recomputes it.
@@ -172,6 +174,7 @@ impl<D: DatapathOps> Agent<D> {
             pod_hosts: (0, BTreeMap::new()),
             nodes: (0, desired::Nodes::default()),
             translates_services: false,
+            socket_lb: None,
             // Never a generation the index reports: the first call computes.
             services: (u64::MAX, desired::services::Services::default()),
             unwritten_services: BTreeSet::new(),
@@ -216,6 +219,12 @@ impl<D: DatapathOps> Agent<D> {
     /// Service's frontends and backends.
     pub fn translating_services(mut self) -> Self {
         self.translates_services = true;
+        self
+    }
+
+    /// Socket-level load balancing is attached there (`--cgroup-root`), as status shows.
+    pub fn with_socket_lb(mut self, socket_lb: Option<myelin_api::SocketLbInfo>) -> Self {
+        self.socket_lb = socket_lb;
         self
     }
 

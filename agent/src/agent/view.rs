@@ -56,6 +56,7 @@ impl<D: DatapathOps> Agent<D> {
             version: env!("CARGO_PKG_VERSION").to_string(),
             routing: self.routing.clone(),
             kube_proxy_replacement: self.translates_services,
+            socket_lb: self.socket_lb.clone(),
         }
     }
 
@@ -236,6 +237,7 @@ impl<D: DatapathOps> Agent<D> {
                 .datapath
                 .services_unwritten()
                 .map_or(0, |u| u.frontends.len()),
+            socket_lb: self.socket_lb.is_some(),
             drops: self
                 .datapath
                 .drops()

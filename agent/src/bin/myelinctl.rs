@@ -82,6 +82,22 @@ fn main() -> anyhow::Result<()> {
                     "left to kube-proxy"
                 };
                 println!("services:       {services}");
+                match &s.socket_lb {
+                    Some(lb) => {
+                        let programs: Vec<String> = lb
+                            .programs
+                            .iter()
+                            .map(|p| format!("{} ({})", p.name, p.id))
+                            .collect();
+                        println!(
+                            "socket LB:      attached to {} (cgroup id {}): {}",
+                            lb.cgroup_root,
+                            lb.cgroup_id,
+                            programs.join(", ")
+                        );
+                    }
+                    None => println!("socket LB:      off"),
+                }
                 println!("version:        {}", s.version);
             }
         }

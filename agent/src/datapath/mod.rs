@@ -16,6 +16,7 @@ pub mod counters;
 pub mod fake;
 pub mod lb;
 pub mod nat;
+pub mod sock;
 pub mod table;
 
 use std::{
@@ -305,6 +306,9 @@ pub struct Datapath {
     events: Option<RingBuf<MapData>>,
     /// The tables the datapath fills and collectors empty: (map, capacity, fill).
     collected: [(&'static str, u32, Fill); 4],
+    /// The socket programs are attached (`--cgroup-root`): connected UDP sockets they gave a
+    /// backend that goes are destroyed.
+    socket_lb: bool,
 }
 
 /// The one-entry `config` array and the value last written to it.
@@ -381,6 +385,8 @@ impl Datapath {
             (maps::LB_SERVICES, limits.lb_slots),
             (maps::LB_FLOWS, limits.lb_flows),
             (maps::LB_AFFINITY, limits.lb_affinity),
+            // One entry per socket translated by the socket programs.
+            (maps::LB_REVERSE_SK, limits.lb_flows),
         ]
         .into_iter()
         .collect();
@@ -451,6 +457,7 @@ impl Datapath {
                 (maps::LB_FLOWS, limits.lb_flows, Fill::default()),
                 (maps::LB_AFFINITY, limits.lb_affinity, Fill::default()),
             ],
+            socket_lb: false,
         })
     }
 
@@ -598,6 +605,32 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// Socket-level load balancing: attaches the socket programs to `root` for this network
+    /// namespace's sockets, replacing the programs of links an earlier agent pinned for it and
+    /// detaching those of any other cgroup (see [`sock`]).
+    pub fn attach_socket_lb(
+        &mut self,
+        root: &sock::CgroupRoot,
+    ) -> Result<sock::Attached, sock::SockLbError> {
+        let attached = sock::attach(&mut self.ebpf, &self.pin_dir, root)?;
+        self.socket_lb = true;
+        Ok(attached)
+    }
+
+    /// Detaches the socket programs an earlier agent attached (`--cgroup-root` no longer
+    /// given); returns how many links went.
+    pub fn detach_socket_lb(&mut self) -> Result<usize, sock::SockLbError> {
+        self.socket_lb = false;
+        sock::detach(&mut self.ebpf, &self.pin_dir)
+    }
+
+    /// The backends `lb_services` holds now, when the socket programs are attached and `desired`
+    /// would change its slots (else none: nothing to compare).
+    fn backends_before(&self, desired: &DesiredState) -> Option<BTreeSet<sock::BackendAddr>> {
+        let current = self.tables.lb_services.current();
+        (self.socket_lb && *current != desired.lb_services).then(|| sock::backends(current))
+    }
+
     fn link_pin(&self, ifname: &str, direction: &str) -> PathBuf {
         self.pin_dir
             .join("links")
@@ -735,11 +768,36 @@ impl DatapathOps for Datapath {
     }
 
     fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError> {
+        let before = self.backends_before(desired);
         let mut hooks = KernelHooks {
             counters: &mut self.counters,
             config: &mut self.config,
         };
-        Ok(self.tables.apply(desired, &mut hooks)?)
+        let diff = self.tables.apply(desired, &mut hooks)?;
+        // The backends the map no longer holds (what it holds, not what was desired: a full map
+        // keeps a changed frontend's old backends), once gone from it: a client that reconnects
+        // gets another backend.
+        let gone: BTreeSet<_> = before
+            .map(|before| {
+                let after = sock::backends(self.tables.lb_services.current());
+                before.difference(&after).copied().collect()
+            })
+            .unwrap_or_default();
+        if !gone.is_empty() {
+            match sock::destroy_connected(&self.ebpf, &gone) {
+                Ok(0) => {}
+                Ok(destroyed) => info!(
+                    destroyed,
+                    backends = gone.len(),
+                    "destroyed the UDP sockets the socket programs had connected to removed backends"
+                ),
+                Err(e) => warn!(
+                    "destroying sockets connected to removed backends failed: {e}; they keep \
+                     their backend until they close"
+                ),
+            }
+        }
+        Ok(diff)
     }
 
     fn policy_capacity(&self) -> usize {

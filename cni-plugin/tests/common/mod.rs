@@ -524,6 +524,7 @@ fn handle(state: &mut AgentState, method: &str, target: &str, body: &[u8]) -> (u
                 version: "test".into(),
                 routing: None,
                 kube_proxy_replacement: false,
+                socket_lb: None,
             },
         ),
         _ => api_error(ErrorKind::NotFound, "no such route"),

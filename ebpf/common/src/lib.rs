@@ -17,6 +17,7 @@ pub mod maps;
 pub mod nat;
 pub mod policy;
 pub mod proto;
+pub mod sock;
 
 pub use drop::DropReason;
 pub use endpoint::{EndpointCounters, EndpointInfo, Ipv4Key};

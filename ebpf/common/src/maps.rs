@@ -16,6 +16,8 @@ pub const MASQ_EXCLUDE: &str = "masq_exclude";
 pub const LB_SERVICES: &str = "lb_services";
 pub const LB_FLOWS: &str = "lb_flows";
 pub const LB_AFFINITY: &str = "lb_affinity";
+pub const LB_REVERSE_SK: &str = "lb_reverse_sk";
+pub const SOCK_LB: &str = "sock_lb";
 
 /// The programs `bpf_tail_call` jumps to, at the `TAIL_*` indices. Not pinned: every load of
 /// the programs has its own, so programs of one agent never jump into another's.
@@ -26,7 +28,7 @@ pub const TAIL_FROM_CONTAINER_LB: u32 = 0;
 pub const TAIL_FROM_CONTAINER: u32 = 1;
 
 /// Every map the agent pins.
-pub const PINNED: [&str; 14] = [
+pub const PINNED: [&str; 16] = [
     ENDPOINTS,
     ENDPOINTS_BY_IF,
     COUNTERS,
@@ -41,6 +43,8 @@ pub const PINNED: [&str; 14] = [
     LB_SERVICES,
     LB_FLOWS,
     LB_AFFINITY,
+    LB_REVERSE_SK,
+    SOCK_LB,
 ];
 
 /// Default capacities (each has an agent flag).

@@ -36,7 +36,8 @@ use crate::{
 
 /// Every frontend's slots. Capacity: `--max-lb-slots`.
 #[btf_map(name = "lb_services")]
-static LB_SERVICES: HashMap<LbKey, LbEntry, { DEFAULT_MAX_LB_SLOTS as usize }> = HashMap::new();
+pub(crate) static LB_SERVICES: HashMap<LbKey, LbEntry, { DEFAULT_MAX_LB_SLOTS as usize }> =
+    HashMap::new();
 
 /// Both directions of every translated connection. Capacity: `--max-lb-flows`.
 #[btf_map(name = "lb_flows")]
@@ -76,7 +77,7 @@ pub enum Translation {
 }
 
 #[inline(always)]
-fn slot(addr: [u8; 4], port: u16, protocol: u8, slot: u16) -> LbKey {
+pub(crate) fn slot(addr: [u8; 4], port: u16, protocol: u8, slot: u16) -> LbKey {
     LbKey {
         addr,
         port,
@@ -174,15 +175,21 @@ fn affine_backend(
         .map(|n| (n, a.backend, a.backend_port))
 }
 
-/// Chooses a backend for a new connection to `frontend`: the client's affine one, else a random
-/// slot. `None` when the frontend has no usable backend.
+/// Chooses a backend for a new connection of `client` to `frontend`: the client's affine one,
+/// else a random slot. `None` when the frontend has no usable backend. Also the socket
+/// programs' choice (`crate::sock`).
 #[inline(always)]
-fn choose(flow: &Flow, frontend: &LbKey, service: &LbEntry, now: u64) -> Option<([u8; 4], u16)> {
+pub(crate) fn choose(
+    client: [u8; 4],
+    frontend: &LbKey,
+    service: &LbEntry,
+    now: u64,
+) -> Option<([u8; 4], u16)> {
     if service.count == 0 {
         return None;
     }
     let affinity = LbAffinityKey {
-        client: flow.saddr,
+        client,
         frontend: frontend.addr,
         port: frontend.port,
         protocol: frontend.protocol,
@@ -292,7 +299,7 @@ pub fn translate(
         // node's stack gets it as it is.
         None if later_fragment => return Ok(Translation::None),
         None => {
-            let Some((backend, port)) = choose(flow, &frontend, &service, now) else {
+            let Some((backend, port)) = choose(flow.saddr, &frontend, &service, now) else {
                 return Ok(Translation::NoBackend);
             };
             if flow.protocol == IPPROTO_SCTP && port != flow.dport {

@@ -16,6 +16,10 @@
 //!   routing, `from_uplink` also delivers other nodes' packets for this node's pods straight
 //!   into them (`deliver_from_uplink`).
 //!
+//! - `lb_connect4`, `lb_sendmsg4`, `lb_recvmsg4` and `lb_getpeername4` (cgroup `sock_addr`
+//!   hooks of `--cgroup-root`) translate Services for the node's own sockets at `connect()` and
+//!   `sendmsg()`, and show the frontend again to `getpeername()` and `recvfrom()` (see `sock`).
+//!
 //! Pod-to-pod traffic on one node never reaches the destination's `to_container` (the redirect
 //! skips it), so `from_container` checks both the sender's egress and the receiver's ingress
 //! policy. Every drop is counted under a [`DropReason`] and can be reported as an event.
@@ -44,6 +48,8 @@ mod nat;
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod policy;
+#[cfg(target_arch = "bpf")]
+mod sock;
 #[cfg(target_arch = "bpf")]
 mod tail;
 
@@ -916,6 +922,36 @@ mod programs {
         } else {
             Ok(PASS)
         }
+    }
+}
+
+/// Socket-level load balancing (see `sock`): cgroup programs the agent attaches to
+/// `--cgroup-root`, in the same object so that they share `lb_services` and `lb_affinity` with
+/// the TC programs.
+#[cfg(target_arch = "bpf")]
+mod socket_programs {
+    use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+    use crate::sock;
+
+    #[cgroup_sock_addr(connect4)]
+    pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+        sock::translate(&ctx)
+    }
+
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+        sock::translate(&ctx)
+    }
+
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+        sock::reverse(&ctx)
+    }
+
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+        sock::reverse(&ctx)
     }
 }
 

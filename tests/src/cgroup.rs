@@ -1,0 +1,138 @@
+//! cgroup v2 directories of a test's own, for the socket-level load balancing tests: the agent
+//! attaches its socket programs to one (`--cgroup-root`) and the test moves the client
+//! *processes* it starts into it. Never the machine's root cgroup or its cgroup2 mount itself:
+//! only a child named with the run's prefix (`<mount>/myelin-t<pid>-<n>-<what>`), removed on
+//! drop (also in a panic) and by the sweeper when a killed run left it.
+
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::{ffi::OsStrExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::{
+        signal::{Signal, kill},
+        statfs::{CGROUP2_SUPER_MAGIC, statfs},
+    },
+    unistd::Pid,
+};
+
+use crate::{Error, Result, RunPrefix, process};
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup/unified` on hybrid hosts (these machines), else
+/// `/sys/fs/cgroup` on unified ones.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| statfs(p).is_ok_and(|s| s.filesystem_type() == CGROUP2_SUPER_MAGIC))
+        .ok_or_else(|| Error::Io {
+            context: "no cgroup2 mount at /sys/fs/cgroup/unified or /sys/fs/cgroup".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })
+}
+
+/// A child cgroup of the cgroup2 mount, removed on drop.
+#[derive(Debug)]
+pub struct TestCgroup {
+    path: PathBuf,
+}
+
+impl TestCgroup {
+    /// `<cgroup2 mount>/<run>-<what>`.
+    pub fn create(run: &RunPrefix, what: &str) -> Result<Self> {
+        let path = cgroup2_mount()?.join(run.name(what));
+        fs::create_dir(&path).map_err(Error::io(format!("creating cgroup {}", path.display())))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes `cmd`'s process move itself into this cgroup before it executes its program, so
+    /// that everything it runs is in the cgroup from its first instruction. Add it after the
+    /// namespace is entered or before, either works: cgroup and network namespace are
+    /// independent.
+    pub fn enter(&self, cmd: &mut Command) -> Result<()> {
+        let procs = CString::new(self.path.join("cgroup.procs").as_os_str().as_bytes())
+            .map_err(|_| Error::Cluster(format!("{} holds a NUL", self.path.display())))?;
+        // SAFETY: between fork and exec only open, write and close on a path prepared before
+        // the fork: no allocation, no locks.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0": the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if written != 1 {
+                    return Err(err);
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
+    /// The programs attached to this cgroup, as `bpftool cgroup show` lists them: (attach
+    /// type, program name, program id).
+    pub fn attached_programs(&self) -> Result<Vec<(String, String, u64)>> {
+        let mut cmd = Command::new("bpftool");
+        cmd.args(["-j", "cgroup", "show"]).arg(&self.path);
+        let out = process::run_ok(cmd, Duration::from_secs(10))?;
+        if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Vec::new());
+        }
+        let listed: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).map_err(Error::json(format!(
+                "parsing `bpftool cgroup show {}`",
+                self.path.display()
+            )))?;
+        Ok(listed
+            .iter()
+            .map(|p| {
+                let text = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+                let id = p.get("id").and_then(|v| v.as_u64()).unwrap_or(0);
+                (text("attach_type"), text("name"), id)
+            })
+            .collect())
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Err(e) = remove(&self.path) {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+/// Kills the processes still in the cgroup (only processes a test moved there: the cgroup is
+/// the run's own) and removes it; `rmdir` fails while it holds any.
+pub(crate) fn remove(path: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        match fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(Error::io(format!("removing cgroup {}", path.display()))(e)),
+        }
+    }
+}
