@@ -628,7 +628,7 @@ impl Datapath {
     /// would change its slots (else none: nothing to compare).
     fn backends_before(&self, desired: &DesiredState) -> Option<BTreeSet<sock::BackendAddr>> {
         let current = self.tables.lb_services.current();
-        (self.socket_lb && *current != desired.lb_services).then(|| sock::backends(current))
+        (self.socket_lb && *current != *desired.lb_services).then(|| sock::backends(current))
     }
 
     fn link_pin(&self, ifname: &str, direction: &str) -> PathBuf {
