@@ -15,9 +15,10 @@
 //!   ones; when none is ready, the serving and terminating ones (graceful termination); none at
 //!   all leaves the frontend with count 0, and the datapath refuses its connections.
 //! - `internalTrafficPolicy: Local` limits ClusterIP frontends, `externalTrafficPolicy: Local`
-//!   (NodePort and LoadBalancer Services only, as in Kubernetes) limits node port and external
-//!   IP frontends, to the endpoints on this node ([`LB_F_LOCAL`]); the fallback to terminating
-//!   endpoints is then among this node's.
+//!   (on Services reachable from outside, as kube-proxy reads it: NodePort, LoadBalancer, and
+//!   ClusterIP with external IPs) limits node port and external IP frontends, to the endpoints
+//!   on this node ([`LB_F_LOCAL`]); the fallback to terminating endpoints is then among this
+//!   node's.
 //! - `sessionAffinity: ClientIP` gives every frontend of the Service its timeout.
 //!
 //! Backends are deduplicated (an endpoint in two slices counts once, with its best condition)
@@ -192,10 +193,13 @@ fn translate_service(
     if not_translated.is_some() {
         return translation;
     }
-    // Kubernetes applies externalTrafficPolicy to NodePort and LoadBalancer Services only.
+    // Kubernetes applies externalTrafficPolicy to the Services reachable from outside: NodePort
+    // and LoadBalancer, and ClusterIP with external IPs (kube-proxy's `ExternallyAccessible`).
     let internal_local = service.internal_traffic_policy == TrafficPolicy::Local;
+    let externally_accessible = service.type_.has_node_ports()
+        || (service.type_ == ServiceType::ClusterIp && !service.external_ips.is_empty());
     let external_local =
-        service.type_.has_node_ports() && service.external_traffic_policy == TrafficPolicy::Local;
+        externally_accessible && service.external_traffic_policy == TrafficPolicy::Local;
     for port in &service.ports {
         let endpoints = endpoints_of(index, service, port);
         let frontend = |kind, addr, number, local| Frontend {

@@ -217,6 +217,14 @@ fn choose(flow: &Flow, frontend: &LbKey, service: &LbEntry, now: u64) -> Option<
     Some((backend, port))
 }
 
+/// The frontend (slot 0) at `addr`, `port`, `protocol`, if there is one: one lookup. For the
+/// uplink's NodePort and external IP frontends (`crate::nodeport`).
+#[inline(always)]
+pub(crate) fn frontend(addr: [u8; 4], port: u16, protocol: u8) -> Option<LbEntry> {
+    // SAFETY: copied out at once.
+    unsafe { LB_SERVICES.get(&slot(addr, port, protocol, 0)) }.copied()
+}
+
 /// `from_container`, with `CONFIG_F_SERVICES`: a TCP, UDP or SCTP packet to a frontend is
 /// translated to its connection's backend (chosen on its first packet), and `flow` updated so
 /// that endpoint lookup, policy, conntrack and forwarding see the backend; so is an ICMP error

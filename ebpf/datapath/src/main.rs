@@ -41,6 +41,8 @@ mod lb;
 #[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
+mod nodeport;
+#[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod policy;
@@ -60,9 +62,11 @@ mod programs {
             MARK_ROUTED_TO_NODE,
         },
         conntrack::{
-            CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CT_F_SERVICE, CtKey,
+            CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CT_F_NODEPORT, CT_F_SERVICE,
+            CtKey,
         },
         identity,
+        lb::LB_F_LOCAL,
         proto::{ETH_P_ARP, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     };
 
@@ -73,7 +77,7 @@ mod programs {
         events::{self, Verdict},
         forward, ipcache,
         lb::{self, Translation},
-        nat,
+        nat, nodeport,
         packet::{self, EthHdr, Flow, Icmp, Ipv4Hdr},
         policy::{self, Peers},
     };
@@ -451,6 +455,11 @@ mod programs {
             // node, the world) is the stack's.
             let peer = ipcache::lookup(flow.daddr);
             if peer.node == [0; 4] {
+                // A client outside that reached a local backend through the uplink (a node
+                // port, an external IP): back out through the FIB.
+                if reply & CT_F_NODEPORT != 0 {
+                    return Ok(nodeport::to_client(ctx, &config, eth, ip));
+                }
                 return Ok(PASS);
             }
             return Ok(forward::to_node(
@@ -705,7 +714,10 @@ mod programs {
     /// back to the pod. Only packets to the node's address can be such replies, and of TCP and
     /// UDP only those to a port of the NAT range: everything else passes without a map lookup.
     /// In native routing, packets for this node's pods go straight into them
-    /// (`deliver_from_uplink`); a mask compare sorts them out.
+    /// (`deliver_from_uplink`); a mask compare sorts them out. With Services in eBPF, the
+    /// other TCP and UDP packets cost one lookup more: those to a node port or an external IP
+    /// are translated to a backend (`from_outside`), and a remote backend's replies to them,
+    /// which come back to a port of the NAT range, are translated back to the client.
     #[classifier]
     pub fn from_uplink(ctx: TcContext) -> i32 {
         match try_from_uplink(&ctx) {
@@ -715,7 +727,7 @@ mod programs {
 
     fn try_from_uplink(ctx: &TcContext) -> Result<i32, i32> {
         let config = events::config();
-        if config.flags & (CONFIG_F_MASQUERADE | CONFIG_F_NATIVE) == 0 {
+        if config.flags & (CONFIG_F_MASQUERADE | CONFIG_F_NATIVE | CONFIG_F_SERVICES) == 0 {
             return Ok(PASS);
         }
         let Some(eth) = packet::eth(ctx) else {
@@ -733,18 +745,30 @@ mod programs {
         if config.flags & CONFIG_F_NATIVE != 0 && endpoint::in_pod_cidr(&config, daddr) {
             return deliver_from_uplink(ctx, &config, eth, ip);
         }
-        if !nat::enabled(&config) || daddr != config.node_ip {
-            return Ok(PASS);
-        }
+        let services = config.flags & CONFIG_F_SERVICES != 0 && config.node_ip != [0; 4];
         let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
         if matches!(protocol, IPPROTO_TCP | IPPROTO_UDP) && !later_fragment {
             let Some(ports) = packet::ptr_at::<packet::Ports>(ctx, l4) else {
                 return Ok(PASS);
             };
             // SAFETY: bounds-checked by `ptr_at`.
-            if !nat::may_be_reply(&config, unsafe { (*ports).dport }) {
-                return Ok(PASS);
+            let dport = unsafe { (*ports).dport };
+            let reply = daddr == config.node_ip
+                && (services || nat::enabled(&config))
+                && nat::may_be_reply(&config, dport);
+            if !reply {
+                let flags = if services {
+                    nodeport::frontend_flags(daddr, dport, protocol)
+                } else {
+                    None
+                };
+                return match flags {
+                    Some(flags) => from_outside(ctx, flags),
+                    None => Ok(PASS),
+                };
             }
+        } else if !nat::enabled(&config) || daddr != config.node_ip {
+            return Ok(PASS);
         }
         // Not the pods' packet yet: what the node cannot parse, its stack decides about.
         let Some(flow) = packet::flow(ctx, ip) else {
@@ -752,7 +776,101 @@ mod programs {
         };
         nat::reverse(ctx, &flow, l4, later_fragment)
             .map_err(|reason| drop_nat(ctx, &config, reason, &flow, Direction::Ingress))?;
+        if services && !later_fragment && matches!(protocol, IPPROTO_TCP | IPPROTO_UDP) {
+            // A remote backend's answer to a node port's client?
+            match nodeport::reply_to_client(ctx, &config) {
+                Ok(Some(action)) => return Ok(action),
+                Ok(None) => {}
+                Err(reason) => {
+                    return Err(drop_nat(ctx, &config, reason, &flow, Direction::Ingress));
+                }
+            }
+        }
         Ok(PASS)
+    }
+
+    /// A TCP or UDP packet from the uplink to a node port or an external IP (`flags`: its
+    /// frontend's `LB_F_*`): translated to a backend, then into a local backend pod past the
+    /// node's stack (conntrack and its ingress policy, against the real client), or on to the
+    /// backend's node with this node's address as its source (see `nodeport`). Inlined: as a
+    /// function of its own its frame (about 390 bytes) and `from_uplink`'s (about 300) would
+    /// exceed the verifier's 512 bytes of stack for a chain of calls.
+    #[inline(always)]
+    fn from_outside(ctx: &TcContext, flags: u32) -> Result<i32, i32> {
+        // Frames for another host's MAC (promiscuous mode) are not the node's to serve.
+        // SAFETY: `skb` is the context pointer the kernel passed in; reading it is allowed.
+        if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+            return Ok(PASS);
+        }
+        let config = events::config();
+        let (_, ip) = headers(ctx)?;
+        // SAFETY: bounds-checked by `packet::ipv4`.
+        let ttl = unsafe { (*ip).ttl };
+        let l4 = packet::l4_offset(ip);
+        let Some(mut flow) = packet::flow(ctx, ip) else {
+            return Ok(PASS);
+        };
+        let mut verdict = Verdict {
+            reason: 0,
+            direction: Direction::Ingress as u8,
+            src_endpoint: 0,
+            dst_endpoint: 0,
+            peers: unknown_peers(),
+            ifindex: packet::ifindex(ctx),
+        };
+        match lb::translate(ctx, &mut flow, l4, false) {
+            Ok(Translation::Backend | Translation::Hairpin) => {}
+            Ok(Translation::None) => return Ok(PASS),
+            Ok(Translation::NoBackend) => {
+                let shot = drop_flow(
+                    ctx,
+                    &config,
+                    DropReason::NoServiceBackend,
+                    &flow,
+                    &mut verdict,
+                );
+                // `externalTrafficPolicy: Local` without a backend here: dropped, as kube-proxy
+                // does (the client's load balancer is to send it to another node).
+                if flags & LB_F_LOCAL == 0 && nodeport::refuse(ctx, &flow, verdict.ifindex) {
+                    return Ok(TC_ACT_REDIRECT as i32);
+                }
+                return Err(shot);
+            }
+            Err(reason) => return Err(drop_flow(ctx, &config, reason, &flow, &mut verdict)),
+        }
+        let Some(dst) = local_endpoint(&config, flow.daddr) else {
+            return nodeport::to_backend_node(ctx, &config, &flow, l4)
+                .map_err(|reason| drop_flow(ctx, &config, reason, &flow, &mut verdict));
+        };
+        verdict.dst_endpoint = dst.id;
+        endpoint::account_rx(dst.id, ctx.len());
+        admit(
+            ctx,
+            &config,
+            &flow,
+            None,
+            Some(dst),
+            &mut verdict,
+            CT_F_SERVICE | CT_F_NODEPORT,
+            None,
+        )?;
+        let (eth, ip) = headers(ctx)?;
+        // An expiring TTL: the stack answers with ICMP time exceeded.
+        if ttl <= 1 {
+            return Ok(PASS);
+        }
+        // SAFETY: `eth` and `ip` are within bounds: checked after the last change to the packet.
+        unsafe {
+            packet::decrement_ttl(ip);
+            packet::set_macs(eth, &dst.mac, &dst.host_mac);
+        }
+        // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
+        let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
+        if ret == i64::from(TC_ACT_REDIRECT) {
+            Ok(TC_ACT_REDIRECT as i32)
+        } else {
+            Ok(PASS)
+        }
     }
 
     /// Native routing: a packet from another node for one of this node's pods goes straight

@@ -489,21 +489,36 @@ fn node_ports_use_this_nodes_address_and_external_traffic_policy() {
     );
 }
 
+/// kube-proxy's `ExternalPolicyLocal`: the policy holds for Services reachable from outside,
+/// which a ClusterIP Service is through its external IPs.
 #[test]
-fn external_traffic_policy_applies_only_to_services_with_node_ports() {
+fn external_traffic_policy_applies_to_a_cluster_ips_external_ips() {
     let mut c = Cluster::new();
     c.service(
         "web",
         "{clusterIP: 10.96.0.10, externalIPs: [192.0.2.7], externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}",
     )
-    .slice("web-1", "web", &http_slice(&[("10.244.2.7", "node-2", READY)]));
+    .slice(
+        "web-1",
+        "web",
+        &http_slice(&[
+            ("10.244.1.5", "node-1", READY),
+            ("10.244.2.7", "node-2", READY),
+        ]),
+    );
     assert_eq!(
         c.lookup("192.0.2.7", 80, TCP),
         Some(Lookup {
-            flags: LB_F_EXTERNAL_IP,
+            flags: LB_F_EXTERNAL_IP | LB_F_LOCAL,
             affinity_timeout_s: 0,
-            backends: backends(&[("10.244.2.7", 8080)]),
+            backends: backends(&[("10.244.1.5", 8080)]),
         })
+    );
+    assert_eq!(
+        c.lookup("10.96.0.10", 80, TCP)
+            .map(|l| (l.flags, l.backends.len())),
+        Some((0, 2)),
+        "the ClusterIP itself keeps every backend"
     );
     assert_eq!(
         c.lookup("192.168.1.10", 30080, TCP),
