@@ -565,13 +565,22 @@ mod programs {
         }
         let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         let mut flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let config = events::config();
         let Some(dst) = endpoint::by_ip(flow.daddr) else {
+            // A remote backend answering a node port's client: the ipcache puts this node's
+            // address behind this node, so the answer comes through the tunnel.
+            match nodeport::reply_from_tunnel(ctx, &config, &flow, ip) {
+                Ok(Some(action)) => return Ok(action),
+                Ok(None) => {}
+                Err(reason) => {
+                    return Err(drop_nat(ctx, &config, reason, &flow, Direction::Ingress));
+                }
+            }
             // For the node itself (a remote pod reaching one of its addresses).
             let _ = ctx.change_type(PACKET_HOST);
             return Ok(PASS);
         };
         endpoint::account_rx(dst.id, ctx.len());
-        let config = events::config();
         let mut verdict = Verdict {
             reason: 0,
             direction: Direction::Ingress as u8,

@@ -18,9 +18,10 @@
 //!   masquerading and node ports never hand out the same port, and the backend's replies come
 //!   back to this node. The packet goes to the backend's node through the tunnel (the VNI says
 //!   `host`, which the receiver takes as `remote-node`) or the FIB. The reply, to the node's
-//!   address on a port of the NAT range, is translated back by masquerading's `nat::reverse`
-//!   (to the client) and `lb::reverse` (from the frontend), then leaves through the FIB
-//!   ([`reply_to_client`]).
+//!   address on a port of the NAT range, arrives through the uplink (native routing) or the
+//!   tunnel (the ipcache puts a node's address behind that node, [`reply_from_tunnel`]), is
+//!   translated back by masquerading's `nat::reverse` (to the client) and `lb::reverse` (from
+//!   the frontend), then leaves through the FIB ([`reply_to_client`]).
 //! - no backend: under `externalTrafficPolicy: Local` (no backend on this node) the packet is
 //!   dropped, as kube-proxy drops it; otherwise a TCP SYN is answered with a RST and a UDP
 //!   datagram with an ICMP port unreachable, from the frontend, back out of the uplink
@@ -29,7 +30,7 @@
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::generated::bpf_redirect, programs::TcContext};
 use myelin_common::{
     DropReason,
-    config::DatapathConfig,
+    config::{CONFIG_F_SERVICES, DatapathConfig},
     identity,
     lb::{LB_F_EXTERNAL_IP, LB_F_NODEPORT},
     proto::{IPPROTO_TCP, IPPROTO_UDP},
@@ -119,6 +120,29 @@ pub fn reply_to_client(
     let eth = packet::eth(ctx).ok_or(DropReason::Malformed)?;
     let ip = packet::ipv4(ctx).ok_or(DropReason::Malformed)?;
     Ok(Some(to_client_or_node(ctx, config, eth, ip, flow.daddr)))
+}
+
+/// `from_tunnel`, for a packet to the node's own address: a remote backend's reply to a node
+/// port's client comes this way in tunnel mode (the backend's node sends what is for this
+/// node's address through the tunnel), to a port of the NAT range. Translated back as
+/// [`reply_to_client`] does; `Ok(None)` for anything else, which goes up the stack as before.
+#[inline(always)]
+pub fn reply_from_tunnel(
+    ctx: &TcContext,
+    config: &DatapathConfig,
+    flow: &Flow,
+    ip: *const Ipv4Hdr,
+) -> Result<Option<i32>, DropReason> {
+    if config.flags & CONFIG_F_SERVICES == 0
+        || flow.daddr != config.node_ip
+        || !matches!(flow.protocol, IPPROTO_TCP | IPPROTO_UDP)
+        || !nat::may_be_reply(config, flow.dport)
+        || packet::is_fragment(ip)
+    {
+        return Ok(None);
+    }
+    nat::reverse(ctx, flow, packet::l4_offset(ip), false)?;
+    reply_to_client(ctx, config)
 }
 
 /// Refuses a new connection to a frontend without backends that came in through the uplink: a
