@@ -10,6 +10,7 @@
 //!   address; a node without one drops (as kube-proxy does).
 //! - A frontend without backends refuses at once; NetworkPolicy on the backend judges the
 //!   source it sees: the world's address under `Local`, the node's under `Cluster`.
+//! - Pods reach their own node's node ports, other nodes' and external IPs.
 //!
 //! No kube-proxy runs anywhere: whatever answers on a node port, Myelin translated.
 
@@ -24,8 +25,8 @@ use myelin_tests::{
     multinode::{Cluster, ClusterPod, ClusterSpec, Underlay},
     root_test,
     services::{
-        Answer, Backend, BackendServers, Protocol, ServicePort, ask, ask_many_seen, ask_until,
-        endpoint_slice,
+        Answer, Backend, BackendServers, Protocol, ServicePort, ask, ask_many, ask_many_seen,
+        ask_until, endpoint_slice, tally,
     },
     traffic::Host,
 };
@@ -402,5 +403,55 @@ fn network_policy_judges_the_source_the_backend_sees() -> Result<()> {
     ask_until(c.world(), through_node0, Protocol::Tcp, CONVERGE, |a| {
         a == answered
     })?;
+    Ok(())
+}
+
+/// Pods reach node ports too: their own node's (translated as they send it), another node's
+/// (which that node translates; in tunnel mode the question reaches it through the tunnel,
+/// since the ipcache puts a node's address behind the node) and an external IP (translated as
+/// they send it), TCP and UDP, every backend answering.
+#[test]
+fn pods_reach_the_node_ports_of_every_node_and_external_ips() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let c = cluster(
+        &run,
+        "tunnel",
+        Underlay::Router {
+            route_pod_cidrs: false,
+        },
+    )?;
+    let client = c.add_pod(0, "default", "client", &[("app", "client")])?;
+    let b0 = c.add_pod(0, "default", "web-0", &[("app", "web")])?;
+    let b1 = c.add_pod(1, "default", "web-1", &[("app", "web")])?;
+    for pod in [&client, &b0, &b1] {
+        c.wait_until_every_node_knows(pod.ip())?;
+    }
+    let backends: [&dyn Host; 2] = [&b0, &b1];
+    let _tcp = BackendServers::start(&backends, WEB_TCP.target_port)?;
+    let _udp = BackendServers::start(&backends, WEB_UDP.target_port)?;
+    let spec = json!({ "externalIPs": [EXTERNAL_IP.to_string()] });
+    web(&c, &[WEB_TCP, WEB_UDP], spec, &ready(&c, &[&b0, &b1]))?;
+    for port in [WEB_TCP, WEB_UDP] {
+        for frontend in [
+            node_frontend(&c, 0, port),
+            node_frontend(&c, 1, port),
+            SocketAddrV4::new(EXTERNAL_IP, port.port),
+        ] {
+            ask_until(&client, frontend, port.protocol, CONVERGE, |a| {
+                matches!(a, Answer::Backend(_))
+            })?;
+            let answers = tally(&ask_many(&client, frontend, port.protocol, QUESTIONS)?)?;
+            let mut expected = vec![at(&b0, port), at(&b1, port)];
+            expected.sort();
+            assert_eq!(
+                answers.keys().copied().collect::<Vec<_>>(),
+                expected,
+                "the pod asking {:?} {frontend}: both backends ({answers:?})",
+                port.protocol
+            );
+        }
+    }
     Ok(())
 }

@@ -26,7 +26,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, RingBuf},
+    maps::{Array, MapData, ProgramArray, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -62,6 +62,7 @@ const FROM_TUNNEL: &str = "from_tunnel";
 const TO_TUNNEL: &str = "to_tunnel";
 const FROM_UPLINK: &str = "from_uplink";
 const TO_UPLINK: &str = "to_uplink";
+const NODEPORT_IN: &str = "nodeport_in";
 
 /// The uplink's programs and their hooks.
 const UPLINK_HOOKS: [(&str, TcAttachType); 2] = [
@@ -84,16 +85,20 @@ pub enum Program {
     FromUplink,
     /// tc egress of the uplink: pods' traffic leaving the cluster, masqueraded.
     ToUplink,
+    /// Attached nowhere: `from_uplink` and `from_tunnel` jump into it (a tail call through
+    /// the `nodeport_jump` map) with packets to node ports and external IPs.
+    NodePortIn,
 }
 
 impl Program {
-    pub const ALL: [Program; 6] = [
+    pub const ALL: [Program; 7] = [
         Program::FromContainer,
         Program::ToContainer,
         Program::FromTunnel,
         Program::ToTunnel,
         Program::FromUplink,
         Program::ToUplink,
+        Program::NodePortIn,
     ];
 
     pub fn name(self) -> &'static str {
@@ -104,6 +109,7 @@ impl Program {
             Program::ToTunnel => TO_TUNNEL,
             Program::FromUplink => FROM_UPLINK,
             Program::ToUplink => TO_UPLINK,
+            Program::NodePortIn => NODEPORT_IN,
         }
     }
 }
@@ -367,6 +373,27 @@ impl Datapath {
                     source,
                 })?;
         }
+        // The jump into the node-port path. In a pinned map an earlier agent filled: the
+        // programs it left attached jump into this agent's from now on.
+        let jump = ebpf
+            .take_map(maps::NODEPORT_JUMP)
+            .ok_or(DatapathError::Missing(maps::NODEPORT_JUMP))?;
+        let mut jump = ProgramArray::try_from(jump).map_err(|source| TableError::Map {
+            map: maps::NODEPORT_JUMP,
+            source,
+        })?;
+        let nodeport_in =
+            classifier(&mut ebpf, NODEPORT_IN)?
+                .fd()
+                .map_err(|source| DatapathError::Program {
+                    program: NODEPORT_IN,
+                    source,
+                })?;
+        jump.set(0, nodeport_in, 0)
+            .map_err(|source| TableError::Map {
+                map: maps::NODEPORT_JUMP,
+                source,
+            })?;
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DatapathError::Missing(name));
         let tables = Tables::new(
             KernelHash::new(maps::ENDPOINTS, take(maps::ENDPOINTS)?)?,

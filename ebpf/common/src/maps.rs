@@ -16,9 +16,13 @@ pub const MASQ_EXCLUDE: &str = "masq_exclude";
 pub const LB_SERVICES: &str = "lb_services";
 pub const LB_FLOWS: &str = "lb_flows";
 pub const LB_AFFINITY: &str = "lb_affinity";
+/// `from_uplink` and `from_tunnel` jump (tail call) through it into `nodeport_in`. Pinned like
+/// the others: a program array loses its entries when no file or pin holds it any more, and
+/// node ports must keep working while the agent is down.
+pub const NODEPORT_JUMP: &str = "nodeport_jump";
 
 /// Every map the agent pins.
-pub const PINNED: [&str; 14] = [
+pub const PINNED: [&str; 15] = [
     ENDPOINTS,
     ENDPOINTS_BY_IF,
     COUNTERS,
@@ -33,6 +37,7 @@ pub const PINNED: [&str; 14] = [
     LB_SERVICES,
     LB_FLOWS,
     LB_AFFINITY,
+    NODEPORT_JUMP,
 ];
 
 /// Default capacities (each has an agent flag).

@@ -567,8 +567,12 @@ mod programs {
         let mut flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         let config = events::config();
         let Some(dst) = endpoint::by_ip(flow.daddr) else {
-            // A remote backend answering a node port's client: the ipcache puts this node's
-            // address behind this node, so the answer comes through the tunnel.
+            // A remote pod asking one of this node's node ports: the ipcache puts a node's
+            // address behind that node, so the question comes through the tunnel.
+            if nodeport::is_frontend(&config, &flow, ip) {
+                nodeport::jump(ctx);
+            }
+            // A remote backend answering a node port's client, likewise.
             match nodeport::reply_from_tunnel(ctx, &config, &flow, ip) {
                 Ok(Some(action)) => return Ok(action),
                 Ok(None) => {}
@@ -725,8 +729,8 @@ mod programs {
     /// In native routing, packets for this node's pods go straight into them
     /// (`deliver_from_uplink`); a mask compare sorts them out. With Services in eBPF, the
     /// other TCP and UDP packets cost one lookup more: those to a node port or an external IP
-    /// are translated to a backend (`from_outside`), and a remote backend's replies to them,
-    /// which come back to a port of the NAT range, are translated back to the client.
+    /// go to `nodeport_in`, and a remote backend's replies to them, which come back to a port
+    /// of the NAT range, are translated back to the client.
     #[classifier]
     pub fn from_uplink(ctx: TcContext) -> i32 {
         match try_from_uplink(&ctx) {
@@ -766,15 +770,11 @@ mod programs {
                 && (services || nat::enabled(&config))
                 && nat::may_be_reply(&config, dport);
             if !reply {
-                let flags = if services {
-                    nodeport::frontend_flags(daddr, dport, protocol)
-                } else {
-                    None
-                };
-                return match flags {
-                    Some(flags) => from_outside(ctx, flags),
-                    None => Ok(PASS),
-                };
+                if services && nodeport::frontend_flags(daddr, dport, protocol).is_some() {
+                    // Returns only if `nodeport_in` is not there: the stack gets the packet.
+                    nodeport::jump(ctx);
+                }
+                return Ok(PASS);
             }
         } else if !nat::enabled(&config) || daddr != config.node_ip {
             return Ok(PASS);
@@ -798,19 +798,20 @@ mod programs {
         Ok(PASS)
     }
 
-    /// A TCP or UDP packet from the uplink to a node port or an external IP (`flags`: its
-    /// frontend's `LB_F_*`): translated to a backend, then into a local backend pod past the
-    /// node's stack (conntrack and its ingress policy, against the real client), or on to the
-    /// backend's node with this node's address as its source (see `nodeport`). Inlined: as a
-    /// function of its own its frame (about 390 bytes) and `from_uplink`'s (about 300) would
-    /// exceed the verifier's 512 bytes of stack for a chain of calls.
-    #[inline(always)]
-    fn from_outside(ctx: &TcContext, flags: u32) -> Result<i32, i32> {
-        // Frames for another host's MAC (promiscuous mode) are not the node's to serve.
-        // SAFETY: `skb` is the context pointer the kernel passed in; reading it is allowed.
-        if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
-            return Ok(PASS);
+    /// Not attached to any device: `from_uplink` and `from_tunnel` jump here
+    /// (`nodeport::jump`) with a TCP or UDP packet to a node port or an external IP. It is
+    /// translated to a backend, then goes into a local backend pod past the node's stack
+    /// (conntrack and its ingress policy, against the real client), or on to the backend's node
+    /// with this node's address as its source (see `nodeport`). A program of its own, verified
+    /// once for both, with a stack of its own.
+    #[classifier]
+    pub fn nodeport_in(ctx: TcContext) -> i32 {
+        match try_nodeport_in(&ctx) {
+            Ok(action) | Err(action) => action,
         }
+    }
+
+    fn try_nodeport_in(ctx: &TcContext) -> Result<i32, i32> {
         let config = events::config();
         let (_, ip) = headers(ctx)?;
         // SAFETY: bounds-checked by `packet::ipv4`.
@@ -819,13 +820,24 @@ mod programs {
         let Some(mut flow) = packet::flow(ctx, ip) else {
             return Ok(PASS);
         };
+        // Looked up again: the caller's answer does not cross the jump.
+        let Some(flags) = nodeport::frontend_flags(flow.daddr, flow.dport, flow.protocol) else {
+            return Ok(PASS);
+        };
+        let ifindex = packet::ifindex(ctx);
+        let from_tunnel = config.tunnel_ifindex != 0 && ifindex == config.tunnel_ifindex;
+        // Frames for another host's MAC (promiscuous mode) are not the node's to serve.
+        // SAFETY: `skb` is the context pointer the kernel passed in; reading it is allowed.
+        if !from_tunnel && unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+            return Ok(PASS);
+        }
         let mut verdict = Verdict {
             reason: 0,
             direction: Direction::Ingress as u8,
             src_endpoint: 0,
             dst_endpoint: 0,
             peers: unknown_peers(),
-            ifindex: packet::ifindex(ctx),
+            ifindex,
         };
         match lb::translate(ctx, &mut flow, l4, false) {
             Ok(Translation::Backend | Translation::Hairpin) => {}
@@ -839,8 +851,10 @@ mod programs {
                     &mut verdict,
                 );
                 // `externalTrafficPolicy: Local` without a backend here: dropped, as kube-proxy
-                // does (the client's load balancer is to send it to another node).
-                if flags & LB_F_LOCAL == 0 && nodeport::refuse(ctx, &flow, verdict.ifindex) {
+                // does (the client's load balancer is to send it to another node). A refusal
+                // goes back out of the uplink; from the tunnel it would need a tunnel key.
+                if flags & LB_F_LOCAL == 0 && !from_tunnel && nodeport::refuse(ctx, &flow, ifindex)
+                {
                     return Ok(TC_ACT_REDIRECT as i32);
                 }
                 return Err(shot);

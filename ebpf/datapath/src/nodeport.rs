@@ -1,11 +1,14 @@
 //! NodePort and external IP frontends reached from outside the cluster through the uplink
-//! (`from_uplink`, with `CONFIG_F_SERVICES`).
+//! (`from_uplink`, with `CONFIG_F_SERVICES`), or from remote pods through the tunnel.
 //!
 //! A TCP or UDP packet to the node's address or to another address that is not the node's
-//! pods' costs one `lb_services` lookup: is it a frontend with `LB_F_NODEPORT` or
-//! `LB_F_EXTERNAL_IP`? (ClusterIPs are not served from outside, as in Cilium.) A hit is
-//! translated by `crate::lb` as a pod's packet would be (its connection's backend is kept in
-//! `lb_flows`, `out` and `in` entries as for a ClusterIP), then:
+//! pods' costs `from_uplink` one `lb_services` lookup: is it a frontend with `LB_F_NODEPORT` or
+//! `LB_F_EXTERNAL_IP`? (ClusterIPs are not served from outside, as in Cilium.) A hit jumps
+//! ([`jump`], a tail call) into `nodeport_in`, a program of its own; so does a TCP or UDP
+//! packet from the tunnel to a node port (a remote pod asking this node's address, which the
+//! ipcache puts behind this node). There it is translated by `crate::lb` as a pod's packet
+//! would be (its connection's backend is kept in `lb_flows`, `out` and `in` entries as for a
+//! ClusterIP), then:
 //!
 //! - a backend on this node: conntrack and the backend's ingress policy against the real
 //!   client (`CT_F_SERVICE | CT_F_NODEPORT`), and straight into the pod. Its replies are
@@ -27,7 +30,10 @@
 //!   datagram with an ICMP port unreachable, from the frontend, back out of the uplink
 //!   ([`refuse`]). Either way the drop is counted as `no-service-backend`.
 
-use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::generated::bpf_redirect, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_REDIRECT, btf_maps::ProgramArray, helpers::generated::bpf_redirect,
+    macros::btf_map, programs::TcContext,
+};
 use myelin_common::{
     DropReason,
     config::{CONFIG_F_SERVICES, DatapathConfig},
@@ -41,6 +47,21 @@ use crate::{
     packet::{self, EthHdr, Flow, Ipv4Hdr},
 };
 
+/// Slot 0: `nodeport_in`, which the agent puts there after loading it.
+#[btf_map(name = "nodeport_jump")]
+static NODEPORT_JUMP: ProgramArray<1> = ProgramArray::new();
+
+/// Hands the packet to `nodeport_in` (a tail call): the node-port path is a program of its own,
+/// verified once, so that neither `from_uplink` nor `from_tunnel` carries it (the verifier's
+/// walk of `lb::translate`, policy and the refusals) and neither's stack adds to its own.
+/// Returns only if the jump failed (the agent has not filled the slot).
+#[inline(always)]
+pub fn jump(ctx: &TcContext) {
+    // SAFETY: a tail call to a program of the same type on the same context; on success
+    // nothing after it runs.
+    unsafe { NODEPORT_JUMP.tail_call(ctx, 0) };
+}
+
 /// The `LB_F_*` flags of the frontend at `daddr`/`dport`/`protocol` when it is one that is
 /// served from outside (a node port or an external IP); `None` otherwise. One lookup.
 #[inline(always)]
@@ -48,6 +69,16 @@ pub fn frontend_flags(daddr: [u8; 4], dport: u16, protocol: u8) -> Option<u32> {
     lb::frontend(daddr, dport, protocol)
         .map(|s| s.flags)
         .filter(|f| f & (LB_F_NODEPORT | LB_F_EXTERNAL_IP) != 0)
+}
+
+/// `from_tunnel`, for a packet to no local pod: is it a TCP or UDP packet to a node port (a
+/// remote pod asking this node's address)? One lookup, with Services on.
+#[inline(always)]
+pub fn is_frontend(config: &DatapathConfig, flow: &Flow, ip: *const Ipv4Hdr) -> bool {
+    config.flags & CONFIG_F_SERVICES != 0
+        && matches!(flow.protocol, IPPROTO_TCP | IPPROTO_UDP)
+        && !packet::is_fragment(ip)
+        && frontend_flags(flow.daddr, flow.dport, flow.protocol).is_some()
 }
 
 /// A translated packet whose backend is not on this node: its source becomes this node (SNAT,
