@@ -455,3 +455,42 @@ fn pods_reach_the_node_ports_of_every_node_and_external_ips() -> Result<()> {
     }
     Ok(())
 }
+
+/// A node's node ports keep serving while its agent is down (the jump into the node-port path
+/// is in a pinned map, which keeps its program) and after it came back (the new agent puts its
+/// own program there), to local and remote backends.
+#[test]
+fn node_ports_serve_while_the_agent_is_down_and_after_it_restarted() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut c = cluster(&run, "native", Underlay::Switch)?;
+    let b0 = c.add_pod(0, "default", "web-0", &[("app", "web")])?;
+    let b1 = c.add_pod(1, "default", "web-1", &[("app", "web")])?;
+    for pod in [&b0, &b1] {
+        c.wait_until_every_node_knows(pod.ip())?;
+    }
+    let backends: [&dyn Host; 2] = [&b0, &b1];
+    let _tcp = BackendServers::start(&backends, WEB_TCP.target_port)?;
+    let _udp = BackendServers::start(&backends, WEB_UDP.target_port)?;
+    web(&c, &[WEB_TCP, WEB_UDP], json!({}), &ready(&c, &[&b0, &b1]))?;
+    let both = |c: &Cluster, when: &str| -> Result<()> {
+        for port in [WEB_TCP, WEB_UDP] {
+            let frontend = node_frontend(c, 0, port);
+            let seen: Vec<SocketAddrV4> = backends_seen(c, frontend, port.protocol)?
+                .into_iter()
+                .map(|(backend, _)| backend)
+                .collect();
+            let mut expected = vec![at(&b0, port), at(&b1, port)];
+            expected.sort();
+            assert_eq!(seen, expected, "{when}: {:?} {frontend}", port.protocol);
+        }
+        Ok(())
+    };
+    both(&c, "before")?;
+    c.node_mut(0).stop_agent()?;
+    both(&c, "node0's agent down")?;
+    c.node_mut(0).start_agent()?;
+    both(&c, "node0's agent restarted")?;
+    Ok(())
+}
