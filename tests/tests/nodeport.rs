@@ -208,7 +208,8 @@ fn a_node_port_with_cluster_policy_reaches_every_backend_in_native_mode() -> Res
 
 /// `externalTrafficPolicy: Local`: each node's node port and an external IP routed to it reach
 /// that node's backends only, which see the world's own address; once a node has none, it
-/// drops (silence, not a refusal), while the other still serves.
+/// drops (silence, not a refusal), while the other still serves; with no endpoint anywhere,
+/// every node refuses.
 #[test]
 fn local_policy_keeps_the_client_and_only_local_backends() -> Result<()> {
     let Some(run) = root_test()? else {
@@ -262,7 +263,7 @@ fn local_policy_keeps_the_client_and_only_local_backends() -> Result<()> {
     }
 
     // node0 has no backend left: it drops; node1 still serves.
-    web(&c, &[WEB_TCP, WEB_UDP], spec, &ready(&c, &[&b1]))?;
+    web(&c, &[WEB_TCP, WEB_UDP], spec.clone(), &ready(&c, &[&b1]))?;
     for port in [WEB_TCP, WEB_UDP] {
         ask_until(
             c.world(),
@@ -275,6 +276,19 @@ fn local_policy_keeps_the_client_and_only_local_backends() -> Result<()> {
             ask(c.world(), node_frontend(&c, 1, port), port.protocol)?,
             Answer::Backend(at(&b1, port))
         );
+    }
+    // No endpoint anywhere: refused on every node, as kube-proxy rejects it.
+    web(&c, &[WEB_TCP, WEB_UDP], spec, &[])?;
+    for node in [0, 1] {
+        for port in [WEB_TCP, WEB_UDP] {
+            ask_until(
+                c.world(),
+                node_frontend(&c, node, port),
+                port.protocol,
+                CONVERGE,
+                |a| a == Answer::Refused,
+            )?;
+        }
     }
     Ok(())
 }

@@ -134,7 +134,7 @@ pub fn translate(index: &ClusterIndex, node_name: &str) -> Services {
                     continue;
                 }
                 holders.insert(key, id.clone());
-                write_slots(&mut out.slots, key, frontend, service);
+                write_slots(&mut out.slots, key, frontend, service, usable > 0);
             }
         }
         out.services.push(translation);
@@ -317,19 +317,24 @@ fn frontend_key(frontend: &Frontend, protocol: Protocol) -> LbKey {
     }
 }
 
-/// Slot 0, the service, and slots 1..=n, its backends.
+/// Slot 0, the service, and slots 1..=n, its backends. `usable_anywhere`: the port has
+/// endpoints that could be backends on some node.
 fn write_slots(
     slots: &mut BTreeMap<LbKey, LbEntry>,
     key: LbKey,
     frontend: &Frontend,
     service: &ServiceInfo,
+    usable_anywhere: bool,
 ) {
     let mut flags = match frontend.kind {
         FrontendKind::ClusterIp => 0,
         FrontendKind::ExternalIp => LB_F_EXTERNAL_IP,
         FrontendKind::NodePort => LB_F_NODEPORT,
     };
-    if frontend.local {
+    // Without a backend on any node the policy makes no difference, and a Local frontend is
+    // refused like any other rather than dropped as one whose backends are elsewhere
+    // (kube-proxy rejects a Service without endpoints whatever its policies).
+    if frontend.local && usable_anywhere {
         flags |= LB_F_LOCAL;
     }
     slots.insert(

@@ -489,6 +489,32 @@ fn node_ports_use_this_nodes_address_and_external_traffic_policy() {
     );
 }
 
+/// Under `externalTrafficPolicy: Local` a node without a backend of its own drops (its
+/// frontend keeps `LB_F_LOCAL` with no slot); a Service without any usable endpoint is refused
+/// on every node, as kube-proxy rejects it, so its frontends lose the flag.
+#[test]
+fn a_local_frontend_keeps_its_flag_only_while_some_node_has_a_backend() {
+    let mut c = Cluster::new();
+    c.service(
+        "web",
+        "{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}",
+    )
+    .slice("web-1", "web", &http_slice(&[("10.244.2.7", "node-2", READY)]));
+    assert_eq!(
+        c.lookup("192.168.1.10", 30080, TCP)
+            .map(|l| (l.flags, l.backends.len())),
+        Some((LB_F_NODEPORT | LB_F_LOCAL, 0)),
+        "a backend elsewhere only: dropped here"
+    );
+    c.slice("web-1", "web", &http_slice(&[]));
+    assert_eq!(
+        c.lookup("192.168.1.10", 30080, TCP)
+            .map(|l| (l.flags, l.backends.len())),
+        Some((LB_F_NODEPORT, 0)),
+        "no endpoint anywhere: refused"
+    );
+}
+
 /// kube-proxy's `ExternalPolicyLocal`: the policy holds for Services reachable from outside,
 /// which a ClusterIP Service is through its external IPs.
 #[test]
