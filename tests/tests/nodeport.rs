@@ -35,6 +35,8 @@ use serde_json::{Value, json};
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Routed to a node by a route in the world (as a provider's network would).
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+/// A load balancer's address (`status.loadBalancer.ingress`), routed by the world to a node.
+const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
 const WEB_TCP: ServicePort<'static> = ServicePort {
     name: "http",
     protocol: Protocol::Tcp,
@@ -74,6 +76,10 @@ fn cluster(run: &RunPrefix, mode: &str, underlay: Underlay) -> Result<Cluster> {
 /// Service `web` of type NodePort with `ports` (node ports by [`node_port`]) and `spec` merged
 /// in (`externalTrafficPolicy`, `externalIPs`), and its EndpointSlice listing `backends`.
 fn web(c: &Cluster, ports: &[ServicePort<'_>], spec: Value, backends: &[Backend]) -> Result<()> {
+    c.apply("web", &web_objects(ports, spec, backends))
+}
+
+fn web_objects(ports: &[ServicePort<'_>], spec: Value, backends: &[Backend]) -> Vec<Value> {
     let mut full = json!({
         "type": "NodePort",
         "clusterIP": CLUSTER_IP.to_string(),
@@ -93,7 +99,7 @@ fn web(c: &Cluster, ports: &[ServicePort<'_>], spec: Value, backends: &[Backend]
     if !backends.is_empty() {
         objects.push(endpoint_slice("default", "web-1", "web", ports, backends));
     }
-    c.apply("web", &objects)
+    objects
 }
 
 fn ready(c: &Cluster, pods: &[&ClusterPod]) -> Vec<Backend> {
@@ -294,10 +300,12 @@ fn local_policy_keeps_the_client_and_only_local_backends() -> Result<()> {
 }
 
 /// External IPs under `externalTrafficPolicy: Cluster` in tunnel mode: the world's route sends
-/// the address to node0, which serves both backends (the remote one sees node0). A Service
+/// the address to node0, which serves both backends (the remote one sees node0); a load
+/// balancer's address (a LoadBalancer Service's status), routed to node1, likewise. A Service
 /// without any endpoint refuses at once, on its node port and its external IP, TCP and UDP.
 #[test]
-fn external_ips_reach_every_backend_and_a_frontend_without_backends_refuses() -> Result<()> {
+fn external_ips_and_load_balancer_addresses_reach_every_backend_and_no_backend_refuses()
+-> Result<()> {
     let Some(run) = root_test()? else {
         return Ok(());
     };
@@ -330,6 +338,38 @@ fn external_ips_reach_every_backend_and_a_frontend_without_backends_refuses() ->
         let mut expected = vec![
             (at(&b0, port), BTreeSet::from([world])),
             (at(&b1, port), BTreeSet::from([c.node_ip(0)])),
+        ];
+        expected.sort();
+        assert_eq!(
+            backends_seen(&c, frontend, port.protocol)?,
+            expected,
+            "the world asking {:?} {frontend}",
+            port.protocol
+        );
+    }
+
+    // A LoadBalancer Service: its load balancer's address, which the world routes to node1,
+    // is served like an external IP.
+    let mut objects = web_objects(
+        &[WEB_TCP, WEB_UDP],
+        json!({ "type": "LoadBalancer", "externalIPs": [EXTERNAL_IP.to_string()] }),
+        &ready(&c, &[&b0, &b1]),
+    );
+    objects[0]["status"] =
+        json!({ "loadBalancer": { "ingress": [{ "ip": LOAD_BALANCER_IP.to_string() }] } });
+    c.apply("web", &objects)?;
+    c.world().netns().ip(&[
+        "route",
+        "add",
+        &format!("{LOAD_BALANCER_IP}/32"),
+        "via",
+        &c.node_ip(1).to_string(),
+    ])?;
+    for port in [WEB_TCP, WEB_UDP] {
+        let frontend = SocketAddrV4::new(LOAD_BALANCER_IP, port.port);
+        let mut expected = vec![
+            (at(&b0, port), BTreeSet::from([c.node_ip(1)])),
+            (at(&b1, port), BTreeSet::from([world])),
         ];
         expected.sort();
         assert_eq!(

@@ -4,11 +4,13 @@
 //! kube-proxy's reading of the API:
 //!
 //! - A Service without a ClusterIP (headless, `clusterIP: None`) or of type ExternalName is not
-//!   translated. LoadBalancer is its ClusterIP and NodePort parts.
+//!   translated. LoadBalancer is its ClusterIP and NodePort parts, and its load balancer's
+//!   addresses (`status.loadBalancer.ingress`, [`LB_F_LOAD_BALANCER`]) as kube-proxy serves
+//!   them: as external IPs.
 //! - Frontends, per Service port (the protocol is part of every key: TCP and UDP on one port
 //!   are two frontends with their own backends): each ClusterIP, each external IP
-//!   ([`LB_F_EXTERNAL_IP`]) and, for NodePort and LoadBalancer Services, this node's
-//!   InternalIP on the node port ([`LB_F_NODEPORT`]).
+//!   ([`LB_F_EXTERNAL_IP`]), each load balancer address and, for NodePort and LoadBalancer
+//!   Services, this node's InternalIP on the node port ([`LB_F_NODEPORT`]).
 //! - Backends: the endpoints of the Service's IPv4 EndpointSlices (label
 //!   `kubernetes.io/service-name`, same namespace), on the slice port with the Service port's
 //!   name and protocol (the EndpointSlice controller has resolved named target ports). The ready
@@ -34,7 +36,9 @@ use myelin_cluster::{
     ClusterIndex, Protocol,
     service::{AddressType, ServiceInfo, ServicePort, ServiceType, TrafficPolicy},
 };
-use myelin_common::lb::{LB_F_EXTERNAL_IP, LB_F_LOCAL, LB_F_NODEPORT, LbEntry, LbKey};
+use myelin_common::lb::{
+    LB_F_EXTERNAL_IP, LB_F_LOAD_BALANCER, LB_F_LOCAL, LB_F_NODEPORT, LbEntry, LbKey,
+};
 
 /// What an endpoint's conditions make of it, and the kinds of frontends: the API's own types,
 /// so that what `myelinctl services` shows is what was computed.
@@ -221,6 +225,12 @@ fn translate_service(
                 .iter()
                 .map(|ip| frontend(FrontendKind::ExternalIp, *ip, port.port, external_local)),
         );
+        frontends.extend(
+            service
+                .load_balancer_ips
+                .iter()
+                .map(|ip| frontend(FrontendKind::LoadBalancer, *ip, port.port, external_local)),
+        );
         if service.type_.has_node_ports()
             && let (Some(node_port), Some(ip)) = (port.node_port, node_ip)
         {
@@ -330,6 +340,7 @@ fn write_slots(
         FrontendKind::ClusterIp => 0,
         FrontendKind::ExternalIp => LB_F_EXTERNAL_IP,
         FrontendKind::NodePort => LB_F_NODEPORT,
+        FrontendKind::LoadBalancer => LB_F_LOAD_BALANCER,
     };
     // Without a backend on any node the policy makes no difference, and a Local frontend is
     // refused like any other rather than dropped as one whose backends are elsewhere

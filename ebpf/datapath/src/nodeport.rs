@@ -38,7 +38,7 @@ use myelin_common::{
     DropReason,
     config::{CONFIG_F_SERVICES, DatapathConfig},
     identity,
-    lb::{LB_F_EXTERNAL_IP, LB_F_NODEPORT},
+    lb::{LB_F_EXTERNAL_IP, LB_F_LOAD_BALANCER, LB_F_NODEPORT},
     proto::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -63,12 +63,13 @@ pub fn jump(ctx: &TcContext) {
 }
 
 /// The `LB_F_*` flags of the frontend at `daddr`/`dport`/`protocol` when it is one that is
-/// served from outside (a node port or an external IP); `None` otherwise. One lookup.
+/// served from outside (a node port, an external IP, a load balancer's address); `None`
+/// otherwise. One lookup.
 #[inline(always)]
 pub fn frontend_flags(daddr: [u8; 4], dport: u16, protocol: u8) -> Option<u32> {
     lb::frontend(daddr, dport, protocol)
         .map(|s| s.flags)
-        .filter(|f| f & (LB_F_NODEPORT | LB_F_EXTERNAL_IP) != 0)
+        .filter(|f| f & (LB_F_NODEPORT | LB_F_EXTERNAL_IP | LB_F_LOAD_BALANCER) != 0)
 }
 
 /// `from_tunnel`, for a packet to no local pod: is it a TCP or UDP packet to a node port (a

@@ -7,7 +7,7 @@ use myelin_cluster::{
     Change, ClusterIndex, EndpointSliceInfo, NodeInfo, Object, ServiceInfo, builders,
 };
 use myelin_common::{
-    lb::{LB_F_EXTERNAL_IP, LB_F_LOCAL, LB_F_NODEPORT, LbKey},
+    lb::{LB_F_EXTERNAL_IP, LB_F_LOAD_BALANCER, LB_F_LOCAL, LB_F_NODEPORT, LbKey},
     proto::{IPPROTO_TCP as TCP, IPPROTO_UDP as UDP},
 };
 
@@ -550,6 +550,33 @@ fn external_traffic_policy_applies_to_a_cluster_ips_external_ips() {
         c.lookup("192.168.1.10", 30080, TCP),
         None,
         "a ClusterIP Service has no node port"
+    );
+}
+
+/// kube-proxy serves a load balancer's addresses like external IPs, under the external
+/// traffic policy.
+#[test]
+fn a_load_balancers_ingress_addresses_are_frontends_under_the_external_policy() {
+    let mut c = Cluster::new();
+    c.service(
+        "web",
+        "{type: LoadBalancer, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.7}]}}",
+    )
+    .slice(
+        "web-1",
+        "web",
+        &http_slice(&[
+            ("10.244.1.5", "node-1", READY),
+            ("10.244.2.7", "node-2", READY),
+        ]),
+    );
+    assert_eq!(
+        c.lookup("203.0.113.7", 80, TCP),
+        Some(Lookup {
+            flags: LB_F_LOAD_BALANCER | LB_F_LOCAL,
+            affinity_timeout_s: 0,
+            backends: backends(&[("10.244.1.5", 8080)]),
+        })
     );
 }
 
