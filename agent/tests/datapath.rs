@@ -3090,3 +3090,82 @@ fn a_local_backends_ingress_policy_judges_the_node_ports_client() {
         );
     });
 }
+
+#[test]
+fn in_tunnel_mode_a_node_ports_remote_backend_is_reached_through_the_tunnel() {
+    with_datapath(|f| {
+        let uplink = f.services_on_uplink();
+        let tunnel = tunnel_device();
+        ip("link set tun0 up");
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_TUNNEL | CONFIG_F_SERVICES,
+            node_ip: UPLINK_IP,
+            tunnel_ifindex: tunnel,
+            uplink_ifindex: uplink,
+        })
+        .expect("set_routing");
+        let far = remote_pod(7, 400);
+        f.frontend(UPLINK_IP, NODE_PORT, TCP, LB_F_NODEPORT, &[(far.ip, 8080)]);
+        let syn = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, SYN);
+        let (verdict, out) = f.run(Program::FromUplink, &syn, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the tunnel");
+        assert_eq!(destination(&out), (far.ip, 8080));
+        assert_eq!(source(&out).0, UPLINK_IP, "the backend sees the node");
+        assert_eq!(out[14 + 8], 63, "TTL decremented");
+        assert_checksums(&out);
+    });
+}
+
+#[test]
+fn masquerading_and_node_ports_share_the_uplink_and_the_nat_range() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.services_on_uplink();
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_NATIVE | CONFIG_F_SERVICES | CONFIG_F_MASQUERADE,
+            node_ip: UPLINK_IP,
+            tunnel_ifindex: 0,
+            uplink_ifindex: uplink,
+        })
+        .expect("set_routing");
+        let far = remote_pod(7, 400);
+        f.frontend(UPLINK_IP, NODE_PORT, TCP, LB_F_NODEPORT, &[(far.ip, 8080)]);
+        // A pod's connection to the world, masqueraded, and a node port's client forwarded to
+        // a remote backend, both from port 40000 to the same remote port.
+        let world = from_node(outside(WORLD));
+        let (verdict, masqueraded) = f.leave(&checksummed(tcp(a, world, 40000, 443, SYN)));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(source(&masqueraded).0, UPLINK_IP);
+        let syn = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, SYN);
+        let (_, forwarded) = f.run(Program::FromUplink, &syn, uplink);
+        assert_eq!(source(&forwarded).0, UPLINK_IP);
+        assert_ne!(
+            source(&forwarded).1,
+            source(&masqueraded).1,
+            "two flows, two ports of the one range"
+        );
+        // Each reply finds its own: the pod's goes up the stack to the pod, the backend's out
+        // to the node port's client.
+        let (verdict, back) = f.run(
+            Program::FromUplink,
+            &via_next_hop(reply_to(&masqueraded)),
+            uplink,
+        );
+        assert_eq!(verdict, TC_ACT_OK, "the pod's reply: up the stack");
+        assert_eq!(destination(&back), (a.ip, 40000));
+        assert_eq!(source(&back), (WORLD, 443));
+        assert_checksums(&back);
+        let (verdict, back) = f.run(
+            Program::FromUplink,
+            &via_next_hop(reply_to(&forwarded)),
+            uplink,
+        );
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "the backend's reply: to the client"
+        );
+        assert_eq!(destination(&back), (WORLD, 40000));
+        assert_eq!(source(&back), (UPLINK_IP, NODE_PORT));
+        assert_checksums(&back);
+    });
+}
