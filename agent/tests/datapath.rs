@@ -3169,3 +3169,72 @@ fn masquerading_and_node_ports_share_the_uplink_and_the_nat_range() {
         assert_checksums(&back);
     });
 }
+
+#[test]
+#[ignore = "a measurement, not a check: run with --ignored --nocapture"]
+fn cost_per_packet_of_node_ports() {
+    with_datapath(|f| {
+        let b = f.b;
+        let uplink = f.services_on_uplink();
+        let far = remote_pod(7, 400);
+        // What every other TCP packet to the node pays: the frontend lookup that misses.
+        let other = from_world(TCP, UPLINK_IP, 40000, 22, ACK);
+        let r = ns_per_run(f, Program::FromUplink, &other, uplink);
+        println!("from_uplink, to the node, services on:  {r:.1} ns");
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_NATIVE,
+            node_ip: UPLINK_IP,
+            tunnel_ifindex: 0,
+            uplink_ifindex: uplink,
+        })
+        .unwrap();
+        let r = ns_per_run(f, Program::FromUplink, &other, uplink);
+        println!("from_uplink, to the node, services off: {r:.1} ns");
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_NATIVE | CONFIG_F_SERVICES,
+            node_ip: UPLINK_IP,
+            tunnel_ifindex: 0,
+            uplink_ifindex: uplink,
+        })
+        .unwrap();
+
+        // A local backend: the client's packets in, the backend's replies out.
+        f.frontend(UPLINK_IP, NODE_PORT, TCP, LB_F_NODEPORT, &[(b.ip, 8080)]);
+        let syn = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, SYN);
+        let (_, out) = f.run(Program::FromUplink, &syn, uplink);
+        let (verdict, _) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let ack = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, ACK);
+        let r = ns_per_run(f, Program::FromUplink, &ack, uplink);
+        println!("node port, local backend, in:           {r:.1} ns");
+        let (_, out) = f.run(Program::FromUplink, &ack, uplink);
+        let mut reply = sent_by(b, reply_to(&out));
+        reply[14 + 20 + 13] = ACK;
+        let reply = checksummed(reply);
+        let r = ns_per_run(f, Program::FromContainer, &reply, b.ifindex);
+        println!("node port, local backend, reply out:    {r:.1} ns");
+
+        // A remote backend: source NAT both ways.
+        f.frontend(
+            UPLINK_IP,
+            NODE_PORT + 1,
+            TCP,
+            LB_F_NODEPORT,
+            &[(far.ip, 8080)],
+        );
+        let syn = from_world(TCP, UPLINK_IP, 40001, NODE_PORT + 1, SYN);
+        let (verdict, out) = f.run(Program::FromUplink, &syn, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (verdict, _) = f.run(Program::FromUplink, &via_next_hop(reply_to(&out)), uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let ack = from_world(TCP, UPLINK_IP, 40001, NODE_PORT + 1, ACK);
+        let r = ns_per_run(f, Program::FromUplink, &ack, uplink);
+        println!("node port, remote backend, in:          {r:.1} ns");
+        let (_, out) = f.run(Program::FromUplink, &ack, uplink);
+        let mut reply = via_next_hop(reply_to(&out));
+        reply[14 + 20 + 13] = ACK;
+        let reply = checksummed(reply);
+        let r = ns_per_run(f, Program::FromUplink, &reply, uplink);
+        println!("node port, remote backend, reply:       {r:.1} ns");
+    });
+}
