@@ -3238,3 +3238,43 @@ fn cost_per_packet_of_node_ports() {
         println!("node port, remote backend, reply:       {r:.1} ns");
     });
 }
+
+#[test]
+fn a_remote_backends_port_unreachable_reaches_the_node_ports_client_about_the_frontend() {
+    with_datapath(|f| {
+        let uplink = f.services_on_uplink();
+        let far = remote_pod(7, 400);
+        f.frontend(UPLINK_IP, NODE_PORT, UDP, LB_F_NODEPORT, &[(far.ip, 8080)]);
+        let query = from_world(UDP, UPLINK_IP, 40000, NODE_PORT, 0);
+        let (verdict, forwarded) = f.run(Program::FromUplink, &query, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        // Nothing listens on the backend: its node answers with a port unreachable.
+        let error = via_next_hop(icmp_error(
+            far.ip,
+            UPLINK_IP,
+            ICMP_DEST_UNREACH,
+            ICMP_PORT_UNREACH,
+            &forwarded,
+        ));
+        let (verdict, back) = f.run(Program::FromUplink, &error, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "out to the client");
+        assert_eq!(
+            source(&back).0,
+            UPLINK_IP,
+            "from the frontend, not the backend"
+        );
+        assert_eq!(destination(&back).0, WORLD);
+        let quote = quoted(&back);
+        assert_eq!(
+            source(&quote),
+            (WORLD, 40000),
+            "about the client's datagram"
+        );
+        assert_eq!(
+            destination(&quote),
+            (UPLINK_IP, NODE_PORT),
+            "as the client sent it"
+        );
+        assert_checksums(&back);
+    });
+}

@@ -148,7 +148,7 @@ fn backends_seen(
 
 /// `externalTrafficPolicy: Cluster`: the world reaches every backend through either node's
 /// node port, TCP and UDP; a backend on the node asked sees the world, one on another node
-/// sees the node asked.
+/// sees the node asked. A remote backend's port unreachable reaches the world as a refusal.
 fn cluster_policy_reaches_every_backend(mode: &str, underlay: Underlay) -> Result<()> {
     let Some(run) = root_test()? else {
         return Ok(());
@@ -194,6 +194,33 @@ fn cluster_policy_reaches_every_backend(mode: &str, underlay: Underlay) -> Resul
             );
         }
     }
+
+    // A backend on node1 where nothing listens: its port unreachable, about the datagram node0
+    // forwarded, reaches the world about the datagram it sent (ECONNREFUSED, not silence).
+    const QUIET: ServicePort<'static> = ServicePort {
+        name: "quiet",
+        protocol: Protocol::Udp,
+        port: 5353,
+        target_port: 9999,
+    };
+    let quiet = json!({
+        "type": "NodePort",
+        "clusterIP": "10.96.0.11",
+        "clusterIPs": ["10.96.0.11"],
+        "ports": [{ "name": QUIET.name, "protocol": "UDP", "port": QUIET.port,
+                    "targetPort": QUIET.target_port, "nodePort": 30099 }],
+    });
+    c.apply(
+        "quiet",
+        &[
+            cluster::service_object("default", "quiet", quiet),
+            endpoint_slice("default", "quiet-1", "quiet", &[QUIET], &ready(&c, &[&b1])),
+        ],
+    )?;
+    let frontend = SocketAddrV4::new(c.node_ip(0), 30099);
+    ask_until(c.world(), frontend, Protocol::Udp, CONVERGE, |a| {
+        a == Answer::Refused
+    })?;
     Ok(())
 }
 

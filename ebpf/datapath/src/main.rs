@@ -550,6 +550,8 @@ mod programs {
         }
     }
 
+    // Inlined into the program: a tail call is refused in a function that returns no int.
+    #[inline(always)]
     fn try_from_tunnel(ctx: &TcContext) -> Result<i32, i32> {
         let key =
             forward::tunnel_key(ctx).ok_or_else(|| drop(ctx, DropReason::TunnelPeerUnknown))?;
@@ -738,6 +740,8 @@ mod programs {
         }
     }
 
+    // Inlined into the program: a tail call is refused in a function that returns no int.
+    #[inline(always)]
     fn try_from_uplink(ctx: &TcContext) -> Result<i32, i32> {
         let config = events::config();
         if config.flags & (CONFIG_F_MASQUERADE | CONFIG_F_NATIVE | CONFIG_F_SERVICES) == 0 {
@@ -776,7 +780,7 @@ mod programs {
                 }
                 return Ok(PASS);
             }
-        } else if !nat::enabled(&config) || daddr != config.node_ip {
+        } else if !(services || nat::enabled(&config)) || daddr != config.node_ip {
             return Ok(PASS);
         }
         // Not the pods' packet yet: what the node cannot parse, its stack decides about.
@@ -785,8 +789,8 @@ mod programs {
         };
         nat::reverse(ctx, &flow, l4, later_fragment)
             .map_err(|reason| drop_nat(ctx, &config, reason, &flow, Direction::Ingress))?;
-        if services && !later_fragment && matches!(protocol, IPPROTO_TCP | IPPROTO_UDP) {
-            // A remote backend's answer to a node port's client?
+        if services && !later_fragment {
+            // A remote backend's answer to a node port's client (or an ICMP error about it)?
             match nodeport::reply_to_client(ctx, &config) {
                 Ok(Some(action)) => return Ok(action),
                 Ok(None) => {}

@@ -44,7 +44,7 @@ use myelin_common::{
 
 use crate::{
     endpoint, forward, ipcache, lb, nat,
-    packet::{self, EthHdr, Flow, Ipv4Hdr},
+    packet::{self, EthHdr, Flow, Icmp, Ipv4Hdr},
 };
 
 /// Slot 0: `nodeport_in`, which the agent puts there after loading it.
@@ -134,7 +134,10 @@ pub fn to_client(
 /// `from_uplink`, after `nat::reverse` turned a packet to the node's address on a port of the
 /// NAT range back into one to the flow's client: when that client is not one of this node's
 /// pods (masquerading's), the packet is a remote backend's reply to a node port's client, and
-/// its source becomes the frontend again (`lb::reverse`) before it leaves through the FIB.
+/// its source becomes the frontend again (`lb::reverse`) before it leaves through the FIB. An
+/// ICMP error about the connection (port unreachable from the backend, a router's
+/// fragmentation needed), whose quote `nat::reverse` gave the client back, gets the frontend
+/// in its quote, and as its source when the backend sent it (`lb::reverse_icmp_error`).
 /// `Ok(None)`: not such a reply, the stack takes it as before.
 #[inline(always)]
 pub fn reply_to_client(
@@ -148,7 +151,12 @@ pub fn reply_to_client(
     if flow.daddr == config.node_ip || endpoint::in_pod_cidr(config, flow.daddr) {
         return Ok(None);
     }
-    lb::reverse(ctx, &mut flow, packet::l4_offset(ip), false)?;
+    let l4 = packet::l4_offset(ip);
+    match flow.icmp {
+        Icmp::Error => lb::reverse_icmp_error(ctx, &mut flow, l4)?,
+        Icmp::None => lb::reverse(ctx, &mut flow, l4, false)?,
+        _ => return Ok(None),
+    }
     let eth = packet::eth(ctx).ok_or(DropReason::Malformed)?;
     let ip = packet::ipv4(ctx).ok_or(DropReason::Malformed)?;
     Ok(Some(to_client_or_node(ctx, config, eth, ip, flow.daddr)))
@@ -156,8 +164,9 @@ pub fn reply_to_client(
 
 /// `from_tunnel`, for a packet to the node's own address: a remote backend's reply to a node
 /// port's client comes this way in tunnel mode (the backend's node sends what is for this
-/// node's address through the tunnel), to a port of the NAT range. Translated back as
-/// [`reply_to_client`] does; `Ok(None)` for anything else, which goes up the stack as before.
+/// node's address through the tunnel), to a port of the NAT range, and so do the backend's
+/// ICMP errors about the connection. Translated back as [`reply_to_client`] does; `Ok(None)`
+/// for anything else, which goes up the stack as before.
 #[inline(always)]
 pub fn reply_from_tunnel(
     ctx: &TcContext,
@@ -165,10 +174,13 @@ pub fn reply_from_tunnel(
     flow: &Flow,
     ip: *const Ipv4Hdr,
 ) -> Result<Option<i32>, DropReason> {
+    let candidate = match flow.protocol {
+        IPPROTO_TCP | IPPROTO_UDP => nat::may_be_reply(config, flow.dport),
+        _ => flow.icmp == Icmp::Error,
+    };
     if config.flags & CONFIG_F_SERVICES == 0
         || flow.daddr != config.node_ip
-        || !matches!(flow.protocol, IPPROTO_TCP | IPPROTO_UDP)
-        || !nat::may_be_reply(config, flow.dport)
+        || !candidate
         || packet::is_fragment(ip)
     {
         return Ok(None);
