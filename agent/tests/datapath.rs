@@ -3236,6 +3236,27 @@ fn cost_per_packet_of_node_ports() {
         let reply = checksummed(reply);
         let r = ns_per_run(f, Program::FromUplink, &reply, uplink);
         println!("node port, remote backend, reply:       {r:.1} ns");
+
+        // A masqueraded flow's reply: with Services on it takes the jump too.
+        let a = f.a;
+        let masquerading = |f: &mut Fixture, services: u32| {
+            f.dp.set_routing(Routing {
+                flags: CONFIG_F_NATIVE | CONFIG_F_MASQUERADE | services,
+                node_ip: UPLINK_IP,
+                tunnel_ifindex: 0,
+                uplink_ifindex: uplink,
+            })
+            .unwrap();
+        };
+        masquerading(f, CONFIG_F_SERVICES);
+        let world = from_node(outside(WORLD));
+        let (_, out) = f.leave(&checksummed(tcp(a, world, 40000, 443, ACK)));
+        let reply = via_next_hop(reply_to(&out));
+        let r = ns_per_run(f, Program::FromUplink, &reply, uplink);
+        println!("masqueraded reply, services on:         {r:.1} ns");
+        masquerading(f, 0);
+        let r = ns_per_run(f, Program::FromUplink, &reply, uplink);
+        println!("masqueraded reply, services off:        {r:.1} ns");
     });
 }
 

@@ -569,18 +569,13 @@ mod programs {
         let mut flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         let config = events::config();
         let Some(dst) = endpoint::by_ip(flow.daddr) else {
-            // A remote pod asking one of this node's node ports: the ipcache puts a node's
-            // address behind that node, so the question comes through the tunnel.
-            if nodeport::is_frontend(&config, &flow, ip) {
+            // A remote pod asking one of this node's node ports, or a remote backend answering
+            // a node port's client: the ipcache puts a node's address behind that node, so
+            // both come through the tunnel. `nodeport_in` serves them.
+            if nodeport::is_frontend(&config, &flow, ip)
+                || nodeport::may_be_reply(&config, &flow, ip)
+            {
                 nodeport::jump(ctx);
-            }
-            // A remote backend answering a node port's client, likewise.
-            match nodeport::reply_from_tunnel(ctx, &config, &flow, ip) {
-                Ok(Some(action)) => return Ok(action),
-                Ok(None) => {}
-                Err(reason) => {
-                    return Err(drop_nat(ctx, &config, reason, &flow, Direction::Ingress));
-                }
             }
             // For the node itself (a remote pod reaching one of its addresses).
             let _ = ctx.change_type(PACKET_HOST);
@@ -783,22 +778,17 @@ mod programs {
         } else if !(services || nat::enabled(&config)) || daddr != config.node_ip {
             return Ok(PASS);
         }
+        // A masqueraded flow's reply, or a remote backend's answer to a node port's client
+        // (or an ICMP error about either): with Services, `nodeport_in` translates both back.
+        if services && !later_fragment {
+            nodeport::jump(ctx);
+        }
         // Not the pods' packet yet: what the node cannot parse, its stack decides about.
         let Some(flow) = packet::flow(ctx, ip) else {
             return Ok(PASS);
         };
         nat::reverse(ctx, &flow, l4, later_fragment)
             .map_err(|reason| drop_nat(ctx, &config, reason, &flow, Direction::Ingress))?;
-        if services && !later_fragment {
-            // A remote backend's answer to a node port's client (or an ICMP error about it)?
-            match nodeport::reply_to_client(ctx, &config) {
-                Ok(Some(action)) => return Ok(action),
-                Ok(None) => {}
-                Err(reason) => {
-                    return Err(drop_nat(ctx, &config, reason, &flow, Direction::Ingress));
-                }
-            }
-        }
         Ok(PASS)
     }
 
@@ -806,8 +796,11 @@ mod programs {
     /// (`nodeport::jump`) with a TCP or UDP packet to a node port or an external IP. It is
     /// translated to a backend, then goes into a local backend pod past the node's stack
     /// (conntrack and its ingress policy, against the real client), or on to the backend's node
-    /// with this node's address as its source (see `nodeport`). A program of its own, verified
-    /// once for both, with a stack of its own.
+    /// with this node's address as its source (see `nodeport`). They also jump here with what
+    /// may be a reply to the node's address (on a port of the NAT range, or an ICMP error):
+    /// masquerading's `nat::reverse` gives it its client back, and a node port's client gets it
+    /// from the frontend, through the FIB; a pod's goes up the stack as before. A program of
+    /// its own, verified once for both callers, with a stack of its own.
     #[classifier]
     pub fn nodeport_in(ctx: TcContext) -> i32 {
         match try_nodeport_in(&ctx) {
@@ -824,12 +817,24 @@ mod programs {
         let Some(mut flow) = packet::flow(ctx, ip) else {
             return Ok(PASS);
         };
-        // Looked up again: the caller's answer does not cross the jump.
-        let Some(flags) = nodeport::frontend_flags(flow.daddr, flow.dport, flow.protocol) else {
-            return Ok(PASS);
-        };
         let ifindex = packet::ifindex(ctx);
         let from_tunnel = config.tunnel_ifindex != 0 && ifindex == config.tunnel_ifindex;
+        // A reply comes to the node's address on a port of the NAT range, where no node port
+        // is, or is ICMP: no frontend lookup for it.
+        let reply = flow.daddr == config.node_ip
+            && match flow.protocol {
+                IPPROTO_TCP | IPPROTO_UDP => nat::may_be_reply(&config, flow.dport),
+                _ => true,
+            };
+        // A frontend is looked up again: the caller's answer does not cross the jump.
+        let flags = if reply {
+            None
+        } else {
+            nodeport::frontend_flags(flow.daddr, flow.dport, flow.protocol)
+        };
+        let Some(flags) = flags else {
+            return reply_to_node(ctx, &config, &flow, l4, from_tunnel);
+        };
         // Frames for another host's MAC (promiscuous mode) are not the node's to serve.
         // SAFETY: `skb` is the context pointer the kernel passed in; reading it is allowed.
         if !from_tunnel && unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
@@ -897,6 +902,37 @@ mod programs {
             Ok(TC_ACT_REDIRECT as i32)
         } else {
             Ok(PASS)
+        }
+    }
+
+    /// `nodeport_in`, for a packet to the node's address that is no frontend's: a reply of a
+    /// masqueraded flow or of a node port's connection to a remote backend, or an ICMP error
+    /// about one (the callers sent nothing else). Whatever is not a node port's goes up the
+    /// stack, as the callers would have let it.
+    #[inline(always)]
+    fn reply_to_node(
+        ctx: &TcContext,
+        config: &DatapathConfig,
+        flow: &Flow,
+        l4: usize,
+        from_tunnel: bool,
+    ) -> Result<i32, i32> {
+        let to_stack = || {
+            if from_tunnel {
+                // As `from_tunnel` passes what is for the node itself.
+                let _ = ctx.change_type(PACKET_HOST);
+            }
+            Ok(PASS)
+        };
+        if flow.daddr != config.node_ip {
+            return to_stack();
+        }
+        nat::reverse(ctx, flow, l4, false)
+            .map_err(|reason| drop_nat(ctx, config, reason, flow, Direction::Ingress))?;
+        match nodeport::reply_to_client(ctx, config) {
+            Ok(Some(action)) => Ok(action),
+            Ok(None) => to_stack(),
+            Err(reason) => Err(drop_nat(ctx, config, reason, flow, Direction::Ingress)),
         }
     }
 

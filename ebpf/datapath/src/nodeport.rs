@@ -131,7 +131,7 @@ pub fn to_client(
     forward::fib_redirect(ctx, config, eth, ip)
 }
 
-/// `from_uplink`, after `nat::reverse` turned a packet to the node's address on a port of the
+/// `nodeport_in`, after `nat::reverse` turned a packet to the node's address on a port of the
 /// NAT range back into one to the flow's client: when that client is not one of this node's
 /// pods (masquerading's), the packet is a remote backend's reply to a node port's client, and
 /// its source becomes the frontend again (`lb::reverse`) before it leaves through the FIB. An
@@ -162,31 +162,20 @@ pub fn reply_to_client(
     Ok(Some(to_client_or_node(ctx, config, eth, ip, flow.daddr)))
 }
 
-/// `from_tunnel`, for a packet to the node's own address: a remote backend's reply to a node
-/// port's client comes this way in tunnel mode (the backend's node sends what is for this
-/// node's address through the tunnel), to a port of the NAT range, and so do the backend's
-/// ICMP errors about the connection. Translated back as [`reply_to_client`] does; `Ok(None)`
-/// for anything else, which goes up the stack as before.
+/// `from_tunnel`, for a packet to the node's own address: may it be a remote backend's reply
+/// to a node port's client? In tunnel mode those come this way (the backend's node sends what
+/// is for this node's address through the tunnel), to a port of the NAT range, and so do the
+/// backend's ICMP errors about the connection. `nodeport_in` translates them back.
 #[inline(always)]
-pub fn reply_from_tunnel(
-    ctx: &TcContext,
-    config: &DatapathConfig,
-    flow: &Flow,
-    ip: *const Ipv4Hdr,
-) -> Result<Option<i32>, DropReason> {
+pub fn may_be_reply(config: &DatapathConfig, flow: &Flow, ip: *const Ipv4Hdr) -> bool {
     let candidate = match flow.protocol {
         IPPROTO_TCP | IPPROTO_UDP => nat::may_be_reply(config, flow.dport),
         _ => flow.icmp == Icmp::Error,
     };
-    if config.flags & CONFIG_F_SERVICES == 0
-        || flow.daddr != config.node_ip
-        || !candidate
-        || packet::is_fragment(ip)
-    {
-        return Ok(None);
-    }
-    nat::reverse(ctx, flow, packet::l4_offset(ip), false)?;
-    reply_to_client(ctx, config)
+    config.flags & CONFIG_F_SERVICES != 0
+        && flow.daddr == config.node_ip
+        && candidate
+        && !packet::is_fragment(ip)
 }
 
 /// Refuses a new connection to a frontend without backends that came in through the uplink: a
