@@ -15,6 +15,9 @@
 //!   node's InternalIP) masquerade pods' traffic leaving the cluster (see `nat`). In native
 //!   routing, `from_uplink` also delivers other nodes' packets for this node's pods straight
 //!   into them (`deliver_from_uplink`).
+//! - With Services in eBPF on, `from_uplink` (and `from_tunnel`, for remote pods) jump into
+//!   `nodeport_in` with packets to node ports, external IPs and load balancer addresses, and
+//!   with replies to the node's address (see `nodeport`).
 //!
 //! Pod-to-pod traffic on one node never reaches the destination's `to_container` (the redirect
 //! skips it), so `from_container` checks both the sender's egress and the receiver's ingress
@@ -726,8 +729,8 @@ mod programs {
     /// In native routing, packets for this node's pods go straight into them
     /// (`deliver_from_uplink`); a mask compare sorts them out. With Services in eBPF, the
     /// other TCP and UDP packets cost one lookup more: those to a node port or an external IP
-    /// go to `nodeport_in`, and a remote backend's replies to them, which come back to a port
-    /// of the NAT range, are translated back to the client.
+    /// go to `nodeport_in`, and so do the replies to the node's address, which it translates
+    /// back (masquerading's, and a remote backend's to a node port's client).
     #[classifier]
     pub fn from_uplink(ctx: TcContext) -> i32 {
         match try_from_uplink(&ctx) {

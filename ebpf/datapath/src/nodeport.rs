@@ -2,13 +2,14 @@
 //! (`from_uplink`, with `CONFIG_F_SERVICES`), or from remote pods through the tunnel.
 //!
 //! A TCP or UDP packet to the node's address or to another address that is not the node's
-//! pods' costs `from_uplink` one `lb_services` lookup: is it a frontend with `LB_F_NODEPORT` or
-//! `LB_F_EXTERNAL_IP`? (ClusterIPs are not served from outside, as in Cilium.) A hit jumps
-//! ([`jump`], a tail call) into `nodeport_in`, a program of its own; so does a TCP or UDP
-//! packet from the tunnel to a node port (a remote pod asking this node's address, which the
-//! ipcache puts behind this node). There it is translated by `crate::lb` as a pod's packet
-//! would be (its connection's backend is kept in `lb_flows`, `out` and `in` entries as for a
-//! ClusterIP), then:
+//! pods' costs `from_uplink` one `lb_services` lookup: is it a frontend with `LB_F_NODEPORT`,
+//! `LB_F_EXTERNAL_IP` or `LB_F_LOAD_BALANCER`? (ClusterIPs are not served from outside, as in
+//! Cilium.) A hit jumps ([`jump`], a tail call) into `nodeport_in`, a program of its own; so
+//! does a TCP or UDP packet from the tunnel to a node port (a remote pod asking this node's
+//! address, which the ipcache puts behind this node), and, from either, whatever may be a reply
+//! to a translation ([`may_be_reply`]). There a frontend's packet is translated by `crate::lb`
+//! as a pod's packet would be (its connection's backend is kept in `lb_flows`, `out` and `in`
+//! entries as for a ClusterIP), then:
 //!
 //! - a backend on this node: conntrack and the backend's ingress policy against the real
 //!   client (`CT_F_SERVICE | CT_F_NODEPORT`), and straight into the pod. Its replies are
@@ -22,9 +23,9 @@
 //!   back to this node. The packet goes to the backend's node through the tunnel (the VNI says
 //!   `host`, which the receiver takes as `remote-node`) or the FIB. The reply, to the node's
 //!   address on a port of the NAT range, arrives through the uplink (native routing) or the
-//!   tunnel (the ipcache puts a node's address behind that node, [`reply_from_tunnel`]), is
-//!   translated back by masquerading's `nat::reverse` (to the client) and `lb::reverse` (from
-//!   the frontend), then leaves through the FIB ([`reply_to_client`]).
+//!   tunnel (the ipcache puts a node's address behind that node), is translated back by
+//!   masquerading's `nat::reverse` (to the client) and `lb::reverse` (from the frontend), then
+//!   leaves through the FIB ([`reply_to_client`]); so are ICMP errors about the connection.
 //! - no backend: under `externalTrafficPolicy: Local` (no backend on this node) the packet is
 //!   dropped, as kube-proxy drops it; otherwise a TCP SYN is answered with a RST and a UDP
 //!   datagram with an ICMP port unreachable, from the frontend, back out of the uplink
