@@ -418,15 +418,23 @@ async fn setup_network(
         };
     let uplink = &network.uplink.name;
     datapath.set_pod_cidr(pod_cidr)?;
-    if config.masquerade {
-        flags |= CONFIG_F_MASQUERADE;
+    // Node ports' clients whose backend is on another node get this node's address and a
+    // port of the NAT range, from masquerading's table: Services need the range too.
+    if config.masquerade || config.kube_proxy_replacement {
         let ports = nat_ports(config)?;
         datapath.set_masquerade(Masquerade { pod_cidr, ports })?;
-        info!(uplink, %ports, "masquerading pod traffic that leaves the cluster");
+        if config.masquerade {
+            flags |= CONFIG_F_MASQUERADE;
+            info!(uplink, %ports, "masquerading pod traffic that leaves the cluster");
+        }
     }
     // Native routing needs `from_uplink` also without masquerading: it delivers other nodes'
-    // packets for this node's pods.
-    if config.masquerade || config.routing_mode == RoutingMode::Native {
+    // packets for this node's pods; so do Services: node ports and external IPs are served
+    // there.
+    if config.masquerade
+        || config.routing_mode == RoutingMode::Native
+        || config.kube_proxy_replacement
+    {
         datapath
             .attach_uplink(uplink, config.masquerade)
             .with_context(|| format!("attaching the uplink programs to {uplink}"))?;

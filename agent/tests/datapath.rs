@@ -38,7 +38,7 @@ use myelin_common::{
     },
     event::{EVENT_ALLOWED, EVENT_DROP, FlowEvent},
     identity,
-    lb::{LB_IN, LbEntry, LbFlow, LbFlowKey, LbKey},
+    lb::{LB_F_EXTERNAL_IP, LB_F_LOCAL, LB_F_NODEPORT, LB_IN, LbEntry, LbFlow, LbFlowKey, LbKey},
     nat::{MASQ_EXCLUDE_CONFIGURED, MASQ_EXCLUDE_NODE, MASQ_EXCLUDE_POD_CIDR, MasqExclude, NAT_IN},
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
     proto::{IPPROTO_ICMP as ICMP, IPPROTO_SCTP as SCTP, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP},
@@ -2890,5 +2890,462 @@ fn cost_per_packet_on_established_flows() {
         let back = tcp(far, a, 80, 40000, ACK);
         let r = ns_per_run(f, Program::ToContainer, &back, a.ifindex);
         println!("to_container, from another node:    {r:.1} ns");
+    });
+}
+
+// ---- node ports and external IPs from outside, through the uplink --------------------------
+
+/// The node's address on `up0` (see `native_uplink`), a node port on it, and an external IP.
+const UPLINK_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 7, 1);
+const NODE_PORT: u16 = 30080;
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+
+impl Fixture {
+    /// Services on a node in native routing (`native_uplink`), with a default route through
+    /// the next hop (where the world is) and masquerading's port range, which node ports'
+    /// source NAT takes its ports from. Returns the uplink's ifindex.
+    fn services_on_uplink(&mut self) -> u32 {
+        let uplink = self.native_uplink();
+        ip("route add default via 192.168.7.2 dev up0");
+        self.dp
+            .set_masquerade(Masquerade {
+                pod_cidr: "10.0.0.0/24".parse().unwrap(),
+                ports: NAT_PORTS,
+            })
+            .expect("set_masquerade");
+        self.dp
+            .set_routing(Routing {
+                flags: CONFIG_F_NATIVE | CONFIG_F_SERVICES,
+                node_ip: UPLINK_IP,
+                tunnel_ifindex: 0,
+                uplink_ifindex: uplink,
+            })
+            .expect("set_routing");
+        uplink
+    }
+
+    /// The frontend `addr`:`port`/`protocol` with `flags` (`LB_F_*`) and `backends`.
+    fn frontend(
+        &mut self,
+        addr: Ipv4Addr,
+        port: u16,
+        protocol: u8,
+        flags: u32,
+        backends: &[(Ipv4Addr, u16)],
+    ) {
+        self.lb_services.insert(
+            lb_key(addr, port, protocol, 0),
+            LbEntry {
+                count: backends.len() as u16,
+                flags,
+                ..LbEntry::default()
+            },
+        );
+        for (i, (backend, target)) in backends.iter().enumerate() {
+            self.lb_services.insert(
+                lb_key(addr, port, protocol, i as u16 + 1),
+                LbEntry {
+                    backend: backend.octets(),
+                    backend_port: target.to_be(),
+                    ..LbEntry::default()
+                },
+            );
+        }
+        self.sync();
+    }
+}
+
+/// A packet from the world (through the next hop) to `to`:`dport`, with valid checksums.
+fn from_world(protocol: u8, to: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let (world, to) = (from_node(outside(WORLD)), outside(to));
+    checksummed(match protocol {
+        TCP => tcp(world, to, sport, dport, flags),
+        _ => udp(world, to, sport, dport),
+    })
+}
+
+/// `p` as the next hop hands it to the uplink.
+fn via_next_hop(mut p: Vec<u8>) -> Vec<u8> {
+    p[0..6].copy_from_slice(&UPLINK_MAC);
+    p[6..12].copy_from_slice(&NEXT_HOP_MAC);
+    p
+}
+
+#[test]
+fn a_node_port_goes_straight_into_a_local_backend_and_its_reply_out_of_the_uplink() {
+    with_datapath(|f| {
+        let b = f.b;
+        let uplink = f.services_on_uplink();
+        f.frontend(UPLINK_IP, NODE_PORT, TCP, LB_F_NODEPORT, &[(b.ip, 8080)]);
+        let syn = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, SYN);
+        let (verdict, out) = f.run(Program::FromUplink, &syn, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the backend pod");
+        assert_eq!(
+            destination(&out),
+            (b.ip, 8080),
+            "the backend, its target port"
+        );
+        assert_eq!(
+            source(&out),
+            (WORLD, 40000),
+            "a local backend sees the client"
+        );
+        assert_eq!(&out[0..6], &b.mac);
+        assert_eq!(out[14 + 8], 63, "TTL decremented");
+        assert_checksums(&out);
+
+        // The answer leaves from the node port, through the FIB, not the stack (which would
+        // refuse its own address as the source of what it forwards).
+        let (verdict, back) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "out of the uplink");
+        assert_eq!(source(&back), (UPLINK_IP, NODE_PORT));
+        assert_eq!(destination(&back), (WORLD, 40000));
+        assert_eq!(&back[0..6], &NEXT_HOP_MAC, "to the next hop");
+        assert_checksums(&back);
+
+        // The rest of the connection.
+        let ack = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, ACK);
+        let (verdict, out) = f.run(Program::FromUplink, &ack, uplink);
+        assert_eq!(
+            (verdict, destination(&out)),
+            (TC_ACT_REDIRECT, (b.ip, 8080))
+        );
+    });
+}
+
+#[test]
+fn a_node_ports_remote_backend_gets_the_nodes_address_and_its_reply_goes_back_to_the_client() {
+    with_datapath(|f| {
+        let uplink = f.services_on_uplink();
+        let far = remote_pod(7, 400);
+        for protocol in [TCP, UDP] {
+            f.frontend(
+                UPLINK_IP,
+                NODE_PORT,
+                protocol,
+                LB_F_NODEPORT,
+                &[(far.ip, 8080)],
+            );
+            let what = format!("protocol {protocol}");
+            let first = from_world(protocol, UPLINK_IP, 40000, NODE_PORT, SYN);
+            let (verdict, out) = f.run(Program::FromUplink, &first, uplink);
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: on to the backend's node");
+            assert_eq!(destination(&out), (far.ip, 8080), "{what}");
+            let (snat, port) = source(&out);
+            assert_eq!(snat, UPLINK_IP, "{what}: the backend sees the node");
+            assert!(
+                (NAT_PORTS.min..=NAT_PORTS.max).contains(&port),
+                "{what}: a port of the NAT range, not {port}"
+            );
+            assert_eq!(&out[0..6], &NEXT_HOP_MAC, "{what}");
+            assert_checksums(&out);
+
+            let (verdict, back) = f.run(Program::FromUplink, &via_next_hop(reply_to(&out)), uplink);
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: out to the client");
+            assert_eq!(source(&back), (UPLINK_IP, NODE_PORT), "{what}");
+            assert_eq!(destination(&back), (WORLD, 40000), "{what}");
+            assert_eq!(&back[0..6], &NEXT_HOP_MAC, "{what}");
+            assert_checksums(&back);
+
+            // The client's next packet takes the same port.
+            let again = from_world(protocol, UPLINK_IP, 40000, NODE_PORT, ACK);
+            let (_, out) = f.run(Program::FromUplink, &again, uplink);
+            assert_eq!(source(&out), (UPLINK_IP, port), "{what}");
+        }
+    });
+}
+
+#[test]
+fn an_external_ip_is_served_from_the_uplink_and_a_cluster_ip_is_not() {
+    with_datapath(|f| {
+        let b = f.b;
+        let uplink = f.services_on_uplink();
+        f.frontend(EXTERNAL_IP, 80, UDP, LB_F_EXTERNAL_IP, &[(b.ip, 8080)]);
+        f.frontend(CLUSTER_IP, 80, UDP, 0, &[(b.ip, 8080)]);
+        let query = from_world(UDP, EXTERNAL_IP, 40000, 80, 0);
+        let (verdict, out) = f.run(Program::FromUplink, &query, uplink);
+        assert_eq!(
+            (verdict, destination(&out), source(&out)),
+            (TC_ACT_REDIRECT, (b.ip, 8080), (WORLD, 40000))
+        );
+        assert_checksums(&out);
+        let (verdict, back) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "out of the uplink");
+        assert_eq!(source(&back), (EXTERNAL_IP, 80));
+        assert_checksums(&back);
+
+        let to_cluster_ip = from_world(UDP, CLUSTER_IP, 40000, 80, 0);
+        assert_eq!(
+            f.run(Program::FromUplink, &to_cluster_ip, uplink),
+            (TC_ACT_OK, to_cluster_ip),
+            "a ClusterIP is not served from outside"
+        );
+    });
+}
+
+#[test]
+fn a_node_port_without_backends_refuses_from_the_uplink_unless_its_policy_is_local() {
+    with_datapath(|f| {
+        let uplink = f.services_on_uplink();
+        f.frontend(UPLINK_IP, NODE_PORT, TCP, LB_F_NODEPORT, &[]);
+        f.frontend(UPLINK_IP, NODE_PORT, UDP, LB_F_NODEPORT, &[]);
+        let before = f.drops(DropReason::NoServiceBackend);
+        let syn = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, SYN);
+        let (verdict, rst) = f.run(Program::FromUplink, &syn, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "back out of the uplink");
+        assert_eq!(source(&rst), (UPLINK_IP, NODE_PORT));
+        assert_eq!(destination(&rst), (WORLD, 40000));
+        assert_eq!(&rst[0..6], &NEXT_HOP_MAC, "to the hop it came from");
+        assert_eq!(rst[l4(&rst) + 13], RST | ACK);
+        assert_checksums(&rst);
+        let mut query = from_world(UDP, UPLINK_IP, 40000, NODE_PORT, 0);
+        query.extend_from_slice(&[7; 40]);
+        let query = checksummed(fix_lengths(query));
+        let (verdict, error) = f.run(Program::FromUplink, &query, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            (source(&error).0, destination(&error).0),
+            (UPLINK_IP, WORLD)
+        );
+        assert_eq!(
+            (error[l4(&error)], error[l4(&error) + 1]),
+            (ICMP_DEST_UNREACH, ICMP_PORT_UNREACH)
+        );
+        assert_eq!(transport_sum(&error[14..]), 0, "ICMP checksum");
+        assert_eq!(f.drops(DropReason::NoServiceBackend), before + 2);
+
+        // externalTrafficPolicy: Local on a node without a local backend: dropped, as
+        // kube-proxy does.
+        f.frontend(UPLINK_IP, NODE_PORT, TCP, LB_F_NODEPORT | LB_F_LOCAL, &[]);
+        assert_eq!(f.run(Program::FromUplink, &syn, uplink).0, TC_ACT_SHOT);
+        assert_eq!(f.drops(DropReason::NoServiceBackend), before + 3);
+    });
+}
+
+#[test]
+fn a_local_backends_ingress_policy_judges_the_node_ports_client() {
+    with_datapath(|f| {
+        let b = f.b;
+        let uplink = f.services_on_uplink();
+        f.frontend(UPLINK_IP, NODE_PORT, TCP, LB_F_NODEPORT, &[(b.ip, 8080)]);
+        f.isolate(b, ENDPOINT_F_INGRESS_ISOLATED);
+        let syn = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, SYN);
+        assert_eq!(f.run(Program::FromUplink, &syn, uplink).0, TC_ACT_SHOT);
+        f.allow(b, Direction::Ingress, identity::WORLD, TCP, 8080);
+        let syn = from_world(TCP, UPLINK_IP, 40001, NODE_PORT, SYN);
+        assert_eq!(
+            f.run(Program::FromUplink, &syn, uplink).0,
+            TC_ACT_REDIRECT,
+            "allowed from the world on the target port"
+        );
+    });
+}
+
+#[test]
+fn in_tunnel_mode_a_node_ports_remote_backend_is_reached_through_the_tunnel() {
+    with_datapath(|f| {
+        let uplink = f.services_on_uplink();
+        let tunnel = tunnel_device();
+        ip("link set tun0 up");
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_TUNNEL | CONFIG_F_SERVICES,
+            node_ip: UPLINK_IP,
+            tunnel_ifindex: tunnel,
+            uplink_ifindex: uplink,
+        })
+        .expect("set_routing");
+        let far = remote_pod(7, 400);
+        f.frontend(UPLINK_IP, NODE_PORT, TCP, LB_F_NODEPORT, &[(far.ip, 8080)]);
+        let syn = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, SYN);
+        let (verdict, out) = f.run(Program::FromUplink, &syn, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "into the tunnel");
+        assert_eq!(destination(&out), (far.ip, 8080));
+        assert_eq!(source(&out).0, UPLINK_IP, "the backend sees the node");
+        assert_eq!(out[14 + 8], 63, "TTL decremented");
+        assert_checksums(&out);
+    });
+}
+
+#[test]
+fn masquerading_and_node_ports_share_the_uplink_and_the_nat_range() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.services_on_uplink();
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_NATIVE | CONFIG_F_SERVICES | CONFIG_F_MASQUERADE,
+            node_ip: UPLINK_IP,
+            tunnel_ifindex: 0,
+            uplink_ifindex: uplink,
+        })
+        .expect("set_routing");
+        let far = remote_pod(7, 400);
+        f.frontend(UPLINK_IP, NODE_PORT, TCP, LB_F_NODEPORT, &[(far.ip, 8080)]);
+        // A pod's connection to the world, masqueraded, and a node port's client forwarded to
+        // a remote backend, both from port 40000 to the same remote port.
+        let world = from_node(outside(WORLD));
+        let (verdict, masqueraded) = f.leave(&checksummed(tcp(a, world, 40000, 443, SYN)));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(source(&masqueraded).0, UPLINK_IP);
+        let syn = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, SYN);
+        let (_, forwarded) = f.run(Program::FromUplink, &syn, uplink);
+        assert_eq!(source(&forwarded).0, UPLINK_IP);
+        assert_ne!(
+            source(&forwarded).1,
+            source(&masqueraded).1,
+            "two flows, two ports of the one range"
+        );
+        // Each reply finds its own: the pod's goes up the stack to the pod, the backend's out
+        // to the node port's client.
+        let (verdict, back) = f.run(
+            Program::FromUplink,
+            &via_next_hop(reply_to(&masqueraded)),
+            uplink,
+        );
+        assert_eq!(verdict, TC_ACT_OK, "the pod's reply: up the stack");
+        assert_eq!(destination(&back), (a.ip, 40000));
+        assert_eq!(source(&back), (WORLD, 443));
+        assert_checksums(&back);
+        let (verdict, back) = f.run(
+            Program::FromUplink,
+            &via_next_hop(reply_to(&forwarded)),
+            uplink,
+        );
+        assert_eq!(
+            verdict, TC_ACT_REDIRECT,
+            "the backend's reply: to the client"
+        );
+        assert_eq!(destination(&back), (WORLD, 40000));
+        assert_eq!(source(&back), (UPLINK_IP, NODE_PORT));
+        assert_checksums(&back);
+    });
+}
+
+#[test]
+#[ignore = "a measurement, not a check: run with --ignored --nocapture"]
+fn cost_per_packet_of_node_ports() {
+    with_datapath(|f| {
+        let b = f.b;
+        let uplink = f.services_on_uplink();
+        let far = remote_pod(7, 400);
+        // What every other TCP packet to the node pays: the frontend lookup that misses.
+        let other = from_world(TCP, UPLINK_IP, 40000, 22, ACK);
+        let r = ns_per_run(f, Program::FromUplink, &other, uplink);
+        println!("from_uplink, to the node, services on:  {r:.1} ns");
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_NATIVE,
+            node_ip: UPLINK_IP,
+            tunnel_ifindex: 0,
+            uplink_ifindex: uplink,
+        })
+        .unwrap();
+        let r = ns_per_run(f, Program::FromUplink, &other, uplink);
+        println!("from_uplink, to the node, services off: {r:.1} ns");
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_NATIVE | CONFIG_F_SERVICES,
+            node_ip: UPLINK_IP,
+            tunnel_ifindex: 0,
+            uplink_ifindex: uplink,
+        })
+        .unwrap();
+
+        // A local backend: the client's packets in, the backend's replies out.
+        f.frontend(UPLINK_IP, NODE_PORT, TCP, LB_F_NODEPORT, &[(b.ip, 8080)]);
+        let syn = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, SYN);
+        let (_, out) = f.run(Program::FromUplink, &syn, uplink);
+        let (verdict, _) = f.send(b, &sent_by(b, reply_to(&out)));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let ack = from_world(TCP, UPLINK_IP, 40000, NODE_PORT, ACK);
+        let r = ns_per_run(f, Program::FromUplink, &ack, uplink);
+        println!("node port, local backend, in:           {r:.1} ns");
+        let (_, out) = f.run(Program::FromUplink, &ack, uplink);
+        let mut reply = sent_by(b, reply_to(&out));
+        reply[14 + 20 + 13] = ACK;
+        let reply = checksummed(reply);
+        let r = ns_per_run(f, Program::FromContainer, &reply, b.ifindex);
+        println!("node port, local backend, reply out:    {r:.1} ns");
+
+        // A remote backend: source NAT both ways.
+        f.frontend(
+            UPLINK_IP,
+            NODE_PORT + 1,
+            TCP,
+            LB_F_NODEPORT,
+            &[(far.ip, 8080)],
+        );
+        let syn = from_world(TCP, UPLINK_IP, 40001, NODE_PORT + 1, SYN);
+        let (verdict, out) = f.run(Program::FromUplink, &syn, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let (verdict, _) = f.run(Program::FromUplink, &via_next_hop(reply_to(&out)), uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let ack = from_world(TCP, UPLINK_IP, 40001, NODE_PORT + 1, ACK);
+        let r = ns_per_run(f, Program::FromUplink, &ack, uplink);
+        println!("node port, remote backend, in:          {r:.1} ns");
+        let (_, out) = f.run(Program::FromUplink, &ack, uplink);
+        let mut reply = via_next_hop(reply_to(&out));
+        reply[14 + 20 + 13] = ACK;
+        let reply = checksummed(reply);
+        let r = ns_per_run(f, Program::FromUplink, &reply, uplink);
+        println!("node port, remote backend, reply:       {r:.1} ns");
+
+        // A masqueraded flow's reply: with Services on it takes the jump too.
+        let a = f.a;
+        let masquerading = |f: &mut Fixture, services: u32| {
+            f.dp.set_routing(Routing {
+                flags: CONFIG_F_NATIVE | CONFIG_F_MASQUERADE | services,
+                node_ip: UPLINK_IP,
+                tunnel_ifindex: 0,
+                uplink_ifindex: uplink,
+            })
+            .unwrap();
+        };
+        masquerading(f, CONFIG_F_SERVICES);
+        let world = from_node(outside(WORLD));
+        let (_, out) = f.leave(&checksummed(tcp(a, world, 40000, 443, ACK)));
+        let reply = via_next_hop(reply_to(&out));
+        let r = ns_per_run(f, Program::FromUplink, &reply, uplink);
+        println!("masqueraded reply, services on:         {r:.1} ns");
+        masquerading(f, 0);
+        let r = ns_per_run(f, Program::FromUplink, &reply, uplink);
+        println!("masqueraded reply, services off:        {r:.1} ns");
+    });
+}
+
+#[test]
+fn a_remote_backends_port_unreachable_reaches_the_node_ports_client_about_the_frontend() {
+    with_datapath(|f| {
+        let uplink = f.services_on_uplink();
+        let far = remote_pod(7, 400);
+        f.frontend(UPLINK_IP, NODE_PORT, UDP, LB_F_NODEPORT, &[(far.ip, 8080)]);
+        let query = from_world(UDP, UPLINK_IP, 40000, NODE_PORT, 0);
+        let (verdict, forwarded) = f.run(Program::FromUplink, &query, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        // Nothing listens on the backend: its node answers with a port unreachable.
+        let error = via_next_hop(icmp_error(
+            far.ip,
+            UPLINK_IP,
+            ICMP_DEST_UNREACH,
+            ICMP_PORT_UNREACH,
+            &forwarded,
+        ));
+        let (verdict, back) = f.run(Program::FromUplink, &error, uplink);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "out to the client");
+        assert_eq!(
+            source(&back).0,
+            UPLINK_IP,
+            "from the frontend, not the backend"
+        );
+        assert_eq!(destination(&back).0, WORLD);
+        let quote = quoted(&back);
+        assert_eq!(
+            source(&quote),
+            (WORLD, 40000),
+            "about the client's datagram"
+        );
+        assert_eq!(
+            destination(&quote),
+            (UPLINK_IP, NODE_PORT),
+            "as the client sent it"
+        );
+        assert_checksums(&back);
     });
 }

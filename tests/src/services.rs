@@ -4,7 +4,8 @@
 //!
 //! A client's question is one TCP connection (the server writes its pod's address and closes)
 //! or one UDP datagram (answered with the address), so every question is a new connection and
-//! goes through backend selection.
+//! goes through backend selection. The answer also names the address and port the backend saw
+//! the question come from ([`ask_seen`]): the client's own, or a node's that translated it.
 
 use std::{
     collections::BTreeMap,
@@ -111,13 +112,17 @@ impl Drop for BackendServers {
     }
 }
 
+/// `<backend address:port> <client address:port as seen>`.
+fn answer_to(ip: SocketAddrV4, peer: SocketAddr) -> String {
+    format!("{ip} {peer}\n")
+}
+
 fn serve_tcp(listener: &TcpListener, ip: SocketAddrV4, stop: &AtomicBool) {
-    let answer = format!("{ip}\n");
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
-            Ok((mut stream, _)) => {
+            Ok((mut stream, peer)) => {
                 // The client reads until the server closes.
-                let _ = io::Write::write_all(&mut stream, answer.as_bytes());
+                let _ = io::Write::write_all(&mut stream, answer_to(ip, peer).as_bytes());
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 thread::sleep(Duration::from_millis(2))
@@ -132,12 +137,11 @@ fn serve_tcp(listener: &TcpListener, ip: SocketAddrV4, stop: &AtomicBool) {
 }
 
 fn serve_udp(socket: &UdpSocket, ip: SocketAddrV4, stop: &AtomicBool) {
-    let answer = format!("{ip}\n");
     let mut buf = [0u8; 512];
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buf) {
             Ok((_, peer)) => {
-                let _ = socket.send_to(answer.as_bytes(), peer);
+                let _ = socket.send_to(answer_to(ip, peer).as_bytes(), peer);
             }
             Err(e)
                 if matches!(
@@ -166,17 +170,40 @@ pub fn ask_many(
     protocol: Protocol,
     times: usize,
 ) -> Result<Vec<Answer>> {
+    Ok(ask_many_seen(from, frontend, protocol, times)?
+        .into_iter()
+        .map(|(answer, _)| answer)
+        .collect())
+}
+
+/// [`ask_many`], each answer with the address the backend saw the question come from (`None`
+/// when no backend answered).
+pub fn ask_many_seen(
+    from: &dyn Host,
+    frontend: SocketAddrV4,
+    protocol: Protocol,
+    times: usize,
+) -> Result<Vec<(Answer, Option<SocketAddrV4>)>> {
     let answers = from.netns().run(|| {
         (0..times)
             .map(|_| match protocol {
                 Protocol::Tcp => ask_tcp(frontend),
                 Protocol::Udp => ask_udp(frontend),
             })
-            .collect::<io::Result<Vec<Answer>>>()
+            .collect::<io::Result<Vec<_>>>()
     })?;
     answers.map_err(|e| Error::Traffic {
         what: format!("{} asking {protocol:?} {frontend}: {e}", from.label()),
     })
+}
+
+/// `from` asks `frontend` once: the answer, and where the backend saw it come from.
+pub fn ask_seen(
+    from: &dyn Host,
+    frontend: SocketAddrV4,
+    protocol: Protocol,
+) -> Result<(Answer, Option<SocketAddrV4>)> {
+    Ok(ask_many_seen(from, frontend, protocol, 1)?[0])
 }
 
 /// How many of `answers` each backend gave; any other answer is an error naming it.
@@ -195,25 +222,30 @@ pub fn tally(answers: &[Answer]) -> Result<BTreeMap<SocketAddrV4, usize>> {
     Ok(by_backend)
 }
 
-fn ask_tcp(frontend: SocketAddrV4) -> io::Result<Answer> {
+type Seen = (Answer, Option<SocketAddrV4>);
+
+fn ask_tcp(frontend: SocketAddrV4) -> io::Result<Seen> {
+    let unanswered = |answer| Ok((answer, None));
     let mut stream = match TcpStream::connect_timeout(&SocketAddr::V4(frontend), ANSWER_TIMEOUT) {
         Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(Answer::Refused),
-        Err(e) if is_timeout(&e) => return Ok(Answer::Silence),
-        Err(e) if is_unreachable(&e) => return Ok(Answer::Unreachable),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            return unanswered(Answer::Refused);
+        }
+        Err(e) if is_timeout(&e) => return unanswered(Answer::Silence),
+        Err(e) if is_unreachable(&e) => return unanswered(Answer::Unreachable),
         Err(e) => return Err(e),
     };
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     let mut text = String::new();
     match stream.read_to_string(&mut text) {
         Ok(_) => parse_answer(&text),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(Answer::Refused),
-        Err(e) if is_timeout(&e) => Ok(Answer::Silence),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => unanswered(Answer::Refused),
+        Err(e) if is_timeout(&e) => unanswered(Answer::Silence),
         Err(e) => Err(e),
     }
 }
 
-fn ask_udp(frontend: SocketAddrV4) -> io::Result<Answer> {
+fn ask_udp(frontend: SocketAddrV4) -> io::Result<Seen> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     // Connected, so that an ICMP port unreachable comes back as ECONNREFUSED.
     socket.connect(frontend)?;
@@ -223,22 +255,29 @@ fn ask_udp(frontend: SocketAddrV4) -> io::Result<Answer> {
         socket.send(b"?")?;
         match socket.recv(&mut buf) {
             Ok(n) => return parse_answer(&String::from_utf8_lossy(&buf[..n])),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(Answer::Refused),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                return Ok((Answer::Refused, None));
+            }
             Err(e) if is_timeout(&e) => {}
-            Err(e) if is_unreachable(&e) => return Ok(Answer::Unreachable),
+            Err(e) if is_unreachable(&e) => return Ok((Answer::Unreachable, None)),
             Err(e) => return Err(e),
         }
     }
-    Ok(Answer::Silence)
+    Ok((Answer::Silence, None))
 }
 
-fn parse_answer(text: &str) -> io::Result<Answer> {
-    text.trim().parse().map(Answer::Backend).map_err(|_| {
+/// `<backend> <client as seen>` (see `answer_to`).
+fn parse_answer(text: &str) -> io::Result<Seen> {
+    let bad = || {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("answer {text:?} is not an address"),
+            format!("answer {text:?} is not two addresses"),
         )
-    })
+    };
+    let (backend, peer) = text.trim().split_once(' ').ok_or_else(bad)?;
+    let backend = backend.parse().map_err(|_| bad())?;
+    let peer = peer.parse().map_err(|_| bad())?;
+    Ok((Answer::Backend(backend), Some(peer)))
 }
 
 fn is_unreachable(e: &io::Error) -> bool {

@@ -472,6 +472,8 @@ pub enum FrontendKind {
     ExternalIp,
     /// This node's InternalIP on the Service's node port.
     NodePort,
+    /// An address of `status.loadBalancer.ingress`.
+    LoadBalancer,
 }
 
 impl std::fmt::Display for FrontendKind {
@@ -480,6 +482,7 @@ impl std::fmt::Display for FrontendKind {
             Self::ClusterIp => "cluster-ip",
             Self::ExternalIp => "external-ip",
             Self::NodePort => "node-port",
+            Self::LoadBalancer => "load-balancer",
         })
     }
 }

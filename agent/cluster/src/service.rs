@@ -112,6 +112,10 @@ pub struct ServiceInfo {
     pub ports: Vec<ServicePort>,
     /// `spec.externalIPs`, IPv4 only.
     pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`, IPv4 only, as kube-proxy takes them: the addresses
+    /// a load balancer sends to the nodes unchanged (`ipMode: Proxy` ones are left out: that
+    /// load balancer proxies to the node ports itself).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
     /// `sessionAffinity: ClientIP`: its timeout in seconds; `None` without affinity.
     pub affinity_timeout_s: Option<u32>,
     pub internal_traffic_policy: TrafficPolicy,
@@ -193,6 +197,24 @@ impl ServiceInfo {
         for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
             external_ips
                 .extend(ip_field(ip).map_err(|p| bad(&format!("spec.externalIPs[{i}]"), p))?);
+        }
+        let mut load_balancer_ips = Vec::new();
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, entry) in ingress.into_iter().flatten().enumerate() {
+            let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+                continue;
+            };
+            if entry.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            load_balancer_ips.extend(
+                ip_field(ip)
+                    .map_err(|p| bad(&format!("status.loadBalancer.ingress[{i}].ip"), p))?,
+            );
         }
         let given_ports = spec.ports.as_deref().unwrap_or_default();
         if given_ports.len() > MAX_PORTS {
@@ -276,6 +298,7 @@ impl ServiceInfo {
             cluster_ips,
             ports,
             external_ips,
+            load_balancer_ips,
             affinity_timeout_s,
             internal_traffic_policy,
             external_traffic_policy,
@@ -483,6 +506,28 @@ mod tests {
         );
         assert_eq!(dual.cluster_ips, [Ipv4Addr::new(10, 96, 0, 10)]);
         assert_eq!(dual.external_ips, [Ipv4Addr::new(192, 0, 2, 7)]);
+    }
+
+    #[test]
+    fn load_balancer_ingress_addresses_are_kept_unless_the_load_balancer_proxies() {
+        let s = ServiceInfo::from_k8s(&service(
+            "default",
+            "web",
+            "spec: {type: LoadBalancer, clusterIP: 10.96.0.10}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.7}, {ip: 203.0.113.8, ipMode: Proxy}, {hostname: lb.example}, {ip: '2001:db8::7'}, {ip: 203.0.113.9, ipMode: VIP}]}}",
+        ))
+        .unwrap();
+        assert_eq!(
+            s.load_balancer_ips,
+            [Ipv4Addr::new(203, 0, 113, 7), Ipv4Addr::new(203, 0, 113, 9)]
+        );
+        assert!(
+            rejection(ServiceInfo::from_k8s(&service(
+                "default",
+                "web",
+                "spec: {type: LoadBalancer}\nstatus: {loadBalancer: {ingress: [{ip: nope}]}}",
+            )))
+            .contains("status.loadBalancer.ingress[0].ip: \"nope\" is not an IP address")
+        );
     }
 
     #[test]

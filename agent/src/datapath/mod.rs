@@ -65,6 +65,7 @@ const FROM_UPLINK: &str = "from_uplink";
 const TO_UPLINK: &str = "to_uplink";
 /// Tail-called by `from_container` for packets to a Service's frontend; never attached.
 const FROM_CONTAINER_LB: &str = "from_container_lb";
+const NODEPORT_IN: &str = "nodeport_in";
 
 /// The uplink's programs and their hooks.
 const UPLINK_HOOKS: [(&str, TcAttachType); 2] = [
@@ -87,16 +88,21 @@ pub enum Program {
     FromUplink,
     /// tc egress of the uplink: pods' traffic leaving the cluster, masqueraded.
     ToUplink,
+    /// Attached nowhere: `from_uplink` and `from_tunnel` jump into it (a tail call through
+    /// the `tail_calls` map) with packets to node ports and external IPs. Loaded only with
+    /// Services.
+    NodePortIn,
 }
 
 impl Program {
-    pub const ALL: [Program; 6] = [
+    pub const ALL: [Program; 7] = [
         Program::FromContainer,
         Program::ToContainer,
         Program::FromTunnel,
         Program::ToTunnel,
         Program::FromUplink,
         Program::ToUplink,
+        Program::NodePortIn,
     ];
 
     pub fn name(self) -> &'static str {
@@ -107,6 +113,7 @@ impl Program {
             Program::ToTunnel => TO_TUNNEL,
             Program::FromUplink => FROM_UPLINK,
             Program::ToUplink => TO_UPLINK,
+            Program::NodePortIn => NODEPORT_IN,
         }
     }
 }
@@ -402,12 +409,17 @@ impl Datapath {
             loader.map_max_entries(name, *size);
         }
         let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
+        // The Services' programs, reached only by tail calls, only with Services.
         let tail_targets: &[&'static str] = if features.services {
             &[FROM_CONTAINER_LB]
         } else {
             &[]
         };
-        for &name in Program::ALL.map(Program::name).iter().chain(tail_targets) {
+        let programs = Program::ALL
+            .into_iter()
+            .filter(|p| features.services || *p != Program::NodePortIn)
+            .map(Program::name);
+        for name in programs.chain(tail_targets.iter().copied()) {
             // The verifier's time: most of a node's start-up, and so of its join time.
             let started = std::time::Instant::now();
             classifier(&mut ebpf, name)?
@@ -422,9 +434,9 @@ impl Datapath {
                 "program verified and loaded"
             );
         }
-        if features.services {
-            fill_tail_calls(&mut ebpf)?;
-        }
+        // In a pinned map an earlier agent filled: the programs it left attached jump into
+        // this agent's from now on.
+        fill_tail_calls(&mut ebpf, features)?;
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(DatapathError::Missing(name));
         let tables = Tables::new(
             KernelHash::new(maps::ENDPOINTS, take(maps::ENDPOINTS)?)?,
@@ -902,15 +914,17 @@ fn attach_tcx(
     Ok(())
 }
 
-/// Points `tail_calls` at its programs (`myelin_common::maps::TAIL_*`). The map stays with
-/// `ebpf`, and with the programs that use it.
-fn fill_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+/// Points `tail_calls` at its programs (`myelin_common::maps::TAIL_*`), or, without Services,
+/// empties it (no program jumps then; an earlier agent's programs are let go).
+fn fill_tail_calls(ebpf: &mut Ebpf, features: Features) -> Result<(), DatapathError> {
     let targets = [
         (maps::TAIL_FROM_CONTAINER_LB, FROM_CONTAINER_LB),
         (maps::TAIL_FROM_CONTAINER, FROM_CONTAINER),
+        (maps::TAIL_NODEPORT_IN, NODEPORT_IN),
     ];
     let fds = targets
         .into_iter()
+        .filter(|_| features.services)
         .map(|(index, name)| {
             let error = |source| DatapathError::Program {
                 program: name,
@@ -932,6 +946,17 @@ fn fill_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
         .map_mut(maps::TAIL_CALLS)
         .ok_or(DatapathError::Missing(maps::TAIL_CALLS))?;
     let mut calls = ProgramArray::try_from(map).map_err(aya_err)?;
+    if !features.services {
+        for index in 0..maps::TAIL_SLOTS {
+            match calls.clear_index(&index) {
+                Ok(()) => {}
+                // Empty already.
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(aya_err(e).into()),
+            }
+        }
+    }
     for (index, fd) in &fds {
         calls.set(*index, fd, 0).map_err(aya_err)?;
     }

@@ -4,20 +4,23 @@
 //! kube-proxy's reading of the API:
 //!
 //! - A Service without a ClusterIP (headless, `clusterIP: None`) or of type ExternalName is not
-//!   translated. LoadBalancer is its ClusterIP and NodePort parts.
+//!   translated. LoadBalancer is its ClusterIP and NodePort parts, and its load balancer's
+//!   addresses (`status.loadBalancer.ingress`, [`LB_F_LOAD_BALANCER`]) as kube-proxy serves
+//!   them: as external IPs.
 //! - Frontends, per Service port (the protocol is part of every key: TCP and UDP on one port
 //!   are two frontends with their own backends): each ClusterIP, each external IP
-//!   ([`LB_F_EXTERNAL_IP`]) and, for NodePort and LoadBalancer Services, this node's
-//!   InternalIP on the node port ([`LB_F_NODEPORT`]).
+//!   ([`LB_F_EXTERNAL_IP`]), each load balancer address and, for NodePort and LoadBalancer
+//!   Services, this node's InternalIP on the node port ([`LB_F_NODEPORT`]).
 //! - Backends: the endpoints of the Service's IPv4 EndpointSlices (label
 //!   `kubernetes.io/service-name`, same namespace), on the slice port with the Service port's
 //!   name and protocol (the EndpointSlice controller has resolved named target ports). The ready
 //!   ones; when none is ready, the serving and terminating ones (graceful termination); none at
 //!   all leaves the frontend with count 0, and the datapath refuses its connections.
 //! - `internalTrafficPolicy: Local` limits ClusterIP frontends, `externalTrafficPolicy: Local`
-//!   (NodePort and LoadBalancer Services only, as in Kubernetes) limits node port and external
-//!   IP frontends, to the endpoints on this node ([`LB_F_LOCAL`]); the fallback to terminating
-//!   endpoints is then among this node's.
+//!   (on Services reachable from outside, as kube-proxy reads it: NodePort, LoadBalancer, and
+//!   ClusterIP with external IPs) limits node port and external IP frontends, to the endpoints
+//!   on this node ([`LB_F_LOCAL`]); the fallback to terminating endpoints is then among this
+//!   node's.
 //! - `sessionAffinity: ClientIP` gives every frontend of the Service its timeout.
 //!
 //! Backends are deduplicated (an endpoint in two slices counts once, with its best condition)
@@ -34,7 +37,9 @@ use myelin_cluster::{
     ClusterIndex, Protocol,
     service::{AddressType, ServiceInfo, ServicePort, ServiceType, TrafficPolicy},
 };
-use myelin_common::lb::{LB_F_EXTERNAL_IP, LB_F_LOCAL, LB_F_NODEPORT, LbEntry, LbKey};
+use myelin_common::lb::{
+    LB_F_EXTERNAL_IP, LB_F_LOAD_BALANCER, LB_F_LOCAL, LB_F_NODEPORT, LbEntry, LbKey,
+};
 
 /// What an endpoint's conditions make of it, and the kinds of frontends: the API's own types,
 /// so that what `myelinctl services` shows is what was computed.
@@ -125,6 +130,7 @@ pub fn translate(index: &ClusterIndex, node_name: &str) -> Services {
         let id = format!("{}/{}", service.namespace, service.name);
         let mut warnings = cap_warnings(&id, &translation);
         for port in &mut translation.ports {
+            let usable = usable_count(&port.endpoints);
             for frontend in &mut port.frontends {
                 let key = frontend_key(frontend, port.port.protocol);
                 if let Some(holder) = holders.get(&key) {
@@ -139,7 +145,7 @@ pub fn translate(index: &ClusterIndex, node_name: &str) -> Services {
                     continue;
                 }
                 holders.insert(key, id.clone());
-                write_slots(&mut slots, key, frontend, service);
+                write_slots(&mut slots, key, frontend, service, usable > 0);
             }
         }
         if !warnings.is_empty() {
@@ -211,12 +217,13 @@ pub fn update(
         let translation = translate_service(index, service, node_name, node_ip);
         let warnings = cap_warnings(&format!("{namespace}/{name}"), &translation);
         for port in &translation.ports {
+            let usable = usable_count(&port.endpoints);
             for frontend in &port.frontends {
                 let slot0 = frontend_key(frontend, port.port.protocol);
                 if slots.contains_key(&slot0) {
                     return false;
                 }
-                write_slots(slots, slot0, frontend, service);
+                write_slots(slots, slot0, frontend, service, usable > 0);
             }
         }
         if !warnings.is_empty() {
@@ -303,10 +310,13 @@ fn translate_service(
     if not_translated.is_some() {
         return translation;
     }
-    // Kubernetes applies externalTrafficPolicy to NodePort and LoadBalancer Services only.
+    // Kubernetes applies externalTrafficPolicy to the Services reachable from outside: NodePort
+    // and LoadBalancer, and ClusterIP with external IPs (kube-proxy's `ExternallyAccessible`).
     let internal_local = service.internal_traffic_policy == TrafficPolicy::Local;
+    let externally_accessible = service.type_.has_node_ports()
+        || (service.type_ == ServiceType::ClusterIp && !service.external_ips.is_empty());
     let external_local =
-        service.type_.has_node_ports() && service.external_traffic_policy == TrafficPolicy::Local;
+        externally_accessible && service.external_traffic_policy == TrafficPolicy::Local;
     for port in &service.ports {
         let endpoints = endpoints_of(index, service, port);
         let frontend = |kind, addr, number, local| Frontend {
@@ -327,6 +337,12 @@ fn translate_service(
                 .external_ips
                 .iter()
                 .map(|ip| frontend(FrontendKind::ExternalIp, *ip, port.port, external_local)),
+        );
+        frontends.extend(
+            service
+                .load_balancer_ips
+                .iter()
+                .map(|ip| frontend(FrontendKind::LoadBalancer, *ip, port.port, external_local)),
         );
         if service.type_.has_node_ports()
             && let (Some(node_port), Some(ip)) = (port.node_port, node_ip)
@@ -424,19 +440,25 @@ fn frontend_key(frontend: &Frontend, protocol: Protocol) -> LbKey {
     }
 }
 
-/// Slot 0, the service, and slots 1..=n, its backends.
+/// Slot 0, the service, and slots 1..=n, its backends. `usable_anywhere`: the port has
+/// endpoints that could be backends on some node.
 fn write_slots(
     slots: &mut BTreeMap<LbKey, LbEntry>,
     key: LbKey,
     frontend: &Frontend,
     service: &ServiceInfo,
+    usable_anywhere: bool,
 ) {
     let mut flags = match frontend.kind {
         FrontendKind::ClusterIp => 0,
         FrontendKind::ExternalIp => LB_F_EXTERNAL_IP,
         FrontendKind::NodePort => LB_F_NODEPORT,
+        FrontendKind::LoadBalancer => LB_F_LOAD_BALANCER,
     };
-    if frontend.local {
+    // Without a backend on any node the policy makes no difference, and a Local frontend is
+    // refused like any other rather than dropped as one whose backends are elsewhere
+    // (kube-proxy rejects a Service without endpoints whatever its policies).
+    if frontend.local && usable_anywhere {
         flags |= LB_F_LOCAL;
     }
     slots.insert(

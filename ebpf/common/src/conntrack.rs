@@ -59,6 +59,11 @@ pub const CT_F_DENIED_EGRESS: u32 = 16;
 /// The flow was translated from a Service's frontend to a backend (see `crate::lb`): its replies
 /// are translated back from the `in` entry of `lb_flows`.
 pub const CT_F_SERVICE: u32 = 32;
+/// The flow came in through the uplink to a NodePort or external IP frontend (see
+/// `crate::lb`) and was delivered to a backend on this node: its replies leave through the
+/// uplink again, to the client, once translated back (the frontend may be the node's own
+/// address, which the node's stack refuses as the source of a packet it forwards).
+pub const CT_F_NODEPORT: u32 = 64;
 
 /// Lifetimes, refreshed by every packet.
 pub mod timeout {

@@ -68,6 +68,8 @@ pub const LB_F_LOCAL: u32 = 1;
 pub const LB_F_NODEPORT: u32 = 2;
 /// An external IP frontend.
 pub const LB_F_EXTERNAL_IP: u32 = 4;
+/// A load balancer's address (`status.loadBalancer.ingress`): served as an external IP.
+pub const LB_F_LOAD_BALANCER: u32 = 8;
 
 /// The key of a client's packet, before translation.
 pub const LB_OUT: u8 = crate::nat::NAT_OUT;

@@ -19,16 +19,22 @@ pub const LB_AFFINITY: &str = "lb_affinity";
 pub const LB_REVERSE_SK: &str = "lb_reverse_sk";
 pub const SOCK_LB: &str = "sock_lb";
 
-/// The programs `bpf_tail_call` jumps to, at the `TAIL_*` indices. Not pinned: every load of
-/// the programs has its own, so programs of one agent never jump into another's.
+/// The programs `bpf_tail_call` jumps to, at the `TAIL_*` indices. Pinned like the others: a
+/// program array loses its entries when no file or pin holds it any more, and the attached
+/// programs must keep translating while the agent is down; a new agent puts its programs in.
 pub const TAIL_CALLS: &str = "tail_calls";
 /// `tail_calls`: `from_container_lb`, which translates a pod's packet to a Service's frontend.
 pub const TAIL_FROM_CONTAINER_LB: u32 = 0;
 /// `tail_calls`: `from_container`, which `from_container_lb` hands the translated packet back to.
 pub const TAIL_FROM_CONTAINER: u32 = 1;
+/// `tail_calls`: `nodeport_in`, where `from_uplink` and `from_tunnel` send packets to node
+/// ports, external IPs and load balancers' addresses, and what may be replies to them.
+pub const TAIL_NODEPORT_IN: u32 = 2;
+/// `tail_calls`' size.
+pub const TAIL_SLOTS: u32 = 3;
 
 /// Every map the agent pins.
-pub const PINNED: [&str; 16] = [
+pub const PINNED: [&str; 17] = [
     ENDPOINTS,
     ENDPOINTS_BY_IF,
     COUNTERS,
@@ -45,6 +51,7 @@ pub const PINNED: [&str; 16] = [
     LB_AFFINITY,
     LB_REVERSE_SK,
     SOCK_LB,
+    TAIL_CALLS,
 ];
 
 /// Default capacities (each has an agent flag).

@@ -119,7 +119,7 @@ pub fn to_node(
 /// Through the uplink with masquerading on, the packet is marked [`MARK_ROUTED_TO_NODE`]: it
 /// goes to a pod of the cluster, and `to_uplink` can let it pass without its lookup.
 #[inline(always)]
-fn fib_redirect(
+pub fn fib_redirect(
     ctx: &TcContext,
     config: &DatapathConfig,
     eth: *mut EthHdr,

@@ -224,6 +224,14 @@ pub(crate) fn choose(
     Some((backend, port))
 }
 
+/// The frontend (slot 0) at `addr`, `port`, `protocol`, if there is one: one lookup. For the
+/// uplink's NodePort and external IP frontends (`crate::nodeport`).
+#[inline(always)]
+pub(crate) fn frontend(addr: [u8; 4], port: u16, protocol: u8) -> Option<LbEntry> {
+    // SAFETY: copied out at once.
+    unsafe { LB_SERVICES.get(&slot(addr, port, protocol, 0)) }.copied()
+}
+
 /// Whether `from_container` must hand the packet to `from_container_lb` ([`translate`]): a
 /// TCP, UDP or SCTP packet to a frontend, or an ICMP error about a reply from one. One hash
 /// lookup for those protocols, none for the rest.

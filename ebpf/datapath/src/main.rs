@@ -15,6 +15,9 @@
 //!   node's InternalIP) masquerade pods' traffic leaving the cluster (see `nat`). In native
 //!   routing, `from_uplink` also delivers other nodes' packets for this node's pods straight
 //!   into them (`deliver_from_uplink`).
+//! - With Services in eBPF on, `from_uplink` (and `from_tunnel`, for remote pods) jump into
+//!   `nodeport_in` with packets to node ports, external IPs and load balancer addresses, and
+//!   with replies to the node's address (see `nodeport`).
 //!
 //! - `lb_connect4`, `lb_sendmsg4`, `lb_recvmsg4` and `lb_getpeername4` (cgroup `sock_addr`
 //!   hooks of `--cgroup-root`) translate Services for the node's own sockets at `connect()` and
@@ -45,6 +48,8 @@ mod lb;
 #[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
+mod nodeport;
+#[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod policy;
@@ -68,9 +73,11 @@ mod programs {
             MARK_ROUTED_TO_NODE,
         },
         conntrack::{
-            CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CT_F_SERVICE, CtKey,
+            CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CT_F_NODEPORT, CT_F_SERVICE,
+            CtKey,
         },
         identity,
+        lb::LB_F_LOCAL,
         proto::{ETH_P_ARP, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
     };
 
@@ -81,7 +88,7 @@ mod programs {
         events::{self, Verdict},
         forward, ipcache,
         lb::{self, Translation},
-        nat,
+        nat, nodeport,
         packet::{self, EthHdr, Flow, Icmp, Ipv4Hdr},
         policy::{self, Peers},
         tail,
@@ -471,6 +478,11 @@ mod programs {
             // node, the world) is the stack's.
             let peer = ipcache::lookup(flow.daddr);
             if peer.node == [0; 4] {
+                // A client outside that reached a local backend through the uplink (a node
+                // port, an external IP): back out through the FIB.
+                if events::services_loaded() && reply & CT_F_NODEPORT != 0 {
+                    return Ok(nodeport::to_client(ctx, &config, eth, ip));
+                }
                 return Ok(PASS);
             }
             return Ok(forward::to_node(
@@ -611,6 +623,8 @@ mod programs {
         }
     }
 
+    // Inlined into the program: a tail call is refused in a function that returns no int.
+    #[inline(always)]
     fn try_from_tunnel(ctx: &TcContext) -> Result<i32, i32> {
         let key =
             forward::tunnel_key(ctx).ok_or_else(|| drop(ctx, DropReason::TunnelPeerUnknown))?;
@@ -626,13 +640,21 @@ mod programs {
         }
         let ip = packet::ipv4(ctx).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
         let mut flow = packet::flow(ctx, ip).ok_or_else(|| drop(ctx, DropReason::Malformed))?;
+        let config = events::config();
         let Some(dst) = endpoint::by_ip(flow.daddr) else {
+            // A remote pod asking one of this node's node ports, or a remote backend answering
+            // a node port's client: the ipcache puts a node's address behind that node, so
+            // both come through the tunnel. `nodeport_in` serves them.
+            if nodeport::is_frontend(&config, &flow, ip)
+                || nodeport::may_be_reply(&config, &flow, ip)
+            {
+                nodeport::jump(ctx);
+            }
             // For the node itself (a remote pod reaching one of its addresses).
             let _ = ctx.change_type(PACKET_HOST);
             return Ok(PASS);
         };
         endpoint::account_rx(dst.id, ctx.len());
-        let config = events::config();
         let mut verdict = Verdict {
             reason: 0,
             direction: Direction::Ingress as u8,
@@ -777,7 +799,10 @@ mod programs {
     /// back to the pod. Only packets to the node's address can be such replies, and of TCP and
     /// UDP only those to a port of the NAT range: everything else passes without a map lookup.
     /// In native routing, packets for this node's pods go straight into them
-    /// (`deliver_from_uplink`); a mask compare sorts them out.
+    /// (`deliver_from_uplink`); a mask compare sorts them out. With Services in eBPF, the
+    /// other TCP and UDP packets cost one lookup more: those to a node port or an external IP
+    /// go to `nodeport_in`, and so do the replies to the node's address, which it translates
+    /// back (masquerading's, and a remote backend's to a node port's client).
     #[classifier]
     pub fn from_uplink(ctx: TcContext) -> i32 {
         match try_from_uplink(&ctx) {
@@ -785,9 +810,11 @@ mod programs {
         }
     }
 
+    // Inlined into the program: a tail call is refused in a function that returns no int.
+    #[inline(always)]
     fn try_from_uplink(ctx: &TcContext) -> Result<i32, i32> {
         let config = events::config();
-        if config.flags & (CONFIG_F_MASQUERADE | CONFIG_F_NATIVE) == 0 {
+        if config.flags & (CONFIG_F_MASQUERADE | CONFIG_F_NATIVE | CONFIG_F_SERVICES) == 0 {
             return Ok(PASS);
         }
         let Some(eth) = packet::eth(ctx) else {
@@ -805,18 +832,33 @@ mod programs {
         if config.flags & CONFIG_F_NATIVE != 0 && endpoint::in_pod_cidr(&config, daddr) {
             return deliver_from_uplink(ctx, &config, eth, ip);
         }
-        if !nat::enabled(&config) || daddr != config.node_ip {
-            return Ok(PASS);
-        }
+        let services = events::services_loaded()
+            && config.flags & CONFIG_F_SERVICES != 0
+            && config.node_ip != [0; 4];
         let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
         if matches!(protocol, IPPROTO_TCP | IPPROTO_UDP) && !later_fragment {
             let Some(ports) = packet::ptr_at::<packet::Ports>(ctx, l4) else {
                 return Ok(PASS);
             };
             // SAFETY: bounds-checked by `ptr_at`.
-            if !nat::may_be_reply(&config, unsafe { (*ports).dport }) {
+            let dport = unsafe { (*ports).dport };
+            let reply = daddr == config.node_ip
+                && (services || nat::enabled(&config))
+                && nat::may_be_reply(&config, dport);
+            if !reply {
+                if services && nodeport::frontend_flags(daddr, dport, protocol).is_some() {
+                    // Returns only if `nodeport_in` is not there: the stack gets the packet.
+                    nodeport::jump(ctx);
+                }
                 return Ok(PASS);
             }
+        } else if !(services || nat::enabled(&config)) || daddr != config.node_ip {
+            return Ok(PASS);
+        }
+        // A masqueraded flow's reply, or a remote backend's answer to a node port's client
+        // (or an ICMP error about either): with Services, `nodeport_in` translates both back.
+        if services && !later_fragment {
+            nodeport::jump(ctx);
         }
         // Not the pods' packet yet: what the node cannot parse, its stack decides about.
         let Some(flow) = packet::flow(ctx, ip) else {
@@ -825,6 +867,151 @@ mod programs {
         nat::reverse(ctx, &flow, l4, later_fragment)
             .map_err(|reason| drop_nat(ctx, &config, reason, &flow, Direction::Ingress))?;
         Ok(PASS)
+    }
+
+    /// Not attached to any device: `from_uplink` and `from_tunnel` jump here
+    /// (`nodeport::jump`) with a TCP or UDP packet to a node port or an external IP. It is
+    /// translated to a backend, then goes into a local backend pod past the node's stack
+    /// (conntrack and its ingress policy, against the real client), or on to the backend's node
+    /// with this node's address as its source (see `nodeport`). They also jump here with what
+    /// may be a reply to the node's address (on a port of the NAT range, or an ICMP error):
+    /// masquerading's `nat::reverse` gives it its client back, and a node port's client gets it
+    /// from the frontend, through the FIB; a pod's goes up the stack as before. A program of
+    /// its own, verified once for both callers, with a stack of its own.
+    #[classifier]
+    pub fn nodeport_in(ctx: TcContext) -> i32 {
+        match try_nodeport_in(&ctx) {
+            Ok(action) | Err(action) => action,
+        }
+    }
+
+    fn try_nodeport_in(ctx: &TcContext) -> Result<i32, i32> {
+        let config = events::config();
+        let (_, ip) = headers(ctx)?;
+        // SAFETY: bounds-checked by `packet::ipv4`.
+        let ttl = unsafe { (*ip).ttl };
+        let l4 = packet::l4_offset(ip);
+        let Some(mut flow) = packet::flow(ctx, ip) else {
+            return Ok(PASS);
+        };
+        let ifindex = packet::ifindex(ctx);
+        let from_tunnel = config.tunnel_ifindex != 0 && ifindex == config.tunnel_ifindex;
+        // A reply comes to the node's address on a port of the NAT range, where no node port
+        // is, or is ICMP: no frontend lookup for it.
+        let reply = flow.daddr == config.node_ip
+            && match flow.protocol {
+                IPPROTO_TCP | IPPROTO_UDP => nat::may_be_reply(&config, flow.dport),
+                _ => true,
+            };
+        // A frontend is looked up again: the caller's answer does not cross the jump.
+        let flags = if reply {
+            None
+        } else {
+            nodeport::frontend_flags(flow.daddr, flow.dport, flow.protocol)
+        };
+        let Some(flags) = flags else {
+            return reply_to_node(ctx, &config, &flow, l4, from_tunnel);
+        };
+        // Frames for another host's MAC (promiscuous mode) are not the node's to serve.
+        // SAFETY: `skb` is the context pointer the kernel passed in; reading it is allowed.
+        if !from_tunnel && unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+            return Ok(PASS);
+        }
+        let mut verdict = Verdict {
+            reason: 0,
+            direction: Direction::Ingress as u8,
+            src_endpoint: 0,
+            dst_endpoint: 0,
+            peers: unknown_peers(),
+            ifindex,
+            service: (flow.daddr, flow.dport),
+        };
+        match lb::translate(ctx, &mut flow, l4, false) {
+            Ok(Translation::Backend | Translation::Hairpin) => {}
+            Ok(Translation::None) => return Ok(PASS),
+            Ok(Translation::NoBackend) => {
+                let shot = drop_flow(
+                    ctx,
+                    &config,
+                    DropReason::NoServiceBackend,
+                    &flow,
+                    &mut verdict,
+                );
+                // `externalTrafficPolicy: Local` without a backend here: dropped, as kube-proxy
+                // does (the client's load balancer is to send it to another node). A refusal
+                // goes back out of the uplink; from the tunnel it would need a tunnel key.
+                if flags & LB_F_LOCAL == 0 && !from_tunnel && nodeport::refuse(ctx, &flow, ifindex)
+                {
+                    return Ok(TC_ACT_REDIRECT as i32);
+                }
+                return Err(shot);
+            }
+            Err(reason) => return Err(drop_flow(ctx, &config, reason, &flow, &mut verdict)),
+        }
+        let Some(dst) = local_endpoint(&config, flow.daddr) else {
+            return nodeport::to_backend_node(ctx, &config, &flow, l4)
+                .map_err(|reason| drop_flow(ctx, &config, reason, &flow, &mut verdict));
+        };
+        verdict.dst_endpoint = dst.id;
+        endpoint::account_rx(dst.id, ctx.len());
+        admit(
+            ctx,
+            &config,
+            &flow,
+            None,
+            Some(dst),
+            &mut verdict,
+            CT_F_SERVICE | CT_F_NODEPORT,
+            None,
+        )?;
+        let (eth, ip) = headers(ctx)?;
+        // An expiring TTL: the stack answers with ICMP time exceeded.
+        if ttl <= 1 {
+            return Ok(PASS);
+        }
+        // SAFETY: `eth` and `ip` are within bounds: checked after the last change to the packet.
+        unsafe {
+            packet::decrement_ttl(ip);
+            packet::set_macs(eth, &dst.mac, &dst.host_mac);
+        }
+        // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
+        let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
+        if ret == i64::from(TC_ACT_REDIRECT) {
+            Ok(TC_ACT_REDIRECT as i32)
+        } else {
+            Ok(PASS)
+        }
+    }
+
+    /// `nodeport_in`, for a packet to the node's address that is no frontend's: a reply of a
+    /// masqueraded flow or of a node port's connection to a remote backend, or an ICMP error
+    /// about one (the callers sent nothing else). Whatever is not a node port's goes up the
+    /// stack, as the callers would have let it.
+    #[inline(always)]
+    fn reply_to_node(
+        ctx: &TcContext,
+        config: &DatapathConfig,
+        flow: &Flow,
+        l4: usize,
+        from_tunnel: bool,
+    ) -> Result<i32, i32> {
+        let to_stack = || {
+            if from_tunnel {
+                // As `from_tunnel` passes what is for the node itself.
+                let _ = ctx.change_type(PACKET_HOST);
+            }
+            Ok(PASS)
+        };
+        if flow.daddr != config.node_ip {
+            return to_stack();
+        }
+        nat::reverse(ctx, flow, l4, false)
+            .map_err(|reason| drop_nat(ctx, config, reason, flow, Direction::Ingress))?;
+        match nodeport::reply_to_client(ctx, config) {
+            Ok(Some(action)) => Ok(action),
+            Ok(None) => to_stack(),
+            Err(reason) => Err(drop_nat(ctx, config, reason, flow, Direction::Ingress)),
+        }
     }
 
     /// Native routing: a packet from another node for one of this node's pods goes straight

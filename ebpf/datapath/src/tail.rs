@@ -2,6 +2,9 @@
 //! verifier checks it once by itself instead of once for every way through the program it
 //! would otherwise be part of (the load of the programs, and so a node's start, stays short).
 //!
+//! Node ports: `from_uplink` and `from_tunnel` hand packets to node ports and external IPs to
+//! `nodeport_in` (see `crate::nodeport`).
+//!
 //! Services: `from_container` hands a pod's packet to a frontend to `from_container_lb`,
 //! which translates it and hands it back to `from_container` (or refuses it). The way back
 //! carries what the translation did in [`Handoff`], a per-CPU slot: a tail call runs at once
@@ -13,11 +16,13 @@ use aya_ebpf::{
     btf_maps::{PerCpuArray, ProgramArray},
     macros::btf_map,
 };
-use myelin_common::maps::{TAIL_FROM_CONTAINER, TAIL_FROM_CONTAINER_LB};
+use myelin_common::maps::{
+    TAIL_FROM_CONTAINER, TAIL_FROM_CONTAINER_LB, TAIL_NODEPORT_IN, TAIL_SLOTS,
+};
 
 /// The programs tail calls go to (`myelin_common::maps::TAIL_*`); the agent fills it in.
 #[btf_map(name = "tail_calls")]
-static TAIL_CALLS: ProgramArray<2> = ProgramArray::new();
+static TAIL_CALLS: ProgramArray<{ TAIL_SLOTS as usize }> = ProgramArray::new();
 
 /// What `from_container_lb` did to the packet it hands back.
 #[repr(C)]
@@ -49,6 +54,13 @@ static HANDOFF: PerCpuArray<Handoff, 1> = PerCpuArray::new();
 pub fn to_translator<C: EbpfContext>(ctx: &C) {
     // SAFETY: the jump target is a program of the same type, given the same context.
     unsafe { TAIL_CALLS.tail_call(ctx, TAIL_FROM_CONTAINER_LB) };
+}
+
+/// Jumps to `nodeport_in` (see `crate::nodeport`). Returns only when it could not.
+#[inline(always)]
+pub fn to_nodeport<C: EbpfContext>(ctx: &C) {
+    // SAFETY: as in `to_translator`.
+    unsafe { TAIL_CALLS.tail_call(ctx, TAIL_NODEPORT_IN) };
 }
 
 /// Hands the packet back to `from_container` with `flags` (`HANDOFF_*`). Returns only when

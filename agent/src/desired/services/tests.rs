@@ -7,7 +7,7 @@ use myelin_cluster::{
     Change, ClusterIndex, EndpointSliceInfo, NodeInfo, Object, ServiceInfo, builders,
 };
 use myelin_common::{
-    lb::{LB_F_EXTERNAL_IP, LB_F_LOCAL, LB_F_NODEPORT, LbKey},
+    lb::{LB_F_EXTERNAL_IP, LB_F_LOAD_BALANCER, LB_F_LOCAL, LB_F_NODEPORT, LbKey},
     proto::{IPPROTO_TCP as TCP, IPPROTO_UDP as UDP},
 };
 
@@ -489,26 +489,94 @@ fn node_ports_use_this_nodes_address_and_external_traffic_policy() {
     );
 }
 
+/// Under `externalTrafficPolicy: Local` a node without a backend of its own drops (its
+/// frontend keeps `LB_F_LOCAL` with no slot); a Service without any usable endpoint is refused
+/// on every node, as kube-proxy rejects it, so its frontends lose the flag.
 #[test]
-fn external_traffic_policy_applies_only_to_services_with_node_ports() {
+fn a_local_frontend_keeps_its_flag_only_while_some_node_has_a_backend() {
+    let mut c = Cluster::new();
+    c.service(
+        "web",
+        "{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}",
+    )
+    .slice("web-1", "web", &http_slice(&[("10.244.2.7", "node-2", READY)]));
+    assert_eq!(
+        c.lookup("192.168.1.10", 30080, TCP)
+            .map(|l| (l.flags, l.backends.len())),
+        Some((LB_F_NODEPORT | LB_F_LOCAL, 0)),
+        "a backend elsewhere only: dropped here"
+    );
+    c.slice("web-1", "web", &http_slice(&[]));
+    assert_eq!(
+        c.lookup("192.168.1.10", 30080, TCP)
+            .map(|l| (l.flags, l.backends.len())),
+        Some((LB_F_NODEPORT, 0)),
+        "no endpoint anywhere: refused"
+    );
+}
+
+/// kube-proxy's `ExternalPolicyLocal`: the policy holds for Services reachable from outside,
+/// which a ClusterIP Service is through its external IPs.
+#[test]
+fn external_traffic_policy_applies_to_a_cluster_ips_external_ips() {
     let mut c = Cluster::new();
     c.service(
         "web",
         "{clusterIP: 10.96.0.10, externalIPs: [192.0.2.7], externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}",
     )
-    .slice("web-1", "web", &http_slice(&[("10.244.2.7", "node-2", READY)]));
+    .slice(
+        "web-1",
+        "web",
+        &http_slice(&[
+            ("10.244.1.5", "node-1", READY),
+            ("10.244.2.7", "node-2", READY),
+        ]),
+    );
     assert_eq!(
         c.lookup("192.0.2.7", 80, TCP),
         Some(Lookup {
-            flags: LB_F_EXTERNAL_IP,
+            flags: LB_F_EXTERNAL_IP | LB_F_LOCAL,
             affinity_timeout_s: 0,
-            backends: backends(&[("10.244.2.7", 8080)]),
+            backends: backends(&[("10.244.1.5", 8080)]),
         })
+    );
+    assert_eq!(
+        c.lookup("10.96.0.10", 80, TCP)
+            .map(|l| (l.flags, l.backends.len())),
+        Some((0, 2)),
+        "the ClusterIP itself keeps every backend"
     );
     assert_eq!(
         c.lookup("192.168.1.10", 30080, TCP),
         None,
         "a ClusterIP Service has no node port"
+    );
+}
+
+/// kube-proxy serves a load balancer's addresses like external IPs, under the external
+/// traffic policy.
+#[test]
+fn a_load_balancers_ingress_addresses_are_frontends_under_the_external_policy() {
+    let mut c = Cluster::new();
+    c.service(
+        "web",
+        "{type: LoadBalancer, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.7}]}}",
+    )
+    .slice(
+        "web-1",
+        "web",
+        &http_slice(&[
+            ("10.244.1.5", "node-1", READY),
+            ("10.244.2.7", "node-2", READY),
+        ]),
+    );
+    assert_eq!(
+        c.lookup("203.0.113.7", 80, TCP),
+        Some(Lookup {
+            flags: LB_F_LOAD_BALANCER | LB_F_LOCAL,
+            affinity_timeout_s: 0,
+            backends: backends(&[("10.244.1.5", 8080)]),
+        })
     );
 }
 
