@@ -518,9 +518,11 @@ pub fn ask_from_process(
         "parsing the answers {} got from {frontend}",
         from.label()
     )))?;
+    // An answer is `<backend> <client as the backend saw it>`: the first address names it.
     let address = |v: &Value, key: &str| -> Option<SocketAddrV4> {
         v.get(key)
             .and_then(Value::as_str)
+            .and_then(|s| s.split_whitespace().next())
             .and_then(|s| s.parse().ok())
     };
     Ok(listed
@@ -591,7 +593,7 @@ impl HeldUdpClient {
         let stdout = child.stdout.take().expect("piped");
         let mut lines = std::io::BufReader::new(stdout).lines();
         let first = lines.next().transpose().ok().flatten().unwrap_or_default();
-        let backend = match first.parse() {
+        let backend = match first.split_whitespace().next().unwrap_or_default().parse() {
             Ok(backend) => backend,
             Err(_) => {
                 let _ = child.kill();
