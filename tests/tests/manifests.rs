@@ -154,6 +154,8 @@ fn values_outside_the_schema_are_refused() -> Result<()> {
         json!({ "uplink": "eth0/../x" }),
         json!({ "kubeProxyReplacement": "yes" }),
         json!({ "cgroupRoot": "sys/fs/cgroup" }),
+        json!({ "k8sServiceHost": "10.0.0.1 evil" }),
+        json!({ "k8sServicePort": 70000 }),
     ] {
         assert!(
             tools.render(&values).is_err(),
@@ -206,6 +208,45 @@ fn routing_masquerading_and_service_values_become_the_agents_flags() -> Result<(
             "myelin-agent has no flag {flag}:\n{help}"
         );
     }
+    Ok(())
+}
+
+/// `k8sServiceHost`/`k8sServicePort` become the agent's KUBERNETES_SERVICE_HOST/PORT (what its
+/// in-cluster configuration reads); unset, the agent has neither and keeps the ones Kubernetes
+/// gives every pod.
+#[test]
+fn the_api_servers_own_address_reaches_the_agent_only_when_given() -> Result<()> {
+    let tools = ChartTools::from_current_exe()?;
+    let env_of = |values: serde_json::Value| -> Result<Vec<(String, String)>> {
+        let rendered = tools.render(&values)?;
+        let objects = objects(&rendered);
+        let spec = &object(&objects, "DaemonSet")["spec"]["template"]["spec"];
+        let agent = container(spec, "containers", "agent");
+        Ok(agent["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let name = e["name"].as_str()?;
+                let value = e["value"].as_str()?;
+                name.starts_with("KUBERNETES_")
+                    .then(|| (name.to_string(), value.to_string()))
+            })
+            .collect())
+    };
+    assert_eq!(
+        env_of(
+            json!({ "kubeProxyReplacement": true, "k8sServiceHost": "192.168.1.2", "k8sServicePort": 6443 })
+        )?,
+        [
+            (
+                "KUBERNETES_SERVICE_HOST".to_string(),
+                "192.168.1.2".to_string()
+            ),
+            ("KUBERNETES_SERVICE_PORT".to_string(), "6443".to_string()),
+        ]
+    );
+    assert_eq!(env_of(json!({}))?, []);
     Ok(())
 }
 

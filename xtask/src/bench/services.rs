@@ -79,8 +79,8 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
          masquerade mark), loaded with `nft -f`; pods through ptp"
             .into(),
         "myelin: the release build's agent with --kube-proxy-replacement and --routing-mode \
-         native, the Services and their EndpointSlices in its cluster directory; the pods \
-         through Myelin"
+         native, watching the Services and their EndpointSlices in a test API server (the \
+         Kubernetes source, as on a cluster); the pods through Myelin"
             .into(),
         format!(
             "connection rate: a new TCP connection per 1-byte request/response to the \
