@@ -25,6 +25,25 @@ use crate::{Error, Result, cluster, traffic::Host};
 
 /// How often a server thread looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
+/// The ClusterIP the Services tests give their `web` Service.
+pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The `web` Service's TCP port.
+pub const WEB_TCP: ServicePort<'static> = ServicePort {
+    name: "http",
+    protocol: Protocol::Tcp,
+    port: 80,
+    target_port: 8080,
+};
+/// The same port number over UDP, to another target port: a frontend of its own.
+pub const WEB_UDP: ServicePort<'static> = ServicePort {
+    name: "dns",
+    protocol: Protocol::Udp,
+    port: 80,
+    target_port: 9090,
+};
+/// Long enough for every agent to see a change (they read the directory within a second).
+pub const CONVERGE: Duration = Duration::from_secs(5);
+
 /// How long a question may take before it counts as unanswered: well above a round trip here,
 /// well below TCP's first SYN retransmission (1 s), so a refusal is told from silence.
 const ANSWER_TIMEOUT: Duration = Duration::from_millis(800);

@@ -17,7 +17,6 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
-    time::Duration,
 };
 
 use myelin_tests::{
@@ -25,24 +24,17 @@ use myelin_tests::{
     multinode::{Cluster, ClusterPod, ClusterSpec, Underlay},
     root_test,
     services::{
-        Answer, Backend, BackendServers, Protocol, ServicePort, ask, ask_many, ask_many_seen,
-        ask_until, endpoint_slice, tally,
+        Answer, Backend, BackendServers, CLUSTER_IP, CONVERGE, Protocol, ServicePort, WEB_TCP, ask,
+        ask_many, ask_many_seen, ask_until, endpoint_slice, tally,
     },
     traffic::Host,
 };
 use serde_json::{Value, json};
 
-const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Routed to a node by a route in the world (as a provider's network would).
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 /// A load balancer's address (`status.loadBalancer.ingress`), routed by the world to a node.
 const LOAD_BALANCER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
-const WEB_TCP: ServicePort<'static> = ServicePort {
-    name: "http",
-    protocol: Protocol::Tcp,
-    port: 80,
-    target_port: 8080,
-};
 const WEB_UDP: ServicePort<'static> = ServicePort {
     name: "dns",
     protocol: Protocol::Udp,
@@ -56,8 +48,6 @@ fn node_port(port: ServicePort<'_>) -> u16 {
         Protocol::Udp => 30053,
     }
 }
-/// Long enough for every agent to see a change (they read the directory within a second).
-const CONVERGE: Duration = Duration::from_secs(5);
 /// Questions per node and port: every one of three backends answers one of them but with a
 /// chance of 3 x (2/3)^30, under 2 in 100,000.
 const QUESTIONS: usize = 30;

@@ -10,7 +10,7 @@
 //! objects are written as the API server and the endpointslice controller would hold them.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddrV4,
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::Duration,
@@ -21,29 +21,12 @@ use myelin_tests::{
     multinode::{Cluster, ClusterPod, ClusterSpec, Underlay},
     root_test,
     services::{
-        Answer, Backend, BackendServers, Protocol, ServicePort, ask, ask_many, ask_until,
-        cluster_ip_service, endpoint_slice, tally,
+        Answer, Backend, BackendServers, CLUSTER_IP, CONVERGE, Protocol, ServicePort, WEB_TCP,
+        WEB_UDP, ask, ask_many, ask_until, cluster_ip_service, endpoint_slice, tally,
     },
     traffic::Host,
 };
 use serde_json::{Value, json};
-
-const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const WEB_TCP: ServicePort<'static> = ServicePort {
-    name: "http",
-    protocol: Protocol::Tcp,
-    port: 80,
-    target_port: 8080,
-};
-/// The same port number over UDP, to another target port: a frontend of its own.
-const WEB_UDP: ServicePort<'static> = ServicePort {
-    name: "dns",
-    protocol: Protocol::Udp,
-    port: 80,
-    target_port: 9090,
-};
-/// Long enough for every agent to see a change (they read the directory within a second).
-const CONVERGE: Duration = Duration::from_secs(5);
 
 fn cluster(run: &RunPrefix, mode: &str, underlay: Underlay) -> Result<Cluster> {
     Cluster::start(

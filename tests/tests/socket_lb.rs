@@ -13,7 +13,6 @@
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
-    time::Duration,
 };
 
 use myelin_tests::{
@@ -23,29 +22,14 @@ use myelin_tests::{
     multinode::{Cluster, ClusterPod, ClusterSpec, Underlay},
     root_test,
     services::{
-        Answer, Backend, BackendServers, HeldUdpClient, Protocol, ServicePort, SocketAnswer,
-        SocketQuestion, ask_from_process, ask_many, ask_until, cluster_ip_service, endpoint_slice,
-        tally,
+        Answer, Backend, BackendServers, CLUSTER_IP, CONVERGE, HeldUdpClient, Protocol,
+        ServicePort, SocketAnswer, SocketQuestion, WEB_TCP, WEB_UDP, ask_from_process, ask_many,
+        ask_until, cluster_ip_service, endpoint_slice, tally,
     },
     traffic::Host,
 };
 use serde_json::json;
 
-const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const WEB_TCP: ServicePort<'static> = ServicePort {
-    name: "http",
-    protocol: Protocol::Tcp,
-    port: 80,
-    target_port: 8080,
-};
-const WEB_UDP: ServicePort<'static> = ServicePort {
-    name: "dns",
-    protocol: Protocol::Udp,
-    port: 80,
-    target_port: 9090,
-};
-/// Long enough for every agent to see a change (they read the directory within a second).
-const CONVERGE: Duration = Duration::from_secs(5);
 /// The socket programs in the order the agent attaches them, with their attach types as
 /// `bpftool cgroup show` names them.
 const HOOKS: [(&str, &str); 4] = [
