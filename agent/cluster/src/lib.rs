@@ -9,6 +9,7 @@
 #[cfg(any(test, feature = "builders"))]
 pub mod builders;
 pub mod documents;
+pub mod explain;
 pub mod identity;
 pub mod index;
 pub mod objects;
