@@ -191,6 +191,7 @@ pub fn router<D: DatapathOps + 'static>(state: ApiState<D>) -> Router {
         .route("/v1/status", get(status::<D>))
         .route("/v1/nodes", get(nodes::<D>))
         .route("/v1/policies", get(policies::<D>))
+        .route("/v1/policy/explain", post(explain::<D>))
         .route("/v1/services", get(services::<D>))
         .route("/v1/drops", get(drops::<D>))
         .route("/v1/conntrack", get(conntrack::<D>))
@@ -278,6 +279,14 @@ async fn policies<D: DatapathOps + 'static>(
     ClientDeadline(deadline): ClientDeadline,
 ) -> ApiResult<myelin_api::PolicyStatus> {
     Ok(Json(s.agent.read(deadline, |a| a.policies()).await?))
+}
+
+async fn explain<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    ClientDeadline(deadline): ClientDeadline,
+    BoundedJson(req): BoundedJson<myelin_api::ExplainRequest>,
+) -> ApiResult<myelin_api::PolicyExplanation> {
+    Ok(Json(s.agent.run(deadline, move |a| a.explain(&req)).await?))
 }
 
 async fn services<D: DatapathOps + 'static>(

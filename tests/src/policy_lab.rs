@@ -236,6 +236,41 @@ impl PolicyLab {
         }
     }
 
+    /// What the agent's `policy explain` says of a probe (`None` for ping: NetworkPolicy ports
+    /// name TCP, UDP and SCTP only). Pods are named, the node is its gateway address.
+    pub fn explain(&self, probe: &Probe) -> Result<Option<myelin_api::PolicyExplanation>> {
+        let (protocol, port) = match probe.service {
+            Service::Tcp(port) => ("TCP", port),
+            Service::Udp(port) => ("UDP", port),
+            Service::Ping => return Ok(None),
+        };
+        let end = |host: LabHost| match host {
+            LabHost::Pod(p) => myelin_api::ExplainEnd {
+                pod: Some(myelin_api::PodRef {
+                    namespace: p.namespace.into(),
+                    name: self.pod(p).name().into(),
+                }),
+                ..Default::default()
+            },
+            LabHost::Node => myelin_api::ExplainEnd {
+                ip: Some(self.node.gateway()),
+                ..Default::default()
+            },
+        };
+        let req = myelin_api::ExplainRequest {
+            from: end(probe.from),
+            to: end(probe.to),
+            protocol: protocol.into(),
+            port,
+        };
+        let answer = self
+            .node
+            .client()
+            .explain(&req)
+            .map_err(Error::api(format!("policy explain of {probe}")))?;
+        Ok(Some(answer))
+    }
+
     /// `<ip of pod>/32`, for ipBlock peers.
     pub fn cidr_of(&self, pod: LabPod) -> String {
         format!("{}/32", self.pod(pod).ip())

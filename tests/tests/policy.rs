@@ -958,6 +958,34 @@ fn policy_truth_table_with_real_traffic() -> Result<()> {
                 check.render()
             ));
         }
+        // `policy explain` answers from the agent's index what the datapath did.
+        let mut disagreements = Vec::new();
+        for cell in &check.cells {
+            let Some(answer) = lab.explain(&cell.probe)? else {
+                continue;
+            };
+            if answer.allowed != cell.passed() {
+                disagreements.push(format!(
+                    "  {}: the datapath {}, policy explain says {}: egress {}; ingress {}",
+                    cell.probe,
+                    if cell.passed() {
+                        "passed it"
+                    } else {
+                        "dropped it"
+                    },
+                    if answer.allowed { "allowed" } else { "denied" },
+                    answer.egress,
+                    answer.ingress
+                ));
+            }
+        }
+        if !disagreements.is_empty() {
+            problems.push(format!(
+                "policy explain disagrees with the datapath on {} probes:\n{}",
+                disagreements.len(),
+                disagreements.join("\n")
+            ));
+        }
         let log = lab.node().agent_log();
         for (name, value) in case.rejected {
             let said = format!("NetworkPolicy {name} rejected");
@@ -2066,4 +2094,165 @@ fn an_egress_named_port_resolves_per_destination_pod_among_pods_sharing_labels()
         expect,
         "egress to http of pods sharing labels",
     )
+}
+
+/// `myelinctl policy explain` as an operator runs it: the rule that admits a flow, the
+/// policies that isolate a pod a flow cannot reach, hypothetical pods by labels, addresses,
+/// and clear refusals of questions it cannot answer.
+#[test]
+fn policy_explain_names_the_rule_or_the_isolating_policies() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let lab = PolicyLab::start(&run)?;
+    let yaml = documents(&[
+        policy(
+            "a",
+            "db-from-api",
+            "\
+podSelector: {matchLabels: {app: db}}
+ingress:
+- from: [{podSelector: {matchLabels: {app: web}}}]
+  ports: [{port: 81}]
+- from: [{podSelector: {matchLabels: {app: api}}}]
+  ports: [{port: 80, protocol: TCP}]",
+        ),
+        policy("a", "deny-all", "podSelector: {}\npolicyTypes: [Ingress]"),
+    ]);
+    lab.apply(&yaml, &[])?;
+    let ctl = |args: &[&str]| lab.node().myelinctl(args);
+    let name = |p: LabPod| format!("a/{}", lab.pod(p).name());
+    let (api, db, web) = (name(A_API), name(A_DB), name(A_WEB));
+
+    let allowed = ctl(&[
+        "policy", "explain", "--from", &api, "--to", &db, "--port", "80/TCP",
+    ])?;
+    let lines: Vec<&str> = allowed.lines().collect();
+    assert_eq!(lines.get(2), Some(&"egress:  not isolated"), "{allowed}");
+    assert_eq!(
+        lines.get(3),
+        Some(&"ingress: allowed by a/db-from-api ingress[1]"),
+        "{allowed}"
+    );
+    assert_eq!(lines.get(4), Some(&"verdict: ALLOWED"), "{allowed}");
+
+    let denied = ctl(&[
+        "policy", "explain", "--from", &web, "--to", &db, "--port", "80",
+    ])?;
+    assert!(
+        denied.contains("ingress: default-deny by a/db-from-api, a/deny-all")
+            && denied.contains("verdict: DENIED"),
+        "{denied}"
+    );
+    // The datapath agrees.
+    let probe = |from, service| lab.probe(&[self::probe(from, A_DB, service)], TRAFFIC_TIMEOUT);
+    assert!(probe(A_API, Tcp(80))?[0].is_ok());
+    assert!(probe(A_WEB, Tcp(80))?[0].is_err());
+
+    // A pod that does not exist, by its labels, in JSON.
+    let json = ctl(&[
+        "--json",
+        "policy",
+        "explain",
+        "--from-labels",
+        "app=web,tier=front",
+        "--from-namespace",
+        "a",
+        "--to",
+        &db,
+        "--port",
+        "81/udp",
+    ])?;
+    let answer: serde_json::Value = serde_json::from_str(&json)
+        .map_err(Error::json(format!("policy explain --json printed {json}")))?;
+    assert_eq!(answer["allowed"], false, "{json}");
+    assert_eq!(answer["protocol"], "UDP", "{json}");
+    assert_eq!(answer["ingress"]["verdict"], "denied", "{json}");
+    assert_eq!(
+        answer["ingress"]["isolatedBy"],
+        serde_json::json!([
+            {"namespace": "a", "name": "db-from-api"},
+            {"namespace": "a", "name": "deny-all"}
+        ]),
+        "{json}"
+    );
+    let tcp81 = ctl(&[
+        "policy",
+        "explain",
+        "--from-labels",
+        "app=web",
+        "--from-namespace",
+        "a",
+        "--to",
+        &db,
+        "--port",
+        "81",
+    ])?;
+    assert!(
+        tcp81.contains("allowed by a/db-from-api ingress[0]"),
+        "{tcp81}"
+    );
+    // The node reaches its own pods whatever the policies say.
+    let gateway = lab.node().gateway().to_string();
+    let from_node = ctl(&[
+        "policy",
+        "explain",
+        "--from-ip",
+        &gateway,
+        "--to",
+        &db,
+        "--port",
+        "22",
+    ])?;
+    assert!(
+        from_node.contains("ingress: own node (always allowed)") && from_node.contains("ALLOWED"),
+        "{from_node}"
+    );
+
+    // Questions it cannot answer are refused, saying why.
+    for (args, says) in [
+        (
+            vec!["--from", "a/nobody", "--to", db.as_str(), "--port", "80"],
+            "no pod a/nobody is known",
+        ),
+        (
+            vec![
+                "--from",
+                api.as_str(),
+                "--to",
+                db.as_str(),
+                "--port",
+                "80/ICMP",
+            ],
+            "unknown protocol",
+        ),
+        (
+            vec!["--from", api.as_str(), "--to", db.as_str(), "--port", "0"],
+            "1 to 65535",
+        ),
+        (
+            vec![
+                "--from",
+                api.as_str(),
+                "--from-ip",
+                "10.0.0.1",
+                "--to",
+                db.as_str(),
+                "--port",
+                "80",
+            ],
+            "cannot be used with",
+        ),
+    ] {
+        let mut full = vec!["policy", "explain"];
+        full.extend(args);
+        match ctl(&full) {
+            Ok(out) => panic!("myelinctl {full:?} succeeded: {out}"),
+            Err(e) => {
+                let text = format!("{e:?}");
+                assert!(text.contains(says), "myelinctl {full:?}: {text}");
+            }
+        }
+    }
+    Ok(())
 }

@@ -14,8 +14,8 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, DropCount, Endpoint,
-    EndpointRequest, FlowEvent, GcRequest, GcResponse, NodeSummary, PolicyStatus, ReleaseResponse,
-    ServiceStatus, Status, TrackedFlow,
+    EndpointRequest, ExplainRequest, FlowEvent, GcRequest, GcResponse, NodeSummary,
+    PolicyExplanation, PolicyStatus, ReleaseResponse, ServiceStatus, Status, TrackedFlow,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +126,10 @@ impl Client {
 
     pub fn policies(&self) -> Result<PolicyStatus, ClientError> {
         self.request::<(), _>("GET", "/v1/policies", None)
+    }
+
+    pub fn explain(&self, req: &ExplainRequest) -> Result<PolicyExplanation, ClientError> {
+        self.request("POST", "/v1/policy/explain", Some(req))
     }
 
     pub fn services(&self) -> Result<ServiceStatus, ClientError> {

@@ -14,6 +14,7 @@
 //! | `GET` | `/v1/status` | | [`Status`] |
 //! | `GET` | `/v1/nodes` | | `[`[`NodeSummary`]`]` |
 //! | `GET` | `/v1/policies` | | [`PolicyStatus`] |
+//! | `POST` | `/v1/policy/explain` | [`ExplainRequest`] | [`PolicyExplanation`] |
 //! | `GET` | `/v1/services` | | [`ServiceStatus`] |
 //! | `GET` | `/v1/drops` | | `[`[`DropCount`]`]` |
 //! | `GET` | `/v1/conntrack` | | `[`[`TrackedFlow`]`]` |
@@ -27,7 +28,10 @@ mod client;
 mod mac;
 pub mod pending;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -389,6 +393,138 @@ impl std::fmt::Display for PolicyFallback {
             Self::Deny => "selected pods isolated (deny)",
             Self::DenyNamespace => "every pod of the namespace isolated (deny)",
         })
+    }
+}
+
+/// Most labels an [`ExplainEnd`] may carry (Kubernetes has no limit; a pod with more is rare).
+pub const MAX_EXPLAIN_LABELS: usize = 64;
+
+/// `POST /v1/policy/explain`: what NetworkPolicy says of a flow, from the agent's own index,
+/// without sending a packet.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExplainRequest {
+    pub from: ExplainEnd,
+    pub to: ExplainEnd,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    /// The destination port.
+    pub port: u16,
+}
+
+/// One end of an explained flow: exactly one of an existing pod, a pod that need not exist
+/// (its namespace and labels), or an address (a pod's, a node's, or outside the cluster).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ExplainEnd {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    /// With `labels`: a hypothetical pod of this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// The answer of `POST /v1/policy/explain`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyExplanation {
+    /// The ends as the agent resolved them: `pod a/web (10.244.0.5)`, `pod in a {app=x}`,
+    /// `node 192.168.1.10`, `world 192.0.2.1`.
+    pub from: String,
+    pub to: String,
+    pub protocol: String,
+    pub port: u16,
+    /// Both checks allow it.
+    pub allowed: bool,
+    /// The source's egress policy.
+    pub egress: PolicyCheck,
+    /// The destination's ingress policy.
+    pub ingress: PolicyCheck,
+}
+
+/// One direction's check of an explained flow (or of an event, see [`FlowEvent`]).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    tag = "verdict"
+)]
+pub enum PolicyCheck {
+    /// That end is not a pod: no policy applies to it.
+    NotAPod,
+    /// No policy selects the pod for this direction.
+    NotIsolated,
+    /// Between a pod and its own node: always allowed.
+    OwnNode,
+    /// Isolated, and these rules admit the flow (every one that does).
+    Allowed { rules: Vec<PolicyRule> },
+    /// Isolated by these policies, none of whose rules admits the flow.
+    Denied { isolated_by: Vec<PolicyName> },
+}
+
+impl PolicyCheck {
+    pub fn allows(&self) -> bool {
+        !matches!(self, Self::Denied { .. })
+    }
+}
+
+/// `allowed by a/db-from-api ingress[1]`, `default-deny by a/deny-all, a/db-only`.
+impl std::fmt::Display for PolicyCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn list<T: std::fmt::Display>(items: &[T]) -> String {
+            items
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        match self {
+            Self::NotAPod => f.write_str("not a pod"),
+            Self::NotIsolated => f.write_str("not isolated"),
+            Self::OwnNode => f.write_str("own node (always allowed)"),
+            Self::Allowed { rules } => write!(f, "allowed by {}", list(rules)),
+            Self::Denied { isolated_by } => write!(f, "default-deny by {}", list(isolated_by)),
+        }
+    }
+}
+
+/// A rule of a NetworkPolicy: `demo/backend-from-frontend ingress[0]`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRule {
+    pub namespace: String,
+    pub name: String,
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// Position in the policy's `ingress` or `egress` list.
+    pub rule: u32,
+}
+
+impl std::fmt::Display for PolicyRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{} {}[{}]",
+            self.namespace, self.name, self.direction, self.rule
+        )
+    }
+}
+
+/// A NetworkPolicy: `demo/deny-all`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PolicyName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
     }
 }
 

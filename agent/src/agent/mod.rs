@@ -6,6 +6,7 @@
 //! - `heal`: the agent's files checked against the kernel, at start and periodically.
 //! - `view`: what the API and the metrics show.
 
+mod explain;
 mod heal;
 mod view;
 

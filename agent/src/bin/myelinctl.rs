@@ -33,6 +33,11 @@ enum Command {
     Endpoints,
     /// NetworkPolicies in force, the local pods each selects, and rejected versions.
     Policies,
+    /// Ask about NetworkPolicy without sending a packet.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Services this node translates (--kube-proxy-replacement): frontends, the backends each
     /// sends to, every endpoint's state and node.
     Services,
@@ -46,6 +51,106 @@ enum Command {
         #[arg(long)]
         drops: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Whether NetworkPolicy allows a flow, and which rules allow it or which policies isolate
+    /// an end none of whose rules admits it. Answered from the agent's own view of the
+    /// cluster; each end is a pod (`namespace/name`), a pod that need not exist (labels and a
+    /// namespace), or an address.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["from", "from_labels", "from_ip"])))]
+    #[command(group(clap::ArgGroup::new("destination").required(true).args(["to", "to_labels", "to_ip"])))]
+    Explain {
+        /// The source pod, `namespace/name`.
+        #[arg(long)]
+        from: Option<String>,
+        /// A hypothetical source pod's labels, `k=v,k2=v2` (with --from-namespace).
+        #[arg(long, requires = "from_namespace")]
+        from_labels: Option<String>,
+        #[arg(long)]
+        from_namespace: Option<String>,
+        /// A source address: a pod's, a node's, or outside the cluster.
+        #[arg(long)]
+        from_ip: Option<std::net::Ipv4Addr>,
+        /// The destination pod, `namespace/name`.
+        #[arg(long)]
+        to: Option<String>,
+        /// A hypothetical destination pod's labels (with --to-namespace).
+        #[arg(long, requires = "to_namespace")]
+        to_labels: Option<String>,
+        #[arg(long)]
+        to_namespace: Option<String>,
+        /// A destination address.
+        #[arg(long)]
+        to_ip: Option<std::net::Ipv4Addr>,
+        /// The destination port, `5432/TCP` (TCP when no protocol is given; UDP, SCTP).
+        #[arg(long)]
+        port: String,
+    },
+}
+
+/// `namespace/name`.
+fn pod_ref(s: &str) -> anyhow::Result<myelin_api::PodRef> {
+    match s.split_once('/') {
+        Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
+            Ok(myelin_api::PodRef {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+        }
+        _ => anyhow::bail!("{s:?} is not namespace/name"),
+    }
+}
+
+/// `k=v,k2=v2` (empty: no labels).
+fn label_map(s: &str) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    s.split(',')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => anyhow::bail!("{kv:?} is not key=value"),
+        })
+        .collect()
+}
+
+/// `5432/TCP`, `53/udp`, `80`.
+fn port_spec(s: &str) -> anyhow::Result<(u16, String)> {
+    let (port, protocol) = s.split_once('/').unwrap_or((s, "TCP"));
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| anyhow::anyhow!("{s:?}: the port must be 1 to 65535"))?;
+    Ok((port, protocol.to_ascii_uppercase()))
+}
+
+fn explain_end(
+    pod: Option<String>,
+    labels: Option<String>,
+    namespace: Option<String>,
+    ip: Option<std::net::Ipv4Addr>,
+) -> anyhow::Result<myelin_api::ExplainEnd> {
+    Ok(myelin_api::ExplainEnd {
+        pod: pod.as_deref().map(pod_ref).transpose()?,
+        labels: labels.as_deref().map(label_map).transpose()?,
+        namespace: if labels.is_some() { namespace } else { None },
+        ip,
+    })
+}
+
+/// `myelinctl policy explain`'s answer, as printed.
+fn explanation_text(e: &myelin_api::PolicyExplanation) -> String {
+    format!(
+        "from:    {}\nto:      {} port {}/{}\negress:  {}\ningress: {}\nverdict: {}\n",
+        e.from,
+        e.to,
+        e.port,
+        e.protocol,
+        e.egress,
+        e.ingress,
+        if e.allowed { "ALLOWED" } else { "DENIED" }
+    )
 }
 
 fn main() -> anyhow::Result<()> {
@@ -192,6 +297,36 @@ fn main() -> anyhow::Result<()> {
                     "INCOMPLETE: {}/{} (its entries did not fit; new connections are dropped)",
                     pod.namespace, pod.name
                 );
+            }
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    from,
+                    from_labels,
+                    from_namespace,
+                    from_ip,
+                    to,
+                    to_labels,
+                    to_namespace,
+                    to_ip,
+                    port,
+                },
+        } => {
+            let (port, protocol) = port_spec(&port)?;
+            let req = myelin_api::ExplainRequest {
+                from: explain_end(from, from_labels, from_namespace, from_ip)?,
+                to: explain_end(to, to_labels, to_namespace, to_ip)?,
+                protocol,
+                port,
+            };
+            let e = client
+                .explain(&req)
+                .context("asking the agent to explain the flow")?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                print!("{}", explanation_text(&e));
             }
         }
         Command::Services => {
@@ -360,7 +495,27 @@ mod tests {
         ServiceStatus, ServiceSummary,
     };
 
-    use super::services_table;
+    use super::{label_map, pod_ref, port_spec, services_table};
+
+    #[test]
+    fn explain_arguments_are_parsed_or_refused() {
+        assert_eq!(port_spec("5432/TCP").unwrap(), (5432, "TCP".to_string()));
+        assert_eq!(port_spec("53/udp").unwrap(), (53, "UDP".to_string()));
+        assert_eq!(port_spec("80").unwrap(), (80, "TCP".to_string()));
+        for bad in ["0", "65536", "x/TCP", "", "/UDP"] {
+            assert!(port_spec(bad).is_err(), "{bad:?}");
+        }
+        let labels = label_map("app=web,tier=").unwrap();
+        assert_eq!(labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(labels.get("tier").map(String::as_str), Some(""));
+        assert!(label_map("").unwrap().is_empty());
+        assert!(label_map("app").is_err());
+        assert!(label_map("=web").is_err());
+        assert_eq!(pod_ref("demo/db").unwrap().name, "db");
+        for bad in ["db", "/db", "demo/"] {
+            assert!(pod_ref(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn the_services_table_shows_frontends_backends_and_endpoint_states() {
