@@ -33,12 +33,16 @@ use myelin_common::{
         CONFIG_F_MASQUERADE, CONFIG_F_NATIVE, CONFIG_F_SERVICES, CONFIG_F_TUNNEL, EVENTS_DROPS,
         EVENTS_VERDICTS, MARK_ROUTED_TO_NODE,
     },
+    conntrack::CT_F_CLOSING,
     endpoint::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
     event::{EVENT_ALLOWED, EVENT_DROP, FlowEvent},
     identity,
-    lb::{LB_F_EXTERNAL_IP, LB_F_LOCAL, LB_F_NODEPORT, LB_IN, LbEntry, LbFlow, LbFlowKey, LbKey},
+    lb::{
+        LB_F_EXTERNAL_IP, LB_F_LOCAL, LB_F_NODEPORT, LB_IN, LB_OUT, LbEntry, LbFlow, LbFlowKey,
+        LbKey,
+    },
     nat::{MASQ_EXCLUDE_CONFIGURED, MASQ_EXCLUDE_NODE, MASQ_EXCLUDE_POD_CIDR, MasqExclude, NAT_IN},
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
     proto::{IPPROTO_ICMP as ICMP, IPPROTO_SCTP as SCTP, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP},
@@ -55,6 +59,7 @@ const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
+const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
@@ -1881,6 +1886,76 @@ fn an_established_connection_keeps_its_backend_after_the_slots_change() {
         );
         assert_eq!(destination(&out), (NO_POD, 9090));
         assert_checksums(&out);
+    });
+}
+
+/// A client reuses a port as soon as its side of a connection is closed, well within the
+/// closed connection's 10 s: the new connection gets a backend of today's slots, not the
+/// closed one's (a removed backend, possibly), and lives as a new connection.
+#[test]
+fn a_syn_on_the_port_of_a_closed_service_connection_gets_a_backend_of_todays_slots() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(80, TCP, &[(b.ip, 8080)], 0);
+        let (_, out) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        assert_eq!(destination(&out), (b.ip, 8080));
+        f.service(80, TCP, &[(NO_POD, 9090)], 0);
+        let (_, out) = f.send(a, &to_cluster_ip(a, 40000, 80, FIN | ACK));
+        assert_eq!(
+            destination(&out),
+            (b.ip, 8080),
+            "the closing connection stays on its backend"
+        );
+        let (verdict, out) = f.send(a, &to_cluster_ip(a, 40000, 80, SYN));
+        assert_eq!(
+            (verdict, destination(&out)),
+            (TC_ACT_OK, (NO_POD, 9090)),
+            "a new connection on the same port: today's backend"
+        );
+        let flows = LbFlowTable::open(&LbFlowTable::pin_path(f.dp.pin_dir())).unwrap();
+        let to_backend = flows
+            .entries()
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k.saddr == a.ip.octets() && k.direction == LB_OUT)
+            .map(|(_, e)| e)
+            .expect("the client's translation");
+        assert_eq!(to_backend.addr, NO_POD.octets());
+        assert_eq!(
+            u32::from(to_backend.flags) & CT_F_CLOSING,
+            0,
+            "not closing: it would expire after 10 s idle"
+        );
+    });
+}
+
+/// Conntrack's side of the same: a SYN on the tuple of a closed connection opens a new one,
+/// with an opening lifetime, not the closed one's 10 s.
+#[test]
+fn a_syn_on_the_tuple_of_a_closed_connection_starts_a_new_one() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        let table = ConntrackTable::open(&ConntrackTable::pin_path(f.dp.pin_dir())).unwrap();
+        let client = format!("{}:40000", a.ip);
+        let expires_in = || {
+            table
+                .flows(16)
+                .unwrap()
+                .into_iter()
+                .find(|t| t.src == client)
+                .map(|t| t.expires_in)
+        };
+        assert_eq!(f.send(a, &tcp(a, b, 40000, 80, SYN)).0, TC_ACT_REDIRECT);
+        f.send(b, &tcp(b, a, 80, 40000, SYN | ACK));
+        f.send(a, &tcp(a, b, 40000, 80, FIN | ACK));
+        assert!(expires_in().is_some_and(|s| s <= 10), "closing");
+        assert_eq!(f.send(a, &tcp(a, b, 40000, 80, SYN)).0, TC_ACT_REDIRECT);
+        let after = expires_in();
+        assert!(
+            after.is_some_and(|s| s > 50),
+            "a new connection lives as one: {after:?} s left"
+        );
     });
 }
 

@@ -12,7 +12,7 @@ use myelin_common::{
     proto::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
-use crate::packet::{Flow, Icmp, TCP_FIN, TCP_RST, Tuple};
+use crate::packet::{Flow, Icmp, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tuple};
 
 #[btf_map(name = "conntrack")]
 static CONNTRACK: LruHashMap<CtKey, CtEntry, { DEFAULT_MAX_CONNTRACK as usize }> =
@@ -103,6 +103,10 @@ pub fn lookup(flow: &Flow, now: u64) -> State {
         _ => {
             let fwd = forward_key(flow);
             if let Some(e) = live(&fwd, now) {
+                // SAFETY: pointer from a successful lookup during this run.
+                if reopens(flow.protocol, flow.tcp_flags, unsafe { (*e).flags }) {
+                    return State::New;
+                }
                 return State::Established(e, fwd);
             }
             let rev = key(
@@ -113,11 +117,27 @@ pub fn lookup(flow: &Flow, now: u64) -> State {
                 flow.protocol,
             );
             match live(&rev, now) {
+                // SAFETY: as above.
+                Some(e) if reopens(flow.protocol, flow.tcp_flags, unsafe { (*e).flags }) => {
+                    State::New
+                }
                 Some(e) => State::Reply(e, rev),
                 None => State::New,
             }
         }
     }
+}
+
+/// Whether a TCP packet with `tcp_flags` opens a new connection on the tuple of a tracked one
+/// in state `flags`: a SYN (without ACK) after that connection closed (FIN or RST seen). A
+/// client reuses a port as soon as its side is closed, well within the closing lifetime; the
+/// new connection must start afresh (policy checked, a backend chosen, opening and established
+/// lifetimes), not inherit the closed one's state and 10 s lifetime.
+#[inline(always)]
+pub fn reopens(protocol: u8, tcp_flags: u8, flags: u32) -> bool {
+    protocol == IPPROTO_TCP
+        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && flags & CT_F_CLOSING != 0
 }
 
 /// Whether the packet belongs to a connection its destination opened (a reply).
@@ -178,6 +198,9 @@ pub fn advance(
     now: u64,
 ) -> Option<(u32, u64)> {
     let mut new = flags;
+    if reopens(protocol, tcp_flags, flags) {
+        new &= !(CT_F_CLOSING | CT_F_SEEN_REPLY);
+    }
     if is_reply {
         new |= CT_F_SEEN_REPLY;
     }

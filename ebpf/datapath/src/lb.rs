@@ -286,8 +286,16 @@ pub fn translate(
         LB_OUT,
     );
     let known = match LB_FLOWS.get_ptr_mut(&out) {
-        // SAFETY: pointer from the lookup just above.
-        Some(e) if unsafe { (*e).expires_ns } >= now => Some(e),
+        // SAFETY: pointer from the lookup just above. A SYN after the connection on this
+        // tuple closed is a new connection: it gets a backend of today's slots.
+        Some(e)
+            if unsafe { (*e).expires_ns } >= now
+                && !conntrack::reopens(flow.protocol, flow.tcp_flags, unsafe {
+                    u32::from((*e).flags)
+                }) =>
+        {
+            Some(e)
+        }
         _ => None,
     };
     let (backend, port) = match known {

@@ -25,7 +25,7 @@ const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
 pub const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
