@@ -5,7 +5,8 @@
 //! Service (`--kube-proxy-replacement`: no kube-proxy anywhere) with three replicas on both
 //! nodes, load-balanced by the datapath, then one replica taken out of its EndpointSlice; then
 //! an embedded NetworkPolicy, the matrix again with the verdicts it implies, the drop counters that prove
-//! the datapath denied the rest and an excerpt of the drop events; then every pod is deleted
+//! the datapath denied the rest, an excerpt of the drop events and `policy explain`'s answer for
+//! every pair (checked against the traffic); then every pod is deleted
 //! and everything removed, also on failure or Ctrl-C (the guards do that).
 
 use std::{
@@ -221,7 +222,8 @@ impl Demo<'_> {
             .map(|c| format!("without policy: {} -> {}", c.from, c.to))
             .collect();
         unexpected.extend(self.service_step(&pods)?);
-        let with_policy = self.policy_step(&pods)?;
+        let (with_policy, explained) = self.policy_step(&pods)?;
+        unexpected.extend(explained);
         unexpected.extend(
             with_policy
                 .unexpected(|c| expected_under_policy(&c.from, &c.to))
@@ -229,8 +231,10 @@ impl Demo<'_> {
                 .map(|c| format!("with the policy: {} -> {}", c.from, c.to)),
         );
         step("delete the pods (CNI DEL)", || self.delete_pods(pods))?;
-        // Two per pair of each matrix, and the Service's two looks.
-        let checks = 2 * (matrix.checks.len() + with_policy.checks.len()) + 2;
+        // Two per pair of each matrix, the Service's two looks, and policy explain's answer
+        // for every pair under the policy.
+        let checks =
+            2 * (matrix.checks.len() + with_policy.checks.len()) + 2 + with_policy.checks.len();
         if unexpected.is_empty() {
             println!("==> all {checks} checks as expected");
             Ok(())
@@ -245,7 +249,7 @@ impl Demo<'_> {
 
     /// Applies [`POLICY_YAML`], shows the matrix under it, the drops that enforced it and an
     /// excerpt of the drop events.
-    fn policy_step(&self, pods: &[DemoPod]) -> Result<Matrix> {
+    fn policy_step(&self, pods: &[DemoPod]) -> Result<(Matrix, Vec<String>)> {
         println!("==> NetworkPolicy (given to every node's agent)");
         for line in POLICY_YAML.lines().filter(|l| !l.starts_with('#')) {
             println!("    {line}");
@@ -318,7 +322,66 @@ impl Demo<'_> {
         for e in events.try_iter().take(EVENT_EXCERPT) {
             println!("    {e}");
         }
-        Ok(matrix)
+        let disagreements = self.explain_step(pods, &matrix)?;
+        Ok((matrix, disagreements))
+    }
+
+    /// `myelinctl policy explain` for every TCP pair of the matrix under the policy: the rule
+    /// that admits it or the policies that isolate its destination, from node0's agent without
+    /// a packet sent. Returns the pairs where it disagrees with what the traffic did.
+    fn explain_step(&self, pods: &[DemoPod], matrix: &Matrix) -> Result<Vec<String>> {
+        println!(
+            "==> why: `myelinctl policy explain --from <pod> --to <pod> --port <port>/TCP` (node0), every TCP pair"
+        );
+        let client = self.cluster.node(0).client();
+        let mut disagreements = Vec::new();
+        for c in &matrix.checks {
+            let pod_of = |name: &str| pods.iter().find(|p| p.pod.name() == name);
+            let (Some(from), Some(to)) = (pod_of(&c.from), pod_of(&c.to)) else {
+                continue;
+            };
+            let end = |p: &DemoPod| myelin_api::ExplainEnd {
+                pod: Some(myelin_api::PodRef {
+                    namespace: p.pod.namespace().into(),
+                    name: p.pod.name().into(),
+                }),
+                ..Default::default()
+            };
+            let answer = client
+                .explain(&myelin_api::ExplainRequest {
+                    from: end(from),
+                    to: end(to),
+                    protocol: "TCP".into(),
+                    port: to.tcp_port,
+                })
+                .map_err(Error::api("POST /v1/policy/explain"))?;
+            let why = if answer.ingress.allows() && !answer.egress.allows() {
+                format!("egress: {}", answer.egress)
+            } else {
+                format!("ingress: {}", answer.ingress)
+            };
+            println!(
+                "    {:<10} -> {:<10} {:>5}/TCP  {:<8} {why}",
+                c.from,
+                c.to,
+                to.tcp_port,
+                if answer.allowed { "ALLOWED" } else { "DENIED" }
+            );
+            if answer.allowed != c.tcp.is_ok() {
+                disagreements.push(format!(
+                    "policy explain says {} -> {} is {} but the traffic {}",
+                    c.from,
+                    c.to,
+                    if answer.allowed { "allowed" } else { "denied" },
+                    if c.tcp.is_ok() {
+                        "passed"
+                    } else {
+                        "was dropped"
+                    }
+                ));
+            }
+        }
+        Ok(disagreements)
     }
 
     /// Every node's drop counters, added up by reason.
