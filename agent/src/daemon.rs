@@ -330,8 +330,17 @@ async fn start_datapath(
     if matches!(config.source, SourceSpec::Kubernetes) {
         agent = agent.expecting_pod_objects();
     }
+    // kube-proxy serves the health check node ports when it translates the Services.
+    let health_checks = config.kube_proxy_replacement.then(|| {
+        let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::default());
+        tokio::spawn(crate::health::run(rx));
+        tx
+    });
     if config.kube_proxy_replacement {
         agent = agent.translating_services();
+    }
+    if let Some(tx) = health_checks {
+        agent = agent.with_health_checks(tx);
     }
     agent = agent.with_socket_lb(socket_lb);
     agent = agent.with_non_masquerade_cidrs(config.non_masquerade_cidrs.clone());

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod desired;
 pub(crate) mod endpoint;
 pub(crate) mod events;
+pub mod health;
 pub(crate) mod http;
 pub(crate) mod ipam;
 pub(crate) mod links;

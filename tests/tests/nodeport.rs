@@ -565,3 +565,139 @@ fn node_ports_serve_while_the_agent_is_down_and_after_it_restarted() -> Result<(
     both(&c, "node0's agent restarted")?;
     Ok(())
 }
+
+/// The health check node port of a LoadBalancer Service with `externalTrafficPolicy: Local`.
+const HEALTH_CHECK_PORT: u16 = 32100;
+
+/// What node `node`'s health check port answers the world: the HTTP status and the JSON body,
+/// `None` while nothing listens (refused).
+fn health_check(c: &Cluster, node: usize) -> Result<Option<(u16, Value)>> {
+    use std::io::{Read, Write};
+    let addr = SocketAddrV4::new(c.node_ip(node), HEALTH_CHECK_PORT);
+    let answer = c.world().netns().run(|| {
+        let timeout = std::time::Duration::from_secs(2);
+        let mut stream = match std::net::TcpStream::connect_timeout(&addr.into(), timeout) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(b"GET /healthz HTTP/1.0\r\nHost: lb\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(Some(text))
+    })?;
+    let text = answer.map_err(|e| myelin_tests::Error::Traffic {
+        what: format!("the world asking the health check {addr}: {e}"),
+    })?;
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let json = serde_json::from_str(body).unwrap_or(Value::Null);
+    Ok(Some((status, json)))
+}
+
+/// Polls node `node`'s health check until it answers `status` with `local` endpoints (or
+/// `None`: nothing listens), within [`CONVERGE`]; the last answer otherwise.
+fn await_health(
+    c: &Cluster,
+    node: usize,
+    expected: Option<(u16, usize)>,
+) -> Result<Option<(u16, Value)>> {
+    let until = std::time::Instant::now() + CONVERGE;
+    loop {
+        // A connection cut while the port opens counts as no answer yet.
+        let answer = match health_check(c, node) {
+            Err(e) if std::time::Instant::now() <= until => {
+                eprintln!("node{node}'s health check: {e}; asking again");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+            answer => answer?,
+        };
+        let got = answer.as_ref().map(|(status, body)| {
+            (
+                *status,
+                body["localEndpoints"].as_u64().unwrap_or(999) as usize,
+            )
+        });
+        if got == expected || std::time::Instant::now() > until {
+            return Ok(answer);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `healthCheckNodePort`, served on every node as kube-proxy serves it: 200 and the number of
+/// the Service's ready endpoints on that node where there are some, 503 where there are none
+/// (a load balancer then leaves the node out, since `Local` drops there); it follows the
+/// endpoints as they move, and closes with the Service.
+#[test]
+fn the_health_check_node_port_says_which_nodes_have_a_local_endpoint() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let c = cluster(&run, "tunnel", Underlay::Switch)?;
+    let b0 = c.add_pod(0, "default", "web-0", &[("app", "web")])?;
+    let b0b = c.add_pod(0, "default", "web-0b", &[("app", "web")])?;
+    let b1 = c.add_pod(1, "default", "web-1", &[("app", "web")])?;
+    for pod in [&b0, &b0b, &b1] {
+        c.wait_until_every_node_knows(pod.ip())?;
+    }
+    let spec = json!({
+        "type": "LoadBalancer",
+        "externalTrafficPolicy": "Local",
+        "healthCheckNodePort": HEALTH_CHECK_PORT,
+    });
+    web(&c, &[WEB_TCP], spec.clone(), &ready(&c, &[&b0, &b0b]))?;
+    let answer = await_health(&c, 0, Some((200, 2)));
+    let answer = answer?.expect("node0 serves the health check");
+    assert_eq!(answer.0, 200, "node0 has two local endpoints: {answer:?}");
+    assert_eq!(
+        answer.1,
+        json!({
+            "service": {"namespace": "default", "name": "web"},
+            "localEndpoints": 2,
+            "serviceProxyHealthy": true,
+        }),
+        "kube-proxy's body"
+    );
+    assert_eq!(
+        await_health(&c, 1, Some((503, 0)))?.map(|(s, b)| (s, b["localEndpoints"].clone())),
+        Some((503, json!(0))),
+        "node1 has none: the load balancer must leave it out"
+    );
+
+    // The endpoints move to node1.
+    web(&c, &[WEB_TCP], spec, &ready(&c, &[&b1]))?;
+    assert_eq!(
+        await_health(&c, 1, Some((200, 1)))?.map(|(s, b)| (s, b["localEndpoints"].clone())),
+        Some((200, json!(1)))
+    );
+    assert_eq!(
+        await_health(&c, 0, Some((503, 0)))?.map(|(s, b)| (s, b["localEndpoints"].clone())),
+        Some((503, json!(0)))
+    );
+
+    // Without `Local` there is nothing to ask: the port closes.
+    web(
+        &c,
+        &[WEB_TCP],
+        json!({ "type": "LoadBalancer" }),
+        &ready(&c, &[&b1]),
+    )?;
+    for node in [0, 1] {
+        assert_eq!(
+            await_health(&c, node, None)?,
+            None,
+            "node{node} closed the port"
+        );
+    }
+    Ok(())
+}

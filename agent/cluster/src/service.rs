@@ -120,6 +120,10 @@ pub struct ServiceInfo {
     pub affinity_timeout_s: Option<u32>,
     pub internal_traffic_policy: TrafficPolicy,
     pub external_traffic_policy: TrafficPolicy,
+    /// `spec.healthCheckNodePort`: the port on every node where a load balancer asks whether
+    /// the node has a local endpoint (LoadBalancer Services with `externalTrafficPolicy:
+    /// Local`; the API server allocates it). Served by the agent as kube-proxy serves it.
+    pub health_check_node_port: Option<u16>,
 }
 
 /// How a Service or a slice is wrong: the field and the problem.
@@ -290,6 +294,10 @@ impl ServiceInfo {
             .map_err(|p| bad("spec.internalTrafficPolicy", p))?;
         let external_traffic_policy = TrafficPolicy::parse(spec.external_traffic_policy.as_deref())
             .map_err(|p| bad("spec.externalTrafficPolicy", p))?;
+        let health_check_node_port = match spec.health_check_node_port {
+            None | Some(0) => None,
+            Some(n) => Some(port_number(n).map_err(|e| bad("spec.healthCheckNodePort", e))?),
+        };
         Ok(Self {
             namespace,
             name,
@@ -302,6 +310,7 @@ impl ServiceInfo {
             affinity_timeout_s,
             internal_traffic_policy,
             external_traffic_policy,
+            health_check_node_port,
         })
     }
 }
@@ -527,6 +536,26 @@ mod tests {
                 "spec: {type: LoadBalancer}\nstatus: {loadBalancer: {ingress: [{ip: nope}]}}",
             )))
             .contains("status.loadBalancer.ingress[0].ip: \"nope\" is not an IP address")
+        );
+    }
+
+    #[test]
+    fn the_health_check_node_port_is_kept_and_checked() {
+        let s = |spec: &str| ServiceInfo::from_k8s(&service("default", "web", spec));
+        let local = s(
+            "spec: {type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32100}",
+        )
+        .unwrap();
+        assert_eq!(local.health_check_node_port, Some(32100));
+        assert_eq!(
+            s("spec: {type: LoadBalancer}")
+                .unwrap()
+                .health_check_node_port,
+            None
+        );
+        assert!(
+            rejection(s("spec: {type: LoadBalancer, healthCheckNodePort: 70000}"))
+                .contains("spec.healthCheckNodePort: 70000 is outside 1-65535")
         );
     }
 

@@ -29,12 +29,14 @@ use myelin_common::{
 
 use ipnet::Ipv4Net;
 use myelin_cluster::{Change, ChangedServices, ClusterIndex, Identities, IdentityLabels, Labels};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
     datapath::{DatapathError, DatapathOps, table::Diff},
     desired::{self, DesiredState, Inputs, LocalEndpoint},
     endpoint::{EndpointRecord, EndpointStore, EndpointStoreError},
+    health::HealthChecks,
     ipam::{Ipam, IpamError},
 };
 
@@ -105,7 +107,13 @@ pub struct Agent<D> {
     pod_mtu: Option<u32>,
     /// How this node reaches the others, for the status.
     routing: Option<myelin_api::RoutingInfo>,
+    /// Where the health check node ports' wanted state goes (with `--kube-proxy-replacement`),
+    /// and the Services generation and sync state it was last computed at.
+    health_checks: Option<(watch::Sender<Arc<HealthChecks>>, Option<HealthChecksAt>)>,
 }
+
+/// The Services generation and the sync state health checks were computed at.
+type HealthChecksAt = (u64, bool);
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorKind::Internal, e.to_string())
@@ -188,7 +196,35 @@ impl<D: DatapathOps> Agent<D> {
             synced: false,
             pod_mtu: None,
             routing: None,
+            health_checks: None,
         }
+    }
+
+    /// Publishes the health check node ports' wanted state to `tx` after every sync (see
+    /// [`crate::health`]).
+    pub fn with_health_checks(mut self, tx: watch::Sender<Arc<HealthChecks>>) -> Self {
+        self.health_checks = Some((tx, None));
+        self
+    }
+
+    /// Recomputes the health check ports when the Services or the sync state changed.
+    fn publish_health_checks(&mut self) {
+        let at = (self.index.services_generation(), self.synced);
+        let Some((tx, last)) = &mut self.health_checks else {
+            return;
+        };
+        if *last == Some(at) {
+            return;
+        }
+        *last = Some(at);
+        let checks = crate::health::compute(&self.index, &self.node_name, self.synced);
+        tx.send_if_modified(|current| {
+            if **current == checks {
+                return false;
+            }
+            *current = Arc::new(checks);
+            true
+        });
     }
 
     /// Every pod has an object in the cluster-state source (Kubernetes): see
@@ -503,6 +539,7 @@ impl<D: DatapathOps> Agent<D> {
         }
         let result = self.datapath.apply(&desired);
         self.report_unwritten_services();
+        self.publish_health_checks();
         result
     }
 
