@@ -404,6 +404,7 @@ async fn setup_network(
             flags: services_flag(config),
             ..Routing::default()
         })?;
+        sweep_uplink_programs(datapath, None)?;
         return Ok(None);
     };
     let network = NodeNetwork::setup(
@@ -452,6 +453,7 @@ async fn setup_network(
             .detach_uplink(uplink)
             .with_context(|| format!("detaching the uplink programs from {uplink}"))?;
     }
+    sweep_uplink_programs(datapath, Some(uplink))?;
     let mut network = network;
     network.routing = Routing {
         flags,
@@ -461,6 +463,20 @@ async fn setup_network(
     };
     datapath.set_routing(network.routing)?;
     Ok(Some(network))
+}
+
+/// Removes the uplink programs an earlier agent left on devices other than `uplink`.
+fn sweep_uplink_programs(datapath: &mut Datapath, uplink: Option<&str>) -> anyhow::Result<()> {
+    let cleaned = datapath
+        .detach_uplink_elsewhere(uplink)
+        .context("removing the uplink programs from devices that are no longer the uplink")?;
+    for ifname in cleaned {
+        info!(
+            ifname,
+            "removed the uplink programs an earlier agent left on a device that is no longer the uplink"
+        );
+    }
+    Ok(())
 }
 
 /// Socket-level load balancing: with `--cgroup-root` and `--kube-proxy-replacement`, the socket

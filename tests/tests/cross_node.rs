@@ -633,3 +633,75 @@ fn a_node_that_changes_its_address_is_followed_without_disturbing_other_flows() 
     }
     Ok(())
 }
+
+/// A device that stops being the uplink between two runs of the agent (`--uplink` changed,
+/// the InternalIP moved to another device) keeps none of Myelin's uplink programs: they would
+/// go on delivering, translating and masquerading there. The new uplink gets them, and traffic
+/// between the nodes flows.
+#[test]
+fn a_device_that_is_no_longer_the_uplink_keeps_none_of_the_uplink_programs() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut c = cluster(&run, 2, "native", Underlay::Switch)?;
+    let netns = c.node(0).netns();
+    netns.ip(&["link", "add", "spare0", "type", "veth", "peer", "name", "spare1"])?;
+    netns.ip(&["link", "set", "spare0", "up"])?;
+    let uplink = c
+        .node(0)
+        .status()?
+        .routing
+        .map(|r| r.uplink)
+        .expect("node0 routes");
+    let ours = |c: &Cluster, dev: &str| uplink_programs(c.node(0).netns(), dev);
+    assert_eq!(ours(&c, &uplink)?, ["from_uplink", "to_uplink"]);
+
+    let node = c.node_mut(0);
+    node.stop_agent()?;
+    node.agent_args_mut()
+        .extend(["--uplink".to_string(), "spare0".to_string()]);
+    node.start_agent_serving()?;
+    assert_eq!(
+        ours(&c, "spare0")?,
+        ["from_uplink", "to_uplink"],
+        "spare0 is the uplink"
+    );
+    assert!(
+        ours(&c, &uplink)?.is_empty(),
+        "{uplink} is no longer the uplink: {:?}",
+        ours(&c, &uplink)?
+    );
+
+    let node = c.node_mut(0);
+    node.stop_agent()?;
+    let args = node.agent_args_mut();
+    let at = args.iter().position(|a| a == "--uplink").expect("the flag");
+    args.drain(at..at + 2);
+    node.start_agent_serving()?;
+    assert!(
+        ours(&c, "spare0")?.is_empty(),
+        "spare0 is no longer the uplink: {:?}",
+        ours(&c, "spare0")?
+    );
+    assert_eq!(ours(&c, &uplink)?, ["from_uplink", "to_uplink"]);
+    let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
+    let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
+    c.wait_until_every_node_knows(a.ip())?;
+    c.wait_until_every_node_knows(b.ip())?;
+    talk(&a, &b)?;
+    Ok(())
+}
+
+/// Which of the uplink programs run on `dev`'s hooks.
+fn uplink_programs(netns: &myelin_tests::Netns, dev: &str) -> Result<Vec<String>> {
+    let mut programs = Vec::new();
+    for (hook, program) in [("ingress", "from_uplink"), ("egress", "to_uplink")] {
+        if myelin_tests::tc::filters(netns, dev, hook)?
+            .iter()
+            .any(|f| f.runs(program))
+        {
+            programs.push(program.to_string());
+        }
+    }
+    Ok(programs)
+}

@@ -103,7 +103,8 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn runs(&self, program: &str) -> bool {
+    /// Whether this is a `bpf` filter running `program` (Myelin's filters are named so).
+    pub fn runs(&self, program: &str) -> bool {
         self.kind == BPF && self.bpf_name.as_deref() == Some(program)
     }
 }

@@ -688,6 +688,42 @@ impl Datapath {
         Ok(())
     }
 
+    /// Removes the uplink programs from every device of the node but `keep`: those an earlier
+    /// agent left on a device that is no longer the uplink (`--uplink` changed, the InternalIP
+    /// moved to another device, the Node lost its InternalIP), which would otherwise go on
+    /// translating and delivering there. Returns the devices it cleaned.
+    pub fn detach_uplink_elsewhere(
+        &mut self,
+        keep: Option<&str>,
+    ) -> Result<Vec<String>, DatapathError> {
+        let interfaces = nix::net::if_::if_nameindex().map_err(|e| DatapathError::Detach {
+            ifname: "(every interface)".into(),
+            source: Box::new(e),
+        })?;
+        let mut cleaned = Vec::new();
+        for iface in interfaces.iter() {
+            let name = iface.name().to_string_lossy().into_owned();
+            if keep == Some(name.as_str()) {
+                continue;
+            }
+            let mut found = false;
+            for (program, hook) in UPLINK_HOOKS {
+                // A device without a clsact qdisc has no filter of ours.
+                let Ok(filters) = clsact::filters(&name, hook) else {
+                    continue;
+                };
+                if filters.iter().any(|f| f.runs(program)) {
+                    clsact::detach(&name, hook, program)?;
+                    found = true;
+                }
+            }
+            if found {
+                cleaned.push(name);
+            }
+        }
+        Ok(cleaned)
+    }
+
     fn attach_programs(&mut self, ifname: &str) -> Result<(), DatapathError> {
         let failed = |direction| {
             let ifname = ifname.to_string();
