@@ -88,7 +88,11 @@ fn ask_from(c: &Cluster, frontend: SocketAddrV4, sport: u16) -> Result<SocketAdd
             socket.send(b"?")?;
             match socket.recv(&mut buf) {
                 Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -121,9 +125,13 @@ fn wait_for_backends(c: &Cluster, count: usize) -> Result<()> {
     let deadline = Instant::now() + CONVERGE;
     for node in [0, 1] {
         loop {
-            let status = c.node(node).client().services().map_err(|e| Error::Traffic {
-                what: format!("services of node {node}: {e}"),
-            })?;
+            let status = c
+                .node(node)
+                .client()
+                .services()
+                .map_err(|e| Error::Traffic {
+                    what: format!("services of node {node}: {e}"),
+                })?;
             let listed = status
                 .services
                 .iter()
@@ -178,9 +186,16 @@ fn with_maglev_a_client_reaches_the_same_backend_through_every_node_and_keeps_it
     let both: Vec<u16> = (42_000..42_000 + CLIENTS).collect();
     let via0 = backends_of(&c, 0, &both)?;
     let via1 = backends_of(&c, 1, &both)?;
-    assert_eq!(via0, via1, "each client port reaches one backend through either node");
+    assert_eq!(
+        via0, via1,
+        "each client port reaches one backend through either node"
+    );
     let used: BTreeSet<_> = via0.values().collect();
-    assert_eq!(used.len(), 3, "the clients spread over every backend: {via0:?}");
+    assert_eq!(
+        used.len(),
+        3,
+        "the clients spread over every backend: {via0:?}"
+    );
 
     // Clients of node 0, then backend 1 goes; the same client ports ask node 1 (new
     // connections there): the other backends' clients stay, backend 1's move.
@@ -192,7 +207,10 @@ fn with_maglev_a_client_reaches_the_same_backend_through_every_node_and_keeps_it
     let gone = SocketAddrV4::new(b1.ip(), DNS.target_port);
     let (mut stayed, mut moved) = (0, 0);
     for port in &clients {
-        assert_ne!(after[port], gone, "port {port}: the removed backend answered");
+        assert_ne!(
+            after[port], gone,
+            "port {port}: the removed backend answered"
+        );
         if before[port] != gone {
             if before[port] == after[port] {
                 stayed += 1;

@@ -7,7 +7,7 @@
 use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, btf_maps::HashMap, macros::btf_map};
 use myelin_common::{
     lb::{LB_F_EXTERNAL_IP, LB_F_LOAD_BALANCER, LB_F_NODEPORT, LbEntry, LbKey},
-    maglev::{MAGLEV_MAX_TABLE_SIZE, MaglevTable},
+    maglev::MaglevTable,
     maps::DEFAULT_MAX_LB_MAGLEV,
 };
 
@@ -32,14 +32,9 @@ pub fn slot(frontend: &LbKey, service: &LbEntry, hash: u32) -> Option<u16> {
     }
     // SAFETY: a reference into the map's value, read at once (never copied: 32 KiB).
     let table = unsafe { LB_MAGLEV.get(frontend) }?;
-    let size = table.size;
-    if size == 0 {
-        return None;
-    }
-    let i = (hash % size) as usize;
-    if i >= MAGLEV_MAX_TABLE_SIZE {
-        return None;
-    }
-    let n = table.slots[i];
-    (n != 0 && n <= service.count).then_some(n)
+    // Sizes are odd primes: `| 1` spares the division by zero its branch.
+    let i = (hash % (table.size | 1)) as usize;
+    let n = *table.slots.get(i)?;
+    // One comparison for 1..=count: 0 wraps to the top.
+    (n.wrapping_sub(1) < service.count).then_some(n)
 }
