@@ -21,17 +21,19 @@ use myelin_common::{
 };
 
 use super::table::{Diff, MapBackend, TableError, Unwritten};
-use crate::desired::services::maglev::Tables;
+use crate::desired::services::maglev::{Lookup, Tables};
 
 /// The frontend (address, port in network byte order, protocol) of a key.
 fn frontend_of(k: &LbKey) -> ([u8; 4], u16, u8) {
     (k.addr, k.port, k.protocol)
 }
 
-/// Keeps `lb_maglev` equal to the desired tables; remembers the entries it wrote (or found).
+/// Keeps `lb_maglev` equal to the desired tables; remembers the tables it wrote (shared with
+/// the desired state, not copied) or found (without their backends, which the map does not
+/// hold: compared by their entries).
 pub struct MaglevReconciler<M> {
     map: M,
-    current: BTreeMap<LbKey, Arc<[u16]>>,
+    current: BTreeMap<LbKey, Arc<Lookup>>,
 }
 
 impl<M: MapBackend<LbKey, MaglevTable>> MaglevReconciler<M> {
@@ -42,7 +44,11 @@ impl<M: MapBackend<LbKey, MaglevTable>> MaglevReconciler<M> {
             .into_iter()
             .map(|(k, t)| {
                 let used = (t.size as usize).min(MAGLEV_MAX_TABLE_SIZE);
-                (k, Arc::from(&t.slots[..used]))
+                let found = Lookup {
+                    backends: Vec::new(),
+                    entries: t.slots[..used].to_vec(),
+                };
+                (k, Arc::new(found))
             })
             .collect();
         Ok(Self { map, current })
@@ -52,8 +58,8 @@ impl<M: MapBackend<LbKey, MaglevTable>> MaglevReconciler<M> {
         &self.map
     }
 
-    /// The tables the map holds, by frontend: their entries.
-    pub fn current(&self) -> &BTreeMap<LbKey, Arc<[u16]>> {
+    /// The tables the map holds, by frontend.
+    pub fn current(&self) -> &BTreeMap<LbKey, Arc<Lookup>> {
         &self.current
     }
 
@@ -87,7 +93,7 @@ impl<M: MapBackend<LbKey, MaglevTable>> MaglevReconciler<M> {
                 continue;
             }
             let known = self.current.get(key);
-            if known.is_some_and(|e| **e == lookup.entries[..]) {
+            if known.is_some_and(|k| Arc::ptr_eq(k, lookup) || k.entries == lookup.entries) {
                 continue;
             }
             let result = if known.is_none() && self.current.len() >= capacity {
@@ -105,7 +111,7 @@ impl<M: MapBackend<LbKey, MaglevTable>> MaglevReconciler<M> {
                     } else {
                         diff.inserted += 1;
                     }
-                    self.current.insert(*key, Arc::from(&lookup.entries[..]));
+                    self.current.insert(*key, Arc::clone(lookup));
                 }
                 Err(e) => {
                     if known.is_some() {
@@ -142,10 +148,7 @@ fn value_of(entries: &[u16]) -> MaglevTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        datapath::table::FakeMap,
-        desired::services::maglev::{Lookup, populate},
-    };
+    use crate::{datapath::table::FakeMap, desired::services::maglev::populate};
 
     fn key(port: u16) -> LbKey {
         LbKey {
@@ -221,7 +224,7 @@ mod tests {
         map.entries.insert(key(80), value_of(&lookup(3).entries));
         map.entries.insert(key(99), value_of(&lookup(1).entries));
         let mut r = MaglevReconciler::new(map).unwrap();
-        assert_eq!(r.current()[&key(80)].len(), 251);
+        assert_eq!(r.current()[&key(80)].entries.len(), 251);
         let (diff, _) = r
             .apply(&Tables::from([(key(80), lookup(3))]), &BTreeSet::new())
             .unwrap();
