@@ -6,6 +6,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use ipnet::Ipv4Net;
 
+use myelin_common::maglev::MAGLEV_TABLE_SIZES;
+
+pub use crate::desired::services::maglev::LbAlgorithm;
 use crate::{
     datapath::{AttachMode, nat::NatPorts},
     source::SourceSpec,
@@ -177,6 +180,34 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
 
+    /// How a new connection's backend is chosen (needs `--kube-proxy-replacement`). `random`
+    /// (the default): a random backend. `maglev`: on frontends reached from outside the cluster
+    /// (node ports, external IPs, load balancers' addresses), Maglev consistent hashing of the
+    /// client's address and port, the frontend's port and the protocol, so that every node
+    /// sends the same client connection to the same backend, and removing a backend moves only
+    /// (nearly) the connections that were on it. ClusterIPs stay random.
+    #[arg(
+        long,
+        env = "MYELIN_LB_ALGORITHM",
+        value_enum,
+        default_value = "random"
+    )]
+    pub lb_algorithm: LbAlgorithm,
+
+    /// Entries of each Maglev lookup table (M), one of 251, 509, 1021, 2039, 4093, 8191, 16381
+    /// (primes). A backend's share of the flows is within about N/M of even (N backends): keep
+    /// M above 100 x N. Every table takes 32 KiB in the kernel whatever M is, so the default is
+    /// the largest.
+    #[arg(long, env = "MYELIN_LB_MAGLEV_TABLE_SIZE", default_value_t = myelin_common::maglev::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = parse_maglev_table_size)]
+    pub lb_maglev_table_size: u32,
+
+    /// Capacity of the Maglev table map (`lb_maglev`): one table per frontend reached from
+    /// outside (a Service port's node port, each external IP and load balancer address), 32 KiB
+    /// each, allocated only as tables are written. A frontend whose table does not fit chooses
+    /// at random.
+    #[arg(long, env = "MYELIN_MAX_LB_MAGLEV", default_value_t = myelin_common::maps::DEFAULT_MAX_LB_MAGLEV)]
+    pub max_lb_maglev: u32,
+
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     #[arg(long, env = "MYELIN_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -197,6 +228,36 @@ impl std::str::FromStr for MetricsAddr {
             .map(|a| Self(Some(a)))
             .map_err(|e| format!("{s:?} is not an address:port ({e}); use `off` to disable"))
     }
+}
+
+/// One of [`MAGLEV_TABLE_SIZES`].
+pub fn parse_maglev_table_size(s: &str) -> Result<u32, String> {
+    let allowed = || {
+        MAGLEV_TABLE_SIZES
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    s.parse::<u32>()
+        .ok()
+        .filter(|m| MAGLEV_TABLE_SIZES.contains(m))
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is not a Maglev table size: use one of {} (primes)",
+                allowed()
+            )
+        })
+}
+
+/// Flags that parse but do not go together.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error(
+        "--lb-algorithm maglev needs --kube-proxy-replacement=true: without it, Services are \
+         left to kube-proxy and Myelin chooses no backend"
+    )]
+    MaglevWithoutServices,
 }
 
 /// `500ms`, `30s`, `1m`, `2h`: a whole number and a unit.
@@ -236,6 +297,14 @@ pub fn parse_byte_size(s: &str) -> Result<u64, String> {
 }
 
 impl AgentConfig {
+    /// What the flags cannot say on their own: combinations that make no sense.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.lb_algorithm == LbAlgorithm::Maglev && !self.kube_proxy_replacement {
+            return Err(ConfigError::MaglevWithoutServices);
+        }
+        Ok(())
+    }
+
     pub fn limits(&self) -> crate::datapath::Limits {
         crate::datapath::Limits {
             endpoints: self.max_endpoints,
@@ -246,6 +315,7 @@ impl AgentConfig {
             lb_slots: self.max_lb_slots,
             lb_flows: self.max_lb_flows,
             lb_affinity: self.max_lb_affinity,
+            lb_maglev: self.max_lb_maglev,
         }
     }
 
@@ -296,6 +366,57 @@ mod tests {
         assert_eq!(c.max_object_file_size, 16 << 20);
         assert!(!c.kube_proxy_replacement, "Services are left to kube-proxy");
         assert_eq!(c.cgroup_root, None, "no socket-level load balancing");
+        assert_eq!(c.lb_algorithm, LbAlgorithm::Random);
+        assert_eq!((c.lb_maglev_table_size, c.max_lb_maglev), (16_381, 4096));
+        assert_eq!(c.check(), Ok(()));
+    }
+
+    #[test]
+    fn maglev_takes_a_prime_table_size_and_needs_kube_proxy_replacement() {
+        let c = AgentConfig::try_parse_from([
+            "myelin-agent",
+            "--kube-proxy-replacement=true",
+            "--lb-algorithm",
+            "maglev",
+            "--lb-maglev-table-size",
+            "1021",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.lb_algorithm, c.lb_maglev_table_size),
+            (LbAlgorithm::Maglev, 1021)
+        );
+        assert_eq!(c.check(), Ok(()));
+        for bad in ["1000", "1024", "0", "65521", "x", "", "16381 "] {
+            let flag = format!("--lb-maglev-table-size={bad}");
+            let e = AgentConfig::try_parse_from(["myelin-agent", flag.as_str()])
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                e.contains("251, 509, 1021, 2039, 4093, 8191, 16381"),
+                "{bad:?}: {e}"
+            );
+        }
+        assert!(AgentConfig::try_parse_from(["myelin-agent", "--lb-algorithm", "hash"]).is_err());
+        let alone =
+            AgentConfig::try_parse_from(["myelin-agent", "--lb-algorithm", "maglev"]).unwrap();
+        assert_eq!(alone.check(), Err(ConfigError::MaglevWithoutServices));
+        let env = |id: &str| {
+            AgentConfig::command()
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_env())
+                .map(|e| e.to_string_lossy().into_owned())
+        };
+        assert_eq!(env("lb_algorithm").as_deref(), Some("MYELIN_LB_ALGORITHM"));
+        assert_eq!(
+            env("lb_maglev_table_size").as_deref(),
+            Some("MYELIN_LB_MAGLEV_TABLE_SIZE")
+        );
+        assert_eq!(
+            env("max_lb_maglev").as_deref(),
+            Some("MYELIN_MAX_LB_MAGLEV")
+        );
     }
 
     #[test]

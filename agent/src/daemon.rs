@@ -65,6 +65,7 @@ const PENDING_DELETES_INTERVAL: std::time::Duration = std::time::Duration::from_
 const CIDR_WAIT_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    config.check()?;
     let node_name = config.node_name();
     info!(node = node_name, source = ?config.source, "starting myelin-agent {}", env!("CARGO_PKG_VERSION"));
     let _locks = claim_node(&config)?;
@@ -337,7 +338,9 @@ async fn start_datapath(
         tx
     });
     if config.kube_proxy_replacement {
-        agent = agent.translating_services();
+        agent = agent
+            .translating_services()
+            .with_lb_algorithm(config.lb_algorithm, config.lb_maglev_table_size);
     }
     if let Some(tx) = health_checks {
         agent = agent.with_health_checks(tx);

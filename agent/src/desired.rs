@@ -52,6 +52,9 @@ pub struct DesiredState {
     /// translation it comes from, so that a state computed for a pod's change hands over the
     /// same slots, which the reconciler then knows to be applied already.
     pub lb_services: Arc<BTreeMap<LbKey, LbEntry>>,
+    /// Maglev's lookup tables of the frontends reached from outside (`--lb-algorithm maglev`;
+    /// empty otherwise), computed from `lb_services`' slots and shared the same way.
+    pub lb_maglev: Arc<services::maglev::Tables>,
     /// Leave the ipcache, policy and masq_exclude maps as they are (the cluster state is not
     /// known yet).
     pub keep_policy_state: bool,

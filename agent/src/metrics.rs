@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub frontends_without_backend: usize,
     /// Their frontends that do not fit in `lb_services`.
     pub frontends_unwritten: usize,
+    /// Frontends whose Maglev tables do not fit in `lb_maglev`.
+    pub maglev_unwritten: usize,
     /// The socket programs are attached (`--cgroup-root`).
     pub socket_lb: bool,
     /// (reason, packets, bytes)
@@ -137,6 +139,12 @@ impl Collector for SnapshotCollector {
                 "Frontends of Services that do not fit in the lb_services map (--max-lb-slots): \
                  not translated, or still with their earlier backends",
                 s.frontends_unwritten as i64,
+            ),
+            (
+                "myelin_service_maglev_tables_unwritten",
+                "Frontends reached from outside whose Maglev lookup tables do not fit in the \
+                 lb_maglev map (--max-lb-maglev): they choose their backends at random",
+                s.maglev_unwritten as i64,
             ),
             (
                 "myelin_socket_lb_attached",
@@ -292,6 +300,7 @@ mod tests {
                 services: 3,
                 frontends_without_backend: 1,
                 frontends_unwritten: 2,
+                maglev_unwritten: 1,
                 socket_lb: true,
                 ..Snapshot::default()
             },
@@ -302,6 +311,7 @@ mod tests {
             "myelin_services 3",
             "myelin_service_frontends_without_backend 1",
             "myelin_service_frontends_unwritten 2",
+            "myelin_service_maglev_tables_unwritten 1",
             "myelin_socket_lb_attached 1",
         ] {
             assert!(body.lines().any(|l| l == line), "{line}: {body}");

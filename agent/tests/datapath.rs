@@ -135,6 +135,7 @@ struct Fixture {
     remote: BTreeMap<LpmKey<Ipv4Key>, IpcacheEntry>,
     masq_exclude: BTreeMap<LpmKey<Ipv4Key>, MasqExclude>,
     lb_services: BTreeMap<LbKey, LbEntry>,
+    lb_maglev: myelin_agent::desired::services::maglev::Tables,
     bpffs: PrivateBpffs,
 }
 
@@ -178,6 +179,7 @@ fn with_datapath(body: impl FnOnce(&mut Fixture) + Send + 'static) {
             remote: BTreeMap::new(),
             masq_exclude: BTreeMap::new(),
             lb_services: BTreeMap::new(),
+            lb_maglev: BTreeMap::new(),
             bpffs,
         };
         f.sync();
@@ -231,6 +233,7 @@ impl Fixture {
         desired.policy = self.policy.clone();
         desired.masq_exclude = self.masq_exclude.clone();
         desired.lb_services = self.lb_services.clone().into();
+        desired.lb_maglev = self.lb_maglev.clone().into();
         self.dp.apply(&desired).expect("apply");
     }
 
@@ -3085,6 +3088,130 @@ fn a_node_port_goes_straight_into_a_local_backend_and_its_reply_out_of_the_uplin
             (verdict, destination(&out)),
             (TC_ACT_REDIRECT, (b.ip, 8080))
         );
+    });
+}
+
+impl Fixture {
+    /// Maglev's tables of `size` entries for the frontends now in the slots, as the agent
+    /// computes them with `--lb-algorithm maglev`.
+    fn maglev(&mut self, size: u32) {
+        self.lb_maglev = myelin_agent::desired::services::maglev::tables(
+            &self.lb_services,
+            size,
+            &BTreeMap::new(),
+        );
+        self.sync();
+    }
+}
+
+/// Where the node-port frontend at `frontend` sends a new TCP connection from the world's port
+/// `sport` (a SYN through the uplink), and the client's next packet.
+fn node_port_backend(f: &mut Fixture, uplink: u32, frontend: Ipv4Addr, sport: u16) -> Ipv4Addr {
+    let syn = from_world(TCP, frontend, sport, NODE_PORT, SYN);
+    let (verdict, out) = f.run(Program::FromUplink, &syn, uplink);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{frontend} from port {sport}");
+    destination(&out).0
+}
+
+/// The backend the Maglev table of `frontend` in `tables` gives the world's connection from
+/// `sport`.
+fn table_backend(
+    tables: &myelin_agent::desired::services::maglev::Tables,
+    frontend: Ipv4Addr,
+    sport: u16,
+    backends: &[Ipv4Addr],
+) -> Ipv4Addr {
+    let table = &tables[&lb_key(frontend, NODE_PORT, TCP, 0)];
+    let hash =
+        myelin_common::maglev::flow_hash(WORLD.octets(), sport.to_be(), NODE_PORT.to_be(), TCP);
+    let slot = table.entries[(hash % table.entries.len() as u32) as usize];
+    backends[usize::from(slot) - 1]
+}
+
+/// `--lb-algorithm maglev`: a node port's new connection goes to the backend its flow hashes to
+/// in the table, whichever node's address it asked (`EXTERNAL_IP` stands for another node's:
+/// the datapath goes by the frontend's flags); removing a backend moves its clients' new
+/// connections and (almost) no one else's, while established connections keep their backend,
+/// the removed one's included.
+#[test]
+fn with_maglev_a_client_connection_gets_the_same_backend_through_every_node() {
+    with_datapath(|f| {
+        let uplink = f.services_on_uplink();
+        let backends: Vec<Ipv4Addr> = (7..10).map(|n| remote_pod(n, 400).ip).collect();
+        let with_port: Vec<(Ipv4Addr, u16)> = backends.iter().map(|b| (*b, 8080)).collect();
+        for node in [UPLINK_IP, EXTERNAL_IP] {
+            f.frontend(node, NODE_PORT, TCP, LB_F_NODEPORT, &with_port);
+        }
+        f.maglev(251);
+        let clients: Vec<u16> = (41_000..41_060).collect();
+        let mut before = BTreeMap::new();
+        for &sport in &clients {
+            let expected = table_backend(&f.lb_maglev, UPLINK_IP, sport, &backends);
+            for node in [UPLINK_IP, EXTERNAL_IP] {
+                assert_eq!(
+                    node_port_backend(f, uplink, node, sport),
+                    expected,
+                    "the world's port {sport} through {node}: the table's backend"
+                );
+            }
+            before.insert(sport, expected);
+        }
+        let used: std::collections::BTreeSet<_> = before.values().collect();
+        assert_eq!(used.len(), 3, "the clients spread over every backend");
+
+        // Backend 2 goes: the slots and tables change together, as the agent writes them.
+        let (gone, rest) = (backends[1], [backends[0], backends[2]]);
+        let old = f.lb_maglev.clone();
+        for node in [UPLINK_IP, EXTERNAL_IP] {
+            f.lb_services.retain(|k, _| k.addr != node.octets());
+            f.frontend(
+                node,
+                NODE_PORT,
+                TCP,
+                LB_F_NODEPORT,
+                &[(rest[0], 8080), (rest[1], 8080)],
+            );
+        }
+        f.maglev(251);
+        // New connections (new ports: the earlier ones are established).
+        let (mut moved, mut stayed) = (0, 0);
+        for sport in clients.iter().map(|p| p + 1000) {
+            let expected = table_backend(&f.lb_maglev, UPLINK_IP, sport, &rest);
+            assert_eq!(node_port_backend(f, uplink, EXTERNAL_IP, sport), expected);
+            let was = table_backend(&old, UPLINK_IP, sport, &backends);
+            if was != gone {
+                if was == expected {
+                    stayed += 1;
+                } else {
+                    moved += 1;
+                }
+            }
+        }
+        assert!(
+            stayed > 20 && moved <= 1,
+            "of the remaining backends' clients {stayed} stayed and {moved} moved"
+        );
+        // Established connections keep theirs, the removed backend's too (they drain).
+        for (&sport, &backend) in &before {
+            let ack = from_world(TCP, UPLINK_IP, sport, NODE_PORT, ACK);
+            let (_, out) = f.run(Program::FromUplink, &ack, uplink);
+            assert_eq!(destination(&out).0, backend, "port {sport}'s connection");
+        }
+
+        // An entry beyond the count (a table of other slots) is not trusted: a random backend.
+        let frontend = lb_key(UPLINK_IP, NODE_PORT, TCP, 0);
+        f.lb_maglev.insert(
+            frontend,
+            std::sync::Arc::new(myelin_agent::desired::services::maglev::Lookup {
+                backends: Vec::new(),
+                entries: vec![3; 251],
+            }),
+        );
+        f.sync();
+        for sport in 43_000..43_020 {
+            let b = node_port_backend(f, uplink, UPLINK_IP, sport);
+            assert!(rest.contains(&b), "port {sport}: {b} is no backend");
+        }
     });
 }
 

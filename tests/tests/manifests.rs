@@ -156,6 +156,9 @@ fn values_outside_the_schema_are_refused() -> Result<()> {
         json!({ "cgroupRoot": "sys/fs/cgroup" }),
         json!({ "k8sServiceHost": "10.0.0.1 evil" }),
         json!({ "k8sServicePort": 70000 }),
+        json!({ "lbAlgorithm": "hash" }),
+        json!({ "kubeProxyReplacement": true, "lbAlgorithm": "maglev", "maglevTableSize": 1000 }),
+        json!({ "lbAlgorithm": "maglev" }),
     ] {
         assert!(
             tools.render(&values).is_err(),
@@ -203,6 +206,53 @@ fn routing_masquerading_and_service_values_become_the_agents_flags() -> Result<(
     let help = String::from_utf8_lossy(&help.stdout);
     for arg in args.as_array().into_iter().flatten() {
         let flag = arg.as_str().and_then(|a| a.split('=').next()).unwrap_or("");
+        assert!(
+            help.contains(&format!("{flag} <")),
+            "myelin-agent has no flag {flag}:\n{help}"
+        );
+    }
+    Ok(())
+}
+
+/// `lbAlgorithm: maglev` (with kubeProxyReplacement) becomes `--lb-algorithm` and
+/// `--lb-maglev-table-size`, spelled as the agent parses them; the default, random, adds no
+/// flag.
+#[test]
+fn maglev_values_become_the_agents_flags() -> Result<()> {
+    let tools = ChartTools::from_current_exe()?;
+    let args_of = |values: serde_json::Value| -> Result<Vec<String>> {
+        let rendered = tools.render(&values)?;
+        let objects = objects(&rendered);
+        let spec = &object(&objects, "DaemonSet")["spec"]["template"]["spec"];
+        Ok(container(spec, "containers", "agent")["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .filter(|a| a.starts_with("--lb-"))
+            .map(str::to_string)
+            .collect())
+    };
+    let maglev = args_of(json!({
+        "kubeProxyReplacement": true,
+        "lbAlgorithm": "maglev",
+        "maglevTableSize": 1021,
+    }))?;
+    assert_eq!(
+        maglev,
+        ["--lb-algorithm=maglev", "--lb-maglev-table-size=1021"]
+    );
+    assert_eq!(
+        args_of(json!({ "kubeProxyReplacement": true }))?,
+        Vec::<String>::new()
+    );
+    let help = std::process::Command::new(Binaries::from_env()?.agent()?)
+        .arg("--help")
+        .output()
+        .map_err(myelin_tests::Error::io("running myelin-agent --help"))?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    for arg in &maglev {
+        let flag = arg.split('=').next().unwrap_or("");
         assert!(
             help.contains(&format!("{flag} <")),
             "myelin-agent has no flag {flag}:\n{help}"

@@ -288,6 +288,14 @@ pub struct Status {
     /// kube-proxy. False from older agents.
     #[serde(default)]
     pub kube_proxy_replacement: bool,
+    /// How new connections to frontends reached from outside choose their backend
+    /// (`--lb-algorithm`): `random` or `maglev`; absent without kube-proxy replacement (and
+    /// from older agents). ClusterIPs choose at random either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lb_algorithm: Option<String>,
+    /// Entries of each Maglev lookup table (`--lb-maglev-table-size`), with `maglev`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maglev_table_size: Option<u32>,
     /// Socket-level load balancing (`--cgroup-root`): where its programs are attached; absent
     /// when off (and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -25,6 +25,7 @@ use myelin_api::{
 use myelin_common::{
     config::{EVENTS_DROPS, EVENTS_VERDICTS},
     identity,
+    lb::{LbEntry, LbKey},
 };
 
 use ipnet::Ipv4Net;
@@ -34,7 +35,10 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{DatapathError, DatapathOps, table::Diff},
-    desired::{self, DesiredState, Inputs, LocalEndpoint},
+    desired::{
+        self, DesiredState, Inputs, LocalEndpoint,
+        services::maglev::{self, LbAlgorithm},
+    },
     endpoint::{EndpointRecord, EndpointStore, EndpointStoreError},
     health::HealthChecks,
     ipam::{Ipam, IpamError},
@@ -52,6 +56,16 @@ impl Interfaces for SystemInterfaces {
     fn index_of(&self, ifname: &str) -> Option<u32> {
         nix::net::if_::if_nametoindex(ifname).ok()
     }
+}
+
+/// Maglev's lookup tables and what they were computed from.
+#[derive(Default)]
+struct MaglevState {
+    /// `--lb-maglev-table-size` with `--lb-algorithm maglev`; `None`: random, no tables.
+    table_size: Option<u32>,
+    /// The slots the tables were computed from.
+    from: Arc<BTreeMap<LbKey, LbEntry>>,
+    tables: Arc<maglev::Tables>,
 }
 
 pub struct Agent<D> {
@@ -92,6 +106,10 @@ pub struct Agent<D> {
     reported_service_warnings: BTreeSet<String>,
     /// The frontends last reported as not fitting in `lb_services`.
     unwritten_services: BTreeSet<([u8; 4], u16, u8)>,
+    /// Maglev's lookup tables (`--lb-algorithm maglev`).
+    maglev: MaglevState,
+    /// The frontends whose Maglev tables were last reported as not fitting in `lb_maglev`.
+    unwritten_maglev: BTreeSet<([u8; 4], u16, u8)>,
     /// `--non-masquerade-cidrs`: destinations pods reach with their own address, besides the
     /// cluster's pod CIDRs and nodes.
     non_masquerade_cidrs: Vec<Ipv4Net>,
@@ -187,6 +205,8 @@ impl<D: DatapathOps> Agent<D> {
             // Never a generation the index reports: the first call computes.
             services: (u64::MAX, desired::services::Services::default()),
             unwritten_services: BTreeSet::new(),
+            maglev: MaglevState::default(),
+            unwritten_maglev: BTreeSet::new(),
             reported_service_warnings: BTreeSet::new(),
             non_masquerade_cidrs: Vec::new(),
             datapath,
@@ -257,6 +277,26 @@ impl<D: DatapathOps> Agent<D> {
     pub fn translating_services(mut self) -> Self {
         self.translates_services = true;
         self
+    }
+
+    /// How new connections' backends are chosen (`--lb-algorithm`), with Maglev's table size
+    /// (`--lb-maglev-table-size`).
+    pub fn with_lb_algorithm(mut self, algorithm: LbAlgorithm, table_size: u32) -> Self {
+        self.maglev.table_size = (algorithm == LbAlgorithm::Maglev).then_some(table_size);
+        self
+    }
+
+    /// Maglev's tables for `slots`, computed again only when the slots changed (tables of
+    /// unchanged backends are kept); empty unless `--lb-algorithm maglev`.
+    fn maglev_tables(&mut self, slots: &Arc<BTreeMap<LbKey, LbEntry>>) -> Arc<maglev::Tables> {
+        let m = &mut self.maglev;
+        if let Some(size) = m.table_size
+            && !Arc::ptr_eq(&m.from, slots)
+        {
+            m.tables = Arc::new(maglev::tables(slots, size, &m.tables));
+            m.from = Arc::clone(slots);
+        }
+        Arc::clone(&m.tables)
     }
 
     /// Socket-level load balancing is attached there (`--cgroup-root`), as status shows.
@@ -475,6 +515,7 @@ impl<D: DatapathOps> Agent<D> {
 
     pub fn desired_state(&mut self) -> DesiredState {
         let lb_services = Arc::clone(&self.services().slots);
+        let lb_maglev = self.maglev_tables(&lb_services);
         if self.pod_hosts.0 != self.cluster_generation {
             self.pod_hosts = (
                 self.cluster_generation,
@@ -515,6 +556,7 @@ impl<D: DatapathOps> Agent<D> {
             non_masquerade_cidrs: &self.non_masquerade_cidrs,
         });
         desired.lb_services = lb_services;
+        desired.lb_maglev = lb_maglev;
         desired
     }
 
@@ -539,8 +581,42 @@ impl<D: DatapathOps> Agent<D> {
         }
         let result = self.datapath.apply(&desired);
         self.report_unwritten_services();
+        self.report_unwritten_maglev();
         self.publish_health_checks();
         result
+    }
+
+    /// Logs, once per change, the frontends whose Maglev tables do not fit in `lb_maglev`: they
+    /// choose their backends at random.
+    fn report_unwritten_maglev(&mut self) {
+        let unwritten = self.datapath.maglev_unwritten();
+        let now: BTreeSet<_> = unwritten
+            .map(|u| u.frontends.iter().copied().collect())
+            .unwrap_or_default();
+        if now == self.unwritten_maglev {
+            return;
+        }
+        match unwritten {
+            Some(u) => {
+                let names: Vec<String> = u
+                    .frontends
+                    .iter()
+                    .take(5)
+                    .map(|&(addr, port, protocol)| {
+                        self.service_of_frontend(addr, u16::from_be(port), protocol)
+                    })
+                    .collect();
+                warn!(
+                    error = %u.error,
+                    frontends = u.frontends.len(),
+                    first = %names.join(", "),
+                    "frontends whose Maglev tables do not fit in lb_maglev choose their \
+                     backends at random; the others use their tables: raise --max-lb-maglev"
+                );
+            }
+            None => info!("every Maglev table is in lb_maglev again"),
+        }
+        self.unwritten_maglev = now;
     }
 
     /// Logs, once per change, the Services' frontends that do not fit in `lb_services`: they

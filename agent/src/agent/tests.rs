@@ -803,3 +803,105 @@ fn with_kube_proxy_replacement_services_are_translated_and_their_addresses_are_n
     .unwrap();
     assert!(a.desired_state().lb_services.is_empty());
 }
+
+/// Service `web` with an external IP: a ClusterIP frontend and one reached from outside.
+fn web_with_external_ip_changes() -> Vec<Change> {
+    let service = myelin_cluster::ServiceInfo::from_k8s(&builders::service(
+        "default",
+        "web",
+        "spec: {clusterIP: 10.96.0.10, externalIPs: [198.51.100.20], ports: [{name: http, port: 80}]}",
+    ))
+    .unwrap();
+    let slice = myelin_cluster::EndpointSliceInfo::from_k8s(&builders::endpoint_slice(
+        "default",
+        "web-1",
+        Some("web"),
+        "addressType: IPv4\nendpoints: [{addresses: [10.244.0.9]}, {addresses: [10.244.0.10]}]\n\
+         ports: [{name: http, port: 8080}]",
+    ))
+    .unwrap();
+    vec![
+        Change::Apply(Object::Service(service)),
+        Change::Apply(Object::EndpointSlice(slice)),
+    ]
+}
+
+fn frontend_key(addr: [u8; 4]) -> myelin_common::lb::LbKey {
+    myelin_common::lb::LbKey {
+        addr,
+        port: 80u16.to_be(),
+        protocol: myelin_common::proto::IPPROTO_TCP,
+        _pad0: 0,
+        slot: 0,
+        _pad1: 0,
+    }
+}
+
+#[test]
+fn with_maglev_frontends_reached_from_outside_get_a_table_and_cluster_ips_none() {
+    let mut a = agent()
+        .translating_services()
+        .with_lb_algorithm(LbAlgorithm::Maglev, 251);
+    a.apply_cluster_changes(web_with_external_ip_changes())
+        .unwrap();
+    let desired = a.desired_state();
+    let tables: Vec<_> = desired.lb_maglev.keys().copied().collect();
+    assert_eq!(tables, [frontend_key([198, 51, 100, 20])]);
+    let table = &desired.lb_maglev[&frontend_key([198, 51, 100, 20])];
+    assert_eq!(table.entries.len(), 251);
+    let written = &a.datapath().tables.lb_maglev.map().entries;
+    assert_eq!(written[&frontend_key([198, 51, 100, 20])].size, 251);
+    // A state computed for a pod's change hands over the same tables.
+    assert!(Arc::ptr_eq(
+        &a.desired_state().lb_maglev,
+        &desired.lb_maglev
+    ));
+    let status = a.status();
+    assert_eq!(
+        (status.lb_algorithm.as_deref(), status.maglev_table_size),
+        (Some("maglev"), Some(251))
+    );
+    // The Service goes: so does its table.
+    a.apply_cluster_changes([Change::Delete {
+        kind: myelin_cluster::Kind::Service,
+        namespace: "default".into(),
+        name: "web".into(),
+    }])
+    .unwrap();
+    assert!(a.datapath().tables.lb_maglev.map().entries.is_empty());
+}
+
+#[test]
+fn with_random_no_table_is_written() {
+    let mut a = agent().translating_services();
+    a.apply_cluster_changes(web_with_external_ip_changes())
+        .unwrap();
+    assert!(a.desired_state().lb_maglev.is_empty());
+    assert!(a.datapath().tables.lb_maglev.map().entries.is_empty());
+    assert_eq!(a.status().lb_algorithm.as_deref(), Some("random"));
+}
+
+#[test]
+fn a_maglev_table_that_does_not_fit_is_reported_and_its_frontend_stays_random() {
+    let mut a = Agent::new(
+        "node-1".into(),
+        Ipam::in_memory("10.244.0.0/24".parse().unwrap()).unwrap(),
+        EndpointStore::in_memory(16),
+        ClusterIndex::default(),
+        FakeDatapath::new(16).with_maglev_capacity(0),
+        Box::new(FakeInterfaces([("lxca".to_string(), 10)].into())),
+    )
+    .translating_services()
+    .with_lb_algorithm(LbAlgorithm::Maglev, 251);
+    a.set_synced().unwrap();
+    a.apply_cluster_changes(web_with_external_ip_changes())
+        .expect("a table that does not fit is no error");
+    assert!(a.datapath().tables.lb_maglev.map().entries.is_empty());
+    assert_eq!(a.metrics_snapshot().maglev_unwritten, 1);
+    assert_eq!(
+        a.datapath().tables.lb_services.current()[&frontend_key([198, 51, 100, 20])].count,
+        2,
+        "the frontend itself is translated"
+    );
+    add(&mut a, "a", "lxca", 10).expect("an ADD with a full lb_maglev");
+}

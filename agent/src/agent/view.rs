@@ -10,7 +10,7 @@ use myelin_api::{
 use myelin_cluster::{IdentityLabels, index::Fallback};
 use myelin_common::endpoint::ENDPOINT_F_POLICY_INCOMPLETE;
 
-use super::Agent;
+use super::{Agent, LbAlgorithm};
 use crate::{datapath::DatapathOps, endpoint::EndpointRecord};
 
 impl<D: DatapathOps> Agent<D> {
@@ -56,6 +56,15 @@ impl<D: DatapathOps> Agent<D> {
             version: env!("CARGO_PKG_VERSION").to_string(),
             routing: self.routing.clone(),
             kube_proxy_replacement: self.translates_services,
+            lb_algorithm: self.translates_services.then(|| {
+                let algorithm = if self.maglev.table_size.is_some() {
+                    LbAlgorithm::Maglev
+                } else {
+                    LbAlgorithm::Random
+                };
+                algorithm.as_str().to_string()
+            }),
+            maglev_table_size: self.maglev.table_size,
             socket_lb: self.socket_lb.clone(),
         }
     }
@@ -236,6 +245,10 @@ impl<D: DatapathOps> Agent<D> {
             frontends_unwritten: self
                 .datapath
                 .services_unwritten()
+                .map_or(0, |u| u.frontends.len()),
+            maglev_unwritten: self
+                .datapath
+                .maglev_unwritten()
                 .map_or(0, |u| u.frontends.len()),
             socket_lb: self.socket_lb.is_some(),
             drops: self

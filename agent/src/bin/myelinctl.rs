@@ -187,6 +187,14 @@ fn main() -> anyhow::Result<()> {
                     "left to kube-proxy"
                 };
                 println!("services:       {services}");
+                match (&s.lb_algorithm, s.maglev_table_size) {
+                    (Some(a), Some(m)) => println!(
+                        "lb algorithm:   {a} (table size {m}) for node ports, external IPs and \
+                         load balancers; random for ClusterIPs"
+                    ),
+                    (Some(a), None) => println!("lb algorithm:   {a}"),
+                    (None, _) => {}
+                }
                 match &s.socket_lb {
                     Some(lb) => {
                         let programs: Vec<String> = lb

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use myelin_common::{
     EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
     lb::{LbEntry, LbKey},
+    maglev::MaglevTable,
     nat::MasqExclude,
 };
 
@@ -22,6 +23,7 @@ pub type FakeTables = Tables<
     FakeMap<LpmKey<PolicyKey>, PolicyEntry>,
     FakeMap<LpmKey<Ipv4Key>, MasqExclude>,
     FakeMap<LbKey, LbEntry>,
+    FakeMap<LbKey, MaglevTable>,
 >;
 
 pub struct FakeDatapath {
@@ -64,6 +66,7 @@ impl FakeDatapath {
                 FakeMap::new("policy", 4096),
                 FakeMap::new("masq_exclude", 4096),
                 FakeMap::new("lb_services", 4096),
+                FakeMap::new("lb_maglev", 4096),
             )
             .expect("fake maps cannot fail"),
             state: FakeState::default(),
@@ -78,6 +81,16 @@ impl FakeDatapath {
     pub fn with_lb_capacity(mut self, capacity: u32) -> Self {
         self.tables.lb_services =
             super::table::Reconciler::new(FakeMap::new("lb_services", capacity))
+                .expect("fake maps cannot fail");
+        self
+    }
+}
+
+impl FakeDatapath {
+    /// With an `lb_maglev` of `capacity` tables.
+    pub fn with_maglev_capacity(mut self, capacity: u32) -> Self {
+        self.tables.lb_maglev =
+            super::maglev::MaglevReconciler::new(FakeMap::new("lb_maglev", capacity))
                 .expect("fake maps cannot fail");
         self
     }
@@ -146,6 +159,10 @@ impl DatapathOps for FakeDatapath {
 
     fn services_unwritten(&self) -> Option<&super::table::Unwritten> {
         self.tables.lb_unwritten.as_ref()
+    }
+
+    fn maglev_unwritten(&self) -> Option<&super::table::Unwritten> {
+        self.tables.lb_maglev_unwritten.as_ref()
     }
 
     fn mode(&self) -> AttachMode {

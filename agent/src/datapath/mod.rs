@@ -15,6 +15,7 @@ pub mod counters;
 #[cfg(test)]
 pub mod fake;
 pub mod lb;
+pub mod maglev;
 pub mod nat;
 pub mod sock;
 pub mod table;
@@ -39,6 +40,7 @@ use myelin_common::{
     EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
     config::{DatapathConfig, FEATURE_SERVICES, FEATURES_GLOBAL},
     lb::{LbEntry, LbKey},
+    maglev::MaglevTable,
     maps,
     nat::MasqExclude,
 };
@@ -220,6 +222,8 @@ pub struct Limits {
     pub lb_flows: u32,
     /// Session affinity: one entry per client and frontend.
     pub lb_affinity: u32,
+    /// Maglev's lookup tables: one per frontend reached from outside.
+    pub lb_maglev: u32,
 }
 
 impl Default for Limits {
@@ -233,6 +237,7 @@ impl Default for Limits {
             lb_slots: maps::DEFAULT_MAX_LB_SLOTS,
             lb_flows: maps::DEFAULT_MAX_LB_FLOWS,
             lb_affinity: maps::DEFAULT_MAX_LB_AFFINITY,
+            lb_maglev: maps::DEFAULT_MAX_LB_MAGLEV,
         }
     }
 }
@@ -291,6 +296,11 @@ pub trait DatapathOps: Send {
     fn services_unwritten(&self) -> Option<&table::Unwritten> {
         None
     }
+    /// The frontends whose Maglev tables the last [`Self::apply`] could not write to
+    /// `lb_maglev` (a full map), with the error: they choose their backends at random.
+    fn maglev_unwritten(&self) -> Option<&table::Unwritten> {
+        None
+    }
 }
 
 /// The reconciled maps over the kernel's maps.
@@ -301,6 +311,7 @@ pub type KernelTables = Tables<
     KernelLpm<PolicyKey, PolicyEntry>,
     KernelLpm<Ipv4Key, MasqExclude>,
     KernelHash<LbKey, LbEntry>,
+    KernelHash<LbKey, MaglevTable>,
 >;
 
 pub struct Datapath {
@@ -392,6 +403,7 @@ impl Datapath {
             (maps::LB_SERVICES, limits.lb_slots),
             (maps::LB_FLOWS, limits.lb_flows),
             (maps::LB_AFFINITY, limits.lb_affinity),
+            (maps::LB_MAGLEV, limits.lb_maglev),
             // One entry per socket translated by the socket programs.
             (maps::LB_REVERSE_SK, limits.lb_flows),
         ]
@@ -445,6 +457,7 @@ impl Datapath {
             KernelLpm::new(maps::POLICY, take(maps::POLICY)?)?,
             KernelLpm::new(maps::MASQ_EXCLUDE, take(maps::MASQ_EXCLUDE)?)?,
             KernelHash::new(maps::LB_SERVICES, take(maps::LB_SERVICES)?)?,
+            KernelHash::new(maps::LB_MAGLEV, take(maps::LB_MAGLEV)?)?,
         )?;
         let counters = Counters::new(take(maps::COUNTERS)?, take(maps::DROPS)?)?;
         let aya_err = |map: &'static str| move |source| TableError::Map { map, source };
@@ -897,6 +910,10 @@ impl DatapathOps for Datapath {
 
     fn services_unwritten(&self) -> Option<&table::Unwritten> {
         self.tables.lb_unwritten.as_ref()
+    }
+
+    fn maglev_unwritten(&self) -> Option<&table::Unwritten> {
+        self.tables.lb_maglev_unwritten.as_ref()
     }
 
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {

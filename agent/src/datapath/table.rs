@@ -21,11 +21,13 @@ use aya::{
 use myelin_common::{
     EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
     lb::{LbEntry, LbKey},
+    maglev::MaglevTable,
     nat::MasqExclude,
 };
 
-use crate::desired::DesiredState;
+use super::maglev::MaglevReconciler;
 pub use crate::desired::LpmKey;
+use crate::desired::{DesiredState, services::maglev::Tables as MaglevTables};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -546,7 +548,7 @@ pub trait ApplyHooks {
 /// The maps the agent reconciles, over the kernel's maps or in-memory fakes: both datapaths
 /// apply a desired state through [`Tables::apply`], so the order the programs rely on is
 /// written once and unit-tested.
-pub struct Tables<E, B, I, P, M, S> {
+pub struct Tables<E, B, I, P, M, S, G> {
     pub endpoints: Reconciler<Ipv4Key, EndpointInfo, E>,
     pub endpoints_by_if: Reconciler<u32, EndpointInfo, B>,
     pub ipcache: Reconciler<LpmKey<Ipv4Key>, IpcacheEntry, I>,
@@ -558,9 +560,15 @@ pub struct Tables<E, B, I, P, M, S> {
     /// The slots `lb_services` holds, all of them written: the same slots again (a state
     /// computed for a pod's change) need no pass over the map.
     lb_applied: Option<Arc<BTreeMap<LbKey, LbEntry>>>,
+    /// Maglev's lookup tables (`--lb-algorithm maglev`), written after `lb_services`.
+    pub lb_maglev: MaglevReconciler<G>,
+    /// The tables the last pass over `lb_maglev` could not write.
+    pub lb_maglev_unwritten: Option<Unwritten>,
+    /// The tables `lb_maglev` holds, all of them written (as `lb_applied`).
+    maglev_applied: Option<Arc<MaglevTables>>,
 }
 
-impl<E, B, I, P, M, S> Tables<E, B, I, P, M, S>
+impl<E, B, I, P, M, S, G> Tables<E, B, I, P, M, S, G>
 where
     E: MapBackend<Ipv4Key, EndpointInfo>,
     B: MapBackend<u32, EndpointInfo>,
@@ -568,6 +576,7 @@ where
     P: MapBackend<LpmKey<PolicyKey>, PolicyEntry>,
     M: MapBackend<LpmKey<Ipv4Key>, MasqExclude>,
     S: MapBackend<LbKey, LbEntry>,
+    G: MapBackend<LbKey, MaglevTable>,
 {
     /// Reads each map once (see [`Reconciler::new`]).
     pub fn new(
@@ -577,6 +586,7 @@ where
         policy: P,
         masq_exclude: M,
         lb_services: S,
+        lb_maglev: G,
     ) -> Result<Self, TableError> {
         Ok(Self {
             endpoints: Reconciler::new(endpoints)?,
@@ -587,6 +597,9 @@ where
             lb_services: Reconciler::new(lb_services)?,
             lb_unwritten: None,
             lb_applied: None,
+            lb_maglev: MaglevReconciler::new(lb_maglev)?,
+            lb_maglev_unwritten: None,
+            maglev_applied: None,
         })
     }
 
@@ -623,6 +636,7 @@ where
                 }
                 self.lb_unwritten = unwritten;
             }
+            slots = slots + self.apply_maglev(&desired.lb_maglev)?;
             masq = self.masq_exclude.apply(&desired.masq_exclude)? + slots;
         }
         let diff = diff
@@ -632,6 +646,31 @@ where
             hooks.policy_changed()?;
         }
         Ok(diff + masq)
+    }
+
+    /// Maglev's tables, once the slots they name are written; a frontend whose slots were held
+    /// back keeps its table (see `super::maglev`).
+    fn apply_maglev(&mut self, desired: &Arc<MaglevTables>) -> Result<Diff, TableError> {
+        let held: BTreeSet<_> = self
+            .lb_unwritten
+            .iter()
+            .flat_map(|u| u.frontends.iter().copied())
+            .collect();
+        let applied = held.is_empty()
+            && self
+                .maglev_applied
+                .as_ref()
+                .is_some_and(|a| Arc::ptr_eq(a, desired));
+        if applied {
+            return Ok(Diff::default());
+        }
+        self.maglev_applied = None;
+        let (diff, unwritten) = self.lb_maglev.apply(desired, &held)?;
+        if unwritten.is_none() && held.is_empty() {
+            self.maglev_applied = Some(Arc::clone(desired));
+        }
+        self.lb_maglev_unwritten = unwritten;
+        Ok(diff)
     }
 
     /// The endpoint entry the maps hold for an address.
@@ -674,6 +713,11 @@ where
                 self.lb_services.map().name(),
                 self.lb_services.current().len(),
                 self.lb_services.map().capacity(),
+            ),
+            (
+                self.lb_maglev.map().name(),
+                self.lb_maglev.current().len(),
+                self.lb_maglev.map().capacity(),
             ),
         ]
     }
@@ -751,6 +795,7 @@ mod tests {
             FakeMap::new("policy", 4),
             FakeMap::new("masq_exclude", 4),
             FakeMap::new("lb_services", 4),
+            FakeMap::new("lb_maglev", 4),
         )
         .unwrap();
         let key = LpmKey {
@@ -841,6 +886,7 @@ mod tests {
             FakeMap::new("policy", 4),
             FakeMap::new("masq_exclude", 4),
             FakeMap::new("lb_services", capacity),
+            FakeMap::new("lb_maglev", capacity),
         )
         .unwrap()
     }

@@ -45,6 +45,8 @@ use myelin_common::lb::{
 /// so that what `myelinctl services` shows is what was computed.
 pub use myelin_api::{BackendState as Condition, FrontendKind};
 
+pub mod maglev;
+
 /// The most backends one frontend sends to: the first ones in address order. Bounds the slots
 /// one Service can take (the map is shared by every Service) well above what a Deployment
 /// reaches; a DaemonSet's Service on a larger cluster is cut, with a warning naming it.

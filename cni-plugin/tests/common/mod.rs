@@ -524,6 +524,8 @@ fn handle(state: &mut AgentState, method: &str, target: &str, body: &[u8]) -> (u
                 version: "test".into(),
                 routing: None,
                 kube_proxy_replacement: false,
+                lb_algorithm: None,
+                maglev_table_size: None,
                 socket_lb: None,
             },
         ),

@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod event;
 pub mod ipcache;
 pub mod lb;
+pub mod maglev;
 pub mod maps;
 pub mod nat;
 pub mod policy;

@@ -16,6 +16,7 @@ pub const MASQ_EXCLUDE: &str = "masq_exclude";
 pub const LB_SERVICES: &str = "lb_services";
 pub const LB_FLOWS: &str = "lb_flows";
 pub const LB_AFFINITY: &str = "lb_affinity";
+pub const LB_MAGLEV: &str = "lb_maglev";
 pub const LB_REVERSE_SK: &str = "lb_reverse_sk";
 pub const SOCK_LB: &str = "sock_lb";
 
@@ -34,7 +35,7 @@ pub const TAIL_NODEPORT_IN: u32 = 2;
 pub const TAIL_SLOTS: u32 = 3;
 
 /// Every map the agent pins.
-pub const PINNED: [&str; 17] = [
+pub const PINNED: [&str; 18] = [
     ENDPOINTS,
     ENDPOINTS_BY_IF,
     COUNTERS,
@@ -49,6 +50,7 @@ pub const PINNED: [&str; 17] = [
     LB_SERVICES,
     LB_FLOWS,
     LB_AFFINITY,
+    LB_MAGLEV,
     LB_REVERSE_SK,
     SOCK_LB,
     TAIL_CALLS,
@@ -67,6 +69,9 @@ pub const DEFAULT_MAX_LB_SLOTS: u32 = 131_072;
 /// Two entries per translated connection.
 pub const DEFAULT_MAX_LB_FLOWS: u32 = 131_072;
 pub const DEFAULT_MAX_LB_AFFINITY: u32 = 65_536;
+/// Maglev lookup tables (`--lb-algorithm maglev`): one per frontend reached from outside, 32 KiB
+/// each, allocated as they are written (`BPF_F_NO_PREALLOC`): at most 128 MiB.
+pub const DEFAULT_MAX_LB_MAGLEV: u32 = 4096;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 

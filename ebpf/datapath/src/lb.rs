@@ -29,7 +29,7 @@ use myelin_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack, maglev,
     nat::{self, End},
     packet::{self, ETH_HLEN, EthHdr, Flow, Icmp, IcmpHdr, Ipv4Hdr, TCP_ACK, TCP_RST, TcpHdr},
 };
@@ -176,14 +176,17 @@ fn affine_backend(
 }
 
 /// Chooses a backend for a new connection of `client` to `frontend`: the client's affine one,
-/// else a random slot. `None` when the frontend has no usable backend. Also the socket
-/// programs' choice (`crate::sock`).
+/// else the slot the frontend's Maglev table gives the connection's `flow_hash`
+/// (`crate::maglev`: frontends reached from outside, with `--lb-algorithm maglev`), else a
+/// random slot. `None` when the frontend has no usable backend. Also the socket programs'
+/// choice (`crate::sock`), without a flow hash: random.
 #[inline(always)]
 pub(crate) fn choose(
     client: [u8; 4],
     frontend: &LbKey,
     service: &LbEntry,
     now: u64,
+    flow_hash: Option<u32>,
 ) -> Option<([u8; 4], u16)> {
     if service.count == 0 {
         return None;
@@ -203,8 +206,11 @@ pub(crate) fn choose(
     let (n, backend, port) = match affine {
         Some(chosen) => chosen,
         None => {
-            // SAFETY: plain helper call.
-            let n = 1 + (unsafe { bpf_get_prandom_u32() } % u32::from(service.count)) as u16;
+            let consistent = flow_hash.and_then(|h| maglev::slot(frontend, service, h));
+            let n = consistent.unwrap_or_else(|| {
+                // SAFETY: plain helper call.
+                1 + (unsafe { bpf_get_prandom_u32() } % u32::from(service.count)) as u16
+            });
             let key = slot(frontend.addr, frontend.port, frontend.protocol, n);
             // SAFETY: copied out at once. A slot the count promises but the map lacks cannot
             // happen with the agent's write order; treated as no backend rather than trusted.
@@ -315,7 +321,9 @@ pub fn translate(
         // node's stack gets it as it is.
         None if later_fragment => return Ok(Translation::None),
         None => {
-            let Some((backend, port)) = choose(flow.saddr, &frontend, &service, now) else {
+            let hash = maglev::flow_hash(flow.saddr, flow.sport, flow.dport, flow.protocol);
+            let Some((backend, port)) = choose(flow.saddr, &frontend, &service, now, Some(hash))
+            else {
                 return Ok(Translation::NoBackend);
             };
             if flow.protocol == IPPROTO_SCTP && port != flow.dport {

@@ -82,7 +82,8 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
         return PROCEED;
     };
     let client = events::config().node_ip;
-    let Some((backend, backend_port)) = lb::choose(client, &frontend, &service, conntrack::now())
+    let Some((backend, backend_port)) =
+        lb::choose(client, &frontend, &service, conntrack::now(), None)
     else {
         // SAFETY: plain helper call; available to connect4 and sendmsg4.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
