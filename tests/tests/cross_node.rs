@@ -645,7 +645,9 @@ fn a_device_that_is_no_longer_the_uplink_keeps_none_of_the_uplink_programs() -> 
     };
     let mut c = cluster(&run, 2, "native", Underlay::Switch)?;
     let netns = c.node(0).netns();
-    netns.ip(&["link", "add", "spare0", "type", "veth", "peer", "name", "spare1"])?;
+    netns.ip(&[
+        "link", "add", "spare0", "type", "veth", "peer", "name", "spare1",
+    ])?;
     netns.ip(&["link", "set", "spare0", "up"])?;
     let uplink = c
         .node(0)
