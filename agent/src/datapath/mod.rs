@@ -422,15 +422,21 @@ impl Datapath {
         for name in programs.chain(tail_targets.iter().copied()) {
             // The verifier's time: most of a node's start-up, and so of its join time.
             let started = std::time::Instant::now();
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program {
-                    program: name,
-                    source,
-                })?;
+            let program = classifier(&mut ebpf, name)?;
+            program.load().map_err(|source| DatapathError::Program {
+                program: name,
+                source,
+            })?;
+            // What the verifier walked: the figure to watch when the programs grow.
+            let instructions = program
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+                .unwrap_or(0);
             debug!(
                 program = name,
                 ms = started.elapsed().as_millis() as u64,
+                instructions,
                 "program verified and loaded"
             );
         }
