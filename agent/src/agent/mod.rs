@@ -79,6 +79,8 @@ pub struct Agent<D> {
     pod_hosts: (u64, BTreeMap<Ipv4Addr, u32>),
     /// The other nodes as routing sees them, as of the generation.
     nodes: (u64, desired::Nodes),
+    /// The numbers of the policies' rules that policy entries carry (flow attribution).
+    rule_ids: desired::RuleIds,
     /// `--kube-proxy-replacement`: Services are translated in eBPF. Off, `lb_services` stays
     /// empty and kube-proxy translates them, as before.
     translates_services: bool,
@@ -182,6 +184,7 @@ impl<D: DatapathOps> Agent<D> {
             cluster_generation: 1,
             pod_hosts: (0, BTreeMap::new()),
             nodes: (0, desired::Nodes::default()),
+            rule_ids: desired::RuleIds::default(),
             translates_services: false,
             socket_lb: None,
             // Never a generation the index reports: the first call computes.
@@ -482,6 +485,7 @@ impl<D: DatapathOps> Agent<D> {
             );
         }
         self.nodes();
+        self.rule_ids.sync(&self.index);
         let endpoints = self
             .endpoints
             .iter()
@@ -513,6 +517,7 @@ impl<D: DatapathOps> Agent<D> {
             nodes: &self.nodes.1,
             policy_capacity: self.datapath.policy_capacity(),
             non_masquerade_cidrs: &self.non_masquerade_cidrs,
+            rule_ids: &self.rule_ids,
         });
         desired.lb_services = lb_services;
         desired
