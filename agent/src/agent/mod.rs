@@ -36,6 +36,7 @@ use crate::{
     datapath::{DatapathError, DatapathOps, table::Diff},
     desired::{self, DesiredState, Inputs, LocalEndpoint},
     endpoint::{EndpointRecord, EndpointStore, EndpointStoreError},
+    events::{FlowNames, LocalPod},
     health::HealthChecks,
     ipam::{Ipam, IpamError},
 };
@@ -81,6 +82,15 @@ pub struct Agent<D> {
     nodes: (u64, desired::Nodes),
     /// The numbers of the policies' rules that policy entries carry (flow attribution).
     rule_ids: desired::RuleIds,
+    /// What the events reader needs to name an event's ends and rules, published after every
+    /// change to the maps (see [`crate::events::FlowNames`]).
+    flow_names: watch::Sender<Arc<FlowNames>>,
+    /// Its parts that change only with the cluster: pods by address (as of a generation), and
+    /// the rules by number.
+    flow_pods: (u64, Arc<HashMap<Ipv4Addr, PodRef>>),
+    flow_rules: Arc<HashMap<u32, myelin_cluster::explain::RuleRef>>,
+    /// The flow log is on (`--flow-buffer`): the datapath reports events all the time.
+    keeps_flows: bool,
     /// `--kube-proxy-replacement`: Services are translated in eBPF. Off, `lb_services` stays
     /// empty and kube-proxy translates them, as before.
     translates_services: bool,
@@ -185,6 +195,10 @@ impl<D: DatapathOps> Agent<D> {
             pod_hosts: (0, BTreeMap::new()),
             nodes: (0, desired::Nodes::default()),
             rule_ids: desired::RuleIds::default(),
+            flow_names: watch::Sender::new(Arc::default()),
+            flow_pods: (0, Arc::default()),
+            flow_rules: Arc::default(),
+            keeps_flows: false,
             translates_services: false,
             socket_lb: None,
             // Never a generation the index reports: the first call computes.
@@ -485,7 +499,9 @@ impl<D: DatapathOps> Agent<D> {
             );
         }
         self.nodes();
-        self.rule_ids.sync(&self.index);
+        if self.rule_ids.sync(&self.index) {
+            self.flow_rules = Arc::new(self.rule_ids.all().clone());
+        }
         let endpoints = self
             .endpoints
             .iter()
@@ -545,7 +561,68 @@ impl<D: DatapathOps> Agent<D> {
         let result = self.datapath.apply(&desired);
         self.report_unwritten_services();
         self.publish_health_checks();
+        self.publish_flow_names();
         result
+    }
+
+    /// What the events reader names events with, as of now (only while someone reads).
+    fn publish_flow_names(&mut self) {
+        if self.flow_names.receiver_count() == 0 {
+            return;
+        }
+        if self.flow_pods.0 != self.cluster_generation {
+            let pods = self
+                .index
+                .pods()
+                .filter(|p| !p.host_network)
+                .filter_map(|p| {
+                    let pod = PodRef {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                    };
+                    Some((p.ip?, pod))
+                })
+                .collect();
+            self.flow_pods = (self.cluster_generation, Arc::new(pods));
+        }
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|r| {
+                let labels = self.pod_identity_labels(r);
+                let isolating = |direction| {
+                    myelin_cluster::explain::isolating(&self.index, &labels, direction)
+                        .map(myelin_cluster::explain::PolicyRef::from)
+                        .collect()
+                };
+                let names = LocalPod {
+                    pod: r.pod.clone(),
+                    ip: r.ip,
+                    isolated_ingress: isolating(myelin_common::Direction::Ingress),
+                    isolated_egress: isolating(myelin_common::Direction::Egress),
+                };
+                (r.id, names)
+            })
+            .collect();
+        self.flow_names.send_replace(Arc::new(FlowNames {
+            node: self.node_name.clone(),
+            endpoints,
+            pods: Arc::clone(&self.flow_pods.1),
+            rules: Arc::clone(&self.flow_rules),
+        }));
+    }
+
+    /// The names the events reader needs, kept current by the agent.
+    pub fn flow_names(&mut self) -> watch::Receiver<Arc<FlowNames>> {
+        let rx = self.flow_names.subscribe();
+        self.publish_flow_names();
+        rx
+    }
+
+    /// The flow log is on: the datapath reports events whether or not anyone streams them.
+    pub fn keeping_flows(mut self, on: bool) -> Self {
+        self.keeps_flows = on;
+        self
     }
 
     /// Logs, once per change, the Services' frontends that do not fit in `lb_services`: they
@@ -805,9 +882,10 @@ impl<D: DatapathOps> Agent<D> {
         Ok(GcResponse { removed, failed })
     }
 
-    /// Turns datapath events on (while someone watches) or off.
-    pub fn set_events(&mut self, on: bool) -> Result<(), DatapathError> {
-        let mask = if on {
+    /// Turns datapath events on (while someone watches) or off (unless the flow log keeps
+    /// them on).
+    pub fn set_events(&mut self, watched: bool) -> Result<(), DatapathError> {
+        let mask = if watched || self.keeps_flows {
             EVENTS_DROPS | EVENTS_VERDICTS
         } else {
             0

@@ -57,6 +57,8 @@ impl<D: DatapathOps> Agent<D> {
             routing: self.routing.clone(),
             kube_proxy_replacement: self.translates_services,
             socket_lb: self.socket_lb.clone(),
+            // The API fills it in: the flow log is not the agent's.
+            flows: None,
         }
     }
 

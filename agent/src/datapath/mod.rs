@@ -27,7 +27,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, ProgramArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -38,6 +38,7 @@ use aya::{
 use myelin_common::{
     EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
     config::{DatapathConfig, FEATURE_SERVICES, FEATURES_GLOBAL},
+    event::EventBudget,
     lb::{LbEntry, LbKey},
     maps,
     nat::MasqExclude,
@@ -311,6 +312,8 @@ pub struct Datapath {
     pub counters: Counters,
     config: ConfigCell,
     events: Option<RingBuf<MapData>>,
+    /// The events' per-CPU rate limit and loss counters (`myelin_common::event::EventBudget`).
+    event_budget: Option<PerCpuArray<MapData, EventBudget>>,
     /// The tables the datapath fills and collectors empty: (map, capacity, fill).
     collected: [(&'static str, u32, Fill); 4],
     /// The socket programs are attached (`--cgroup-root`): connected UDP sockets they gave a
@@ -460,6 +463,10 @@ impl Datapath {
         let value = map.get(&0, 0).map_err(aya_err(maps::CONFIG))?;
         let config = ConfigCell { map, value };
         let events = Some(RingBuf::try_from(take(maps::EVENTS)?).map_err(aya_err(maps::EVENTS))?);
+        let event_budget = Some(
+            PerCpuArray::try_from(take(maps::EVENT_BUDGET)?)
+                .map_err(aya_err(maps::EVENT_BUDGET))?,
+        );
         info!(pin_dir = %pin_dir.display(), mode = mode.as_str(), "datapath loaded");
         Ok(Self {
             ebpf,
@@ -469,6 +476,7 @@ impl Datapath {
             counters,
             config,
             events,
+            event_budget,
             collected: [
                 (maps::CONNTRACK, limits.conntrack, Fill::default()),
                 (maps::SNAT, limits.nat, Fill::default()),
@@ -537,6 +545,19 @@ impl Datapath {
     /// Hands the events ring buffer to its reader (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// Hands the events' rate limit and loss counters to the flow log (once).
+    pub fn take_event_budget(&mut self) -> Option<PerCpuArray<MapData, EventBudget>> {
+        self.event_budget.take()
+    }
+
+    /// How many events each CPU may emit per second (0: no limit).
+    pub fn set_events_rate(&mut self, rate: u32) -> Result<(), DatapathError> {
+        Ok(self.config.write(DatapathConfig {
+            events_rate: rate,
+            ..self.config.value
+        })?)
     }
 
     /// Runs one packet through a program without sending it anywhere (`BPF_PROG_TEST_RUN`),

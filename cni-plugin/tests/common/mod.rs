@@ -525,6 +525,7 @@ fn handle(state: &mut AgentState, method: &str, target: &str, body: &[u8]) -> (u
                 routing: None,
                 kube_proxy_replacement: false,
                 socket_lb: None,
+                flows: None,
             },
         ),
         _ => api_error(ErrorKind::NotFound, "no such route"),

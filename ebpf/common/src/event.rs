@@ -111,7 +111,7 @@ pub struct EventBudget {
 pub const EVENT_WINDOW_NS: u64 = 1_000_000_000;
 
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 64);
-const _: () = assert!(core::mem::size_of::<FlowEvent>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<FlowEvent>().is_multiple_of(8));
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 32);
 
 user_pod!(FlowEvent, EventBudget);
