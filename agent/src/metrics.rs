@@ -125,7 +125,7 @@ impl BoundedLabels {
 
 /// Counts of the events the datapath reported (so, under load, of those within
 /// `--flow-events-rate`; `myelin_flow_events_lost_total` says how many were not).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct FlowMetrics {
     /// By verdict (`allowed`, `drop`) and direction.
     pub flows: Family<FlowLabels, Counter>,
@@ -136,6 +136,33 @@ pub struct FlowMetrics {
     pub policy_drops: Family<PolicyLabels, Counter>,
     namespaces: Arc<Mutex<BoundedLabels>>,
     policies: Arc<Mutex<BoundedLabels>>,
+}
+
+impl Default for FlowMetrics {
+    /// Every verdict and direction, and the `other` buckets, start at 0: the series exist
+    /// before the first event, so that rates and dashboards show 0 rather than nothing.
+    fn default() -> Self {
+        let m = Self {
+            flows: Family::default(),
+            by_namespace: Family::default(),
+            policy_drops: Family::default(),
+            namespaces: Arc::default(),
+            policies: Arc::default(),
+        };
+        for verdict in ["allowed", "drop"] {
+            for direction in ["ingress", "egress"] {
+                let _ = m.flows.get_or_create(&FlowLabels { verdict, direction });
+            }
+            let _ = m.by_namespace.get_or_create(&NamespaceLabels {
+                namespace: OTHER.to_string(),
+                verdict,
+            });
+        }
+        let _ = m.policy_drops.get_or_create(&PolicyLabels {
+            policy: OTHER.to_string(),
+        });
+        m
+    }
 }
 
 impl FlowMetrics {
@@ -503,9 +530,10 @@ mod tests {
         let mut body = String::new();
         prometheus_client::encoding::text::encode(&mut body, &registry).unwrap();
         let series = |prefix: &str| body.lines().filter(|l| l.starts_with(prefix)).count();
+        // Each namespace seen, and `other` for both verdicts.
         assert_eq!(
             series("myelin_namespace_flows_total{"),
-            MAX_LABELED + 1,
+            MAX_LABELED + 2,
             "{body}"
         );
         assert_eq!(
