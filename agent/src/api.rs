@@ -27,7 +27,7 @@ use axum::{
 };
 use myelin_api::{
     AllocateRequest, ApiError, AttachmentQuery, DEADLINE_HEADER, EndpointRequest, ErrorKind,
-    GcRequest,
+    FlowFilter, GcRequest, MAX_FLOWS_LAST,
 };
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
@@ -35,7 +35,7 @@ use tracing::{debug, warn};
 
 use crate::{
     datapath::{DatapathOps, conntrack::ConntrackTable},
-    events::EventSender,
+    events::{EventSender, FlowLog},
     http::{self, ServerLimits},
     owner::{AgentHandle, Deadline},
 };
@@ -152,6 +152,8 @@ pub struct ApiState<D> {
     pub conntrack_pin: PathBuf,
     pub event_streams: Arc<AtomicUsize>,
     pub body_timeout: Duration,
+    /// The latest events (`GET /v1/flows`).
+    pub flow_log: Arc<FlowLog>,
 }
 
 impl<D> Clone for ApiState<D> {
@@ -162,6 +164,7 @@ impl<D> Clone for ApiState<D> {
             conntrack_pin: self.conntrack_pin.clone(),
             event_streams: Arc::clone(&self.event_streams),
             body_timeout: self.body_timeout,
+            flow_log: Arc::clone(&self.flow_log),
         }
     }
 }
@@ -174,7 +177,13 @@ impl<D> ApiState<D> {
             conntrack_pin,
             event_streams: Arc::default(),
             body_timeout: BODY_TIMEOUT,
+            flow_log: Arc::new(FlowLog::new(0, 0, None)),
         }
+    }
+
+    pub fn with_flow_log(mut self, flow_log: Arc<FlowLog>) -> Self {
+        self.flow_log = flow_log;
+        self
     }
 }
 
@@ -196,6 +205,7 @@ pub fn router<D: DatapathOps + 'static>(state: ApiState<D>) -> Router {
         .route("/v1/drops", get(drops::<D>))
         .route("/v1/conntrack", get(conntrack::<D>))
         .route("/v1/events", get(events::<D>))
+        .route("/v1/flows", get(flows::<D>))
         .fallback(|| async {
             ErrorResponse(ApiError::new(ErrorKind::NotFound, "no such API route"))
         })
@@ -262,7 +272,57 @@ async fn status<D: DatapathOps + 'static>(
     State(s): State<ApiState<D>>,
     ClientDeadline(deadline): ClientDeadline,
 ) -> ApiResult<myelin_api::Status> {
-    Ok(Json(s.agent.read(deadline, |a| a.status()).await?))
+    let mut status = s.agent.read(deadline, |a| a.status()).await?;
+    status.flows = Some(s.flow_log.info());
+    Ok(Json(status))
+}
+
+/// `GET /v1/flows`' query besides the filter: how many of the latest events.
+#[derive(serde::Deserialize)]
+struct LastQuery {
+    last: Option<usize>,
+}
+
+fn valid_filter(filter: &FlowFilter) -> Result<(), ErrorResponse> {
+    filter
+        .validate()
+        .map_err(|e| ErrorResponse(ApiError::new(ErrorKind::InvalidRequest, e)))
+}
+
+/// A query string that does not parse is the client's mistake, said in the API's error body.
+fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ErrorResponse> {
+    serde_urlencoded_query(query.unwrap_or_default())
+        .map_err(|e| ErrorResponse(ApiError::new(ErrorKind::InvalidRequest, e)))
+}
+
+fn serde_urlencoded_query<T: DeserializeOwned>(query: &str) -> Result<T, String> {
+    Query::<T>::try_from_uri(
+        &format!("/?{query}")
+            .parse()
+            .map_err(|e| format!("invalid query string: {e}"))?,
+    )
+    .map(|Query(q)| q)
+    .map_err(|e| format!("invalid query: {}", e.body_text()))
+}
+
+/// The latest events the agent kept that match the filter, oldest first.
+async fn flows<D: DatapathOps + 'static>(
+    State(s): State<ApiState<D>>,
+    uri: axum::http::Uri,
+) -> ApiResult<myelin_api::FlowsResponse> {
+    let filter: FlowFilter = parse_query(uri.query())?;
+    valid_filter(&filter)?;
+    let last = parse_query::<LastQuery>(uri.query())?.last.unwrap_or(100);
+    if !(1..=MAX_FLOWS_LAST).contains(&last) {
+        return Err(ErrorResponse(ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!("last: must be between 1 and {MAX_FLOWS_LAST}"),
+        )));
+    }
+    Ok(Json(myelin_api::FlowsResponse {
+        log: s.flow_log.info(),
+        flows: s.flow_log.last(&filter, last),
+    }))
 }
 
 async fn nodes<D: DatapathOps + 'static>(
@@ -347,7 +407,10 @@ impl<D: DatapathOps + 'static> Drop for EventsGuard<D> {
 async fn events<D: DatapathOps + 'static>(
     State(state): State<ApiState<D>>,
     ClientDeadline(deadline): ClientDeadline,
+    uri: axum::http::Uri,
 ) -> Result<Response, ErrorResponse> {
+    let filter: FlowFilter = parse_query(uri.query())?;
+    valid_filter(&filter)?;
     if state.event_streams.fetch_add(1, Ordering::SeqCst) >= MAX_EVENT_STREAMS {
         state.event_streams.fetch_sub(1, Ordering::SeqCst);
         return Err(ErrorResponse(ApiError::new(
@@ -363,17 +426,21 @@ async fn events<D: DatapathOps + 'static>(
         .agent
         .run(deadline, |a| a.set_events(true).map_err(ApiError::from))
         .await?;
-    let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(event) => {
-                    let mut line = serde_json::to_vec(&event).unwrap_or_default();
-                    line.push(b'\n');
-                    return Some((Ok::<_, std::convert::Infallible>(line), (rx, guard)));
+    let stream = futures::stream::unfold((rx, guard), move |(mut rx, guard)| {
+        let filter = filter.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) if !filter.matches(&event) => continue,
+                    Ok(event) => {
+                        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+                        line.push(b'\n');
+                        return Some((Ok::<_, std::convert::Infallible>(line), (rx, guard)));
+                    }
+                    // A slow reader misses events rather than slowing the agent down.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }
-                // A slow reader misses events rather than slowing the agent down.
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             }
         }
     });

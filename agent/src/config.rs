@@ -121,6 +121,17 @@ pub struct AgentConfig {
     #[arg(long, env = "MYELIN_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub conntrack_gc_interval: Duration,
 
+    /// Datapath events the agent keeps for `myelinctl flows` (the latest ones). With a
+    /// buffer the datapath reports events all the time (within `--flow-events-rate`); 0 turns
+    /// the buffer off, and events are then reported only while `myelinctl monitor` runs.
+    #[arg(long, env = "MYELIN_FLOW_BUFFER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    pub flow_buffer: u32,
+
+    /// Events each CPU's datapath may report per second; beyond it they are counted as lost
+    /// (`myelinctl flows`, `myelin_flow_events_lost_total`), never queued. 0: no limit.
+    #[arg(long, env = "MYELIN_FLOW_EVENTS_RATE", default_value_t = 1000)]
+    pub flow_events_rate: u32,
+
     /// Largest file the directory source reads: a byte count, or one with a binary suffix
     /// (`512Ki`, `16Mi`, `1Gi`). A larger file is reported and ignored, its last good objects
     /// stay in force. While a file is parsed it can take up to about 90 times its size in
@@ -366,6 +377,7 @@ mod tests {
         assert_eq!(c.max_object_file_size, 16 << 20);
         assert!(!c.kube_proxy_replacement, "Services are left to kube-proxy");
         assert_eq!(c.cgroup_root, None, "no socket-level load balancing");
+        assert_eq!((c.flow_buffer, c.flow_events_rate), (4096, 1000));
         assert_eq!(c.lb_algorithm, LbAlgorithm::Random);
         assert_eq!((c.lb_maglev_table_size, c.max_lb_maglev), (16_381, 4096));
         assert_eq!(c.check(), Ok(()));

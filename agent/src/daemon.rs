@@ -13,7 +13,7 @@
 //! 5. [`serve`]: the owner, the API, metrics, interface watch; until a signal (the conntrack and
 //!    NAT collectors started with the datapath).
 
-use std::{path::Path, time::Instant};
+use std::{path::Path, sync::Arc, time::Instant};
 
 use anyhow::{Context as _, bail};
 use ipnet::Ipv4Net;
@@ -73,7 +73,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let mut source = start_source(&config).await?;
     let cluster = wait_for_pod_cidr(&config, &node_name, &mut source, &metrics).await?;
     let (ipam, endpoints) = open_state(&config, cluster.pod_cidr)?;
-    let started = start_datapath(&config, &node_name, ipam, endpoints, cluster).await?;
+    let started = start_datapath(&config, &node_name, ipam, endpoints, cluster, &metrics).await?;
     serve(&config, node_name, source, metrics, started).await
 }
 
@@ -261,6 +261,7 @@ fn set_aside(path: &Path, e: &PersistError) -> anyhow::Result<()> {
 struct Started {
     agent: Agent<Datapath>,
     events: events::EventSender,
+    flow_log: Arc<events::FlowLog>,
     links: Links,
     network: Option<NodeNetwork>,
     pod_cidr: Ipv4Net,
@@ -274,6 +275,7 @@ async fn start_datapath(
     ipam: Ipam,
     endpoints: EndpointStore,
     cluster: ClusterStart,
+    metrics: &Metrics,
 ) -> anyhow::Result<Started> {
     netconf::setup_node(ipam.gateway())
         .await
@@ -287,10 +289,16 @@ async fn start_datapath(
     )
     .context("loading the eBPF datapath")?;
     let pin_dir = datapath.pin_dir().to_path_buf();
+    datapath
+        .set_events_rate(config.flow_events_rate)
+        .context("setting the events' rate limit")?;
+    let flow_log = Arc::new(events::FlowLog::new(
+        config.flow_buffer as usize,
+        config.flow_events_rate,
+        datapath.take_event_budget(),
+    ));
     let (events, _) = tokio::sync::broadcast::channel(events::STREAM_BUFFER);
-    if let Some(ring) = datapath.take_events() {
-        tokio::spawn(events::read(ring, events.clone()));
-    }
+    let ring = datapath.take_events();
     let links = Links::open().context("opening route netlink")?;
     let network = setup_network(
         config,
@@ -347,6 +355,7 @@ async fn start_datapath(
     }
     agent = agent.with_socket_lb(socket_lb);
     agent = agent.with_non_masquerade_cidrs(config.non_masquerade_cidrs.clone());
+    agent = agent.keeping_flows(flow_log.capacity() > 0);
     agent = agent.with_routing(network.as_ref().map(|n| myelin_api::RoutingInfo {
         mode: match config.routing_mode {
             RoutingMode::Tunnel => "tunnel".into(),
@@ -374,9 +383,25 @@ async fn start_datapath(
             .set_synced()
             .context("writing the maps for the synced cluster state")?;
     }
+    if let Some(ring) = ring {
+        tokio::spawn(events::read(
+            ring,
+            events::Sinks {
+                streams: events.clone(),
+                log: Arc::clone(&flow_log),
+                names: agent.flow_names(),
+                metrics: metrics.flows.clone(),
+            },
+        ));
+    }
+    // With the flow log on, events flow from now on; off, only while a stream is open.
+    agent
+        .set_events(false)
+        .context("turning the datapath's events on or off")?;
     Ok(Started {
         agent,
         events,
+        flow_log,
         links,
         network,
         pod_cidr: cluster.pod_cidr,
@@ -591,11 +616,10 @@ async fn serve(
     let listener = api::bind(&config.socket)?;
     let api_task = tokio::spawn(api::serve(
         listener,
-        api::router(api::ApiState::new(
-            handle.clone(),
-            started.events,
-            conntrack_pin,
-        )),
+        api::router(
+            api::ApiState::new(handle.clone(), started.events, conntrack_pin)
+                .with_flow_log(Arc::clone(&started.flow_log)),
+        ),
         ServerLimits::within_fd_limit(),
     ));
     info!(socket = %config.socket.display(), "API listening");
@@ -609,6 +633,10 @@ async fn serve(
                 Box::pin(async move { h.snapshot().await })
             }),
             ready: Box::new(move || for_ready.ready()),
+            events_lost: {
+                let log = Arc::clone(&started.flow_log);
+                Box::new(move || log.lost())
+            },
         };
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(addr, metrics, source).await {

@@ -5,7 +5,8 @@
 //!   isolation flags.
 //! - `ipcache`: every pod and node address (/32), plus every prefix a policy names.
 //! - `policy`: for each local endpoint selected by a policy, one entry per (peer identity,
-//!   protocol, port block) its rules allow.
+//!   protocol, port block) its rules allow, carrying the number of the first rule (in policy
+//!   order) that gives it (see [`RuleIds`]).
 //! - `masq_exclude`: the destinations pods reach with their own address (see [`masq_exclude`]).
 
 use std::{
@@ -32,9 +33,10 @@ use myelin_cluster::{
 };
 
 pub mod nodes;
+pub mod rule_ids;
 pub mod services;
 
-pub use self::nodes::Nodes;
+pub use self::{nodes::Nodes, rule_ids::RuleIds};
 use crate::endpoint::EndpointRecord;
 
 /// What the maps should hold, computed by the agent from its endpoints and the cluster index.
@@ -110,6 +112,8 @@ pub struct Inputs<'a> {
     pub policy_capacity: usize,
     /// `--non-masquerade-cidrs`.
     pub non_masquerade_cidrs: &'a [Ipv4Net],
+    /// The numbers of the index's policy rules, synced with `index`.
+    pub rule_ids: &'a RuleIds,
 }
 
 pub fn compute(inputs: &Inputs<'_>) -> DesiredState {
@@ -121,11 +125,14 @@ pub fn compute(inputs: &Inputs<'_>) -> DesiredState {
         ..DesiredState::default()
     };
 
-    let mut per_endpoint: Vec<(u32, u32, BTreeSet<LpmKey<PolicyKey>>)> = Vec::new();
+    let mut per_endpoint: Vec<(u32, u32, BTreeMap<LpmKey<PolicyKey>, u32>)> = Vec::new();
     for ep in inputs.endpoints.iter().filter(|e| e.live) {
         let mut flags = 0;
-        let mut entries = BTreeSet::new();
+        // Key -> rule number. Policies come in (namespace, name) order and rules in order, so
+        // the first rule to give a key is the one it keeps.
+        let mut entries = BTreeMap::new();
         for policy in inputs.index.policies().filter(|p| p.selects(&ep.labels)) {
+            let ids = inputs.rule_ids.of(policy);
             let rules = [
                 (
                     Direction::Ingress,
@@ -141,11 +148,12 @@ pub fn compute(inputs: &Inputs<'_>) -> DesiredState {
             for (direction, flag, rules) in rules {
                 let Some(rules) = rules else { continue };
                 flags |= flag;
-                for rule in rules {
+                for (i, rule) in rules.iter().enumerate() {
                     let peers =
                         peer_identities(rule, &policy.namespace, inputs.identities, &prefixes);
                     let ctx = RuleContext {
                         endpoint_id: ep.record.id,
+                        rule: ids.get(direction, i),
                         direction,
                         peers: &peers,
                         own_ports: ep.ports,
@@ -164,12 +172,13 @@ pub fn compute(inputs: &Inputs<'_>) -> DesiredState {
     let mut endpoint_flags = BTreeMap::new();
     for (id, mut flags, entries) in per_endpoint {
         if desired.policy.len() + entries.len() <= inputs.policy_capacity {
-            let allow = PolicyEntry {
-                flags: POLICY_F_ALLOW,
-            };
-            desired
-                .policy
-                .extend(entries.into_iter().map(|k| (k, allow)));
+            desired.policy.extend(entries.into_iter().map(|(k, rule)| {
+                let entry = PolicyEntry {
+                    flags: POLICY_F_ALLOW,
+                    rule,
+                };
+                (k, entry)
+            }));
         } else {
             flags |= ENDPOINT_F_POLICY_INCOMPLETE;
         }
@@ -569,6 +578,8 @@ pub fn port_blocks(from: u16, to: u16) -> Vec<(u16, u32)> {
 
 struct RuleContext<'a> {
     endpoint_id: u32,
+    /// The rule's number, which its entries carry.
+    rule: u32,
     direction: Direction,
     peers: &'a [u32],
     own_ports: &'a [ContainerPort],
@@ -590,10 +601,15 @@ impl RuleContext<'_> {
         }
     }
 
-    fn entries(&self, rule: &Rule, out: &mut BTreeSet<LpmKey<PolicyKey>>) {
+    /// Adds a key, unless an earlier rule gave it already.
+    fn put(&self, out: &mut BTreeMap<LpmKey<PolicyKey>, u32>, key: LpmKey<PolicyKey>) {
+        out.entry(key).or_insert(self.rule);
+    }
+
+    fn entries(&self, rule: &Rule, out: &mut BTreeMap<LpmKey<PolicyKey>, u32>) {
         let Some(specs) = &rule.ports else {
             for id in self.peers {
-                out.insert(self.key(*id, 0, 0, PREFIX_ANY_PROTOCOL));
+                self.put(out, self.key(*id, 0, 0, PREFIX_ANY_PROTOCOL));
             }
             return;
         };
@@ -602,20 +618,20 @@ impl RuleContext<'_> {
             match port {
                 PortMatch::Any => {
                     for id in self.peers {
-                        out.insert(self.key(*id, proto, 0, PREFIX_ANY_PORT));
+                        self.put(out, self.key(*id, proto, 0, PREFIX_ANY_PORT));
                     }
                 }
                 PortMatch::Range { from, to } => {
                     for (base, bits) in port_blocks(*from, *to) {
                         for id in self.peers {
-                            out.insert(self.key(*id, proto, base, PREFIX_ANY_PORT + bits));
+                            self.put(out, self.key(*id, proto, base, PREFIX_ANY_PORT + bits));
                         }
                     }
                 }
                 PortMatch::Named(name) if self.direction == Direction::Ingress => {
                     for port in named(self.own_ports, name, *protocol) {
                         for id in self.peers {
-                            out.insert(self.key(*id, proto, port, PREFIX_FULL));
+                            self.put(out, self.key(*id, proto, port, PREFIX_FULL));
                         }
                     }
                 }
@@ -634,7 +650,7 @@ impl RuleContext<'_> {
                                 continue;
                             };
                             for port in ports {
-                                out.insert(self.key(host, proto, *port, PREFIX_FULL));
+                                self.put(out, self.key(host, proto, *port, PREFIX_FULL));
                             }
                         }
                     }
@@ -647,7 +663,7 @@ impl RuleContext<'_> {
                         match targets {
                             NamedTargets::Uniform(ports) => {
                                 for port in ports {
-                                    out.insert(self.key(*id, proto, *port, PREFIX_FULL));
+                                    self.put(out, self.key(*id, proto, *port, PREFIX_FULL));
                                 }
                             }
                             NamedTargets::PerPod(pods) => {
@@ -656,7 +672,7 @@ impl RuleContext<'_> {
                                         continue;
                                     };
                                     for port in ports {
-                                        out.insert(self.key(host, proto, *port, PREFIX_FULL));
+                                        self.put(out, self.key(host, proto, *port, PREFIX_FULL));
                                     }
                                 }
                             }

@@ -263,6 +263,7 @@ impl Fixture {
             },
             PolicyEntry {
                 flags: POLICY_F_ALLOW,
+                rule: 0,
             },
         );
         self.sync();
@@ -577,6 +578,7 @@ fn sctp_port_ranges_match_by_prefix() {
                 },
                 PolicyEntry {
                     flags: POLICY_F_ALLOW,
+                    rule: 0,
                 },
             );
         }

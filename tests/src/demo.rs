@@ -260,7 +260,11 @@ impl Demo<'_> {
         for i in self.cluster.node_indexes() {
             let stream = self.cluster.node(i).client();
             let tx = tx.clone();
-            thread::spawn(move || stream.events(|e| e.kind != "drop" || tx.send(e).is_ok()));
+            thread::spawn(move || {
+                stream.events(&myelin_api::FlowFilter::default(), |e| {
+                    e.kind != "drop" || tx.send(e).is_ok()
+                })
+            });
         }
         step("apply it and wait until every agent enforces it", || {
             let objects = serde_yaml::Deserializer::from_str(POLICY_YAML)

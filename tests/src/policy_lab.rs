@@ -196,7 +196,12 @@ impl PolicyLab {
     /// Starts the node, writes the namespaces and pods into its cluster dir, adds the pods
     /// through CNI (after their objects, as a cluster would), and starts the echo servers.
     pub fn start(run: &RunPrefix) -> Result<Self> {
-        let node = Node::start(run, NodeSpec::new("policy"))?;
+        Self::start_with(run, NodeSpec::new("policy"))
+    }
+
+    /// [`PolicyLab::start`] with a node of this spec (more agent flags).
+    pub fn start_with(run: &RunPrefix, spec: NodeSpec) -> Result<Self> {
+        let node = Node::start(run, spec)?;
         let mut lab = Self {
             servers: Vec::new(),
             pods: BTreeMap::new(),

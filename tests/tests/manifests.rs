@@ -181,6 +181,8 @@ fn routing_masquerading_and_service_values_become_the_agents_flags() -> Result<(
         "nonMasqueradeCIDRs": ["10.0.0.0/8", "192.168.0.0/16"],
         "natPortRange": "40000-50000",
         "kubeProxyReplacement": true,
+        "flowBuffer": 0,
+        "flowEventsRate": 500,
     }))?;
     let objects = objects(&rendered);
     let spec = &object(&objects, "DaemonSet")["spec"]["template"]["spec"];
@@ -196,6 +198,8 @@ fn routing_masquerading_and_service_values_become_the_agents_flags() -> Result<(
             "--non-masquerade-cidrs=10.0.0.0/8,192.168.0.0/16",
             "--nat-port-range=40000-50000",
             "--kube-proxy-replacement=true",
+            "--flow-buffer=0",
+            "--flow-events-rate=500",
             "--cgroup-root=/host/cgroup2",
         ])
     );
@@ -484,6 +488,8 @@ fn agent_runs_the_kubernetes_source_named_after_its_node() {
             "--tunnel-port=8472",
             "--masquerade=true",
             "--kube-proxy-replacement=false",
+            "--flow-buffer=4096",
+            "--flow-events-rate=1000",
         ])
     );
     assert_eq!(

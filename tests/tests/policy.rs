@@ -22,7 +22,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use myelin_api::{FlowEvent, PolicyFallback, PolicyRejected};
+use myelin_api::{
+    FlowEvent, FlowFilter, PodRef, PolicyCheck, PolicyFallback, PolicyName, PolicyRejected,
+    PolicyRule,
+};
 use myelin_tests::{
     Error, Netns, Result, RunPrefix,
     packet::checksum,
@@ -1943,8 +1946,8 @@ ingress:
     // when nobody receives any more.
     let (tx, events) = mpsc::channel();
     let client = lab.node().client();
-    thread::spawn(move || client.events(|e| tx.send(e).is_ok()));
-    // The datapath reports only while a stream is open: denied datagrams until one shows up.
+    thread::spawn(move || client.events(&FlowFilter::default(), |e| tx.send(e).is_ok()));
+    // Denied datagrams until the stream shows one.
     let deadline = Instant::now() + APPLY_TIMEOUT;
     loop {
         send_datagram(&lab, B_API, A_DB)?;
@@ -1958,38 +1961,78 @@ ingress:
     }
 
     let db = lab.pod(A_DB).ip();
+    let node = lab.node().name().to_string();
+    let pod_ref = |p: LabPod| PodRef {
+        namespace: p.namespace.into(),
+        name: p.app.into(),
+    };
+    let denied_by = |namespace: &str, name: &str| PolicyCheck::Denied {
+        isolated_by: vec![PolicyName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }],
+    };
+    // The time is the datapath's; everything else is known.
+    let untimed = |got: std::result::Result<FlowEvent, Vec<FlowEvent>>| {
+        got.map(|e| FlowEvent {
+            time: String::new(),
+            ..e
+        })
+    };
     let source = send_datagram(&lab, B_API, A_DB)?;
     let expected = FlowEvent {
+        time: String::new(),
+        node: node.clone(),
         kind: "drop".into(),
         reason: Some("policy-denied-ingress".into()),
         direction: "ingress".into(),
+        point: "from-pod".into(),
         protocol: "udp".into(),
         src: source.to_string(),
         dst: format!("{db}:80"),
+        src_name: B_API.to_string(),
+        dst_name: A_DB.to_string(),
+        src_pod: Some(pod_ref(B_API)),
+        dst_pod: Some(pod_ref(A_DB)),
         src_endpoint: of(B_API).0,
         dst_endpoint: of(A_DB).0,
         src_identity: of(B_API).1,
         dst_identity: of(A_DB).1,
+        egress: Some(PolicyCheck::NotIsolated),
+        ingress: Some(denied_by("a", "events-db-from-api")),
         service: None,
     };
-    let got = await_event(&events, TRAFFIC_TIMEOUT, |e| e.src == expected.src);
+    let got = untimed(await_event(&events, TRAFFIC_TIMEOUT, |e| {
+        e.src == expected.src
+    }));
     assert_eq!(got.as_ref().ok(), Some(&expected), "events: {got:?}");
 
     let source = send_datagram(&lab, B_WEB, A_WEB)?;
     let expected = FlowEvent {
+        time: String::new(),
+        node: node.clone(),
         kind: "drop".into(),
         reason: Some("policy-denied-egress".into()),
         direction: "egress".into(),
+        point: "from-pod".into(),
         protocol: "udp".into(),
         src: source.to_string(),
         dst: format!("{}:80", lab.pod(A_WEB).ip()),
+        src_name: B_WEB.to_string(),
+        dst_name: A_WEB.to_string(),
+        src_pod: Some(pod_ref(B_WEB)),
+        dst_pod: Some(pod_ref(A_WEB)),
         src_endpoint: of(B_WEB).0,
         dst_endpoint: of(A_WEB).0,
         src_identity: of(B_WEB).1,
         dst_identity: of(A_WEB).1,
+        egress: Some(denied_by("b", "events-web-no-egress")),
+        ingress: None,
         service: None,
     };
-    let got = await_event(&events, TRAFFIC_TIMEOUT, |e| e.src == expected.src);
+    let got = untimed(await_event(&events, TRAFFIC_TIMEOUT, |e| {
+        e.src == expected.src
+    }));
     assert_eq!(got.as_ref().ok(), Some(&expected), "events: {got:?}");
 
     let target = SocketAddr::from((db, 80));
@@ -2014,13 +2057,22 @@ ingress:
             allowed.dst.as_str(),
             (allowed.src_endpoint, allowed.src_identity),
             (allowed.dst_endpoint, allowed.dst_identity),
+            allowed.ingress.clone(),
         ),
         (
             None,
             "tcp",
             target.to_string().as_str(),
             of(A_API),
-            of(A_DB)
+            of(A_DB),
+            Some(PolicyCheck::Allowed {
+                rules: vec![PolicyRule {
+                    namespace: "a".into(),
+                    name: "events-db-from-api".into(),
+                    direction: "ingress".into(),
+                    rule: 0,
+                }],
+            }),
         ),
         "{allowed:?}"
     );

@@ -14,8 +14,9 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     AllocateRequest, Allocation, ApiError, AttachmentId, DeleteResponse, DropCount, Endpoint,
-    EndpointRequest, ExplainRequest, FlowEvent, GcRequest, GcResponse, NodeSummary,
-    PolicyExplanation, PolicyStatus, ReleaseResponse, ServiceStatus, Status, TrackedFlow,
+    EndpointRequest, ExplainRequest, FlowEvent, FlowFilter, FlowsResponse, GcRequest, GcResponse,
+    NodeSummary, PolicyExplanation, PolicyStatus, ReleaseResponse, ServiceStatus, Status,
+    TrackedFlow,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -144,9 +145,19 @@ impl Client {
         self.request::<(), _>("GET", "/v1/conntrack", None)
     }
 
-    /// Streams datapath events to `on_event` until it returns false or the agent closes the
-    /// stream. The datapath reports events while at least one stream is open.
-    pub fn events(&self, on_event: impl FnMut(FlowEvent) -> bool) -> Result<(), ClientError> {
+    /// The latest `last` events the agent kept that match `filter`, oldest first.
+    pub fn flows(&self, filter: &FlowFilter, last: usize) -> Result<FlowsResponse, ClientError> {
+        let path = format!("/v1/flows{}", filter.to_query(Some(last)));
+        self.request::<(), _>("GET", &path, None)
+    }
+
+    /// Streams the datapath events that match `filter` to `on_event` until it returns false or
+    /// the agent closes the stream.
+    pub fn events(
+        &self,
+        filter: &FlowFilter,
+        on_event: impl FnMut(FlowEvent) -> bool,
+    ) -> Result<(), ClientError> {
         let mut stream =
             UnixStream::connect(&self.socket).map_err(|source| ClientError::Unreachable {
                 socket: self.socket.clone(),
@@ -154,7 +165,13 @@ impl Client {
             })?;
         // HTTP/1.0: the agent streams the body and closes at the end, no chunking to undo.
         stream
-            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: myelin-agent\r\n\r\n")
+            .write_all(
+                format!(
+                    "GET /v1/events{} HTTP/1.0\r\nHost: myelin-agent\r\n\r\n",
+                    filter.to_query(None)
+                )
+                .as_bytes(),
+            )
             .map_err(ClientError::Io)?;
         read_events(BufReader::new(stream), on_event)
     }

@@ -18,7 +18,8 @@
 //! | `GET` | `/v1/services` | | [`ServiceStatus`] |
 //! | `GET` | `/v1/drops` | | `[`[`DropCount`]`]` |
 //! | `GET` | `/v1/conntrack` | | `[`[`TrackedFlow`]`]` |
-//! | `GET` | `/v1/events` | | newline-delimited [`FlowEvent`]s, streamed until closed |
+//! | `GET` | `/v1/events[?`[`FlowFilter`]`]` | | newline-delimited [`FlowEvent`]s, streamed until closed |
+//! | `GET` | `/v1/flows?last=N[&`[`FlowFilter`]`]` | | [`FlowsResponse`]: the latest events kept |
 //!
 //! Every request may carry its client's deadline ([`DEADLINE_HEADER`]). Every error is an
 //! [`ApiError`] body with a matching HTTP status. DELs that find the agent
@@ -300,6 +301,9 @@ pub struct Status {
     /// when off (and from older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_lb: Option<SocketLbInfo>,
+    /// The flow log (`myelinctl flows`); absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowLogInfo>,
 }
 
 /// Where the socket-level load balancing programs are attached (`Status::socket_lb`).
@@ -688,10 +692,18 @@ pub struct TrackedFlow {
     pub denied: bool,
 }
 
-/// A datapath event: a dropped packet, or a new connection that policy allowed.
+/// A datapath event: a dropped packet, or a new connection that policy allowed. The schema is
+/// stable (a test pins its field names); fields that do not apply are left out. Fields added
+/// since the first version have defaults, so that events of older agents still read.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct FlowEvent {
+    /// When the datapath saw the packet: RFC 3339, UTC, milliseconds.
+    #[serde(default)]
+    pub time: String,
+    /// The node whose datapath saw it.
+    #[serde(default)]
+    pub node: String,
     /// `drop` or `allowed`.
     pub kind: String,
     /// Why it was dropped (drops only).
@@ -699,41 +711,273 @@ pub struct FlowEvent {
     pub reason: Option<String>,
     /// `ingress` or `egress`, relative to the pod whose policy decided.
     pub direction: String,
+    /// Where the datapath saw the packet: `from-pod`, `to-pod`, `from-tunnel`, `from-uplink`,
+    /// `to-uplink`.
+    #[serde(default)]
+    pub point: String,
     pub protocol: String,
     /// `ip:port` (ICMP: `ip`).
     pub src: String,
     pub dst: String,
+    /// What each end is: `namespace/name` of a pod, `host` (this node), `remote-node`,
+    /// `world`, or `identity N` for an identity this agent cannot name.
+    #[serde(default)]
+    pub src_name: String,
+    #[serde(default)]
+    pub dst_name: String,
+    /// The pod at each end, when it is one the agent knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_pod: Option<PodRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_pod: Option<PodRef>,
     /// Local endpoint ids (0: not a local pod) and identities.
     pub src_endpoint: u32,
     pub dst_endpoint: u32,
     pub src_identity: u32,
     pub dst_identity: u32,
+    /// The source's egress check, when this node checked it (the source is a pod of this
+    /// node): `allowed` with the rule that admitted the flow, `notIsolated`, `ownNode`, or
+    /// `denied` with the policies that isolate the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<PolicyCheck>,
+    /// The destination's ingress check, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<PolicyCheck>,
     /// `ip:port` of the Service frontend the connection was addressed to, when the datapath
     /// translated it to `dst` (`--kube-proxy-replacement`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
 }
 
-/// One line as `myelinctl monitor` prints it: kind, protocol, source -> destination,
-/// direction, reason, and the Service a translated connection was addressed to.
+impl FlowEvent {
+    /// The check that decided a policy drop, or the rules that admitted an allowed flow:
+    /// `default-deny by a/db-only`, `allowed by a/db-from-api ingress[0], ...`.
+    pub fn attribution(&self) -> Option<String> {
+        let checks = [&self.egress, &self.ingress];
+        if let Some(denied) = checks.iter().copied().flatten().find(|c| !c.allows()) {
+            return Some(denied.to_string());
+        }
+        let rules: Vec<String> = checks
+            .iter()
+            .copied()
+            .flatten()
+            .filter_map(|c| match c {
+                PolicyCheck::Allowed { rules } => Some(rules.iter().map(ToString::to_string)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        (!rules.is_empty()).then(|| format!("allowed by {}", rules.join(", ")))
+    }
+
+    /// The destination port (0 for protocols without ports).
+    pub fn dst_port(&self) -> u16 {
+        port_of(&self.dst)
+    }
+}
+
+fn port_of(endpoint: &str) -> u16 {
+    endpoint
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(0)
+}
+
+fn addr_of(endpoint: &str) -> &str {
+    endpoint.split_once(':').map_or(endpoint, |(a, _)| a)
+}
+
+/// One line as `myelinctl monitor` prints it: time, node, kind, protocol, source -> destination
+/// (with what each is), direction, observation point, reason, the policy attribution, and the
+/// Service a translated connection was addressed to.
 impl std::fmt::Display for FlowEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `2026-01-02T03:04:05.678Z` -> `03:04:05.678`
+        let time = self.time.get(11..23).unwrap_or(&self.time);
         write!(
             f,
-            "{:<7} {:<5} {:<22} -> {:<22} {:<8} {}",
+            "{time} {} {:<7} {:<5} {:<22} -> {:<22} {:<8} {:<11} {}",
+            self.node,
             self.kind,
             self.protocol,
-            self.src,
-            self.dst,
+            format!("{} ({})", self.src, self.src_name),
+            format!("{} ({})", self.dst, self.dst_name),
             self.direction,
+            self.point,
             self.reason.as_deref().unwrap_or_default()
         )?;
+        if let Some(why) = self.attribution() {
+            write!(f, " {why}")?;
+        }
         match &self.service {
             Some(service) => write!(f, " (service {service} -> {})", self.dst),
             None => Ok(()),
         }
     }
 }
+
+/// Most characters of a filter value (a pod reference, a namespace, an address).
+pub const MAX_FILTER_LEN: usize = 253;
+
+/// Which events `GET /v1/events` and `GET /v1/flows` return (query parameters; all that are
+/// given must match). Applied by the agent.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowFilter {
+    /// The source: `namespace/name` of a pod, an address, or `host`, `remote-node`, `world`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The destination, likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Either end is a pod of this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Either end is this pod (`namespace/name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// `allowed` or `drop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    /// The destination port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl FlowFilter {
+    /// Refuses values no event can match for a reason the user should hear about.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("from", &self.from),
+            ("to", &self.to),
+            ("namespace", &self.namespace),
+            ("pod", &self.pod),
+        ] {
+            if let Some(v) = value
+                && (v.is_empty() || v.len() > MAX_FILTER_LEN)
+            {
+                return Err(format!(
+                    "{name}: must be 1 to {MAX_FILTER_LEN} characters long"
+                ));
+            }
+        }
+        if let Some(pod) = &self.pod
+            && !pod.contains('/')
+        {
+            return Err(format!("pod: {pod:?} is not namespace/name"));
+        }
+        if let Some(v) = &self.verdict
+            && v != "allowed"
+            && v != "drop"
+        {
+            return Err(format!("verdict: {v:?} is neither allowed nor drop"));
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, e: &FlowEvent) -> bool {
+        let end =
+            |want: &str, endpoint: &str, name: &str| want == name || want == addr_of(endpoint);
+        let pod_name =
+            |p: &Option<PodRef>| p.as_ref().map(|p| format!("{}/{}", p.namespace, p.name));
+        self.from
+            .as_deref()
+            .is_none_or(|w| end(w, &e.src, &e.src_name))
+            && self
+                .to
+                .as_deref()
+                .is_none_or(|w| end(w, &e.dst, &e.dst_name))
+            && self.namespace.as_deref().is_none_or(|ns| {
+                [&e.src_pod, &e.dst_pod]
+                    .iter()
+                    .any(|p| p.as_ref().is_some_and(|p| p.namespace == ns))
+            })
+            && self.pod.as_deref().is_none_or(|want| {
+                [&e.src_pod, &e.dst_pod]
+                    .iter()
+                    .any(|p| pod_name(p).as_deref() == Some(want))
+            })
+            && self.verdict.as_deref().is_none_or(|v| v == e.kind)
+            && self.port.is_none_or(|p| p == e.dst_port())
+    }
+
+    /// The query string (with its `?`), or nothing.
+    pub fn to_query(&self, last: Option<usize>) -> String {
+        let mut parts = Vec::new();
+        for (name, value) in [
+            ("from", &self.from),
+            ("to", &self.to),
+            ("namespace", &self.namespace),
+            ("pod", &self.pod),
+            ("verdict", &self.verdict),
+        ] {
+            if let Some(v) = value {
+                parts.push(format!("{name}={}", percent_encode(v)));
+            }
+        }
+        if let Some(p) = self.port {
+            parts.push(format!("port={p}"));
+        }
+        if let Some(n) = last {
+            parts.push(format!("last={n}"));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", parts.join("&"))
+        }
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// `GET /v1/flows?last=N&<FlowFilter>`: the latest events the agent kept, oldest first.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowsResponse {
+    #[serde(flatten)]
+    pub log: FlowLogInfo,
+    pub flows: Vec<FlowEvent>,
+}
+
+/// The agent's flow log: its ring of the latest events and what the datapath lost.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowLogInfo {
+    /// How many events the agent keeps (`--flow-buffer`); 0: none (the ring is off).
+    pub capacity: usize,
+    /// Events in the ring now (before the filter).
+    pub buffered: usize,
+    /// Events each CPU may emit per second (`--flow-events-rate`; 0: no limit).
+    pub rate_per_cpu: u32,
+    /// Events the datapath could not report since it was loaded.
+    pub lost: EventsLost,
+}
+
+/// Events the datapath did not report, summed over CPUs.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsLost {
+    /// Beyond `--flow-events-rate`.
+    pub rate_limited: u64,
+    /// The ring buffer between datapath and agent was full.
+    pub ring_full: u64,
+}
+
+/// Most events `GET /v1/flows` returns at once.
+pub const MAX_FLOWS_LAST: usize = 1 << 20;
 
 /// What went wrong, in a form the plugin can map to a CNI error code.
 
@@ -794,6 +1038,174 @@ impl ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn full_event() -> FlowEvent {
+        FlowEvent {
+            time: "2026-01-02T03:04:05.678Z".into(),
+            node: "node-1".into(),
+            kind: "drop".into(),
+            reason: Some("policy-denied-ingress".into()),
+            direction: "ingress".into(),
+            point: "from-pod".into(),
+            protocol: "tcp".into(),
+            src: "10.0.0.2:40000".into(),
+            dst: "10.0.0.3:80".into(),
+            src_name: "a/web".into(),
+            dst_name: "a/db".into(),
+            src_pod: Some(PodRef {
+                namespace: "a".into(),
+                name: "web".into(),
+            }),
+            dst_pod: Some(PodRef {
+                namespace: "a".into(),
+                name: "db".into(),
+            }),
+            src_endpoint: 1,
+            dst_endpoint: 2,
+            src_identity: 300,
+            dst_identity: 301,
+            egress: Some(PolicyCheck::NotIsolated),
+            ingress: Some(PolicyCheck::Denied {
+                isolated_by: vec![PolicyName {
+                    namespace: "a".into(),
+                    name: "deny-all".into(),
+                }],
+            }),
+            service: Some("10.96.0.10:80".into()),
+        }
+    }
+
+    /// The event's JSON is an interface (README, `myelinctl monitor --json`): renaming a field
+    /// breaks its users, so this test pins every name.
+    #[test]
+    fn flow_event_json_field_names_are_stable() {
+        let json = serde_json::to_value(full_event()).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut expected = vec![
+            "time",
+            "node",
+            "kind",
+            "reason",
+            "direction",
+            "point",
+            "protocol",
+            "src",
+            "dst",
+            "srcName",
+            "dstName",
+            "srcPod",
+            "dstPod",
+            "srcEndpoint",
+            "dstEndpoint",
+            "srcIdentity",
+            "dstIdentity",
+            "egress",
+            "ingress",
+            "service",
+        ];
+        let mut keys = keys;
+        keys.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(keys, expected);
+        assert_eq!(
+            json["egress"],
+            serde_json::json!({"verdict": "notIsolated"})
+        );
+        assert_eq!(
+            json["ingress"],
+            serde_json::json!({"verdict": "denied", "isolatedBy": [{"namespace": "a", "name": "deny-all"}]})
+        );
+        assert_eq!(
+            json["srcPod"],
+            serde_json::json!({"namespace": "a", "name": "web"})
+        );
+        let back: FlowEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back, full_event());
+    }
+
+    #[test]
+    fn filters_match_pods_names_addresses_verdicts_and_ports() {
+        let e = full_event();
+        let f = |filter: FlowFilter| filter.matches(&e);
+        assert!(f(FlowFilter::default()));
+        assert!(f(FlowFilter {
+            from: Some("a/web".into()),
+            ..Default::default()
+        }));
+        assert!(f(FlowFilter {
+            from: Some("10.0.0.2".into()),
+            ..Default::default()
+        }));
+        assert!(!f(FlowFilter {
+            from: Some("a/db".into()),
+            ..Default::default()
+        }));
+        assert!(f(FlowFilter {
+            to: Some("a/db".into()),
+            ..Default::default()
+        }));
+        assert!(f(FlowFilter {
+            namespace: Some("a".into()),
+            ..Default::default()
+        }));
+        assert!(!f(FlowFilter {
+            namespace: Some("b".into()),
+            ..Default::default()
+        }));
+        assert!(f(FlowFilter {
+            pod: Some("a/db".into()),
+            ..Default::default()
+        }));
+        assert!(f(FlowFilter {
+            verdict: Some("drop".into()),
+            ..Default::default()
+        }));
+        assert!(!f(FlowFilter {
+            verdict: Some("allowed".into()),
+            ..Default::default()
+        }));
+        assert!(f(FlowFilter {
+            port: Some(80),
+            ..Default::default()
+        }));
+        assert!(!f(FlowFilter {
+            port: Some(40000),
+            ..Default::default()
+        }));
+        let bad = [
+            FlowFilter {
+                verdict: Some("maybe".into()),
+                ..Default::default()
+            },
+            FlowFilter {
+                pod: Some("db".into()),
+                ..Default::default()
+            },
+            FlowFilter {
+                from: Some("x".repeat(MAX_FILTER_LEN + 1)),
+                ..Default::default()
+            },
+            FlowFilter {
+                to: Some(String::new()),
+                ..Default::default()
+            },
+        ];
+        for filter in bad {
+            assert!(filter.validate().is_err(), "{filter:?}");
+        }
+        let q = FlowFilter {
+            from: Some("a/web".into()),
+            port: Some(80),
+            ..Default::default()
+        };
+        assert_eq!(q.to_query(Some(5)), "?from=a%2Fweb&port=80&last=5");
+        assert_eq!(FlowFilter::default().to_query(None), "");
+    }
 
     #[test]
     fn host_ifname_is_lxc_and_12_hex_digits_of_sha256() {

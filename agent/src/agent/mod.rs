@@ -40,6 +40,7 @@ use crate::{
         services::maglev::{self, LbAlgorithm},
     },
     endpoint::{EndpointRecord, EndpointStore, EndpointStoreError},
+    events::{FlowNames, LocalPod},
     health::HealthChecks,
     ipam::{Ipam, IpamError},
 };
@@ -93,6 +94,17 @@ pub struct Agent<D> {
     pod_hosts: (u64, BTreeMap<Ipv4Addr, u32>),
     /// The other nodes as routing sees them, as of the generation.
     nodes: (u64, desired::Nodes),
+    /// The numbers of the policies' rules that policy entries carry (flow attribution).
+    rule_ids: desired::RuleIds,
+    /// What the events reader needs to name an event's ends and rules, published after every
+    /// change to the maps (see [`crate::events::FlowNames`]).
+    flow_names: watch::Sender<Arc<FlowNames>>,
+    /// Its parts that change only with the cluster: pods by address (as of a generation), and
+    /// the rules by number.
+    flow_pods: (u64, Arc<HashMap<Ipv4Addr, PodRef>>),
+    flow_rules: Arc<HashMap<u32, myelin_cluster::explain::RuleRef>>,
+    /// The flow log is on (`--flow-buffer`): the datapath reports events all the time.
+    keeps_flows: bool,
     /// `--kube-proxy-replacement`: Services are translated in eBPF. Off, `lb_services` stays
     /// empty and kube-proxy translates them, as before.
     translates_services: bool,
@@ -200,6 +212,11 @@ impl<D: DatapathOps> Agent<D> {
             cluster_generation: 1,
             pod_hosts: (0, BTreeMap::new()),
             nodes: (0, desired::Nodes::default()),
+            rule_ids: desired::RuleIds::default(),
+            flow_names: watch::Sender::new(Arc::default()),
+            flow_pods: (0, Arc::default()),
+            flow_rules: Arc::default(),
+            keeps_flows: false,
             translates_services: false,
             socket_lb: None,
             // Never a generation the index reports: the first call computes.
@@ -523,6 +540,9 @@ impl<D: DatapathOps> Agent<D> {
             );
         }
         self.nodes();
+        if self.rule_ids.sync(&self.index) {
+            self.flow_rules = Arc::new(self.rule_ids.all().clone());
+        }
         let endpoints = self
             .endpoints
             .iter()
@@ -554,6 +574,7 @@ impl<D: DatapathOps> Agent<D> {
             nodes: &self.nodes.1,
             policy_capacity: self.datapath.policy_capacity(),
             non_masquerade_cidrs: &self.non_masquerade_cidrs,
+            rule_ids: &self.rule_ids,
         });
         desired.lb_services = lb_services;
         desired.lb_maglev = lb_maglev;
@@ -583,6 +604,7 @@ impl<D: DatapathOps> Agent<D> {
         self.report_unwritten_services();
         self.report_unwritten_maglev();
         self.publish_health_checks();
+        self.publish_flow_names();
         result
     }
 
@@ -617,6 +639,66 @@ impl<D: DatapathOps> Agent<D> {
             None => info!("every Maglev table is in lb_maglev again"),
         }
         self.unwritten_maglev = now;
+    }
+
+    /// What the events reader names events with, as of now (only while someone reads).
+    fn publish_flow_names(&mut self) {
+        if self.flow_names.receiver_count() == 0 {
+            return;
+        }
+        if self.flow_pods.0 != self.cluster_generation {
+            let pods = self
+                .index
+                .pods()
+                .filter(|p| !p.host_network)
+                .filter_map(|p| {
+                    let pod = PodRef {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                    };
+                    Some((p.ip?, pod))
+                })
+                .collect();
+            self.flow_pods = (self.cluster_generation, Arc::new(pods));
+        }
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|r| {
+                let labels = self.pod_identity_labels(r);
+                let isolating = |direction| {
+                    myelin_cluster::explain::isolating(&self.index, &labels, direction)
+                        .map(myelin_cluster::explain::PolicyRef::from)
+                        .collect()
+                };
+                let names = LocalPod {
+                    pod: r.pod.clone(),
+                    ip: r.ip,
+                    isolated_ingress: isolating(myelin_common::Direction::Ingress),
+                    isolated_egress: isolating(myelin_common::Direction::Egress),
+                };
+                (r.id, names)
+            })
+            .collect();
+        self.flow_names.send_replace(Arc::new(FlowNames {
+            node: self.node_name.clone(),
+            endpoints,
+            pods: Arc::clone(&self.flow_pods.1),
+            rules: Arc::clone(&self.flow_rules),
+        }));
+    }
+
+    /// The names the events reader needs, kept current by the agent.
+    pub fn flow_names(&mut self) -> watch::Receiver<Arc<FlowNames>> {
+        let rx = self.flow_names.subscribe();
+        self.publish_flow_names();
+        rx
+    }
+
+    /// The flow log is on: the datapath reports events whether or not anyone streams them.
+    pub fn keeping_flows(mut self, on: bool) -> Self {
+        self.keeps_flows = on;
+        self
     }
 
     /// Logs, once per change, the Services' frontends that do not fit in `lb_services`: they
@@ -876,9 +958,10 @@ impl<D: DatapathOps> Agent<D> {
         Ok(GcResponse { removed, failed })
     }
 
-    /// Turns datapath events on (while someone watches) or off.
-    pub fn set_events(&mut self, on: bool) -> Result<(), DatapathError> {
-        let mask = if on {
+    /// Turns datapath events on (while someone watches) or off (unless the flow log keeps
+    /// them on).
+    pub fn set_events(&mut self, watched: bool) -> Result<(), DatapathError> {
+        let mask = if watched || self.keeps_flows {
             EVENTS_DROPS | EVENTS_VERDICTS
         } else {
             0

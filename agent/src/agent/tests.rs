@@ -331,7 +331,7 @@ fn before_the_first_sync_the_maps_keep_their_policy_state() {
             dport: [0; 2],
         },
     };
-    let allow = myelin_common::PolicyEntry { flags: 1 };
+    let allow = myelin_common::PolicyEntry { flags: 1, rule: 0 };
     restarted
         .datapath
         .tables

@@ -66,6 +66,8 @@ impl<D: DatapathOps> Agent<D> {
             }),
             maglev_table_size: self.maglev.table_size,
             socket_lb: self.socket_lb.clone(),
+            // The API fills it in: the flow log is not the agent's.
+            flows: None,
         }
     }
 

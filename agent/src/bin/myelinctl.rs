@@ -45,12 +45,63 @@ enum Command {
     Drops,
     /// Connections conntrack is tracking.
     Conntrack,
-    /// Stream drops and new allowed connections as they happen (Ctrl-C to stop).
+    /// Stream drops and new allowed connections as they happen (Ctrl-C to stop), with the
+    /// pods at both ends and the policy rule that allowed each flow, or the policies whose
+    /// default deny dropped it. With --json, one event per line.
     Monitor {
-        /// Show only drops.
+        /// Show only drops (the same as --verdict drop).
         #[arg(long)]
         drops: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
     },
+    /// The latest events the agent kept (--flow-buffer), oldest first, with what the datapath
+    /// could not report; no monitor needs to have been running.
+    Flows {
+        /// How many of the latest (matching) events.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=myelin_api::MAX_FLOWS_LAST as u64))]
+        last: u64,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+}
+
+/// Which events to show; the agent applies the filter. All given must match.
+#[derive(clap::Args)]
+struct FilterArgs {
+    /// The source: a pod (`namespace/name`), an address, or `host`, `remote-node`, `world`.
+    #[arg(long)]
+    from: Option<String>,
+    /// The destination, likewise.
+    #[arg(long)]
+    to: Option<String>,
+    /// Either end is a pod of this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Either end is this pod, `namespace/name`.
+    #[arg(long)]
+    pod: Option<String>,
+    /// `allowed` or `drop`.
+    #[arg(long, value_parser = ["allowed", "drop"])]
+    verdict: Option<String>,
+    /// The destination port.
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+impl FilterArgs {
+    fn filter(self) -> anyhow::Result<myelin_api::FlowFilter> {
+        let filter = myelin_api::FlowFilter {
+            from: self.from,
+            to: self.to,
+            namespace: self.namespace,
+            pod: self.pod,
+            verdict: self.verdict,
+            port: self.port,
+        };
+        filter.validate().map_err(anyhow::Error::msg)?;
+        Ok(filter)
+    }
 }
 
 #[derive(Subcommand)]
@@ -210,6 +261,9 @@ fn main() -> anyhow::Result<()> {
                         );
                     }
                     None => println!("socket LB:      off"),
+                }
+                if let Some(flows) = &s.flows {
+                    println!("flow log:       {}", flow_log_summary(flows));
                 }
                 println!("version:        {}", s.version);
             }
@@ -379,12 +433,13 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Monitor { drops } => {
+        Command::Monitor { drops, filter } => {
+            let mut filter = filter.filter()?;
+            if drops {
+                filter.verdict = Some("drop".into());
+            }
             client
-                .events(|e| {
-                    if drops && e.kind != "drop" {
-                        return true;
-                    }
+                .events(&filter, |e| {
                     if cli.json {
                         println!("{}", serde_json::to_string(&e).unwrap_or_default());
                     } else {
@@ -394,8 +449,37 @@ fn main() -> anyhow::Result<()> {
                 })
                 .context("streaming events from the agent")?;
         }
+        Command::Flows { last, filter } => {
+            let flows = client
+                .flows(&filter.filter()?, last as usize)
+                .context("asking the agent for its latest flows")?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+                return Ok(());
+            }
+            println!("# {}", flow_log_summary(&flows.log));
+            for e in &flows.flows {
+                println!("{e}");
+            }
+        }
     }
     Ok(())
+}
+
+/// `kept 97 of 4096; at most 1000 events/s per CPU; lost 0 (rate-limited 0, ring full 0)`
+fn flow_log_summary(log: &myelin_api::FlowLogInfo) -> String {
+    let rate = match log.rate_per_cpu {
+        0 => "no rate limit".to_string(),
+        n => format!("at most {n} events/s per CPU"),
+    };
+    format!(
+        "kept {} of {}; {rate}; lost {} (rate-limited {}, ring full {})",
+        log.buffered,
+        log.capacity,
+        log.lost.rate_limited + log.lost.ring_full,
+        log.lost.rate_limited,
+        log.lost.ring_full
+    )
 }
 
 /// `myelinctl services`: per Service, a line for it, one per frontend with the backends it

@@ -28,7 +28,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, ProgramArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -39,6 +39,7 @@ use aya::{
 use myelin_common::{
     EndpointCounters, EndpointInfo, IpcacheEntry, Ipv4Key, PolicyEntry, PolicyKey,
     config::{DatapathConfig, FEATURE_SERVICES, FEATURES_GLOBAL},
+    event::EventBudget,
     lb::{LbEntry, LbKey},
     maglev::MaglevTable,
     maps,
@@ -322,6 +323,8 @@ pub struct Datapath {
     pub counters: Counters,
     config: ConfigCell,
     events: Option<RingBuf<MapData>>,
+    /// The events' per-CPU rate limit and loss counters (`myelin_common::event::EventBudget`).
+    event_budget: Option<PerCpuArray<MapData, EventBudget>>,
     /// The tables the datapath fills and collectors empty: (map, capacity, fill).
     collected: [(&'static str, u32, Fill); 4],
     /// The socket programs are attached (`--cgroup-root`): connected UDP sockets they gave a
@@ -434,15 +437,21 @@ impl Datapath {
         for name in programs.chain(tail_targets.iter().copied()) {
             // The verifier's time: most of a node's start-up, and so of its join time.
             let started = std::time::Instant::now();
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::Program {
-                    program: name,
-                    source,
-                })?;
+            let program = classifier(&mut ebpf, name)?;
+            program.load().map_err(|source| DatapathError::Program {
+                program: name,
+                source,
+            })?;
+            // What the verifier walked: the figure to watch when the programs grow.
+            let instructions = program
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+                .unwrap_or(0);
             debug!(
                 program = name,
                 ms = started.elapsed().as_millis() as u64,
+                instructions,
                 "program verified and loaded"
             );
         }
@@ -467,6 +476,10 @@ impl Datapath {
         let value = map.get(&0, 0).map_err(aya_err(maps::CONFIG))?;
         let config = ConfigCell { map, value };
         let events = Some(RingBuf::try_from(take(maps::EVENTS)?).map_err(aya_err(maps::EVENTS))?);
+        let event_budget = Some(
+            PerCpuArray::try_from(take(maps::EVENT_BUDGET)?)
+                .map_err(aya_err(maps::EVENT_BUDGET))?,
+        );
         info!(pin_dir = %pin_dir.display(), mode = mode.as_str(), "datapath loaded");
         Ok(Self {
             ebpf,
@@ -476,6 +489,7 @@ impl Datapath {
             counters,
             config,
             events,
+            event_budget,
             collected: [
                 (maps::CONNTRACK, limits.conntrack, Fill::default()),
                 (maps::SNAT, limits.nat, Fill::default()),
@@ -544,6 +558,19 @@ impl Datapath {
     /// Hands the events ring buffer to its reader (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// Hands the events' rate limit and loss counters to the flow log (once).
+    pub fn take_event_budget(&mut self) -> Option<PerCpuArray<MapData, EventBudget>> {
+        self.event_budget.take()
+    }
+
+    /// How many events each CPU may emit per second (0: no limit).
+    pub fn set_events_rate(&mut self, rate: u32) -> Result<(), DatapathError> {
+        Ok(self.config.write(DatapathConfig {
+            events_rate: rate,
+            ..self.config.value
+        })?)
     }
 
     /// Runs one packet through a program without sending it anywhere (`BPF_PROG_TEST_RUN`),

@@ -139,7 +139,10 @@ impl Cluster {
                 }
             })
             .collect();
+        let mut rule_ids = RuleIds::default();
+        rule_ids.sync(&self.index);
         compute(&Inputs {
+            rule_ids: &rule_ids,
             node_name: "node-1",
             pod_cidr: "10.0.0.0/24".parse().unwrap(),
             gateway: GATEWAY,
@@ -192,6 +195,18 @@ impl Model<'_> {
     }
 
     fn allows(&self, ep: u32, dir: Direction, peer: IpcacheEntry, proto: u8, port: u16) -> bool {
+        self.admitting_rule(ep, dir, peer, proto, port).is_some()
+    }
+
+    /// The rule number of the entry that allows the traffic, looked up as the datapath does.
+    fn admitting_rule(
+        &self,
+        ep: u32,
+        dir: Direction,
+        peer: IpcacheEntry,
+        proto: u8,
+        port: u16,
+    ) -> Option<u32> {
         let lookup = |identity: u32| {
             let key = PolicyKey {
                 endpoint_id: ep,
@@ -207,11 +222,15 @@ impl Model<'_> {
                     .map(|(k, v)| (k.prefix_len, policy_bytes(&k.data), *v)),
                 &policy_bytes(&key),
             )
-            .is_some()
+            .map(|e| e.rule)
         };
         lookup(peer.identity)
-            || (peer.cidr_identity != peer.identity && lookup(peer.cidr_identity))
-            || lookup(identity::ANY)
+            .or_else(|| {
+                (peer.cidr_identity != peer.identity)
+                    .then(|| lookup(peer.cidr_identity))
+                    .flatten()
+            })
+            .or_else(|| lookup(identity::ANY))
     }
 
     fn endpoint(&self, ip: Ipv4Addr) -> Option<&EndpointInfo> {
@@ -304,6 +323,29 @@ fn policies_are_additive_and_allow_all_wins() {
     let d = c.compute();
     assert!(Model(&d).connects(A_WEB, A_DB, TCP, 80));
     assert!(Model(&d).connects(B_WEB, A_DB, UDP, 9999));
+}
+
+#[test]
+fn entries_name_the_first_rule_in_policy_order_that_gives_them() {
+    let mut c = two_namespaces();
+    // Both give the same entries; `p1` comes first. `p2`'s second rule adds one of its own.
+    c.policy("kind: NetworkPolicy\nmetadata: {name: p2, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: api}}}]}, {from: [{podSelector: {matchLabels: {app: web}}}]}]");
+    c.policy("kind: NetworkPolicy\nmetadata: {name: p1, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: api}}}]}]");
+    let d = c.compute();
+    let m = Model(&d);
+    let mut ids = RuleIds::default();
+    ids.sync(&c.index);
+    let db = m.endpoint(A_DB.parse().unwrap()).unwrap().id;
+    let rule_from = |src: &str| {
+        let peer = m.ipcache(src.parse().unwrap());
+        m.admitting_rule(db, Direction::Ingress, peer, TCP, 80)
+            .and_then(|n| ids.rule(n))
+            .map(|r| r.to_string())
+    };
+    assert_eq!(rule_from(A_API).as_deref(), Some("a/p1 ingress[0]"));
+    assert_eq!(rule_from(A_WEB).as_deref(), Some("a/p2 ingress[1]"));
+    assert_eq!(rule_from(B_WEB), None);
+    assert!(d.policy.values().all(|e| e.rule != 0));
 }
 
 #[test]

@@ -527,6 +527,7 @@ fn handle(state: &mut AgentState, method: &str, target: &str, body: &[u8]) -> (u
                 lb_algorithm: None,
                 maglev_table_size: None,
                 socket_lb: None,
+                flows: None,
             },
         ),
         _ => api_error(ErrorKind::NotFound, "no such route"),

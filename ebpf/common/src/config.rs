@@ -29,6 +29,9 @@ pub struct DatapathConfig {
     /// The ports masquerading allocates from, inclusive, host byte order.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
+    /// Events each CPU may emit per second (`--flow-events-rate`); beyond it they are counted
+    /// in `event_budget` as rate-limited and not emitted. 0: no limit.
+    pub events_rate: u32,
 }
 
 /// Pods on other nodes are reached through the VXLAN tunnel (`--routing-mode tunnel`).
@@ -61,6 +64,6 @@ pub const EVENTS_DROPS: u32 = 1;
 /// Emit an event for every new connection that policy allowed.
 pub const EVENTS_VERDICTS: u32 = 2;
 
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 36);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 40);
 
 user_pod!(DatapathConfig);

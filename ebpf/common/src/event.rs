@@ -1,6 +1,8 @@
 //! Events on the `events` ring buffer: drops and policy verdicts, with the 5-tuple, both
-//! endpoints and identities, and the reason. Off unless the agent enables them
-//! (`DatapathConfig::events`), so they cost nothing by default.
+//! endpoints and identities, the reason, where the datapath saw the packet and the policy rules
+//! that admitted it. Off unless the agent enables them (`DatapathConfig::events`), and limited
+//! per CPU (`DatapathConfig::events_rate`, [`EventBudget`]) so that a flood of new flows or
+//! drops never turns into a flood of events.
 
 use crate::user_pod;
 
@@ -33,12 +35,83 @@ pub struct FlowEvent {
     pub service_addr: [u8; 4],
     /// Host byte order.
     pub service_port: u16,
-    pub _pad: [u8; 6],
+    /// `ObservationPoint`: which program saw the packet.
+    pub point: u8,
+    pub _pad: u8,
+    /// `PolicyEntry::rule` of the entry that admitted the flow under the source's egress
+    /// policy, 0 when no entry did (not isolated, not a local pod, its own node, or denied).
+    pub egress_rule: u32,
+    /// The same for the destination's ingress policy.
+    pub ingress_rule: u32,
+    pub _reserved: u32,
 }
 
 pub const EVENT_DROP: u8 = 1;
 pub const EVENT_ALLOWED: u8 = 2;
 
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
+/// Where the datapath saw the packet of an event: the program that emitted it.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObservationPoint {
+    /// `from_container`: a packet a pod sent (host veth, tc ingress).
+    FromPod = 1,
+    /// `to_container`: a packet the node's stack delivers to a pod (host veth, tc egress).
+    ToPod = 2,
+    /// `from_tunnel`: a packet from another node, decapsulated (`myelin_vxlan`, tc ingress).
+    FromTunnel = 3,
+    /// `from_uplink` / `nodeport_in`: a packet arriving on the uplink (native routing, node
+    /// ports, masquerading's replies).
+    FromUplink = 4,
+    /// `to_uplink`: a packet leaving through the uplink (masquerading).
+    ToUplink = 5,
+}
 
-user_pod!(FlowEvent);
+impl ObservationPoint {
+    pub const ALL: [ObservationPoint; 5] = [
+        ObservationPoint::FromPod,
+        ObservationPoint::ToPod,
+        ObservationPoint::FromTunnel,
+        ObservationPoint::FromUplink,
+        ObservationPoint::ToUplink,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| *p as u8 == v)
+    }
+
+    /// The name events show.
+    pub fn name(self) -> &'static str {
+        match self {
+            ObservationPoint::FromPod => "from-pod",
+            ObservationPoint::ToPod => "to-pod",
+            ObservationPoint::FromTunnel => "from-tunnel",
+            ObservationPoint::FromUplink => "from-uplink",
+            ObservationPoint::ToUplink => "to-uplink",
+        }
+    }
+}
+
+/// One CPU's slot of `event_budget`: a fixed one-second window of at most
+/// `DatapathConfig::events_rate` events, and the events lost on that CPU since the map was
+/// created (the agent sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// `bpf_ktime_get_ns` at which the current window started.
+    pub window_start_ns: u64,
+    /// Events emitted in the current window.
+    pub sent: u64,
+    /// Events not emitted because the window's budget was spent.
+    pub rate_limited: u64,
+    /// Events not emitted because the ring buffer was full (the agent reads too slowly).
+    pub ring_full: u64,
+}
+
+/// Length of a rate-limit window.
+pub const EVENT_WINDOW_NS: u64 = 1_000_000_000;
+
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowEvent>().is_multiple_of(8));
+const _: () = assert!(core::mem::size_of::<EventBudget>() == 32);
+
+user_pod!(FlowEvent, EventBudget);

@@ -11,6 +11,8 @@ pub const POLICY: &str = "policy";
 pub const CONNTRACK: &str = "conntrack";
 pub const CONFIG: &str = "config";
 pub const EVENTS: &str = "events";
+/// Per CPU: the events rate limit's window and the events lost (see `event::EventBudget`).
+pub const EVENT_BUDGET: &str = "event_budget";
 pub const SNAT: &str = "snat";
 pub const MASQ_EXCLUDE: &str = "masq_exclude";
 pub const LB_SERVICES: &str = "lb_services";
@@ -35,7 +37,7 @@ pub const TAIL_NODEPORT_IN: u32 = 2;
 pub const TAIL_SLOTS: u32 = 3;
 
 /// Every map the agent pins.
-pub const PINNED: [&str; 18] = [
+pub const PINNED: [&str; 19] = [
     ENDPOINTS,
     ENDPOINTS_BY_IF,
     COUNTERS,
@@ -45,6 +47,7 @@ pub const PINNED: [&str; 18] = [
     CONNTRACK,
     CONFIG,
     EVENTS,
+    EVENT_BUDGET,
     SNAT,
     MASQ_EXCLUDE,
     LB_SERVICES,

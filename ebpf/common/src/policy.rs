@@ -51,6 +51,11 @@ pub const PREFIX_FULL: u32 = 96;
 pub struct PolicyEntry {
     /// `POLICY_F_*` bits.
     pub flags: u32,
+    /// The rule that wrote the entry: a number the agent gives each (namespace, policy,
+    /// direction, rule index) while the rule exists, never reused while the agent runs; where
+    /// several rules give the same key, the first in that order. 0: none. The datapath copies
+    /// it into the events of the flows the entry admits (flow attribution).
+    pub rule: u32,
 }
 
 /// The entry allows the traffic (the only kind of entry NetworkPolicy needs).
@@ -58,6 +63,6 @@ pub const POLICY_F_ALLOW: u32 = 1;
 
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 const _: () = assert!(PREFIX_FULL as usize == core::mem::size_of::<PolicyKey>() * 8);
-const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 4);
+const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 8);
 
 user_pod!(PolicyKey, PolicyEntry);

@@ -1,14 +1,14 @@
-//! Node-wide settings (`config`) and the `events` ring buffer.
+//! Node-wide settings (`config`), the `events` ring buffer and its per-CPU rate limit.
 
 use aya_ebpf::{
     Global,
-    btf_maps::{Array, RingBuf},
+    btf_maps::{Array, PerCpuArray, RingBuf},
     helpers::generated::bpf_ktime_get_ns,
     macros::btf_map,
 };
 use myelin_common::{
     config::{DatapathConfig, EVENTS_DROPS, EVENTS_VERDICTS, FEATURE_SERVICES},
-    event::{EVENT_ALLOWED, EVENT_DROP, FlowEvent},
+    event::{EVENT_ALLOWED, EVENT_DROP, EVENT_WINDOW_NS, EventBudget, FlowEvent},
     maps::EVENTS_BYTES,
 };
 
@@ -19,6 +19,9 @@ static CONFIG: Array<DatapathConfig, 1> = Array::new();
 
 #[btf_map(name = "events")]
 static EVENTS: RingBuf<FlowEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+#[btf_map(name = "event_budget")]
+static EVENT_BUDGET: PerCpuArray<EventBudget, 1> = PerCpuArray::new();
 
 /// `FEATURE_*` bits (see `myelin_common::config::FEATURES_GLOBAL`): in `.rodata`, which the
 /// loader freezes, so the verifier reads it as a constant.
@@ -44,16 +47,36 @@ pub struct Verdict {
     pub dst_endpoint: u32,
     pub peers: Peers,
     pub ifindex: u32,
+    /// `ObservationPoint` of the program.
+    pub point: u8,
     /// The Service frontend the flow was translated from (address, port in network order),
     /// zero when it was not.
     pub service: ([u8; 4], u16),
 }
 
 #[inline(always)]
-fn emit(kind: u8, flow: &Flow, v: &Verdict) {
+fn emit(config: &DatapathConfig, kind: u8, flow: &Flow, v: &Verdict) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; programs on one CPU do not preempt each other.
+    let budget = unsafe { &mut *budget };
+    // A fixed one-second window per CPU: no lock, no division, one map lookup per event.
+    if config.events_rate != 0 {
+        if now.wrapping_sub(budget.window_start_ns) >= EVENT_WINDOW_NS {
+            budget.window_start_ns = now;
+            budget.sent = 0;
+        }
+        if budget.sent >= u64::from(config.events_rate) {
+            budget.rate_limited += 1;
+            return;
+        }
+        budget.sent += 1;
+    }
     let event = FlowEvent {
-        // SAFETY: plain helper call.
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        timestamp_ns: now,
         kind,
         reason: v.reason,
         direction: v.direction,
@@ -69,22 +92,28 @@ fn emit(kind: u8, flow: &Flow, v: &Verdict) {
         ifindex: v.ifindex,
         service_addr: v.service.0,
         service_port: u16::from_be(v.service.1),
-        _pad: [0; 6],
+        point: v.point,
+        _pad: 0,
+        egress_rule: v.peers.egress_rule,
+        ingress_rule: v.peers.ingress_rule,
+        _reserved: 0,
     };
-    // A full ring drops the event, never the packet.
-    let _ = EVENTS.output(&event, 0);
+    // A full ring drops the event, never the packet; the loss is counted.
+    if EVENTS.output(&event, 0).is_err() {
+        budget.ring_full += 1;
+    }
 }
 
 #[inline(always)]
 pub fn drop_event(config: &DatapathConfig, flow: &Flow, v: &Verdict) {
     if config.events & EVENTS_DROPS != 0 {
-        emit(EVENT_DROP, flow, v);
+        emit(config, EVENT_DROP, flow, v);
     }
 }
 
 #[inline(always)]
 pub fn allowed_event(config: &DatapathConfig, flow: &Flow, v: &Verdict) {
     if config.events & EVENTS_VERDICTS != 0 {
-        emit(EVENT_ALLOWED, flow, v);
+        emit(config, EVENT_ALLOWED, flow, v);
     }
 }

@@ -78,6 +78,7 @@ mod programs {
             CT_F_DENIED_EGRESS, CT_F_DENIED_INGRESS, CT_F_FROM_STACK, CT_F_NODEPORT, CT_F_SERVICE,
             CtKey,
         },
+        event::ObservationPoint,
         identity,
         lb::LB_F_LOCAL,
         proto::{ETH_P_ARP, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP},
@@ -109,6 +110,8 @@ mod programs {
         Peers {
             src: unknown,
             dst: unknown,
+            egress_rule: 0,
+            ingress_rule: 0,
         }
     }
 
@@ -394,6 +397,7 @@ mod programs {
             dst_endpoint: dst.map_or(0, |d| d.id),
             peers: unknown_peers(),
             ifindex,
+            point: ObservationPoint::FromPod as u8,
             service: ([0; 4], 0),
         };
         let Some(src) = src else {
@@ -542,6 +546,7 @@ mod programs {
             dst_endpoint: 0,
             peers: unknown_peers(),
             ifindex,
+            point: ObservationPoint::FromPod as u8,
             service: ([0; 4], 0),
         };
         let (l4, later_fragment) = (packet::l4_offset(ip), packet::later_fragment(ip));
@@ -596,6 +601,7 @@ mod programs {
             dst_endpoint: dst.id,
             peers: unknown_peers(),
             ifindex,
+            point: ObservationPoint::ToPod as u8,
             service: ([0; 4], 0),
         };
         let reply = admit(
@@ -664,6 +670,7 @@ mod programs {
             dst_endpoint: dst.id,
             peers: unknown_peers(),
             ifindex: packet::ifindex(ctx),
+            point: ObservationPoint::FromTunnel as u8,
             service: ([0; 4], 0),
         };
         let src_identity = forward::identity_from_vni(key.tunnel_id);
@@ -738,13 +745,25 @@ mod programs {
         flow: &Flow,
         direction: Direction,
     ) -> i32 {
+        let ifindex = packet::ifindex(ctx);
+        let point = match direction {
+            Direction::Egress => ObservationPoint::ToUplink,
+            // `nodeport_in` serves the tunnel too.
+            Direction::Ingress
+                if config.tunnel_ifindex != 0 && ifindex == config.tunnel_ifindex =>
+            {
+                ObservationPoint::FromTunnel
+            }
+            Direction::Ingress => ObservationPoint::FromUplink,
+        } as u8;
         let mut verdict = Verdict {
             reason: 0,
             direction: direction as u8,
             src_endpoint: endpoint::by_ip(flow.saddr).map_or(0, |s| s.id),
             dst_endpoint: 0,
             peers: unknown_peers(),
-            ifindex: packet::ifindex(ctx),
+            ifindex,
+            point,
             service: ([0; 4], 0),
         };
         drop_flow(ctx, config, reason, flow, &mut verdict)
@@ -926,6 +945,11 @@ mod programs {
             dst_endpoint: 0,
             peers: unknown_peers(),
             ifindex,
+            point: if from_tunnel {
+                ObservationPoint::FromTunnel
+            } else {
+                ObservationPoint::FromUplink
+            } as u8,
             service: (flow.daddr, flow.dport),
         };
         match lb::translate(ctx, &mut flow, l4, false) {
@@ -1079,6 +1103,7 @@ mod programs {
             dst_endpoint: dst.id,
             peers: unknown_peers(),
             ifindex: packet::ifindex(ctx),
+            point: ObservationPoint::FromUplink as u8,
             service: ([0; 4], 0),
         };
         let reply = admit_tracked(

@@ -19,14 +19,18 @@ use crate::ipcache;
 #[btf_map(name = "policy")]
 static POLICY: LpmTrie<PolicyKey, PolicyEntry, { DEFAULT_MAX_POLICY as usize }> = LpmTrie::new();
 
-/// The identities of both ends of a flow, as the policy check saw them.
+/// The identities of both ends of a flow, as the policy check saw them, and the rules of the
+/// entries that admitted it (`PolicyEntry::rule`; 0 where no entry was needed or none matched).
 #[derive(Clone, Copy)]
 pub struct Peers {
     pub src: IpcacheEntry,
     pub dst: IpcacheEntry,
+    pub egress_rule: u32,
+    pub ingress_rule: u32,
 }
 
-/// Whether the policy of endpoint `endpoint_id` allows traffic with `peer` in `direction`.
+/// Whether the policy of endpoint `endpoint_id` allows traffic with `peer` in `direction`:
+/// `Some(rule)` of the entry that does.
 #[inline(always)]
 fn allows(
     endpoint_id: u32,
@@ -34,7 +38,7 @@ fn allows(
     peer: IpcacheEntry,
     protocol: u8,
     dport: u16,
-) -> bool {
+) -> Option<u32> {
     let mut key = Key::new(
         PREFIX_FULL,
         PolicyKey {
@@ -48,15 +52,16 @@ fn allows(
     let hit = |key: &Key<PolicyKey>| {
         POLICY
             .get(key)
-            .is_some_and(|e| e.flags & POLICY_F_ALLOW != 0)
+            .filter(|e| e.flags & POLICY_F_ALLOW != 0)
+            .map(|e| e.rule)
     };
-    if hit(&key) {
-        return true;
+    if let Some(rule) = hit(&key) {
+        return Some(rule);
     }
     if peer.cidr_identity != peer.identity {
         key.data.identity = peer.cidr_identity;
-        if hit(&key) {
-            return true;
+        if let Some(rule) = hit(&key) {
+            return Some(rule);
         }
     }
     key.data.identity = identity::ANY;
@@ -80,6 +85,8 @@ pub fn evaluate(
     let mut peers = Peers {
         src: ipcache::lookup(saddr),
         dst: ipcache::lookup(daddr),
+        egress_rule: 0,
+        ingress_rule: 0,
     };
     if let Some(identity) = src_identity {
         peers.src.identity = identity;
@@ -93,8 +100,9 @@ pub fn evaluate(
         if s.flags & ENDPOINT_F_POLICY_INCOMPLETE != 0 {
             return Err((DropReason::PolicyIncomplete, peers));
         }
-        if !allows(s.id, Direction::Egress, peers.dst, protocol, dport) {
-            return Err((DropReason::PolicyDeniedEgress, peers));
+        match allows(s.id, Direction::Egress, peers.dst, protocol, dport) {
+            Some(rule) => peers.egress_rule = rule,
+            None => return Err((DropReason::PolicyDeniedEgress, peers)),
         }
     }
     if let Some(d) = dst
@@ -104,8 +112,9 @@ pub fn evaluate(
         if d.flags & ENDPOINT_F_POLICY_INCOMPLETE != 0 {
             return Err((DropReason::PolicyIncomplete, peers));
         }
-        if !allows(d.id, Direction::Ingress, peers.src, protocol, dport) {
-            return Err((DropReason::PolicyDeniedIngress, peers));
+        match allows(d.id, Direction::Ingress, peers.src, protocol, dport) {
+            Some(rule) => peers.ingress_rule = rule,
+            None => return Err((DropReason::PolicyDeniedIngress, peers)),
         }
     }
     Ok(peers)
