@@ -4,7 +4,7 @@
 use myelin_tests::bench::stats::{Summary, percentile};
 
 use super::{
-    add_under_load, agent, cni, cross_node, masquerade,
+    add_under_load, agent, cni, cross_node, masquerade, monitor,
     report::{BenchReport, Status},
     same_node, services,
 };
@@ -249,6 +249,34 @@ pub fn evaluate(report: &BenchReport) -> Vec<Goal> {
             .and_then(|m| percentile(m.samples(services::MYELIN), 0.99))
             .map(|v| (v < 100.0, format!("{v:.1} ms"))),
             scenario_state(report, services::ID),
+        ),
+        ratio(
+            monitor::ID,
+            monitor::RR,
+            (monitor::MONITOR, monitor::EVENTS_OFF),
+            0.98,
+            "Request/response with myelinctl monitor streaming / events off",
+        ),
+        ratio(
+            monitor::ID,
+            monitor::CRR,
+            (monitor::MONITOR, monitor::EVENTS_OFF),
+            0.98,
+            "New connections/s with myelinctl monitor streaming / events off",
+        ),
+        ratio(
+            monitor::ID,
+            monitor::RR,
+            (monitor::FLOW_LOG, monitor::EVENTS_OFF),
+            0.98,
+            "Request/response with the flow log (default) / events off",
+        ),
+        ratio(
+            monitor::ID,
+            monitor::CRR,
+            (monitor::FLOW_LOG, monitor::EVENTS_OFF),
+            0.98,
+            "New connections/s with the flow log (default) / events off",
         ),
         goal(
             "Agent memory with 10,000 Services x 10 backends",

@@ -14,6 +14,7 @@ mod goals;
 mod kubernetes;
 mod machine;
 mod masquerade;
+mod monitor;
 mod policy;
 mod report;
 mod same_node;
@@ -86,6 +87,8 @@ pub struct Settings {
     pub service_reps: usize,
     /// Backend changes per variant and count, each way (all endpoints gone, back).
     pub service_changes: usize,
+    /// Flow monitoring repetitions per variant.
+    pub monitor_reps: usize,
 }
 
 impl Settings {
@@ -124,6 +127,7 @@ impl Settings {
             service_counts: vec![1, 1_000, 10_000],
             service_reps: if full { 4 } else { 2 },
             service_changes: if full { 25 } else { 5 },
+            monitor_reps: if full { 6 } else { 2 },
         }
     }
 
@@ -195,6 +199,7 @@ impl Settings {
                 "Services backend changes, each way",
                 self.service_changes.to_string(),
             ),
+            ("flow monitoring repetitions", self.monitor_reps.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -244,7 +249,7 @@ pub fn rotated<T: Clone>(items: &[T], rep: usize) -> Vec<T> {
 }
 
 /// Every scenario, in running order: id, title, function.
-const SCENARIOS: [(&str, &str, Scenario); 9] = [
+const SCENARIOS: [(&str, &str, Scenario); 10] = [
     (same_node::ID, same_node::TITLE, same_node::run),
     (cni::ID, cni::TITLE, cni::run),
     (
@@ -258,6 +263,7 @@ const SCENARIOS: [(&str, &str, Scenario); 9] = [
     (cross_node::ID, cross_node::TITLE, cross_node::run),
     (masquerade::ID, masquerade::TITLE, masquerade::run),
     (services::ID, services::TITLE, services::run),
+    (monitor::ID, monitor::TITLE, monitor::run),
 ];
 
 /// Runs every scenario, or those named in `only`.
