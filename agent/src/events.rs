@@ -12,6 +12,7 @@ use std::{
     collections::{HashMap, VecDeque},
     net::Ipv4Addr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
@@ -21,7 +22,9 @@ use myelin_api::{
 use myelin_cluster::explain::{PolicyRef, RuleRef, direction_name};
 use myelin_common::{
     Direction, DropReason,
-    event::{EVENT_DROP, EventBudget, FlowEvent as RawEvent, ObservationPoint},
+    event::{
+        EVENT_DRAIN_INTERVAL_MS, EVENT_DROP, EventBudget, FlowEvent as RawEvent, ObservationPoint,
+    },
     identity,
     proto::{IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP},
 };
@@ -356,30 +359,40 @@ pub async fn read(ring: RingBuf<MapData>, sinks: Sinks) {
         }
     };
 
+    // The datapath wakes this reader once per batch of events (`EVENT_WAKEUP_EVERY` per CPU):
+    // the rest are drained on this tick.
+    let mut tick = tokio::time::interval(Duration::from_millis(EVENT_DRAIN_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                warn!("polling the events ring buffer failed: {e}");
-                return;
-            }
+        // Readiness is cleared before the drain: an event put in the ring after it wakes the
+        // next round (or waits for the tick).
+        let woken = tokio::select! {
+            ready = fd.readable_mut() => Some(ready.map(|mut g| g.clear_ready())),
+            _ = tick.tick() => None,
         };
-        let names = Arc::clone(&sinks.names.borrow());
-        let clock = monotonic_to_wall();
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<RawEvent>() {
-                continue;
-            }
-            // SAFETY: the datapath writes whole `FlowEvent` records (checked length above).
-            let raw: RawEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            let event = to_api(&raw, &names, clock);
-            sinks.metrics.count(&event);
-            sinks.log.push(&event);
-            // No receiver is fine: nobody is watching right now.
-            let _ = sinks.streams.send(event);
+        if let Some(Err(e)) = woken {
+            warn!("polling the events ring buffer failed: {e}");
+            return;
         }
-        guard.clear_ready();
+        drain(fd.get_mut(), &sinks);
+    }
+}
+
+/// Forwards every event the ring holds.
+fn drain(ring: &mut RingBuf<MapData>, sinks: &Sinks) {
+    let names = Arc::clone(&sinks.names.borrow());
+    let clock = monotonic_to_wall();
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<RawEvent>() {
+            continue;
+        }
+        // SAFETY: the datapath writes whole `FlowEvent` records (checked length above).
+        let raw: RawEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        let event = to_api(&raw, &names, clock);
+        sinks.metrics.count(&event);
+        sinks.log.push(&event);
+        // No receiver is fine: nobody is watching right now.
+        let _ = sinks.streams.send(event);
     }
 }
 

@@ -110,6 +110,18 @@ pub struct EventBudget {
 /// Length of a rate-limit window.
 pub const EVENT_WINDOW_NS: u64 = 1_000_000_000;
 
+/// A CPU wakes the agent for every this many events it puts in the ring (a power of two), and
+/// not for the others: the agent also drains the ring every [`EVENT_DRAIN_INTERVAL_MS`], so an
+/// event waits at most that long, and a busy node pays one wakeup per batch instead of one per
+/// event (the kernel's default wakes the reader whenever the ring was empty, which a reader
+/// that keeps up always finds it).
+pub const EVENT_WAKEUP_EVERY: u64 = 64;
+
+/// How often the agent drains the events ring whether or not it was woken.
+pub const EVENT_DRAIN_INTERVAL_MS: u64 = 100;
+
+const _: () = assert!(EVENT_WAKEUP_EVERY.is_power_of_two());
+
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 64);
 const _: () = assert!(core::mem::size_of::<FlowEvent>().is_multiple_of(8));
 const _: () = assert!(core::mem::size_of::<EventBudget>() == 32);

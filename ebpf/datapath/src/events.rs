@@ -2,13 +2,16 @@
 
 use aya_ebpf::{
     Global,
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::{Array, PerCpuArray, RingBuf},
     helpers::generated::bpf_ktime_get_ns,
     macros::btf_map,
 };
 use myelin_common::{
     config::{DatapathConfig, EVENTS_DROPS, EVENTS_VERDICTS, FEATURE_SERVICES},
-    event::{EVENT_ALLOWED, EVENT_DROP, EVENT_WINDOW_NS, EventBudget, FlowEvent},
+    event::{
+        EVENT_ALLOWED, EVENT_DROP, EVENT_WAKEUP_EVERY, EVENT_WINDOW_NS, EventBudget, FlowEvent,
+    },
     maps::EVENTS_BYTES,
 };
 
@@ -73,8 +76,14 @@ fn emit(config: &DatapathConfig, kind: u8, flow: &Flow, v: &Verdict) {
             budget.rate_limited += 1;
             return;
         }
-        budget.sent += 1;
     }
+    budget.sent = budget.sent.wrapping_add(1);
+    // The first event of each batch wakes the agent, the others wait for its next drain.
+    let wakeup = if budget.sent & (EVENT_WAKEUP_EVERY - 1) == 1 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
     let event = FlowEvent {
         timestamp_ns: now,
         kind,
@@ -99,7 +108,7 @@ fn emit(config: &DatapathConfig, kind: u8, flow: &Flow, v: &Verdict) {
         _reserved: 0,
     };
     // A full ring drops the event, never the packet; the loss is counted.
-    if EVENTS.output(&event, 0).is_err() {
+    if EVENTS.output(&event, u64::from(wakeup)).is_err() {
         budget.ring_full += 1;
     }
 }

@@ -127,7 +127,7 @@ impl Settings {
             service_counts: vec![1, 1_000, 10_000],
             service_reps: if full { 4 } else { 2 },
             service_changes: if full { 25 } else { 5 },
-            monitor_reps: if full { 6 } else { 2 },
+            monitor_reps: if full { 6 } else { 3 },
         }
     }
 

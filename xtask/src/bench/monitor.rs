@@ -19,6 +19,7 @@ use myelin_tests::{
         cpus::flow_cpu,
         policy::{rules_policy, wait_for_policy_entries},
         tcp::{EchoServer, tcp_crr, tcp_rr},
+        usage::Usage,
     },
     cluster::{namespace_object, pod_object},
 };
@@ -43,6 +44,8 @@ pub const MONITOR: &str = "monitor";
 pub const RR: &str = "monitor_rr";
 /// New connections per second.
 pub const CRR: &str = "monitor_crr";
+/// The agent's CPU time per second of the connection-rate run.
+pub const AGENT_CPU: &str = "monitor_agent_cpu";
 
 const NAMESPACE: &str = "bench";
 const SERVER: (&str, &str) = ("app", "server");
@@ -70,15 +73,17 @@ impl Setup {
             spec.agent_args.extend(["--flow-buffer".into(), "0".into()]);
         }
         let node = Node::start(run, spec)?;
+        // Pod names (and their sandboxes' namespaces) of their own on each node.
+        let (client_name, server_name) = (format!("{name}-client"), format!("{name}-server"));
         node.cluster().write(
             "pods",
             &[
                 namespace_object(NAMESPACE, &[]),
-                pod_object(node.name(), NAMESPACE, "client", &[CLIENT], &[]),
+                pod_object(node.name(), NAMESPACE, &client_name, &[CLIENT], &[]),
                 pod_object(
                     node.name(),
                     NAMESPACE,
-                    "server",
+                    &server_name,
                     &[SERVER],
                     &[RR_PORT, CRR_PORT],
                 ),
@@ -86,8 +91,8 @@ impl Setup {
         )?;
         let plugin = CniPlugin::myelin(&node)?;
         let driver = CniDriver::new(node.netns(), &plugin);
-        let client = BenchPod::attach(&driver, Sandbox::create(run, NAMESPACE, "client")?)?;
-        let server = BenchPod::attach(&driver, Sandbox::create(run, NAMESPACE, "server")?)?;
+        let client = BenchPod::attach(&driver, Sandbox::create(run, NAMESPACE, &client_name)?)?;
+        let server = BenchPod::attach(&driver, Sandbox::create(run, NAMESPACE, &server_name)?)?;
         node.cluster().write(
             "allow",
             &[rules_policy(
@@ -199,6 +204,12 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
     )
     .ratio(FLOW_LOG, EVENTS_OFF)
     .ratio(MONITOR, EVENTS_OFF);
+    let mut agent_ms = Metric::new(
+        AGENT_CPU,
+        "The agent's CPU time during the connection-rate run",
+        "ms/s",
+        Shape::Repeated,
+    );
     let variants = [EVENTS_OFF, FLOW_LOG, MONITOR];
     let measured = (|| -> Result<()> {
         for rep in 0..s.monitor_reps {
@@ -212,8 +223,15 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
                 };
                 let rate = tcp_rr(&setup.client, &setup.server, RR_PORT, 1, s.rr)?;
                 rr.push(variant, rate);
+                let pid = setup.node.agent_pid().context("the agent's pid")?;
+                let before = Usage::of(pid)?.cpu;
                 let connections = tcp_crr(&setup.client, &setup.echo, s.crr)?;
+                let agent_cpu = Usage::of(pid)?.cpu.saturating_sub(before);
                 crr.push(variant, connections);
+                agent_ms.push(
+                    variant,
+                    agent_cpu.as_secs_f64() * 1000.0 / s.crr.as_secs_f64(),
+                );
                 println!(
                     "    [{}/{}] {variant:<11} {:>9} round trips/s {:>9} connections/s",
                     rep + 1,
@@ -239,6 +257,6 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
             );
         }
     }
-    out.metrics.extend([rr, crr]);
+    out.metrics.extend([rr, crr, agent_ms]);
     measured
 }
