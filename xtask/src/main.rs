@@ -62,7 +62,8 @@ enum Command {
         #[arg(long)]
         quick: bool,
         /// Run only these scenarios (comma-separated ids: same_node, cni, add_under_load, agent, policy,
-        /// kubernetes, cross_node, masquerade); the report lists the others as not run.
+        /// kubernetes, cross_node, masquerade, services, monitor); the report lists the others as
+        /// not run.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
