@@ -37,7 +37,7 @@ use myelin_common::{
     endpoint::{
         ENDPOINT_F_EGRESS_ISOLATED, ENDPOINT_F_INGRESS_ISOLATED, ENDPOINT_F_POLICY_INCOMPLETE,
     },
-    event::{EVENT_ALLOWED, EVENT_DROP, FlowEvent},
+    event::{EVENT_ALLOWED, EVENT_DROP, FlowEvent, ObservationPoint},
     identity,
     lb::{
         LB_F_EXTERNAL_IP, LB_F_LOCAL, LB_F_NODEPORT, LB_IN, LB_OUT, LbEntry, LbFlow, LbFlowKey,
@@ -436,6 +436,44 @@ fn a_pod_on_another_node_is_sent_into_the_tunnel_and_without_routing_to_the_stac
         f.allow(a, Direction::Egress, far.identity, TCP, 80);
         let (verdict, _) = f.send(a, &tcp(a, far, 40003, 80, SYN));
         assert_eq!(verdict, TC_ACT_REDIRECT);
+    });
+}
+
+/// A new connection's event says where it goes: to a pod of this node (`from-pod`, its
+/// sender's veth), into the tunnel or out of the uplink to a pod on another node, or to the
+/// node's stack; a drop says where it happened.
+#[test]
+fn a_new_connections_event_says_where_it_goes() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        let far = remote_pod(7, 400);
+        f.behind("10.9.0.0/24", REMOTE_NODE_IP, identity::WORLD);
+        f.behind("10.9.0.7/32", REMOTE_NODE_IP, far.identity);
+        let tunnel = tunnel_device();
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_TUNNEL,
+            node_ip: Ipv4Addr::new(192, 168, 7, 1),
+            tunnel_ifindex: tunnel,
+            uplink_ifindex: 0,
+        })
+        .unwrap();
+        let mut ring = f.dp.take_events().expect("ring buffer");
+        f.dp.set_event_mask(EVENTS_DROPS | EVENTS_VERDICTS).unwrap();
+        let mut point = || {
+            let item = ring.next().expect("an event");
+            // SAFETY: the ring holds FlowEvent records written by the datapath.
+            let e = unsafe { std::ptr::read_unaligned::<FlowEvent>(item.as_ptr().cast()) };
+            (e.kind, ObservationPoint::from_u8(e.point))
+        };
+        f.send(a, &tcp(a, b, 40000, 80, SYN));
+        assert_eq!(point(), (EVENT_ALLOWED, Some(ObservationPoint::FromPod)));
+        f.send(a, &tcp(a, far, 40001, 80, SYN));
+        assert_eq!(point(), (EVENT_ALLOWED, Some(ObservationPoint::ToTunnel)));
+        f.send(a, &tcp(a, outside(WORLD), 40002, 80, SYN));
+        assert_eq!(point(), (EVENT_ALLOWED, Some(ObservationPoint::ToStack)));
+        f.isolate(a, ENDPOINT_F_EGRESS_ISOLATED);
+        f.send(a, &tcp(a, far, 40003, 80, SYN));
+        assert_eq!(point(), (EVENT_DROP, Some(ObservationPoint::FromPod)));
     });
 }
 

@@ -632,3 +632,94 @@ mod tests {
         );
     }
 }
+
+/// The pod's `namespace/name` as events name it.
+pub fn name_of(lab: &PolicyLab, pod: LabPod) -> String {
+    format!("{}/{}", pod.namespace, lab.pod(pod).name())
+}
+
+/// What the node's flow log holds for `filter` (the latest `last`).
+pub fn flows(
+    lab: &PolicyLab,
+    filter: &myelin_api::FlowFilter,
+    last: usize,
+) -> Result<myelin_api::FlowsResponse> {
+    lab.node()
+        .client()
+        .flows(filter, last)
+        .map_err(Error::api("GET /v1/flows"))
+}
+
+/// The filter that picks a pod-to-pod TCP or UDP probe's events; `None` for other probes.
+pub fn filter_of(lab: &PolicyLab, probe: &Probe) -> Option<myelin_api::FlowFilter> {
+    let (LabHost::Pod(from), LabHost::Pod(to)) = (probe.from, probe.to) else {
+        return None;
+    };
+    let port = match probe.service {
+        Service::Tcp(p) | Service::Udp(p) => p,
+        Service::Ping => return None,
+    };
+    Some(myelin_api::FlowFilter {
+        from: Some(name_of(lab, from)),
+        to: Some(name_of(lab, to)),
+        port: Some(port),
+        ..Default::default()
+    })
+}
+
+/// Whether an event's check agrees with `policy explain`'s: the rule it names is one of those
+/// that admit the flow, the policies it names are exactly those that isolate the pod.
+fn agrees(event: Option<&myelin_api::PolicyCheck>, explained: &myelin_api::PolicyCheck) -> bool {
+    use myelin_api::PolicyCheck;
+    match (event, explained) {
+        (
+            Some(PolicyCheck::Allowed { rules: named }),
+            PolicyCheck::Allowed { rules: admitting },
+        ) => named.len() == 1 && admitting.contains(&named[0]),
+        (Some(event), explained) => event == explained,
+        (None, _) => false,
+    }
+}
+
+/// Checks the latest event of a probe against `policy explain`'s answer for it; `Err` says
+/// what differs.
+pub fn check_attribution(
+    probe: &Probe,
+    explained: &myelin_api::PolicyExplanation,
+    events: &[myelin_api::FlowEvent],
+) -> std::result::Result<(), String> {
+    let protocol = match probe.service {
+        Service::Tcp(_) => "tcp",
+        _ => "udp",
+    };
+    let kind = if explained.allowed { "allowed" } else { "drop" };
+    let Some(event) = events
+        .iter()
+        .rev()
+        .find(|e| e.kind == kind && e.protocol == protocol)
+    else {
+        return Err(format!("{probe}: no {kind} event; the log has {events:#?}"));
+    };
+    // Both checks of an allowed flow; of a drop, the one that dropped it (the other may not
+    // have been made).
+    let egress_decided = explained.allowed || !explained.egress.allows();
+    let ingress_decided = explained.allowed || explained.egress.allows();
+    let mut wrong = Vec::new();
+    if egress_decided && !agrees(event.egress.as_ref(), &explained.egress) {
+        wrong.push(format!(
+            "egress: event {:?}, explain {:?}",
+            event.egress, explained.egress
+        ));
+    }
+    if ingress_decided && !agrees(event.ingress.as_ref(), &explained.ingress) {
+        wrong.push(format!(
+            "ingress: event {:?}, explain {:?}",
+            event.ingress, explained.ingress
+        ));
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{probe}: {} ({event})", wrong.join("; ")))
+    }
+}

@@ -11,7 +11,10 @@ use std::{
 use myelin_api::{FlowEvent, FlowFilter, FlowsResponse, PolicyCheck, PolicyExplanation};
 use myelin_tests::{
     Error, NodeSpec, Result,
-    policy_lab::{APPLY_TIMEOUT, LabHost, LabPod, PolicyLab, Probe},
+    policy_lab::{
+        APPLY_TIMEOUT, LabHost, LabPod, PolicyLab, Probe, check_attribution, filter_of, flows,
+        name_of,
+    },
     probe::Service::{Tcp, Udp},
     root_test,
     traffic::Host,
@@ -75,91 +78,6 @@ egress:
     .join("---\n")
 }
 
-/// The pod's `namespace/name` as events name it.
-fn name_of(lab: &PolicyLab, pod: LabPod) -> String {
-    format!("{}/{}", pod.namespace, lab.pod(pod).name())
-}
-
-/// What the flow log holds for `filter` (the latest `last`).
-fn flows(lab: &PolicyLab, filter: &FlowFilter, last: usize) -> Result<FlowsResponse> {
-    lab.node()
-        .client()
-        .flows(filter, last)
-        .map_err(Error::api("GET /v1/flows"))
-}
-
-/// The filter that picks a probe's events.
-fn filter_of(lab: &PolicyLab, probe: &Probe) -> FlowFilter {
-    let (LabHost::Pod(from), LabHost::Pod(to)) = (probe.from, probe.to) else {
-        unreachable!("pod-to-pod probes only")
-    };
-    let port = match probe.service {
-        Tcp(p) | Udp(p) => p,
-        _ => unreachable!("TCP and UDP probes only"),
-    };
-    FlowFilter {
-        from: Some(name_of(lab, from)),
-        to: Some(name_of(lab, to)),
-        port: Some(port),
-        ..FlowFilter::default()
-    }
-}
-
-/// Whether the event's check agrees with `policy explain`'s: the rule it names is one of those
-/// that admit the flow, the policies it names are exactly those that isolate the pod.
-fn agrees(event: Option<&PolicyCheck>, explained: &PolicyCheck) -> bool {
-    match (event, explained) {
-        (
-            Some(PolicyCheck::Allowed { rules: named }),
-            PolicyCheck::Allowed { rules: admitting },
-        ) => named.len() == 1 && admitting.contains(&named[0]),
-        (Some(event), explained) => event == explained,
-        (None, _) => false,
-    }
-}
-
-/// Checks the latest event of a probe against the explanation; `Err` says what differs.
-fn check_attribution(
-    probe: &Probe,
-    explained: &PolicyExplanation,
-    events: &[FlowEvent],
-) -> std::result::Result<(), String> {
-    let protocol = match probe.service {
-        Tcp(_) => "tcp",
-        _ => "udp",
-    };
-    let kind = if explained.allowed { "allowed" } else { "drop" };
-    let Some(event) = events
-        .iter()
-        .rev()
-        .find(|e| e.kind == kind && e.protocol == protocol)
-    else {
-        return Err(format!("{probe}: no {kind} event; the log has {events:#?}"));
-    };
-    // Both checks of an allowed flow; of a drop, the one that dropped it (the other may not
-    // have been made).
-    let egress_decided = explained.allowed || !explained.egress.allows();
-    let ingress_decided = explained.allowed || explained.egress.allows();
-    let mut wrong = Vec::new();
-    if egress_decided && !agrees(event.egress.as_ref(), &explained.egress) {
-        wrong.push(format!(
-            "egress: event {:?}, explain {:?}",
-            event.egress, explained.egress
-        ));
-    }
-    if ingress_decided && !agrees(event.ingress.as_ref(), &explained.ingress) {
-        wrong.push(format!(
-            "ingress: event {:?}, explain {:?}",
-            event.ingress, explained.ingress
-        ));
-    }
-    if wrong.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("{probe}: {} ({event})", wrong.join("; ")))
-    }
-}
-
 #[test]
 fn flow_events_name_the_rule_that_allowed_and_the_policies_that_denied_as_explain_does()
 -> Result<()> {
@@ -199,7 +117,12 @@ fn flow_events_name_the_rule_that_allowed_and_the_policies_that_denied_as_explai
         // Events reach the ring within the reader's wake-up.
         let deadline = Instant::now() + Duration::from_secs(2);
         let result = loop {
-            let events = flows(&lab, &filter_of(&lab, probe), 50)?.flows;
+            let events = flows(
+                &lab,
+                &filter_of(&lab, probe).expect("pod-to-pod TCP or UDP"),
+                50,
+            )?
+            .flows;
             let result = check_attribution(probe, &explained, &events);
             if result.is_ok() || Instant::now() > deadline {
                 break result;

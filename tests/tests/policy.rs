@@ -29,7 +29,9 @@ use myelin_api::{
 use myelin_tests::{
     Error, Netns, Result, RunPrefix,
     packet::checksum,
-    policy_lab::{APPLY_TIMEOUT, LabHost, LabPod, PolicyLab, Probe},
+    policy_lab::{
+        APPLY_TIMEOUT, LabHost, LabPod, PolicyLab, Probe, check_attribution, filter_of, flows,
+    },
     probe::Service::{self, Ping, Tcp, Udp},
     root_test,
     traffic::{Host, TRAFFIC_TIMEOUT},
@@ -981,6 +983,29 @@ fn policy_truth_table_with_real_traffic() -> Result<()> {
                     answer.ingress
                 ));
             }
+        }
+        // The flow log names, for every pod-to-pod probe, the rule that admitted it or the
+        // policies that isolated its destination, as policy explain does. The latest event of
+        // the probe's pods and port is this case's (every probe makes one).
+        let mut misattributed = Vec::new();
+        for cell in &check.cells {
+            let Some(filter) = filter_of(&lab, &cell.probe) else {
+                continue;
+            };
+            let Some(answer) = lab.explain(&cell.probe)? else {
+                continue;
+            };
+            let events = flows(&lab, &filter, 20)?.flows;
+            if let Err(e) = check_attribution(&cell.probe, &answer, &events) {
+                misattributed.push(format!("  {e}"));
+            }
+        }
+        if !misattributed.is_empty() {
+            problems.push(format!(
+                "the flow log's attribution differs from policy explain on {} probes:\n{}",
+                misattributed.len(),
+                misattributed.join("\n")
+            ));
         }
         if !disagreements.is_empty() {
             problems.push(format!(

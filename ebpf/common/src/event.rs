@@ -62,17 +62,25 @@ pub enum ObservationPoint {
     /// `from_uplink` / `nodeport_in`: a packet arriving on the uplink (native routing, node
     /// ports, masquerading's replies).
     FromUplink = 4,
-    /// `to_uplink`: a packet leaving through the uplink (masquerading).
+    /// `to_uplink`: a packet leaving through the uplink (masquerading); also a new connection
+    /// `from_container` sends to a pod on another node through the uplink (native routing).
     ToUplink = 5,
+    /// A new connection `from_container` sends into the tunnel, to a pod on another node.
+    ToTunnel = 6,
+    /// A new connection `from_container` hands to the node's stack: to the node itself, a
+    /// host-network process, or out of the cluster (masqueraded on the uplink, if on).
+    ToStack = 7,
 }
 
 impl ObservationPoint {
-    pub const ALL: [ObservationPoint; 5] = [
+    pub const ALL: [ObservationPoint; 7] = [
         ObservationPoint::FromPod,
         ObservationPoint::ToPod,
         ObservationPoint::FromTunnel,
         ObservationPoint::FromUplink,
         ObservationPoint::ToUplink,
+        ObservationPoint::ToTunnel,
+        ObservationPoint::ToStack,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -87,6 +95,8 @@ impl ObservationPoint {
             ObservationPoint::FromTunnel => "from-tunnel",
             ObservationPoint::FromUplink => "from-uplink",
             ObservationPoint::ToUplink => "to-uplink",
+            ObservationPoint::ToTunnel => "to-tunnel",
+            ObservationPoint::ToStack => "to-stack",
         }
     }
 }

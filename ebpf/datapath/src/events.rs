@@ -8,9 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use myelin_common::{
-    config::{DatapathConfig, EVENTS_DROPS, EVENTS_VERDICTS, FEATURE_SERVICES},
+    config::{CONFIG_F_TUNNEL, DatapathConfig, EVENTS_DROPS, EVENTS_VERDICTS, FEATURE_SERVICES},
     event::{
         EVENT_ALLOWED, EVENT_DROP, EVENT_WAKEUP_EVERY, EVENT_WINDOW_NS, EventBudget, FlowEvent,
+        ObservationPoint,
     },
     maps::EVENTS_BYTES,
 };
@@ -43,6 +44,7 @@ pub fn config() -> DatapathConfig {
 }
 
 /// What an event says besides the flow.
+#[derive(Clone, Copy)]
 pub struct Verdict {
     pub reason: u8,
     pub direction: u8,
@@ -123,6 +125,24 @@ pub fn drop_event(config: &DatapathConfig, flow: &Flow, v: &Verdict) {
 #[inline(always)]
 pub fn allowed_event(config: &DatapathConfig, flow: &Flow, v: &Verdict) {
     if config.events & EVENTS_VERDICTS != 0 {
+        // A new connection a pod opens is shown where it goes, when not to a pod of this node:
+        // into the tunnel or out of the uplink (a pod on another node, from the ipcache entry
+        // policy looked up), else to the node's stack.
+        if v.point == ObservationPoint::FromPod as u8 && v.dst_endpoint == 0 {
+            let point = if v.peers.dst.node == [0; 4] {
+                ObservationPoint::ToStack
+            } else if config.flags & CONFIG_F_TUNNEL != 0 {
+                ObservationPoint::ToTunnel
+            } else {
+                ObservationPoint::ToUplink
+            };
+            let v = Verdict {
+                point: point as u8,
+                ..*v
+            };
+            emit(config, EVENT_ALLOWED, flow, &v);
+            return;
+        }
         emit(config, EVENT_ALLOWED, flow, v);
     }
 }
