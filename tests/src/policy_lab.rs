@@ -559,80 +559,6 @@ impl MatrixCheck {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_full_matrix_covers_every_ordered_pair_of_distinct_hosts() {
-        let probes = full_matrix(false);
-        // 7 hosts (6 pods and the node), 42 ordered pairs, 4 services.
-        assert_eq!(probes.len(), 7 * 6 * 4);
-        assert!(probes.iter().all(|p| p.from != p.to));
-        let distinct: BTreeSet<_> = probes.iter().collect();
-        assert_eq!(distinct.len(), probes.len());
-        assert_eq!(full_matrix(true).len(), 7 * 6 * 5);
-    }
-
-    #[test]
-    fn policy_names_are_read_from_every_document() {
-        let yaml = "kind: NetworkPolicy\nmetadata: {name: p1, namespace: a}\n---\n\
-                    kind: Namespace\nmetadata: {name: a}\n---\n\
-                    kind: NetworkPolicy\nmetadata: {name: p2, namespace: b}\n";
-        let names = policy_names(yaml).unwrap();
-        assert_eq!(
-            names.into_iter().collect::<Vec<_>>(),
-            vec!["a/p1".to_string(), "b/p2".to_string()]
-        );
-        assert!(policy_names("").unwrap().is_empty());
-        assert!(policy_names("kind: NetworkPolicy\nmetadata: {name: p}\n").is_err());
-    }
-
-    #[test]
-    fn the_rendered_diff_marks_and_lists_each_mismatch() {
-        let probe = |from, to, service| Probe { from, to, service };
-        let web = LabHost::Pod(LabPod::new("a", "web"));
-        let db = LabHost::Pod(LabPod::new("a", "db"));
-        let check = MatrixCheck {
-            cells: vec![
-                Cell {
-                    probe: probe(web, db, Service::Tcp(80)),
-                    expected: true,
-                    outcome: Err("timed out".into()),
-                },
-                Cell {
-                    probe: probe(web, db, Service::Tcp(81)),
-                    expected: false,
-                    outcome: Ok(()),
-                },
-                Cell {
-                    probe: probe(web, db, Service::Udp(80)),
-                    expected: false,
-                    outcome: Err("timed out".into()),
-                },
-                Cell {
-                    probe: probe(web, db, Service::Udp(81)),
-                    expected: true,
-                    outcome: Ok(()),
-                },
-            ],
-            with_ping: false,
-            retried: vec![],
-        };
-        assert_eq!(check.mismatches().len(), 2);
-        let text = check.render();
-        assert!(text.contains("DA-+"), "{text}");
-        assert!(
-            text.contains("a/web -> a/db tcp/80: denied, expected to pass: timed out"),
-            "{text}"
-        );
-        assert!(
-            text.contains("a/web -> a/db tcp/81: passed, expected denied"),
-            "{text}"
-        );
-    }
-}
-
 /// The pod's `namespace/name` as events name it.
 pub fn name_of(lab: &PolicyLab, pod: LabPod) -> String {
     format!("{}/{}", pod.namespace, lab.pod(pod).name())
@@ -721,5 +647,79 @@ pub fn check_attribution(
         Ok(())
     } else {
         Err(format!("{probe}: {} ({event})", wrong.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_full_matrix_covers_every_ordered_pair_of_distinct_hosts() {
+        let probes = full_matrix(false);
+        // 7 hosts (6 pods and the node), 42 ordered pairs, 4 services.
+        assert_eq!(probes.len(), 7 * 6 * 4);
+        assert!(probes.iter().all(|p| p.from != p.to));
+        let distinct: BTreeSet<_> = probes.iter().collect();
+        assert_eq!(distinct.len(), probes.len());
+        assert_eq!(full_matrix(true).len(), 7 * 6 * 5);
+    }
+
+    #[test]
+    fn policy_names_are_read_from_every_document() {
+        let yaml = "kind: NetworkPolicy\nmetadata: {name: p1, namespace: a}\n---\n\
+                    kind: Namespace\nmetadata: {name: a}\n---\n\
+                    kind: NetworkPolicy\nmetadata: {name: p2, namespace: b}\n";
+        let names = policy_names(yaml).unwrap();
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            vec!["a/p1".to_string(), "b/p2".to_string()]
+        );
+        assert!(policy_names("").unwrap().is_empty());
+        assert!(policy_names("kind: NetworkPolicy\nmetadata: {name: p}\n").is_err());
+    }
+
+    #[test]
+    fn the_rendered_diff_marks_and_lists_each_mismatch() {
+        let probe = |from, to, service| Probe { from, to, service };
+        let web = LabHost::Pod(LabPod::new("a", "web"));
+        let db = LabHost::Pod(LabPod::new("a", "db"));
+        let check = MatrixCheck {
+            cells: vec![
+                Cell {
+                    probe: probe(web, db, Service::Tcp(80)),
+                    expected: true,
+                    outcome: Err("timed out".into()),
+                },
+                Cell {
+                    probe: probe(web, db, Service::Tcp(81)),
+                    expected: false,
+                    outcome: Ok(()),
+                },
+                Cell {
+                    probe: probe(web, db, Service::Udp(80)),
+                    expected: false,
+                    outcome: Err("timed out".into()),
+                },
+                Cell {
+                    probe: probe(web, db, Service::Udp(81)),
+                    expected: true,
+                    outcome: Ok(()),
+                },
+            ],
+            with_ping: false,
+            retried: vec![],
+        };
+        assert_eq!(check.mismatches().len(), 2);
+        let text = check.render();
+        assert!(text.contains("DA-+"), "{text}");
+        assert!(
+            text.contains("a/web -> a/db tcp/80: denied, expected to pass: timed out"),
+            "{text}"
+        );
+        assert!(
+            text.contains("a/web -> a/db tcp/81: passed, expected denied"),
+            "{text}"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use myelin_api::{FlowEvent, FlowFilter, FlowsResponse, PolicyCheck, PolicyExplanation};
+use myelin_api::{FlowFilter, FlowsResponse};
 use myelin_tests::{
     Error, NodeSpec, Result,
     policy_lab::{
