@@ -611,34 +611,16 @@ impl<D: DatapathOps> Agent<D> {
     /// Logs, once per change, the frontends whose Maglev tables do not fit in `lb_maglev`: they
     /// choose their backends at random.
     fn report_unwritten_maglev(&mut self) {
-        let unwritten = self.datapath.maglev_unwritten();
-        let now: BTreeSet<_> = unwritten
-            .map(|u| u.frontends.iter().copied().collect())
-            .unwrap_or_default();
-        if now == self.unwritten_maglev {
-            return;
+        let now = self.report_unwritten(
+            self.datapath.maglev_unwritten(),
+            &self.unwritten_maglev,
+            "frontends whose Maglev tables do not fit in lb_maglev choose their backends at \
+             random; the others use their tables: raise --max-lb-maglev",
+            "every Maglev table is in lb_maglev again",
+        );
+        if let Some(now) = now {
+            self.unwritten_maglev = now;
         }
-        match unwritten {
-            Some(u) => {
-                let names: Vec<String> = u
-                    .frontends
-                    .iter()
-                    .take(5)
-                    .map(|&(addr, port, protocol)| {
-                        self.service_of_frontend(addr, u16::from_be(port), protocol)
-                    })
-                    .collect();
-                warn!(
-                    error = %u.error,
-                    frontends = u.frontends.len(),
-                    first = %names.join(", "),
-                    "frontends whose Maglev tables do not fit in lb_maglev choose their \
-                     backends at random; the others use their tables: raise --max-lb-maglev"
-                );
-            }
-            None => info!("every Maglev table is in lb_maglev again"),
-        }
-        self.unwritten_maglev = now;
     }
 
     /// What the events reader names events with, as of now (only while someone reads).
@@ -704,12 +686,32 @@ impl<D: DatapathOps> Agent<D> {
     /// Logs, once per change, the Services' frontends that do not fit in `lb_services`: they
     /// are not translated (or keep the backends they had), while the rest are.
     fn report_unwritten_services(&mut self) {
-        let unwritten = self.datapath.services_unwritten();
+        let now = self.report_unwritten(
+            self.datapath.services_unwritten(),
+            &self.unwritten_services,
+            "Services' frontends that do not fit in lb_services are not translated (or keep \
+             their earlier backends); the others are: raise --max-lb-slots",
+            "every Service's frontend is in lb_services again",
+        );
+        if let Some(now) = now {
+            self.unwritten_services = now;
+        }
+    }
+
+    /// Logs `held` (naming the first five frontends) or `clear`, when the frontends a map could
+    /// not take differ from `reported`; returns them then.
+    fn report_unwritten(
+        &self,
+        unwritten: Option<&crate::datapath::table::Unwritten>,
+        reported: &BTreeSet<([u8; 4], u16, u8)>,
+        held: &str,
+        clear: &str,
+    ) -> Option<BTreeSet<([u8; 4], u16, u8)>> {
         let now: BTreeSet<_> = unwritten
             .map(|u| u.frontends.iter().copied().collect())
             .unwrap_or_default();
-        if now == self.unwritten_services {
-            return;
+        if now == *reported {
+            return None;
         }
         match unwritten {
             Some(u) => {
@@ -725,13 +727,12 @@ impl<D: DatapathOps> Agent<D> {
                     error = %u.error,
                     frontends = u.frontends.len(),
                     first = %names.join(", "),
-                    "Services' frontends that do not fit in lb_services are not translated \
-                     (or keep their earlier backends); the others are: raise --max-lb-slots"
+                    "{held}"
                 );
             }
-            None => info!("every Service's frontend is in lb_services again"),
+            None => info!("{clear}"),
         }
-        self.unwritten_services = now;
+        Some(now)
     }
 
     /// `namespace/name addr:port/PROTO` of a frontend, for the log.
