@@ -559,6 +559,15 @@ impl MatrixCheck {
     }
 }
 
+/// A NetworkPolicy document; `spec` is its spec in YAML, as users write it.
+pub fn policy(namespace: &str, name: &str, spec: &str) -> String {
+    let spec: String = spec.lines().map(|line| format!("  {line}\n")).collect();
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}"
+    )
+}
+
 /// The pod's `namespace/name` as events name it.
 pub fn name_of(lab: &PolicyLab, pod: LabPod) -> String {
     format!("{}/{}", pod.namespace, lab.pod(pod).name())

@@ -13,7 +13,7 @@ use myelin_tests::{
     Error, NodeSpec, Result,
     policy_lab::{
         APPLY_TIMEOUT, LabHost, LabPod, PolicyLab, Probe, check_attribution, filter_of, flows,
-        name_of,
+        name_of, policy,
     },
     probe::Service::{Tcp, Udp},
     root_test,
@@ -25,14 +25,6 @@ const A_API: LabPod = LabPod::new("a", "api");
 const A_DB: LabPod = LabPod::new("a", "db");
 const B_WEB: LabPod = LabPod::new("b", "web");
 const B_API: LabPod = LabPod::new("b", "api");
-
-fn policy(namespace: &str, name: &str, spec: &str) -> String {
-    let spec: String = spec.lines().map(|line| format!("  {line}\n")).collect();
-    format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-         metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}"
-    )
-}
 
 /// Policies whose truth table has every kind of answer: rules that admit (one of two rules, and
 /// the same key from two policies, where the first in order is the one the datapath names),

@@ -31,6 +31,7 @@ use myelin_tests::{
     packet::checksum,
     policy_lab::{
         APPLY_TIMEOUT, LabHost, LabPod, PolicyLab, Probe, check_attribution, filter_of, flows,
+        policy,
     },
     probe::Service::{self, Ping, Tcp, Udp},
     root_test,
@@ -43,15 +44,6 @@ const A_API: LabPod = LabPod::new("a", "api");
 const A_DB: LabPod = LabPod::new("a", "db");
 const B_WEB: LabPod = LabPod::new("b", "web");
 const B_API: LabPod = LabPod::new("b", "api");
-
-/// A NetworkPolicy document; `spec` is its spec in YAML, as users write it.
-fn policy(namespace: &str, name: &str, spec: &str) -> String {
-    let spec: String = spec.lines().map(|line| format!("  {line}\n")).collect();
-    format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-         metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}"
-    )
-}
 
 /// Several documents in one file.
 fn documents(docs: &[String]) -> String {
