@@ -333,6 +333,19 @@ mod programs {
         }
     }
 
+    /// Into pod `dst` (its veth's peer) with `bpf_redirect_peer`; to the stack if the peer
+    /// vanished between lookup and redirect (a pod being deleted), like any unknown destination.
+    #[inline(always)]
+    fn into_pod(dst: &EndpointInfo) -> i32 {
+        // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
+        let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
+        if ret == i64::from(TC_ACT_REDIRECT) {
+            TC_ACT_REDIRECT as i32
+        } else {
+            PASS
+        }
+    }
+
     /// The Ethernet and IPv4 headers again, after a helper rewrote the packet (which ends the
     /// verifier's trust in earlier pointers).
     #[inline(always)]
@@ -511,15 +524,7 @@ mod programs {
             packet::set_macs(eth, &dst.mac, &dst.host_mac);
         }
         endpoint::account_rx(dst.id, ctx.len());
-        // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
-        let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
-        if ret == i64::from(TC_ACT_REDIRECT) {
-            Ok(TC_ACT_REDIRECT as i32)
-        } else {
-            // The peer vanished between lookup and redirect (pod being deleted): let the stack
-            // handle it like any unknown destination.
-            Ok(PASS)
-        }
+        Ok(into_pod(dst))
     }
 
     /// Tail-called by `from_container` for a pod's packet to a Service's frontend (see
@@ -692,13 +697,7 @@ mod programs {
         };
         // SAFETY: `eth` is within bounds: checked after the last change to the packet.
         unsafe { packet::set_macs(eth, &dst.mac, &dst.host_mac) };
-        // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
-        let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
-        if ret == i64::from(TC_ACT_REDIRECT) {
-            Ok(TC_ACT_REDIRECT as i32)
-        } else {
-            Ok(PASS)
-        }
+        Ok(into_pod(dst))
     }
 
     /// tc egress of `myelin_vxlan`: packets the node's stack routed into the tunnel (the
@@ -1000,13 +999,7 @@ mod programs {
             packet::decrement_ttl(ip);
             packet::set_macs(eth, &dst.mac, &dst.host_mac);
         }
-        // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
-        let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
-        if ret == i64::from(TC_ACT_REDIRECT) {
-            Ok(TC_ACT_REDIRECT as i32)
-        } else {
-            Ok(PASS)
-        }
+        Ok(into_pod(dst))
     }
 
     /// `nodeport_in`, for a packet to the node's address that is no frontend's: a reply of a
@@ -1129,13 +1122,7 @@ mod programs {
             packet::decrement_ttl(ip);
             packet::set_macs(eth, &dst.mac, &dst.host_mac);
         }
-        // SAFETY: plain helper call; redirect_peer is valid from tc ingress, where we run.
-        let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
-        if ret == i64::from(TC_ACT_REDIRECT) {
-            Ok(TC_ACT_REDIRECT as i32)
-        } else {
-            Ok(PASS)
-        }
+        Ok(into_pod(dst))
     }
 }
 
