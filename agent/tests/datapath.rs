@@ -1770,19 +1770,30 @@ impl Fixture {
         self.lb_services.retain(|k, _| {
             (k.addr, k.port, k.protocol) != (CLUSTER_IP.octets(), port.to_be(), protocol)
         });
-        self.lb_services.insert(
-            lb_key(CLUSTER_IP, port, protocol, 0),
-            LbEntry {
-                count: backends.len() as u16,
-                affinity_timeout_s: affinity_s,
-                ..LbEntry::default()
-            },
-        );
-        for (i, (addr, target)) in backends.iter().enumerate() {
+        let service = LbEntry {
+            count: backends.len() as u16,
+            affinity_timeout_s: affinity_s,
+            ..LbEntry::default()
+        };
+        self.slots(CLUSTER_IP, port, protocol, service, backends);
+    }
+
+    /// Slot 0 of `addr`:`port`/`protocol` is `service`, slots 1.. are `backends`; written.
+    fn slots(
+        &mut self,
+        addr: Ipv4Addr,
+        port: u16,
+        protocol: u8,
+        service: LbEntry,
+        backends: &[(Ipv4Addr, u16)],
+    ) {
+        self.lb_services
+            .insert(lb_key(addr, port, protocol, 0), service);
+        for (i, (backend, target)) in backends.iter().enumerate() {
             self.lb_services.insert(
-                lb_key(CLUSTER_IP, port, protocol, i as u16 + 1),
+                lb_key(addr, port, protocol, i as u16 + 1),
                 LbEntry {
-                    backend: addr.octets(),
+                    backend: backend.octets(),
                     backend_port: target.to_be(),
                     ..LbEntry::default()
                 },
@@ -3051,25 +3062,12 @@ impl Fixture {
         flags: u32,
         backends: &[(Ipv4Addr, u16)],
     ) {
-        self.lb_services.insert(
-            lb_key(addr, port, protocol, 0),
-            LbEntry {
-                count: backends.len() as u16,
-                flags,
-                ..LbEntry::default()
-            },
-        );
-        for (i, (backend, target)) in backends.iter().enumerate() {
-            self.lb_services.insert(
-                lb_key(addr, port, protocol, i as u16 + 1),
-                LbEntry {
-                    backend: backend.octets(),
-                    backend_port: target.to_be(),
-                    ..LbEntry::default()
-                },
-            );
-        }
-        self.sync();
+        let service = LbEntry {
+            count: backends.len() as u16,
+            flags,
+            ..LbEntry::default()
+        };
+        self.slots(addr, port, protocol, service, backends);
     }
 }
 
