@@ -59,6 +59,47 @@ mod tests {
         Ok(())
     }
 
+    /// The server answers connections in place, yet one left open (busy or idle) never keeps
+    /// a second client waiting.
+    #[test]
+    fn the_echo_server_serves_concurrent_connections() -> Result<()> {
+        let Some(run) = root_test()? else {
+            return Ok(());
+        };
+        let pair = PodPair::bare_veth(&run)?;
+        let _server = tcp::EchoServer::start(&pair.server, 7000, flow_cpu(0))?;
+        let addr = std::net::SocketAddr::from((pair.server.ip(), 7000));
+        let served = pair.client.netns().run(|| -> std::io::Result<()> {
+            use std::io::{Read as _, Write as _};
+            let round_trip = |stream: &mut std::net::TcpStream| -> std::io::Result<()> {
+                stream.write_all(&[7])?;
+                let mut byte = [0u8];
+                stream.read_exact(&mut byte)?;
+                assert_eq!(byte, [7]);
+                Ok(())
+            };
+            let timeout = Some(Duration::from_secs(2));
+            let mut idle = std::net::TcpStream::connect(addr)?;
+            idle.set_read_timeout(timeout)?;
+            round_trip(&mut idle)?;
+            let mut busy = std::net::TcpStream::connect(addr)?;
+            busy.set_read_timeout(timeout)?;
+            // Answered although the first connection is still open ...
+            for _ in 0..200 {
+                round_trip(&mut busy)?;
+            }
+            // ... and a third is answered while the second keeps going.
+            let mut third = std::net::TcpStream::connect(addr)?;
+            third.set_read_timeout(timeout)?;
+            round_trip(&mut third)?;
+            round_trip(&mut busy)?;
+            round_trip(&mut idle)
+        })?;
+        served.map_err(|e| crate::Error::Traffic {
+            what: format!("concurrent connections to one echo server: {e}"),
+        })
+    }
+
     #[test]
     fn blocked_traffic_is_noticed_within_moments_of_the_change() -> Result<()> {
         let Some(run) = root_test()? else {
