@@ -265,10 +265,24 @@ fn ask_tcp(frontend: SocketAddrV4) -> io::Result<Seen> {
 }
 
 fn ask_udp(frontend: SocketAddrV4) -> io::Result<Seen> {
+    ask_on(&connected_udp(frontend)?)
+}
+
+/// A UDP socket connected to `frontend` (so that an ICMP port unreachable comes back as
+/// ECONNREFUSED), in the namespace of the calling thread.
+pub fn connected_udp(frontend: SocketAddrV4) -> io::Result<UdpSocket> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    // Connected, so that an ICMP port unreachable comes back as ECONNREFUSED.
     socket.connect(frontend)?;
     socket.set_read_timeout(Some(ANSWER_TIMEOUT / UDP_TRIES))?;
+    Ok(socket)
+}
+
+/// Asks once on a socket of [`connected_udp`]: the same flow every time.
+pub fn ask_connected_udp(socket: &UdpSocket) -> io::Result<Answer> {
+    ask_on(socket).map(|(answer, _)| answer)
+}
+
+fn ask_on(socket: &UdpSocket) -> io::Result<Seen> {
     let mut buf = [0u8; 64];
     for _ in 0..UDP_TRIES {
         socket.send(b"?")?;

@@ -2,18 +2,19 @@
 //! spreads new connections over its backends on every node, in both routing modes; TCP and UDP
 //! on the same port are two frontends; a frontend without backends refuses at once;
 //! terminating backends serve only while none is ready; NetworkPolicy sees the backend, not the
-//! Service; backends change under load without a failed request; session affinity and
-//! `internalTrafficPolicy: Local` hold.
+//! Service; backends change under load without a failed request; UDP flows to a removed backend
+//! move to one that remains; session affinity and `internalTrafficPolicy: Local` hold.
 //!
 //! No kube-proxy runs anywhere here: whatever answers on a ClusterIP, Myelin translated. The
 //! clusters are `myelin_tests::multinode` with the directory source; Service and EndpointSlice
 //! objects are written as the API server and the endpointslice controller would hold them.
 
 use std::{
+    io,
     net::SocketAddrV4,
     sync::atomic::{AtomicBool, Ordering},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use myelin_tests::{
@@ -22,7 +23,8 @@ use myelin_tests::{
     root_test,
     services::{
         Answer, Backend, BackendServers, CLUSTER_IP, CONVERGE, Protocol, ServicePort, WEB_TCP,
-        WEB_UDP, ask, ask_many, ask_until, cluster_ip_service, endpoint_slice, tally,
+        WEB_UDP, ask, ask_connected_udp, ask_many, ask_until, cluster_ip_service, connected_udp,
+        endpoint_slice, tally,
     },
     traffic::Host,
 };
@@ -376,6 +378,90 @@ fn backends_change_under_load_without_a_failed_connection() -> Result<()> {
         "the removed backend takes no new connection"
     );
     Ok(())
+}
+
+/// A pod's connected UDP sockets (the per-packet path: no socket programs) whose backend leaves
+/// the Service move to a backend that remains at their next datagram, as kube-proxy's conntrack
+/// cleanup makes them, although the removed backend still answers; sockets on the backends that
+/// remain keep theirs. Before, a flow that kept sending kept its translation, and its removed
+/// backend, for good.
+#[test]
+fn udp_flows_to_a_removed_backend_move_to_one_that_remains() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let c = cluster(&run, "tunnel", Underlay::Switch)?;
+    let client = c.add_pod(0, "default", "client", &[("app", "client")])?;
+    let pods = [
+        c.add_pod(0, "default", "web-0", &[("app", "web")])?,
+        c.add_pod(1, "default", "web-1", &[("app", "web")])?,
+        c.add_pod(1, "default", "web-2", &[("app", "web")])?,
+    ];
+    for pod in pods.iter().chain([&client]) {
+        c.wait_until_every_node_knows(pod.ip())?;
+    }
+    let hosts: Vec<&dyn Host> = pods.iter().map(|p| p as &dyn Host).collect();
+    let _servers = BackendServers::start(&hosts, WEB_UDP.target_port)?;
+    web(
+        &c,
+        &[WEB_UDP],
+        json!({}),
+        &ready(&c, &pods.iter().collect::<Vec<_>>()),
+    )?;
+    wait_for_service(&client, WEB_UDP)?;
+
+    let sockets = client
+        .netns()
+        .run(|| {
+            (0..12)
+                .map(|_| connected_udp(frontend(WEB_UDP)))
+                .collect::<io::Result<Vec<_>>>()
+        })?
+        .map_err(|e| traffic(format!("UDP sockets in the client: {e}")))?;
+    let ask_all = || -> Result<Vec<Answer>> {
+        sockets
+            .iter()
+            .map(|s| ask_connected_udp(s).map_err(|e| traffic(format!("asking on a socket: {e}"))))
+            .collect()
+    };
+    let first = ask_all()?;
+    let Answer::Backend(removed) = first[0] else {
+        panic!("the first socket got no backend: {first:?}");
+    };
+    assert!(
+        first.iter().any(|a| *a != Answer::Backend(removed)),
+        "12 sockets on one backend of three: {first:?}"
+    );
+    let kept: Vec<&ClusterPod> = pods
+        .iter()
+        .filter(|p| backend_at(p, WEB_UDP) != removed)
+        .collect();
+    web(&c, &[WEB_UDP], json!({}), &ready(&c, &kept))?;
+
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let now = ask_all()?;
+        for (was, is) in first.iter().zip(&now) {
+            if *was != Answer::Backend(removed) {
+                assert_eq!(is, was, "a flow on a backend that remains keeps it");
+            }
+        }
+        if now
+            .iter()
+            .all(|a| matches!(a, Answer::Backend(b) if *b != removed))
+        {
+            return Ok(());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "UDP flows still on the removed {removed} {CONVERGE:?} after it left: {now:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn traffic(what: String) -> myelin_tests::Error {
+    myelin_tests::Error::Traffic { what }
 }
 
 /// `sessionAffinity: ClientIP`: every connection of a client goes to the backend it was first

@@ -2,12 +2,16 @@
 //! fills, `lb_flows` and `lb_affinity` (see `myelin_common::lb`). The agent writes
 //! `lb_services` through its reconciler (`super::table`).
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use myelin_common::{
-    lb::{LbAffinity, LbAffinityKey, LbEntry, LbFlow, LbFlowKey, LbKey},
+    lb::{LB_IN, LB_OUT, LbAffinity, LbAffinityKey, LbEntry, LbFlow, LbFlowKey, LbKey},
     maps,
+    proto::IPPROTO_UDP,
 };
 
 use super::{
@@ -46,6 +50,57 @@ impl LbFlowTable {
                 map: maps::LB_FLOWS,
                 source,
             })
+    }
+}
+
+/// A UDP frontend and one of its backends, as the maps hold them: (frontend, frontend port,
+/// backend, backend port), ports in network byte order.
+pub type UdpPair = ([u8; 4], u16, [u8; 4], u16);
+
+/// Every UDP (frontend, backend) pair of the `lb_services` slots.
+pub fn udp_pairs(slots: &BTreeMap<LbKey, LbEntry>) -> BTreeSet<UdpPair> {
+    slots
+        .iter()
+        .filter(|(k, _)| k.slot != 0 && k.protocol == IPPROTO_UDP)
+        .map(|(k, e)| (k.addr, k.port, e.backend, e.backend_port))
+        .collect()
+}
+
+/// Whether `key`'s entry `e` belongs to a UDP flow translated from a frontend to a backend of
+/// `gone`: the client's entry (`out`: frontend -> backend) or the backend's (`in`: backend ->
+/// frontend).
+fn translates_to(gone: &BTreeSet<UdpPair>, key: &LbFlowKey, e: &LbFlow) -> bool {
+    key.protocol == IPPROTO_UDP
+        && match key.direction {
+            LB_OUT => gone.contains(&(key.daddr, key.dport, e.addr, e.port)),
+            LB_IN => gone.contains(&(e.addr, e.port, key.saddr, key.sport)),
+            _ => false,
+        }
+}
+
+impl LbFlowTable {
+    /// Removes both entries of every UDP flow a frontend sends to a backend of `gone` (one it
+    /// sends to no more), so the flow's next datagram gets a backend of today's slots instead
+    /// of going on to one that left (kube-proxy deletes the conntrack entries of such flows for
+    /// the same reason: a DNS client's socket keeps its tuple, and its flow never expires while
+    /// it sends). TCP flows are left to drain. Returns how many entries went.
+    pub fn forget_udp_flows(&mut self, gone: &BTreeSet<UdpPair>) -> Result<usize, TableError> {
+        let map_err = |source| TableError::Map {
+            map: maps::LB_FLOWS,
+            source,
+        };
+        let keys: Vec<LbFlowKey> = self.map.keys().collect::<Result<_, _>>().map_err(map_err)?;
+        let mut removed = 0;
+        for key in keys.iter().filter(|k| k.protocol == IPPROTO_UDP) {
+            // Gone already (expired, evicted) is fine.
+            if let Ok(e) = self.map.get(key, 0)
+                && translates_to(gone, key, &e)
+                && self.map.remove(key).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -124,5 +179,102 @@ impl Expiring for LbAffinityTable {
         collect_expired(map, Self::MAP, |k, a| {
             affinity_expires_ns(services, k, a.used_ns)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use myelin_common::proto::IPPROTO_TCP;
+
+    use super::*;
+
+    const FRONTEND: [u8; 4] = [10, 96, 0, 10];
+    const GONE: [u8; 4] = [10, 244, 1, 7];
+    const STAYS: [u8; 4] = [10, 244, 1, 8];
+    const CLIENT: [u8; 4] = [10, 244, 0, 5];
+    const PORT: u16 = 53u16.to_be();
+    const TARGET: u16 = 5353u16.to_be();
+    const CLIENT_PORT: u16 = 40000u16.to_be();
+
+    fn slot(protocol: u8, slot: u16, backend: [u8; 4]) -> (LbKey, LbEntry) {
+        let key = LbKey {
+            addr: FRONTEND,
+            port: PORT,
+            protocol,
+            _pad0: 0,
+            slot,
+            _pad1: 0,
+        };
+        let entry = LbEntry {
+            backend,
+            backend_port: TARGET,
+            count: if slot == 0 { 2 } else { 0 },
+            ..LbEntry::default()
+        };
+        (key, entry)
+    }
+
+    /// The entries of a flow from `CLIENT` through the frontend to `backend`.
+    fn flow(protocol: u8, backend: [u8; 4]) -> [(LbFlowKey, LbFlow); 2] {
+        let entry = |addr, port| LbFlow {
+            expires_ns: 1,
+            addr,
+            port,
+            flags: 0,
+        };
+        let out = LbFlowKey {
+            saddr: CLIENT,
+            daddr: FRONTEND,
+            sport: CLIENT_PORT,
+            dport: PORT,
+            protocol,
+            direction: LB_OUT,
+            _pad: 0,
+        };
+        let back = LbFlowKey {
+            saddr: backend,
+            daddr: CLIENT,
+            sport: TARGET,
+            dport: CLIENT_PORT,
+            protocol,
+            direction: LB_IN,
+            _pad: 0,
+        };
+        [(out, entry(backend, TARGET)), (back, entry(FRONTEND, PORT))]
+    }
+
+    #[test]
+    fn only_udp_flows_to_a_pair_that_went_are_forgotten() {
+        let slots: BTreeMap<LbKey, LbEntry> = [
+            slot(IPPROTO_UDP, 0, [0; 4]),
+            slot(IPPROTO_UDP, 1, GONE),
+            slot(IPPROTO_UDP, 2, STAYS),
+            slot(IPPROTO_TCP, 0, [0; 4]),
+            slot(IPPROTO_TCP, 1, GONE),
+        ]
+        .into_iter()
+        .collect();
+        let before = udp_pairs(&slots);
+        assert_eq!(
+            before,
+            [
+                (FRONTEND, PORT, GONE, TARGET),
+                (FRONTEND, PORT, STAYS, TARGET)
+            ]
+            .into(),
+            "UDP backend slots only, not slot 0, not TCP"
+        );
+        let after: BTreeSet<UdpPair> = [(FRONTEND, PORT, STAYS, TARGET)].into();
+        let gone: BTreeSet<UdpPair> = before.difference(&after).copied().collect();
+
+        for (key, entry) in flow(IPPROTO_UDP, GONE) {
+            assert!(translates_to(&gone, &key, &entry), "{key:?}");
+        }
+        for (key, entry) in flow(IPPROTO_UDP, STAYS)
+            .into_iter()
+            .chain(flow(IPPROTO_TCP, GONE))
+        {
+            assert!(!translates_to(&gone, &key, &entry), "{key:?}");
+        }
     }
 }

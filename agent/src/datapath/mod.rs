@@ -50,7 +50,7 @@ use tracing::{debug, info, warn};
 pub use self::counters::Counters;
 use self::table::{ApplyHooks, Diff, KernelHash, KernelLpm, TableError, Tables};
 use self::{
-    conntrack::{ConntrackTable, Fill},
+    conntrack::{ConntrackTable, Expiring as _, Fill},
     lb::{LbAffinityTable, LbFlowTable},
     nat::{Masquerade, NatTable},
 };
@@ -683,6 +683,33 @@ impl Datapath {
         (self.socket_lb && *current != *desired.lb_services).then(|| sock::backends(current))
     }
 
+    /// Removes, on a thread of its own (a walk of `lb_flows`: up to `--max-lb-flows` entries),
+    /// the per-packet translations of UDP flows to the frontend-backend pairs of `gone`, which
+    /// the map no longer holds: their next datagram gets a backend that is there.
+    fn forget_udp_flows(&self, gone: BTreeSet<lb::UdpPair>) {
+        let pin = LbFlowTable::pin_path(&self.pin_dir);
+        let spawned = std::thread::Builder::new()
+            .name("lb-udp-forget".into())
+            .spawn(move || {
+                let forgotten = LbFlowTable::open(&pin).and_then(|mut t| t.forget_udp_flows(&gone));
+                match forgotten {
+                    Ok(0) => {}
+                    Ok(entries) => info!(
+                        entries,
+                        pairs = gone.len(),
+                        "forgot the translations of UDP flows to backends their frontends left"
+                    ),
+                    Err(e) => warn!(
+                        "forgetting UDP flows to removed backends failed: {e}; they keep their \
+                         backend until they are idle for the UDP lifetime"
+                    ),
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("forgetting UDP flows to removed backends: no thread: {e}");
+        }
+    }
+
     fn link_pin(&self, ifname: &str, direction: &str) -> PathBuf {
         self.pin_dir
             .join("links")
@@ -857,6 +884,8 @@ impl DatapathOps for Datapath {
 
     fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError> {
         let before = self.backends_before(desired);
+        let udp_before = (*self.tables.lb_services.current() != *desired.lb_services)
+            .then(|| lb::udp_pairs(self.tables.lb_services.current()));
         let mut hooks = KernelHooks {
             counters: &mut self.counters,
             config: &mut self.config,
@@ -871,6 +900,13 @@ impl DatapathOps for Datapath {
                 before.difference(&after).copied().collect()
             })
             .unwrap_or_default();
+        if let Some(before) = udp_before {
+            let after = lb::udp_pairs(self.tables.lb_services.current());
+            let gone: BTreeSet<lb::UdpPair> = before.difference(&after).copied().collect();
+            if !gone.is_empty() {
+                self.forget_udp_flows(gone);
+            }
+        }
         if !gone.is_empty() {
             match sock::destroy_connected(&self.ebpf, &gone) {
                 Ok(0) => {}
