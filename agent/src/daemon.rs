@@ -382,6 +382,7 @@ async fn start_datapath(
         agent
             .set_synced()
             .context("writing the maps for the synced cluster state")?;
+        crate::memory::release_free();
     }
     if let Some(ring) = ring {
         tokio::spawn(events::read(

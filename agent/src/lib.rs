@@ -15,6 +15,7 @@ pub(crate) mod http;
 pub(crate) mod ipam;
 pub(crate) mod links;
 pub(crate) mod lock;
+pub(crate) mod memory;
 pub(crate) mod metrics;
 pub(crate) mod netconf;
 pub(crate) mod owner;

@@ -419,6 +419,9 @@ impl<D: DatapathOps> Owner<D> {
                     info!(written = diff.writes(), "cluster state synced");
                     self.ready.send_replace(true);
                     self.pods.send_modify(|generation| *generation += 1);
+                    // A full list (the first, or one after the watch expired) leaves its pages
+                    // and decoded objects free in the allocator.
+                    crate::memory::release_free();
                 }
                 Err(e) => error!("writing the maps for the synced cluster state failed: {e}"),
             },
