@@ -387,10 +387,21 @@ fn backends_change_under_load_without_a_failed_connection() -> Result<()> {
 /// backend, for good.
 #[test]
 fn udp_flows_to_a_removed_backend_move_to_one_that_remains() -> Result<()> {
+    udp_flows_move_off_a_removed_backend(false)
+}
+
+/// The same when the backend goes while the client's node has no agent: the restarted agent
+/// checks the translations it finds against the Services once it has synced.
+#[test]
+fn udp_flows_to_a_backend_removed_while_the_agent_was_down_move_once_it_is_back() -> Result<()> {
+    udp_flows_move_off_a_removed_backend(true)
+}
+
+fn udp_flows_move_off_a_removed_backend(agent_down: bool) -> Result<()> {
     let Some(run) = root_test()? else {
         return Ok(());
     };
-    let c = cluster(&run, "tunnel", Underlay::Switch)?;
+    let mut c = cluster(&run, "tunnel", Underlay::Switch)?;
     let client = c.add_pod(0, "default", "client", &[("app", "client")])?;
     let pods = [
         c.add_pod(0, "default", "web-0", &[("app", "web")])?,
@@ -436,7 +447,16 @@ fn udp_flows_to_a_removed_backend_move_to_one_that_remains() -> Result<()> {
         .iter()
         .filter(|p| backend_at(p, WEB_UDP) != removed)
         .collect();
-    web(&c, &[WEB_UDP], json!({}), &ready(&c, &kept))?;
+    if agent_down {
+        c.node_mut(0).stop_agent()?;
+        web(&c, &[WEB_UDP], json!({}), &ready(&c, &kept))?;
+        // Node 1 has the change; node 0's datapath keeps its translations meanwhile.
+        thread::sleep(CONVERGE);
+        assert_eq!(ask_all()?, first, "without an agent nothing changes");
+        c.node_mut(0).start_agent()?;
+    } else {
+        web(&c, &[WEB_UDP], json!({}), &ready(&c, &kept))?;
+    }
 
     let deadline = Instant::now() + CONVERGE;
     loop {

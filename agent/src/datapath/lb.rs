@@ -66,25 +66,46 @@ pub fn udp_pairs(slots: &BTreeMap<LbKey, LbEntry>) -> BTreeSet<UdpPair> {
         .collect()
 }
 
-/// Whether `key`'s entry `e` belongs to a UDP flow translated from a frontend to a backend of
-/// `gone`: the client's entry (`out`: frontend -> backend) or the backend's (`in`: backend ->
+/// The (frontend, backend) pair the entry `e` of `key` translates between, when it is a UDP
+/// flow's: the client's entry (`out`: frontend -> backend) or the backend's (`in`: backend ->
 /// frontend).
-fn translates_to(gone: &BTreeSet<UdpPair>, key: &LbFlowKey, e: &LbFlow) -> bool {
-    key.protocol == IPPROTO_UDP
-        && match key.direction {
-            LB_OUT => gone.contains(&(key.daddr, key.dport, e.addr, e.port)),
-            LB_IN => gone.contains(&(e.addr, e.port, key.saddr, key.sport)),
-            _ => false,
+fn udp_pair(key: &LbFlowKey, e: &LbFlow) -> Option<UdpPair> {
+    if key.protocol != IPPROTO_UDP {
+        return None;
+    }
+    match key.direction {
+        LB_OUT => Some((key.daddr, key.dport, e.addr, e.port)),
+        LB_IN => Some((e.addr, e.port, key.saddr, key.sport)),
+        _ => None,
+    }
+}
+
+/// The UDP flows [`LbFlowTable::forget_udp_flows`] removes.
+#[derive(Debug)]
+pub enum StaleUdpFlows {
+    /// Those between these pairs (the ones a reconciliation took out of `lb_services`).
+    To(BTreeSet<UdpPair>),
+    /// Those between any other pairs than these (all `lb_services` holds: after a restart,
+    /// whatever went while the agent was down).
+    NotTo(BTreeSet<UdpPair>),
+}
+
+impl StaleUdpFlows {
+    fn covers(&self, pair: &UdpPair) -> bool {
+        match self {
+            Self::To(pairs) => pairs.contains(pair),
+            Self::NotTo(pairs) => !pairs.contains(pair),
         }
+    }
 }
 
 impl LbFlowTable {
-    /// Removes both entries of every UDP flow a frontend sends to a backend of `gone` (one it
-    /// sends to no more), so the flow's next datagram gets a backend of today's slots instead
-    /// of going on to one that left (kube-proxy deletes the conntrack entries of such flows for
+    /// Removes both entries of every `stale` UDP flow: one a frontend no longer sends to its
+    /// backend, so that the flow's next datagram gets a backend of today's slots instead of
+    /// going on to one that left (kube-proxy deletes the conntrack entries of such flows for
     /// the same reason: a DNS client's socket keeps its tuple, and its flow never expires while
     /// it sends). TCP flows are left to drain. Returns how many entries went.
-    pub fn forget_udp_flows(&mut self, gone: &BTreeSet<UdpPair>) -> Result<usize, TableError> {
+    pub fn forget_udp_flows(&mut self, stale: &StaleUdpFlows) -> Result<usize, TableError> {
         let map_err = |source| TableError::Map {
             map: maps::LB_FLOWS,
             source,
@@ -94,7 +115,7 @@ impl LbFlowTable {
         for key in keys.iter().filter(|k| k.protocol == IPPROTO_UDP) {
             // Gone already (expired, evicted) is fine.
             if let Ok(e) = self.map.get(key, 0)
-                && translates_to(gone, key, &e)
+                && udp_pair(key, &e).is_some_and(|pair| stale.covers(&pair))
                 && self.map.remove(key).is_ok()
             {
                 removed += 1;
@@ -267,14 +288,18 @@ mod tests {
         let after: BTreeSet<UdpPair> = [(FRONTEND, PORT, STAYS, TARGET)].into();
         let gone: BTreeSet<UdpPair> = before.difference(&after).copied().collect();
 
+        let to = StaleUdpFlows::To(gone);
+        let not_to = StaleUdpFlows::NotTo(after);
         for (key, entry) in flow(IPPROTO_UDP, GONE) {
-            assert!(translates_to(&gone, &key, &entry), "{key:?}");
+            let pair = udp_pair(&key, &entry).expect("a UDP flow");
+            assert!(to.covers(&pair) && not_to.covers(&pair), "{key:?}");
         }
-        for (key, entry) in flow(IPPROTO_UDP, STAYS)
-            .into_iter()
-            .chain(flow(IPPROTO_TCP, GONE))
-        {
-            assert!(!translates_to(&gone, &key, &entry), "{key:?}");
+        for (key, entry) in flow(IPPROTO_UDP, STAYS) {
+            let pair = udp_pair(&key, &entry).expect("a UDP flow");
+            assert!(!to.covers(&pair) && !not_to.covers(&pair), "{key:?}");
+        }
+        for (key, entry) in flow(IPPROTO_TCP, GONE) {
+            assert_eq!(udp_pair(&key, &entry), None, "TCP flows drain");
         }
     }
 }

@@ -330,6 +330,9 @@ pub struct Datapath {
     /// The socket programs are attached (`--cgroup-root`): connected UDP sockets they gave a
     /// backend that goes are destroyed.
     socket_lb: bool,
+    /// The `lb_flows` of UDP flows were checked against `lb_services` after the first apply of
+    /// a synced cluster state (see `forget_udp_flows`).
+    udp_flows_checked: bool,
 }
 
 /// The one-entry `config` array and the value last written to it.
@@ -497,6 +500,7 @@ impl Datapath {
                 (maps::LB_AFFINITY, limits.lb_affinity, Fill::default()),
             ],
             socket_lb: false,
+            udp_flows_checked: false,
         })
     }
 
@@ -684,19 +688,19 @@ impl Datapath {
     }
 
     /// Removes, on a thread of its own (a walk of `lb_flows`: up to `--max-lb-flows` entries),
-    /// the per-packet translations of UDP flows to the frontend-backend pairs of `gone`, which
-    /// the map no longer holds: their next datagram gets a backend that is there.
-    fn forget_udp_flows(&self, gone: BTreeSet<lb::UdpPair>) {
+    /// the per-packet translations of `stale` UDP flows, between frontend-backend pairs the map
+    /// no longer holds: their next datagram gets a backend that is there.
+    fn forget_udp_flows(&self, stale: lb::StaleUdpFlows) {
         let pin = LbFlowTable::pin_path(&self.pin_dir);
         let spawned = std::thread::Builder::new()
             .name("lb-udp-forget".into())
             .spawn(move || {
-                let forgotten = LbFlowTable::open(&pin).and_then(|mut t| t.forget_udp_flows(&gone));
+                let forgotten =
+                    LbFlowTable::open(&pin).and_then(|mut t| t.forget_udp_flows(&stale));
                 match forgotten {
                     Ok(0) => {}
                     Ok(entries) => info!(
                         entries,
-                        pairs = gone.len(),
                         "forgot the translations of UDP flows to backends their frontends left"
                     ),
                     Err(e) => warn!(
@@ -900,11 +904,16 @@ impl DatapathOps for Datapath {
                 before.difference(&after).copied().collect()
             })
             .unwrap_or_default();
-        if let Some(before) = udp_before {
-            let after = lb::udp_pairs(self.tables.lb_services.current());
-            let gone: BTreeSet<lb::UdpPair> = before.difference(&after).copied().collect();
+        let after = || lb::udp_pairs(self.tables.lb_services.current());
+        if !desired.keep_policy_state && !self.udp_flows_checked {
+            // The first apply of a synced cluster state: flows to backends that went while no
+            // agent ran, or before a restart's first sync, are found against all the map holds.
+            self.udp_flows_checked = true;
+            self.forget_udp_flows(lb::StaleUdpFlows::NotTo(after()));
+        } else if let Some(before) = udp_before {
+            let gone: BTreeSet<lb::UdpPair> = before.difference(&after()).copied().collect();
             if !gone.is_empty() {
-                self.forget_udp_flows(gone);
+                self.forget_udp_flows(lb::StaleUdpFlows::To(gone));
             }
         }
         if !gone.is_empty() {
