@@ -680,11 +680,11 @@ impl Datapath {
         sock::detach(&mut self.ebpf, &self.pin_dir)
     }
 
-    /// The backends `lb_services` holds now, when the socket programs are attached and `desired`
-    /// would change its slots (else none: nothing to compare).
-    fn backends_before(&self, desired: &DesiredState) -> Option<BTreeSet<sock::BackendAddr>> {
-        let current = self.tables.lb_services.current();
-        (self.socket_lb && *current != *desired.lb_services).then(|| sock::backends(current))
+    /// Whether applying `desired` changes the Services' slots: not when it hands over the slots
+    /// already written (a pod's change), without a walk of them.
+    fn services_change(&self, desired: &DesiredState) -> bool {
+        !self.tables.lb_services_applied(&desired.lb_services)
+            && *self.tables.lb_services.current() != *desired.lb_services
     }
 
     /// Removes, on a thread of its own (a walk of `lb_flows`: up to `--max-lb-flows` entries),
@@ -887,9 +887,10 @@ impl DatapathOps for Datapath {
     }
 
     fn apply(&mut self, desired: &DesiredState) -> Result<Diff, DatapathError> {
-        let before = self.backends_before(desired);
-        let udp_before = (*self.tables.lb_services.current() != *desired.lb_services)
-            .then(|| lb::udp_pairs(self.tables.lb_services.current()));
+        let services_change = self.services_change(desired);
+        let current = self.tables.lb_services.current();
+        let before = (services_change && self.socket_lb).then(|| sock::backends(current));
+        let udp_before = services_change.then(|| lb::udp_pairs(current));
         let mut hooks = KernelHooks {
             counters: &mut self.counters,
             config: &mut self.config,

@@ -603,6 +603,14 @@ where
         })
     }
 
+    /// Whether `slots` (the same `Arc`) were written whole by the last pass: a state computed
+    /// for a pod's change hands the slots over again, and nothing about Services changes.
+    pub fn lb_services_applied(&self, slots: &Arc<BTreeMap<LbKey, LbEntry>>) -> bool {
+        self.lb_applied
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, slots))
+    }
+
     /// Makes the maps hold `desired`, writing only the difference. Counters, addresses and
     /// policy entries go first and endpoints last: a program that finds an endpoint (and its
     /// isolation flags) must find everything they refer to. When anything policy depends on
@@ -622,12 +630,8 @@ where
             diff = self.ipcache.apply(&desired.ipcache)? + self.policy.apply(&desired.policy)?;
             // Services that do not fit never hold back pods: they are reported, and the rest
             // is written.
-            let applied = self
-                .lb_applied
-                .as_ref()
-                .is_some_and(|a| Arc::ptr_eq(a, &desired.lb_services));
             let mut slots = Diff::default();
-            if !applied {
+            if !self.lb_services_applied(&desired.lb_services) {
                 self.lb_applied = None;
                 let unwritten;
                 (slots, unwritten) = self.lb_services.apply_slots(&desired.lb_services)?;
