@@ -25,6 +25,7 @@ use myelin_common::{
     lb::{LbEntry, LbKey},
     nat::{MASQ_EXCLUDE_CONFIGURED, MASQ_EXCLUDE_NODE, MASQ_EXCLUDE_POD_CIDR, MasqExclude},
     policy::{POLICY_F_ALLOW, PREFIX_ANY_PORT, PREFIX_ANY_PROTOCOL, PREFIX_FULL},
+    sock::SockLbClient,
 };
 
 use myelin_cluster::{
@@ -54,6 +55,13 @@ pub struct DesiredState {
     /// translation it comes from, so that a state computed for a pod's change hands over the
     /// same slots, which the reconciler then knows to be applied already.
     pub lb_services: Arc<BTreeMap<LbKey, LbEntry>>,
+    /// The live endpoints' network namespaces whose sockets the socket programs translate
+    /// (`sock_lb_pods`: cookie -> the pod's address and endpoint id). A namespace with two
+    /// Myelin interfaces is one client: the one with the higher endpoint id.
+    pub sock_clients: BTreeMap<u64, SockLbClient>,
+    /// The same namespaces' paths (CNI_NETNS), where sockets the socket programs connected to
+    /// a backend that is gone are found again.
+    pub sock_netns: BTreeMap<u64, String>,
     /// Maglev's lookup tables of the frontends reached from outside (`--lb-algorithm maglev`;
     /// empty otherwise), computed from `lb_services`' slots and shared the same way.
     pub lb_maglev: Arc<services::maglev::Tables>,
@@ -202,6 +210,17 @@ pub fn compute(inputs: &Inputs<'_>) -> DesiredState {
         };
         desired.endpoints.insert(Ipv4Key { addr: info.ip }, info);
         desired.endpoints_by_if.insert(info.ifindex, info);
+        if let Some(cookie) = r.netns_cookie {
+            let client = SockLbClient {
+                ip: info.ip,
+                endpoint: r.id,
+            };
+            let kept = desired.sock_clients.entry(cookie).or_insert(client);
+            if kept.endpoint <= r.id {
+                *kept = client;
+                desired.sock_netns.insert(cookie, r.netns.clone());
+            }
+        }
     }
     desired
 }

@@ -17,6 +17,11 @@ pub struct EndpointRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
     pub netns: String,
+    /// The network namespace's cookie, as the plugin read it (`EndpointRequest::netns_cookie`):
+    /// socket load balancing translates this namespace's sockets. Absent in files of agents
+    /// before it, and for an endpoint rebuilt from the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_cookie: Option<u64>,
     pub ip: Ipv4Addr,
     pub mac: Mac,
     pub host_ifname: String,
@@ -109,6 +114,7 @@ pub(crate) fn record(id: u32, container: &str, ip: [u8; 4]) -> EndpointRecord {
             name: container.into(),
         }),
         netns: format!("/run/netns/{container}"),
+        netns_cookie: Some(4096 + u64::from(id)),
         ip: Ipv4Addr::from(ip),
         mac: Mac([2, 0, 0, 0, 0, id as u8]),
         host_ifname: format!("lxc{container}"),

@@ -257,7 +257,7 @@ fn add(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<String, 
         ip: allocation.ip,
         gateway: allocation.gateway,
     };
-    veth::configure_pod_side(&pod_netns, &pair.pod, addressing, pair.host.mac)
+    let netns_cookie = veth::configure_pod_side(&pod_netns, &pair.pod, addressing, pair.host.mac)
         .map_err(|e| veth_failed("configuring the pod's interface", e))?;
     veth::configure_host_side(&node, &pair.host, allocation.ip, pair.pod.mac)
         .map_err(|e| veth_failed("configuring the host's veth", e))?;
@@ -269,6 +269,7 @@ fn add(conf: &NetConf, attachment: &AttachmentEnv, log: &Log) -> Result<String, 
             attachment: attachment.id.clone(),
             pod: attachment.pod.clone(),
             netns: pod_netns.path().display().to_string(),
+            netns_cookie,
             ip: allocation.ip,
             mac: pair.pod.mac,
             host_ifname: pair.host.name.clone(),

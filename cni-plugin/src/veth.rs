@@ -101,13 +101,15 @@ pub fn create_pair(
 }
 
 /// Address, link, routes and gateway neighbour of the pod end, set from inside `pod_netns`.
+/// Answers the namespace's cookie, read there too ([`netns_cookie`]; `None` when the kernel
+/// cannot tell it).
 pub fn configure_pod_side(
     pod_netns: &NetNs,
     pod: &VethEnd,
     addressing: PodAddressing,
     host_mac: Mac,
-) -> Result<(), VethError> {
-    pod_netns.run(|| -> Result<(), VethError> {
+) -> Result<Option<u64>, VethError> {
+    pod_netns.run(|| -> Result<Option<u64>, VethError> {
         let nl = Netlink::open()?;
         nl.add_address(pod.index, Ipv4Net::from(addressing.ip))?;
         // Up first: the kernel refuses routes through a device that is down.
@@ -115,8 +117,44 @@ pub fn configure_pod_side(
         nl.add_link_route(pod.index, Ipv4Net::from(addressing.gateway))?;
         nl.add_default_route(pod.index, addressing.gateway)?;
         nl.add_permanent_neighbour(pod.index, addressing.gateway, host_mac)?;
-        Ok(())
+        Ok(netns_cookie().ok())
     })?
+}
+
+/// The calling thread's network namespace cookie: `SO_NETNS_COOKIE` of a socket made in it
+/// (Linux 5.14+). The kernel's id of the namespace, never reused while it runs: what the
+/// socket programs compare (`bpf_get_netns_cookie`).
+pub fn netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: plain syscall; the descriptor is owned right below.
+    let fd = unsafe {
+        nix::libc::socket(
+            nix::libc::AF_INET,
+            nix::libc::SOCK_DGRAM | nix::libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as nix::libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            socket.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Link, route and pod neighbour of the host end, in the calling thread's namespace.

@@ -132,10 +132,10 @@ impl Web {
         self.backends.iter().map(|b| backend_at(b, port)).collect()
     }
 
-    /// Connections `lb_flows` of node 0 holds from `client` to the ClusterIP: translated per
-    /// packet by `from_container`.
-    fn per_packet_flows_from(&self, client: Ipv4Addr) -> Result<usize> {
-        let flows = self.c.node(0).dump_map("lb_flows")?;
+    /// Connections `lb_flows` of node `node` holds from `client` to the ClusterIP: translated
+    /// per packet by `from_container`.
+    fn per_packet_flows_from(&self, node: usize, client: Ipv4Addr) -> Result<usize> {
+        let flows = self.c.node(node).dump_map("lb_flows")?;
         let octets = |v: &serde_json::Value| -> Vec<u64> {
             v.as_array()
                 .map(|a| a.iter().filter_map(|o| o.as_u64()).collect())
@@ -206,7 +206,7 @@ fn node_processes_in_the_cgroup_reach_every_backend_and_see_the_cluster_ip() -> 
     }
     let node_ip = w.c.node_ip(0);
     assert_eq!(
-        w.per_packet_flows_from(node_ip)?,
+        w.per_packet_flows_from(0, node_ip)?,
         0,
         "translated at the socket, not per packet"
     );
@@ -257,11 +257,15 @@ fn a_frontend_without_backends_is_refused_at_connect() -> Result<()> {
     Ok(())
 }
 
-/// What the socket programs must leave alone: a pod (outside the cgroup) is translated per
-/// packet as before; a process in the cgroup but in a pod's network namespace is too (the
-/// netns cookie is not the node's), and a node process outside the cgroup gets no translation.
+/// A pod's processes in the cgroup are translated at the socket too, by their own node's agent
+/// (the pod's network namespace cookie, which the plugin reported, is in its `sock_lb_pods`):
+/// every backend over TCP, connected and unconnected UDP, the ClusterIP in `getpeername()` and
+/// `recvfrom()`, no per-packet translation, and an event at point `socket` naming the Service.
+/// What the programs must leave alone: the same cgroup's sockets of another node's pod (its own
+/// agent translates them: nothing lands in node 0's `lb_reverse_sk`), a pod outside the cgroup
+/// (translated per packet as before) and a node process outside the cgroup (no translation).
 #[test]
-fn only_the_nodes_own_sockets_in_the_cgroup_are_translated_at_the_socket() -> Result<()> {
+fn pods_processes_in_the_cgroup_are_translated_at_the_socket_by_their_own_node() -> Result<()> {
     let Some(run) = root_test()? else {
         return Ok(());
     };
@@ -274,30 +278,96 @@ fn only_the_nodes_own_sockets_in_the_cgroup_are_translated_at_the_socket() -> Re
         w.expected(WEB_TCP),
         "a pod still reaches every backend"
     );
-    let before = w.per_packet_flows_from(w.client.ip())?;
+    let before = w.per_packet_flows_from(0, w.client.ip())?;
     assert!(
         before > 0,
-        "the pod's connections were translated per packet"
+        "the connections of a pod outside the cgroup were translated per packet"
     );
 
-    // A second client pod, whose process is in the cgroup: not the node's namespace.
-    let other =
+    // A client pod on node 0 whose processes are in the cgroup.
+    let local =
         w.c.add_pod(0, "default", "in-cgroup", &[("app", "client")])?;
-    w.c.wait_until_every_node_knows(other.ip())?;
-    let answers = ask_from_process(
-        &other,
+    // One on node 1, in the same cgroup (both agents attach to it).
+    let remote =
+        w.c.add_pod(1, "default", "remote-in-cgroup", &[("app", "client")])?;
+    for pod in [&local, &remote] {
+        w.c.wait_until_every_node_knows(pod.ip())?;
+    }
+    let tcp = ask_from_process(
+        &local,
+        Some(&cgroup),
+        SocketQuestion::Tcp,
+        frontend(WEB_TCP),
+        40,
+    )?;
+    assert_eq!(
+        answered("TCP from a pod in the cgroup", &tcp),
+        w.expected(WEB_TCP),
+        "every backend, on both nodes"
+    );
+    for a in &tcp {
+        assert_eq!(a.peer, Some(frontend(WEB_TCP)), "getpeername: {tcp:?}");
+    }
+    for question in [SocketQuestion::ConnectedUdp, SocketQuestion::UnconnectedUdp] {
+        let udp = ask_from_process(&local, Some(&cgroup), question, frontend(WEB_UDP), 40)?;
+        assert_eq!(
+            answered(&format!("{question:?} from a pod in the cgroup"), &udp),
+            w.expected(WEB_UDP),
+            "{question:?}: every backend"
+        );
+        for a in &udp {
+            assert_eq!(a.source, Some(frontend(WEB_UDP)), "recvfrom: {udp:?}");
+        }
+    }
+    assert_eq!(
+        w.per_packet_flows_from(0, local.ip())?,
+        0,
+        "a pod's sockets in the cgroup are translated at the socket, not per packet"
+    );
+    let events =
+        w.c.node(0)
+            .client()
+            .flows(
+                &myelin_api::FlowFilter {
+                    from: Some(format!("default/{}", local.name())),
+                    port: Some(WEB_TCP.target_port),
+                    ..Default::default()
+                },
+                500,
+            )
+            .map_err(myelin_tests::Error::api("GET /v1/flows"))?
+            .flows;
+    let at_socket: Vec<_> = events.iter().filter(|e| e.point == "socket").collect();
+    assert!(
+        !at_socket.is_empty()
+            && at_socket.iter().all(|e| e.kind == "allowed"
+                && e.service.as_deref() == Some(frontend(WEB_TCP).to_string().as_str())),
+        "the socket programs' translations are events naming the Service: {events:#?}"
+    );
+
+    let reverse_on_node_0 = w.c.node(0).dump_map("lb_reverse_sk")?.len();
+    let reverse_on_node_1 = w.c.node(1).dump_map("lb_reverse_sk")?.len();
+    let tcp = ask_from_process(
+        &remote,
         Some(&cgroup),
         SocketQuestion::Tcp,
         frontend(WEB_TCP),
         10,
     )?;
     assert!(
-        answered("pod in the cgroup", &answers).len() > 1,
-        "{answers:?}"
+        answered("TCP from node 1's pod in the cgroup", &tcp).len() > 1,
+        "{tcp:?}"
     );
-    assert!(
-        w.per_packet_flows_from(other.ip())? >= 10,
-        "a pod's process in the cgroup is left to the per-packet path (netns cookie): {answers:?}"
+    assert_eq!(
+        w.per_packet_flows_from(1, remote.ip())?,
+        0,
+        "node 1's agent translated its pod's sockets: {tcp:?}"
+    );
+    assert!(w.c.node(1).dump_map("lb_reverse_sk")?.len() >= reverse_on_node_1 + 10);
+    assert_eq!(
+        w.c.node(0).dump_map("lb_reverse_sk")?.len(),
+        reverse_on_node_0,
+        "node 0's programs left the sockets of node 1's pod alone"
     );
 
     let outside = ask_from_process(w.c.node(0), None, SocketQuestion::Tcp, frontend(WEB_TCP), 2)?;
@@ -311,8 +381,9 @@ fn only_the_nodes_own_sockets_in_the_cgroup_are_translated_at_the_socket() -> Re
 }
 
 /// Connected UDP sockets the socket programs gave a backend that is then removed from the
-/// Service are destroyed (their owners get ECONNABORTED and can reconnect); those on the
-/// backends that stay are left alone.
+/// Service are destroyed (their owners get ECONNABORTED and can reconnect), the node's and a
+/// pod's alike (the agent finds the pod's in its network namespace); those on the backends
+/// that stay are left alone.
 #[test]
 fn sockets_connected_to_a_removed_backend_are_destroyed() -> Result<()> {
     let Some(run) = root_test()? else {
@@ -320,8 +391,13 @@ fn sockets_connected_to_a_removed_backend_are_destroyed() -> Result<()> {
     };
     let cgroup = TestCgroup::create(&run, "sock")?;
     let w = Web::start(&run, Some(&cgroup))?;
-    let clients = (0..6)
-        .map(|_| HeldUdpClient::start(w.c.node(0), Some(&cgroup), frontend(WEB_UDP)))
+    // A pod's first, so that the removed backend has a pod's socket on it; then the node's.
+    let hosts: [&dyn Host; 2] = [&w.client, w.c.node(0)];
+    let clients = hosts
+        .iter()
+        .flat_map(|host| {
+            (0..4).map(|_| HeldUdpClient::start(*host, Some(&cgroup), frontend(WEB_UDP)))
+        })
         .collect::<Result<Vec<_>>>()?;
     let removed = clients[0].backend;
     let kept: Vec<&ClusterPod> = w

@@ -193,6 +193,12 @@ pub struct EndpointRequest {
     pub pod: Option<PodRef>,
     /// CNI_NETNS as the runtime passed it.
     pub netns: String,
+    /// That namespace's cookie (`SO_NETNS_COOKIE` of a socket made in it, Linux 5.14+): socket
+    /// load balancing (`--cgroup-root`) translates the sockets of the namespaces it knows.
+    /// Absent (a plugin that could not read it): the pod's sockets are left to the per-packet
+    /// translation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_cookie: Option<u64>,
     pub ip: Ipv4Addr,
     /// The pod-side interface's MAC.
     pub mac: Mac,
@@ -1249,6 +1255,7 @@ mod tests {
                 name: "web".into(),
             }),
             netns: "/run/netns/p".into(),
+            netns_cookie: Some(4097),
             ip: Ipv4Addr::new(10, 244, 0, 2),
             mac: Mac([2, 0, 0, 0, 0, 1]),
             host_ifname: "lxc0123".into(),
@@ -1258,6 +1265,7 @@ mod tests {
         let json = serde_json::to_value(&req).unwrap();
         assert_eq!(json["containerId"], "c1");
         assert_eq!(json["hostIfindex"], 7);
+        assert_eq!(json["netnsCookie"], 4097);
         assert_eq!(json["pod"]["namespace"], "default");
         let back: EndpointRequest = serde_json::from_value(json).unwrap();
         assert_eq!(back, req);

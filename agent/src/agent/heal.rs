@@ -132,6 +132,7 @@ impl<D: DatapathOps> Agent<D> {
                 pod,
                 // Not kept by the kernel; only shown by the API.
                 netns: String::new(),
+                netns_cookie: None,
                 ip,
                 mac: Mac(info.mac),
                 host_ifname: link.name.clone(),

@@ -847,6 +847,7 @@ impl<D: DatapathOps> Agent<D> {
             attachment: id.clone(),
             pod: req.pod.clone(),
             netns: req.netns.clone(),
+            netns_cookie: req.netns_cookie,
             ip: req.ip,
             mac: req.mac,
             host_ifname: req.host_ifname.clone(),

@@ -44,11 +44,12 @@ use myelin_common::{
     maglev::MaglevTable,
     maps,
     nat::MasqExclude,
+    sock::SockLbClient,
 };
 use tracing::{debug, info, warn};
 
 pub use self::counters::Counters;
-use self::table::{ApplyHooks, Diff, KernelHash, KernelLpm, TableError, Tables};
+use self::table::{ApplyHooks, Diff, KernelHash, KernelLpm, Reconciler, TableError, Tables};
 use self::{
     conntrack::{ConntrackTable, Expiring as _, Fill},
     lb::{LbAffinityTable, LbFlowTable},
@@ -330,6 +331,8 @@ pub struct Datapath {
     /// The socket programs are attached (`--cgroup-root`): connected UDP sockets they gave a
     /// backend that goes are destroyed.
     socket_lb: bool,
+    /// `sock_lb_pods`: the pods' network namespaces the socket programs translate.
+    sock_clients: Reconciler<u64, SockLbClient, KernelHash<u64, SockLbClient>>,
     /// The `lb_flows` of UDP flows were checked against `lb_services` after the first apply of
     /// a synced cluster state (see `forget_udp_flows`).
     udp_flows_checked: bool,
@@ -412,6 +415,8 @@ impl Datapath {
             (maps::LB_MAGLEV, limits.lb_maglev),
             // One entry per socket translated by the socket programs.
             (maps::LB_REVERSE_SK, limits.lb_flows),
+            // One per endpoint's network namespace.
+            (maps::SOCK_LB_PODS, limits.endpoints),
         ]
         .into_iter()
         .collect();
@@ -471,6 +476,10 @@ impl Datapath {
             KernelHash::new(maps::LB_SERVICES, take(maps::LB_SERVICES)?)?,
             KernelHash::new(maps::LB_MAGLEV, take(maps::LB_MAGLEV)?)?,
         )?;
+        let sock_clients = Reconciler::new(KernelHash::new(
+            maps::SOCK_LB_PODS,
+            take(maps::SOCK_LB_PODS)?,
+        )?)?;
         let counters = Counters::new(take(maps::COUNTERS)?, take(maps::DROPS)?)?;
         let aya_err = |map: &'static str| move |source| TableError::Map { map, source };
         let map = Array::try_from(take(maps::CONFIG)?).map_err(aya_err(maps::CONFIG))?;
@@ -500,6 +509,7 @@ impl Datapath {
                 (maps::LB_AFFINITY, limits.lb_affinity, Fill::default()),
             ],
             socket_lb: false,
+            sock_clients,
             udp_flows_checked: false,
         })
     }
@@ -896,6 +906,8 @@ impl DatapathOps for Datapath {
             config: &mut self.config,
         };
         let diff = self.tables.apply(desired, &mut hooks)?;
+        // After the endpoints: a pod's sockets are translated once its packets can flow.
+        let diff = diff + self.sock_clients.apply(&desired.sock_clients)?;
         // The backends the map no longer holds (what it holds, not what was desired: a full map
         // keeps a changed frontend's old backends), once gone from it: a client that reconnects
         // gets another backend.
@@ -918,7 +930,7 @@ impl DatapathOps for Datapath {
             }
         }
         if !gone.is_empty() {
-            match sock::destroy_connected(&self.ebpf, &gone) {
+            match sock::destroy_connected(&self.ebpf, &gone, &desired.sock_netns) {
                 Ok(0) => {}
                 Ok(destroyed) => info!(
                     destroyed,
@@ -990,7 +1002,13 @@ impl DatapathOps for Datapath {
     }
 
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
+        use self::table::MapBackend as _;
         let mut usage = self.tables.usage();
+        usage.push((
+            maps::SOCK_LB_PODS,
+            self.sock_clients.current().len(),
+            self.sock_clients.map().capacity(),
+        ));
         usage.extend(
             self.collected
                 .iter()

@@ -408,19 +408,23 @@ pub fn backends(
         .collect()
 }
 
-/// Destroys the connected UDP sockets of this network namespace that the socket programs
-/// connected to one of `gone` (backends no frontend sends to any more): the socket's peer is
-/// such a backend and its `lb_reverse_sk` entry says the socket programs gave it that backend.
-/// Its owner gets `ECONNABORTED` and reconnects through the Service instead of sending into a
-/// void (a DNS client, typically). TCP connections are left to drain: a backend leaves the
-/// slots as soon as it is terminating while others are ready, and its connections may finish;
-/// once it is really gone its stack's reset or the client's timeout ends them. Done the way
-/// `ss -K` does it (`SOCK_DESTROY` over sock_diag, which calls the same `diag_destroy` as the
-/// `bpf_sock_destroy` kfunc: aya 0.14 cannot load kfunc calls). Sockets connected to a backend
-/// directly are left alone. Returns how many went.
+/// Destroys the connected UDP sockets that the socket programs connected to one of `gone`
+/// (backends no frontend sends to any more), in the agent's network namespace and in each of
+/// `pods` (the pods' namespaces by cookie, as `DesiredState::sock_netns` has them): the
+/// socket's peer is such a backend and its `lb_reverse_sk` entry says the socket programs gave
+/// it that backend. Its owner gets `ECONNABORTED` and reconnects through the Service instead of
+/// sending into a void (a DNS client, typically). TCP connections are left to drain: a backend
+/// leaves the slots as soon as it is terminating while others are ready, and its connections
+/// may finish; once it is really gone its stack's reset or the client's timeout ends them.
+/// Done the way `ss -K` does it (`SOCK_DESTROY` over sock_diag, which calls the same
+/// `diag_destroy` as the `bpf_sock_destroy` kfunc: aya 0.14 cannot load kfunc calls), in each
+/// namespace from a thread that entered it (sock_diag sees one namespace's sockets). Sockets
+/// connected to a backend directly are left alone. A pod namespace that cannot be entered
+/// (its pod went meanwhile) is skipped. Returns how many went.
 pub(super) fn destroy_connected(
     ebpf: &Ebpf,
     gone: &std::collections::BTreeSet<BackendAddr>,
+    pods: &std::collections::BTreeMap<u64, String>,
 ) -> io::Result<usize> {
     use myelin_common::{
         proto::IPPROTO_UDP,
@@ -434,28 +438,54 @@ pub(super) fn destroy_connected(
     };
     let reverse: aya::maps::HashMap<_, LbSockKey, LbSockFrontend> =
         aya::maps::HashMap::try_from(map).map_err(io::Error::other)?;
-    let diag = diag::SockDiag::open()?;
-    let mut destroyed = 0;
-    for id in diag.dump(IPPROTO_UDP)? {
-        let peer: [u8; 4] = id.dst[..4].try_into().expect("4 bytes");
-        let port = u16::from_ne_bytes(id.dport);
-        if !gone.contains(&(peer, port, IPPROTO_UDP)) {
-            continue;
+    let in_this_namespace = || -> io::Result<usize> {
+        let diag = diag::SockDiag::open()?;
+        let mut destroyed = 0;
+        for id in diag.dump(IPPROTO_UDP)? {
+            let peer: [u8; 4] = id.dst[..4].try_into().expect("4 bytes");
+            let port = u16::from_ne_bytes(id.dport);
+            if !gone.contains(&(peer, port, IPPROTO_UDP)) {
+                continue;
+            }
+            let key = LbSockKey {
+                cookie: u64::from(id.cookie[0]) | u64::from(id.cookie[1]) << 32,
+                backend: peer,
+                backend_port: port,
+                _pad: 0,
+            };
+            if reverse.get(&key, 0).is_err() {
+                continue;
+            }
+            match diag.destroy(IPPROTO_UDP, &id) {
+                Ok(()) => destroyed += 1,
+                // Closed meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
         }
-        let key = LbSockKey {
-            cookie: u64::from(id.cookie[0]) | u64::from(id.cookie[1]) << 32,
-            backend: peer,
-            backend_port: port,
-            _pad: 0,
+        Ok(destroyed)
+    };
+    let mut destroyed = in_this_namespace()?;
+    for path in pods.values() {
+        let Ok(netns) = File::open(path) else {
+            continue;
         };
-        if reverse.get(&key, 0).is_err() {
-            continue;
-        }
-        match diag.destroy(IPPROTO_UDP, &id) {
-            Ok(()) => destroyed += 1,
-            // Closed meanwhile.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e),
+        let entered = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(io::Error::from)?;
+                    in_this_namespace()
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the thread panicked")))
+        });
+        match entered {
+            Ok(n) => destroyed += n,
+            Err(e) => debug!(
+                netns = path,
+                "destroying sockets connected to removed backends: {e}"
+            ),
         }
     }
     Ok(destroyed)

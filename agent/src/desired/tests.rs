@@ -87,6 +87,7 @@ impl Cluster {
                 name: name.into(),
             }),
             netns: String::new(),
+            netns_cookie: Some(8192 + u64::from(id)),
             ip: ip.parse().unwrap(),
             mac: Mac([2, 0, 0, 0, 0, id as u8]),
             host_ifname: format!("lxc{id}"),
@@ -860,4 +861,48 @@ fn pods_keep_their_address_to_every_pod_cidr_node_and_configured_cidr() {
             .contains_key(&prefix_key("192.168.1.10/32".parse().unwrap())),
         "compute() includes it"
     );
+}
+
+#[test]
+fn every_endpoint_with_a_namespace_cookie_is_a_socket_client_and_only_those() {
+    let mut c = two_namespaces();
+    // An endpoint of an older agent's file: no cookie, left to the per-packet path.
+    c.records[1].netns_cookie = None;
+    c.records[2].netns = "/run/netns/db".into();
+    let d = c.compute();
+    let expected: BTreeMap<u64, SockLbClient> = c
+        .records
+        .iter()
+        .filter_map(|r| {
+            let client = SockLbClient {
+                ip: r.ip.octets(),
+                endpoint: r.id,
+            };
+            Some((r.netns_cookie?, client))
+        })
+        .collect();
+    assert_eq!(d.sock_clients, expected);
+    assert_eq!(d.sock_clients.len(), c.records.len() - 1);
+    let db = c.records[2].netns_cookie.unwrap();
+    assert_eq!(d.sock_netns[&db], "/run/netns/db");
+    assert_eq!(
+        d.sock_netns.keys().collect::<Vec<_>>(),
+        d.sock_clients.keys().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_namespace_with_two_interfaces_is_one_socket_client() {
+    let mut c = two_namespaces();
+    let shared = c.records[0].netns_cookie;
+    c.records[3].netns_cookie = shared;
+    c.records[3].netns = "/run/netns/shared".into();
+    let d = c.compute();
+    let client = d.sock_clients[&shared.unwrap()];
+    assert_eq!(
+        (client.ip, client.endpoint),
+        (c.records[3].ip.octets(), c.records[3].id)
+    );
+    assert_eq!(d.sock_netns[&shared.unwrap()], "/run/netns/shared");
+    assert_eq!(d.sock_clients.len(), c.records.len() - 1);
 }

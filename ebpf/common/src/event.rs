@@ -70,10 +70,14 @@ pub enum ObservationPoint {
     /// A new connection `from_container` hands to the node's stack: to the node itself, a
     /// host-network process, or out of the cluster (masqueraded on the uplink, if on).
     ToStack = 7,
+    /// The socket programs (`--cgroup-root`): a socket of the node or of one of its pods given
+    /// a Service's backend at `connect()` or `sendmsg()`, before any packet (the source port is
+    /// not chosen yet: 0).
+    Socket = 8,
 }
 
 impl ObservationPoint {
-    pub const ALL: [ObservationPoint; 7] = [
+    pub const ALL: [ObservationPoint; 8] = [
         ObservationPoint::FromPod,
         ObservationPoint::ToPod,
         ObservationPoint::FromTunnel,
@@ -81,6 +85,7 @@ impl ObservationPoint {
         ObservationPoint::ToUplink,
         ObservationPoint::ToTunnel,
         ObservationPoint::ToStack,
+        ObservationPoint::Socket,
     ];
 
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -97,6 +102,7 @@ impl ObservationPoint {
             ObservationPoint::ToUplink => "to-uplink",
             ObservationPoint::ToTunnel => "to-tunnel",
             ObservationPoint::ToStack => "to-stack",
+            ObservationPoint::Socket => "socket",
         }
     }
 }

@@ -21,6 +21,8 @@ pub const LB_AFFINITY: &str = "lb_affinity";
 pub const LB_MAGLEV: &str = "lb_maglev";
 pub const LB_REVERSE_SK: &str = "lb_reverse_sk";
 pub const SOCK_LB: &str = "sock_lb";
+/// The node's pods' network namespaces whose sockets the socket programs translate.
+pub const SOCK_LB_PODS: &str = "sock_lb_pods";
 
 /// The programs `bpf_tail_call` jumps to, at the `TAIL_*` indices. Pinned like the others: a
 /// program array loses its entries when no file or pin holds it any more, and the attached
@@ -37,7 +39,7 @@ pub const TAIL_NODEPORT_IN: u32 = 2;
 pub const TAIL_SLOTS: u32 = 3;
 
 /// Every map the agent pins.
-pub const PINNED: [&str; 19] = [
+pub const PINNED: [&str; 20] = [
     ENDPOINTS,
     ENDPOINTS_BY_IF,
     COUNTERS,
@@ -56,6 +58,7 @@ pub const PINNED: [&str; 19] = [
     LB_MAGLEV,
     LB_REVERSE_SK,
     SOCK_LB,
+    SOCK_LB_PODS,
     TAIL_CALLS,
 ];
 

@@ -1,7 +1,7 @@
 //! Socket-level load balancing (`--cgroup-root`): cgroup programs translate a Service's frontend
-//! to a backend when a socket of the node's own network namespace connects to it
-//! (`connect4`) or sends a datagram to it (`sendmsg4`), so the packets carry the backend from
-//! the start and no program translates them again. `recvmsg4` and `getpeername4` turn the
+//! to a backend when a socket of the node's network namespace, or of one of its pods', connects
+//! to it (`connect4`) or sends a datagram to it (`sendmsg4`), so the packets carry the backend
+//! from the start and no program translates them again. `recvmsg4` and `getpeername4` turn the
 //! backend back into the frontend the application addressed.
 //!
 //! `lb_reverse_sk` (LRU) remembers, per socket and backend, the frontend it stands for
@@ -16,11 +16,20 @@
 //! never reused while the kernel runs, so an entry of a closed socket is harmless until the LRU
 //! evicts it.
 //!
-//! `sock_lb` holds the node's network namespace cookie: the programs run for every socket of
-//! the cgroup they are attached to, but translate only those of this namespace (the node's, and
-//! host-network pods'); pods' sockets live in namespaces of their own and are left to the
-//! per-packet translation of `from_container`. Zero (the agent has not written it yet): they
-//! translate nothing.
+//! `sock_lb` holds the node's network namespace cookie and `sock_lb_pods` those of the node's
+//! pods: the programs run for every socket of the cgroup they are attached to, but translate
+//! only those of these namespaces (the node's, with its host-network pods, and each of its
+//! pods'). A socket of any other namespace (another node's pods, a namespace Myelin did not
+//! make) is left as it is, to the per-packet translation or to nothing. Zero in `sock_lb` (the
+//! agent has not written it yet): the node's own sockets are not translated.
+//!
+//! ```text
+//! sock_lb_pods: {netns cookie} -> {pod address, endpoint id}
+//! ```
+//!
+//! The pod's address is the client a Service's session affinity remembers (what the per-packet
+//! path takes from the packet), and the endpoint the events name. Network namespace cookies are
+//! never reused while the kernel runs.
 
 use crate::user_pod;
 
@@ -55,8 +64,19 @@ pub struct SockLbConfig {
     pub netns_cookie: u64,
 }
 
+/// `sock_lb_pods`' value: the pod whose network namespace it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLbClient {
+    /// The pod's address.
+    pub ip: [u8; 4],
+    /// Its endpoint id.
+    pub endpoint: u32,
+}
+
 const _: () = assert!(core::mem::size_of::<LbSockKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockLbClient>() == 8);
 const _: () = assert!(core::mem::size_of::<LbSockFrontend>() == 8);
 const _: () = assert!(core::mem::size_of::<SockLbConfig>() == 8);
 
-user_pod!(LbSockKey, LbSockFrontend, SockLbConfig);
+user_pod!(LbSockKey, LbSockFrontend, SockLbConfig, SockLbClient);

@@ -61,12 +61,45 @@ pub struct Verdict {
 
 #[inline(always)]
 fn emit(config: &DatapathConfig, kind: u8, flow: &Flow, v: &Verdict) {
+    output(
+        config,
+        FlowEvent {
+            timestamp_ns: 0,
+            kind,
+            reason: v.reason,
+            direction: v.direction,
+            protocol: flow.protocol,
+            saddr: flow.saddr,
+            daddr: flow.daddr,
+            sport: u16::from_be(flow.sport),
+            dport: u16::from_be(flow.dport),
+            src_endpoint: v.src_endpoint,
+            dst_endpoint: v.dst_endpoint,
+            src_identity: v.peers.src.identity,
+            dst_identity: v.peers.dst.identity,
+            ifindex: v.ifindex,
+            service_addr: v.service.0,
+            service_port: u16::from_be(v.service.1),
+            point: v.point,
+            _pad: 0,
+            egress_rule: v.peers.egress_rule,
+            ingress_rule: v.peers.ingress_rule,
+            _reserved: 0,
+        },
+    );
+}
+
+/// Puts `event` (its time stamped here) in the ring, within this CPU's budget.
+#[inline(always)]
+pub fn output(config: &DatapathConfig, mut event: FlowEvent) {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: this CPU's slot; programs on one CPU do not preempt each other.
+    // SAFETY: this CPU's slot. A tc program (softirq) may interrupt a socket program (process
+    // context, migration disabled) on the same CPU between its read and write of a count: the
+    // count is then off by one, nothing worse (plain integers, no pointer in the slot).
     let budget = unsafe { &mut *budget };
     // A fixed one-second window per CPU: no lock, no division, one map lookup per event.
     if config.events_rate != 0 {
@@ -86,29 +119,7 @@ fn emit(config: &DatapathConfig, kind: u8, flow: &Flow, v: &Verdict) {
     } else {
         BPF_RB_NO_WAKEUP
     };
-    let event = FlowEvent {
-        timestamp_ns: now,
-        kind,
-        reason: v.reason,
-        direction: v.direction,
-        protocol: flow.protocol,
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: u16::from_be(flow.sport),
-        dport: u16::from_be(flow.dport),
-        src_endpoint: v.src_endpoint,
-        dst_endpoint: v.dst_endpoint,
-        src_identity: v.peers.src.identity,
-        dst_identity: v.peers.dst.identity,
-        ifindex: v.ifindex,
-        service_addr: v.service.0,
-        service_port: u16::from_be(v.service.1),
-        point: v.point,
-        _pad: 0,
-        egress_rule: v.peers.egress_rule,
-        ingress_rule: v.peers.ingress_rule,
-        _reserved: 0,
-    };
+    event.timestamp_ns = now;
     // A full ring drops the event, never the packet; the loss is counted.
     if EVENTS.output(&event, u64::from(wakeup)).is_err() {
         budget.ring_full += 1;
