@@ -377,6 +377,17 @@ fn pods_processes_in_the_cgroup_are_translated_at_the_socket_by_their_own_node()
             "a node process outside the cgroup is not translated: {outside:?}"
         );
     }
+
+    // One entry per pod of the node (client, web-0, in-cgroup), and none left by a deleted pod.
+    let pods_known =
+        |node: usize| -> Result<usize> { Ok(w.c.node(node).dump_map("sock_lb_pods")?.len()) };
+    assert_eq!((pods_known(0)?, pods_known(1)?), (3, 3));
+    w.c.delete_pod(local)?;
+    assert_eq!(
+        pods_known(0)?,
+        2,
+        "the deleted pod's namespace left sock_lb_pods"
+    );
     Ok(())
 }
 
