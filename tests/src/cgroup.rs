@@ -83,6 +83,26 @@ impl TestCgroup {
         Ok(())
     }
 
+    /// Moves this whole process (every thread: cgroup v2 moves processes, not threads) into
+    /// the cgroup until the guard drops, which moves it back where it was. For a harness whose
+    /// own threads are the clients (the benchmarks'). The guard borrows the cgroup, so it
+    /// drops first; the cgroup's drop never kills the harness itself in any case.
+    pub fn move_this_process_in(&self) -> Result<ProcessInside<'_>> {
+        let own = fs::read_to_string("/proc/self/cgroup")
+            .map_err(Error::io("reading /proc/self/cgroup"))?;
+        let relative = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| Error::Cluster("/proc/self/cgroup has no cgroup v2 line".into()))?;
+        let back = cgroup2_mount()?.join(relative.trim_start_matches('/'));
+        let procs = self.path.join("cgroup.procs");
+        fs::write(&procs, "0").map_err(Error::io(format!("writing {}", procs.display())))?;
+        Ok(ProcessInside {
+            _cgroup: self,
+            back,
+        })
+    }
+
     /// The programs attached to this cgroup, as `bpftool cgroup show` lists them: (attach
     /// type, program name, program id).
     pub fn attached_programs(&self) -> Result<Vec<(String, String, u64)>> {
@@ -108,6 +128,25 @@ impl TestCgroup {
     }
 }
 
+/// This process inside a [`TestCgroup`] (see [`TestCgroup::move_this_process_in`]).
+#[derive(Debug)]
+pub struct ProcessInside<'a> {
+    _cgroup: &'a TestCgroup,
+    back: PathBuf,
+}
+
+impl Drop for ProcessInside<'_> {
+    fn drop(&mut self) {
+        let procs = self.back.join("cgroup.procs");
+        if let Err(e) = fs::write(&procs, "0") {
+            eprintln!(
+                "cleanup: moving the harness back to {}: {e}",
+                procs.display()
+            );
+        }
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         if let Err(e) = remove(&self.path) {
@@ -122,7 +161,16 @@ pub(crate) fn remove(path: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let procs = fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        let own = std::process::id() as i32;
         for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            if pid == own {
+                // A guard that could not move the harness back: out to the mount's root.
+                let root = path.parent().map(|p| p.join("cgroup.procs"));
+                if let Some(root) = root {
+                    let _ = fs::write(root, "0");
+                }
+                continue;
+            }
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         match fs::remove_dir(path) {

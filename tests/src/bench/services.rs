@@ -41,6 +41,7 @@ use super::{
 };
 use crate::{
     Binaries, Error, Result, RunPrefix,
+    cgroup::{ProcessInside, TestCgroup},
     multinode::{Cluster, ClusterPod, ClusterSpec, Underlay},
     netns::Netns,
     node::AgentSource,
@@ -402,6 +403,8 @@ pub struct ServicePath {
     measured: usize,
     /// Servers go before the pods they run in.
     servers: Vec<EchoServer>,
+    /// Measure Myelin with the harness in its `--cgroup-root` ([`Self::measure_in_cgroup`]).
+    in_cgroup: bool,
     variant: Variant,
 }
 
@@ -416,6 +419,10 @@ enum Variant {
         client: ClusterPod,
         backends: Vec<ClusterPod>,
         cluster: Box<Cluster>,
+        /// The agent's `--cgroup-root`: the harness moves in while it measures, so that the
+        /// client pod's sockets are translated at `connect()`, as on a node where the chart's
+        /// default `cgroupRoot` holds the pods' processes.
+        cgroup: TestCgroup,
     },
 }
 
@@ -438,6 +445,7 @@ impl ServicePath {
             services: Vec::new(),
             measured: 0,
             servers: Vec::new(),
+            in_cgroup: false,
             variant,
         };
         let cpu = flow_cpu(0);
@@ -483,8 +491,16 @@ impl ServicePath {
     }
 
     fn myelin(run: &RunPrefix, binaries: Option<Binaries>) -> Result<Variant> {
+        let cgroup = TestCgroup::create(run, "svc-bench")?;
+        let root = cgroup.path().display().to_string();
         let mut spec = ClusterSpec::new(1, Underlay::Switch)
-            .agent_args(&["--routing-mode", "native", "--kube-proxy-replacement=true"])
+            .agent_args(&[
+                "--routing-mode",
+                "native",
+                "--kube-proxy-replacement=true",
+                "--cgroup-root",
+                &root,
+            ])
             .source(AgentSource::Kubernetes);
         spec.binaries = binaries;
         spec.echo_agent_logs_on_drop = false;
@@ -497,6 +513,7 @@ impl ServicePath {
             client,
             backends,
             cluster,
+            cgroup,
         })
     }
 
@@ -665,6 +682,7 @@ impl ServicePath {
     /// New connections per second to the frontend (connect, one byte each way, reset), client
     /// and servers on one CPU.
     pub fn connection_rate(&self, duration: Duration) -> Result<ConnectionRun> {
+        let _inside = self.socket_lb()?;
         tcp_crr_to(
             self.client(),
             &[self.frontend()],
@@ -676,7 +694,30 @@ impl ServicePath {
 
     /// Round trips per second of one connection to the frontend.
     pub fn request_response(&self, duration: Duration) -> Result<f64> {
+        let _inside = self.socket_lb()?;
         tcp_rr_to(self.client(), self.frontend(), flow_cpu(0), duration)
+    }
+
+    /// Measures Myelin's connections with the whole harness process moved into the agent's
+    /// `--cgroup-root`, so that the client pod's sockets are translated at `connect()`
+    /// (socket-level load balancing, as on a node with the chart's default `cgroupRoot`);
+    /// otherwise they are translated per packet. Only for a harness that starts no process
+    /// while it measures (the bench): a child started meanwhile would be born in the cgroup,
+    /// which is emptied (its processes killed) when the path drops. Not for `cargo test`,
+    /// whose tests share the process.
+    pub fn measure_in_cgroup(&mut self, on: bool) {
+        self.in_cgroup = on;
+    }
+
+    /// With [`Self::measure_in_cgroup`], Myelin's: the harness in the agent's `--cgroup-root`
+    /// until the guard drops.
+    fn socket_lb(&self) -> Result<Option<ProcessInside<'_>>> {
+        match &self.variant {
+            Variant::Myelin { cgroup, .. } if self.in_cgroup => {
+                cgroup.move_this_process_in().map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 }
 

@@ -78,9 +78,13 @@ pub fn run(ctx: &Context<'_>, out: &mut ScenarioReport) -> Result<()> {
          with `numgen random mod n` in a verdict map, a chain per endpoint with the DNAT, the \
          masquerade mark), loaded with `nft -f`; pods through ptp"
             .into(),
-        "myelin: the release build's agent with --kube-proxy-replacement and --routing-mode \
-         native, watching the Services and their EndpointSlices in a test API server (the \
-         Kubernetes source, as on a cluster); the pods through Myelin"
+        "myelin: the release build's agent with --kube-proxy-replacement, --routing-mode \
+         native and --cgroup-root on a cgroup of the bench's own, watching the Services and \
+         their EndpointSlices in a test API server (the Kubernetes source, as on a cluster); the \
+         pods through Myelin. The bench moves itself into that cgroup while it measures \
+         Myelin's connections, so the client pod's sockets are translated at connect() \
+         (socket-level load balancing, as on a node where the chart's default cgroupRoot holds \
+         the pods' processes); the backend change is timed per packet as before"
             .into(),
         format!(
             "connection rate: a new TCP connection per 1-byte request/response to the \
@@ -166,7 +170,8 @@ fn measure(
         ctx.check()?;
         let run = RunPrefix::new();
         let started = Instant::now();
-        let path = ServicePath::build(&run, proxy, services, Some(ctx.binaries.clone()))?;
+        let mut path = ServicePath::build(&run, proxy, services, Some(ctx.binaries.clone()))?;
+        path.measure_in_cgroup(true);
         println!(
             "    {name}: {} Services, built and answering in {:.1} s (resources named {}-*)",
             count(services),
