@@ -682,14 +682,41 @@ impl ServicePath {
     /// New connections per second to the frontend (connect, one byte each way, reset), client
     /// and servers on one CPU.
     pub fn connection_rate(&self, duration: Duration) -> Result<ConnectionRun> {
-        let _inside = self.socket_lb()?;
-        tcp_crr_to(
+        let before = self.per_packet_translations()?;
+        let inside = self.socket_lb()?;
+        let run = tcp_crr_to(
             self.client(),
             &[self.frontend()],
             flow_cpu(0),
             duration,
             u64::MAX,
-        )
+        )?;
+        drop(inside);
+        // Measured at the socket means no connection went through the per-packet path.
+        if self.in_cgroup
+            && let (Some(before), Some(after)) = (before, self.per_packet_translations()?)
+            && after > before
+        {
+            return Err(Error::Traffic {
+                what: format!(
+                    "Myelin's client was to be translated at connect(), but {} of its {} \
+                     connections were translated per packet (lb_flows entries)",
+                    (after - before) / 2,
+                    run.connections
+                ),
+            });
+        }
+        Ok(run)
+    }
+
+    /// Myelin's: the entries of `lb_flows` (two per connection translated per packet).
+    fn per_packet_translations(&self) -> Result<Option<usize>> {
+        match &self.variant {
+            Variant::Myelin { cluster, .. } if self.in_cgroup => {
+                Ok(Some(cluster.node(NODE).dump_map("lb_flows")?.len()))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Round trips per second of one connection to the frontend.
