@@ -102,6 +102,11 @@ fn restart_without(file: &str, emptied_to: Option<&str>) -> Result<()> {
     restored.sort_by_key(|e| e.id);
     expected.sort_by_key(|e| e.id);
     assert_eq!(restored, expected);
+    assert_eq!(
+        node.dump_map("sock_lb_pods")?.len(),
+        pods.len(),
+        "each pod's network namespace cookie, which the kernel keeps, is kept"
+    );
     ping(&pods[0], &pods[1])?;
     ping(&pods[2], &pods[0])?;
     // New pods get addresses no running pod holds.

@@ -132,7 +132,7 @@ impl<D: DatapathOps> Agent<D> {
                 pod,
                 // Not kept by the kernel; only shown by the API.
                 netns: String::new(),
-                netns_cookie: None,
+                netns_cookie: self.datapath.sock_client_cookie(info.ip, info.id),
                 ip,
                 mac: Mac(info.mac),
                 host_ifname: link.name.clone(),

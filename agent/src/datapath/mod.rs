@@ -303,6 +303,12 @@ pub trait DatapathOps: Send {
     fn maglev_unwritten(&self) -> Option<&table::Unwritten> {
         None
     }
+    /// The network namespace cookie `sock_lb_pods` holds for the endpoint `id` at `ip` (what an
+    /// earlier agent wrote, right after loading): how an endpoint rebuilt from the kernel keeps
+    /// its socket-level load balancing.
+    fn sock_client_cookie(&self, _ip: [u8; 4], _id: u32) -> Option<u64> {
+        None
+    }
 }
 
 /// The reconciled maps over the kernel's maps.
@@ -999,6 +1005,14 @@ impl DatapathOps for Datapath {
 
     fn maglev_unwritten(&self) -> Option<&table::Unwritten> {
         self.tables.lb_maglev_unwritten.as_ref()
+    }
+
+    fn sock_client_cookie(&self, ip: [u8; 4], id: u32) -> Option<u64> {
+        self.sock_clients
+            .current()
+            .iter()
+            .find(|(_, c)| c.ip == ip && c.endpoint == id)
+            .map(|(cookie, _)| *cookie)
     }
 
     fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
