@@ -155,9 +155,49 @@ impl Drop for TestCgroup {
     }
 }
 
-/// Kills the processes still in the cgroup (only processes a test moved there: the cgroup is
-/// the run's own) and removes it; `rmdir` fails while it holds any.
+/// The cgroup v1 hierarchies of a hybrid host (`/sys/fs/cgroup/<controller>`), where runc also
+/// makes a container's cgroup, and leaves the parents it made on the way (a test's cgroup
+/// name under each) when it removes the container's.
+pub fn v1_hierarchies() -> Vec<PathBuf> {
+    const CGROUP_SUPER_MAGIC: i64 = 0x27e0eb;
+    let Ok(entries) = fs::read_dir("/sys/fs/cgroup") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == CGROUP_SUPER_MAGIC))
+        .collect()
+}
+
+/// Kills the processes still in the cgroup and its children (only processes a test moved
+/// there, or containers runc placed there: the cgroup is the run's own) and removes them,
+/// children first; `rmdir` fails while a cgroup holds any. The same name in each cgroup v1
+/// hierarchy goes too (see [`v1_hierarchies`]).
 pub(crate) fn remove(path: &Path) -> Result<()> {
+    let twins: Vec<PathBuf> = match path.file_name() {
+        Some(name) => v1_hierarchies().into_iter().map(|h| h.join(name)).collect(),
+        None => Vec::new(),
+    };
+    for cgroup in std::iter::once(path.to_path_buf()).chain(twins) {
+        remove_tree(&cgroup)?;
+    }
+    Ok(())
+}
+
+fn remove_tree(path: &Path) -> Result<()> {
+    if let Ok(entries) = fs::read_dir(path) {
+        for child in entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        {
+            remove_tree(&child.path())?;
+        }
+    }
+    remove_one(path)
+}
+
+fn remove_one(path: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let procs = fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();

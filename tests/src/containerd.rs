@@ -244,6 +244,29 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         id: &str,
         argv: &[&str],
     ) -> Result<RunningContainer<'_>> {
+        self.run_container(image, id, None, argv)
+    }
+
+    /// [`Self::start_container`] with runc placing the container in the cgroup `cgroup` (a path
+    /// from the cgroup root, `ctr run --cgroup`), as kubelet places a pod's containers under
+    /// its pod's cgroup.
+    pub fn start_container_in_cgroup(
+        &self,
+        image: &str,
+        id: &str,
+        cgroup: &str,
+        argv: &[&str],
+    ) -> Result<RunningContainer<'_>> {
+        self.run_container(image, id, Some(cgroup), argv)
+    }
+
+    fn run_container(
+        &self,
+        image: &str,
+        id: &str,
+        cgroup: Option<&str>,
+        argv: &[&str],
+    ) -> Result<RunningContainer<'_>> {
         let log_path = self.dir.path().join(format!("ctr-run-{id}.log"));
         let log = fs::File::create(&log_path)
             .map_err(Error::io(format!("creating {}", log_path.display())))?;
@@ -252,8 +275,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .map_err(Error::io("duplicating a file handle"))?;
         let mut cmd = self.ctr_with_cni();
         cmd.args(["run", "--rm", "--cni", "--fifo-dir"])
-            .arg(self.dir.path().join("fifo"))
-            .args([image, id])
+            .arg(self.dir.path().join("fifo"));
+        if let Some(cgroup) = cgroup {
+            cmd.args(["--cgroup", cgroup]);
+        }
+        cmd.args([image, id])
             .args(argv)
             .stdin(Stdio::null())
             .stdout(log)

@@ -87,9 +87,11 @@ pub fn sweep_leftovers() -> Result<SweepReport> {
         .collect();
     let mut report = SweepReport::default();
     // A test's cgroup holds only the client processes it moved there: they go with it.
-    if let Ok(mount) = cgroup::cgroup2_mount() {
-        for name in leftover_entries(&mount)? {
-            let path = mount.join(name);
+    // runc leaves the parents of a container's cgroup in the v1 hierarchies of a hybrid host.
+    let v1 = cgroup::v1_hierarchies();
+    for root in cgroup::cgroup2_mount().into_iter().chain(v1) {
+        for name in leftover_entries(&root)? {
+            let path = root.join(name);
             cgroup::remove(&path)?;
             report.cgroups.push(path);
         }

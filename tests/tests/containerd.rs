@@ -1,12 +1,22 @@
 //! End to end: containerd and runc from Debian start real containers from a locally built
 //! busybox image, and `ctr run --cni` (libcni, as in production) calls `myelin`.
 
+use std::{
+    net::Ipv4Addr,
+    thread,
+    time::{Duration, Instant},
+};
+
 use myelin_api::AttachmentId;
 use myelin_tests::{
     Node, NodeSpec, Result,
+    cgroup::TestCgroup,
+    cluster::{endpoint_slice_object, service_object, slice_endpoint},
     containerd::{CniNetwork, Containerd},
     root_test,
+    services::CLUSTER_IP,
 };
+use serde_json::json;
 
 #[test]
 fn containers_get_addresses_from_myelin_and_serve_each_other() -> Result<()> {
@@ -79,4 +89,126 @@ fn a_container_stopped_while_the_agent_is_down_leaves_nothing_once_it_is_back() 
     node.start_agent()?;
     assert_eq!(node.footprint()?, before);
     Ok(())
+}
+
+/// Socket-level load balancing for real containers: runc places one container in a cgroup below
+/// the agent's `--cgroup-root` (as kubelet places a pod's containers below the host's cgroup
+/// root, which the chart gives the agent); its connections to a ClusterIP reach the backend
+/// container translated at `connect()` (no `lb_flows` entry from it), the plugin having handed
+/// its network namespace's cookie to the agent at ADD. A container in containerd's default
+/// cgroup, outside the agent's, reaches the same Service translated per packet.
+#[test]
+fn a_container_in_the_cgroup_root_reaches_a_service_translated_at_connect() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let cgroup = TestCgroup::create(&run, "ctr")?;
+    let root = cgroup.path().display().to_string();
+    let node = Node::start(
+        &run,
+        NodeSpec::new("node").agent_args(&[
+            "--kube-proxy-replacement=true",
+            "--cgroup-root",
+            &root,
+        ]),
+    )?;
+    let containerd = Containerd::start(&run, node.netns(), &CniNetwork::myelin(&node)?)?;
+    let page = format!("through a ClusterIP, run {}\n", run.as_str());
+    let image = containerd.import_busybox(&[("www/index.html", page.as_bytes())])?;
+    let server = containerd.start_container(
+        &image,
+        "server",
+        &["httpd", "-f", "-p", "8080", "-h", "/www"],
+    )?;
+    let server_ip = server.ipv4()?;
+    node.cluster().write(
+        "web",
+        &[
+            service_object(
+                "default",
+                "web",
+                json!({
+                    "type": "ClusterIP",
+                    "clusterIP": CLUSTER_IP.to_string(),
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+                }),
+            ),
+            endpoint_slice_object(
+                "default",
+                "web-1",
+                "web",
+                vec![slice_endpoint(
+                    &server_ip.to_string(),
+                    true,
+                    false,
+                    node.name(),
+                )],
+                &[("http", 8080, "TCP")],
+            ),
+        ],
+    )?;
+
+    // `<cgroup root>/<test cgroup>/inside`, as runc names it from the cgroup2 mount.
+    let below = format!(
+        "/{}/inside",
+        cgroup
+            .path()
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+    );
+    let inside =
+        containerd.start_container_in_cgroup(&image, "inside", &below, &["sleep", "600"])?;
+    let outside = containerd.start_container(&image, "outside", &["sleep", "600"])?;
+    let in_cgroup = inside.exec(&["cat", "/proc/self/cgroup"])?.stdout_text();
+    assert!(
+        in_cgroup.lines().any(|l| l == format!("0::{below}")),
+        "runc placed the container in {below}: {in_cgroup}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        let answer = inside.http_get(CLUSTER_IP, 80, "/index.html")?;
+        if answer.ends_with(&page) || Instant::now() > deadline {
+            break answer;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        answer.contains(" 200 OK") && answer.ends_with(&page),
+        "the container in the cgroup reaches the Service: {answer:?}"
+    );
+    assert_eq!(
+        per_packet_flows_from(&node, inside.ipv4()?)?,
+        0,
+        "the container in the cgroup was translated at connect()"
+    );
+    let answer = outside.http_get(CLUSTER_IP, 80, "/index.html")?;
+    assert!(
+        answer.ends_with(&page),
+        "the other container too: {answer:?}"
+    );
+    assert!(
+        per_packet_flows_from(&node, outside.ipv4()?)? > 0,
+        "the container outside the cgroup was translated per packet"
+    );
+
+    for container in [server, inside, outside] {
+        container.stop()?;
+    }
+    Ok(())
+}
+
+/// Connections `lb_flows` holds from `client` (translated per packet by `from_container`).
+fn per_packet_flows_from(node: &Node, client: Ipv4Addr) -> Result<usize> {
+    let octets: Vec<u64> = client.octets().iter().map(|o| u64::from(*o)).collect();
+    Ok(node
+        .dump_map("lb_flows")?
+        .iter()
+        .filter(|e| {
+            e["formatted"]["key"]["saddr"]
+                .as_array()
+                .is_some_and(|a| a.iter().filter_map(|o| o.as_u64()).collect::<Vec<_>>() == octets)
+        })
+        .count())
 }
