@@ -17,7 +17,7 @@ use std::{
 use nix::{
     sys::{
         signal::{Signal, kill},
-        statfs::{CGROUP2_SUPER_MAGIC, statfs},
+        statfs::{CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC, statfs},
     },
     unistd::Pid,
 };
@@ -159,14 +159,13 @@ impl Drop for TestCgroup {
 /// makes a container's cgroup, and leaves the parents it made on the way (a test's cgroup
 /// name under each) when it removes the container's.
 pub fn v1_hierarchies() -> Vec<PathBuf> {
-    const CGROUP_SUPER_MAGIC: i64 = 0x27e0eb;
     let Ok(entries) = fs::read_dir("/sys/fs/cgroup") else {
         return Vec::new();
     };
     entries
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == CGROUP_SUPER_MAGIC))
+        .filter(|p| statfs(p).is_ok_and(|s| s.filesystem_type() == CGROUP_SUPER_MAGIC))
         .collect()
 }
 

@@ -394,18 +394,14 @@ fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// A backend as `lb_services` lists it: address, port (network byte order), protocol.
-pub type BackendAddr = ([u8; 4], u16, u8);
+/// A UDP backend as `lb_services` lists it: address, port (network byte order).
+pub type BackendAddr = ([u8; 4], u16);
 
-/// Every backend some frontend of `slots` sends to.
-pub fn backends(
-    slots: &std::collections::BTreeMap<myelin_common::lb::LbKey, myelin_common::lb::LbEntry>,
+/// Every backend some UDP frontend of `pairs` sends to.
+pub fn udp_backends(
+    pairs: &std::collections::BTreeSet<super::lb::UdpPair>,
 ) -> std::collections::BTreeSet<BackendAddr> {
-    slots
-        .iter()
-        .filter(|(k, _)| k.slot != 0)
-        .map(|(k, e)| (e.backend, e.backend_port, k.protocol))
-        .collect()
+    pairs.iter().map(|(_, _, b, port)| (*b, *port)).collect()
 }
 
 /// Destroys the connected UDP sockets that the socket programs connected to one of `gone`
@@ -430,7 +426,7 @@ pub(super) fn destroy_connected(
         proto::IPPROTO_UDP,
         sock::{LbSockFrontend, LbSockKey},
     };
-    if !gone.iter().any(|(_, _, p)| *p == IPPROTO_UDP) {
+    if gone.is_empty() {
         return Ok(0);
     }
     let Some(map) = ebpf.map(maps::LB_REVERSE_SK) else {
@@ -444,7 +440,7 @@ pub(super) fn destroy_connected(
         for id in diag.dump(IPPROTO_UDP)? {
             let peer: [u8; 4] = id.dst[..4].try_into().expect("4 bytes");
             let port = u16::from_ne_bytes(id.dport);
-            if !gone.contains(&(peer, port, IPPROTO_UDP)) {
+            if !gone.contains(&(peer, port)) {
                 continue;
             }
             let key = LbSockKey {
