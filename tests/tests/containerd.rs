@@ -91,7 +91,8 @@ fn a_container_stopped_while_the_agent_is_down_leaves_nothing_once_it_is_back() 
     Ok(())
 }
 
-/// Socket-level load balancing for real containers: runc places one container in a cgroup below
+/// Socket-level load balancing for real containers (ids of their own: runc's state directory
+/// is the machine's, shared by the containerd of every test running at the same time): runc places one container in a cgroup below
 /// the agent's `--cgroup-root` (as kubelet places a pod's containers below the host's cgroup
 /// root, which the chart gives the agent); its connections to a ClusterIP reach the backend
 /// container translated at `connect()` (no `lb_flows` entry from it), the plugin having handed
@@ -117,7 +118,7 @@ fn a_container_in_the_cgroup_root_reaches_a_service_translated_at_connect() -> R
     let image = containerd.import_busybox(&[("www/index.html", page.as_bytes())])?;
     let server = containerd.start_container(
         &image,
-        "server",
+        "svc-server",
         &["httpd", "-f", "-p", "8080", "-h", "/www"],
     )?;
     let server_ip = server.ipv4()?;
@@ -158,8 +159,8 @@ fn a_container_in_the_cgroup_root_reaches_a_service_translated_at_connect() -> R
             .to_string_lossy()
     );
     let inside =
-        containerd.start_container_in_cgroup(&image, "inside", &below, &["sleep", "600"])?;
-    let outside = containerd.start_container(&image, "outside", &["sleep", "600"])?;
+        containerd.start_container_in_cgroup(&image, "svc-inside", &below, &["sleep", "600"])?;
+    let outside = containerd.start_container(&image, "svc-outside", &["sleep", "600"])?;
     let in_cgroup = inside.exec(&["cat", "/proc/self/cgroup"])?.stdout_text();
     assert!(
         in_cgroup.lines().any(|l| l == format!("0::{below}")),
