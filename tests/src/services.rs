@@ -660,3 +660,21 @@ impl Drop for HeldUdpClient {
         let _ = self.child.wait();
     }
 }
+
+/// Connections `node`'s `lb_flows` holds from `client` to `frontend`: those `from_container`
+/// translated per packet (the socket programs write none).
+pub fn lb_flows_from(node: &crate::Node, client: Ipv4Addr, frontend: Ipv4Addr) -> Result<usize> {
+    let octets = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    };
+    let wanted = |ip: Ipv4Addr| -> Vec<u64> { ip.octets().iter().map(|o| u64::from(*o)).collect() };
+    let (client, frontend) = (wanted(client), wanted(frontend));
+    Ok(node
+        .dump_map("lb_flows")?
+        .iter()
+        .map(|e| &e["formatted"]["key"])
+        .filter(|k| octets(&k["saddr"]) == client && octets(&k["daddr"]) == frontend)
+        .count())
+}

@@ -2,7 +2,6 @@
 //! busybox image, and `ctr run --cni` (libcni, as in production) calls `myelin`.
 
 use std::{
-    net::Ipv4Addr,
     thread,
     time::{Duration, Instant},
 };
@@ -14,7 +13,7 @@ use myelin_tests::{
     cluster::{endpoint_slice_object, service_object, slice_endpoint},
     containerd::{CniNetwork, Containerd},
     root_test,
-    services::CLUSTER_IP,
+    services::{CLUSTER_IP, lb_flows_from},
 };
 use serde_json::json;
 
@@ -180,7 +179,7 @@ fn a_container_in_the_cgroup_root_reaches_a_service_translated_at_connect() -> R
         "the container in the cgroup reaches the Service: {answer:?}"
     );
     assert_eq!(
-        per_packet_flows_from(&node, inside.ipv4()?)?,
+        lb_flows_from(&node, inside.ipv4()?, CLUSTER_IP)?,
         0,
         "the container in the cgroup was translated at connect()"
     );
@@ -190,7 +189,7 @@ fn a_container_in_the_cgroup_root_reaches_a_service_translated_at_connect() -> R
         "the other container too: {answer:?}"
     );
     assert!(
-        per_packet_flows_from(&node, outside.ipv4()?)? > 0,
+        lb_flows_from(&node, outside.ipv4()?, CLUSTER_IP)? > 0,
         "the container outside the cgroup was translated per packet"
     );
 
@@ -198,18 +197,4 @@ fn a_container_in_the_cgroup_root_reaches_a_service_translated_at_connect() -> R
         container.stop()?;
     }
     Ok(())
-}
-
-/// Connections `lb_flows` holds from `client` (translated per packet by `from_container`).
-fn per_packet_flows_from(node: &Node, client: Ipv4Addr) -> Result<usize> {
-    let octets: Vec<u64> = client.octets().iter().map(|o| u64::from(*o)).collect();
-    Ok(node
-        .dump_map("lb_flows")?
-        .iter()
-        .filter(|e| {
-            e["formatted"]["key"]["saddr"]
-                .as_array()
-                .is_some_and(|a| a.iter().filter_map(|o| o.as_u64()).collect::<Vec<_>>() == octets)
-        })
-        .count())
 }

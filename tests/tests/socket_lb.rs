@@ -24,7 +24,7 @@ use myelin_tests::{
     services::{
         Answer, Backend, BackendServers, CLUSTER_IP, CONVERGE, HeldUdpClient, Protocol,
         ServicePort, SocketAnswer, SocketQuestion, WEB_TCP, WEB_UDP, ask_from_process, ask_many,
-        ask_until, cluster_ip_service, endpoint_slice, tally,
+        ask_until, cluster_ip_service, endpoint_slice, lb_flows_from, tally,
     },
     traffic::Host,
 };
@@ -135,19 +135,48 @@ impl Web {
     /// Connections `lb_flows` of node `node` holds from `client` to the ClusterIP: translated
     /// per packet by `from_container`.
     fn per_packet_flows_from(&self, node: usize, client: Ipv4Addr) -> Result<usize> {
-        let flows = self.c.node(node).dump_map("lb_flows")?;
-        let octets = |v: &serde_json::Value| -> Vec<u64> {
-            v.as_array()
-                .map(|a| a.iter().filter_map(|o| o.as_u64()).collect())
-                .unwrap_or_default()
-        };
-        let client: Vec<u64> = client.octets().iter().map(|o| u64::from(*o)).collect();
-        let cluster_ip: Vec<u64> = CLUSTER_IP.octets().iter().map(|o| u64::from(*o)).collect();
-        Ok(flows
-            .iter()
-            .map(|e| &e["formatted"]["key"])
-            .filter(|k| octets(&k["saddr"]) == client && octets(&k["daddr"]) == cluster_ip)
-            .count())
+        lb_flows_from(self.c.node(node), client, CLUSTER_IP)
+    }
+
+    /// Asks from processes of `from` in `cgroup` over TCP, connected and unconnected UDP: every
+    /// backend answers, and `getpeername()` (TCP, connected UDP) and `recvfrom()` (UDP) show
+    /// the ClusterIP and the Service port.
+    fn every_backend_through_the_cluster_ip(
+        &self,
+        what: &str,
+        from: &dyn Host,
+        cgroup: &TestCgroup,
+    ) -> Result<()> {
+        let tcp = ask_from_process(
+            from,
+            Some(cgroup),
+            SocketQuestion::Tcp,
+            frontend(WEB_TCP),
+            40,
+        )?;
+        assert_eq!(
+            answered(&format!("TCP {what}"), &tcp),
+            self.expected(WEB_TCP),
+            "every backend, on both nodes"
+        );
+        for a in &tcp {
+            assert_eq!(a.peer, Some(frontend(WEB_TCP)), "getpeername: {tcp:?}");
+        }
+        for question in [SocketQuestion::ConnectedUdp, SocketQuestion::UnconnectedUdp] {
+            let udp = ask_from_process(from, Some(cgroup), question, frontend(WEB_UDP), 40)?;
+            assert_eq!(
+                answered(&format!("{question:?} {what}"), &udp),
+                self.expected(WEB_UDP),
+                "{question:?}: every backend"
+            );
+            for a in &udp {
+                assert_eq!(a.source, Some(frontend(WEB_UDP)), "recvfrom: {udp:?}");
+                if question == SocketQuestion::ConnectedUdp {
+                    assert_eq!(a.peer, Some(frontend(WEB_UDP)), "getpeername: {udp:?}");
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -174,36 +203,7 @@ fn node_processes_in_the_cgroup_reach_every_backend_and_see_the_cluster_ip() -> 
     let cgroup = TestCgroup::create(&run, "sock")?;
     let w = Web::start(&run, Some(&cgroup))?;
     let node = w.c.node(0);
-
-    let tcp = ask_from_process(
-        node,
-        Some(&cgroup),
-        SocketQuestion::Tcp,
-        frontend(WEB_TCP),
-        40,
-    )?;
-    assert_eq!(
-        answered("TCP", &tcp),
-        w.expected(WEB_TCP),
-        "every backend, on both nodes"
-    );
-    for a in &tcp {
-        assert_eq!(a.peer, Some(frontend(WEB_TCP)), "getpeername: {tcp:?}");
-    }
-    for question in [SocketQuestion::ConnectedUdp, SocketQuestion::UnconnectedUdp] {
-        let udp = ask_from_process(node, Some(&cgroup), question, frontend(WEB_UDP), 40)?;
-        assert_eq!(
-            answered(&format!("{question:?}"), &udp),
-            w.expected(WEB_UDP),
-            "{question:?}: every backend"
-        );
-        for a in &udp {
-            assert_eq!(a.source, Some(frontend(WEB_UDP)), "recvfrom: {udp:?}");
-            if question == SocketQuestion::ConnectedUdp {
-                assert_eq!(a.peer, Some(frontend(WEB_UDP)), "getpeername: {udp:?}");
-            }
-        }
-    }
+    w.every_backend_through_the_cluster_ip("from the node", node, &cgroup)?;
     let node_ip = w.c.node_ip(0);
     assert_eq!(
         w.per_packet_flows_from(0, node_ip)?,
@@ -293,32 +293,7 @@ fn pods_processes_in_the_cgroup_are_translated_at_the_socket_by_their_own_node()
     for pod in [&local, &remote] {
         w.c.wait_until_every_node_knows(pod.ip())?;
     }
-    let tcp = ask_from_process(
-        &local,
-        Some(&cgroup),
-        SocketQuestion::Tcp,
-        frontend(WEB_TCP),
-        40,
-    )?;
-    assert_eq!(
-        answered("TCP from a pod in the cgroup", &tcp),
-        w.expected(WEB_TCP),
-        "every backend, on both nodes"
-    );
-    for a in &tcp {
-        assert_eq!(a.peer, Some(frontend(WEB_TCP)), "getpeername: {tcp:?}");
-    }
-    for question in [SocketQuestion::ConnectedUdp, SocketQuestion::UnconnectedUdp] {
-        let udp = ask_from_process(&local, Some(&cgroup), question, frontend(WEB_UDP), 40)?;
-        assert_eq!(
-            answered(&format!("{question:?} from a pod in the cgroup"), &udp),
-            w.expected(WEB_UDP),
-            "{question:?}: every backend"
-        );
-        for a in &udp {
-            assert_eq!(a.source, Some(frontend(WEB_UDP)), "recvfrom: {udp:?}");
-        }
-    }
+    w.every_backend_through_the_cluster_ip("from a pod in the cgroup", &local, &cgroup)?;
     assert_eq!(
         w.per_packet_flows_from(0, local.ip())?,
         0,
