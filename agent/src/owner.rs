@@ -35,6 +35,10 @@ use crate::{
     source::SourceEvent,
 };
 
+/// A turn of the owner (a request, a cluster change, a periodic job) that holds everything
+/// else up for this long is logged.
+const SLOW_TURN: Duration = Duration::from_millis(100);
+
 /// A point in time by which the client wants its answer (`myelin_api::DEADLINE_HEADER`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline(SystemTime);
@@ -367,30 +371,59 @@ impl<D: DatapathOps> Owner<D> {
         self.route_nodes().await;
         let mut source_open = true;
         loop {
-            tokio::select! {
+            let turn = tokio::select! {
                 biased;
                 job = self.jobs.recv() => match job {
-                    Some(job) => job(&mut self.agent),
+                    Some(job) => {
+                        let started = Instant::now();
+                        job(&mut self.agent);
+                        (started, "an API request")
+                    }
                     None => break,
                 },
                 removed = recv(&mut self.inputs.link_removals) => match removed {
-                    Some(r) => self.agent.link_removed(r.index, &r.name, Instant::now()),
-                    None => self.inputs.link_removals = None,
+                    Some(r) => {
+                        let started = Instant::now();
+                        self.agent.link_removed(r.index, &r.name, started);
+                        (started, "an interface removal")
+                    }
+                    None => {
+                        self.inputs.link_removals = None;
+                        continue;
+                    }
                 },
                 event = self.inputs.source.recv(), if source_open => match event {
                     Some(event) => {
+                        let started = Instant::now();
                         self.on_source_event(event);
                         self.route_nodes().await;
+                        (started, "a cluster change")
                     }
                     None => {
                         warn!("the cluster-state source stopped; keeping the last state");
                         source_open = false;
+                        continue;
                     }
                 },
                 _ = pending_deletes.tick() => {
+                    let started = Instant::now();
                     self.agent.process_pending_deletes();
+                    (started, "the pending deletes")
                 }
-                _ = sweep.tick() => self.sweep().await,
+                _ = sweep.tick() => {
+                    let started = Instant::now();
+                    self.sweep().await;
+                    (started, "the endpoint sweep")
+                }
+            };
+            // Everything else waits while one turn runs: a long one is worth a line.
+            let (started, what) = turn;
+            let took = started.elapsed();
+            if took >= SLOW_TURN {
+                warn!(
+                    ms = took.as_millis() as u64,
+                    "the agent was busy with {what}"
+                );
             }
         }
         info!("the agent's owner stopped");

@@ -31,7 +31,7 @@ use myelin_common::{
 use ipnet::Ipv4Net;
 use myelin_cluster::{Change, ChangedServices, ClusterIndex, Identities, IdentityLabels, Labels};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     datapath::{DatapathError, DatapathOps, table::Diff},
@@ -44,6 +44,14 @@ use crate::{
     health::HealthChecks,
     ipam::{Ipam, IpamError},
 };
+
+/// A sync of the maps that takes this long is logged with its stages (a backend change is
+/// meant to be in use within 100 ms of its EndpointSlice).
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
 
 /// Looks up interfaces in the agent's network namespace (the node's).
 pub trait Interfaces: Send {
@@ -582,7 +590,9 @@ impl<D: DatapathOps> Agent<D> {
     }
 
     fn sync_datapath(&mut self) -> Result<Diff, DatapathError> {
+        let started = Instant::now();
         let mut desired = self.desired_state();
+        let computed = started.elapsed();
         if !self.synced {
             // Keep what the maps say about endpoints the kernel already knows; new endpoints
             // get what the (partial) cluster state says.
@@ -601,10 +611,22 @@ impl<D: DatapathOps> Agent<D> {
             }
         }
         let result = self.datapath.apply(&desired);
+        let written = started.elapsed();
         self.report_unwritten_services();
         self.report_unwritten_maglev();
         self.publish_health_checks();
         self.publish_flow_names();
+        let total = started.elapsed();
+        let writes = result.as_ref().map(Diff::writes).unwrap_or_default();
+        let (desired_ms, maps_ms, total_ms) = (ms(computed), ms(written - computed), ms(total));
+        if total >= SLOW_SYNC {
+            warn!(
+                desired_ms,
+                maps_ms, total_ms, writes, "bringing the maps in line was slow"
+            );
+        } else {
+            debug!(desired_ms, maps_ms, total_ms, writes, "maps in line");
+        }
         result
     }
 

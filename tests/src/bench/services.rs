@@ -556,6 +556,21 @@ impl ServicePath {
         }
     }
 
+    /// The lines of the agent's log that say it was slow (an apply over its threshold, a turn
+    /// that held everything else up); empty for the baselines.
+    pub fn agent_slow_lines(&self) -> Vec<String> {
+        match &self.variant {
+            Variant::Baseline { .. } => Vec::new(),
+            Variant::Myelin { cluster, .. } => cluster
+                .node(NODE)
+                .agent_log()
+                .lines()
+                .filter(|l| l.contains("was slow") || l.contains("was busy"))
+                .map(str::to_string)
+                .collect(),
+        }
+    }
+
     /// The measured frontend.
     pub fn frontend(&self) -> SocketAddrV4 {
         SocketAddrV4::new(CLUSTER_IP, SERVICE_PORT)

@@ -215,12 +215,17 @@ fn measure(
         ctx.check()?;
         let (name, path) = (VARIANTS[i].0, &paths[i]);
         let mut taken = Vec::with_capacity(2 * s.service_changes);
+        let slow_before = path.agent_slow_lines().len();
         for _ in 0..s.service_changes {
             for serving in [false, true] {
                 let took = path.backend_change(serving)?;
                 taken.push(took.as_secs_f64() * 1000.0);
                 change.push(name, took.as_secs_f64() * 1000.0);
             }
+        }
+        // What the agent said about itself meanwhile: a slow change is explained, not guessed.
+        for line in path.agent_slow_lines().iter().skip(slow_before).take(10) {
+            println!("    [{} Services] agent: {line}", count(services));
         }
         taken.sort_by(f64::total_cmp);
         println!(
