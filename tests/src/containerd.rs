@@ -44,6 +44,20 @@ const CNI_BIN_MOUNT: &str = "/opt/cni/bin";
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const CTR_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often [`RunningContainer::exec`] runs a command whose output `ctr` lost.
+const EXEC_ATTEMPTS: usize = 3;
+/// The marker [`EXEC_WRAPPER`] writes after the command's output.
+const EXEC_END: &str = "\n--myelin-exec-end--\n";
+/// Runs `"$@"` and then writes [`EXEC_END`], keeping the command's exit status.
+const EXEC_WRAPPER: &str = "\"$@\"; status=$?; printf '\\n--myelin-exec-end--\\n'; exit $status";
+
+/// The length of `stdout` before the end marker, `None` when the marker is missing (the
+/// output was cut).
+fn strip_end_marker(stdout: &[u8]) -> Option<usize> {
+    stdout
+        .ends_with(EXEC_END.as_bytes())
+        .then(|| stdout.len() - EXEC_END.len())
+}
 
 /// What `ctr run --cni` sets up containers with: the conflist (its first network) and the
 /// plugin binaries it names. The reference `loopback` is always added.
@@ -456,15 +470,44 @@ impl RunningContainer<'_> {
     }
 
     /// `ctr tasks exec` of `argv` in the running container; fails on a non-zero exit.
+    ///
+    /// `ctr` can lose the output of a process that exits right after writing it (containerd's
+    /// copying from the exec's fifos races the exit; seen here under load: a GET through a
+    /// Service came back as "", with not even a trailing `echo` of the same shell, about once
+    /// in 300 execs on two busy CPUs). So the command runs under `sh`, which writes an end
+    /// marker after it: output without the marker was cut, and the command (which must be
+    /// harmless to repeat) runs again, up to [`EXEC_ATTEMPTS`] times.
     pub fn exec(&self, argv: &[&str]) -> Result<Output> {
         static NEXT: AtomicU32 = AtomicU32::new(1);
-        let exec_id = format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed));
-        let mut cmd = self.containerd.ctr();
-        cmd.args(["tasks", "exec", "--exec-id", &exec_id, "--fifo-dir"])
-            .arg(self.containerd.dir.path().join("fifo"))
-            .arg(&self.id)
-            .args(argv);
-        process::run_ok(cmd, CTR_TIMEOUT)
+        let mut lost = Vec::new();
+        for _ in 0..EXEC_ATTEMPTS {
+            let exec_id = format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+            let mut cmd = self.containerd.ctr();
+            cmd.args(["tasks", "exec", "--exec-id", &exec_id, "--fifo-dir"])
+                .arg(self.containerd.dir.path().join("fifo"))
+                .arg(&self.id)
+                .args(["sh", "-c", EXEC_WRAPPER, "sh"])
+                .args(argv);
+            let mut out = process::run_ok(cmd, CTR_TIMEOUT)?;
+            match strip_end_marker(&out.stdout) {
+                Some(len) => {
+                    out.stdout.truncate(len);
+                    return Ok(out);
+                }
+                None => {
+                    eprintln!(
+                        "ctr lost the output of {argv:?} in {} ({:?} came through); again",
+                        self.id,
+                        out.stdout_text()
+                    );
+                    lost.push(out.stdout_text());
+                }
+            }
+        }
+        Err(Error::Containerd(format!(
+            "`ctr tasks exec` of {argv:?} in {} lost its output {EXEC_ATTEMPTS} times: {lost:?}",
+            self.id
+        )))
     }
 
     /// Kills the task and waits for `ctr run` to finish its teardown (CNI DEL, container
@@ -515,4 +558,35 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
         from.display(),
         to.display()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_without_the_end_marker_counts_as_cut() {
+        assert_eq!(strip_end_marker(b"page\n\n--myelin-exec-end--\n"), Some(5));
+        assert_eq!(strip_end_marker(b"\n--myelin-exec-end--\n"), Some(0));
+        assert_eq!(strip_end_marker(b""), None);
+        assert_eq!(strip_end_marker(b"page\n\n--myelin-exec-end"), None);
+    }
+
+    #[test]
+    fn the_wrapper_writes_the_marker_after_the_command_and_keeps_its_status() {
+        let run = |argv: &[&str]| {
+            Command::new("sh")
+                .args(["-c", EXEC_WRAPPER, "sh"])
+                .args(argv)
+                .output()
+                .expect("sh runs")
+        };
+        let out = run(&["printf", "a b"]);
+        assert_eq!(strip_end_marker(&out.stdout), Some(3));
+        assert_eq!(&out.stdout[..3], b"a b");
+        assert!(out.status.success());
+        let out = run(&["sh", "-c", "echo x; exit 3"]);
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(strip_end_marker(&out.stdout), Some(2));
+    }
 }

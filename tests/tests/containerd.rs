@@ -166,9 +166,7 @@ fn a_container_in_the_cgroup_root_reaches_a_service_translated_at_connect() -> R
         "runc placed the container in {below}: {in_cgroup}"
     );
 
-    // Until the Service has reached the agent; a busybox `nc` also returned nothing once for
-    // a first request in a full run (the per-packet container's, not understood yet), so both
-    // containers ask until they have the page.
+    // Until the Service has reached the agent (the inside container asks first).
     let page_through_the_service = |container: &myelin_tests::containerd::RunningContainer<'_>| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
