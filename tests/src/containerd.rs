@@ -495,12 +495,12 @@ impl RunningContainer<'_> {
                     return Ok(out);
                 }
                 None => {
+                    let came = out.stdout_text();
                     eprintln!(
-                        "ctr lost the output of {argv:?} in {} ({:?} came through); again",
-                        self.id,
-                        out.stdout_text()
+                        "ctr lost the output of {argv:?} in {} ({came:?} came through); again",
+                        self.id
                     );
-                    lost.push(out.stdout_text());
+                    lost.push(came);
                 }
             }
         }

@@ -49,10 +49,6 @@ use crate::{
 /// meant to be in use within 100 ms of its EndpointSlice).
 const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(50);
 
-fn ms(d: std::time::Duration) -> f64 {
-    (d.as_secs_f64() * 10_000.0).round() / 10.0
-}
-
 /// Looks up interfaces in the agent's network namespace (the node's).
 pub trait Interfaces: Send {
     fn index_of(&self, ifname: &str) -> Option<u32>;
@@ -618,14 +614,18 @@ impl<D: DatapathOps> Agent<D> {
         self.publish_flow_names();
         let total = started.elapsed();
         let writes = result.as_ref().map(Diff::writes).unwrap_or_default();
-        let (desired_ms, maps_ms, total_ms) = (ms(computed), ms(written - computed), ms(total));
+        let (desired_us, maps_us, total_us) = (
+            computed.as_micros() as u64,
+            (written - computed).as_micros() as u64,
+            total.as_micros() as u64,
+        );
         if total >= SLOW_SYNC {
             warn!(
-                desired_ms,
-                maps_ms, total_ms, writes, "bringing the maps in line was slow"
+                desired_us,
+                maps_us, total_us, writes, "bringing the maps in line was slow"
             );
         } else {
-            debug!(desired_ms, maps_ms, total_ms, writes, "maps in line");
+            debug!(desired_us, maps_us, total_us, writes, "maps in line");
         }
         result
     }
