@@ -13,7 +13,12 @@
 //! private bpffs mounted in a temporary directory. `MYELIN_SKIP_ROOT_TESTS=1` skips them on
 //! machines without root (CI never sets it).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+};
 
 use aya::programs::TcAttachType;
 use myelin_agent::{
@@ -22,7 +27,7 @@ use myelin_agent::{
         AttachMode, Datapath, DatapathError, DatapathOps, Features, Limits, Program, Routing,
         clsact::{self, ClsactError, Filter},
         conntrack::{ConntrackTable, Expiring as _},
-        lb::{LbAffinityTable, LbFlowTable},
+        lb::{LbAffinityTable, LbFlowTable, StaleUdpFlows},
         nat::{Masquerade, NatPorts, NatTable},
     },
     desired::{DesiredState, LpmKey, port_blocks},
@@ -2347,6 +2352,59 @@ fn session_affinity_returns_the_same_backend() {
         f.service(80, TCP, &left, 3600);
         let now = chosen(f, 42000..42008);
         assert_eq!(now.into_iter().collect::<Vec<_>>(), vec![left[0].0]);
+    });
+}
+
+/// The agent forgets UDP flows to pairs its slots lost on a thread of its own, a while after it
+/// decided which: a flow the datapath made in between, to a pair the map holds by then, stays.
+/// (The first sync's check, made before any Service was there, took every UDP flow of a test
+/// that was quick enough to make one before that thread ran.)
+#[test]
+fn udp_flows_are_forgotten_only_when_the_map_no_longer_holds_their_pair() {
+    with_datapath(|f| {
+        let (a, b) = (f.a, f.b);
+        f.services_on(0, 0);
+        f.service(53, UDP, &[(b.ip, 5353)], 0);
+        let (verdict, out) = f.send(a, &udp(a, outside(CLUSTER_IP), 40000, 53));
+        assert_eq!(
+            (verdict, destination(&out)),
+            (TC_ACT_REDIRECT, (b.ip, 5353))
+        );
+        let pin = LbFlowTable::pin_path(f.dp.pin_dir());
+        let mut flows = LbFlowTable::open(&pin).unwrap();
+        assert_eq!(flows.entries().unwrap().len(), 2, "the flow, both ways");
+        let pair = (
+            CLUSTER_IP.octets(),
+            53u16.to_be(),
+            b.ip.octets(),
+            5353u16.to_be(),
+        );
+        // Decided before the Service came (a first sync knows no pair), or when the pair left
+        // before it came back: the map holds the pair now, the flow stays.
+        for stale in [
+            StaleUdpFlows::NotTo(BTreeSet::new()),
+            StaleUdpFlows::To([pair].into()),
+        ] {
+            assert_eq!(flows.forget_udp_flows(&stale).unwrap(), 0, "{stale:?}");
+        }
+        assert_eq!(flows.entries().unwrap().len(), 2);
+        // The backend leaves the slots: the agent's own thread forgets the flow.
+        f.service(53, UDP, &[(NO_POD, 5353)], 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !flows.entries().unwrap().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the flow to the backend that left is still there: {:?}",
+                flows.entries().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (verdict, out) = f.send(a, &udp(a, outside(CLUSTER_IP), 40000, 53));
+        assert_eq!(
+            (verdict, destination(&out)),
+            (TC_ACT_OK, (NO_POD, 5353)),
+            "its next datagram gets today's backend"
+        );
     });
 }
 

@@ -30,9 +30,11 @@ fn open_lru<K: aya::Pod, V: aya::Pod>(
     BpfHashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(err)
 }
 
-/// The pinned `lb_flows` map: both directions of every translated connection.
+/// The pinned `lb_flows` map: both directions of every translated connection; and
+/// `lb_services` beside it, which [`LbFlowTable::forget_udp_flows`] checks a flow against.
 pub struct LbFlowTable {
     map: BpfHashMap<MapData, LbFlowKey, LbFlow>,
+    services: BpfHashMap<MapData, LbKey, LbEntry>,
 }
 
 impl LbFlowTable {
@@ -80,6 +82,39 @@ fn udp_pair(key: &LbFlowKey, e: &LbFlow) -> Option<UdpPair> {
     }
 }
 
+/// Whether `lb_services` holds `pair` now: its frontend, and its backend in one of the slots
+/// `1..=count` the datapath picks from. A failed lookup counts as not held (the flow then
+/// gets a backend of today's slots with its next datagram).
+fn serves(services: &BpfHashMap<MapData, LbKey, LbEntry>, pair: &UdpPair) -> bool {
+    let &(frontend, port, backend, backend_port) = pair;
+    let slot = |slot| LbKey {
+        addr: frontend,
+        port,
+        protocol: IPPROTO_UDP,
+        _pad0: 0,
+        slot,
+        _pad1: 0,
+    };
+    let Ok(service) = services.get(&slot(0), 0) else {
+        return false;
+    };
+    (1..=service.count).any(|n| {
+        services
+            .get(&slot(n), 0)
+            .is_ok_and(|e| e.backend == backend && e.backend_port == backend_port)
+    })
+}
+
+/// The pinned `lb_services` map beside the table pinned at `pin`.
+fn open_services(pin: &Path) -> Result<BpfHashMap<MapData, LbKey, LbEntry>, TableError> {
+    let err = |source| TableError::Map {
+        map: maps::LB_SERVICES,
+        source,
+    };
+    let data = MapData::from_pin(pin.with_file_name(maps::LB_SERVICES)).map_err(err)?;
+    BpfHashMap::try_from(aya::maps::Map::HashMap(data)).map_err(err)
+}
+
 /// The UDP flows [`LbFlowTable::forget_udp_flows`] removes.
 #[derive(Debug)]
 pub enum StaleUdpFlows {
@@ -105,6 +140,12 @@ impl LbFlowTable {
     /// going on to one that left (kube-proxy deletes the conntrack entries of such flows for
     /// the same reason: a DNS client's socket keeps its tuple, and its flow never expires while
     /// it sends). TCP flows are left to drain. Returns how many entries went.
+    ///
+    /// `stale` was decided when the agent changed the slots; this runs later, on a thread of
+    /// its own, while the datapath goes on making flows. So a flow goes only if `lb_services`
+    /// does not hold its pair now either: a pair taken out and put back in between, or one a
+    /// later change added (a first sync's `NotTo` covers every pair it did not know), keeps
+    /// its flows.
     pub fn forget_udp_flows(&mut self, stale: &StaleUdpFlows) -> Result<usize, TableError> {
         let map_err = |source| TableError::Map {
             map: maps::LB_FLOWS,
@@ -115,7 +156,8 @@ impl LbFlowTable {
         for key in keys.iter().filter(|k| k.protocol == IPPROTO_UDP) {
             // Gone already (expired, evicted) is fine.
             if let Ok(e) = self.map.get(key, 0)
-                && udp_pair(key, &e).is_some_and(|pair| stale.covers(&pair))
+                && udp_pair(key, &e)
+                    .is_some_and(|pair| stale.covers(&pair) && !serves(&self.services, &pair))
                 && self.map.remove(key).is_ok()
             {
                 removed += 1;
@@ -131,6 +173,7 @@ impl Expiring for LbFlowTable {
     fn open(pin: &Path) -> Result<Self, TableError> {
         Ok(Self {
             map: open_lru(Self::MAP, pin)?,
+            services: open_services(pin)?,
         })
     }
 
@@ -183,15 +226,9 @@ impl Expiring for LbAffinityTable {
     const MAP: &'static str = maps::LB_AFFINITY;
 
     fn open(pin: &Path) -> Result<Self, TableError> {
-        let services = pin.with_file_name(maps::LB_SERVICES);
-        let err = |source| TableError::Map {
-            map: maps::LB_SERVICES,
-            source,
-        };
-        let data = MapData::from_pin(&services).map_err(err)?;
         Ok(Self {
             map: open_lru(Self::MAP, pin)?,
-            services: BpfHashMap::try_from(aya::maps::Map::HashMap(data)).map_err(err)?,
+            services: open_services(pin)?,
         })
     }
 
