@@ -465,7 +465,7 @@ fn fresh_udp_socket() -> io::Result<UdpSocket> {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
                 Some(UDP_SOURCE_PORTS.start + (p - UDP_SOURCE_PORTS.start + 1) % span)
             })
-            .unwrap_or(UDP_SOURCE_PORTS.start);
+            .unwrap_or_else(|p| p);
         match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, taken)) {
             Ok(socket) => return Ok(socket),
             // A server of the namespace has it: the next one.

@@ -86,21 +86,21 @@ fn udp_pair(key: &LbFlowKey, e: &LbFlow) -> Option<UdpPair> {
 /// `1..=count` the datapath picks from. A failed lookup counts as not held (the flow then
 /// gets a backend of today's slots with its next datagram).
 fn serves(services: &BpfHashMap<MapData, LbKey, LbEntry>, pair: &UdpPair) -> bool {
-    let &(frontend, port, backend, backend_port) = pair;
-    let slot = |slot| LbKey {
-        addr: frontend,
+    let &(addr, port, backend, backend_port) = pair;
+    let frontend = LbKey {
+        addr,
         port,
         protocol: IPPROTO_UDP,
         _pad0: 0,
-        slot,
+        slot: 0,
         _pad1: 0,
     };
-    let Ok(service) = services.get(&slot(0), 0) else {
+    let Ok(service) = services.get(&frontend, 0) else {
         return false;
     };
-    (1..=service.count).any(|n| {
+    (1..=service.count).any(|slot| {
         services
-            .get(&slot(n), 0)
+            .get(&LbKey { slot, ..frontend }, 0)
             .is_ok_and(|e| e.backend == backend && e.backend_port == backend_port)
     })
 }
