@@ -10,7 +10,7 @@
 //!   goes there with its MACs rewritten, or through `bpf_redirect_neigh` when the neighbour is
 //!   not resolved yet. Anything the FIB cannot answer goes to the node's stack.
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
     bindings::{
@@ -36,6 +36,28 @@ const AF_INET: u8 = 2;
 /// The outer IPv4 TTL of tunnel packets.
 const TUNNEL_TTL: u8 = 64;
 
+/// An all-zero `T`, written as 32-bit words. `mem::zeroed` of a helper's argument struct
+/// (`bpf_fib_lookup`, 64 bytes; `bpf_tunnel_key`, 44) becomes a call to `memset`, which the
+/// BPF target builds as a subprogram storing one byte per loop iteration: 64 iterations on every
+/// packet to another node. Volatile stores are not merged back into that call.
+///
+/// # Safety
+/// `T` must be a plain C struct for which all-zero bytes are a valid value, its size a
+/// multiple of 4.
+#[inline(always)]
+unsafe fn zeroed_by_words<T>() -> T {
+    const { assert!(size_of::<T>() % 4 == 0) };
+    let mut value = MaybeUninit::<T>::uninit();
+    let words = value.as_mut_ptr().cast::<u32>();
+    for i in 0..size_of::<T>() / 4 {
+        // SAFETY: `i` words stay within the value; a stack slot of `T`, aligned for its
+        // fields, is aligned for `u32` (both structs hold `u32`s).
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    // SAFETY: every byte was written, and all-zero is a valid `T` (the caller's promise).
+    unsafe { value.assume_init() }
+}
+
 /// The VNI a node's own traffic carries, and what a receiver makes of it: the node is the
 /// receiver's remote node (its own `HOST` would exempt it from policy).
 #[inline(always)]
@@ -59,7 +81,7 @@ pub fn remote_addr(key: &bpf_tunnel_key) -> [u8; 4] {
 #[inline(always)]
 pub fn tunnel_key(ctx: &TcContext) -> Option<bpf_tunnel_key> {
     // SAFETY: an all-zero bpf_tunnel_key is a valid value of that plain C struct.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    let mut key: bpf_tunnel_key = unsafe { zeroed_by_words() };
     // SAFETY: the helper writes at most `size` bytes into `key`.
     let ret = unsafe {
         bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
@@ -71,7 +93,7 @@ pub fn tunnel_key(ctx: &TcContext) -> Option<bpf_tunnel_key> {
 #[inline(always)]
 pub fn set_tunnel_key(ctx: &TcContext, node: [u8; 4], identity: u32) -> bool {
     // SAFETY: as above.
-    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    let mut key: bpf_tunnel_key = unsafe { zeroed_by_words() };
     key.tunnel_id = identity;
     key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node);
     key.tunnel_ttl = TUNNEL_TTL;
@@ -128,7 +150,7 @@ pub fn fib_redirect(
     // SAFETY: `ip` was bounds-checked by the caller.
     let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
     // SAFETY: an all-zero bpf_fib_lookup is a valid value of that plain C struct.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut params: bpf_fib_lookup = unsafe { zeroed_by_words() };
     params.family = AF_INET;
     params.ifindex = packet::ifindex(ctx);
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
