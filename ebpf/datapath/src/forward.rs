@@ -36,18 +36,19 @@ const AF_INET: u8 = 2;
 /// The outer IPv4 TTL of tunnel packets.
 const TUNNEL_TTL: u8 = 64;
 
-/// An all-zero `T`, written as 32-bit words. `mem::zeroed` of a helper's argument struct
-/// (`bpf_fib_lookup`, 64 bytes; `bpf_tunnel_key`, 44) becomes a call to `memset`, which the
-/// BPF target builds as a subprogram storing one byte per loop iteration: 64 iterations on every
-/// packet to another node. Volatile stores are not merged back into that call.
+/// Zeroes `value` in place, as 32-bit words, and hands it out. `mem::zeroed` of a helper's
+/// argument struct (`bpf_fib_lookup`, 64 bytes; `bpf_tunnel_key`, 44) becomes a call to
+/// `memset`, which the BPF target builds as a subprogram storing one byte per loop iteration:
+/// 64 iterations on every packet to another node. Volatile stores are not merged back into that
+/// call. In place, not returned by value: a returned copy takes a second stack slot, and
+/// `nodeport_in`'s stack has no room for it.
 ///
 /// # Safety
 /// `T` must be a plain C struct for which all-zero bytes are a valid value, its size a
 /// multiple of 4.
 #[inline(always)]
-unsafe fn zeroed_by_words<T>() -> T {
+unsafe fn zero_by_words<T>(value: &mut MaybeUninit<T>) -> &mut T {
     const { assert!(size_of::<T>() % 4 == 0) };
-    let mut value = MaybeUninit::<T>::uninit();
     let words = value.as_mut_ptr().cast::<u32>();
     for i in 0..size_of::<T>() / 4 {
         // SAFETY: `i` words stay within the value; a stack slot of `T`, aligned for its
@@ -55,7 +56,7 @@ unsafe fn zeroed_by_words<T>() -> T {
         unsafe { words.add(i).write_volatile(0) };
     }
     // SAFETY: every byte was written, and all-zero is a valid `T` (the caller's promise).
-    unsafe { value.assume_init() }
+    unsafe { value.assume_init_mut() }
 }
 
 /// The VNI a node's own traffic carries, and what a receiver makes of it: the node is the
@@ -80,20 +81,21 @@ pub fn remote_addr(key: &bpf_tunnel_key) -> [u8; 4] {
 /// that was decapsulated. `None` without one.
 #[inline(always)]
 pub fn tunnel_key(ctx: &TcContext) -> Option<bpf_tunnel_key> {
+    let mut key = MaybeUninit::<bpf_tunnel_key>::uninit();
     // SAFETY: an all-zero bpf_tunnel_key is a valid value of that plain C struct.
-    let mut key: bpf_tunnel_key = unsafe { zeroed_by_words() };
+    let key = unsafe { zero_by_words(&mut key) };
     // SAFETY: the helper writes at most `size` bytes into `key`.
-    let ret = unsafe {
-        bpf_skb_get_tunnel_key(ctx.skb.skb, &mut key, size_of::<bpf_tunnel_key>() as u32, 0)
-    };
-    (ret == 0).then_some(key)
+    let ret =
+        unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, key, size_of::<bpf_tunnel_key>() as u32, 0) };
+    (ret == 0).then_some(*key)
 }
 
 /// Gives the packet the tunnel key towards `node`, carrying `identity`.
 #[inline(always)]
 pub fn set_tunnel_key(ctx: &TcContext, node: [u8; 4], identity: u32) -> bool {
+    let mut key = MaybeUninit::<bpf_tunnel_key>::uninit();
     // SAFETY: as above.
-    let mut key: bpf_tunnel_key = unsafe { zeroed_by_words() };
+    let key = unsafe { zero_by_words(&mut key) };
     key.tunnel_id = identity;
     key.__bindgen_anon_1.remote_ipv4 = u32::from_be_bytes(node);
     key.tunnel_ttl = TUNNEL_TTL;
@@ -101,7 +103,7 @@ pub fn set_tunnel_key(ctx: &TcContext, node: [u8; 4], identity: u32) -> bool {
     let ret = unsafe {
         bpf_skb_set_tunnel_key(
             ctx.skb.skb,
-            &mut key,
+            key,
             size_of::<bpf_tunnel_key>() as u32,
             u64::from(BPF_F_ZERO_CSUM_TX),
         )
@@ -149,8 +151,9 @@ pub fn fib_redirect(
 ) -> i32 {
     // SAFETY: `ip` was bounds-checked by the caller.
     let (saddr, daddr) = unsafe { ((*ip).saddr, (*ip).daddr) };
+    let mut params = MaybeUninit::<bpf_fib_lookup>::uninit();
     // SAFETY: an all-zero bpf_fib_lookup is a valid value of that plain C struct.
-    let mut params: bpf_fib_lookup = unsafe { zeroed_by_words() };
+    let params = unsafe { zero_by_words(&mut params) };
     params.family = AF_INET;
     params.ifindex = packet::ifindex(ctx);
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
@@ -159,7 +162,7 @@ pub fn fib_redirect(
     let ret = unsafe {
         fib_lookup(
             ctx.skb.skb as *mut _,
-            &mut params,
+            params,
             size_of::<bpf_fib_lookup>() as i32,
             0,
         )
