@@ -20,7 +20,10 @@ use std::{
     process::Command,
 };
 
-use aya::programs::TcAttachType;
+use aya::{
+    programs::{SchedClassifier, TcAttachType},
+    util::KernelVersion,
+};
 use myelin_agent::{
     bpffs,
     datapath::{
@@ -1709,31 +1712,143 @@ fn egress_policy_is_checked_against_the_original_destination_before_masquerading
     });
 }
 
-/// What `--masquerade` true and false do to the uplink: its two filters, attached in tc mode
-/// (whatever `--attach-mode`), and gone again, also from a device that never had them.
+/// The tcx programs on `hook` of `dev`, by name, in the order they run.
+fn tcx_programs(dev: &str, hook: TcAttachType) -> Vec<String> {
+    let (_, programs) = SchedClassifier::query_tcx(dev, hook).expect("listing tcx programs");
+    programs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Where the uplink's programs run on `dev`: (tcx programs, clsact filters of Myelin's), by
+/// hook, ingress first.
+fn uplink_attachments(dev: &str) -> [(Vec<String>, Vec<Filter>); 2] {
+    [
+        (TcAttachType::Ingress, "from_uplink"),
+        (TcAttachType::Egress, "to_uplink"),
+    ]
+    .map(|(hook, program)| {
+        let (ours, _) = split(filters(dev, hook), program);
+        (tcx_programs(dev, hook), ours)
+    })
+}
+
+/// `read()` once it equals `want`, or as it is after two seconds: the kernel detaches a tcx link
+/// whose last pin is removed from a work queue, a moment later.
+fn settled<T: PartialEq>(want: T, read: impl Fn() -> T) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let now = read();
+        if now == want || std::time::Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+fn kernel_has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// What `--masquerade` true and false do to the uplink: its two programs, tcx links on a kernel
+/// that has them (clsact filters otherwise), whatever `--attach-mode`, and gone again, also from
+/// a device that never had them.
 #[test]
-fn the_uplink_gets_the_masquerading_filters_and_loses_them_again() {
+fn the_uplink_gets_the_masquerading_programs_and_loses_them_again() {
     with_datapath(|f| {
+        let tcx = kernel_has_tcx();
+        let attached = |program: &str| -> (Vec<String>, usize) {
+            if tcx {
+                (vec![program.to_string()], 0)
+            } else {
+                (vec![], 1)
+            }
+        };
+        let shape = |dev: &str| uplink_attachments(dev).map(|(t, c)| (t, c.len()));
         f.dp.detach_uplink("eth-a")
             .expect("nothing attached: nothing to detach");
         f.dp.attach_uplink("eth-a", true).expect("attach");
-        for (hook, program) in [
-            (TcAttachType::Ingress, "from_uplink"),
-            (TcAttachType::Egress, "to_uplink"),
-        ] {
-            let (ours, others) = split(filters("eth-a", hook), program);
-            assert_eq!(ours.len(), 1, "{program}: {ours:?}");
-            assert_eq!(others, [], "{program}");
-        }
+        assert_eq!(
+            shape("eth-a"),
+            [attached("from_uplink"), attached("to_uplink")]
+        );
         // Native routing without masquerading: only the ingress program stays.
         f.dp.attach_uplink("eth-a", false).expect("attach");
-        let (ours, _) = split(filters("eth-a", TcAttachType::Ingress), "from_uplink");
-        assert_eq!(ours.len(), 1, "{ours:?}");
-        assert_eq!(filters("eth-a", TcAttachType::Egress), []);
+        let native = [attached("from_uplink"), (vec![], 0)];
+        assert_eq!(settled(native.clone(), || shape("eth-a")), native);
+        // Attaching again (an agent's restart) replaces the program in place.
+        f.dp.attach_uplink("eth-a", false).expect("attach again");
+        assert_eq!(shape("eth-a"), native);
         f.dp.detach_uplink("eth-a").expect("detach");
+        let none = [(vec![], 0), (vec![], 0)];
+        assert_eq!(settled(none.clone(), || shape("eth-a")), none);
         for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
             assert_eq!(filters("eth-a", hook), []);
         }
+    });
+}
+
+/// A hook of the uplink that carries another program's clsact filter keeps Myelin's program as
+/// a clsact filter beside it (a tcx program would run before it and end the hook with its
+/// verdict); the other hook gets a tcx link. Once the other filter is gone, the next attach
+/// moves the program to tcx and removes its filter: it never runs twice on a packet.
+#[test]
+fn an_uplink_hook_with_another_programs_filter_keeps_myelins_as_a_filter_beside_it() {
+    if !kernel_has_tcx() {
+        return;
+    }
+    with_datapath(|f| {
+        tc(&["qdisc", "add", "dev", "eth-a", "clsact"]);
+        add_foreign_filter("eth-a", "ingress", "1");
+        f.dp.attach_uplink("eth-a", true).expect("attach");
+        let [(ingress_tcx, ingress_ours), (egress_tcx, egress_ours)] = uplink_attachments("eth-a");
+        assert_eq!(ingress_tcx, Vec::<String>::new());
+        assert_eq!(ingress_ours.len(), 1, "{ingress_ours:?}");
+        assert_ne!(
+            ingress_ours[0].priority, 1,
+            "the other filter keeps its place"
+        );
+        assert_eq!(
+            (egress_tcx, egress_ours),
+            (vec!["to_uplink".to_string()], vec![])
+        );
+
+        tc(&["filter", "del", "dev", "eth-a", "ingress", "pref", "1"]);
+        f.dp.attach_uplink("eth-a", true).expect("attach again");
+        assert_eq!(
+            uplink_attachments("eth-a"),
+            [
+                (vec!["from_uplink".to_string()], vec![]),
+                (vec!["to_uplink".to_string()], vec![]),
+            ]
+        );
+        f.dp.detach_uplink("eth-a").expect("detach");
+        let none = [(vec![], vec![]), (vec![], vec![])];
+        assert_eq!(settled(none.clone(), || uplink_attachments("eth-a")), none);
+    });
+}
+
+/// The uplink's tcx links are pinned: they outlive the agent (pods reach other nodes while it
+/// restarts), and a device that is no longer the uplink loses them.
+#[test]
+fn the_uplinks_tcx_links_outlive_the_agent_until_another_device_is_the_uplink() {
+    if !kernel_has_tcx() {
+        return;
+    }
+    with_datapath(|f| {
+        f.dp.attach_uplink("eth-a", true).expect("attach");
+        let before = f.dp.detach_uplink_elsewhere(Some("eth-a")).expect("sweep");
+        assert_eq!(before, Vec::<String>::new(), "eth-a is the uplink");
+        assert_eq!(
+            tcx_programs("eth-a", TcAttachType::Ingress),
+            ["from_uplink"],
+            "kept by its pin"
+        );
+        let cleaned = f.dp.detach_uplink_elsewhere(Some("eth-b")).expect("sweep");
+        assert_eq!(cleaned, ["eth-a"]);
+        let none = [(vec![], vec![]), (vec![], vec![])];
+        assert_eq!(settled(none.clone(), || uplink_attachments("eth-a")), none);
     });
 }
 

@@ -3,6 +3,7 @@
 
 use std::{process::Command, time::Duration};
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use serde_json::Value;
 
 use crate::{Error, Result, netns::Netns, process};
@@ -59,4 +60,29 @@ pub fn qdiscs(netns: &Netns, dev: &str) -> Result<Vec<String>> {
         .filter(|kind| *kind != "noqueue")
         .map(str::to_string)
         .collect())
+}
+
+/// The names of the tcx programs on `hook` (`ingress` or `egress`) of `dev`, in the order they
+/// run (the kernel's own list: iproute2's tc does not show tcx).
+pub fn tcx_programs(netns: &Netns, dev: &str, hook: &str) -> Result<Vec<String>> {
+    let attach_type = match hook {
+        "ingress" => TcAttachType::Ingress,
+        "egress" => TcAttachType::Egress,
+        other => return Err(Error::Cluster(format!("no tc hook {other}"))),
+    };
+    netns.run(|| {
+        let (_, programs) = SchedClassifier::query_tcx(dev, attach_type).map_err(|e| {
+            Error::Cluster(format!("listing the tcx programs on {dev} {hook}: {e}"))
+        })?;
+        Ok(programs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or_default().to_string())
+            .collect())
+    })?
+}
+
+/// Whether the program `name` runs on `hook` of `dev`: as a clsact filter or a tcx link.
+pub fn runs(netns: &Netns, dev: &str, hook: &str, name: &str) -> Result<bool> {
+    Ok(filters(netns, dev, hook)?.iter().any(|f| f.runs(name))
+        || tcx_programs(netns, dev, hook)?.iter().any(|p| p == name))
 }

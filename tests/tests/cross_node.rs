@@ -655,23 +655,30 @@ fn a_device_that_is_no_longer_the_uplink_keeps_none_of_the_uplink_programs() -> 
         .routing
         .map(|r| r.uplink)
         .expect("node0 routes");
-    let ours = |c: &Cluster, dev: &str| uplink_programs(c.node(0).netns(), dev);
-    assert_eq!(ours(&c, &uplink)?, ["from_uplink", "to_uplink"]);
+    // As they settle: the kernel detaches a tcx link whose pin is removed a moment later.
+    let ours = |c: &Cluster, dev: &str, want: &[&str]| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let now = uplink_programs(c.node(0).netns(), dev)?;
+            if now == want || std::time::Instant::now() > deadline {
+                return Ok::<_, myelin_tests::Error>(now);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let both = ["from_uplink", "to_uplink"];
+    assert_eq!(ours(&c, &uplink, &both)?, both);
 
     let node = c.node_mut(0);
     node.stop_agent()?;
     node.agent_args_mut()
         .extend(["--uplink".to_string(), "spare0".to_string()]);
     node.start_agent_serving()?;
-    assert_eq!(
-        ours(&c, "spare0")?,
-        ["from_uplink", "to_uplink"],
-        "spare0 is the uplink"
-    );
+    assert_eq!(ours(&c, "spare0", &both)?, both, "spare0 is the uplink");
+    let left = ours(&c, &uplink, &[])?;
     assert!(
-        ours(&c, &uplink)?.is_empty(),
-        "{uplink} is no longer the uplink: {:?}",
-        ours(&c, &uplink)?
+        left.is_empty(),
+        "{uplink} is no longer the uplink: {left:?}"
     );
 
     let node = c.node_mut(0);
@@ -680,12 +687,9 @@ fn a_device_that_is_no_longer_the_uplink_keeps_none_of_the_uplink_programs() -> 
     let at = args.iter().position(|a| a == "--uplink").expect("the flag");
     args.drain(at..at + 2);
     node.start_agent_serving()?;
-    assert!(
-        ours(&c, "spare0")?.is_empty(),
-        "spare0 is no longer the uplink: {:?}",
-        ours(&c, "spare0")?
-    );
-    assert_eq!(ours(&c, &uplink)?, ["from_uplink", "to_uplink"]);
+    let left = ours(&c, "spare0", &[])?;
+    assert!(left.is_empty(), "spare0 is no longer the uplink: {left:?}");
+    assert_eq!(ours(&c, &uplink, &both)?, both);
     let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
     let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
     c.wait_until_every_node_knows(a.ip())?;
@@ -698,10 +702,7 @@ fn a_device_that_is_no_longer_the_uplink_keeps_none_of_the_uplink_programs() -> 
 fn uplink_programs(netns: &myelin_tests::Netns, dev: &str) -> Result<Vec<String>> {
     let mut programs = Vec::new();
     for (hook, program) in [("ingress", "from_uplink"), ("egress", "to_uplink")] {
-        if myelin_tests::tc::filters(netns, dev, hook)?
-            .iter()
-            .any(|f| f.runs(program))
-        {
+        if myelin_tests::tc::runs(netns, dev, hook, program)? {
             programs.push(program.to_string());
         }
     }

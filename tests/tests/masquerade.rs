@@ -43,10 +43,7 @@ fn one_node_behind_a_router(run: &myelin_tests::RunPrefix, args: &[&str]) -> Res
 fn uplink_programs(cluster: &Cluster) -> Result<Vec<(&'static str, &'static str)>> {
     let mut found = Vec::new();
     for (hook, program) in [("ingress", "from_uplink"), ("egress", "to_uplink")] {
-        if tc::filters(cluster.node(0).netns(), "eth0", hook)?
-            .iter()
-            .any(|f| f.runs(program))
-        {
+        if tc::runs(cluster.node(0).netns(), "eth0", hook, program)? {
             found.push((hook, program));
         }
     }

@@ -71,6 +71,20 @@ const TO_UPLINK: &str = "to_uplink";
 const FROM_CONTAINER_LB: &str = "from_container_lb";
 const NODEPORT_IN: &str = "nodeport_in";
 
+/// Under the pin dir: the tcx links of the node's devices (the uplink, the tunnel), one per
+/// program, named `<ifname>-<program>`. Apart from `links/`, whose pins belong to pods.
+const DEVICE_LINKS: &str = "device-links";
+
+/// The names of every program Myelin attaches: a tc filter running another is someone else's.
+const ATTACHED_PROGRAMS: [&str; 6] = [
+    FROM_CONTAINER,
+    TO_CONTAINER,
+    FROM_TUNNEL,
+    TO_TUNNEL,
+    FROM_UPLINK,
+    TO_UPLINK,
+];
+
 /// The uplink's programs and their hooks.
 const UPLINK_HOOKS: [(&str, TcAttachType); 2] = [
     (FROM_UPLINK, TcAttachType::Ingress),
@@ -326,6 +340,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     mode: AttachMode,
+    /// The kernel has tcx (Linux 6.6+): the node's devices get tcx links (see
+    /// [`Datapath::attach_device`]).
+    device_tcx: bool,
     pub tables: KernelTables,
     pub counters: Counters,
     config: ConfigCell,
@@ -400,7 +417,11 @@ impl Datapath {
             return Err(DatapathError::TcxUnsupported);
         }
         let pin_dir = bpffs.join("myelin");
-        for dir in [pin_dir.clone(), pin_dir.join("links")] {
+        for dir in [
+            pin_dir.clone(),
+            pin_dir.join("links"),
+            pin_dir.join(DEVICE_LINKS),
+        ] {
             fs::create_dir_all(&dir)
                 .map_err(|source| DatapathError::PinDir { path: dir, source })?;
         }
@@ -503,6 +524,7 @@ impl Datapath {
             ebpf,
             pin_dir,
             mode,
+            device_tcx: KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
             tables,
             counters,
             config,
@@ -738,28 +760,114 @@ impl Datapath {
 
     /// Attaches the tunnel's programs to `ifname` (`myelin_vxlan`), replacing earlier ones.
     pub fn attach_tunnel(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        clsact::ensure_qdisc(ifname)?;
         for (program, hook) in [
             (FROM_TUNNEL, TcAttachType::Ingress),
             (TO_TUNNEL, TcAttachType::Egress),
         ] {
-            clsact::attach(classifier(&mut self.ebpf, program)?, program, ifname, hook)?;
+            self.attach_device(ifname, program, hook)?;
         }
         debug!(ifname, "tunnel programs attached");
         Ok(())
     }
 
+    fn device_link_pin(&self, ifname: &str, program: &str) -> PathBuf {
+        self.pin_dir
+            .join(DEVICE_LINKS)
+            .join(format!("{ifname}-{program}"))
+    }
+
+    /// Attaches `program` to `hook` of one of the node's devices (the uplink, the tunnel),
+    /// attached once per agent start, unlike pods' veths (see [`AttachMode`]). On a kernel with
+    /// tcx it is a tcx link, pinned under `<pin dir>/device-links/` and appended after the
+    /// device's other tcx programs: a packet then skips the classic tc layer (`tcf_classify`,
+    /// `cls_bpf`) that a clsact filter costs it, on the two hooks every packet between nodes
+    /// crosses on the uplink. A device whose hook carries someone else's clsact filters keeps
+    /// Myelin's program as a clsact filter beside them, in the order they have (a tcx program
+    /// runs before every clsact filter, and its verdict would end the hook before theirs). So
+    /// does a kernel without tcx. Either way, what an earlier agent attached the other way is
+    /// removed: the program never runs twice on a packet.
+    fn attach_device(
+        &mut self,
+        ifname: &str,
+        program: &'static str,
+        hook: TcAttachType,
+    ) -> Result<(), DatapathError> {
+        let pin = self.device_link_pin(ifname, program);
+        // (Handle 0 is a priority's filter list, not a filter.)
+        let foreign = clsact::filters(ifname, hook)?
+            .iter()
+            .any(|f| f.handle != 0 && !ATTACHED_PROGRAMS.iter().any(|p| f.runs(p)));
+        if self.device_tcx && !foreign {
+            let prog = classifier(&mut self.ebpf, program)?;
+            let attached = attach_tcx(prog, ifname, &pin, hook).or_else(|_| {
+                // A link pinned for a device that is gone (the tunnel device is recreated when
+                // its settings change): start a new one.
+                remove_pin(&pin)?;
+                attach_tcx(prog, ifname, &pin, hook)
+            });
+            attached.map_err(|source| DatapathError::Attach {
+                ifname: ifname.to_string(),
+                direction: hook_direction(hook),
+                source,
+            })?;
+            clsact::detach(ifname, hook, program)?;
+        } else {
+            clsact::ensure_qdisc(ifname)?;
+            clsact::attach(classifier(&mut self.ebpf, program)?, program, ifname, hook)?;
+            // After the filter is in place: no packet goes through without the program.
+            remove_pin(&pin).map_err(|source| DatapathError::Detach {
+                ifname: ifname.to_string(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes `program` from `hook` of `ifname`, however it was attached, and nothing else.
+    fn detach_device(
+        &mut self,
+        ifname: &str,
+        program: &str,
+        hook: TcAttachType,
+    ) -> Result<(), DatapathError> {
+        // Removing the pin drops the link's last reference: the kernel detaches it.
+        remove_pin(&self.device_link_pin(ifname, program)).map_err(|source| {
+            DatapathError::Detach {
+                ifname: ifname.to_string(),
+                source,
+            }
+        })?;
+        clsact::detach(ifname, hook, program)?;
+        Ok(())
+    }
+
+    /// `(ifname, program)` of the device links pinned under `device-links/` for one of
+    /// `programs`.
+    fn device_links(&self, programs: &[&str]) -> Vec<(String, String)> {
+        let Ok(dir) = fs::read_dir(self.pin_dir.join(DEVICE_LINKS)) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                programs.iter().find_map(|program| {
+                    let ifname = name.strip_suffix(program)?.strip_suffix('-')?;
+                    Some((ifname.to_string(), program.to_string()))
+                })
+            })
+            .collect()
+    }
+
     /// Attaches the uplink programs to `ifname`, replacing earlier ones: `from_uplink` (replies
     /// to masqueraded flows, and in native routing the packets for this node's pods) and, when
-    /// `masquerade`, `to_uplink`; without, an earlier agent's `to_uplink` is removed. Always
-    /// clsact filters, whatever `--attach-mode`: one device, attached once per agent start.
+    /// `masquerade`, `to_uplink`; without, an earlier agent's `to_uplink` is removed. tcx links
+    /// where the kernel has them, whatever `--attach-mode` (see [`Datapath::attach_device`]).
     pub fn attach_uplink(&mut self, ifname: &str, masquerade: bool) -> Result<(), DatapathError> {
-        clsact::ensure_qdisc(ifname)?;
         for (program, hook) in UPLINK_HOOKS {
             if program == TO_UPLINK && !masquerade {
-                clsact::detach(ifname, hook, program)?;
+                self.detach_device(ifname, program, hook)?;
             } else {
-                clsact::attach(classifier(&mut self.ebpf, program)?, program, ifname, hook)?;
+                self.attach_device(ifname, program, hook)?;
             }
         }
         debug!(ifname, masquerade, "uplink programs attached");
@@ -770,7 +878,7 @@ impl Datapath {
     /// those an earlier agent attached), and nothing else there.
     pub fn detach_uplink(&mut self, ifname: &str) -> Result<(), DatapathError> {
         for (program, hook) in UPLINK_HOOKS {
-            clsact::detach(ifname, hook, program)?;
+            self.detach_device(ifname, program, hook)?;
         }
         Ok(())
     }
@@ -788,6 +896,22 @@ impl Datapath {
             source: Box::new(e),
         })?;
         let mut cleaned = Vec::new();
+        // Links of a device that is gone went with it; their pins are only files now.
+        for (ifname, program) in self.device_links(&[FROM_UPLINK, TO_UPLINK]) {
+            if keep == Some(ifname.as_str()) {
+                continue;
+            }
+            remove_pin(&self.device_link_pin(&ifname, &program)).map_err(|source| {
+                DatapathError::Detach {
+                    ifname: ifname.clone(),
+                    source,
+                }
+            })?;
+            if nix::net::if_::if_nametoindex(ifname.as_str()).is_ok() && !cleaned.contains(&ifname)
+            {
+                cleaned.push(ifname);
+            }
+        }
         for iface in interfaces.iter() {
             let name = iface.name().to_string_lossy().into_owned();
             if keep == Some(name.as_str()) {
@@ -804,7 +928,7 @@ impl Datapath {
                     found = true;
                 }
             }
-            if found {
+            if found && !cleaned.contains(&name) {
                 cleaned.push(name);
             }
         }
@@ -1052,6 +1176,23 @@ pub(crate) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
+}
+
+/// Removes a link's pin (which detaches the link, unless something else holds it); no pin is
+/// no error.
+fn remove_pin(pin: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    match fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn hook_direction(hook: TcAttachType) -> &'static str {
+    match hook {
+        TcAttachType::Egress => "egress",
+        _ => "ingress",
+    }
 }
 
 /// Attaches `prog` to `ifname` with a tcx link pinned at `pin`, or swaps it into the link

@@ -262,14 +262,11 @@ mod tests {
         Ok((seen, run))
     }
 
-    /// Myelin's programs on the node's uplink, by hook.
+    /// Myelin's programs on the node's uplink (clsact filters or tcx links), by hook.
     fn uplink_programs(path: &MasqueradePath) -> Result<Vec<&'static str>> {
         let mut found = Vec::new();
         for (hook, program) in [("ingress", "from_uplink"), ("egress", "to_uplink")] {
-            if tc::filters(path.node_netns(), "eth0", hook)?
-                .iter()
-                .any(|f| f.runs(program))
-            {
+            if tc::runs(path.node_netns(), "eth0", hook, program)? {
                 found.push(program);
             }
         }
