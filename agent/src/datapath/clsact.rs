@@ -109,7 +109,7 @@ impl Filter {
     }
 }
 
-fn hook_name(hook: TcAttachType) -> &'static str {
+pub(crate) fn hook_name(hook: TcAttachType) -> &'static str {
     match hook {
         TcAttachType::Egress => "egress",
         _ => "ingress",

@@ -807,7 +807,7 @@ impl Datapath {
             });
             attached.map_err(|source| DatapathError::Attach {
                 ifname: ifname.to_string(),
-                direction: hook_direction(hook),
+                direction: clsact::hook_name(hook),
                 source,
             })?;
             clsact::detach(ifname, hook, program)?;
@@ -1185,13 +1185,6 @@ fn remove_pin(pin: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e.into()),
-    }
-}
-
-fn hook_direction(hook: TcAttachType) -> &'static str {
-    match hook {
-        TcAttachType::Egress => "egress",
-        _ => "ingress",
     }
 }
 
