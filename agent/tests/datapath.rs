@@ -20,16 +20,14 @@ use std::{
     process::Command,
 };
 
-use aya::{
-    programs::{SchedClassifier, TcAttachType},
-    util::KernelVersion,
-};
+use aya::programs::{SchedClassifier, TcAttachType};
 use myelin_agent::{
     bpffs,
     datapath::{
         AttachMode, Datapath, DatapathError, DatapathOps, Features, Limits, Program, Routing,
         clsact::{self, ClsactError, Filter},
         conntrack::{ConntrackTable, Expiring as _},
+        kernel_has_tcx,
         lb::{LbAffinityTable, LbFlowTable, StaleUdpFlows},
         nat::{Masquerade, NatPorts, NatTable},
     },
@@ -1745,10 +1743,6 @@ fn settled<T: PartialEq>(want: T, read: impl Fn() -> T) -> T {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-}
-
-fn kernel_has_tcx() -> bool {
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
 /// What `--masquerade` true and false do to the uplink: its two programs, tcx links on a kernel

@@ -411,9 +411,7 @@ impl Datapath {
     ) -> Result<Self, DatapathError> {
         // First: a start refused for the kernel must leave the pins of the agent before it (and
         // the maps its programs still run on) as they are.
-        if mode == AttachMode::Tcx
-            && KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
-        {
+        if mode == AttachMode::Tcx && KernelVersion::current().is_ok_and(|v| v < tcx_since()) {
             return Err(DatapathError::TcxUnsupported);
         }
         let pin_dir = bpffs.join("myelin");
@@ -524,7 +522,7 @@ impl Datapath {
             ebpf,
             pin_dir,
             mode,
-            device_tcx: KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
+            device_tcx: kernel_has_tcx(),
             tables,
             counters,
             config,
@@ -1176,6 +1174,16 @@ pub(crate) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0)
+}
+
+/// The first kernel with tcx.
+fn tcx_since() -> KernelVersion {
+    KernelVersion::new(6, 6, 0)
+}
+
+/// Whether the running kernel is known to have tcx (Linux 6.6+).
+pub fn kernel_has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= tcx_since())
 }
 
 /// Removes a link's pin (which detaches the link, unless something else holds it); no pin is
