@@ -429,6 +429,7 @@ fn a_pod_on_another_node_is_sent_into_the_tunnel_and_without_routing_to_the_stac
             node_ip: Ipv4Addr::new(192, 168, 7, 1),
             tunnel_ifindex: tunnel,
             uplink_ifindex: 0,
+            uplink_subnet: None,
         })
         .unwrap();
         let (verdict, out) = f.send(a, &tcp(a, far, 40001, 80, SYN));
@@ -461,6 +462,7 @@ fn a_new_connections_event_says_where_it_goes() {
             node_ip: Ipv4Addr::new(192, 168, 7, 1),
             tunnel_ifindex: tunnel,
             uplink_ifindex: 0,
+            uplink_subnet: None,
         })
         .unwrap();
         let mut ring = f.dp.take_events().expect("ring buffer");
@@ -1093,6 +1095,7 @@ impl Fixture {
                 node_ip: NODE_IP,
                 tunnel_ifindex: 0,
                 uplink_ifindex: 1,
+                uplink_subnet: None,
             })
             .expect("set_routing");
     }
@@ -1874,6 +1877,7 @@ impl Fixture {
                 node_ip: NODE_IP,
                 tunnel_ifindex,
                 uplink_ifindex: 0,
+                uplink_subnet: None,
             })
             .expect("set_routing");
     }
@@ -2769,6 +2773,7 @@ impl Fixture {
                 node_ip: Ipv4Addr::new(192, 168, 7, 1),
                 tunnel_ifindex: 0,
                 uplink_ifindex: uplink,
+                uplink_subnet: Some("192.168.7.0/24".parse().unwrap()),
             })
             .expect("set_routing");
         self.behind("10.9.0.0/24", REMOTE_NODE_IP, 400);
@@ -2798,12 +2803,19 @@ fn native_routing_delivers_a_remote_pods_connection_straight_into_the_pod_and_ba
         assert_eq!(out[14 + 8], 63, "TTL decremented: the node routed it");
         assert_eq!(checksum(&out[14..34]), 0, "IP checksum still valid");
 
-        // The pod's answer leaves through the FIB, not the stack: the flow is not the stack's.
-        let (verdict, out) = f.send(a, &tcp(a, far, 80, 40000, SYN | ACK));
+        // The pod's answer leaves out of the uplink, not through the stack: the flow is not
+        // the stack's. The node is on the uplink's subnet: the kernel's neighbour output
+        // writes the MACs once the redirect is done (test runs stop before), no FIB lookup.
+        let answer = tcp(a, far, 80, 40000, SYN | ACK);
+        let (verdict, out) = f.send(a, &answer);
         assert_eq!(verdict, TC_ACT_REDIRECT, "out of the uplink");
-        assert_eq!(&out[0..6], &NEXT_HOP_MAC, "to the next hop");
-        assert_eq!(&out[6..12], &UPLINK_MAC, "from the uplink");
+        assert_eq!(
+            &out[0..12],
+            &answer[0..12],
+            "MACs left to the neighbour output"
+        );
         assert_eq!(out[14 + 8], 63, "TTL decremented");
+        assert_eq!(checksum(&out[14..34]), 0, "IP checksum still valid");
 
         // The rest of the flow, and a ping, take the same way in.
         let (verdict, _) = f.run(Program::FromUplink, &tcp(far, a, 40000, 80, ACK), uplink);
@@ -2820,6 +2832,44 @@ fn native_routing_delivers_a_remote_pods_connection_straight_into_the_pod_and_ba
         // Counted once each way: nothing went through to_container as well.
         let c = f.dp.endpoint_counters(a.id);
         assert_eq!((c.rx_packets, c.tx_packets), (3, 2));
+    });
+}
+
+/// A node that is not on the uplink's subnet is reached through a router: the FIB gives the
+/// next hop, and the packet leaves with the router's MAC as destination.
+#[test]
+fn native_routing_asks_the_fib_for_a_node_behind_a_router() {
+    with_datapath(|f| {
+        let a = f.a;
+        let uplink = f.native_uplink();
+        ip("neigh replace 192.168.7.254 lladdr 02:00:00:00:07:fe dev up0 nud permanent");
+        ip("route add 10.8.0.0/24 via 192.168.7.254 dev up0");
+        f.behind("10.8.0.0/24", Ipv4Addr::new(172, 16, 9, 2), 401);
+        let far = Pod {
+            ip: Ipv4Addr::new(10, 8, 0, 7),
+            ..remote_pod(7, 401)
+        };
+        let (verdict, out) = f.send(a, &tcp(a, far, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "out of the uplink");
+        assert_eq!(&out[0..6], &[2, 0, 0, 0, 7, 0xfe], "to the router");
+        assert_eq!(&out[6..12], &UPLINK_MAC, "from the uplink");
+        assert_eq!(out[14 + 8], 63, "TTL decremented");
+        assert_eq!(checksum(&out[14..34]), 0, "IP checksum still valid");
+        // Without the uplink's subnet (an uplink named by --uplink that does not hold the
+        // node's address), a node on the same wire goes through the FIB too.
+        f.dp.set_routing(Routing {
+            flags: CONFIG_F_NATIVE,
+            node_ip: Ipv4Addr::new(192, 168, 7, 1),
+            tunnel_ifindex: 0,
+            uplink_ifindex: uplink,
+            uplink_subnet: None,
+        })
+        .expect("set_routing");
+        let near = remote_pod(7, 400);
+        let (verdict, out) = f.send(a, &tcp(a, near, 40000, 80, SYN));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(&out[0..6], &NEXT_HOP_MAC, "to the node, by the FIB");
+        assert_eq!(&out[6..12], &UPLINK_MAC);
     });
 }
 
@@ -2957,6 +3007,7 @@ fn without_native_routing_the_uplink_delivers_nothing_to_pods() {
                 node_ip: Ipv4Addr::new(192, 168, 7, 1),
                 tunnel_ifindex: 0,
                 uplink_ifindex: uplink,
+                uplink_subnet: None,
             })
             .unwrap();
             assert_eq!(
@@ -3016,6 +3067,7 @@ fn a_pods_packet_routed_to_another_node_passes_the_masquerading_uplink_without_a
             node_ip: Ipv4Addr::new(192, 168, 7, 1),
             tunnel_ifindex: 0,
             uplink_ifindex: uplink,
+            uplink_subnet: None,
         })
         .unwrap();
         f.dp.set_masquerade(Masquerade {
@@ -3179,6 +3231,7 @@ fn cost_per_packet_on_established_flows() {
             node_ip: Ipv4Addr::new(192, 168, 7, 1),
             tunnel_ifindex: tunnel,
             uplink_ifindex: uplink,
+            uplink_subnet: None,
         })
         .unwrap();
         let r = ns_per_run(f, Program::FromContainer, &out, a.ifindex);
@@ -3215,6 +3268,7 @@ impl Fixture {
                 node_ip: UPLINK_IP,
                 tunnel_ifindex: 0,
                 uplink_ifindex: uplink,
+                uplink_subnet: None,
             })
             .expect("set_routing");
         uplink
@@ -3559,6 +3613,7 @@ fn in_tunnel_mode_a_node_ports_remote_backend_is_reached_through_the_tunnel() {
             node_ip: UPLINK_IP,
             tunnel_ifindex: tunnel,
             uplink_ifindex: uplink,
+            uplink_subnet: None,
         })
         .expect("set_routing");
         let far = remote_pod(7, 400);
@@ -3583,6 +3638,7 @@ fn masquerading_and_node_ports_share_the_uplink_and_the_nat_range() {
             node_ip: UPLINK_IP,
             tunnel_ifindex: 0,
             uplink_ifindex: uplink,
+            uplink_subnet: None,
         })
         .expect("set_routing");
         let far = remote_pod(7, 400);
@@ -3643,6 +3699,7 @@ fn cost_per_packet_of_node_ports() {
             node_ip: UPLINK_IP,
             tunnel_ifindex: 0,
             uplink_ifindex: uplink,
+            uplink_subnet: None,
         })
         .unwrap();
         let r = ns_per_run(f, Program::FromUplink, &other, uplink);
@@ -3652,6 +3709,7 @@ fn cost_per_packet_of_node_ports() {
             node_ip: UPLINK_IP,
             tunnel_ifindex: 0,
             uplink_ifindex: uplink,
+            uplink_subnet: None,
         })
         .unwrap();
 
@@ -3702,6 +3760,7 @@ fn cost_per_packet_of_node_ports() {
                 node_ip: UPLINK_IP,
                 tunnel_ifindex: 0,
                 uplink_ifindex: uplink,
+                uplink_subnet: None,
             })
             .unwrap();
         };

@@ -144,6 +144,9 @@ pub struct Routing {
     pub node_ip: std::net::Ipv4Addr,
     pub tunnel_ifindex: u32,
     pub uplink_ifindex: u32,
+    /// The uplink's subnet holding `node_ip`: native routing sends packets for a node in it
+    /// straight to that node, without a FIB lookup (see `DatapathConfig::uplink_net`).
+    pub uplink_subnet: Option<ipnet::Ipv4Net>,
 }
 
 impl Default for Routing {
@@ -154,6 +157,7 @@ impl Default for Routing {
             node_ip: std::net::Ipv4Addr::UNSPECIFIED,
             tunnel_ifindex: 0,
             uplink_ifindex: 0,
+            uplink_subnet: None,
         }
     }
 }
@@ -1102,6 +1106,12 @@ impl DatapathOps for Datapath {
             node_ip: routing.node_ip.octets(),
             tunnel_ifindex: routing.tunnel_ifindex,
             uplink_ifindex: routing.uplink_ifindex,
+            uplink_net: routing
+                .uplink_subnet
+                .map_or([0; 4], |s| s.network().octets()),
+            uplink_mask: routing
+                .uplink_subnet
+                .map_or([0; 4], |s| s.netmask().octets()),
             ..self.config.value
         })?)
     }

@@ -32,6 +32,12 @@ pub struct DatapathConfig {
     /// Events each CPU may emit per second (`--flow-events-rate`); beyond it they are counted
     /// in `event_budget` as rate-limited and not emitted. 0: no limit.
     pub events_rate: u32,
+    /// The uplink's subnet that holds `node_ip` (network address and mask), in native routing:
+    /// a node in it is the next hop of the agent's route to its pods, so its pods' packets go
+    /// to it through `bpf_redirect_neigh` without a FIB lookup; other nodes' go through the
+    /// FIB. All zero: every node through the FIB.
+    pub uplink_net: [u8; 4],
+    pub uplink_mask: [u8; 4],
 }
 
 /// Pods on other nodes are reached through the VXLAN tunnel (`--routing-mode tunnel`).
@@ -64,6 +70,6 @@ pub const EVENTS_DROPS: u32 = 1;
 /// Emit an event for every new connection that policy allowed.
 pub const EVENTS_VERDICTS: u32 = 2;
 
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 48);
 
 user_pod!(DatapathConfig);
