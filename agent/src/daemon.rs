@@ -489,12 +489,7 @@ async fn setup_network(
         node_ip,
         tunnel_ifindex: network.tunnel,
         uplink_ifindex: network.uplink.index,
-        uplink_subnet: network
-            .uplink
-            .subnets
-            .iter()
-            .find(|s| s.contains(&node_ip))
-            .copied(),
+        uplink_subnet: network.uplink.subnet_of(node_ip),
     };
     datapath.set_routing(network.routing)?;
     Ok(Some(network))

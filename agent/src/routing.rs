@@ -56,6 +56,14 @@ pub struct Uplink {
     pub subnets: Vec<Ipv4Net>,
 }
 
+impl Uplink {
+    /// The subnet holding `ip`, if the uplink has one: native routing sends packets for nodes
+    /// in it straight to them (see `Routing::uplink_subnet`).
+    pub fn subnet_of(&self, ip: Ipv4Addr) -> Option<Ipv4Net> {
+        self.subnets.iter().find(|s| s.contains(&ip)).copied()
+    }
+}
+
 /// Finds the uplink: `--uplink` by name, else the device holding `node_ip`.
 pub async fn find_uplink(
     handle: &Handle,
@@ -414,6 +422,7 @@ impl NodeNetwork {
                 self.node_ip = ip;
                 self.uplink = uplink;
                 self.routing.node_ip = ip;
+                self.routing.uplink_subnet = self.uplink.subnet_of(ip);
                 self.moved_to = None;
                 // Every route again, with the new source (the kernel flushed those whose
                 // source was the old address, if it is gone).
@@ -463,5 +472,32 @@ impl NodeNetwork {
             Err(e) => warn!(error = %e, "bringing the routes to other nodes in line failed"),
         }
         moved
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_uplinks_subnet_of_an_address_is_the_one_holding_it() {
+        let uplink = Uplink {
+            name: "eth0".into(),
+            index: 2,
+            mtu: 1500,
+            subnets: vec![
+                "10.1.0.0/16".parse().unwrap(),
+                "192.168.1.0/24".parse().unwrap(),
+            ],
+        };
+        assert_eq!(
+            uplink.subnet_of(Ipv4Addr::new(192, 168, 1, 10)),
+            Some("192.168.1.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            uplink.subnet_of(Ipv4Addr::new(10, 1, 9, 9)),
+            Some("10.1.0.0/16".parse().unwrap())
+        );
+        assert_eq!(uplink.subnet_of(Ipv4Addr::new(172, 16, 0, 1)), None);
     }
 }
