@@ -242,17 +242,11 @@ pub fn node_routes(
                 via: None,
                 dev: tunnel,
             }),
-            RoutingMode::Native => {
-                uplink
-                    .subnets
-                    .iter()
-                    .any(|s| s.contains(&n.ip))
-                    .then_some(NodeRoute {
-                        dst: n.pod_cidr,
-                        via: Some(n.ip),
-                        dev: uplink.index,
-                    })
-            }
+            RoutingMode::Native => uplink.subnet_of(n.ip).is_some().then_some(NodeRoute {
+                dst: n.pod_cidr,
+                via: Some(n.ip),
+                dev: uplink.index,
+            }),
         })
         .collect();
     routes.sort();
@@ -411,10 +405,7 @@ impl NodeNetwork {
             return None;
         }
         match find_uplink(&self.handle, self.uplink_by_name.as_deref(), ip).await {
-            Ok(uplink)
-                if uplink.index == self.uplink.index
-                    && uplink.subnets.iter().any(|n| n.contains(&ip)) =>
-            {
+            Ok(uplink) if uplink.index == self.uplink.index && uplink.subnet_of(ip).is_some() => {
                 info!(
                     was = %self.node_ip, now = %ip, uplink = uplink.name,
                     "this node's InternalIP changed; routes and masquerading follow"

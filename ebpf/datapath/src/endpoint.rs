@@ -49,8 +49,14 @@ pub fn by_ip(addr: [u8; 4]) -> Option<&'static EndpointInfo> {
 /// mask compare that spares addresses elsewhere the endpoint lookup.
 #[inline(always)]
 pub fn in_pod_cidr(config: &DatapathConfig, addr: [u8; 4]) -> bool {
-    let mask = u32::from_ne_bytes(config.pod_cidr_mask);
-    mask != 0 && u32::from_ne_bytes(addr) & mask == u32::from_ne_bytes(config.pod_cidr)
+    in_subnet(addr, config.pod_cidr, config.pod_cidr_mask)
+}
+
+/// Whether `addr` is in the subnet `net`/`mask`; never with an all-zero (unknown) mask.
+#[inline(always)]
+pub fn in_subnet(addr: [u8; 4], net: [u8; 4], mask: [u8; 4]) -> bool {
+    let mask = u32::from_ne_bytes(mask);
+    mask != 0 && u32::from_ne_bytes(addr) & mask == u32::from_ne_bytes(net)
 }
 
 #[inline(always)]

@@ -35,7 +35,10 @@ use myelin_common::{
     identity,
 };
 
-use crate::packet::{self, EthHdr, Ipv4Hdr};
+use crate::{
+    endpoint,
+    packet::{self, EthHdr, Ipv4Hdr},
+};
 
 const AF_INET: u8 = 2;
 /// The outer IPv4 TTL of tunnel packets.
@@ -150,10 +153,7 @@ pub fn to_node(
 /// Whether `node` is on the uplink's subnet (see `DatapathConfig::uplink_net`).
 #[inline(always)]
 fn on_uplink_subnet(config: &DatapathConfig, node: [u8; 4]) -> bool {
-    let mask = u32::from_ne_bytes(config.uplink_mask);
-    config.uplink_ifindex != 0
-        && mask != 0
-        && u32::from_ne_bytes(node) & mask == u32::from_ne_bytes(config.uplink_net)
+    config.uplink_ifindex != 0 && endpoint::in_subnet(node, config.uplink_net, config.uplink_mask)
 }
 
 /// Native routing to a node on the uplink's subnet: out of the uplink with the node as next
