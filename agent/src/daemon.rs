@@ -596,11 +596,22 @@ async fn serve(
             None
         }
     };
+    let address_changes = match links::watch_address_changes() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            warn!(
+                error = %e,
+                "cannot watch address changes; the uplink's subnets are those found at start"
+            );
+            None
+        }
+    };
     let (handle, owner_thread) = owner::spawn(
         started.agent,
         owner::Inputs {
             source,
             link_removals,
+            address_changes,
             links: Some(started.links),
             network: started.network,
         },

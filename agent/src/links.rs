@@ -200,6 +200,39 @@ pub fn watch_removals() -> Result<mpsc::Receiver<LinkRemoved>, LinksError> {
     Ok(rx)
 }
 
+/// Says when an IPv4 address was added or removed anywhere in the agent's namespace, until the
+/// receiver is dropped: the uplink's subnets decide which nodes are reached without a router.
+/// Changes are coalesced (one pending signal stands for any number of them), so a burst of
+/// address changes never queues up work.
+pub fn watch_address_changes() -> Result<mpsc::Receiver<()>, LinksError> {
+    let (conn, _handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Ifaddr])
+            .map_err(LinksError::Socket)?;
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            if !matches!(
+                message.payload,
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_)
+                )
+            ) {
+                continue;
+            }
+            debug!("an IPv4 address changed");
+            // Full: a signal is pending already, and the owner reads every address then.
+            if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                return;
+            }
+        }
+        warn!(
+            "the address watch ended; the uplink's subnets stay as they are until the agent restarts"
+        );
+    });
+    Ok(rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -302,6 +302,9 @@ pub struct Settings {
 pub struct Inputs {
     pub source: mpsc::Receiver<SourceEvent>,
     pub link_removals: Option<mpsc::Receiver<LinkRemoved>>,
+    /// An IPv4 address was added or removed (`links::watch_address_changes`): the uplink's
+    /// subnets, and the routes that depend on them, are taken again.
+    pub address_changes: Option<mpsc::Receiver<()>>,
     /// For the sweep (listing) and for deleting orphan veths; `None` in tests without a node.
     pub links: Option<Links>,
     /// Routing to other nodes, when this node has an InternalIP: its routes follow the nodes.
@@ -368,7 +371,8 @@ impl<D: DatapathOps> Owner<D> {
         // The first tick of an interval is immediate: the start already did both.
         pending_deletes.tick().await;
         sweep.tick().await;
-        self.route_nodes().await;
+        // Also what changed on the uplink since the start found it, before the watch began.
+        self.follow_uplink_addresses().await;
         let mut source_open = true;
         loop {
             let turn = tokio::select! {
@@ -389,6 +393,17 @@ impl<D: DatapathOps> Owner<D> {
                     }
                     None => {
                         self.inputs.link_removals = None;
+                        continue;
+                    }
+                },
+                changed = recv(&mut self.inputs.address_changes) => match changed {
+                    Some(()) => {
+                        let started = Instant::now();
+                        self.follow_uplink_addresses().await;
+                        (started, "an address change")
+                    }
+                    None => {
+                        self.inputs.address_changes = None;
                         continue;
                     }
                 },
@@ -476,6 +491,20 @@ impl<D: DatapathOps> Owner<D> {
         {
             error!("writing this node's new address into the datapath config failed: {e}");
         }
+    }
+
+    /// The uplink's subnets after an address change: native routing's direct next hops in the
+    /// datapath, and the routes to nodes on them.
+    async fn follow_uplink_addresses(&mut self) {
+        let Some(network) = self.inputs.network.as_mut() else {
+            return;
+        };
+        if let Some(routing) = network.refresh_uplink_subnets().await
+            && let Err(e) = self.agent.set_routing(routing)
+        {
+            error!("writing the uplink's new subnet into the datapath config failed: {e}");
+        }
+        self.route_nodes().await;
     }
 
     async fn sweep(&mut self) {
@@ -585,6 +614,7 @@ pub(crate) mod testing {
             Inputs {
                 source: rx,
                 link_removals: None,
+                address_changes: None,
                 links: None,
                 network: None,
             },

@@ -46,7 +46,8 @@ pub enum RoutingError {
     TunnelVanished(&'static str),
 }
 
-/// The uplink as found at start.
+/// The uplink as found at start; its subnets follow its addresses
+/// (`NodeNetwork::refresh_uplink_subnets`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uplink {
     pub name: String,
@@ -99,12 +100,20 @@ pub async fn find_uplink(
                 _ => None,
             })
             .unwrap_or(1500),
-        subnets: addresses
-            .iter()
-            .filter(|(i, _)| *i == index)
-            .map(|(_, net)| net.trunc())
-            .collect(),
+        subnets: subnets_of(&addresses, index),
     })
+}
+
+/// The subnets of device `index`'s addresses, each once, in order.
+fn subnets_of(addresses: &[(u32, Ipv4Net)], index: u32) -> Vec<Ipv4Net> {
+    let mut subnets: Vec<Ipv4Net> = addresses
+        .iter()
+        .filter(|(i, _)| *i == index)
+        .map(|(_, net)| net.trunc())
+        .collect();
+    subnets.sort();
+    subnets.dedup();
+    subnets
 }
 
 fn link_name(link: &LinkMessage) -> Option<&str> {
@@ -440,6 +449,37 @@ impl NodeNetwork {
         }
     }
 
+    /// Takes the uplink's subnets from the kernel again (an address was added or removed
+    /// somewhere): the routes to the nodes on them, and native routing's direct next hops,
+    /// follow. Returns the routing config for the datapath when the subnet holding this node's
+    /// address changed (it went, or a wider or narrower one took its place).
+    pub async fn refresh_uplink_subnets(&mut self) -> Option<Routing> {
+        let subnets = match ipv4_addresses(&self.handle).await {
+            Ok(addresses) => subnets_of(&addresses, self.uplink.index),
+            Err(e) => {
+                warn!(error = %e, uplink = self.uplink.name, "reading the uplink's addresses failed");
+                return None;
+            }
+        };
+        if subnets == self.uplink.subnets {
+            return None;
+        }
+        info!(
+            uplink = self.uplink.name,
+            ?subnets,
+            "the uplink's subnets changed; the routes to other nodes follow"
+        );
+        self.uplink.subnets = subnets;
+        // Made again at the next sync: nodes may have come onto the uplink's subnets or left.
+        self.routed = None;
+        let subnet = self.uplink.subnet_of(self.node_ip);
+        if subnet == self.routing.uplink_subnet {
+            return None;
+        }
+        self.routing.uplink_subnet = subnet;
+        Some(self.routing)
+    }
+
     /// The MTU that fits the path to every other node.
     pub fn pod_mtu(&self) -> u32 {
         match self.mode {
@@ -490,5 +530,21 @@ mod tests {
             Some("10.1.0.0/16".parse().unwrap())
         );
         assert_eq!(uplink.subnet_of(Ipv4Addr::new(172, 16, 0, 1)), None);
+    }
+
+    #[test]
+    fn a_devices_subnets_are_its_own_each_once() {
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let addresses = [
+            (2, net("192.168.1.10/24")),
+            (3, net("10.9.0.1/16")),
+            (2, net("10.77.0.11/24")),
+            (2, net("192.168.1.20/24")),
+        ];
+        assert_eq!(
+            subnets_of(&addresses, 2),
+            [net("10.77.0.0/24"), net("192.168.1.0/24")]
+        );
+        assert_eq!(subnets_of(&addresses, 4), []);
     }
 }

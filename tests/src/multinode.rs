@@ -665,6 +665,15 @@ impl Cluster {
         self.put_node_object(index)
     }
 
+    /// Node `index`'s Node object gives `ip` as its InternalIP from now on; unlike
+    /// [`Cluster::readdress_node`], its devices are left as they are (the caller has put `ip`
+    /// on its uplink, beside the old address or in its place).
+    pub fn announce_internal_ip(&mut self, index: usize, ip: Ipv4Addr) -> Result<()> {
+        self.live_node(index)?;
+        self.node_ips[index] = ip;
+        self.put_node_object(index)
+    }
+
     /// A node leaves: its agent stops and its namespace goes, then its Node object and its
     /// pods' objects go from every other agent's view (as once the control plane gave up on
     /// it), and the underlay forgets it (its port, the route to its pod CIDR).

@@ -634,6 +634,99 @@ fn a_node_that_changes_its_address_is_followed_without_disturbing_other_flows() 
     Ok(())
 }
 
+/// A second subnet put on every node's uplink while the agents run (a wire carrying two
+/// subnets, as during a renumbering), and nodes whose InternalIP moves into it: every agent
+/// takes the uplink's new subnet from the kernel (routes to the nodes now on it), and a moved
+/// node takes it for native routing's direct next hops, in the kernel's copy of its
+/// configuration: nodes in the new subnet are sent to straight, the one left in the old subnet
+/// through the FIB. Pods on every node reach each other both ways.
+#[test]
+fn nodes_follow_a_new_subnet_on_their_uplink_and_a_node_moving_into_it() -> Result<()> {
+    let Some(run) = root_test()? else {
+        return Ok(());
+    };
+    let mut c = cluster(&run, 3, "native", Underlay::Switch)?;
+    let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
+    let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
+    let far = c.add_pod(2, "default", "far", &[("app", "far")])?;
+    c.wait_until_every_node_knows(a.ip())?;
+    c.wait_until_every_node_knows(far.ip())?;
+    talk(&b, &a)?;
+    talk(&b, &far)?;
+    assert_eq!(
+        direct_next_hop_subnet(c.node(1))?,
+        Some("192.168.100.0/24".to_string()),
+        "node 1 sends straight into the switch's subnet"
+    );
+
+    // A second subnet on the same wire: every node gets an address in it.
+    let second = |index: u8| Ipv4Addr::new(10, 77, 0, 10 + index);
+    for index in 0..3u8 {
+        let at = format!("{}/24", second(index));
+        c.node(usize::from(index))
+            .netns()
+            .ip(&["addr", "add", &at, "dev", "eth0"])?;
+    }
+    // Nodes 1 and 2 move into it; node 0 stays in the first.
+    c.announce_internal_ip(1, second(1))?;
+    c.announce_internal_ip(2, second(2))?;
+    c.wait_for_every_node("nodes 1 and 2 at their new addresses", |node| {
+        let own = |index: usize, ip: Ipv4Addr| {
+            Ok::<_, myelin_tests::Error>(if node.name() == c.node(index).name() {
+                node.status()?.routing.is_some_and(|r| r.node_ip == ip)
+            } else {
+                ipcache_identity(node, ip)? == Some(REMOTE_NODE)
+            })
+        };
+        Ok(own(1, second(1))? && own(2, second(2))?)
+    })?;
+    assert_eq!(
+        direct_next_hop_subnet(c.node(1))?,
+        Some("10.77.0.0/24".to_string()),
+        "node 1 sends straight into its new subnet"
+    );
+    // Node 2 straight, node 0 through the FIB, from node 1; and back.
+    ping_within(&b, &far, Duration::from_secs(1))?;
+    talk(&b, &far)?;
+    talk(&far, &b)?;
+    talk(&b, &a)?;
+    talk(&a, &b)?;
+    talk(c.node(1), &far)?;
+    talk(c.node(0), &b)?;
+    Ok(())
+}
+
+/// The subnet native routing sends straight into (`DatapathConfig::uplink_net` / `uplink_mask`
+/// in the node's `config` map, as the programs read it); `None` when every node goes through
+/// the FIB.
+fn direct_next_hop_subnet(node: &myelin_tests::Node) -> Result<Option<String>> {
+    let entries = node.dump_map("config")?;
+    let value = entries
+        .iter()
+        .map(|e| e.get("formatted").unwrap_or(e))
+        .find(|e| e["key"] == 0)
+        .map(|e| e["value"].clone())
+        .expect("the config map has its one entry");
+    let octets = |field: &str| -> [u8; 4] {
+        let mut out = [0u8; 4];
+        for (at, byte) in out.iter_mut().enumerate() {
+            *byte = value[field][at]
+                .as_u64()
+                .and_then(|b| u8::try_from(b).ok())
+                .unwrap_or_else(|| panic!("{field} in {value}"));
+        }
+        out
+    };
+    let mask = u32::from_be_bytes(octets("uplink_mask"));
+    Ok((mask != 0).then(|| {
+        format!(
+            "{}/{}",
+            Ipv4Addr::from(octets("uplink_net")),
+            mask.count_ones()
+        )
+    }))
+}
+
 /// A device that stops being the uplink between two runs of the agent (`--uplink` changed,
 /// the InternalIP moved to another device) keeps none of Myelin's uplink programs: they would
 /// go on delivering, translating and masquerading there. The new uplink gets them, and traffic
