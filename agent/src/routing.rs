@@ -403,8 +403,9 @@ impl NodeNetwork {
     /// address (a DHCP renewal, an address changed on the same device), the routes are made
     /// again with it as their source and the new routing config is returned for the datapath
     /// (masquerading's address). Otherwise (the address is on another device, or on none yet)
-    /// nothing can be moved in place: the agent says so, once per address, and goes on with the
-    /// old one until it is restarted.
+    /// nothing can be moved in place: the agent says so and goes on with the old one, and tries
+    /// again when an address is added or removed (the Node object may say it before the device
+    /// has it); one on another device needs a restart.
     async fn follow_move(&mut self, own_ip: Option<Ipv4Addr>) -> Option<Routing> {
         let Some(ip) = own_ip.filter(|ip| *ip != self.node_ip) else {
             self.moved_to = None;
@@ -440,7 +441,8 @@ impl NodeNetwork {
                 error!(
                     was = %self.node_ip, now = %ip,
                     "this node's InternalIP changed from {} to {ip}, which cannot be taken in \
-                     place ({why}): the routes and masquerading still use {}; restart the agent",
+                     place ({why}): the routes and masquerading still use {}; it is taken once \
+                     the uplink holds it, or restart the agent",
                     self.node_ip, self.node_ip
                 );
                 self.moved_to = Some(ip);
@@ -451,9 +453,12 @@ impl NodeNetwork {
 
     /// Takes the uplink's subnets from the kernel again (an address was added or removed
     /// somewhere): the routes to the nodes on them, and native routing's direct next hops,
-    /// follow. Returns the routing config for the datapath when the subnet holding this node's
+    /// follow, and a pending move of this node's address is tried again. Returns the routing config for the datapath when the subnet holding this node's
     /// address changed (it went, or a wider or narrower one took its place).
     pub async fn refresh_uplink_subnets(&mut self) -> Option<Routing> {
+        // A move that could not be taken in place (its address was on no device yet) is tried
+        // again at the next sync: the address may be what just arrived.
+        self.moved_to = None;
         let subnets = match ipv4_addresses(&self.handle).await {
             Ok(addresses) => subnets_of(&addresses, self.uplink.index),
             Err(e) => {

@@ -659,17 +659,39 @@ fn nodes_follow_a_new_subnet_on_their_uplink_and_a_node_moving_into_it() -> Resu
         "node 1 sends straight into the switch's subnet"
     );
 
-    // A second subnet on the same wire: every node gets an address in it.
+    // A second subnet on the same wire: every node gets an address in it, node 1 last.
     let second = |index: u8| Ipv4Addr::new(10, 77, 0, 10 + index);
-    for index in 0..3u8 {
+    let add_second = |c: &Cluster, index: u8| {
         let at = format!("{}/24", second(index));
         c.node(usize::from(index))
             .netns()
-            .ip(&["addr", "add", &at, "dev", "eth0"])?;
-    }
-    // Nodes 1 and 2 move into it; node 0 stays in the first.
+            .ip(&["addr", "add", &at, "dev", "eth0"])
+    };
+    add_second(&c, 0)?;
+    add_second(&c, 2)?;
+    // Nodes 1 and 2 move into it; node 0 stays in the first. Node 1's object gives its new
+    // address before its uplink holds it: its agent keeps the old one until it does.
+    let first = c.node_ip(1);
     c.announce_internal_ip(1, second(1))?;
     c.announce_internal_ip(2, second(2))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !c
+        .node(1)
+        .agent_log()
+        .contains("which cannot be taken in place")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1's agent did not say that its new address is not there yet"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        c.node(1).status()?.routing.map(|r| r.node_ip),
+        Some(first),
+        "node 1 keeps its old address until the uplink holds the new one"
+    );
+    add_second(&c, 1)?;
     c.wait_for_every_node("nodes 1 and 2 at their new addresses", |node| {
         let own = |index: usize, ip: Ipv4Addr| {
             Ok::<_, myelin_tests::Error>(if node.name() == c.node(index).name() {
