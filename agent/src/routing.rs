@@ -453,8 +453,9 @@ impl NodeNetwork {
 
     /// Takes the uplink's subnets from the kernel again (an address was added or removed
     /// somewhere): the routes to the nodes on them, and native routing's direct next hops,
-    /// follow, and a pending move of this node's address is tried again. Returns the routing config for the datapath when the subnet holding this node's
-    /// address changed (it went, or a wider or narrower one took its place).
+    /// follow, and a pending move of this node's address is tried again. Returns the routing
+    /// config for the datapath when the subnet holding this node's address changed (it went, or
+    /// a wider or narrower one took its place).
     pub async fn refresh_uplink_subnets(&mut self) -> Option<Routing> {
         // A move that could not be taken in place (its address was on no device yet) is tried
         // again at the next sync: the address may be what just arrived.

@@ -661,13 +661,12 @@ impl Cluster {
                 .underlay()
                 .ip(&["route", "replace", &pod_cidr, "via", &ip.to_string()])?;
         }
-        self.node_ips[index] = ip;
-        self.put_node_object(index)
+        self.announce_internal_ip(index, ip)
     }
 
     /// Node `index`'s Node object gives `ip` as its InternalIP from now on; unlike
-    /// [`Cluster::readdress_node`], its devices are left as they are (the caller has put `ip`
-    /// on its uplink, beside the old address or in its place).
+    /// [`Cluster::readdress_node`], its devices are left as they are (the caller puts `ip` on
+    /// its uplink, beside the old address or in its place, before or after).
     pub fn announce_internal_ip(&mut self, index: usize, ip: Ipv4Addr) -> Result<()> {
         self.live_node(index)?;
         self.node_ips[index] = ip;
