@@ -366,6 +366,7 @@ async fn start_datapath(
         pod_mtu: n.pod_mtu(),
         tunnel_port: (n.tunnel != 0).then_some(config.tunnel_port),
         masquerade: config.masquerade,
+        direct_subnet: n.routing.direct_subnet().map(|s| s.to_string()),
     }));
     agent
         .restore(&listed, Instant::now())

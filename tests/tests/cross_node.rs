@@ -620,6 +620,11 @@ fn a_node_that_changes_its_address_is_followed_without_disturbing_other_flows() 
             })
         })?;
         assert_eq!(stopped, None, "{mode}: the flow to node 2 kept running");
+        // Native routing sends straight to the nodes of the uplink's subnet; the tunnel has
+        // no such subnet.
+        let direct = c.node(1).status()?.routing.and_then(|r| r.direct_subnet);
+        let expected = (mode == "native").then(|| "192.168.100.0/24".to_string());
+        assert_eq!(direct, expected, "{mode}: node 1's status");
         ping_within(&a, &b, Duration::from_secs(1))?;
         talk(&a, &b)?;
         talk(&b, &a)?;
@@ -653,10 +658,18 @@ fn nodes_follow_a_new_subnet_on_their_uplink_and_a_node_moving_into_it() -> Resu
     c.wait_until_every_node_knows(far.ip())?;
     talk(&b, &a)?;
     talk(&b, &far)?;
+    let shown = |c: &Cluster| -> Result<Option<String>> {
+        Ok(c.node(1).status()?.routing.and_then(|r| r.direct_subnet))
+    };
     assert_eq!(
         direct_next_hop_subnet(c.node(1))?,
         Some("192.168.100.0/24".to_string()),
         "node 1 sends straight into the switch's subnet"
+    );
+    assert_eq!(
+        shown(&c)?,
+        direct_next_hop_subnet(c.node(1))?,
+        "status shows it"
     );
 
     // A second subnet on the same wire: every node gets an address in it, node 1 last.
@@ -706,6 +719,11 @@ fn nodes_follow_a_new_subnet_on_their_uplink_and_a_node_moving_into_it() -> Resu
         direct_next_hop_subnet(c.node(1))?,
         Some("10.77.0.0/24".to_string()),
         "node 1 sends straight into its new subnet"
+    );
+    assert_eq!(
+        shown(&c)?,
+        direct_next_hop_subnet(c.node(1))?,
+        "status shows it"
     );
     // Node 2 straight, node 0 through the FIB, from node 1; and back.
     ping_within(&b, &far, Duration::from_secs(1))?;

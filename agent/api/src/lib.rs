@@ -348,6 +348,12 @@ pub struct RoutingInfo {
     pub tunnel_port: Option<u16>,
     /// Pod traffic leaving the cluster is source-NATed to the node's IP.
     pub masquerade: bool,
+    /// Native routing: the uplink's subnet that holds the node's address. Packets for a node
+    /// in it go straight to that node as next hop; those for other nodes through the FIB.
+    /// Absent in tunnel mode, when no subnet of the uplink holds the address (`--uplink` names
+    /// another device), and from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_subnet: Option<String>,
 }
 
 /// `GET /v1/nodes`: another node of the cluster as this one sees it.

@@ -389,12 +389,13 @@ impl<D: DatapathOps> Agent<D> {
         }
     }
 
-    /// Routing as the datapath's config holds it, after this node's address moved; status
-    /// shows the new address.
+    /// Routing as the datapath's config holds it, after this node's address or its uplink's
+    /// subnets changed; status shows the new address and subnet.
     pub fn set_routing(&mut self, routing: crate::datapath::Routing) -> Result<(), DatapathError> {
         self.datapath.set_routing(routing)?;
         if let Some(info) = self.routing.as_mut() {
             info.node_ip = routing.node_ip;
+            info.direct_subnet = routing.direct_subnet().map(|s| s.to_string());
         }
         Ok(())
     }

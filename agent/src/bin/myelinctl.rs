@@ -227,6 +227,9 @@ fn main() -> anyhow::Result<()> {
                             .unwrap_or_default();
                         println!("routing:        {}{tunnel}", r.mode);
                         println!("uplink:         {} ({})", r.uplink, r.node_ip);
+                        if let Some(subnet) = &r.direct_subnet {
+                            println!("direct to:      nodes in {subnet} (others through the FIB)");
+                        }
                         println!("pod MTU:        {}", r.pod_mtu);
                         println!("masquerade:     {}", r.masquerade);
                     }

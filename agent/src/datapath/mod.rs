@@ -149,6 +149,14 @@ pub struct Routing {
     pub uplink_subnet: Option<ipnet::Ipv4Net>,
 }
 
+impl Routing {
+    /// The subnet whose nodes native routing sends to straight: `uplink_subnet` in native mode.
+    pub fn direct_subnet(&self) -> Option<ipnet::Ipv4Net> {
+        self.uplink_subnet
+            .filter(|_| self.flags & myelin_common::config::CONFIG_F_NATIVE != 0)
+    }
+}
+
 impl Default for Routing {
     /// One node: nothing to route, nothing to masquerade.
     fn default() -> Self {
