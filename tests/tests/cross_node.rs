@@ -658,19 +658,20 @@ fn nodes_follow_a_new_subnet_on_their_uplink_and_a_node_moving_into_it() -> Resu
     c.wait_until_every_node_knows(far.ip())?;
     talk(&b, &a)?;
     talk(&b, &far)?;
-    let shown = |c: &Cluster| -> Result<Option<String>> {
-        Ok(c.node(1).status()?.routing.and_then(|r| r.direct_subnet))
+    // Node 1's direct-next-hop subnet in the kernel's copy of its config, and in its status.
+    let direct_is = |c: &Cluster, subnet: &str, why: &str| -> Result<()> {
+        let node = c.node(1);
+        let expected = Some(subnet.to_string());
+        assert_eq!(direct_next_hop_subnet(node)?, expected, "{why}");
+        let shown = node.status()?.routing.and_then(|r| r.direct_subnet);
+        assert_eq!(shown, expected, "{why}: status shows it");
+        Ok(())
     };
-    assert_eq!(
-        direct_next_hop_subnet(c.node(1))?,
-        Some("192.168.100.0/24".to_string()),
-        "node 1 sends straight into the switch's subnet"
-    );
-    assert_eq!(
-        shown(&c)?,
-        direct_next_hop_subnet(c.node(1))?,
-        "status shows it"
-    );
+    direct_is(
+        &c,
+        "192.168.100.0/24",
+        "node 1 sends straight into the switch's subnet",
+    )?;
 
     // A second subnet on the same wire: every node gets an address in it, node 1 last.
     let second = |index: u8| Ipv4Addr::new(10, 77, 0, 10 + index);
@@ -715,16 +716,11 @@ fn nodes_follow_a_new_subnet_on_their_uplink_and_a_node_moving_into_it() -> Resu
         };
         Ok(own(1, second(1))? && own(2, second(2))?)
     })?;
-    assert_eq!(
-        direct_next_hop_subnet(c.node(1))?,
-        Some("10.77.0.0/24".to_string()),
-        "node 1 sends straight into its new subnet"
-    );
-    assert_eq!(
-        shown(&c)?,
-        direct_next_hop_subnet(c.node(1))?,
-        "status shows it"
-    );
+    direct_is(
+        &c,
+        "10.77.0.0/24",
+        "node 1 sends straight into its new subnet",
+    )?;
     // Node 2 straight, node 0 through the FIB, from node 1; and back.
     ping_within(&b, &far, Duration::from_secs(1))?;
     talk(&b, &far)?;
