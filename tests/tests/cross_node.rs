@@ -12,7 +12,7 @@ use myelin_common::identity::REMOTE_NODE;
 use myelin_tests::{
     AgentSource, Result, RunPrefix,
     bench::tcp::{EchoServer, time_until_flow_stops},
-    multinode::{Cluster, ClusterSpec, Underlay, ipcache_identity},
+    multinode::{Cluster, ClusterPod, ClusterSpec, Underlay, ipcache_identity},
     root_test,
     traffic::{Host, ping, ping_within, tcp_bulk, tcp_echo, tcp_source_seen, udp_echo},
 };
@@ -601,11 +601,7 @@ fn a_node_that_changes_its_address_is_followed_without_disturbing_other_flows() 
     };
     for mode in ["tunnel", "native"] {
         let mut c = cluster(&run, 3, mode, Underlay::Switch)?;
-        let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
-        let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
-        let far = c.add_pod(2, "default", "far", &[("app", "far")])?;
-        c.wait_until_every_node_knows(b.ip())?;
-        c.wait_until_every_node_knows(far.ip())?;
+        let [a, b, far] = a_pod_on_each_of_three_nodes(&c)?;
         talk(&a, &b)?;
         let moved = Ipv4Addr::new(192, 168, 100, 61);
         let server = EchoServer::start(&far, 7000, 0)?;
@@ -639,6 +635,19 @@ fn a_node_that_changes_its_address_is_followed_without_disturbing_other_flows() 
     Ok(())
 }
 
+/// Pods `a`, `b` and `far` on nodes 0, 1 and 2, each known to every node.
+fn a_pod_on_each_of_three_nodes(c: &Cluster) -> Result<[ClusterPod; 3]> {
+    let pods = [
+        c.add_pod(0, "default", "a", &[("app", "a")])?,
+        c.add_pod(1, "default", "b", &[("app", "b")])?,
+        c.add_pod(2, "default", "far", &[("app", "far")])?,
+    ];
+    for pod in &pods {
+        c.wait_until_every_node_knows(pod.ip())?;
+    }
+    Ok(pods)
+}
+
 /// A second subnet put on every node's uplink while the agents run (a wire carrying two
 /// subnets, as during a renumbering), and nodes whose InternalIP moves into it: every agent
 /// takes the uplink's new subnet from the kernel (routes to the nodes now on it), and a moved
@@ -651,11 +660,7 @@ fn nodes_follow_a_new_subnet_on_their_uplink_and_a_node_moving_into_it() -> Resu
         return Ok(());
     };
     let mut c = cluster(&run, 3, "native", Underlay::Switch)?;
-    let a = c.add_pod(0, "default", "a", &[("app", "a")])?;
-    let b = c.add_pod(1, "default", "b", &[("app", "b")])?;
-    let far = c.add_pod(2, "default", "far", &[("app", "far")])?;
-    c.wait_until_every_node_knows(a.ip())?;
-    c.wait_until_every_node_knows(far.ip())?;
+    let [a, b, far] = a_pod_on_each_of_three_nodes(&c)?;
     talk(&b, &a)?;
     talk(&b, &far)?;
     // Node 1's direct-next-hop subnet in the kernel's copy of its config, and in its status.
